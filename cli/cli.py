@@ -1,0 +1,60 @@
+"""The ``setpoint`` command: a thin layer that parses arguments and hands over to a side.
+
+Each verb lives in its own module under :mod:`setpoint.commands` with ``add_arguments``
+and ``run``; the module imports the controller or the shim inside ``run``, so ``setpoint
+shim`` works on a device that has only the shim's dependencies installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+# verb -> (module under setpoint.commands, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "init": ("init", "create a new fleet repository"),
+    "validate": ("validate", "check a fleet repository the way the controller does"),
+    "keys": ("keys", "manage the fleet signing key"),
+    "controller": ("controller", "run the controller: git -> signed, retained bundles"),
+    "shim": ("shim", "run the device agent"),
+    "status": ("status", "fleet, group and device convergence"),
+    "drift": ("drift", "current drift, or the live stream of drift events"),
+    "diff": ("diff", "desired vs reported, per resource, for one device"),
+    "history": ("history", "the controller's audit log of publications"),
+    "notify": ("notify", "tell a controller a repository changed (post-receive hook)"),
+    "sim": ("sim", "simulated devices for load and demos"),
+    "demo": ("demo", "the end-to-end demo on a private broker"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="setpoint", description="GitOps for device fleets over MQTT."
+    )
+    parser.add_argument("--version", action="version", version=f"setpoint {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for verb, (module_name, help_text) in VERBS.items():
+        module = importlib.import_module(f"setpoint.commands.{module_name}")
+        verb_parser = sub.add_parser(verb, help=help_text, description=help_text)
+        module.add_arguments(verb_parser)
+        verb_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args._module.run(args)
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

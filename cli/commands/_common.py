@@ -1,0 +1,97 @@
+"""Helpers shared by the verb modules: broker URLs, credentials, the controller extra."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+from urllib.parse import urlsplit
+
+CONTROLLER_EXTRA_HINT = (
+    "this verb needs the controller's dependencies: pip install 'setpoint[controller]'"
+)
+
+
+class CommandError(Exception):
+    """A user error with a message that says what to do; printed without a traceback."""
+
+
+def require_controller(module: str = "setpoint.controller") -> ModuleType:
+    """Import a controller module, or exit with the exact install command."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in {
+            "aiomqtt", "pydantic", "dulwich", "yaml", "prometheus_client",
+        }:  # fmt: skip
+            print(f"setpoint: {CONTROLLER_EXTRA_HINT} (missing: {exc.name})", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    scheme: str
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_broker_url(url: str) -> BrokerURL:
+    """``mqtt://host:port`` or ``mqtts://host:port``; credentials are not read from it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise CommandError(f"broker URL {url!r}: use mqtt://host:port or mqtts://host:port")
+    if not parts.hostname:
+        raise CommandError(f"broker URL {url!r} has no host")
+    if parts.username or parts.password:
+        raise CommandError(
+            "do not put credentials in the broker URL: use --username with"
+            " SETPOINT_MQTT_PASSWORD (or --password-file)"
+        )
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise CommandError(f"broker URL {url!r}: bad port") from exc
+    return BrokerURL(parts.scheme, parts.hostname, port, tls)
+
+
+def add_broker_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument(
+        "--broker",
+        required=required,
+        default=os.environ.get("SETPOINT_BROKER"),
+        help="mqtt://host:port or mqtts://host:port (env SETPOINT_BROKER)",
+    )
+    parser.add_argument(
+        "--username",
+        default=os.environ.get("SETPOINT_MQTT_USERNAME"),
+        help="MQTT user name (env SETPOINT_MQTT_USERNAME)",
+    )
+    parser.add_argument(
+        "--password-file",
+        help="file holding the MQTT password (or env SETPOINT_MQTT_PASSWORD)",
+    )
+    parser.add_argument("--ca", help="CA certificate for mqtts")
+    parser.add_argument("--cert", help="client certificate for mqtts")
+    parser.add_argument("--client-key", help="client certificate key for mqtts")
+    parser.add_argument(
+        "--prefix", default=os.environ.get("SETPOINT_PREFIX", "setpoint/v1"), help="topic prefix"
+    )
+
+
+def broker_from_args(args: argparse.Namespace) -> BrokerURL:
+    if not args.broker:
+        raise CommandError("no broker: pass --broker mqtt://host:port or set SETPOINT_BROKER")
+    url = parse_broker_url(args.broker)
+    password = os.environ.get("SETPOINT_MQTT_PASSWORD")
+    if args.password_file:
+        with open(args.password_file, encoding="utf-8") as fh:
+            password = fh.read().strip()
+    return BrokerURL(url.scheme, url.host, url.port, url.tls, args.username, password)

@@ -1,0 +1,15 @@
+"""``setpoint status``: not built yet (see the open issues)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+
+
+def run(args: argparse.Namespace) -> int:
+    print("setpoint status: not built yet", file=sys.stderr)
+    return 2

@@ -1,0 +1,51 @@
+"""setpoint's wire protocol: topics, signed envelopes, bundles, reports, drift status.
+
+Shared by the controller and the device shim. Pure: no I/O, no MQTT, no git; its only
+dependencies are msgpack and cryptography. The protocol is written down in
+``proto/SPEC.md``.
+"""
+
+from . import bundles, codec, envelopes, reports, status, topics, trust
+from .errors import (
+    DecodeError,
+    ExpiredError,
+    InvalidId,
+    PayloadTooLarge,
+    PayloadTypeError,
+    ProtocolError,
+    RollbackError,
+    SchemaError,
+    SetpointError,
+    SignatureError,
+    TransportError,
+    TrustError,
+    VerificationError,
+    WrongTargetError,
+)
+from .topics import Topics, validate_id
+
+__all__ = [
+    "DecodeError",
+    "ExpiredError",
+    "InvalidId",
+    "PayloadTooLarge",
+    "PayloadTypeError",
+    "ProtocolError",
+    "RollbackError",
+    "SchemaError",
+    "SetpointError",
+    "SignatureError",
+    "Topics",
+    "TransportError",
+    "TrustError",
+    "VerificationError",
+    "WrongTargetError",
+    "bundles",
+    "codec",
+    "envelopes",
+    "reports",
+    "status",
+    "topics",
+    "trust",
+    "validate_id",
+]

@@ -1,0 +1,175 @@
+"""Every MQTT topic of the protocol, built and parsed in one place.
+
+Ids are validated against ``^[a-z0-9][a-z0-9._-]{0,63}$`` before a topic is built, so no
+id can smuggle a level separator, a wildcard or a NUL into a topic. Nothing else in
+setpoint formats a topic string by hand.
+
+Pure; no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from .errors import InvalidId
+
+ID_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+DEFAULT_PREFIX: Final = "setpoint/v1"
+EVENT_TYPES: Final = frozenset(
+    {
+        "drift",
+        "published",
+        "rejected",
+        "repository-error",
+        "removed",
+        "gated",
+        "rollout-halted",
+        "reconcile",
+    }
+)
+_EVENT_TYPE_PATTERN: Final = re.compile(r"[a-z][a-z0-9-]{0,63}")
+_PREFIX_LEVEL: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+TopicKind = Literal[
+    "group-desired",
+    "group-status",
+    "device-desired",
+    "device-reported",
+    "device-presence",
+    "device-drift",
+    "device-command",
+    "event",
+]
+
+
+def validate_id(value: object, what: str = "id") -> str:
+    """Return ``value`` if it is a valid device or group id, else raise InvalidId."""
+    if not isinstance(value, str):
+        raise InvalidId(f"{what} must be a string, got {type(value).__name__}")
+    if ID_PATTERN.fullmatch(value) is None:
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        raise InvalidId(
+            f"{what} {shown!r} is not valid: use 1-64 characters of a-z, 0-9, '.', '_', '-',"
+            " starting with a letter or digit"
+        )
+    return value
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return a topic prefix made of plain levels (no wildcards, no empty levels)."""
+    levels = prefix.split("/")
+    if not levels or any(_PREFIX_LEVEL.fullmatch(level) is None for level in levels):
+        raise InvalidId(
+            f"topic prefix {prefix!r} is not valid: use '/'-separated levels of"
+            " letters, digits, '.', '_', '-' (no wildcards, no empty levels)"
+        )
+    return prefix
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRef:
+    """What a parsed topic names: its kind and the device, group or event type."""
+
+    kind: TopicKind
+    name: str
+
+
+class Topics:
+    """Topic builders and parsers under one prefix (default ``setpoint/v1``)."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = validate_prefix(prefix)
+        self._levels = len(self.prefix.split("/"))
+
+    def __repr__(self) -> str:
+        return f"Topics({self.prefix!r})"
+
+    # Builders: one per topic in the contract.
+    def group_desired(self, group: str) -> str:
+        return f"{self.prefix}/groups/{validate_id(group, 'group id')}/desired"
+
+    def group_status(self, group: str) -> str:
+        return f"{self.prefix}/groups/{validate_id(group, 'group id')}/status"
+
+    def device_desired(self, device: str) -> str:
+        return f"{self.prefix}/devices/{validate_id(device, 'device id')}/desired"
+
+    def device_reported(self, device: str) -> str:
+        return f"{self.prefix}/devices/{validate_id(device, 'device id')}/reported"
+
+    def device_presence(self, device: str) -> str:
+        return f"{self.prefix}/devices/{validate_id(device, 'device id')}/presence"
+
+    def device_drift(self, device: str) -> str:
+        return f"{self.prefix}/devices/{validate_id(device, 'device id')}/drift"
+
+    def device_command(self, device: str) -> str:
+        return f"{self.prefix}/devices/{validate_id(device, 'device id')}/command"
+
+    def event(self, event_type: str) -> str:
+        if _EVENT_TYPE_PATTERN.fullmatch(event_type) is None:
+            raise InvalidId(f"event type {event_type!r} is not valid")
+        return f"{self.prefix}/events/{event_type}"
+
+    # Subscription filters.
+    def all_reported(self) -> str:
+        return f"{self.prefix}/devices/+/reported"
+
+    def all_presence(self) -> str:
+        return f"{self.prefix}/devices/+/presence"
+
+    def all_drift(self) -> str:
+        return f"{self.prefix}/devices/+/drift"
+
+    def all_device_desired(self) -> str:
+        return f"{self.prefix}/devices/+/desired"
+
+    def all_group_desired(self) -> str:
+        return f"{self.prefix}/groups/+/desired"
+
+    def all_group_status(self) -> str:
+        return f"{self.prefix}/groups/+/status"
+
+    def all_events(self) -> str:
+        return f"{self.prefix}/events/+"
+
+    @staticmethod
+    def shared(group_name: str, topic_filter: str) -> str:
+        """An MQTT 5 shared-subscription filter (``$share/<name>/<filter>``)."""
+        return f"$share/{validate_id(group_name, 'share name')}/{topic_filter}"
+
+    def parse(self, topic: str) -> TopicRef:
+        """Return what ``topic`` names, or raise InvalidId if it is not one of ours."""
+        levels = topic.split("/")
+        if "/".join(levels[: self._levels]) != self.prefix:
+            raise InvalidId(f"topic {topic!r} is not under prefix {self.prefix!r}")
+        rest = levels[self._levels :]
+        if len(rest) == 2 and rest[0] == "events":
+            if _EVENT_TYPE_PATTERN.fullmatch(rest[1]) is None:
+                raise InvalidId(f"topic {topic!r}: bad event type")
+            return TopicRef("event", rest[1])
+        if len(rest) == 3:
+            section, name, leaf = rest
+            if section == "groups" and leaf in ("desired", "status"):
+                kind: TopicKind = "group-desired" if leaf == "desired" else "group-status"
+                return TopicRef(kind, validate_id(name, "group id"))
+            if section == "devices" and leaf in (
+                "desired",
+                "reported",
+                "presence",
+                "drift",
+                "command",
+            ):
+                return TopicRef(_DEVICE_KINDS[leaf], validate_id(name, "device id"))
+        raise InvalidId(f"topic {topic!r} is not a setpoint topic")
+
+
+_DEVICE_KINDS: Final[dict[str, TopicKind]] = {
+    "desired": "device-desired",
+    "reported": "device-reported",
+    "presence": "device-presence",
+    "drift": "device-drift",
+    "command": "device-command",
+}
