@@ -5,7 +5,7 @@ dependencies are msgpack and cryptography. The protocol is written down in
 ``proto/SPEC.md``.
 """
 
-from . import bundles, codec, envelopes, reports, status, topics, trust
+from . import bundles, codec, commands, envelopes, reports, status, topics, trust
 from .errors import (
     DecodeError,
     ExpiredError,
@@ -42,6 +42,7 @@ __all__ = [
     "WrongTargetError",
     "bundles",
     "codec",
+    "commands",
     "envelopes",
     "reports",
     "status",
