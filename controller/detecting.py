@@ -1,0 +1,234 @@
+"""Drift detection: from what is desired and what a device reports, the device's state.
+
+:func:`detect` is pure and level-triggered: it looks only at the whole current desired
+state of one device, its latest report and its presence, so a lost or duplicated message
+cannot change the answer. The rules, in order:
+
+1. never reported: ``offline`` if its presence says so, else ``unknown``;
+2. presence ``offline``: ``offline`` (the last known state is kept in ``reason`` and
+   ``last_seen``, so offline is never confused with failed);
+3. not in the fleet repository: ``unknown``;
+4. an apply of the current desired version failed: ``failed``;
+5. the current desired version was refused: ``rejected``;
+6. a version newer than anything published is claimed: ``unknown`` (not believed);
+7. not yet on the desired versions (or group): ``pending`` (``overdue`` after the grace);
+8. on the desired versions but resources differ: ``drifted``, with which and why;
+9. otherwise ``in_sync``.
+
+:func:`summarise` folds device states into a group's convergence summary.
+
+Pure; no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from setpoint.proto import bundles
+from setpoint.proto.bundles import Resource
+from setpoint.proto.reports import Report
+from setpoint.proto.status import DRIFT_STATES, DriftState, DriftStatus, GroupStatus, ResourceDiff
+
+DEFAULT_GRACE: Final = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """What one device should be running, as the controller last published it."""
+
+    device: str
+    group: str
+    mode: str
+    group_version: int
+    group_digest: str
+    device_version: int
+    device_digest: str
+    commit: str
+    resources: tuple[Resource, ...]
+    published_at: float
+
+    @property
+    def resource_digests(self) -> dict[str, str]:
+        return {r.id: bundles.resource_digest(r) for r in self.resources}
+
+
+def _status(
+    device: str,
+    group: str | None,
+    state: DriftState,
+    now: float,
+    previous: DriftStatus | None,
+    *,
+    desired: Desired | None,
+    report: Report | None,
+    resources: Sequence[ResourceDiff] = (),
+    reason: str = "",
+    last_seen: float | None = None,
+) -> DriftStatus:
+    since = previous.since if previous is not None and previous.state == state else now
+    applied_group = report.applied_group if report is not None else None
+    applied_device = report.applied_device if report is not None else None
+    return DriftStatus(
+        device=device,
+        group=group,
+        state=state,
+        desired_version=desired.group_version if desired else None,
+        applied_version=applied_group.version if applied_group else None,
+        commit=desired.commit if desired else None,
+        since=since,
+        resources=tuple(resources),
+        reason=reason,
+        last_seen=last_seen,
+        desired_device_version=desired.device_version if desired else None,
+        applied_device_version=applied_device.version if applied_device else None,
+    )
+
+
+def _resource_diffs(desired: Desired, report: Report) -> list[ResourceDiff]:
+    wanted = desired.resource_digests
+    seen = {r.id: r for r in report.resources}
+    diffs: list[ResourceDiff] = []
+    for rid, digest in wanted.items():
+        observed = seen.get(rid)
+        if observed is None:
+            diffs.append(ResourceDiff(rid, "not reported by the device"))
+        elif observed.status == "drifted":
+            why = observed.detail or "changed on the device"
+            diffs.append(ResourceDiff(rid, f"drifted: {why}"))
+        elif observed.status == "failed":
+            diffs.append(ResourceDiff(rid, f"failed: {observed.detail or 'apply failed'}"))
+        elif observed.status == "skipped":
+            diffs.append(ResourceDiff(rid, f"skipped: {observed.detail or 'not allowed'}"))
+        elif observed.status == "pending":
+            diffs.append(ResourceDiff(rid, "pending on the device"))
+        elif observed.kind != "command" and observed.digest and observed.digest != digest:
+            diffs.append(ResourceDiff(rid, "content differs from desired"))
+    for rid in sorted(set(seen) - set(wanted)):
+        diffs.append(ResourceDiff(rid, "present on the device but not desired"))
+    return diffs
+
+
+def detect(
+    desired: Desired | None,
+    report: Report | None,
+    presence: str | None,
+    now: float,
+    *,
+    device: str | None = None,
+    previous: DriftStatus | None = None,
+    reported_at: float | None = None,
+    grace: float = DEFAULT_GRACE,
+) -> DriftStatus:
+    """The drift status of one device (see the module docstring for the rules)."""
+    name = desired.device if desired else report.device if report else device
+    if name is None:
+        raise ValueError("detect() needs a desired state, a report or a device id")
+    group = desired.group if desired else report.group if report else None
+
+    def status(state: DriftState, **kw: object) -> DriftStatus:
+        return _status(
+            name,
+            group,
+            state,
+            now,
+            previous,
+            desired=desired,
+            report=report,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    if report is None:
+        if presence == "offline":
+            return status("offline", reason="offline; never reported")
+        return status("unknown", reason="never reported")
+    last_seen = reported_at if reported_at is not None else float(report.time)
+    if presence == "offline":
+        before = previous.state if previous is not None and previous.state != "offline" else None
+        note = f"; last known state {before}" if before else ""
+        return status("offline", reason=f"offline{note}", last_seen=last_seen)
+    if desired is None:
+        return status("unknown", reason="not in the fleet repository", last_seen=last_seen)
+
+    targets = {
+        ("group", desired.group): (desired.group_version, desired.group_digest),
+        ("device", desired.device): (desired.device_version, desired.device_digest),
+    }
+    failure = report.failure
+    if failure is not None:
+        for (_kind, target), (version, _digest) in targets.items():
+            if failure.target == target and failure.version == version:
+                kind = "permanent" if failure.permanent else "temporary"
+                return status(
+                    "failed",
+                    reason=f"apply of {target} v{version} failed ({kind}): {failure.error}",
+                    last_seen=last_seen,
+                )
+    for refusal in reversed(report.refusals):
+        if (refusal.kind, refusal.target) in targets and refusal.version == targets[
+            (refusal.kind, refusal.target)
+        ][0]:
+            return status(
+                "rejected",
+                reason=f"{refusal.kind} bundle {refusal.target} v{refusal.version} refused:"
+                f" {refusal.reason}: {refusal.error}",
+                last_seen=last_seen,
+            )
+
+    applied = {"group": report.applied_group, "device": report.applied_device}
+    behind: list[str] = []
+    for (kind, target), (version, digest) in targets.items():
+        got = applied[kind]
+        if got is None or got.target != target:
+            behind.append(f"{kind} {target} v{version} not applied")
+        elif got.version > version:
+            return status(
+                "unknown",
+                reason=f"claims {kind} {target} v{got.version}, never published"
+                f" (latest is v{version})",
+                last_seen=last_seen,
+            )
+        elif got.version < version:
+            behind.append(f"{kind} {target} v{got.version} -> v{version}")
+        elif got.digest != digest:
+            behind.append(f"{kind} {target} v{version} applied with other content")
+    if behind:
+        overdue = now - desired.published_at > grace
+        prefix = "overdue: " if overdue else ""
+        return status("pending", reason=prefix + "; ".join(behind), last_seen=last_seen)
+
+    diffs = _resource_diffs(desired, report)
+    if diffs:
+        healed = desired.mode == "enforce"
+        note = "enforce mode: the device puts it back" if healed else "observe mode: left alone"
+        return status("drifted", resources=diffs, reason=note, last_seen=last_seen)
+    return status("in_sync", last_seen=last_seen)
+
+
+def summarise(
+    group: str,
+    statuses: Iterable[DriftStatus],
+    *,
+    version: int | None,
+    commit: str | None,
+    mode: str,
+    now: float,
+) -> GroupStatus:
+    """A group's convergence: counts per state and the share in sync on ``version``."""
+    members = list(statuses)
+    counts = Counter(s.state for s in members)
+    in_sync = sum(1 for s in members if s.state == "in_sync" and s.applied_version == version)
+    pending = [s.since for s in members if s.state == "pending"]
+    return GroupStatus(
+        group=group,
+        version=version,
+        commit=commit,
+        mode=mode,
+        devices=len(members),
+        counts={state: counts.get(state, 0) for state in DRIFT_STATES},
+        converged_pct=round(100.0 * in_sync / len(members), 1) if members else 100.0,
+        oldest_pending=min(pending) if pending else None,
+        time=now,
+    )

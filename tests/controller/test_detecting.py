@@ -1,0 +1,222 @@
+"""Unit tests of the pure drift detector: one test per rule, and the group summary."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from setpoint.controller.detecting import Desired, detect, summarise
+from setpoint.proto import bundles
+from setpoint.proto.bundles import FileResource, SettingResource
+from setpoint.proto.reports import Applied, Failure, Refusal, Report, ResourceReport
+
+NOW = 1_800_000_000.0
+MOTD = FileResource("motd", "etc/motd", b"hello", 0o644)
+TZ = SettingResource("tz", "time.zone", "UTC")
+
+
+def desired(**kw: object) -> Desired:
+    base = Desired(
+        device="kiosk-01",
+        group="kiosks",
+        mode="enforce",
+        group_version=3,
+        group_digest="g3",
+        device_version=2,
+        device_digest="d2",
+        commit="c0ffee",
+        resources=(MOTD, TZ),
+        published_at=NOW - 10,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def ok(resource: bundles.Resource) -> ResourceReport:
+    return ResourceReport(resource.id, resource.kind, "ok", bundles.resource_digest(resource))
+
+
+def report(**kw: object) -> Report:
+    base = Report(
+        device="kiosk-01",
+        time=int(NOW - 1),
+        seq=7,
+        shim_version="0.1.0",
+        group="kiosks",
+        applied_group=Applied("kiosks", 3, "c0ffee", "g3"),
+        applied_device=Applied("kiosk-01", 2, "c0ffee", "d2"),
+        resources=(ok(MOTD), ok(TZ)),
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_in_sync_when_versions_and_resources_match() -> None:
+    status = detect(desired(), report(), "online", NOW)
+    assert status.state == "in_sync"
+    assert status.resources == ()
+    assert (status.desired_version, status.applied_version) == (3, 3)
+
+
+def test_unknown_when_never_reported() -> None:
+    assert detect(desired(), None, None, NOW).state == "unknown"
+
+
+def test_offline_without_any_report() -> None:
+    assert detect(desired(), None, "offline", NOW).state == "offline"
+
+
+def test_offline_keeps_last_known_state_and_age() -> None:
+    before = detect(desired(), report(), "online", NOW - 100)
+    status = detect(desired(), report(), "offline", NOW, previous=before)
+    assert status.state == "offline"
+    assert "in_sync" in status.reason
+    assert status.last_seen == NOW - 1
+
+
+def test_offline_is_not_failed_even_with_a_failure_reported() -> None:
+    failing = report(failure=Failure("kiosks", 3, "disk full", False, int(NOW)))
+    assert detect(desired(), failing, "offline", NOW).state == "offline"
+
+
+def test_unknown_when_device_not_in_repository() -> None:
+    status = detect(None, report(), "online", NOW)
+    assert status.state == "unknown"
+    assert "not in the fleet repository" in status.reason
+
+
+def test_failed_when_apply_of_desired_version_failed() -> None:
+    failing = report(
+        applied_group=Applied("kiosks", 2, "old", "g2"),
+        failure=Failure("kiosks", 3, "disk full", True, int(NOW)),
+    )
+    status = detect(desired(), failing, "online", NOW)
+    assert status.state == "failed"
+    assert "disk full" in status.reason and "permanent" in status.reason
+
+
+def test_failure_of_an_older_version_is_not_failed_now() -> None:
+    stale = report(failure=Failure("kiosks", 2, "disk full", False, int(NOW)))
+    assert detect(desired(), stale, "online", NOW).state == "in_sync"
+
+
+def test_rejected_when_desired_version_refused() -> None:
+    refused = report(
+        applied_group=Applied("kiosks", 2, "old", "g2"),
+        refusals=(Refusal("kiosks", "group", 3, "expired", "expired at 1", int(NOW)),),
+    )
+    status = detect(desired(), refused, "online", NOW)
+    assert status.state == "rejected"
+    assert "expired" in status.reason
+
+
+def test_refusal_of_a_forgery_with_other_version_does_not_mark_rejected() -> None:
+    refused = report(refusals=(Refusal("kiosks", "group", 99, "signature", "bad", int(NOW)),))
+    assert detect(desired(), refused, "online", NOW).state == "in_sync"
+
+
+def test_pending_when_behind_within_grace() -> None:
+    behind = report(applied_group=Applied("kiosks", 2, "old", "g2"))
+    status = detect(desired(), behind, "online", NOW)
+    assert status.state == "pending"
+    assert "v2 -> v3" in status.reason and "overdue" not in status.reason
+
+
+def test_pending_overdue_after_grace() -> None:
+    behind = report(applied_group=Applied("kiosks", 2, "old", "g2"))
+    status = detect(desired(published_at=NOW - 1000), behind, "online", NOW, grace=300)
+    assert status.state == "pending"
+    assert status.reason.startswith("overdue")
+
+
+def test_pending_when_device_still_in_old_group() -> None:
+    moved = report(group="gateways", applied_group=Applied("gateways", 5, "x", "gx"))
+    assert detect(desired(), moved, "online", NOW).state == "pending"
+
+
+def test_pending_when_same_version_has_other_content() -> None:
+    other = report(applied_group=Applied("kiosks", 3, "c0ffee", "not-g3"))
+    assert detect(desired(), other, "online", NOW).state == "pending"
+
+
+def test_version_never_published_is_not_believed() -> None:
+    lying = report(applied_group=Applied("kiosks", 42, "c0ffee", "g42"))
+    status = detect(desired(), lying, "online", NOW)
+    assert status.state == "unknown"
+    assert "never published" in status.reason
+
+
+@pytest.mark.parametrize(
+    ("observed", "why"),
+    [
+        (ResourceReport("motd", "file", "drifted", "x", "content changed"), "drifted"),
+        (ResourceReport("motd", "file", "ok", "other-digest"), "content differs"),
+        (ResourceReport("motd", "file", "failed", "", "EACCES"), "failed"),
+        (ResourceReport("motd", "file", "skipped", "", "no"), "skipped"),
+    ],
+)
+def test_drifted_names_the_resource_and_why(observed: ResourceReport, why: str) -> None:
+    status = detect(desired(), report(resources=(observed, ok(TZ))), "online", NOW)
+    assert status.state == "drifted"
+    assert [r.id for r in status.resources] == ["motd"]
+    assert why in status.resources[0].why
+
+
+def test_drifted_when_a_desired_resource_is_missing_from_the_report() -> None:
+    status = detect(desired(), report(resources=(ok(MOTD),)), "online", NOW)
+    assert status.state == "drifted"
+    assert status.resources[0].id == "tz"
+
+
+def test_drifted_when_device_has_an_undesired_resource() -> None:
+    extra = ResourceReport("old", "file", "ok", "d")
+    status = detect(desired(), report(resources=(ok(MOTD), ok(TZ), extra)), "online", NOW)
+    assert [r.id for r in status.resources] == ["old"]
+
+
+def test_healed_resource_counts_as_in_sync() -> None:
+    healed = ResourceReport("motd", "file", "healed", bundles.resource_digest(MOTD))
+    assert detect(desired(), report(resources=(healed, ok(TZ))), "online", NOW).state == "in_sync"
+
+
+def test_since_is_kept_while_the_state_lasts_and_reset_on_change() -> None:
+    first = detect(desired(), report(), "online", NOW - 50)
+    again = detect(desired(), report(), "online", NOW, previous=first)
+    assert again.since == NOW - 50
+    drifted = detect(desired(), report(resources=(ok(MOTD),)), "online", NOW, previous=again)
+    assert drifted.since == NOW
+
+
+def test_detect_is_level_triggered_same_input_same_answer() -> None:
+    a = detect(desired(), report(), "online", NOW)
+    b = detect(desired(), report(), "online", NOW, previous=a)
+    assert a == b and a.same_condition(b)
+
+
+def test_summarise_counts_and_convergence() -> None:
+    statuses = [
+        detect(desired(), report(), "online", NOW),
+        detect(
+            desired(device="kiosk-02"),
+            report(device="kiosk-02", applied_device=Applied("kiosk-02", 2, "c0ffee", "d2")),
+            "online",
+            NOW,
+        ),
+        detect(
+            desired(device="kiosk-03"),
+            report(device="kiosk-03", applied_group=Applied("kiosks", 2, "o", "g2")),
+            "online",
+            NOW - 5,
+        ),
+        detect(desired(device="kiosk-04"), None, "offline", NOW),
+    ]
+    summary = summarise("kiosks", statuses, version=3, commit="c0ffee", mode="enforce", now=NOW)
+    assert summary.devices == 4
+    assert summary.counts["in_sync"] == 2 and summary.counts["pending"] == 1
+    assert summary.counts["offline"] == 1 and summary.counts["drifted"] == 0
+    assert summary.converged_pct == 50.0
+    assert summary.oldest_pending == NOW - 5
+
+
+def test_summarise_empty_group_is_converged() -> None:
+    summary = summarise("empty", [], version=1, commit="c", mode="observe", now=NOW)
+    assert summary.devices == 0 and summary.converged_pct == 100.0
