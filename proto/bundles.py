@@ -12,7 +12,7 @@ Pure; no I/O.
 from __future__ import annotations
 
 import posixpath
-import string
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
@@ -153,7 +153,8 @@ def validate_path(path: object, where: str) -> str:
     if path.startswith("/"):
         raise SchemaError(f"{where}: path {path!r} must be relative to the device root")
     normal = posixpath.normpath(path)
-    if normal in (".", "..") or normal.startswith("../") or normal != path.rstrip("/"):
+    # A trailing '/' names a directory, never a file: the path must already be normal.
+    if normal in (".", "..") or normal.startswith("../") or normal != path:
         raise SchemaError(
             f"{where}: path {path!r} must be a normalised path inside the device root"
         )
@@ -295,14 +296,35 @@ def decode(data: bytes, *, max_size: int = MAX_BUNDLE_BYTES) -> Bundle:
     return Bundle(group=group, vars=variables, group_version=group_version, **common)
 
 
+# Only the braced form: string.Template would also rewrite ``$name`` and turn ``$$`` into
+# ``$``, corrupting shell scripts and other files that never meant to use vars.
+_VAR_REF: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def var_text(value: SettingValue) -> str:
+    """How a var's value reads inside text: nil empty, booleans ``true``/``false``."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def _substitute(text: str, variables: Mapping[str, SettingValue]) -> str:
-    return string.Template(text).safe_substitute(
-        {k: "" if v is None else str(v) for k, v in variables.items()}
-    )
+    def replace_ref(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return var_text(variables[name]) if name in variables else match.group(0)
+
+    return _VAR_REF.sub(replace_ref, text)
 
 
 def render(resource: Resource, variables: Mapping[str, SettingValue]) -> Resource:
-    """Substitute ``${var}`` in file text and string setting values."""
+    """Substitute ``${var}`` in UTF-8 file text and string setting values.
+
+    Only ``${name}`` with ``name`` among ``variables`` is replaced; anything else (an
+    unknown name, ``$name``, ``$$``) stays as it is. Paths, keys and commands are never
+    substituted.
+    """
     if not variables:
         return resource
     if isinstance(resource, FileResource):

@@ -97,7 +97,7 @@ def unpack(data: bytes, *, max_size: int) -> Any:
     except (msgpack.StackError, RecursionError) as exc:
         raise DecodeError(f"nesting deeper than {MAX_DEPTH}") from exc
     except (ValueError, TypeError, msgpack.FormatError, UnicodeDecodeError) as exc:
-        raise DecodeError(f"malformed msgpack: {exc}") from exc
+        raise DecodeError(f"malformed msgpack: {exc or type(exc).__name__}") from exc
     except Exception as exc:  # msgpack raises a few odd types on hostile input
         raise DecodeError(f"malformed msgpack: {exc!r}") from exc
     _check_depth(value)
@@ -143,6 +143,8 @@ def dumps_json(value: Any) -> bytes:
 
 def loads_json(data: bytes, *, max_size: int) -> Any:
     """Decode one JSON value from ``data`` within the size cap and depth limit."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"expected bytes, got {type(data).__name__}")
     if len(data) > max_size:
         raise PayloadTooLarge(f"{len(data)} bytes is over the {max_size}-byte limit")
     try:

@@ -59,6 +59,8 @@ def validate_id(value: object, what: str = "id") -> str:
 
 def validate_prefix(prefix: str) -> str:
     """Return a topic prefix made of plain levels (no wildcards, no empty levels)."""
+    if not isinstance(prefix, str):
+        raise InvalidId(f"topic prefix must be a string, got {type(prefix).__name__}")
     levels = prefix.split("/")
     if not levels or any(_PREFIX_LEVEL.fullmatch(level) is None for level in levels):
         raise InvalidId(
@@ -108,8 +110,13 @@ class Topics:
     def device_command(self, device: str) -> str:
         return f"{self.prefix}/devices/{validate_id(device, 'device id')}/command"
 
+    def barrier(self, client_id: str) -> str:
+        """A client's private topic: a message it sends there and gets back proves that
+        everything the broker sent it before (retained messages included) has arrived."""
+        return f"{self.prefix}/clients/{validate_id(client_id, 'client id')}/barrier"
+
     def event(self, event_type: str) -> str:
-        if _EVENT_TYPE_PATTERN.fullmatch(event_type) is None:
+        if not isinstance(event_type, str) or _EVENT_TYPE_PATTERN.fullmatch(event_type) is None:
             raise InvalidId(f"event type {event_type!r} is not valid")
         return f"{self.prefix}/events/{event_type}"
 
@@ -142,6 +149,8 @@ class Topics:
 
     def parse(self, topic: str) -> TopicRef:
         """Return what ``topic`` names, or raise InvalidId if it is not one of ours."""
+        if not isinstance(topic, str):
+            raise InvalidId(f"topic must be a string, got {type(topic).__name__}")
         levels = topic.split("/")
         if "/".join(levels[: self._levels]) != self.prefix:
             raise InvalidId(f"topic {topic!r} is not under prefix {self.prefix!r}")

@@ -1,15 +1,200 @@
-"""``setpoint controller``: not built yet (see the open issues)."""
+"""``setpoint controller``: git commits in, signed retained bundles out.
+
+    setpoint controller --repo PATH_OR_URL --broker mqtt://host:port --key signing.key
+
+Runs until SIGTERM or Ctrl-C (clean shutdown), or, with ``--once``, until everything the
+repository wants is retained on the broker, then exits (0: done, 1: the repository has
+errors, 2: could not get there in ``--timeout`` seconds).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
+import signal
 import sys
+from pathlib import Path
+
+from ._common import CommandError, add_broker_arguments, broker_from_args, require_controller
+from .history import default_state_dir
+
+log = logging.getLogger("setpoint.controller")
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: use HOST:PORT, e.g. 0.0.0.0:8780")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument(
+        "--repo",
+        required=True,
+        help="fleet repository: a local path, or a URL (file, http(s), ssh, git)",
+    )
+    add_broker_arguments(parser)
+    parser.add_argument(
+        "--key", required=True, type=Path, help="the fleet's signing key (PEM Ed25519, mode 0600)"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="versions, bundles, audit log, mirror (env SETPOINT_STATE_DIR;"
+        " default ~/.local/state/setpoint/controller)",
+    )
+    parser.add_argument("--branch", help="the default branch (default: the branch HEAD names)")
+    parser.add_argument(
+        "--bundle-ttl",
+        default=None,
+        help="bundle lifetime, e.g. 7d or 3600 (fleet.yaml's bundle_ttl wins;"
+        " default 7d); bundles are re-signed at half-life",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=None,
+        help="seconds between fetches of a remote (default 60), or polls of a"
+        " local repository when given",
+    )
+    parser.add_argument(
+        "--no-watch", action="store_true", help="do not watch a local repository with inotify"
+    )
+    parser.add_argument(
+        "--webhook-listen",
+        type=_listen,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve the push webhook (POST, HMAC-SHA256) on HOST:PORT",
+    )
+    parser.add_argument(
+        "--webhook-secret-file",
+        type=Path,
+        default=None,
+        help="file holding the webhook secret (or env SETPOINT_WEBHOOK_SECRET)",
+    )
+    parser.add_argument("--client-id", default=None, help="MQTT client id (default: random)")
+    parser.add_argument(
+        "--once", action="store_true", help="publish what the repository wants, then exit"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="with --once: give up after this many seconds (default 60)",
+    )
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def _config(args: argparse.Namespace) -> object:
+    service = require_controller("setpoint.controller.service")
+    broker_mod = require_controller("setpoint.controller.broker")
+    fleet = require_controller("setpoint.controller.fleet")
+    url = broker_from_args(args)
+    ttl = fleet.DEFAULT_BUNDLE_TTL
+    if args.bundle_ttl is not None:
+        try:
+            ttl = fleet.parse_duration(
+                int(args.bundle_ttl) if args.bundle_ttl.isdigit() else args.bundle_ttl
+            )
+        except ValueError as exc:
+            raise CommandError(f"--bundle-ttl: {exc}") from None
+    secret = None
+    if args.webhook_listen is not None:
+        if args.webhook_secret_file is not None:
+            try:
+                secret = args.webhook_secret_file.read_bytes().strip()
+            except OSError as exc:
+                raise CommandError(f"--webhook-secret-file: {exc.strerror}") from None
+        elif os.environ.get("SETPOINT_WEBHOOK_SECRET"):
+            secret = os.environ["SETPOINT_WEBHOOK_SECRET"].encode("utf-8")
+        if not secret:
+            raise CommandError(
+                "--webhook-listen needs a secret: pass --webhook-secret-file"
+                " or set SETPOINT_WEBHOOK_SECRET"
+            )
+    return service.ControllerConfig(
+        repo=args.repo,
+        broker=broker_mod.BrokerSettings(
+            host=url.host,
+            port=url.port,
+            tls=url.tls,
+            username=url.username,
+            password=url.password,
+            ca=args.ca,
+            cert=args.cert,
+            key=args.client_key,
+            client_id=args.client_id or "",
+        ),
+        key_path=args.key,
+        state_dir=args.state_dir or default_state_dir(),
+        prefix=args.prefix,
+        branch=args.branch,
+        bundle_ttl=ttl,
+        follow=not args.once,
+        watch=not args.no_watch,
+        poll_interval=args.poll_interval,
+        webhook_listen=args.webhook_listen,
+        webhook_secret=secret,
+    )
+
+
+async def _main(args: argparse.Namespace, config: object) -> int:
+    service = require_controller("setpoint.controller.service")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("starting: %s", service.describe(config))
+    async with service.Controller(config) as controller:
+        if args.once:
+            settling = asyncio.ensure_future(controller.settle())
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {settling, stopping}, timeout=args.timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for task in (settling, stopping):
+                    task.cancel()
+                await asyncio.gather(settling, stopping, return_exceptions=True)
+            if settling not in done:
+                reason = controller.last_error or "broker or repository not reachable"
+                print(
+                    f"setpoint controller: not done after {args.timeout:g}s: {reason}",
+                    file=sys.stderr,
+                )
+                return 2
+            render = controller.last_render
+            if render is not None and render.problems:
+                return 1
+            return 0
+        await stop.wait()
+        log.info("stopping")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    print("setpoint controller: not built yet", file=sys.stderr)
-    return 2
+    logs = require_controller("setpoint.controller.logs")
+    errors = require_controller("setpoint.controller.errors")
+    logs.setup(json_lines=args.log_json, level=args.log_level)
+    try:
+        config = _config(args)
+        return asyncio.run(_main(args, config))
+    except (CommandError, errors.ConfigError) as exc:
+        print(f"setpoint controller: {exc}", file=sys.stderr)
+        return 2
+    except BaseExceptionGroup as group:  # raised by a task of the running controller
+        config_errors = group.subgroup(errors.ConfigError)
+        if config_errors is None:
+            raise
+        first: BaseException = config_errors
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        print(f"setpoint controller: {first}", file=sys.stderr)
+        return 2

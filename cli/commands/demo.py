@@ -1,15 +1,385 @@
-"""``setpoint demo``: not built yet (see the open issues)."""
+"""``setpoint demo``: the whole loop, end to end, on a private broker.
+
+Starts a private mosquitto from ``mosquitto/`` on a free loopback port, makes a scratch
+fleet repository with ``setpoint init``, a signing key, the controller and one shim per
+device of the example fleet (every one a real process running the real CLI), then tells
+the story: convergence, a commit, a hand edit on a device in each group (healed in
+enforce mode, reported in observe mode), and a ``git revert``. It prints what happens
+with timings, cleans up every process it started and exits 0, or 1 if a step did not
+happen in time.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+STEP_TIMEOUT = 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument(
+        "--keep", type=Path, help="work in this directory and keep it (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=STEP_TIMEOUT, help="seconds to wait for each step"
+    )
+    parser.add_argument("--no-color", action="store_true", help="plain output")
+
+
+class DemoFailed(Exception):
+    pass
+
+
+class Narrator:
+    def __init__(self, color: bool) -> None:
+        self.color = color
+        self.t0 = time.monotonic()
+
+    def _paint(self, code: str, text: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+    def step(self, text: str) -> None:
+        print(f"\n{self._paint('1', '==> ' + text)}", flush=True)
+
+    def say(self, text: str) -> None:
+        stamp = f"[{time.monotonic() - self.t0:7.2f}s]"
+        print(f"{self._paint('2', stamp)} {text}", flush=True)
+
+    def good(self, text: str) -> None:
+        self.say(self._paint("32", text))
+
+    def warn(self, text: str) -> None:
+        self.say(self._paint("33", text))
+
+
+class Watcher:
+    """Follows drift status and drift events on the broker, as any operator tool could."""
+
+    def __init__(self, host: str, port: int, prefix: str, narrator: Narrator) -> None:
+        import paho.mqtt.client as mqtt
+
+        from setpoint.proto import status, topics
+
+        self._status = status
+        self.topics = topics.Topics(prefix)
+        self.narrator = narrator
+        self.drift: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []
+        self.cond = threading.Condition()
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"setpoint-demo-watch-{os.getpid()}",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.on_message = self._on_message
+        self.client.on_connect = self._on_connect
+        self.client.connect(host, port)
+        self.client.loop_start()
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        client.subscribe(
+            [(self.topics.all_drift(), 1), (self.topics.event("drift"), 1)]
+        )
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        if not message.payload:
+            return
+        try:
+            ref = self.topics.parse(message.topic)
+            if ref.kind == "device-drift":
+                drift = self._status.drift_from_json(message.payload)
+                with self.cond:
+                    self.drift[ref.name] = drift
+                    self.cond.notify_all()
+            elif ref.kind == "event":
+                event = self._status.event_from_json(message.payload)
+                with self.cond:
+                    self.events.append(event)
+                    self.cond.notify_all()
+                self._tell(event)
+        except Exception as exc:  # a demo watcher must not die on one odd message
+            self.narrator.warn(f"ignored a message on {message.topic}: {exc}")
+
+    def _tell(self, event: dict[str, Any]) -> None:
+        device, state = event.get("device"), event.get("state")
+        previous = event.get("previous")
+        change = event.get("change", "")
+        line = f"event drift/{change}: {device} {previous} -> {state}"
+        resources = event.get("resources") or []
+        if resources:
+            line += "  (" + ", ".join(f"{r['id']}: {r['why']}" for r in resources) + ")"
+        self.narrator.say(line)
+
+    def wait(self, predicate: Callable[[], bool], what: str, timeout: float) -> float:
+        start = time.monotonic()
+        with self.cond:
+            if not self.cond.wait_for(predicate, timeout=timeout):
+                raise DemoFailed(f"timed out after {timeout:.0f}s waiting for {what}")
+        return time.monotonic() - start
+
+    def states(self, devices: list[str]) -> dict[str, str]:
+        return {d: self.drift[d].state if d in self.drift else "?" for d in devices}
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@contextmanager
+def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def setpoint_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "setpoint", *args]
+
+
+def run_cli(*args: str) -> str:
+    done = subprocess.run(setpoint_cmd(*args), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise DemoFailed(f"setpoint {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def commit_file(repo: Path, relpath: str, text: str, message: str) -> str:
+    from dulwich import porcelain
+
+    (repo / relpath).write_text(text)
+    porcelain.add(str(repo), paths=[str(repo / relpath)])
+    sha = porcelain.commit(
+        str(repo),
+        message=message.encode(),
+        author=b"Demo Operator <ops@example.com>",
+        committer=b"Demo Operator <ops@example.com>",
+    )
+    return sha.decode()[:12]
+
+
+def revert(repo: Path, sha: str) -> str:
+    from dulwich import porcelain
+
+    new = porcelain.revert(
+        str(repo), [sha.encode()], author=b"Demo Operator <ops@example.com>"
+    )
+    return (new or b"").decode()[:12]
 
 
 def run(args: argparse.Namespace) -> int:
-    print("setpoint demo: not built yet", file=sys.stderr)
-    return 2
+    from setpoint.commands._common import require_controller
+
+    require_controller("dulwich")
+    color = sys.stdout.isatty() and not args.no_color
+    narrator = Narrator(color)
+    with ExitStack() as stack:
+        if args.keep:
+            work = args.keep.resolve()
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="setpoint-demo-")))
+        try:
+            story(stack, work, narrator, args.timeout)
+        except DemoFailed as exc:
+            narrator.warn(f"demo failed: {exc}")
+            narrator.warn(f"logs are in {work}/logs (pass --keep DIR to keep them)")
+            if not args.keep:
+                for log in sorted((work / "logs").glob("*.log")):
+                    print(f"--- {log.name} (tail)", file=sys.stderr)
+                    print("\n".join(log.read_text(errors="replace").splitlines()[-15:]),
+                          file=sys.stderr)
+            return 1
+    return 0
+
+
+def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float) -> None:
+    from setpoint.mosquitto import Broker
+
+    prefix = "setpoint/v1"
+    logs = work / "logs"
+    logs.mkdir()
+
+    narrator.step("A private mosquitto, a signing key and a fleet repository")
+    broker = stack.enter_context(Broker())
+    narrator.say(f"mosquitto listening on {broker.url} (config from mosquitto/)")
+    keyid = run_cli("keys", "generate", "--out", str(work / "keys")).strip().splitlines()[-1]
+    narrator.say(f"fleet signing key: {keyid}")
+    repo = work / "fleet"
+    run_cli("init", str(repo))
+    groups = sorted(p.stem for p in (repo / "groups").glob("*.yaml"))
+    devices = sorted(p.stem for p in (repo / "devices").glob("*.yaml"))
+    narrator.say(f"fleet repository {repo}: groups {groups}, devices {devices}")
+
+    narrator.step("Controller and one shim per device")
+    watcher = Watcher(broker.host, broker.port, prefix, narrator)
+    stack.callback(watcher.close)
+    stack.enter_context(
+        process(
+            setpoint_cmd(
+                "controller", "--repo", str(repo), "--broker", broker.url,
+                "--key", str(work / "keys" / "signing.key"),
+                "--state-dir", str(work / "controller-state"),
+                "--grace", "20", "--tick", "0.5",
+            ),
+            logs / "controller.log",
+        )
+    )  # fmt: skip
+    device_config = work / "device.json"
+    device_config.write_text('{"allow_commands": true}\n')
+    roots = {}
+    for device in devices:
+        roots[device] = work / "devices" / device / "root"
+        stack.enter_context(
+            process(
+                setpoint_cmd(
+                    "shim", "--device", device, "--broker", broker.url,
+                    "--trust", str(work / "keys" / "signing.pub"),
+                    "--root", str(roots[device]),
+                    "--state-dir", str(work / "devices" / device / "state"),
+                    "--config", str(device_config),
+                    "--observe-interval", "0.5", "--heartbeat", "60",
+                ),
+                logs / f"shim-{device}.log",
+            )
+        )  # fmt: skip
+    narrator.say(f"started the controller and {len(devices)} shims")
+
+    def all_in_sync(version_of: Callable[[str], int | None] | None = None) -> Callable[[], bool]:
+        def check() -> bool:
+            for device in devices:
+                drift = watcher.drift.get(device)
+                if drift is None or drift.state != "in_sync":
+                    return False
+                if version_of is not None and drift.applied_version != version_of(device):
+                    return False
+            return True
+
+        return check
+
+    took = watcher.wait(all_in_sync(), "every device in_sync", timeout)
+    narrator.good(f"fleet converged in {took:.2f}s: {watcher.states(devices)}")
+
+    enforce_group, observe_group = "kiosks", "gateways"
+    members = {
+        g: [d for d in devices if f"group: {g}" in (repo / "devices" / f"{d}.yaml").read_text()]
+        for g in groups
+    }
+    narrator.step(f"A commit changes group {enforce_group!r}")
+    before = {d: watcher.drift[d].desired_version for d in devices}
+    group_file = repo / "groups" / f"{enforce_group}.yaml"
+    text = group_file.read_text()
+    marker = "Welcome"
+    if marker not in text:
+        raise DemoFailed(f"{group_file} has no {marker!r} line to change")
+    t_commit = time.monotonic()
+    sha = commit_file(
+        repo, f"groups/{enforce_group}.yaml", text.replace(marker, "Welcome back", 1),
+        "kiosks: friendlier greeting",
+    )  # fmt: skip
+    narrator.say(f"committed {sha} (groups/{enforce_group}.yaml)")
+
+    def moved() -> bool:
+        return all(
+            (d in watcher.drift and watcher.drift[d].state == "in_sync"
+             and watcher.drift[d].desired_version != before[d])
+            for d in members[enforce_group]
+        )  # fmt: skip
+
+    watcher.wait(moved, f"{enforce_group} to converge on the new version", timeout)
+    narrator.good(
+        f"commit {sha} -> every {enforce_group} device in_sync on the new version in"
+        f" {time.monotonic() - t_commit:.2f}s"
+    )
+
+    narrator.step("A hand edit on one device of each group")
+    victims = {enforce_group: members[enforce_group][0], observe_group: members[observe_group][0]}
+    for group, device in victims.items():
+        edited = edit_a_managed_file(roots[device])
+        narrator.say(f"edited {edited.relative_to(roots[device])} on {device} ({group})")
+    t_edit = time.monotonic()
+
+    def drift_event(device: str, state: str) -> Callable[[], bool]:
+        return lambda: any(
+            e.get("device") == device and e.get("state") == state for e in watcher.events
+        )
+
+    enforce_dev, observe_dev = victims[enforce_group], victims[observe_group]
+    watcher.wait(drift_event(observe_dev, "drifted"), f"{observe_dev} drifted", timeout)
+    narrator.good(
+        f"{observe_dev} reported drifted after {time.monotonic() - t_edit:.2f}s"
+        " (observe mode: left alone)"
+    )
+    watcher.wait(
+        lambda: drift_event(enforce_dev, "drifted")() or drift_event(enforce_dev, "in_sync")(),
+        f"{enforce_dev} drift event", timeout,
+    )  # fmt: skip
+    watcher.wait(all_in_sync_one(watcher, enforce_dev), f"{enforce_dev} healed", timeout)
+    narrator.good(
+        f"{enforce_dev} healed and back in_sync {time.monotonic() - t_edit:.2f}s after the edit"
+        " (enforce mode)"
+    )
+    still = watcher.drift[observe_dev]
+    if still.state != "drifted":
+        raise DemoFailed(f"{observe_dev} should still be drifted, is {still.state}")
+    narrator.say(
+        f"{observe_dev} stays drifted: "
+        + ", ".join(f"{r.id} ({r.why})" for r in still.resources)
+    )
+
+    narrator.step(f"git revert {sha}: the fleet walks back through the normal path")
+    t_revert = time.monotonic()
+    new = revert(repo, sha)
+    narrator.say(f"committed revert {new}")
+    versions = {d: watcher.drift[d].desired_version for d in members[enforce_group]}
+
+    def reverted() -> bool:
+        return all(
+            d in watcher.drift and watcher.drift[d].state == "in_sync"
+            and watcher.drift[d].desired_version != versions[d]
+            for d in members[enforce_group]
+        )  # fmt: skip
+
+    watcher.wait(reverted, "convergence after the revert", timeout)
+    narrator.good(
+        f"revert converged in {time.monotonic() - t_revert:.2f}s:"
+        f" {watcher.states(members[enforce_group])}"
+    )
+    narrator.step("Done")
+    narrator.say(f"final drift states: {watcher.states(devices)}")
+    narrator.say("stopping every process the demo started")
+
+
+def all_in_sync_one(watcher: Watcher, device: str) -> Callable[[], bool]:
+    return lambda: device in watcher.drift and watcher.drift[device].state == "in_sync"
+
+
+def edit_a_managed_file(root: Path) -> Path:
+    """Append a line to the first regular file the shim wrote under ``root``."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
+            with path.open("a") as fh:
+                fh.write("# edited by hand\n")
+            return path
+    raise DemoFailed(f"no managed file found under {root}")

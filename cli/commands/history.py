@@ -1,15 +1,55 @@
-"""``setpoint history``: not built yet (see the open issues)."""
+"""``setpoint history [TARGET]``: the controller's audit log of publications."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import json
+import os
+import time
+from pathlib import Path
+
+from ._common import require_controller
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(os.environ.get("SETPOINT_STATE_DIR") or Path(base) / "setpoint" / "controller")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument(
+        "target", nargs="?", help="a group or device id, or group/<id> or device/<id>"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="the controller's state directory (env SETPOINT_STATE_DIR)",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--limit", type=int, default=0, help="only the last N entries")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("setpoint history: not built yet", file=sys.stderr)
-    return 2
+    audit = require_controller("setpoint.controller.audit")
+    state_dir = args.state_dir or default_state_dir()
+    entries = list(audit.read(state_dir / audit.AUDIT_FILE, args.target))
+    if args.limit > 0:
+        entries = entries[-args.limit :]
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry, sort_keys=True))
+        return 0
+    if not entries:
+        print(f"no publications recorded in {state_dir}")
+        return 0
+    print(f"{'TIME':19}  {'TARGET':32}  {'VERSION':>7}  {'REASON':8}  {'COMMIT':12}  AUTHOR")
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(e.get("time", 0))))
+        version = "" if e.get("version") is None else str(e["version"])
+        commit = (e.get("commit") or "")[:12]
+        print(
+            f"{when:19}  {e.get('target', ''):32}  {version:>7}  {e.get('reason', ''):8}"
+            f"  {commit:12}  {e.get('author', '')}"
+        )
+    return 0

@@ -1,15 +1,75 @@
-"""``setpoint validate``: not built yet (see the open issues)."""
+"""``setpoint validate PATH``: the controller's checks, for a pre-commit hook or CI.
+
+Checks the files in the work tree at PATH (or, with ``--rev``, a committed branch or
+commit of the repository at PATH) exactly as the controller does before publishing, and
+exits non-zero with one line per problem: ``groups/kiosk.yaml: resource 'motd': unknown
+kind 'fiel' (known: command, file, setting)``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
+from pathlib import Path
+
+from ._common import require_controller
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument(
+        "path",
+        type=Path,
+        nargs="?",
+        default=Path("."),
+        help="the fleet repository (default: the current directory)",
+    )
+    parser.add_argument("--rev", help="check this branch or commit id instead of the work tree")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    print("setpoint validate: not built yet", file=sys.stderr)
-    return 2
+    fleet = require_controller("setpoint.controller.fleet")
+    if args.rev is None:
+        trees = require_controller("setpoint.controller.trees")
+        if not args.path.is_dir():
+            print(f"setpoint validate: {args.path} is not a directory", file=sys.stderr)
+            return 2
+        snapshot = fleet.load(trees.DirectoryTree(args.path))
+        where = f"work tree {args.path}"
+    else:
+        repository = require_controller("setpoint.controller.repository")
+        errors = require_controller("setpoint.controller.errors")
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                repo = repository.Repository(str(args.path), Path(scratch))
+                try:
+                    commit = repo.resolve(args.rev)
+                    info, snapshot = repo.load(commit)
+                finally:
+                    repo.close()
+        except (errors.ConfigError, errors.RepositoryUnavailable) as exc:
+            print(f"setpoint validate: {exc}", file=sys.stderr)
+            return 2
+        where = f"{args.rev} ({info.id[:12]})"
+    problems = [str(p) for p in snapshot.problems]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ok": not problems,
+                    "problems": [{"file": p.file, "message": p.message} for p in snapshot.problems],
+                    "groups": sorted(snapshot.groups),
+                    "devices": sorted(snapshot.devices),
+                },
+                indent=2,
+            )
+        )
+    elif problems:
+        for line in problems:
+            print(line, file=sys.stderr)
+        print(f"{len(problems)} problem(s) in {where}", file=sys.stderr)
+    else:
+        print(f"ok: {len(snapshot.groups)} group(s), {len(snapshot.devices)} device(s) in {where}")
+    return 1 if problems else 0

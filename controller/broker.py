@@ -1,0 +1,380 @@
+"""The controller's one MQTT connection, kept alive: connect, subscribe, pump, reconnect.
+
+aiomqtt does not reconnect by itself, so :class:`Link` runs the loop: connect (MQTT 5,
+falling back to 3.1.1 if the broker refuses it), subscribe every registered route in one
+SUBSCRIBE, start the per-session callbacks, and hand each incoming message to the
+handlers whose filter matches. When the connection breaks, every waiting publish fails at
+once with :class:`BrokerUnavailable`, and after a backoff (exponential, jittered, reset by
+a successful connect) it starts over.
+
+:meth:`Link.barrier` proves that everything the broker sent before has been handled: it
+publishes a nonce to the client's private topic and waits for it to come back. MQTT keeps
+the order of one connection, so once the nonce is back, every retained message that the
+SUBSCRIBE released has been dispatched too. No guessing with quiet periods. (Routes are
+subscribed at QoS 0 by default, the barrier too, so that a burst of thousands of retained
+messages is not cut by the broker's per-client queue limit for QoS 1.)
+
+aiomqtt's and paho's exceptions stop here; above this module there is only
+``BrokerUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import socket
+import ssl
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from setpoint.proto.topics import Topics
+
+from .errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[["Message"], None]
+SessionCallback = Callable[["Session"], Coroutine[Any, Any, None]]
+_V5_REFUSED: Final = {1, 132}  # 3.1.1 "unacceptable protocol version"; 5 "unsupported"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    host: str
+    port: int = 1883
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    client_id: str = ""
+    keepalive: int = 30
+    connect_timeout: float = 10.0
+
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """An incoming message, free of aiomqtt's types."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Backoff:
+    """Exponential backoff with jitter; :meth:`reset` after a success."""
+
+    def __init__(
+        self,
+        initial: float = 0.1,
+        maximum: float = 10.0,
+        factor: float = 2.0,
+        jitter: float = 0.2,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.initial, self.maximum, self.factor, self.jitter = initial, maximum, factor, jitter
+        self._rng = rng
+        self._next = initial
+
+    def next(self) -> float:
+        base = self._next
+        self._next = min(self.maximum, self._next * self.factor)
+        return base * (1 + self.jitter * (2 * self._rng() - 1))
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+def new_client_id(role: str = "controller") -> str:
+    return f"setpoint-{role}-{secrets.token_hex(4)}"
+
+
+def _tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
+    if not settings.tls:
+        return None
+    context = ssl.create_default_context(cafile=settings.ca)
+    if settings.cert:
+        context.load_cert_chain(settings.cert, settings.key)
+    return context
+
+
+class Session:
+    """One live connection. Publishing fails fast when it breaks."""
+
+    def __init__(self, client: aiomqtt.Client, number: int, v5: bool) -> None:
+        self._client = client
+        self.number = number
+        self.v5 = v5
+        self.lost = asyncio.Event()
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float
+    ) -> None:
+        """Publish and, for QoS 1, return once the broker acknowledged (PUBACK)."""
+        if self.lost.is_set():
+            raise BrokerUnavailable("not connected to the broker")
+        publishing = asyncio.ensure_future(
+            self._client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
+        )
+        losing = asyncio.ensure_future(self.lost.wait())
+        try:
+            done, _ = await asyncio.wait({publishing, losing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (publishing, losing):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(publishing, losing, return_exceptions=True)
+        if publishing in done and not publishing.cancelled():
+            error = publishing.exception()
+            if error is None:
+                return
+            raise BrokerUnavailable(f"publish to {topic} failed: {error}") from error
+        raise BrokerUnavailable(f"connection lost before the broker acknowledged {topic}")
+
+
+@dataclass(slots=True)
+class _Route:
+    topic_filter: str
+    handler: MessageHandler
+    qos: int
+    no_local: bool
+
+
+class Link:
+    """Keeps one MQTT connection up and dispatches what arrives on it."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        topics: Topics,
+        *,
+        backoff: Backoff | None = None,
+        publish_timeout: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.client_id = settings.client_id or new_client_id()
+        self.topics = topics
+        self.publish_timeout = publish_timeout
+        self._backoff = backoff or Backoff()
+        self._routes: list[_Route] = []
+        self._on_connect: list[Callable[[], None]] = []
+        self._on_disconnect: list[Callable[[], None]] = []
+        self._on_session: list[tuple[str, SessionCallback]] = []
+        self._session: Session | None = None
+        self._sessions = 0
+        self._connected = asyncio.Event()
+        self._v5 = True
+        self.failures = 0
+        self.failed = asyncio.Event()  # set on every failure (to connect, or of a session)
+        self._barriers: dict[bytes, asyncio.Future[None]] = {}
+        self.route(topics.barrier(self.client_id), self._barrier_arrived)
+
+    # --- Registration (before run) ---------------------------------------------------
+
+    def route(
+        self,
+        topic_filter: str,
+        handler: MessageHandler,
+        *,
+        qos: int = 0,
+        no_local: bool = False,
+    ) -> None:
+        """Deliver messages matching ``topic_filter`` to ``handler`` (called in the pump:
+        it must not block). ``no_local`` (MQTT 5) skips this client's own publications.
+
+        QoS 0 is the default on purpose: a view rebuilt from retained messages on every
+        connect loses nothing by it, while at QoS 1 mosquitto queues at most
+        ``max_queued_messages`` (default 1000) per client and silently drops the rest of
+        a SUBSCRIBE's retained messages (and the barrier behind them).
+        """
+        self._routes.append(_Route(topic_filter, handler, qos, no_local))
+
+    def on_connect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on every connect, before subscribing (to reset views)."""
+        self._on_connect.append(callback)
+
+    def on_disconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever a connection attempt or a session ends."""
+        self._on_disconnect.append(callback)
+
+    def on_session(self, name: str, callback: SessionCallback) -> None:
+        """Run ``callback(session)`` as a task of every session, after subscribing."""
+        self._on_session.append((name, callback))
+
+    # --- State ------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None and not self._session.lost.is_set()
+
+    async def wait_connected(self) -> Session:
+        while True:
+            await self._connected.wait()
+            session = self._session
+            if session is not None and not session.lost.is_set():
+                return session
+
+    # --- Publishing ---------------------------------------------------------------------
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Publish on the current session; BrokerUnavailable if there is none or it breaks."""
+        session = self._session
+        if session is None:
+            raise BrokerUnavailable("not connected to the broker")
+        await session.publish(topic, payload, qos=qos, retain=retain, timeout=self.publish_timeout)
+
+    async def barrier(self, timeout: float | None = None) -> None:
+        """Return once every message the broker sent before this call has been handled."""
+        nonce = secrets.token_hex(8).encode("ascii")
+        arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barriers[nonce] = arrived
+        try:
+            await self.publish(self.topics.barrier(self.client_id), nonce, qos=1)
+            async with asyncio.timeout(timeout or self.publish_timeout):
+                await arrived
+        except TimeoutError as exc:
+            raise BrokerUnavailable(
+                f"the broker did not echo the barrier message; check that this client may"
+                f" publish and subscribe to {self.topics.barrier(self.client_id)!r}"
+            ) from exc
+        finally:
+            self._barriers.pop(nonce, None)
+
+    def _barrier_arrived(self, message: Message) -> None:
+        arrived = self._barriers.get(message.payload)
+        if arrived is not None and not arrived.done():
+            arrived.set_result(None)
+
+    # --- The loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect; forever (until cancelled)."""
+        while True:
+            try:
+                await self._serve()
+            except* BrokerUnavailable as group:
+                log.warning("broker %s: %s", self.settings.url(), _first(group))
+                self.failures += 1
+                self.failed.set()
+            finally:
+                session, self._session = self._session, None
+                self._connected.clear()
+                if session is not None:
+                    session.lost.set()
+                for callback in self._on_disconnect:
+                    callback()
+            delay = self._backoff.next()
+            log.info("reconnecting to %s in %.1fs", self.settings.url(), delay)
+            await asyncio.sleep(delay)
+
+    def _client(self) -> aiomqtt.Client:
+        s = self.settings
+        client = aiomqtt.Client(
+            s.host,
+            s.port,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
+            username=s.username,
+            password=s.password,
+            tls_context=_tls_context(s),
+            keepalive=s.keepalive,
+            timeout=s.connect_timeout,
+            max_inflight_messages=100,
+            # Small messages that wait for an answer: Nagle would add ~40 ms to each.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            logger=logging.getLogger("setpoint.controller.mqtt"),
+        )
+        client.pending_calls_threshold = 10_000
+        return client
+
+    async def _serve(self) -> None:
+        client = self._client()
+        try:
+            async with client:
+                self._backoff.reset()
+                self._sessions += 1
+                session = Session(client, self._sessions, self._v5)
+                log.info(
+                    "connected to %s as %s (MQTT %s)",
+                    self.settings.url(),
+                    self.client_id,
+                    "5" if self._v5 else "3.1.1",
+                )
+                for callback in self._on_connect:
+                    callback()
+                granted = await client.subscribe(
+                    self._subscriptions(), timeout=self.publish_timeout
+                )
+                self._check_granted(granted)
+                self._session = session
+                self._connected.set()
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._pump(client, session), name="mqtt-pump")
+                        for name, start in self._on_session:
+                            tg.create_task(start(session), name=name)
+                finally:
+                    session.lost.set()
+        except MqttConnectError as exc:
+            code = exc.rc if isinstance(exc.rc, int) else getattr(exc.rc, "value", None)
+            if self._v5 and code in _V5_REFUSED:
+                log.info("broker refused MQTT 5; using MQTT 3.1.1")
+                self._v5 = False
+                self._backoff.reset()
+            raise BrokerUnavailable(f"connection refused: {exc}") from exc
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailable(str(exc) or exc.__class__.__name__) from exc
+
+    def _subscriptions(self) -> list[tuple[str, Any]]:
+        if self._v5:
+            return [
+                (r.topic_filter, SubscribeOptions(qos=r.qos, noLocal=r.no_local))
+                for r in self._routes
+            ]
+        return [(r.topic_filter, r.qos) for r in self._routes]
+
+    def _check_granted(self, granted: object) -> None:
+        codes = list(granted) if isinstance(granted, list | tuple) else []
+        for route, code in zip(self._routes, codes, strict=False):
+            value = int(getattr(code, "value", code))
+            if value >= 0x80:
+                raise BrokerUnavailable(
+                    f"the broker refused the subscription to {route.topic_filter!r}"
+                    f" (code {value:#x}); check the broker's ACL for this client"
+                )
+
+    async def _pump(self, client: aiomqtt.Client, session: Session) -> None:
+        try:
+            async for raw in client.messages:
+                payload = raw.payload
+                if isinstance(payload, str):
+                    payload = payload.encode("utf-8")
+                elif not isinstance(payload, bytes | bytearray):
+                    payload = b"" if payload is None else str(payload).encode("utf-8")
+                message = Message(str(raw.topic), bytes(payload), bool(raw.retain))
+                for route in self._routes:
+                    if raw.topic.matches(route.topic_filter):
+                        route.handler(message)
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailable(f"connection lost: {exc}") from exc
+        finally:
+            session.lost.set()
+
+
+def _first(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error

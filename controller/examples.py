@@ -1,0 +1,124 @@
+"""The example fleet that ``setpoint init`` commits: two groups, three devices, every kind.
+
+* ``kiosks`` (enforce): a file with inline content using a var, a file from
+  ``files/kiosk/config.ini`` in the repository, a setting;
+* ``gateways`` (observe): a setting and a command (check/apply);
+* ``kiosk-01``, ``kiosk-02`` (which overrides the log level), ``gw-01``.
+
+Writes files into a directory and commits them with dulwich.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final
+
+from dulwich import porcelain
+from dulwich.repo import Repo
+
+AUTHOR: Final = b"setpoint init <setpoint@localhost>"
+DEFAULT_BRANCH: Final = "main"
+
+FILES: Final[dict[str, str]] = {
+    "fleet.yaml": """\
+# Fleet-wide settings. Groups live in groups/, devices in devices/.
+# Check your changes with `setpoint validate .` before committing.
+description: Example fleet created by `setpoint init`
+# How long a signed bundle stays valid; the controller re-signs it at half-life.
+bundle_ttl: 7d
+# A commit that removes every group and device is refused unless this is true.
+allow_empty: false
+""",
+    "groups/kiosks.yaml": """\
+# Kiosks: setpoint puts back anything that drifts (mode: enforce).
+mode: enforce
+resources:
+  - id: motd
+    kind: file
+    path: etc/motd
+    mode: "0644"
+    content: |
+      Welcome to the ${site} kiosk.
+  - id: kiosk-config
+    kind: file
+    path: etc/kiosk/config.ini
+    mode: "0640"
+    source: files/kiosk/config.ini
+  - id: log-level
+    kind: setting
+    key: log_level
+    value: info
+""",
+    "groups/gateways.yaml": """\
+# Gateways: setpoint reports drift but changes nothing (mode: observe).
+mode: observe
+resources:
+  - id: uplink-interval
+    kind: setting
+    key: uplink_interval_s
+    value: 30
+  - id: ready-marker
+    kind: command
+    # Runs with the device root as the working directory, only where the device allows it.
+    check: test -f var/lib/gateway/ready
+    apply: mkdir -p var/lib/gateway && touch var/lib/gateway/ready
+    timeout: 30
+""",
+    "devices/kiosk-01.yaml": """\
+group: kiosks
+vars:
+  site: lobby
+""",
+    "devices/kiosk-02.yaml": """\
+group: kiosks
+vars:
+  site: cafeteria
+resources:
+  # Replaces the group's resource with the same id, for this device only.
+  - id: log-level
+    kind: setting
+    key: log_level
+    value: debug
+""",
+    "devices/gw-01.yaml": """\
+group: gateways
+vars:
+  site: roof
+""",
+    "files/kiosk/config.ini": """\
+[kiosk]
+fullscreen = true
+idle_timeout_s = 120
+""",
+}
+
+
+def write(directory: Path, files: dict[str, str] = FILES) -> None:
+    for name, text in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+
+def create(directory: Path) -> str:
+    """A new repository at ``directory`` with the example fleet committed on ``main``.
+
+    Returns the commit id. ``directory`` must not exist or be empty.
+    """
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} exists and is not empty")
+    directory.mkdir(parents=True, exist_ok=True)
+    repo: Any = Repo.init(str(directory))
+    try:
+        repo.refs.set_symbolic_ref(b"HEAD", b"refs/heads/" + DEFAULT_BRANCH.encode())
+        write(directory)
+        porcelain.add(repo, paths=[str(directory / name) for name in FILES])
+        commit = porcelain.commit(
+            repo,
+            message=b"Example fleet (setpoint init)\n",
+            author=AUTHOR,
+            committer=AUTHOR,
+        )
+    finally:
+        repo.close()
+    return commit.decode("ascii")

@@ -1,0 +1,605 @@
+"""The fleet repository's files and their validation: ``fleet.yaml``, groups, devices.
+
+An operator commits::
+
+    fleet.yaml               fleet-wide settings (optional)
+    groups/<group>.yaml      mode, the branch it tracks, resources
+    devices/<device>.yaml    group, vars, resources that add to or replace the group's
+
+:func:`load` reads one *view* of the repository (one commit's tree, or a work tree)
+through a :class:`Tree` and returns a :class:`Snapshot`: every group and device that
+validated, the ids of those that did not, and a :class:`Problem` per finding, each naming
+the file, the item and the fix (``groups/kiosk.yaml: resource 'motd': unknown kind 'fiel'
+(known: command, file, setting)``). It never stops at the first problem: a broken file
+breaks only the targets that depend on it.
+
+The schemas are pydantic models with ``extra='forbid'`` and strict types (YAML already
+gives native types; ``"60"`` is not a timeout). YAML goes through :mod:`safeyaml`.
+
+Pure; no I/O beyond the :class:`Tree` it is given.
+"""
+
+from __future__ import annotations
+
+import functools
+import posixpath
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from setpoint.proto import bundles
+from setpoint.proto.bundles import CommandResource, FileResource, Resource, SettingResource
+from setpoint.proto.errors import InvalidId, SchemaError
+from setpoint.proto.topics import validate_id
+
+from . import safeyaml
+from .errors import Problem
+
+FLEET_FILE: Final = "fleet.yaml"
+GROUPS_DIR: Final = "groups"
+DEVICES_DIR: Final = "devices"
+YAML_SUFFIXES: Final = (".yaml", ".yml")
+MAX_SOURCE_BYTES: Final = 512 * 1024
+MAX_FILES: Final = 100_000
+DEFAULT_BUNDLE_TTL: Final = 7 * 24 * 3600
+_VAR_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_DURATION: Final = re.compile(r"(\d+)\s*([smhdw]?)")
+_UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_MODE_TEXT: Final = re.compile(r"(?:0o?)?([0-7]{1,4})")
+
+
+# --- Reading a view ------------------------------------------------------------------
+
+
+class Tree(Protocol):
+    """Read-only access to one view of the repository (a commit's tree or a work tree)."""
+
+    def list_yaml(self, directory: str) -> list[str]:
+        """Names of the regular files directly in ``directory`` (empty if it is missing)."""
+        ...
+
+    def read(self, path: str, max_bytes: int) -> bytes | None:
+        """The bytes of the regular file at ``path``, or None if there is none.
+
+        Raises :class:`TreeError` for a symlink, a directory, or a file over ``max_bytes``.
+        """
+        ...
+
+
+class TreeError(Exception):
+    """A path in the tree that exists but cannot be used (symlink, directory, too large)."""
+
+
+# --- Schemas -------------------------------------------------------------------------
+
+SettingValue = str | int | float | bool | None
+
+
+def _scalar(value: Any) -> SettingValue:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise ValueError("must be a string, number, boolean or null (not a list or mapping)")
+
+
+def parse_duration(value: Any) -> int:
+    """Seconds from an integer or a string: ``90``, ``45s``, ``30m``, ``12h``, ``7d``, ``2w``."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number of seconds or a duration like '7d'")
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
+        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a duration: write seconds or e.g. '30m', '12h', '7d'")
+    if seconds < 1:
+        raise ValueError("must be at least 1 second")
+    return seconds
+
+
+def parse_mode(value: Any) -> int:
+    """Permission bits from ``"0644"``, ``0644``, ``644``, ``"0o644"`` (always octal)."""
+    if isinstance(value, bool):
+        raise ValueError("must be octal permission bits like '0644'")
+    if isinstance(value, int):
+        # Only reached from Python callers: the YAML loader keeps `mode:` as text.
+        mode = value
+    elif isinstance(value, str) and (match := _MODE_TEXT.fullmatch(value.strip())):
+        mode = int(match.group(1), 8)
+    else:
+        raise ValueError(f"{value!r} is not octal permission bits: write it like '0644'")
+    if not 0 <= mode <= 0o7777:
+        raise ValueError(f"{value!r} is out of range (0000-7777)")
+    return mode
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class FleetSettings(_Strict):
+    """``fleet.yaml``: settings for the whole fleet (read from the default branch)."""
+
+    description: str | None = None
+    allow_empty: bool = False
+    bundle_ttl: Any = None
+
+    @field_validator("bundle_ttl")
+    @classmethod
+    def _ttl(cls, value: Any) -> int | None:
+        return None if value is None else parse_duration(value)
+
+
+class FileSpec(_Strict):
+    id: str
+    kind: Literal["file"]
+    path: str
+    content: str | None = None
+    source: str | None = None
+    mode: Any = 0o644
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, value: Any) -> int:
+        return parse_mode(value)
+
+
+class SettingSpec(_Strict):
+    id: str
+    kind: Literal["setting"]
+    key: str
+    value: Any = None
+    secret: bool = False
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if not 1 <= len(value) <= 256:
+            raise ValueError("must be 1-256 characters")
+        return value
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, value: Any) -> SettingValue:
+        return _scalar(value)
+
+
+class CommandSpec(_Strict):
+    id: str
+    kind: Literal["command"]
+    check: str
+    apply: str
+    timeout: int = 60
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: int) -> int:
+        if not 1 <= value <= 3600:
+            raise ValueError("must be 1-3600 seconds")
+        return value
+
+
+RESOURCE_SPECS: Final[Mapping[str, type[_Strict]]] = {
+    "command": CommandSpec,
+    "file": FileSpec,
+    "setting": SettingSpec,
+}
+
+
+class GroupSpec(_Strict):
+    """``groups/<group>.yaml``."""
+
+    description: str | None = None
+    mode: Literal["enforce", "observe"] = "enforce"
+    branch: str | None = None
+    resources: list[Any] = []
+
+    @field_validator("branch")
+    @classmethod
+    def _branch(cls, value: str | None) -> str | None:
+        if value is not None and not _valid_branch(value):
+            raise ValueError(f"{value!r} is not a valid branch name")
+        return value
+
+
+class DeviceSpec(_Strict):
+    """``devices/<device>.yaml``."""
+
+    description: str | None = None
+    group: str
+    vars: dict[str, Any] = {}
+    resources: list[Any] = []
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        return validate_id(value, "group id")
+
+    @field_validator("vars")
+    @classmethod
+    def _vars(cls, value: dict[str, Any]) -> dict[str, SettingValue]:
+        for name, item in value.items():
+            if _VAR_NAME.fullmatch(name) is None:
+                raise ValueError(
+                    f"var name {name!r} is not valid: use letters, digits and '_',"
+                    " starting with a letter or '_'"
+                )
+            try:
+                _scalar(item)
+            except ValueError as exc:
+                raise ValueError(f"var {name!r} {exc}") from None
+        return value
+
+
+def _valid_branch(name: str) -> bool:
+    # The subset of git-check-ref-format that matters here: no traversal, no control
+    # characters, nothing git itself would refuse.
+    if not name or len(name) > 200 or name.startswith(("/", "-", ".")) or name.endswith(("/", ".")):
+        return False
+    if ".." in name or "//" in name or "@{" in name or name.endswith(".lock"):
+        return False
+    return all(c > " " and c not in "~^:?*[\\\x7f" for c in name)
+
+
+# --- What a view contains -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    id: str
+    file: str
+    mode: Literal["enforce", "observe"]
+    branch: str | None
+    resources: tuple[Resource, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    id: str
+    file: str
+    group: str
+    vars: Mapping[str, SettingValue]
+    resources: tuple[Resource, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One view of the fleet: what validated, what did not, and why."""
+
+    settings: FleetSettings | None
+    groups: Mapping[str, Group] = field(default_factory=dict)
+    devices: Mapping[str, Device] = field(default_factory=dict)
+    broken_groups: frozenset[str] = frozenset()
+    broken_devices: frozenset[str] = frozenset()
+    problems: tuple[Problem, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def group_ids(self) -> frozenset[str]:
+        return frozenset(self.groups) | self.broken_groups
+
+    @property
+    def device_ids(self) -> frozenset[str]:
+        return frozenset(self.devices) | self.broken_devices
+
+
+class _Collector:
+    """Problems found while loading one file, each prefixed with the file name."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[Problem] = []
+
+    def add(self, message: str, item: str | None = None) -> None:
+        self.problems.append(Problem(self.file, f"{item}: {message}" if item else message))
+
+    def add_validation(
+        self, exc: ValidationError, model: type[BaseModel], item: str | None
+    ) -> None:
+        known = ", ".join(sorted(model.model_fields))
+        seen: set[tuple[Any, ...]] = set()
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            # A union reports one error per member; one line per field is enough.
+            key = loc[:1]
+            if key in seen:
+                continue
+            seen.add(key)
+            name = ".".join(str(part) for part in loc)
+            kind = error["type"]
+            if kind == "extra_forbidden":
+                self.add(f"unknown key {name!r} (known: {known})", item)
+            elif kind == "missing":
+                self.add(f"missing key {name!r}", item)
+            else:
+                message = str(error["msg"]).removeprefix("Value error, ")
+                self.add(f"{name}: {message}", item)
+
+
+@functools.lru_cache(maxsize=32768)
+def _load_cached(data: bytes) -> Any:
+    return safeyaml.load(data)
+
+
+def _load_yaml(data: bytes) -> Any:
+    """Parse YAML; small documents are cached by content, so a commit that changes one file
+    of a large fleet re-parses one file. The result is shared: never mutate it."""
+    if len(data) <= 8192:
+        return _load_cached(data)
+    return safeyaml.load(data)
+
+
+def _parse_document(tree: Tree, path: str, collector: _Collector) -> dict[str, Any] | None:
+    """The mapping in the YAML file at ``path``, or None after recording why not."""
+    try:
+        data = tree.read(path, safeyaml.MAX_YAML_BYTES)
+    except TreeError as exc:
+        collector.add(str(exc))
+        return None
+    if data is None:
+        return {}
+    try:
+        document = _load_yaml(data)
+    except safeyaml.YamlError as exc:
+        collector.add(str(exc))
+        return None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        collector.add(
+            f"the file must hold a mapping of keys, not a {type(document).__name__}"
+            " (see `setpoint init` for an example)"
+        )
+        return None
+    bad_keys = [k for k in document if not isinstance(k, str)]
+    if bad_keys:
+        collector.add(f"keys must be strings, not {bad_keys[0]!r}")
+        return None
+    return document
+
+
+def _validate(
+    model: type[_Strict], raw: Mapping[str, Any], collector: _Collector, item: str | None = None
+) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        collector.add_validation(exc, model, item)
+        return None
+
+
+def _source_path(value: str) -> str:
+    if not value or value.startswith("/") or "\\" in value or "\x00" in value:
+        raise ValueError(f"source {value!r} must be a path relative to the repository root")
+    normal = posixpath.normpath(value)
+    if normal != value or normal == "." or normal.startswith("../") or normal == "..":
+        raise ValueError(f"source {value!r} must be a normalised path inside the repository")
+    return value
+
+
+def _resources(
+    raw_list: Sequence[Any], tree: Tree, collector: _Collector
+) -> tuple[Resource, ...] | None:
+    """Validate a ``resources:`` list; None if any item is wrong (problems recorded)."""
+    before = len(collector.problems)
+    out: list[Resource] = []
+    first_index: dict[str, int] = {}
+    for index, raw in enumerate(raw_list, start=1):
+        item = f"resource #{index}"
+        if not isinstance(raw, dict):
+            collector.add("must be a mapping with at least 'id' and 'kind'", item)
+            continue
+        rid = raw.get("id")
+        if rid is None:
+            collector.add("missing key 'id'", item)
+            continue
+        try:
+            validate_id(rid, "resource id")
+        except InvalidId as exc:
+            collector.add(str(exc), item)
+            continue
+        item = f"resource {rid!r}"
+        if rid in first_index:
+            collector.add(
+                f"duplicate id (resource #{first_index[rid]} has it too); resource ids must be"
+                " unique in a file",
+                item,
+            )
+            continue
+        first_index[rid] = index
+        kind = raw.get("kind")
+        known = ", ".join(sorted(RESOURCE_SPECS))
+        if kind is None:
+            collector.add(f"missing key 'kind' (known: {known})", item)
+            continue
+        model = RESOURCE_SPECS.get(kind) if isinstance(kind, str) else None
+        if model is None:
+            collector.add(f"unknown kind {kind!r} (known: {known})", item)
+            continue
+        spec = _validate(model, raw, collector, item)
+        if spec is None:
+            continue
+        resource = _resource(spec, tree, collector, item)
+        if resource is not None:
+            out.append(resource)
+    if len(collector.problems) != before:
+        return None
+    return tuple(out)
+
+
+def _resource(spec: Any, tree: Tree, collector: _Collector, item: str) -> Resource | None:
+    if isinstance(spec, SettingSpec):
+        return SettingResource(spec.id, spec.key, spec.value, spec.secret)
+    if isinstance(spec, CommandSpec):
+        return CommandResource(spec.id, spec.check, spec.apply, spec.timeout)
+    assert isinstance(spec, FileSpec)
+    try:
+        bundles.validate_path(spec.path, "path")
+    except SchemaError as exc:
+        message = str(exc).removeprefix("path: ")
+        collector.add(f"{message}; a file resource's path is relative to the device root", item)
+        return None
+    if (spec.content is None) == (spec.source is None):
+        collector.add(
+            "give exactly one of 'content' (the text inline) or 'source' (a file in the"
+            " repository)",
+            item,
+        )
+        return None
+    if spec.content is not None:
+        return FileResource(spec.id, spec.path, spec.content.encode("utf-8"), spec.mode)
+    assert spec.source is not None
+    try:
+        source = _source_path(spec.source)
+        data = tree.read(source, MAX_SOURCE_BYTES)
+    except (ValueError, TreeError) as exc:
+        collector.add(str(exc), item)
+        return None
+    if data is None:
+        collector.add(
+            f"source {spec.source!r} does not exist in the repository; add and commit it, or"
+            " fix the path (relative to the repository root)",
+            item,
+        )
+        return None
+    return FileResource(spec.id, spec.path, data, spec.mode)
+
+
+def _target_files(tree: Tree, directory: str, what: str, problems: list[Problem]) -> dict[str, str]:
+    """Map target id to its file under ``directory``; bad names become problems."""
+    files: dict[str, str] = {}
+    names = tree.list_yaml(directory)
+    if len(names) > MAX_FILES:
+        problems.append(Problem(directory, f"more than {MAX_FILES} files"))
+        names = names[:MAX_FILES]
+    for name in sorted(names):
+        stem, suffix = posixpath.splitext(name)
+        if suffix not in YAML_SUFFIXES:
+            continue
+        path = f"{directory}/{name}"
+        try:
+            validate_id(stem, f"{what} id")
+        except InvalidId as exc:
+            problems.append(Problem(path, f"{exc}; rename the file"))
+            continue
+        if stem in files:
+            problems.append(
+                Problem(path, f"{what} {stem!r} is also defined in {files[stem]}; keep one file")
+            )
+            continue
+        files[stem] = path
+    return files
+
+
+def _check_effective(device: Device, group: Group, collector: _Collector) -> bool:
+    """The merged resources of a device must not put two files on one path."""
+    merged: dict[str, Resource] = {r.id: r for r in group.resources}
+    merged.update((r.id, r) for r in device.resources)
+    paths: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    ok = True
+    for resource in merged.values():
+        if isinstance(resource, FileResource):
+            other = paths.setdefault(resource.path, resource.id)
+            if other != resource.id:
+                collector.add(
+                    f"resources {other!r} and {resource.id!r} both manage path"
+                    f" {resource.path!r} (with group {group.id!r}); keep one",
+                )
+                ok = False
+        elif isinstance(resource, SettingResource):
+            other = keys.setdefault(resource.key, resource.id)
+            if other != resource.id:
+                collector.add(
+                    f"resources {other!r} and {resource.id!r} both set key"
+                    f" {resource.key!r} (with group {group.id!r}); keep one",
+                )
+                ok = False
+    return ok
+
+
+def load(tree: Tree) -> Snapshot:
+    """Read and validate one view of the fleet repository."""
+    problems: list[Problem] = []
+
+    collector = _Collector(FLEET_FILE)
+    document = _parse_document(tree, FLEET_FILE, collector)
+    settings = None if document is None else _validate(FleetSettings, document, collector)
+    problems.extend(collector.problems)
+
+    groups: dict[str, Group] = {}
+    broken_groups: set[str] = set()
+    for gid, path in _target_files(tree, GROUPS_DIR, "group", problems).items():
+        collector = _Collector(path)
+        group = _load_group(gid, path, tree, collector)
+        problems.extend(collector.problems)
+        if group is None:
+            broken_groups.add(gid)
+        else:
+            groups[gid] = group
+
+    devices: dict[str, Device] = {}
+    broken_devices: set[str] = set()
+    for did, path in _target_files(tree, DEVICES_DIR, "device", problems).items():
+        collector = _Collector(path)
+        device = _load_device(did, path, tree, collector)
+        if device is not None:
+            if device.group in broken_groups:
+                device = None  # its group's file carries the problem
+            elif device.group not in groups:
+                known = ", ".join(sorted(groups | dict.fromkeys(broken_groups))) or "none"
+                collector.add(
+                    f"group {device.group!r} does not exist (groups: {known}); create"
+                    f" groups/{device.group}.yaml or fix the name"
+                )
+                device = None
+            elif not _check_effective(device, groups[device.group], collector):
+                device = None
+        problems.extend(collector.problems)
+        if device is None:
+            broken_devices.add(did)
+        else:
+            devices[did] = device
+
+    return Snapshot(
+        settings=settings,
+        groups=groups,
+        devices=devices,
+        broken_groups=frozenset(broken_groups),
+        broken_devices=frozenset(broken_devices),
+        problems=tuple(problems),
+    )
+
+
+def _load_group(gid: str, path: str, tree: Tree, collector: _Collector) -> Group | None:
+    document = _parse_document(tree, path, collector)
+    if document is None:
+        return None
+    spec = _validate(GroupSpec, document, collector)
+    if spec is None:
+        return None
+    resources = _resources(spec.resources, tree, collector)
+    if resources is None:
+        return None
+    return Group(gid, path, spec.mode, spec.branch, resources)
+
+
+def _load_device(did: str, path: str, tree: Tree, collector: _Collector) -> Device | None:
+    document = _parse_document(tree, path, collector)
+    if document is None:
+        return None
+    if not document:
+        collector.add("missing key 'group': every device belongs to one group")
+        return None
+    spec = _validate(DeviceSpec, document, collector)
+    if spec is None:
+        return None
+    resources = _resources(spec.resources, tree, collector)
+    if resources is None:
+        return None
+    return Device(did, path, spec.group, dict(spec.vars), resources)

@@ -1,0 +1,230 @@
+"""The fleet repository through dulwich: a local repository, or a mirror of a remote one.
+
+A local path (a work tree, its ``.git``, or a bare repository) is opened in place and read
+from its object store: the work tree is never looked at, so what is published is exactly
+what was committed. A URL (``file://``, ``http(s)://``, ``ssh://``, ``git://`` or scp-like
+``user@host:path``) is mirrored into ``<state dir>/mirror.git``: :meth:`Repository.refresh`
+fetches every branch and moves the mirror's branches to exactly where the remote has them
+(a force-push is followed, a deleted branch disappears).
+
+Every dulwich and transport error is converted here: an unreachable or unreadable
+repository is :class:`RepositoryUnavailable` (retry later). The methods block; the
+controller calls them from a worker thread, one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from dulwich import errors as git_errors
+from dulwich.client import HTTPProxyUnauthorized, HTTPUnauthorized, get_transport_and_path
+from dulwich.errors import NotGitRepository
+from dulwich.objects import ZERO_SHA, Commit
+from dulwich.repo import Repo
+
+from . import fleet
+from .errors import ConfigError, RepositoryUnavailable
+from .trees import GitTree
+
+log = logging.getLogger(__name__)
+
+HEADS: Final = b"refs/heads/"
+_URL: Final = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_SCP: Final = re.compile(r"^[^/@:]+@[^/:]+:")
+MIRROR_DIR: Final = "mirror.git"
+_MIRROR_URL_FILE: Final = "mirror.url"
+
+
+@dataclass(frozen=True, slots=True)
+class CommitInfo:
+    """One commit: its id, who wrote it, and the tree it records."""
+
+    id: str
+    author: str
+    time: int
+    summary: str
+    tree: bytes
+
+
+def is_remote(location: str) -> bool:
+    """True for a URL or an scp-like ``user@host:path``; False for a local path."""
+    return bool(_URL.match(location) or (_SCP.match(location) and not Path(location).exists()))
+
+
+def redact(location: str) -> str:
+    """The location without any password in it (for logs and events)."""
+    return re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", location)
+
+
+_GIT_ERRORS: Final = (
+    git_errors.ChecksumMismatch,
+    git_errors.WrongObjectException,
+    git_errors.MissingCommitError,
+    git_errors.ObjectMissing,
+    git_errors.ApplyDeltaError,
+    git_errors.NotGitRepository,
+    git_errors.GitProtocolError,
+    git_errors.FileFormatException,
+    HTTPUnauthorized,
+    HTTPProxyUnauthorized,
+    OSError,
+    KeyError,
+    ValueError,
+    AssertionError,
+)
+
+
+@contextmanager
+def _converted(what: str) -> Iterator[None]:
+    try:
+        yield
+    except RepositoryUnavailable:
+        raise
+    except _GIT_ERRORS as exc:
+        raise RepositoryUnavailable(f"{what}: {exc.__class__.__name__}: {exc}") from exc
+
+
+class Repository:
+    """Read access to the fleet repository (local, or mirrored from ``location``)."""
+
+    def __init__(self, location: str, state_dir: Path) -> None:
+        self.location = location
+        self.remote = is_remote(location)
+        self._state_dir = state_dir
+        # Any: dulwich's NewTypes for refs and ids changed between versions; plain bytes here.
+        self._repo: Any
+        if self.remote:
+            self._repo = self._open_mirror()
+        else:
+            path = Path(location).expanduser()
+            if not path.exists():
+                raise ConfigError(f"repository {location!r} does not exist")
+            try:
+                self._repo = Repo(str(path))
+            except NotGitRepository as exc:
+                raise ConfigError(
+                    f"{location!r} is not a git repository (create one with `setpoint init`)"
+                ) from exc
+
+    def __repr__(self) -> str:
+        return f"Repository({redact(self.location)!r})"
+
+    def close(self) -> None:
+        self._repo.close()
+
+    # --- Where changes show up (for watching) ---------------------------------------
+
+    def watch_paths(self) -> tuple[Path, Path]:
+        """``(refs directory, git directory)`` of a local repository: a commit, push,
+        fetch or ``git gc`` changes a file under the first or directly in the second
+        (``packed-refs``, ``HEAD``)."""
+        common = Path(self._repo.commondir())
+        return common / "refs", common
+
+    # --- Remote mirror ----------------------------------------------------------------
+
+    def _open_mirror(self) -> Repo:
+        path = self._state_dir / MIRROR_DIR
+        url_file = self._state_dir / _MIRROR_URL_FILE
+        with _converted("opening the mirror"):
+            if path.exists():
+                recorded = url_file.read_text("utf-8").strip() if url_file.exists() else None
+                if recorded == self.location:
+                    return Repo(str(path))
+                log.warning("mirror in %s is of another repository; starting it afresh", path)
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+            repo = Repo.init_bare(str(path))
+            url_file.write_text(self.location + "\n", "utf-8")
+            return repo
+
+    def refresh(self) -> bool:
+        """Fetch a remote into the mirror; True if any branch moved. No-op when local."""
+        if not self.remote:
+            return False
+        before = self.heads()
+        with _converted(f"fetching {redact(self.location)}"):
+            client, path = get_transport_and_path(self.location)
+            store = self._repo.object_store
+
+            def wants(refs: dict[bytes, bytes | None], depth: Any = None) -> list[bytes]:
+                return [
+                    sha
+                    for name, sha in refs.items()
+                    if name.startswith(HEADS) and sha and sha != ZERO_SHA and sha not in store
+                ]
+
+            result = client.fetch(path, self._repo, determine_wants=wants)  # type: ignore[arg-type]
+            remote_heads = {
+                name: sha
+                for name, sha in result.refs.items()
+                if name.startswith(HEADS) and sha and sha != ZERO_SHA
+            }
+            refs = self._repo.refs
+            for name, sha in remote_heads.items():
+                if refs.read_ref(name) != sha:
+                    refs[name] = sha
+            for name in list(refs.keys(HEADS)):
+                full = HEADS + name
+                if full not in remote_heads:
+                    del refs[full]
+            symrefs: dict[Any, Any] = dict(result.symrefs)
+            head = symrefs.get(b"HEAD")
+            if head and head.startswith(HEADS) and refs.read_ref(b"HEAD") != b"ref: " + head:
+                refs.set_symbolic_ref(b"HEAD", head)
+        return self.heads() != before
+
+    # --- Reading --------------------------------------------------------------------
+
+    def default_branch(self) -> str | None:
+        """The branch HEAD points at (the repository's default branch), if any."""
+        with _converted("reading HEAD"):
+            value = self._repo.refs.read_ref(b"HEAD")
+        if value and value.startswith(b"ref: " + HEADS):
+            return value[len(b"ref: " + HEADS) :].decode("utf-8")
+        return None
+
+    def heads(self) -> dict[str, str]:
+        """Every branch and the hex id of the commit it points at."""
+        with _converted("reading branches"):
+            refs = self._repo.refs.as_dict(HEADS)
+        return {name.decode("utf-8"): sha.decode("ascii") for name, sha in refs.items()}
+
+    def commit(self, commit_id: str) -> CommitInfo:
+        with _converted(f"reading commit {commit_id[:12]}"):
+            obj = self._repo.object_store[commit_id.encode("ascii")]
+            if not isinstance(obj, Commit):
+                raise RepositoryUnavailable(f"{commit_id} is not a commit")
+            message = obj.message.decode("utf-8", "replace").strip()
+            return CommitInfo(
+                id=commit_id,
+                author=obj.author.decode("utf-8", "replace"),
+                time=int(obj.commit_time),
+                summary=message.splitlines()[0] if message else "",
+                tree=obj.tree,
+            )
+
+    def resolve(self, rev: str) -> str:
+        """A branch name or a (full) commit id to a commit id."""
+        heads = self.heads()
+        if rev in heads:
+            return heads[rev]
+        if re.fullmatch(r"[0-9a-f]{40}", rev):
+            return rev
+        raise ConfigError(f"no branch {rev!r} in the repository (branches: {', '.join(heads)})")
+
+    def tree(self, info: CommitInfo) -> GitTree:
+        return GitTree(self._repo.object_store, info.tree)
+
+    def load(self, commit_id: str) -> tuple[CommitInfo, fleet.Snapshot]:
+        """The commit and the validated fleet in its tree."""
+        info = self.commit(commit_id)
+        with _converted(f"reading the tree of {commit_id[:12]}"):
+            return info, fleet.load(self.tree(info))

@@ -1,0 +1,658 @@
+"""The controller service: git commits in, signed retained bundles out.
+
+:class:`Controller` is an async context manager that owns one ``asyncio.TaskGroup`` with
+named tasks:
+
+* ``mqtt-link``: the broker connection (:class:`~setpoint.controller.broker.Link`), which
+  reconnects with backoff and re-syncs the view of the retained bundles on every connect;
+* ``reconcile``: the level-triggered loop. Anything (a watched ref, a webhook, a poll, a
+  retained topic that changed under us, a refresh falling due, a reconnect) only wakes
+  it; each pass re-reads every branch, renders, :func:`~planning.plan`\\ s against what was
+  published and what the broker holds, and carries the plan out, until nothing is left;
+* ``watch`` / ``poll`` / ``webhook``: what notices new commits.
+
+Exceptions propagate: a bug stops the controller loudly, while expected trouble (broker
+gone, repository unreachable, a broken commit) is logged, reported as an event and retried.
+
+Hooks for what is built on top (the drift engine): :meth:`Controller.desired` (the bundles
+currently published, per target), :meth:`Controller.add_listener` (called with every batch
+of publications), :attr:`Controller.link` (route more topics, publish, barrier) and
+``extensions`` (objects whose ``attach(controller)`` runs before connecting and whose
+``run()`` runs as a task of the controller's group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol
+
+from setpoint.proto import status
+from setpoint.proto.bundles import Bundle
+from setpoint.proto.topics import DEFAULT_PREFIX, Topics
+
+from . import planning, rendering, watching, webhooks
+from .audit import AuditLog, Entry
+from .broker import Backoff, BrokerSettings, Link, Session
+from .errors import BrokerUnavailable, ConfigError, RepositoryUnavailable
+from .fleet import DEFAULT_BUNDLE_TTL
+from .planning import Adopt, Clear, Current, Plan, Publish, Retained
+from .rendering import BranchProblem, Render, Target, View
+from .repository import Repository, redact
+from .retained import RetainedView
+from .signing import Signer, load_signer
+from .state import StateStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REMOTE_POLL: Final = 60.0
+MAX_PLAN_ROUNDS: Final = 4
+PUBLISH_CONCURRENCY: Final = 64
+_FETCH_REASONS: Final = frozenset({"start", "poll", "webhook", "manual", "retry"})
+
+Reason = Literal["change", "restore", "refresh", "adopted", "removed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    repo: str
+    broker: BrokerSettings
+    key_path: Path
+    state_dir: Path
+    prefix: str = DEFAULT_PREFIX
+    branch: str | None = None
+    bundle_ttl: int = DEFAULT_BUNDLE_TTL
+    follow: bool = True
+    watch: bool = True
+    poll_interval: float | None = None
+    webhook_listen: tuple[str, int] | None = None
+    webhook_secret: bytes | None = field(default=None, repr=False)
+    publish_timeout: float = 10.0
+    backoff: Backoff | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One acknowledged change to a retained bundle (``bundle`` is None when removed)."""
+
+    time: float
+    target: Target
+    reason: Reason
+    bundle: Bundle | None
+    digest: str | None
+    author: str
+    branch: str | None
+    version: int | None
+    commit: str | None
+
+
+Listener = Callable[[Sequence[Publication]], None]
+
+
+class Extension(Protocol):
+    """Something that runs inside the controller (e.g. the drift engine)."""
+
+    name: str
+
+    def attach(self, controller: Controller) -> None:
+        """Register routes and listeners; called before the broker is connected."""
+
+    async def run(self) -> None:
+        """Run until cancelled, as a task of the controller's group."""
+
+
+class Controller:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        *,
+        extensions: Sequence[Extension] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.topics = Topics(config.prefix)
+        self._clock = clock
+        self._extensions = tuple(extensions)
+        self._listeners: list[Listener] = []
+        self._wake = asyncio.Event()
+        self._reasons: set[str] = set()
+        self._generation = 0
+        self._settled_generation = -1
+        self._settled = asyncio.Condition()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._tg: asyncio.TaskGroup | None = None
+        self._state = StateStore(config.state_dir)
+        self._audit = AuditLog(config.state_dir)
+        self._current: dict[Target, Current] = {}
+        self._floors: dict[Target, int] = {}
+        self._attempted: dict[Target, Bundle] = {}
+        self._snapshots: OrderedDict[str, View] = OrderedDict()
+        self._render_key: tuple[Any, ...] | None = None
+        self._render: Render | None = None
+        self._reported: dict[str, str] = {}
+        self._refusal_reported: str | None = None
+        self._default_branch = config.branch
+        self._repo_backoff = Backoff(initial=1.0, maximum=30.0)
+        self._retry_at: float | None = None
+        self._warned_empty = False
+        self.repository: Repository | None = None
+        self.signer: Signer | None = None
+        self.link = Link(
+            config.broker,
+            self.topics,
+            backoff=config.backoff,
+            publish_timeout=config.publish_timeout,
+        )
+        self.retained: RetainedView | None = None
+        self.webhook_port: int | None = None
+        self.last_render: Render | None = None
+        self.last_error: str | None = None
+
+    # --- Hooks for extensions ------------------------------------------------------------
+
+    def desired(self) -> dict[Target, Bundle]:
+        """The bundles currently published (or kept), per target."""
+        return {t: c.bundle for t, c in sorted(self._current.items())}
+
+    def published(self) -> dict[Target, Current]:
+        """Like :meth:`desired`, with who made each change and when it was published."""
+        return dict(sorted(self._current.items()))
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener`` with every batch of acknowledged publications and removals."""
+        self._listeners.append(listener)
+
+    def wake(self, reason: str = "manual") -> None:
+        """Ask the reconcile loop for a pass (cheap; any number of calls coalesce)."""
+        self._reasons.add(reason)
+        self._generation += 1
+        self._wake.set()
+
+    async def settle(self, timeout: float | None = None) -> None:
+        """Wake the loop and wait until a pass that began after this call left nothing to do."""
+        self.wake("manual")
+        wanted = self._generation
+        async with asyncio.timeout(timeout), self._settled:
+            await self._settled.wait_for(lambda: self._settled_generation >= wanted)
+
+    # --- Lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Controller:
+        config = self.config
+        if config.follow and config.webhook_listen is not None and not config.webhook_secret:
+            raise ConfigError("a webhook needs a secret: pass --webhook-secret-file")
+        self.signer = load_signer(config.key_path)
+        log.info("signing with key %s", self.signer.key_id)
+        self._state.lock()
+        try:
+            self._current, self._floors = self._state.load()
+            for target, entry in self._current.items():
+                self._floors[target] = max(self._floors.get(target, 0), entry.version)
+            self.repository = await asyncio.to_thread(Repository, config.repo, config.state_dir)
+            if self._default_branch is None and not self.repository.remote:
+                self._default_branch = self.repository.default_branch()
+                if self._default_branch is None:
+                    raise ConfigError(f"{config.repo}: HEAD does not name a branch; pass --branch")
+            self.retained = RetainedView(self.topics, self.signer.trusted, self._retained_changed)
+            for topic_filter in self.retained.filters():
+                self.link.route(topic_filter, self.retained.handle)
+            self.link.on_connect(self.retained.reset)
+            self.link.on_disconnect(self.retained.reset)
+            self.link.on_session("retained-sync", self._sync_retained)
+            for extension in self._extensions:
+                extension.attach(self)
+            self._tg = asyncio.TaskGroup()
+            await self._tg.__aenter__()
+        except BaseException:
+            self._close()
+            raise
+        self._spawn(self.link.run(), "mqtt-link")
+        self._spawn(self._reconciling(), "reconcile")
+        if config.follow:
+            self._start_watchers()
+        for extension in self._extensions:
+            self._spawn(extension.run(), f"extension-{extension.name}")
+        self.wake("start")
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        error = exc_info[1]
+        try:
+            assert self._tg is not None
+            await self._tg.__aexit__(*exc_info)
+        except BaseExceptionGroup as group:
+            # An error in the body of ``async with`` comes back alone, not in a group.
+            if error is not None and list(group.exceptions) == [error]:
+                raise error from None
+            raise
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self.repository is not None:
+            self.repository.close()
+        self._state.unlock()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        assert self._tg is not None
+        self._tasks.append(self._tg.create_task(coro, name=name))
+
+    def _start_watchers(self) -> None:
+        config, repo = self.config, self.repository
+        assert repo is not None
+        poll = config.poll_interval
+        if repo.remote:
+            poll = poll or DEFAULT_REMOTE_POLL
+        elif config.watch:
+            self._spawn(self._watch_local(), "watch")
+        if poll:
+            self._spawn(watching.poll(poll, self.wake), "poll")
+        if config.webhook_listen is not None:
+            assert config.webhook_secret
+            host, port = config.webhook_listen
+            self._spawn(
+                webhooks.serve(
+                    host, port, config.webhook_secret, self.wake, started=self._webhook_started
+                ),
+                "webhook",
+            )
+
+    def _webhook_started(self, port: int) -> None:
+        self.webhook_port = port
+
+    async def _watch_local(self) -> None:
+        assert self.repository is not None
+        refs_dir, git_dir = self.repository.watch_paths()
+        try:
+            await watching.watch_local(refs_dir, git_dir, self.wake, self._stop)
+        except* (OSError, RuntimeError, ImportError) as group:
+            log.warning(
+                "cannot watch %s (%s); polling every second instead", git_dir, group.exceptions[0]
+            )
+            await watching.poll(1.0, self.wake)
+
+    # --- Broker view ---------------------------------------------------------------------------
+
+    async def _sync_retained(self, session: Session) -> None:
+        await self.link.barrier()
+        assert self.retained is not None
+        log.info("retained bundles on the broker: %d", len(self.retained.entries))
+        self.retained.mark_synced()
+
+    def _retained_changed(self) -> None:
+        self.wake("retained")
+
+    # --- The loop ------------------------------------------------------------------------------
+
+    def _next_deadline(self) -> float | None:
+        if self.retained is None or not self.retained.synced:
+            return None  # nothing can be done before the broker is back; its sync wakes us
+        times = [t for t in (planning.next_refresh(self._current), self._retry_at) if t]
+        return min(times) if times else None
+
+    async def _reconciling(self) -> None:
+        while True:
+            deadline = self._next_deadline()
+            timeout = None if deadline is None else max(0.05, deadline - self._clock())
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                self._reasons.add("timer")
+            self._wake.clear()
+            reasons, self._reasons = self._reasons, set()
+            generation = self._generation
+            if self._retry_at is not None and self._clock() >= self._retry_at:
+                reasons.add("retry")
+            try:
+                settled = await self._pass(reasons)
+            except BrokerUnavailable as exc:
+                log.warning("publishing interrupted: %s (resuming after reconnect)", exc)
+                continue
+            if settled and not self._wake.is_set():
+                async with self._settled:
+                    self._settled_generation = generation
+                    self._settled.notify_all()
+
+    async def _pass(self, reasons: set[str]) -> bool:
+        """One reconcile pass; True if it left nothing to do."""
+        assert self.retained is not None and self.repository is not None
+        if not self.retained.synced:
+            self._reasons |= reasons  # kept for the pass that follows the sync
+            return False
+        fetch = self.repository.remote and bool(reasons & _FETCH_REASONS)
+        render: Render | None
+        try:
+            render = await asyncio.to_thread(self._read, fetch)
+            self._retry_at = None
+            self._repo_backoff.reset()
+            self.last_error = None
+        except RepositoryUnavailable as exc:
+            delay = self._repo_backoff.next()
+            self._retry_at = self._clock() + delay
+            self.last_error = str(exc)
+            log.warning("repository unavailable: %s (retrying in %.0fs)", exc, delay)
+            render = self._render  # the last good reading, if any
+        self.last_render = render
+        for _ in range(MAX_PLAN_ROUNDS):
+            plan = self._plan(render)
+            if plan.refusal is not None:
+                await self._report_refusal(render, plan.refusal)
+            if not plan:
+                break
+            await self._execute(plan, render)
+        else:
+            log.warning("plan did not converge in %d rounds", MAX_PLAN_ROUNDS)
+        if render is not None:
+            await self._report_problems(render)
+        return self._retry_at is None
+
+    def _ttl(self, render: Render | None) -> int:
+        return (render.bundle_ttl if render else None) or self.config.bundle_ttl
+
+    def _plan(self, render: Render | None) -> Plan:
+        assert self.retained is not None
+        return planning.plan(
+            desired=render.desired if render and render.head else None,
+            broken=render.broken if render else frozenset(),
+            removals_allowed=bool(render and render.removals_allowed),
+            allow_empty=bool(render and render.allow_empty),
+            current=self._current,
+            retained=self.retained.entries,
+            floors=self._floors,
+            attempted=self._attempted,
+            now=int(self._clock()),
+            ttl=self._ttl(render),
+        )
+
+    # --- Reading the repository (in a worker thread) ------------------------------------
+
+    def _read(self, fetch: bool) -> Render:
+        repo = self.repository
+        assert repo is not None
+        if fetch:
+            repo.refresh()
+        if self._default_branch is None and (fetch or not repo.remote):
+            # A mirror's HEAD means something only once it has been fetched.
+            self._default_branch = repo.default_branch()
+            log.info("default branch: %s", self._default_branch)
+        default = self._default_branch
+        heads = repo.heads()
+        if default is None or default not in heads:
+            if not self._warned_empty:
+                log.warning("branch %s has no commits yet: nothing to publish", default)
+                self._warned_empty = True
+            return Render(default)
+        self._warned_empty = False
+        default_view = self._view(default, heads[default])
+        views: dict[str, View | None] = {}
+        for branch in rendering.branches_needed(default_view.snapshot, default):
+            views[branch] = self._view(branch, heads[branch]) if branch in heads else None
+        key = tuple((b, v.commit.id if v else None) for b, v in views.items())
+        if key != self._render_key or self._render is None:
+            self._render = rendering.render(default, views)
+            self._render_key = key
+        return self._render
+
+    def _view(self, branch: str, commit_id: str) -> View:
+        cached = self._snapshots.get(commit_id)
+        if cached is not None and cached.branch == branch:
+            self._snapshots.move_to_end(commit_id)
+            return cached
+        assert self.repository is not None
+        info, snapshot = self.repository.load(commit_id)
+        view = View(branch, info, snapshot)
+        self._snapshots[commit_id] = view
+        while len(self._snapshots) > 16:
+            self._snapshots.popitem(last=False)
+        return view
+
+    # --- Carrying out a plan -----------------------------------------------------------------
+
+    async def _execute(self, plan: Plan, render: Render | None) -> None:
+        done: list[Publication] = []
+        try:
+            for action in plan.actions:
+                if isinstance(action, Adopt):
+                    self._adopt(action, done)
+            publishes = [a for a in plan.actions if isinstance(a, Publish)]
+            clears = [a for a in plan.actions if isinstance(a, Clear)]
+            semaphore = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+            for batch in (
+                [a for a in publishes if a.target.kind == "group"],
+                [a for a in publishes if a.target.kind == "device"],
+            ):
+                await self._concurrently([self._publish(a, semaphore, done) for a in batch])
+            for kind in ("device", "group"):
+                await self._concurrently(
+                    [
+                        self._clear(a, render, semaphore, done)
+                        for a in clears
+                        if a.target.kind == kind
+                    ]
+                )
+        finally:
+            if done:
+                await asyncio.to_thread(self._persist, done)
+                for listener in self._listeners:
+                    listener(tuple(done))
+        await self._emit_events(done, render)
+
+    async def _concurrently(self, coros: list[Any]) -> None:
+        if not coros:
+            return
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for coro in coros:
+                    tg.create_task(coro)
+        except* BrokerUnavailable as group:
+            raise group.exceptions[0] from None
+
+    def _adopt(self, action: Adopt, done: list[Publication]) -> None:
+        bundle = action.bundle
+        self._current[action.target] = Current(bundle, action.author, action.branch, self._clock())
+        self._floors[action.target] = max(self._floors.get(action.target, 0), bundle.version)
+        log.info(
+            "adopted %s v%d from the broker (no publication needed)", action.target, bundle.version
+        )
+        done.append(
+            self._publication(action.target, "adopted", bundle, None, action.author, action.branch)
+        )
+
+    async def _publish(
+        self, action: Publish, semaphore: asyncio.Semaphore, done: list[Publication]
+    ) -> None:
+        assert self.signer is not None and self.retained is not None
+        target, bundle = action.target, action.bundle
+        signed = self.signer.sign(bundle)
+        if action.reason == "change":
+            self._attempted[target] = bundle
+        mark = self.retained.mark(target)
+        async with semaphore:
+            await self.link.publish(target.topic(self.topics), signed.envelope, qos=1, retain=True)
+        self._attempted.pop(target, None)
+        before = self._current.get(target)
+        # A restore or refresh re-signs the same version: it was published when it changed.
+        since = (
+            before.published_at
+            if before is not None and before.version == bundle.version and before.published_at
+            else self._clock()
+        )
+        self._current[target] = Current(bundle, action.author, action.branch, since)
+        self._floors[target] = max(self._floors.get(target, 0), bundle.version)
+        self.retained.note(target, Retained(bundle, signed.digest), mark)
+        log.info(
+            "published %s v%d (%s) from %s@%s%s",
+            target,
+            bundle.version,
+            action.reason,
+            action.branch or "?",
+            bundle.commit[:12],
+            f" by {action.author}" if action.author else "",
+        )
+        done.append(
+            self._publication(
+                target, action.reason, bundle, signed.digest, action.author, action.branch
+            )
+        )
+
+    async def _clear(
+        self,
+        action: Clear,
+        render: Render | None,
+        semaphore: asyncio.Semaphore,
+        done: list[Publication],
+    ) -> None:
+        assert self.retained is not None
+        target = action.target
+        mark = self.retained.mark(target)
+        async with semaphore:
+            await self.link.publish(target.topic(self.topics), b"", qos=1, retain=True)
+        self._current.pop(target, None)
+        self.retained.note(target, None, mark)
+        head = render.head if render else None
+        last = action.last
+        log.info(
+            "removed %s (was v%s): cleared its retained bundle",
+            target,
+            last.version if last else "?",
+        )
+        done.append(
+            Publication(
+                time=self._clock(),
+                target=target,
+                reason="removed",
+                bundle=None,
+                digest=None,
+                author=head.author if head else "",
+                branch=render.default_branch if render else None,
+                version=last.version if last else None,
+                commit=head.id if head else None,
+            )
+        )
+
+    def _publication(
+        self,
+        target: Target,
+        reason: Reason,
+        bundle: Bundle,
+        digest: str | None,
+        author: str,
+        branch: str | None,
+    ) -> Publication:
+        return Publication(
+            time=self._clock(),
+            target=target,
+            reason=reason,
+            bundle=bundle,
+            digest=digest,
+            author=author,
+            branch=branch,
+            version=bundle.version,
+            commit=bundle.commit,
+        )
+
+    def _persist(self, done: Sequence[Publication]) -> None:
+        self._state.save(self._current, self._floors)
+        self._audit.append(
+            Entry(
+                time=p.time,
+                target=str(p.target),
+                kind=p.target.kind,
+                id=p.target.id,
+                version=p.version,
+                commit=p.commit,
+                author=p.author,
+                digest=p.digest,
+                reason=p.reason,
+                branch=p.branch,
+                content_digest=p.bundle.content_digest() if p.bundle else None,
+            )
+            for p in done
+        )
+
+    # --- Events --------------------------------------------------------------------------------
+
+    async def _event(self, event_type: str, **fields: Any) -> None:
+        payload = status.event(event_type, self._clock(), **fields)
+        await self.link.publish(self.topics.event(event_type), payload, qos=1)
+
+    async def _emit_events(self, done: Sequence[Publication], render: Render | None) -> None:
+        coros = []
+        for p in done:
+            if p.reason == "adopted":
+                continue
+            common = dict(
+                target=p.target.id,
+                kind=p.target.kind,
+                version=p.version,
+                commit=p.commit,
+                author=p.author,
+                branch=p.branch,
+                topic=p.target.topic(self.topics),
+            )
+            if p.reason == "removed":
+                coros.append(self._event("removed", **common))
+            else:
+                coros.append(self._event("published", reason=p.reason, digest=p.digest, **common))
+        await self._concurrently(coros)
+
+    async def _report_problems(self, render: Render) -> None:
+        by_branch: dict[str, list[BranchProblem]] = {}
+        for problem in render.problems:
+            by_branch.setdefault(problem.branch, []).append(problem)
+        for branch, commit in list(self._reported.items()):
+            if render.commits.get(branch) != commit and branch not in by_branch:
+                log.info("branch %s validates again", branch)
+                del self._reported[branch]
+        for branch, problems in by_branch.items():
+            commit = problems[0].commit
+            if self._reported.get(branch) == commit:
+                continue
+            for p in problems:
+                log.error(
+                    "repository error on %s@%s (%s): %s", branch, commit[:12], p.author, p.problem
+                )
+            await self._concurrently(
+                [
+                    self._event(
+                        "repository-error",
+                        commit=p.commit,
+                        branch=p.branch,
+                        author=p.author,
+                        file=p.problem.file,
+                        message=p.problem.message,
+                    )
+                    for p in problems
+                ]
+            )
+            self._reported[branch] = commit
+
+    async def _report_refusal(self, render: Render | None, message: str) -> None:
+        head = render.head if render else None
+        key = head.id if head else ""
+        if self._refusal_reported == key:
+            return
+        log.error("refused %s: %s", key[:12], message)
+        await self._event(
+            "repository-error",
+            commit=head.id if head else None,
+            branch=render.default_branch if render else None,
+            author=head.author if head else "",
+            file="fleet.yaml",
+            message=message,
+        )
+        self._refusal_reported = key
+
+
+def describe(config: ControllerConfig) -> str:
+    return f"repository {redact(config.repo)}, broker {config.broker.url()}, prefix {config.prefix}"

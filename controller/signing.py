@@ -1,0 +1,91 @@
+"""The fleet signing key: loading it carefully, and signing bundles with it.
+
+The key file is read once at start. If its permissions let the group or others read it, a
+loud warning is logged (the file is still used: refusing would take a fleet down over a
+chmod, but it must not go unnoticed). Key material never appears in a log line or an error.
+
+Reads one file; otherwise pure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from setpoint.proto import bundles, envelopes
+from setpoint.proto.bundles import Bundle
+from setpoint.proto.errors import SchemaError
+from setpoint.proto.trust import PAYLOAD_TYPES
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+MAX_KEY_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """A signed bundle: the envelope bytes to publish and their digest (for the audit)."""
+
+    bundle: Bundle
+    envelope: bytes
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.envelope).hexdigest()
+
+
+class Signer:
+    """Signs bundles with the fleet key; knows the matching public key for verifying."""
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public_key: Ed25519PublicKey = key.public_key()
+        self.key_id = envelopes.key_id(self.public_key)
+        self.trusted = envelopes.trusted_keys([self.public_key])
+
+    def __repr__(self) -> str:
+        return f"Signer(key_id={self.key_id[:12]}...)"
+
+    def sign(self, bundle: Bundle) -> Signed:
+        payload = bundles.encode(bundle)
+        return Signed(bundle, envelopes.sign(PAYLOAD_TYPES[bundle.kind], payload, [self._key]))
+
+
+def load_signer(path: Path) -> Signer:
+    """Load the PEM PKCS#8 Ed25519 key at ``path``; warn if others can read it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"signing key {path} does not exist; create one with"
+            f" `setpoint keys generate --out {path.parent}`"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot open signing key {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"signing key {path} is not a regular file")
+        if info.st_mode & 0o077:
+            log.warning(
+                "WARNING: signing key %s has mode %04o: group or others can read the fleet's"
+                " signing key; run `chmod 600 %s`",
+                path,
+                stat.S_IMODE(info.st_mode),
+                path,
+            )
+        data = fh.read(MAX_KEY_BYTES + 1)
+    if len(data) > MAX_KEY_BYTES:
+        raise ConfigError(f"signing key {path} is too large to be a PEM Ed25519 key")
+    try:
+        key = envelopes.load_private_key(data)
+    except SchemaError as exc:
+        raise ConfigError(f"signing key {path}: {exc}") from None
+    return Signer(key)

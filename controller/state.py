@@ -1,0 +1,184 @@
+"""The controller's state directory: what it published, version floors, and a lock.
+
+Layout::
+
+    <state dir>/lock          held (flock) while a controller runs: one per state dir
+    <state dir>/state.json    per target: version, content digest, commit, author, times,
+                              and the digest of its bundle payload; version floors of
+                              removed targets
+    <state dir>/bundles/<sha256>   the bundle payloads (msgpack), content-addressed
+    <state dir>/audit.jsonl   the audit log (see :mod:`audit`)
+    <state dir>/mirror.git    the mirror of a remote repository (see :mod:`repository`)
+
+``state.json`` is written atomically (temp file, fsync, ``os.replace``, fsync of the
+directory) after the payloads it names. A payload lost in a crash only costs the ability
+to restore that one bundle from here; its version floor is kept, and the retained bundle
+on the broker gives it back. Losing the whole directory is survivable too: the controller
+recovers versions and bundles from the broker's retained topics.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from setpoint.proto import bundles
+from setpoint.proto.errors import ProtocolError
+
+from .errors import ConfigError
+from .planning import Current
+from .rendering import Target
+
+log = logging.getLogger(__name__)
+
+STATE_FILE: Final = "state.json"
+BUNDLES_DIR: Final = "bundles"
+LOCK_FILE: Final = "lock"
+SCHEMA: Final = 1
+
+
+def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old or the new file, whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if sync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class StateStore:
+    """Load and save what the controller published, under an exclusive lock."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._lock_fd: int | None = None
+
+    # --- Lock -----------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Create the directory (0700) and take its lock, or refuse if another holds it."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            (self.directory / BUNDLES_DIR).mkdir(exist_ok=True, mode=0o700)
+            fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"state directory {self.directory}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"state directory {self.directory} is in use by another controller; give each"
+                " controller its own --state-dir"
+            ) from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- Load / save ----------------------------------------------------------------
+
+    def load(self) -> tuple[dict[Target, Current], dict[Target, int]]:
+        """What was published (with its bundles) and the version floor of every target."""
+        path = self.directory / STATE_FILE
+        try:
+            raw = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return {}, {}
+        except (OSError, ValueError) as exc:
+            log.warning("state file %s is unreadable (%s); starting from the broker", path, exc)
+            return {}, {}
+        current: dict[Target, Current] = {}
+        floors: dict[Target, int] = {}
+        try:
+            for key, version in raw.get("floors", {}).items():
+                floors[Target.parse(key)] = int(version)
+            for key, entry in raw.get("targets", {}).items():
+                target = Target.parse(key)
+                floors[target] = max(floors.get(target, 0), int(entry["version"]))
+                loaded = self._load_current(target, entry)
+                if loaded is not None:
+                    current[target] = loaded
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("state file %s is malformed (%s); starting from the broker", path, exc)
+            return {}, floors
+        return current, floors
+
+    def _load_current(self, target: Target, entry: Mapping[str, Any]) -> Current | None:
+        digest = str(entry["payload"])
+        path = self.directory / BUNDLES_DIR / digest
+        try:
+            payload = path.read_bytes()
+            if hashlib.sha256(payload).hexdigest() != digest:
+                raise ValueError("digest mismatch")
+            bundle = bundles.decode(payload)
+        except (OSError, ValueError, ProtocolError) as exc:
+            log.warning(
+                "stored bundle of %s is unusable (%s); the broker's copy is used", target, exc
+            )
+            return None
+        if bundle.kind != target.kind or bundle.target != target.id:
+            log.warning("stored bundle of %s names another target; ignored", target)
+            return None
+        return Current(
+            bundle,
+            str(entry.get("author", "")),
+            entry.get("branch"),
+            float(entry.get("published_at", 0.0)),
+        )
+
+    def save(self, current: Mapping[Target, Current], floors: Mapping[Target, int]) -> None:
+        """Write the payloads, then ``state.json`` atomically; drop unreferenced payloads."""
+        bundles_dir = self.directory / BUNDLES_DIR
+        targets: dict[str, Any] = {}
+        keep: set[str] = set()
+        for target in sorted(current):
+            entry = current[target]
+            payload = bundles.encode(entry.bundle)
+            digest = hashlib.sha256(payload).hexdigest()
+            keep.add(digest)
+            path = bundles_dir / digest
+            if not path.exists():
+                write_atomic(path, payload, sync=False)
+            bundle = entry.bundle
+            targets[str(target)] = {
+                "version": bundle.version,
+                "content_digest": entry.content_digest,
+                "commit": bundle.commit,
+                "author": entry.author,
+                "branch": entry.branch,
+                "issued_at": bundle.issued_at,
+                "expires_at": bundle.expires_at,
+                "published_at": entry.published_at,
+                "payload": digest,
+            }
+        all_floors = {str(t): v for t, v in sorted(floors.items())}
+        document = {"schema": SCHEMA, "targets": targets, "floors": all_floors}
+        write_atomic(
+            self.directory / STATE_FILE,
+            json.dumps(document, indent=1, sort_keys=True).encode("utf-8"),
+        )
+        for stale in bundles_dir.iterdir():
+            if stale.name not in keep and not stale.name.startswith("."):
+                stale.unlink(missing_ok=True)

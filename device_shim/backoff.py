@@ -1,0 +1,134 @@
+"""Exponential backoff with jitter, and the gate that keeps a failed version from looping.
+
+:class:`Backoff` gives the delay before attempt *n*: ``x = min(cap, base * 2**n)``, then
+"equal jitter" (``x/2 + uniform(0, x/2)``), so a thousand devices that lose the broker at
+the same instant come back spread over time instead of in one storm, yet none retries
+sooner than half the nominal delay.
+
+:class:`RetryGate` remembers the last failed apply: which target it was (a key made of the
+versions and digests of the bundles), whether the error was permanent, how many attempts
+it took and when the next may start. A permanent failure is not retried until the key
+changes (a new version); a temporary one waits out the backoff. The gate is kept in the
+persisted state, so a restart does not turn into a retry.
+
+Pure; no I/O. Clocks and randomness are passed in, so tests drive them by hand.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class Random(Protocol):
+    def random(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    base: float = 1.0
+    cap: float = 120.0
+    factor: float = 2.0
+
+    def nominal(self, attempt: int) -> float:
+        """The delay before jitter: ``min(cap, base * factor**attempt)``."""
+        if attempt < 0:
+            raise ValueError("attempt must be >= 0")
+        # Cap the exponent first: factor**attempt overflows a float long before it matters.
+        exponent = min(attempt, 64)
+        return float(min(self.cap, self.base * self.factor**exponent))
+
+    def delay(self, attempt: int, rng: Random | None = None) -> float:
+        """Jittered delay before retry number ``attempt`` (0 for the first retry)."""
+        nominal = self.nominal(attempt)
+        draw = (rng or random).random()
+        return nominal / 2 + draw * nominal / 2
+
+
+@dataclass(frozen=True, slots=True)
+class RetryGate:
+    """The last failed apply and when it may be tried again."""
+
+    key: str
+    permanent: bool
+    attempts: int
+    next_at: float
+    target: str
+    kind: str
+    version: int
+    error: str
+    at: float
+    resource: str | None = None
+
+    def allows(self, key: str, now: float, cap: float) -> bool:
+        """May ``key`` be applied at ``now``?"""
+        if key != self.key:
+            return True  # a new version: always worth one try
+        if self.permanent:
+            return False
+        # A clock that jumped backwards (a device without RTC) must not stall us forever.
+        return now >= self.next_at or self.next_at - now > cap * 1.5
+
+    def due(self) -> float | None:
+        """When the gate next opens (None if it never does for this key)."""
+        return None if self.permanent else self.next_at
+
+    @staticmethod
+    def after_failure(
+        previous: RetryGate | None,
+        *,
+        key: str,
+        permanent: bool,
+        now: float,
+        backoff: Backoff,
+        target: str,
+        kind: str,
+        version: int,
+        error: str,
+        resource: str | None = None,
+        rng: Random | None = None,
+    ) -> RetryGate:
+        attempts = previous.attempts + 1 if previous is not None and previous.key == key else 1
+        next_at = now + backoff.delay(attempts - 1, rng)
+        return RetryGate(
+            key=key,
+            permanent=permanent,
+            attempts=attempts,
+            next_at=next_at,
+            target=target,
+            kind=kind,
+            version=version,
+            error=error,
+            at=now,
+            resource=resource,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "permanent": self.permanent,
+            "attempts": self.attempts,
+            "next_at": self.next_at,
+            "target": self.target,
+            "kind": self.kind,
+            "version": self.version,
+            "error": self.error,
+            "at": self.at,
+            "resource": self.resource,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RetryGate:
+        return cls(
+            key=str(raw["key"]),
+            permanent=bool(raw["permanent"]),
+            attempts=int(raw["attempts"]),
+            next_at=float(raw["next_at"]),
+            target=str(raw["target"]),
+            kind=str(raw["kind"]),
+            version=int(raw["version"]),
+            error=str(raw["error"]),
+            at=float(raw["at"]),
+            resource=None if raw.get("resource") is None else str(raw["resource"]),
+        )

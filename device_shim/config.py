@@ -1,0 +1,262 @@
+"""The shim's settings, and the device-local policy file that says what the device permits.
+
+:class:`ShimConfig` is what ``setpoint shim`` builds from its flags; :meth:`ShimConfig.check`
+validates it at start (device id, trust keys, threshold, directories) and raises
+:class:`~setpoint.device_shim.errors.ConfigError` with a message that says what to fix.
+
+The device-local policy file belongs to whoever owns the device, not to the fleet: signed
+bundles cannot widen it. It is JSON (``*.json``) or INI (anything else, section
+``[device]``)::
+
+    [device]
+    # may `command` resources run here at all? (default: no)
+    allow_commands = true
+    # a command's timeout is capped to this many seconds, whatever the bundle asks
+    command_timeout_cap = 120
+    # optional: only these exact command strings may run (one per line); a command
+    # resource runs only if both its check and its apply are listed
+    allowed_commands =
+        systemctl is-active kiosk
+        systemctl restart kiosk
+    # how often command checks are re-run between applies (seconds)
+    command_check_interval = 600
+
+or the same as JSON: ``{"allow_commands": true, "command_timeout_cap": 120,
+"allowed_commands": ["..."], "command_check_interval": 600}``. Unknown keys are an error
+(a typo must not silently leave a device more open than meant).
+
+Reads files only when asked (:func:`load_policy`, :func:`load_trusted_keys`); no network.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from setpoint.proto import envelopes, topics
+from setpoint.proto.errors import InvalidId, SchemaError
+
+from .errors import ConfigError
+
+RESERVED_DIR: Final = ".setpoint"
+SETTINGS_FILE: Final = ".setpoint/settings.json"
+DEFAULT_STATE_DIR: Final = ".setpoint/state"
+MAX_TIMEOUT_CAP: Final = 3600
+_POLICY_KEYS: Final = frozenset(
+    {"allow_commands", "command_timeout_cap", "allowed_commands", "command_check_interval"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """Where and how to connect; the password is never part of a repr or a log."""
+
+    host: str
+    port: int = 1883
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePolicy:
+    """What this device permits, from its own configuration (never from a bundle)."""
+
+    allow_commands: bool = False
+    command_timeout_cap: int = 300
+    allowed_commands: frozenset[str] | None = None
+    command_check_interval: float = 300.0
+
+    def refuses_command(self, check: str, apply: str) -> str | None:
+        """Why a command resource may not run here, or None if it may."""
+        if not self.allow_commands:
+            return "commands are not allowed on this device (allow_commands = false)"
+        if self.allowed_commands is not None:
+            missing = [c for c in (check, apply) if c not in self.allowed_commands]
+            if missing:
+                return "command not in this device's allowed_commands list"
+        return None
+
+    def timeout(self, asked: int) -> int:
+        return max(1, min(asked, self.command_timeout_cap))
+
+
+DEFAULT_POLICY: Final = DevicePolicy()
+
+
+def _bool(value: object, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
+def _number(value: object, where: str, low: float, high: float) -> float:
+    number = float("nan")
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if not low <= number <= high:
+        raise ConfigError(f"{where}: expected a number from {low:g} to {high:g}, got {value!r}")
+    return number
+
+
+def policy_from_mapping(raw: Mapping[str, Any], where: str) -> DevicePolicy:
+    unknown = set(raw) - _POLICY_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(_POLICY_KEYS))})"
+        )
+    allowed_raw = raw.get("allowed_commands")
+    allowed: frozenset[str] | None = None
+    if allowed_raw is not None:
+        if isinstance(allowed_raw, str):
+            allowed = frozenset(line.strip() for line in allowed_raw.splitlines() if line.strip())
+        elif isinstance(allowed_raw, list) and all(isinstance(c, str) for c in allowed_raw):
+            allowed = frozenset(allowed_raw)
+        else:
+            raise ConfigError(f"{where}: allowed_commands must be a list of command strings")
+    return DevicePolicy(
+        allow_commands=_bool(raw.get("allow_commands", False), f"{where}: allow_commands"),
+        command_timeout_cap=int(
+            _number(
+                raw.get("command_timeout_cap", 300),
+                f"{where}: command_timeout_cap",
+                1,
+                MAX_TIMEOUT_CAP,
+            )
+        ),
+        allowed_commands=allowed,
+        command_check_interval=_number(
+            raw.get("command_check_interval", 300),
+            f"{where}: command_check_interval",
+            1,
+            7 * 86400,
+        ),
+    )
+
+
+def load_policy(path: Path) -> DevicePolicy:
+    """Read the device-local policy file (JSON if it ends in ``.json``, else INI)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"device config {path}: cannot read it: {exc.strerror}") from exc
+    if path.suffix == ".json":
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"device config {path}: not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"device config {path}: expected a JSON object")
+        return policy_from_mapping(raw, f"device config {path}")
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.Error as exc:
+        raise ConfigError(f"device config {path}: not valid INI: {exc}") from exc
+    sections = parser.sections()
+    if sections != ["device"]:
+        raise ConfigError(
+            f"device config {path}: expected exactly one section [device], got {sections}"
+        )
+    return policy_from_mapping(dict(parser["device"]), f"device config {path}")
+
+
+def load_trusted_keys(files: Sequence[Path]) -> dict[str, Ed25519PublicKey]:
+    """Read PEM Ed25519 public keys; map key id to key."""
+    if not files:
+        raise ConfigError("no trusted key: pass --trust PUBFILE (the fleet's signing.pub)")
+    keys: list[Ed25519PublicKey] = []
+    for path in files:
+        try:
+            pem = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"trusted key {path}: cannot read it: {exc.strerror}") from exc
+        if b"PRIVATE KEY" in pem:
+            raise ConfigError(
+                f"trusted key {path} is a private key: give the device the public key"
+                " (signing.pub), never the signing key"
+            )
+        try:
+            keys.append(envelopes.load_public_key(pem))
+        except SchemaError as exc:
+            raise ConfigError(f"trusted key {path}: {exc}") from exc
+    return envelopes.trusted_keys(keys)
+
+
+@dataclass(frozen=True, slots=True)
+class ShimConfig:
+    """Everything one shim needs to run. Intervals are seconds."""
+
+    device: str
+    root: Path
+    trust_files: tuple[Path, ...]
+    broker: BrokerSettings | None = None
+    state_dir: Path | None = None
+    policy: DevicePolicy = DEFAULT_POLICY
+    threshold: int = 1
+    heartbeat: float = 900.0
+    observe_interval: float = 5.0
+    skew: float = 300.0
+    prefix: str = topics.DEFAULT_PREFIX
+    client_id: str | None = None
+    keepalive: int = 60
+    reconnect_min: float = 1.0
+    reconnect_max: float = 120.0
+    retry_base: float = 10.0
+    retry_cap: float = 3600.0
+    max_queued: int = 16
+    mqtt_version: str = "5"  # "5" (falls back to 3.1.1 when refused) or "3.1.1"
+    reset_floors: bool = False
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.root / DEFAULT_STATE_DIR
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.client_id or f"setpoint-shim-{self.device}"
+
+    def check(self) -> dict[str, Ed25519PublicKey]:
+        """Validate the settings; return the trusted keys. Raises ConfigError."""
+        try:
+            topics.validate_id(self.device, "device id")
+        except InvalidId as exc:
+            raise ConfigError(f"--device: {exc}") from exc
+        try:
+            topics.validate_prefix(self.prefix)
+        except InvalidId as exc:
+            raise ConfigError(f"--prefix: {exc}") from exc
+        if not self.root.is_dir():
+            raise ConfigError(f"--root {self.root}: not a directory (create it first)")
+        trusted = load_trusted_keys(self.trust_files)
+        if not 1 <= self.threshold <= len(trusted):
+            raise ConfigError(
+                f"--threshold {self.threshold}: must be from 1 to the number of distinct"
+                f" trusted keys ({len(trusted)})"
+            )
+        for name in ("heartbeat", "observe_interval", "reconnect_min", "retry_base"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.mqtt_version not in ("5", "3.1.1"):
+            raise ConfigError(f"--mqtt-version {self.mqtt_version!r}: use 5 or 3.1.1")
+        if self.skew < 0:
+            raise ConfigError("skew must not be negative")
+        return trusted

@@ -1,0 +1,357 @@
+"""Helpers for the controller's tests: real git repositories made with the git CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from setpoint.commands import keys
+from setpoint.controller import examples
+from setpoint.controller.broker import Backoff, BrokerSettings
+from setpoint.controller.service import Controller, ControllerConfig
+from setpoint.proto import bundles, envelopes, status
+from setpoint.proto.bundles import Bundle
+from setpoint.proto.topics import Topics
+from setpoint.proto.trust import PAYLOAD_TYPES
+
+ALICE = "Alice Operator <alice@example.com>"
+
+
+class GitRepo:
+    """A real git repository in a temporary directory, driven with the git CLI."""
+
+    def __init__(self, path: Path, *, bare: bool = False) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self.git("init", "-q", "-b", "main", *(["--bare"] if bare else []))
+
+    def git(self, *args: str, author: str = ALICE, check: bool = True) -> str:
+        name, _, email = author.partition(" <")
+        env = {
+            **os.environ,
+            "GIT_AUTHOR_NAME": name,
+            "GIT_AUTHOR_EMAIL": email.rstrip(">"),
+            "GIT_COMMITTER_NAME": name,
+            "GIT_COMMITTER_EMAIL": email.rstrip(">"),
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "HOME": str(self.path),
+        }
+        result = subprocess.run(
+            ["git", "-c", "commit.gpgsign=false", "-c", "init.defaultBranch=main", *args],
+            cwd=self.path,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"git {' '.join(args)}: {result.stderr}")
+        return result.stdout.strip()
+
+    def write(self, files: Mapping[str, str | None]) -> None:
+        for name, text in files.items():
+            path = self.path / name
+            if text is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text, encoding="utf-8")
+
+    def commit(
+        self,
+        files: Mapping[str, str | None] | None = None,
+        message: str = "change",
+        *,
+        author: str = ALICE,
+        branch: str | None = None,
+    ) -> str:
+        """Write ``files`` (None deletes) and commit them; on ``branch`` if given."""
+        if branch is not None:
+            known = self.git("branch", "--list", branch)
+            self.git("checkout", "-q", *([] if known else ["-b"]), branch)
+        try:
+            self.write(files or {})
+            self.git("add", "-A")
+            self.git("commit", "-q", "--allow-empty", "-m", message, author=author)
+            return self.git("rev-parse", "HEAD")
+        finally:
+            if branch is not None:
+                self.git("checkout", "-q", "main")
+
+    def head(self, branch: str = "main") -> str:
+        return self.git("rev-parse", f"refs/heads/{branch}")
+
+
+@pytest.fixture
+def example_repo(tmp_path: Path) -> GitRepo:
+    """A git repository holding the example fleet of ``setpoint init``, on ``main``."""
+    repo = GitRepo(tmp_path / "fleet")
+    repo.commit(examples.FILES, "example fleet")
+    return repo
+
+
+@pytest.fixture
+def make_repo(tmp_path: Path):  # type: ignore[no-untyped-def]
+    def make(files: Mapping[str, str | None] | None = None, name: str = "fleet") -> GitRepo:
+        repo = GitRepo(tmp_path / name)
+        if files is not None:
+            repo.commit(files, "first")
+        return repo
+
+    return make
+
+
+# --- Keys, controllers and a plain MQTT observer ---------------------------------------
+
+
+@pytest.fixture
+def signing_key(tmp_path: Path) -> Path:
+    keys.generate(tmp_path / "keys")
+    return tmp_path / "keys" / keys.PRIVATE_NAME
+
+
+@pytest.fixture
+def public_key(signing_key: Path) -> dict[str, Any]:
+    """The fleet's public key as a verifier would load it: from signing.pub, PEM."""
+    pem = (signing_key.parent / keys.PUBLIC_NAME).read_bytes()
+    return envelopes.trusted_keys([envelopes.load_public_key(pem)])
+
+
+@pytest.fixture
+def run_controller(broker: Any, unique_prefix: str, signing_key: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """``async with run_controller(repo, **config) as controller``: a real controller."""
+
+    @contextlib.asynccontextmanager
+    async def run(repo: Any, **overrides: Any) -> AsyncIterator[Controller]:
+        overrides.setdefault("state_dir", tmp_path / "state")
+        overrides.setdefault("backoff", Backoff(initial=0.05, maximum=0.3))
+        overrides.setdefault("publish_timeout", 5.0)
+        config = ControllerConfig(
+            repo=str(getattr(repo, "path", repo)),
+            broker=BrokerSettings(broker.host, broker.port),
+            key_path=signing_key,
+            prefix=unique_prefix,
+            **overrides,
+        )
+        async with Controller(config) as controller:
+            yield controller
+
+    return run
+
+
+def target_of(topics: Topics, topic: str) -> str | None:
+    ref = topics.parse(topic)
+    if ref.kind == "group-desired":
+        return f"group/{ref.name}"
+    if ref.kind == "device-desired":
+        return f"device/{ref.name}"
+    return None
+
+
+def verify(target: str, payload: bytes, trusted: Mapping[str, Any]) -> Bundle:
+    """What any subscriber holding signing.pub does: verify, then decode."""
+    kind = target.split("/")[0]
+    return bundles.decode(envelopes.verify(payload, trusted, payload_type=PAYLOAD_TYPES[kind]))
+
+
+class Observer:
+    """A plain aiomqtt subscriber to the desired topics and the events."""
+
+    def __init__(self, host: str, port: int, prefix: str, trusted: Mapping[str, Any]) -> None:
+        self.host, self.port = host, port
+        self.topics = Topics(prefix)
+        self.trusted = trusted
+        self.retained: dict[str, bytes] = {}
+        self.arrivals: list[tuple[float, str, bytes]] = []
+        self.events: list[dict[str, Any]] = []
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._client: aiomqtt.Client | None = None
+
+    async def __aenter__(self) -> Observer:
+        self._client = aiomqtt.Client(
+            self.host, self.port, identifier=f"observer-{secrets.token_hex(4)}"
+        )
+        await self._client.__aenter__()
+        await self._client.subscribe(
+            [
+                (self.topics.all_group_desired(), 1),
+                (self.topics.all_device_desired(), 1),
+                (self.topics.all_events(), 1),
+            ]
+        )
+        self._task = asyncio.create_task(self._pump())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._task is not None and self._client is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await self._task
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._client.__aexit__(None, None, None)
+
+    async def _pump(self) -> None:
+        assert self._client is not None
+        async for message in self._client.messages:
+            payload = bytes(message.payload)  # type: ignore[arg-type]
+            topic = str(message.topic)
+            async with self._changed:
+                ref = self.topics.parse(topic)
+                if ref.kind == "event":
+                    self.events.append(status.event_from_json(payload))
+                else:
+                    target = target_of(self.topics, topic)
+                    assert target is not None
+                    self.arrivals.append((time.time(), target, payload))
+                    if payload:
+                        self.retained[target] = payload
+                    else:
+                        self.retained.pop(target, None)
+                self._changed.notify_all()
+
+    def bundle(self, target: str) -> Bundle | None:
+        payload = self.retained.get(target)
+        return None if payload is None else verify(target, payload, self.trusted)
+
+    def version(self, target: str) -> int:
+        """The retained version of ``target`` (0 if nothing is retained)."""
+        bundle = self.bundle(target)
+        return 0 if bundle is None else bundle.version
+
+    def holds(self, target: str, test: Callable[[Bundle], bool]) -> bool:
+        bundle = self.bundle(target)
+        return bundle is not None and test(bundle)
+
+    def versions(self) -> dict[str, int]:
+        return {t: verify(t, p, self.trusted).version for t, p in sorted(self.retained.items())}
+
+    def of_type(self, event_type: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == event_type]
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(predicate)
+
+
+@pytest.fixture
+def observe(broker: Any, unique_prefix: str, public_key: Mapping[str, Any]):  # type: ignore[no-untyped-def]
+    def make() -> Observer:
+        return Observer(broker.host, broker.port, unique_prefix, public_key)
+
+    return make
+
+
+async def read_retained(
+    host: str, port: int, prefix: str, trusted: Mapping[str, Any], timeout: float = 10.0
+) -> dict[str, Bundle]:
+    """Connect (retrying while the broker is down), read every retained bundle, verify."""
+    topics = Topics(prefix)
+    marker = f"setpoint-test/marker/{secrets.token_hex(4)}"
+    found: dict[str, Bundle] = {}
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                async with aiomqtt.Client(host, port) as client:
+                    # QoS 0: mosquitto drops QoS 1 retained floods beyond its queue limit.
+                    await client.subscribe(
+                        [
+                            (topics.all_group_desired(), 0),
+                            (topics.all_device_desired(), 0),
+                            (marker, 0),
+                        ]
+                    )
+                    await client.publish(marker, b"x", qos=1)
+                    async for message in client.messages:
+                        topic = str(message.topic)
+                        if topic == marker:
+                            return found
+                        target = target_of(topics, topic)
+                        if target and message.payload:
+                            found[target] = verify(target, bytes(message.payload), trusted)  # type: ignore[arg-type]
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.05)
+
+
+# --- TEMPORARY: a stand-in broker until setpoint.mosquitto.Broker lands -----------------
+try:
+    from setpoint.mosquitto import Broker as _RealBroker  # noqa: F401
+except ImportError:
+    import secrets
+    import signal
+    import socket
+    import time
+
+    class _DevBroker:
+        def __init__(self, directory: Path) -> None:
+            self.dir = directory
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+            self.host = "127.0.0.1"
+            self.url = f"mqtt://127.0.0.1:{self.port}"
+            (self.dir / "m.conf").write_text(
+                f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                f"persistence_location {self.dir}/\nautosave_interval 1\n"
+            )
+            self.proc: subprocess.Popen[bytes] | None = None
+
+        def start(self) -> None:
+            self.proc = subprocess.Popen(
+                ["mosquitto", "-c", str(self.dir / "m.conf")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                        return
+                time.sleep(0.01)
+            raise RuntimeError("mosquitto did not start")
+
+        def stop(self) -> None:
+            if self.proc:
+                self.proc.terminate()
+                self.proc.wait()
+                self.proc = None
+
+        def kill(self) -> None:
+            if self.proc:
+                self.proc.send_signal(signal.SIGKILL)
+                self.proc.wait()
+                self.proc = None
+
+        def restart(self) -> None:
+            self.stop()
+            self.start()
+
+        def wipe(self) -> None:
+            (self.dir / "mosquitto.db").unlink(missing_ok=True)
+
+        def __enter__(self) -> _DevBroker:
+            self.start()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.stop()
+
+    @pytest.fixture
+    def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
+        with _DevBroker(tmp_path / "broker") as b:
+            yield b
+
+    @pytest.fixture
+    def unique_prefix() -> str:
+        return f"setpoint-test/{secrets.token_hex(4)}/v1"

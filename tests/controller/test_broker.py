@@ -1,0 +1,25 @@
+"""The reconnect backoff (pure) and the barrier topic."""
+
+from __future__ import annotations
+
+from setpoint.controller.broker import Backoff, new_client_id
+from setpoint.proto.topics import Topics, validate_id
+
+
+def test_backoff_doubles_up_to_the_maximum_then_resets() -> None:
+    backoff = Backoff(initial=0.1, maximum=1.0, factor=2.0, jitter=0.0)
+    assert [round(backoff.next(), 3) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    backoff.reset()
+    assert backoff.next() == 0.1
+
+
+def test_backoff_jitter_stays_within_bounds() -> None:
+    low = Backoff(initial=1.0, jitter=0.2, rng=lambda: 0.0)
+    high = Backoff(initial=1.0, jitter=0.2, rng=lambda: 1.0)
+    assert low.next() == 0.8 and high.next() == 1.2
+
+
+def test_client_ids_are_valid_ids_for_the_barrier_topic() -> None:
+    client_id = new_client_id()
+    assert validate_id(client_id) == client_id and client_id != new_client_id()
+    assert Topics("x/v1").barrier(client_id) == f"x/v1/clients/{client_id}/barrier"

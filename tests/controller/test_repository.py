@@ -1,0 +1,121 @@
+"""Reading the fleet repository with dulwich: local (work tree, bare), mirrored remotes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from setpoint.controller import examples
+from setpoint.controller.errors import ConfigError, RepositoryUnavailable
+from setpoint.controller.repository import Repository, is_remote, redact
+
+ALICE = "Alice Operator <alice@example.com>"
+
+
+def test_local_repository_reads_commits_not_the_work_tree(example_repo, tmp_path: Path) -> None:
+    repo = Repository(str(example_repo.path), tmp_path / "state")
+    (example_repo.path / "groups" / "kiosks.yaml").write_text("mode: broken-in-work-tree\n")
+    head = repo.heads()["main"]
+    info, snapshot = repo.load(head)
+    assert snapshot.ok and info.author == ALICE and info.summary == "example fleet"
+    assert repo.default_branch() == "main"
+    repo.close()
+
+
+def test_bare_repository(tmp_path: Path, example_repo) -> None:
+    bare = tmp_path / "bare.git"
+    example_repo.git("clone", "-q", "--bare", str(example_repo.path), str(bare))
+    repo = Repository(str(bare), tmp_path / "state")
+    assert repo.heads() == {"main": example_repo.head()}
+    refs, git_dir = repo.watch_paths()
+    assert git_dir == bare and refs == bare / "refs"
+    repo.close()
+
+
+def test_missing_or_not_a_repository(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        Repository(str(tmp_path / "nope"), tmp_path / "state")
+    with pytest.raises(ConfigError, match="not a git repository"):
+        Repository(str(tmp_path), tmp_path / "state")
+
+
+def test_remote_is_mirrored_and_follows_force_push(tmp_path: Path, example_repo) -> None:
+    url = f"file://{example_repo.path}"
+    repo = Repository(url, tmp_path / "state")
+    assert repo.remote and repo.heads() == {}
+    assert repo.refresh() is True
+    first = example_repo.head()
+    assert repo.heads() == {"main": first} and repo.default_branch() == "main"
+    assert repo.refresh() is False
+    example_repo.commit({"fleet.yaml": "allow_empty: true\n"}, "second")
+    example_repo.commit({}, "on canary", branch="canary")
+    assert repo.refresh() is True
+    assert set(repo.heads()) == {"main", "canary"}
+    # Force-push: main goes back to the first commit; canary is deleted.
+    example_repo.git("update-ref", "refs/heads/main", first)
+    example_repo.git("branch", "-D", "canary")
+    repo.refresh()
+    assert repo.heads() == {"main": first}
+    _, snapshot = repo.load(first)
+    assert snapshot.ok
+    repo.close()
+
+
+def test_unreachable_remote_is_unavailable(tmp_path: Path) -> None:
+    repo = Repository(f"file://{tmp_path}/missing.git", tmp_path / "state")
+    with pytest.raises(RepositoryUnavailable):
+        repo.refresh()
+
+
+def test_mirror_of_another_url_starts_afresh(tmp_path: Path, example_repo, make_repo) -> None:
+    other = make_repo({"groups/x.yaml": "mode: observe\n"}, name="other")
+    state = tmp_path / "state"
+    first = Repository(f"file://{example_repo.path}", state)
+    first.refresh()
+    first.close()
+    second = Repository(f"file://{other.path}", state)
+    second.refresh()
+    assert second.heads() == {"main": other.head()}
+    second.close()
+
+
+def test_resolve_branch_or_commit(example_repo, tmp_path: Path) -> None:
+    repo = Repository(str(example_repo.path), tmp_path / "state")
+    assert repo.resolve("main") == example_repo.head()
+    assert repo.resolve(example_repo.head()) == example_repo.head()
+    with pytest.raises(ConfigError, match="no branch 'nope'"):
+        repo.resolve("nope")
+    repo.close()
+
+
+@pytest.mark.parametrize(
+    ("location", "remote"),
+    [
+        ("https://git.example.com/fleet.git", True),
+        ("ssh://git@host/fleet", True),
+        ("git@host:fleet.git", True),
+        ("git://host/fleet", True),
+        ("file:///srv/fleet", True),
+        ("/srv/fleet", False),
+        ("./fleet", False),
+        ("C:fleet", False),
+    ],
+)
+def test_is_remote(location: str, remote: bool) -> None:
+    assert is_remote(location) is remote
+
+
+def test_redact_hides_passwords() -> None:
+    assert redact("https://bob:hunter2@host/x.git") == "https://bob:***@host/x.git"
+
+
+def test_init_creates_a_valid_repository(tmp_path: Path) -> None:
+    commit = examples.create(tmp_path / "new")
+    repo = Repository(str(tmp_path / "new"), tmp_path / "state")
+    assert repo.heads() == {"main": commit}
+    info, snapshot = repo.load(commit)
+    assert snapshot.ok and "setpoint init" in info.author
+    with pytest.raises(FileExistsError):
+        examples.create(tmp_path / "new")
+    repo.close()

@@ -1,0 +1,87 @@
+"""The state directory: atomic saves, floors, damaged files, the lock; the audit log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from setpoint.controller import audit
+from setpoint.controller.errors import ConfigError
+from setpoint.controller.planning import Current
+from setpoint.controller.rendering import Target
+from setpoint.controller.state import BUNDLES_DIR, STATE_FILE, StateStore
+from setpoint.proto.bundles import Bundle, SettingResource
+
+G = Target("group", "kiosks")
+
+
+def bundle(version: int = 3) -> Bundle:
+    return Bundle("group", "kiosks", version, "c" * 40, 100, 200, (SettingResource("s", "k", "v"),))
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.lock()
+    store.save({G: Current(bundle(), "Alice", "main")}, {G: 3, Target("device", "gone"): 9})
+    current, floors = StateStore(tmp_path).load()
+    assert current == {G: Current(bundle(), "Alice", "main")}
+    assert floors == {G: 3, Target("device", "gone"): 9}
+    assert (tmp_path / STATE_FILE).stat().st_mode & 0o777 == 0o600
+    store.unlock()
+
+
+def test_missing_state_is_empty(tmp_path: Path) -> None:
+    assert StateStore(tmp_path / "nothing").load() == ({}, {})
+
+
+def test_damaged_payload_keeps_the_floor(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.lock()
+    store.save({G: Current(bundle(5))}, {G: 5})
+    for payload in (tmp_path / BUNDLES_DIR).iterdir():
+        payload.write_bytes(b"garbage")
+    current, floors = store.load()
+    assert current == {} and floors == {G: 5}
+
+
+def test_unreadable_state_file_starts_empty(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_text("{not json")
+    assert StateStore(tmp_path).load() == ({}, {})
+
+
+def test_unreferenced_payloads_are_removed(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.lock()
+    store.save({G: Current(bundle(1))}, {})
+    store.save({G: Current(bundle(2))}, {})
+    assert len(list((tmp_path / BUNDLES_DIR).iterdir())) == 1
+    assert (
+        json.loads((tmp_path / STATE_FILE).read_text())["targets"]["group/kiosks"]["version"] == 2
+    )
+
+
+def test_second_controller_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    first = StateStore(tmp_path)
+    first.lock()
+    with pytest.raises(ConfigError, match="in use by another controller"):
+        StateStore(tmp_path).lock()
+    first.unlock()
+    StateStore(tmp_path).lock()
+
+
+def test_audit_log_append_and_filter(tmp_path: Path) -> None:
+    log = audit.AuditLog(tmp_path)
+    log.append(
+        [
+            audit.Entry(1.0, "group/kiosks", "group", "kiosks", 1, "c1", "Alice", "d1", "change"),
+            audit.Entry(2.0, "device/k1", "device", "k1", 1, "c1", "Alice", "d2", "change"),
+        ]
+    )
+    with (tmp_path / audit.AUDIT_FILE).open("a") as fh:
+        fh.write('{"cut short')  # a crash mid-line
+    assert [e["id"] for e in audit.read(log.path)] == ["kiosks", "k1"]
+    assert [e["id"] for e in audit.read(log.path, "k1")] == ["k1"]
+    assert [e["id"] for e in audit.read(log.path, "group/kiosks")] == ["kiosks"]
+    assert list(audit.read(tmp_path / "none.jsonl")) == []

@@ -1,0 +1,319 @@
+"""The controller's verbs end to end: the real ``setpoint`` command, real git, real mosquitto.
+
+``init``, ``validate``, ``controller`` (``--once`` and running until SIGTERM), ``history``;
+what reaches the broker is checked with a plain paho subscriber that verifies every
+bundle with ``signing.pub``, as a third-party tool would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from setpoint.proto import bundles, envelopes
+from setpoint.proto.bundles import Bundle
+from setpoint.proto.topics import Topics
+from setpoint.proto.trust import PAYLOAD_TYPES
+
+ALL = {"group/kiosks", "group/gateways", "device/kiosk-01", "device/kiosk-02", "device/gw-01"}
+ENV = {
+    **os.environ,
+    "GIT_AUTHOR_NAME": "Bob",
+    "GIT_AUTHOR_EMAIL": "bob@example.com",
+    "GIT_COMMITTER_NAME": "Bob",
+    "GIT_COMMITTER_EMAIL": "bob@example.com",
+    "GIT_CONFIG_NOSYSTEM": "1",
+}
+
+
+def setpoint(
+    *args: str, check: bool = False, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "setpoint", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"setpoint {' '.join(args)}: {result.returncode}\n{result.stderr}")
+    return result
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "commit.gpgsign=false", *args],
+        cwd=repo,
+        env=ENV,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+class Subscriber:
+    """A plain paho client holding the latest retained bundle of every desired topic."""
+
+    def __init__(self, host: str, port: int, prefix: str, public_key_pem: bytes) -> None:
+        self.topics = Topics(prefix)
+        self.trusted = envelopes.trusted_keys([envelopes.load_public_key(public_key_pem)])
+        self.payloads: dict[str, bytes] = {}
+        self.arrivals: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"e2e-{secrets.token_hex(4)}"
+        )
+        self._client.on_message = self._on_message
+        self._client.on_connect = self._on_connect
+        self._client.connect(host, port)
+        self._client.loop_start()
+
+    def _on_connect(self, client: mqtt.Client, *_: Any) -> None:
+        client.subscribe(
+            [
+                (self.topics.all_group_desired(), 1),
+                (self.topics.all_device_desired(), 1),
+                (self.topics.all_events(), 1),
+            ]
+        )
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        ref = self.topics.parse(message.topic)
+        if ref.kind == "event":
+            with self._cond:
+                self.events.append(json.loads(message.payload))
+                self._cond.notify_all()
+            return
+        target = f"{'group' if ref.kind == 'group-desired' else 'device'}/{ref.name}"
+        with self._cond:
+            self.arrivals.append(target)
+            if message.payload:
+                self.payloads[target] = bytes(message.payload)
+            else:
+                self.payloads.pop(target, None)
+            self._cond.notify_all()
+
+    def bundle(self, target: str) -> Bundle | None:
+        payload = self.payloads.get(target)
+        if payload is None:
+            return None
+        kind = target.split("/")[0]
+        verified = envelopes.verify(payload, self.trusted, payload_type=PAYLOAD_TYPES[kind])
+        return bundles.decode(verified)
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 15) -> None:
+        with self._cond:
+            assert self._cond.wait_for(predicate, timeout), "timed out"
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> dict[str, Path]:
+    setpoint("init", str(tmp_path / "fleet"), check=True)
+    setpoint("keys", "generate", "--out", str(tmp_path / "keys"), check=True)
+    return {
+        "repo": tmp_path / "fleet",
+        "key": tmp_path / "keys" / "signing.key",
+        "pub": tmp_path / "keys" / "signing.pub",
+        "state": tmp_path / "state",
+    }
+
+
+def test_init_creates_a_committed_example_that_validates(tmp_path: Path) -> None:
+    result = setpoint("init", str(tmp_path / "fleet"), check=True)
+    assert "groups/kiosks.yaml" in result.stdout
+    assert git(tmp_path / "fleet", "log", "--format=%an|%s") == (
+        "setpoint init|Example fleet (setpoint init)"
+    )
+    assert git(tmp_path / "fleet", "status", "--porcelain") == ""
+    ok = setpoint("validate", str(tmp_path / "fleet"))
+    assert ok.returncode == 0 and "ok: 2 group(s), 3 device(s)" in ok.stdout
+    again = setpoint("init", str(tmp_path / "fleet"))
+    assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def test_validate_reports_each_problem_and_exits_nonzero(fleet: dict[str, Path]) -> None:
+    repo = fleet["repo"]
+    (repo / "groups" / "kiosks.yaml").write_text(
+        "resources:\n  - {id: motd, kind: fiel, path: etc/motd}\n"
+    )
+    (repo / "devices" / "kiosk-09.yaml").write_text("group: kiosk\n")
+    bad = setpoint("validate", str(repo))
+    assert bad.returncode == 1
+    assert (
+        "groups/kiosks.yaml: resource 'motd': unknown kind 'fiel' (known: command, file, setting)"
+    ) in bad.stderr
+    assert "devices/kiosk-09.yaml: group 'kiosk' does not exist" in bad.stderr
+    as_json = json.loads(setpoint("validate", str(repo), "--json").stdout)
+    assert not as_json["ok"] and len(as_json["problems"]) == 2
+    committed = setpoint("validate", str(repo), "--rev", "main")
+    assert committed.returncode == 0, committed.stderr
+
+
+@pytest.mark.broker
+def test_controller_once_publishes_verifiable_bundles_and_history(
+    fleet: dict[str, Path],
+    broker: Any,
+    unique_prefix: str,
+) -> None:
+    common = [
+        "--repo",
+        str(fleet["repo"]),
+        "--broker",
+        broker.url,
+        "--key",
+        str(fleet["key"]),
+        "--state-dir",
+        str(fleet["state"]),
+        "--prefix",
+        unique_prefix,
+    ]
+    result = setpoint("controller", *common, "--once", "--timeout", "30")
+    assert result.returncode == 0, result.stderr
+    seen = Subscriber(broker.host, broker.port, unique_prefix, fleet["pub"].read_bytes())
+    try:
+        seen.wait(lambda: set(seen.payloads) == ALL)
+        head = git(fleet["repo"], "rev-parse", "HEAD")
+        for target in ALL:
+            bundle = seen.bundle(target)
+            assert bundle is not None and bundle.version == 1 and bundle.commit == head
+    finally:
+        seen.close()
+    again = setpoint("controller", *common, "--once", "--timeout", "30")
+    assert again.returncode == 0 and "published" not in again.stderr
+    history = setpoint("history", "--state-dir", str(fleet["state"]), check=True).stdout
+    assert history.count(" change ") == len(ALL)
+    lines = setpoint(
+        "history", "kiosk-01", "--json", "--state-dir", str(fleet["state"]), check=True
+    ).stdout.splitlines()
+    [entry] = [json.loads(line) for line in lines]
+    assert entry["target"] == "device/kiosk-01" and entry["commit"] == head
+    assert entry["author"] == "setpoint init <setpoint@localhost>" and len(entry["digest"]) == 64
+
+
+@pytest.mark.broker
+def test_controller_once_with_a_broken_commit_exits_1(
+    fleet: dict[str, Path],
+    broker: Any,
+    unique_prefix: str,
+) -> None:
+    (fleet["repo"] / "groups" / "kiosks.yaml").write_text("mode: sometimes\n")
+    git(fleet["repo"], "commit", "-qam", "broken")
+    result = setpoint(
+        "controller",
+        "--repo",
+        str(fleet["repo"]),
+        "--broker",
+        broker.url,
+        "--key",
+        str(fleet["key"]),
+        "--state-dir",
+        str(fleet["state"]),
+        "--prefix",
+        unique_prefix,
+        "--once",
+        "--timeout",
+        "30",
+    )
+    assert result.returncode == 1
+    assert "groups/kiosks.yaml: mode: Input should be 'enforce' or 'observe'" in result.stderr
+
+
+def test_controller_without_a_key_says_how_to_make_one(tmp_path: Path) -> None:
+    setpoint("init", str(tmp_path / "fleet"), check=True)
+    result = setpoint(
+        "controller",
+        "--repo",
+        str(tmp_path / "fleet"),
+        "--broker",
+        "mqtt://127.0.0.1:1",
+        "--key",
+        str(tmp_path / "none.key"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--once",
+    )
+    assert result.returncode == 2
+    assert "setpoint keys generate" in result.stderr
+
+
+@pytest.mark.broker
+def test_commit_reaches_the_broker_and_sigterm_stops_cleanly(
+    fleet: dict[str, Path],
+    broker: Any,
+    unique_prefix: str,
+) -> None:
+    """The issue's "done means": a git commit changes the retained bundle of exactly the
+    affected targets, seen by a plain MQTT client, verified with the fleet's public key."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "setpoint",
+            "controller",
+            "--repo",
+            str(fleet["repo"]),
+            "--broker",
+            broker.url,
+            "--key",
+            str(fleet["key"]),
+            "--state-dir",
+            str(fleet["state"]),
+            "--prefix",
+            unique_prefix,
+            "--log-json",
+        ],
+        env=ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = Subscriber(broker.host, broker.port, unique_prefix, fleet["pub"].read_bytes())
+    try:
+        seen.wait(lambda: set(seen.payloads) == ALL)
+        seen.wait(lambda: len(seen.arrivals) >= len(ALL))
+        before = len(seen.arrivals)
+        (fleet["repo"] / "devices" / "kiosk-01.yaml").write_text(
+            "group: kiosks\nvars:\n  site: entrance\n"
+        )
+        git(fleet["repo"], "commit", "-qam", "kiosk-01 at the entrance")
+        commit = git(fleet["repo"], "rev-parse", "HEAD")
+        seen.wait(lambda: (b := seen.bundle("device/kiosk-01")) is not None and b.version == 2)
+        bundle = seen.bundle("device/kiosk-01")
+        assert bundle is not None and bundle.commit == commit
+        assert bundle.vars == {"site": "entrance"}
+        assert seen.arrivals[before:] == ["device/kiosk-01"]
+        assert all(seen.bundle(t).version == 1 for t in ALL - {"device/kiosk-01"})  # type: ignore[union-attr]
+        # Published means acknowledged, recorded in the audit log, then announced.
+        seen.wait(
+            lambda: any(
+                e["target"] == "kiosk-01" and e["version"] == 2
+                for e in seen.events
+                if e["type"] == "published"
+            )
+        )
+    finally:
+        seen.close()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=15)
+    assert process.returncode == 0, stderr
+    records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any(r["message"] == "stopping" for r in records)
+    assert any("published device/kiosk-01 v2" in r["message"] for r in records)
+    assert not any(r["level"] == "error" for r in records)

@@ -1,0 +1,208 @@
+"""``setpoint shim`` end to end: the real command in a subprocess against a real mosquitto.
+
+Bundles are signed and published retained by the test (as the controller would), reports
+are read back with a plain paho subscriber. The fault test kills the shim with SIGKILL in
+the middle of an apply and checks that the restarted shim rolls the half-done apply back
+and then applies the version cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "device_shim"))
+
+from setpoint.proto.bundles import CommandResource, FileResource, SettingResource
+from shimkit import (
+    HAVE_HARNESS,
+    FallbackBroker,
+    Fleet,
+    fallback_prefix,
+    on_versions,
+    statuses,
+    wait_for,
+)
+
+pytestmark = pytest.mark.broker
+
+SETPOINT = [sys.executable, "-m", "setpoint"]
+
+if not HAVE_HARNESS:  # pragma: no cover - until tests/conftest.py provides them
+
+    @pytest.fixture
+    def broker(tmp_path: Path) -> Iterator[Any]:
+        b = FallbackBroker(tmp_path)
+        yield b
+        b.stop()
+
+    @pytest.fixture
+    def unique_prefix() -> str:
+        return fallback_prefix()
+
+
+@pytest.fixture
+def fleet(broker: Any, unique_prefix: str, tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(broker.host, broker.port, unique_prefix, tmp_path / "fleet")
+    yield f
+    f.close()
+
+
+class ShimProcess:
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self._out = log.open("ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SETPOINT_")}
+        self.proc = subprocess.Popen(
+            [*SETPOINT, "shim", *args], stdout=self._out, stderr=self._out, env=env
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float = 30) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._out.close()
+        return code
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=15)
+        if not self._out.closed:
+            self._out.close()
+        return code
+
+
+@pytest.fixture
+def run_shim(fleet: Fleet, broker: Any, tmp_path: Path) -> Iterator[Any]:
+    started: list[ShimProcess] = []
+
+    def start(*extra: str, root: Path | None = None, device: str = "dev1") -> ShimProcess:
+        root = root or tmp_path / "root"
+        root.mkdir(exist_ok=True)
+        args = [
+            "--device", device,
+            "--broker", f"mqtt://{broker.host}:{broker.port}",
+            "--prefix", fleet.topics.prefix,
+            "--trust", str(fleet.pub),
+            "--root", str(root),
+            "--observe-interval", "0.2",
+            "--reconnect-min", "0.1",
+            "--reconnect-max", "0.5",
+            *extra,
+        ]  # fmt: skip
+        shim = ShimProcess(args, tmp_path / f"shim-{len(started)}.log")
+        started.append(shim)
+        return shim
+
+    yield start
+    for shim in started:
+        if shim.proc.poll() is None:
+            shim.stop(signal.SIGKILL)
+
+
+def publish_pair(fleet: Fleet, version: int, resources: Any) -> None:
+    fleet.publish_bundle(fleet.group("kiosk", version, resources))
+    fleet.publish_bundle(fleet.device("dev1", 1, "kiosk", vars={"name": "dev1"}))
+
+
+def test_converges_heals_and_stops_cleanly(fleet: Fleet, run_shim: Any, tmp_path: Path) -> None:
+    secret = SettingResource("token", "api_token", "hunter2-secret", secret=True)
+    publish_pair(fleet, 1, [FileResource("motd", "etc/motd", b"hi ${name}\n"), secret])
+    shim = run_shim("--log-json", "--log-level", "DEBUG")
+    fleet.wait_report("dev1", on_versions(1, 1), timeout=20)
+    fleet.wait_presence("dev1", b"online")
+    root = tmp_path / "root"
+    assert (root / "etc" / "motd").read_text() == "hi dev1\n"
+    (root / "etc" / "motd").write_text("by hand\n")
+    fleet.wait_report("dev1", lambda r: statuses(r)["motd"] == "healed")
+    assert shim.stop(signal.SIGTERM) == 0
+    fleet.wait_presence("dev1", b"offline")
+    lines = [json.loads(line) for line in shim.text().splitlines() if line.strip()]
+    assert any("applied group kiosk v1" in line["msg"] for line in lines)
+    assert any("healed" in line["msg"] for line in lines)
+    assert "hunter2" not in shim.text()
+
+
+def test_bad_device_id_is_refused_at_start(fleet: Fleet, run_shim: Any) -> None:
+    shim = run_shim(device="Not/A/Device")
+    assert shim.wait() == 2
+    assert "device id 'Not/A/Device' is not valid" in shim.text()
+
+
+def test_missing_trust_file_is_refused_at_start(run_shim: Any, tmp_path: Path) -> None:
+    shim = run_shim("--trust", str(tmp_path / "nope.pub"))
+    assert shim.wait() == 2
+    assert "nope.pub" in shim.text()
+
+
+def test_killed_during_apply_then_restarted(
+    fleet: Fleet, run_shim: Any, broker: Any, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    config = tmp_path / "device.conf"
+    config.write_text("[device]\nallow_commands = true\ncommand_timeout_cap = 60\n")
+    flags = ("--config", str(config))
+    publish_pair(
+        fleet, 1, [FileResource("motd", "etc/motd", b"v1\n"), SettingResource("tz", "tz", "UTC")]
+    )
+    shim = run_shim(*flags)
+    fleet.wait_report("dev1", on_versions(1, 1), timeout=20)
+
+    # v2 changes a file, adds one, changes a setting, then runs a command that blocks the
+    # first time it runs (it records its process group so the test can clean up).
+    started, done = tmp_path / "started", tmp_path / "done"
+    blocking = CommandResource(
+        "migrate",
+        f"test -e {done}",
+        f"if [ -e {started} ]; then touch {done}; else echo $$ > {started}; sleep 60; fi",
+        60,
+    )
+    v2 = [
+        FileResource("motd", "etc/motd", b"v2\n"),
+        FileResource("new", "etc/new.conf", b"new\n"),
+        SettingResource("tz", "tz", "CET"),
+        blocking,
+    ]
+    fleet.publish_bundle(fleet.group("kiosk", 2, v2))
+    wait_for(lambda: started.exists() and started.read_text().strip(), what="command started")
+    assert (root / "etc" / "motd").read_text() == "v2\n"  # files were written first
+    shim.stop(signal.SIGKILL)  # a power cut, as far as the shim can tell
+    os.killpg(int(started.read_text()), signal.SIGKILL)  # the orphaned `sleep`
+    state_dir = root / ".setpoint" / "state"
+    assert (state_dir / "journal.json").exists()
+    saved = json.loads((state_dir / "state.json").read_text())
+    assert saved["trust"]["floors"]["group/kiosk"]["version"] == 1  # never recorded v2
+
+    # Restarted with the broker away: it rolls back to v1, and keeps enforcing it.
+    broker.stop()
+    shim = run_shim(*flags)
+    wait_for(lambda: not (state_dir / "journal.json").exists(), what="journal cleared")
+    assert (root / "etc" / "motd").read_text() == "v1\n"
+    assert not (root / "etc" / "new.conf").exists()
+    assert json.loads((root / ".setpoint" / "settings.json").read_text()) == {"tz": "UTC"}
+    wait_for(lambda: "rolled back an interrupted apply" in shim.text(), what="log line")
+
+    # The broker is back: v2 is applied cleanly from the retained bundle.
+    broker.start()
+    watcher = Fleet(broker.host, broker.port, fleet.topics.prefix, tmp_path / "w", fleet.key)
+    try:
+        if not HAVE_HARNESS:  # the fallback broker keeps nothing across a restart
+            publish_pair(watcher, 2, v2)
+        report = watcher.wait_report("dev1", on_versions(2, 1), timeout=20)
+        assert statuses(report)["migrate"] == "ok"
+    finally:
+        watcher.close()
+    assert (root / "etc" / "motd").read_text() == "v2\n"
+    assert (root / "etc" / "new.conf").read_text() == "new\n"
+    assert done.exists()
+    assert shim.stop() == 0
