@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from setpoint.proto import bundles, codec, commands, envelopes, reports
 from setpoint.proto.bundles import Bundle, BundleKind, Resource, SettingResource
 from setpoint.proto.errors import (

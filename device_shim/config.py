@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from setpoint.proto import envelopes, topics
 from setpoint.proto.errors import InvalidId, SchemaError
 

@@ -36,6 +36,7 @@ from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+
 from setpoint.proto import reports
 
 from .backoff import Backoff, Random

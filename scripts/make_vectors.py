@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from setpoint.proto import bundles, codec, commands, envelopes
 from setpoint.proto.bundles import Bundle, CommandResource, FileResource, SettingResource
 from setpoint.proto.commands import Command

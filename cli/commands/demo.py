@@ -378,7 +378,8 @@ def all_in_sync_one(watcher: Watcher, device: str) -> Callable[[], bool]:
 def edit_a_managed_file(root: Path) -> Path:
     """Append a line to the first regular file the shim wrote under ``root``."""
     for path in sorted(root.rglob("*")):
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
+        hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+        if path.is_file() and not hidden:
             with path.open("a") as fh:
                 fh.write("# edited by hand\n")
             return path

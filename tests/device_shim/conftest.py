@@ -12,19 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from shimkit import HAVE_HARNESS, FallbackBroker, Fleet, Shims, fallback_prefix
-
-if not HAVE_HARNESS:  # pragma: no cover - until tests/conftest.py provides them
-
-    @pytest.fixture
-    def broker(tmp_path: Path) -> Iterator[Any]:
-        b = FallbackBroker(tmp_path)
-        yield b
-        b.stop()
-
-    @pytest.fixture
-    def unique_prefix() -> str:
-        return fallback_prefix()
+from shimkit import Fleet, Shims
 
 
 @pytest.fixture

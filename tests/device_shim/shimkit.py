@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
+
 from setpoint.device_shim import Agent, BrokerSettings, DevicePolicy, ShimConfig
 from setpoint.proto import bundles, commands, envelopes, reports, trust
 from setpoint.proto.bundles import Bundle, Resource
@@ -343,61 +343,3 @@ class Shims:
         for shim in self.running:
             if shim.alive:
                 shim.stop()
-
-
-try:  # the project's harness (tests/conftest.py) provides `broker` and `unique_prefix`
-    from setpoint.mosquitto import Broker as _Broker  # noqa: F401
-
-    HAVE_HARNESS = True
-except ImportError:  # pragma: no cover - until the harness lands
-    HAVE_HARNESS = False
-
-
-class FallbackBroker:  # pragma: no cover - used only until the harness lands
-    """A bare private mosquitto on a free loopback port (no persistence)."""
-
-    def __init__(self, directory: Path) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.host = "127.0.0.1"
-        self.url = f"mqtt://{self.host}:{self.port}"
-        self._conf = directory / "mosquitto.conf"
-        self._conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        import socket
-
-        self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(self._conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-        def up() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex((self.host, self.port)) == 0
-
-        wait_for(up, what="mosquitto")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait()
-            self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
-def fallback_prefix() -> str:
-    import uuid
-
-    return f"setpoint-test/{uuid.uuid4().hex[:8]}/v1"

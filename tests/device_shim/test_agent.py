@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from shimkit import Fleet, Shims, on_versions, snapshot, statuses, wait_for
+
 from setpoint.device_shim import DevicePolicy
 from setpoint.proto import bundles
 from setpoint.proto.bundles import CommandResource, FileResource, SettingResource
-from shimkit import Fleet, Shims, on_versions, snapshot, statuses, wait_for
 
 pytestmark = pytest.mark.broker
 

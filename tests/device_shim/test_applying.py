@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from setpoint.device_shim import applying
 from setpoint.device_shim.applying import ApplyContext, RootFS
 from setpoint.device_shim.config import DevicePolicy

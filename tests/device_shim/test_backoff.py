@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass
 
 import pytest
+
 from setpoint.device_shim.backoff import Backoff, RetryGate
 
 

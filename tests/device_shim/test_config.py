@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from setpoint.device_shim.config import DevicePolicy, ShimConfig, load_policy, load_trusted_keys
 from setpoint.device_shim.errors import ConfigError
 from setpoint.proto import envelopes

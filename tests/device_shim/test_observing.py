@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from setpoint.device_shim.config import DevicePolicy
 from setpoint.device_shim.observing import Observer, file_digest
 from setpoint.device_shim.running import CommandRunner

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+
 from setpoint.device_shim.config import DevicePolicy
 from setpoint.device_shim.planning import (
     Blocked,

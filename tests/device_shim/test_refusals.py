@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from shimkit import Fleet, Shim, Shims, on_versions, snapshot, statuses
+
 from setpoint.device_shim import DevicePolicy
 from setpoint.proto import codec, envelopes
 from setpoint.proto.bundles import CommandResource, FileResource, SettingResource
 from setpoint.proto.reports import Report
-from shimkit import Fleet, Shim, Shims, on_versions, snapshot, statuses
 
 pytestmark = pytest.mark.broker
 

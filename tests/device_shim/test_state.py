@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from setpoint.device_shim.backoff import RetryGate
 from setpoint.device_shim.errors import StateError
 from setpoint.device_shim.state import SEQ_BLOCK, ShimState, StateStore, atomic_write

@@ -21,33 +21,18 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "device_shim"))
 
-from setpoint.proto.bundles import CommandResource, FileResource, SettingResource
 from shimkit import (
-    HAVE_HARNESS,
-    FallbackBroker,
     Fleet,
-    fallback_prefix,
     on_versions,
     statuses,
     wait_for,
 )
 
+from setpoint.proto.bundles import CommandResource, FileResource, SettingResource
+
 pytestmark = pytest.mark.broker
 
 SETPOINT = [sys.executable, "-m", "setpoint"]
-
-if not HAVE_HARNESS:  # pragma: no cover - until tests/conftest.py provides them
-
-    @pytest.fixture
-    def broker(tmp_path: Path) -> Iterator[Any]:
-        b = FallbackBroker(tmp_path)
-        yield b
-        b.stop()
-
-    @pytest.fixture
-    def unique_prefix() -> str:
-        return fallback_prefix()
-
 
 @pytest.fixture
 def fleet(broker: Any, unique_prefix: str, tmp_path: Path) -> Iterator[Fleet]:
@@ -196,8 +181,6 @@ def test_killed_during_apply_then_restarted(
     broker.start()
     watcher = Fleet(broker.host, broker.port, fleet.topics.prefix, tmp_path / "w", fleet.key)
     try:
-        if not HAVE_HARNESS:  # the fallback broker keeps nothing across a restart
-            publish_pair(watcher, 2, v2)
         report = watcher.wait_report("dev1", on_versions(2, 1), timeout=20)
         assert statuses(report)["migrate"] == "ok"
     finally:

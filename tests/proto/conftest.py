@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from setpoint.proto import envelopes
 from setpoint.proto.bundles import Bundle, CommandResource, FileResource, SettingResource
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from setpoint.proto import InvalidId, PayloadTooLarge, ProtocolError, SchemaError, bundles, codec
 from setpoint.proto.bundles import Bundle, CommandResource, FileResource, SettingResource
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import msgpack
 import pytest
+
 from setpoint.proto import DecodeError, PayloadTooLarge, ProtocolError, codec
 from setpoint.proto.codec import MAX_DEPTH
 

@@ -11,6 +11,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from setpoint.proto import ProtocolError, bundles, codec, commands, envelopes, reports
 from setpoint.proto.bundles import Bundle, CommandResource, FileResource, SettingResource
 from setpoint.proto.trust import Floor, TrustState

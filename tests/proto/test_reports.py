@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from setpoint.proto import DecodeError, InvalidId, ProtocolError, SchemaError, codec, reports
 from setpoint.proto.reports import Applied, Failure, Refusal, Report, ResourceReport
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from setpoint.proto import DecodeError, ProtocolError, SchemaError, status
 from setpoint.proto.status import DRIFT_STATES, DriftStatus, GroupStatus, ResourceDiff
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+
 from setpoint.proto import InvalidId, Topics, validate_id
 from setpoint.proto.topics import DEFAULT_PREFIX, EVENT_TYPES, TopicRef, validate_prefix
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import setpoint.proto as proto
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+import setpoint.proto as proto
 from setpoint.proto import bundles, codec, commands, envelopes
 from setpoint.proto.trust import Floor, TrustState
 

@@ -1,0 +1,50 @@
+# setpoint: the two commands a user needs are `make demo` and `make test`.
+# Both bootstrap from a fresh clone: a virtualenv in .venv, the package installed
+# editable with its extras, and a mosquitto binary (apt-get when root).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEVICES ?= 3
+PYTEST_ARGS ?=
+
+.PHONY: all demo test check bench bench-quick mosquitto venv clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+mosquitto:
+	@./scripts/bootstrap-mosquitto.sh
+
+demo: venv mosquitto
+	$(BIN)/setpoint demo --devices $(DEVICES)
+
+test: venv mosquitto
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+check: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check proto mosquitto
+	$(BIN)/mypy --strict proto
+	@# import-linter reads files on disk; the editable install maps folders, so lint a
+	@# real (non-editable) copy of the package.
+	rm -rf $(VENV)/lint-site
+	$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/lint-site .
+	cd $(VENV) && PYTHONPATH=lint-site ../$(BIN)/lint-imports --config ../.importlinter
+
+bench: venv mosquitto
+	$(BIN)/python -m bench
+
+bench-quick: venv mosquitto
+	$(BIN)/python -m bench --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,262 @@
+"""Start a private mosquitto from the project's configuration, on a free loopback port.
+
+Tests, ``setpoint demo`` and the benchmarks use this; setpoint never relies on a broker the
+machine happens to run. ``Broker`` is a context manager::
+
+    with Broker() as broker:
+        print(broker.url)        # mqtt://127.0.0.1:PORT
+        broker.kill()            # SIGKILL, as a power cut would
+        broker.start()           # same port, same data directory
+        broker.wipe()            # lose the persisted retained messages (broker stopped)
+
+``python -m setpoint.mosquitto.broker`` runs one in the foreground and prints its URL.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+
+INSTALL_HINT = (
+    "mosquitto is not installed. Install it with:\n"
+    "    sudo apt-get install -y mosquitto mosquitto-clients\n"
+    "(`make demo` and `make test` do this themselves when run as root.)"
+)
+
+SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin", "/usr/local/bin")
+
+
+class BrokerError(RuntimeError):
+    """The private broker could not be started or stopped."""
+
+
+class BrokerNotInstalled(BrokerError):
+    """No ``mosquitto`` binary on this machine; the message says how to install it."""
+
+    def __init__(self) -> None:
+        super().__init__(INSTALL_HINT)
+
+
+def find_mosquitto() -> str:
+    """The path of the ``mosquitto`` binary (``$SETPOINT_MOSQUITTO`` wins), or raise."""
+    explicit = os.environ.get("SETPOINT_MOSQUITTO")
+    if explicit:
+        if os.access(explicit, os.X_OK):
+            return explicit
+        raise BrokerError(f"SETPOINT_MOSQUITTO={explicit} is not an executable file")
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for directory in SEARCH_PATH:
+        candidate = os.path.join(directory, "mosquitto")
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise BrokerNotInstalled
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def config_template(name: str = "setpoint.conf") -> str:
+    """The text of a configuration shipped in this package."""
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+def render(template: str, values: Mapping[str, object]) -> str:
+    """Replace ``@KEY@`` placeholders; an unknown placeholder left behind is an error."""
+    text = template
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", str(value))
+    leftover = [line for line in text.splitlines() if "@" in line and not line.startswith("#")]
+    if leftover:
+        raise BrokerError(f"configuration placeholders left unfilled: {leftover}")
+    return text
+
+
+class Broker:
+    """One private mosquitto process: its port, data directory, log and lifecycle."""
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        directory: Path | str | None = None,
+        *,
+        port: int | None = None,
+        template: str = "setpoint.conf",
+        autosave_changes: int = 1,
+        extra: Mapping[str, object] | None = None,
+        startup_timeout: float = 10.0,
+    ) -> None:
+        self._own_dir = directory is None
+        self.dir = Path(directory or tempfile.mkdtemp(prefix="setpoint-broker-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.binary = find_mosquitto()
+        self.port = port or free_port(self.host)
+        self.startup_timeout = startup_timeout
+        self.conf = self.dir / "mosquitto.conf"
+        self.log = self.dir / "mosquitto.log"
+        self.db = self.dir / "mosquitto.db"
+        values: dict[str, object] = {
+            "PORT": self.port,
+            "DATADIR": self.dir,
+            "AUTOSAVE": autosave_changes,
+            "USER": getpass.getuser(),
+            **(extra or {}),
+        }
+        self.conf.write_text(render(config_template(template), values), encoding="utf-8")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> Broker:
+        """Start mosquitto and return once it accepts TCP connections."""
+        if self.running:
+            return self
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr
+                stderr = err.read().decode(errors="replace") if err is not None else ""
+                self.proc = None
+                raise BrokerError(
+                    f"mosquitto exited at start (port {self.port}): "
+                    f"{stderr.strip() or self.tail_log()}"
+                )
+            if self._accepts():
+                return self
+            if time.monotonic() > deadline:
+                self.kill()
+                raise BrokerError(
+                    f"mosquitto did not accept connections on {self.url} within "
+                    f"{self.startup_timeout:.0f}s: {self.tail_log()}"
+                )
+            time.sleep(0.005)
+
+    def _accepts(self) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.settimeout(0.2)
+            return probe.connect_ex((self.host, self.port)) == 0
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop cleanly (SIGTERM): mosquitto writes its database and exits."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reap()
+
+    def kill(self) -> None:
+        """Kill hard (SIGKILL): nothing is flushed, as on a crash or a power cut."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reap()
+
+    def _reap(self) -> None:
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def restart(self) -> Broker:
+        """Stop cleanly and start again on the same port with the same data."""
+        self.stop()
+        return self.start()
+
+    def wipe(self) -> None:
+        """Forget every persisted message and subscription (only while stopped)."""
+        if self.running:
+            raise BrokerError("wipe() needs the broker stopped")
+        self.db.unlink(missing_ok=True)
+
+    def tail_log(self, lines: int = 20) -> str:
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return "(no log written)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<Broker {self.url} {state} dir={self.dir}>"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m setpoint.mosquitto.broker",
+        description="Run setpoint's private mosquitto in the foreground until Ctrl-C.",
+    )
+    parser.add_argument("--port", type=int, default=None, help="default: a free port")
+    parser.add_argument("--dir", type=Path, default=None, help="data directory (default: temp)")
+    args = parser.parse_args(argv)
+    try:
+        broker = Broker(args.dir, port=args.port).start()
+    except BrokerError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(broker.url, flush=True)
+    try:
+        while broker.running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Fixtures every test directory shares: a real private mosquitto and a topic prefix.
+
+``broker`` is a fresh broker per test (for tests that stop, kill or wipe it);
+``broker_session`` is one broker for the whole run, for tests that only talk through it.
+Both come from ``setpoint.mosquitto.Broker``, started from ``mosquitto/setpoint.conf`` on a
+free loopback port, never the machine's own broker.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from setpoint.mosquitto import Broker
+
+
+@pytest.fixture(scope="session")
+def broker_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    with Broker(tmp_path_factory.mktemp("broker-session")) as broker:
+        yield broker
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    with Broker(tmp_path / "broker") as broker:
+        yield broker
+
+
+@pytest.fixture
+def unique_prefix() -> str:
+    """A topic prefix no other test uses, so tests sharing a broker never see each other."""
+    return f"setpoint-test/{secrets.token_hex(4)}/v1"
