@@ -1,0 +1,1 @@
+"""setpoint benchmarks: run by hand (`make bench`), never as tests."""
