@@ -34,11 +34,7 @@ check: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check proto mosquitto
 	$(BIN)/mypy --strict proto
-	@# import-linter reads files on disk; the editable install maps folders, so lint a
-	@# real (non-editable) copy of the package.
-	rm -rf $(VENV)/lint-site
-	$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/lint-site .
-	cd $(VENV) && PYTHONPATH=lint-site ../$(BIN)/lint-imports --config ../.importlinter
+	./scripts/lint-imports.sh
 
 bench: venv mosquitto
 	$(BIN)/python -m bench
