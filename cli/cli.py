@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "init": ("init", "create a new fleet repository"),
     "validate": ("validate", "check a fleet repository the way the controller does"),
     "keys": ("keys", "manage the fleet signing key"),
+    "pki": ("pki", "transport certificates: device CA, broker, clients, CRL"),
     "controller": ("controller", "run the controller: git -> signed, retained bundles"),
     "shim": ("shim", "run the device agent"),
     "status": ("status", "fleet, group and device convergence"),

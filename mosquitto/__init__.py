@@ -4,8 +4,16 @@ from setpoint.mosquitto.broker import (
     Broker,
     BrokerError,
     BrokerNotInstalled,
+    SecureBroker,
     find_mosquitto,
     free_port,
 )
 
-__all__ = ["Broker", "BrokerError", "BrokerNotInstalled", "find_mosquitto", "free_port"]
+__all__ = [
+    "Broker",
+    "BrokerError",
+    "BrokerNotInstalled",
+    "SecureBroker",
+    "find_mosquitto",
+    "free_port",
+]

@@ -232,6 +232,63 @@ class Broker:
         return f"<Broker {self.url} {state} dir={self.dir}>"
 
 
+CONTROLLER_IDENTITY = "setpoint:controller"  # the CNs `setpoint pki init` issues
+OPERATOR_IDENTITY = "setpoint:operator"
+
+
+class SecureBroker(Broker):
+    """A private mosquitto from ``secure.conf``: mutual TLS with the certificates of a PKI
+    directory made by ``setpoint pki init`` (``ca.pem``, ``broker.pem``, ``broker.key``,
+    ``crl.pem``) and the ACL of ``secure.acl`` for topic prefix ``prefix``::
+
+        with SecureBroker(tmp / "broker", pki_dir) as broker:
+            broker.url        # mqtts://127.0.0.1:PORT
+            broker.reload()   # SIGHUP: re-read the ACL and the CRL after `pki revoke`
+    """
+
+    def __init__(
+        self,
+        directory: Path | str | None = None,
+        pki_dir: Path | str | None = None,
+        *,
+        prefix: str = "setpoint/v1",
+        template: str = "secure.conf",
+        acl_template: str = "secure.acl",
+        extra: Mapping[str, object] | None = None,
+        **kw: object,
+    ) -> None:
+        if pki_dir is None:
+            raise BrokerError("SecureBroker needs pki_dir (make one with `setpoint pki init`)")
+        self.pki_dir = Path(pki_dir)
+        files = {
+            "CAFILE": self.pki_dir / "ca.pem",
+            "CERTFILE": self.pki_dir / "broker.pem",
+            "KEYFILE": self.pki_dir / "broker.key",
+            "CRLFILE": self.pki_dir / "crl.pem",
+        }
+        missing = [str(p) for p in files.values() if not p.is_file()]
+        if missing:
+            raise BrokerError(f"PKI files missing: {missing}; run `setpoint pki init {pki_dir}`")
+        self.prefix = prefix
+        super().__init__(directory, template=template, extra={**files, **(extra or {})}, **kw)  # type: ignore[arg-type]
+        self.acl = self.dir / "setpoint.acl"
+        acl = render(
+            config_template(acl_template),
+            {"PREFIX": prefix, "CONTROLLER": CONTROLLER_IDENTITY, "OPERATOR": OPERATOR_IDENTITY},
+        )
+        self.acl.write_text(acl, encoding="utf-8")
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://{self.host}:{self.port}"
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its ACL file (and, per listener, the CRL)."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise BrokerError("reload() needs the broker running")
+        self.proc.send_signal(signal.SIGHUP)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
