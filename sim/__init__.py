@@ -1,0 +1,27 @@
+"""The fleet simulator: thousands of simulated devices that behave like shims on the wire.
+
+``setpoint sim`` runs it; the benchmarks in ``bench/`` and ``make demo DEVICES=N`` use it.
+Each device has its own MQTT connection (a lean MQTT 3.1.1 client, :mod:`.mqtt`), verifies
+bundles for real with ``setpoint.proto``, applies them to memory and reports in the
+shim's format (:mod:`.devices`); :mod:`.running` paces the connections and spreads a large
+fleet over several processes.
+
+Not used by the controller or the shim: a test and demo tool.
+"""
+
+from . import devices, mqtt, running
+from .devices import Faults, Fleet, SimDevice, Verifier
+from .running import SimConfig, Swarm, device_id
+
+__all__ = [
+    "Faults",
+    "Fleet",
+    "SimConfig",
+    "SimDevice",
+    "Swarm",
+    "Verifier",
+    "device_id",
+    "devices",
+    "mqtt",
+    "running",
+]

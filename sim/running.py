@@ -1,0 +1,432 @@
+"""Running simulated devices: connections, pacing, keepalive, faults, several processes.
+
+:func:`run` is what ``setpoint sim`` calls. In one process, :class:`Swarm` owns the event
+loop's work for up to a few thousand to ten thousand devices: it opens one MQTT connection
+per device at ``connect_rate`` per second (never more than ``window`` handshakes at once),
+sends every connection's PINGREQ from one timer (no task per device), injects faults, and
+on stop says ``offline`` and disconnects each device cleanly. Above one process's file
+descriptor limit (raised to the hard limit first), :func:`run` forks several processes and
+adds up what they report.
+
+What it prints (``--json``: one JSON object per line): ``ready`` once every device is
+connected and subscribed (with the connect rate reached and the process's RSS), then
+``stopped`` with the counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final
+
+from setpoint.proto import envelopes
+from setpoint.proto.topics import Topics
+
+from . import mqtt
+from .devices import Counters, Faults, Fleet, SimDevice, Verifier
+
+FD_MARGIN: Final = 64  # descriptors kept for the loop, logs, pipes
+TICK: Final = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    host: str
+    port: int
+    devices: int
+    prefix: str = "setpoint/v1"
+    first: int = 0
+    id_prefix: str = "sim-"
+    width: int = 5
+    trust: tuple[Path, ...] = ()
+    faults: Faults = field(default_factory=Faults)
+    connect_rate: float = 2000.0
+    window: int = 256
+    keepalive: int = 60
+    echo: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    duration: float | None = None
+    max_per_process: int | None = None
+    seed: int | None = None
+
+    def device_ids(self) -> list[str]:
+        end = self.first + self.devices
+        return [device_id(i, self.id_prefix, self.width) for i in range(self.first, end)]
+
+
+def device_id(index: int, id_prefix: str = "sim-", width: int = 5) -> str:
+    """The id of simulated device ``index`` (what the fleet repository must list)."""
+    return f"{id_prefix}{index:0{width}d}"
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit; return the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident set size of a process in MB (from /proc)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class EchoDevice:
+    """The bare reference: answer every message on the desired topic, no setpoint logic."""
+
+    __slots__ = ("conn", "fleet", "id", "topic_desired", "topic_reported")
+
+    def __init__(self, device_id: str, fleet: Fleet) -> None:
+        self.id = device_id
+        self.fleet = fleet
+        self.topic_desired = fleet.topics.device_desired(device_id)
+        self.topic_reported = fleet.topics.device_reported(device_id)
+        self.conn: mqtt.Connection | None = None
+
+    def will(self) -> None:
+        return None
+
+    def connected(self, conn: mqtt.Connection) -> asyncio.Future[bytes]:
+        self.conn = conn
+        return conn.subscribe([(self.topic_desired, 1)])
+
+    def on_message(self, topic: str, payload: bytes, retain: bool) -> None:
+        if payload and self.conn is not None:
+            self.conn.publish(self.topic_reported, payload[:8], qos=1, retain=True)
+            self.fleet.counters.reports += 1
+
+
+class Swarm:
+    """Simulated devices of one process and their connections."""
+
+    def __init__(self, config: SimConfig, on_ready: Callable[[dict[str, Any]], None]) -> None:
+        self.config = config
+        self.on_ready = on_ready
+        self.rng = random.Random(config.seed)
+        verifier = None
+        if not config.echo:
+            keys = [envelopes.load_public_key(path.read_bytes()) for path in config.trust]
+            verifier = Verifier(envelopes.trusted_keys(keys))
+        self.fleet = Fleet(Topics(config.prefix), verifier, faults=config.faults, rng=self.rng)
+        kind = EchoDevice if config.echo else SimDevice
+        self.devices: list[Any] = [kind(d, self.fleet) for d in config.device_ids()]
+        self.ready = 0
+        self.connected = 0
+        self.failures = 0
+        self.stopping = False
+        self._all_ready = asyncio.Event()
+        self._window = asyncio.Semaphore(config.window)
+        self._pending: set[asyncio.Task[None]] = set()
+        self._started = 0.0
+        self._ready_at: float | None = None
+
+    # --- Connecting ----------------------------------------------------------------------
+
+    async def _connect(self, device: Any, first: bool) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.config
+        will = device.will()
+
+        def ready() -> None:
+            subscribed = device.connected(conn)
+            if first and subscribed is not None:
+                subscribed.add_done_callback(self._subscribed)
+
+        conn = mqtt.Connection(
+            device.id,
+            mqtt.connect(
+                device.id,
+                keepalive=config.keepalive,
+                will=will,
+                username=config.username,
+                password=config.password,
+            ),
+            on_message=device.on_message,
+            on_ready=ready,
+            on_lost=lambda exc: self._lost(device, conn, exc),
+        )
+        async with self._window:
+            try:
+                await loop.create_connection(lambda: conn, config.host, config.port)
+            except OSError as exc:
+                self.failures += 1
+                if first:
+                    raise ConnectionError(
+                        f"{device.id}: cannot connect to {config.host}:{config.port}: {exc}"
+                    ) from exc
+                self._later(device)
+
+    def _subscribed(self, future: asyncio.Future[bytes]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        self.ready += 1
+        if self.ready == len(self.devices):
+            self._ready_at = time.monotonic()
+            self._all_ready.set()
+
+    def _lost(self, device: Any, conn: mqtt.Connection, exc: Exception | None) -> None:
+        if device.conn is conn:
+            device.conn = None
+        if not self.stopping and exc is not None:
+            self._later(device)
+
+    def _later(self, device: Any) -> None:
+        if self.stopping:
+            return
+        low, high = self.config.faults.offline_for
+        asyncio.get_running_loop().call_later(
+            self.rng.uniform(low, high), self._spawn, device, False
+        )
+
+    def _spawn(self, device: Any, first: bool) -> None:
+        if self.stopping:
+            return
+        task = asyncio.get_running_loop().create_task(self._connect(device, first))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def connect_all(self) -> float:
+        """Open every connection at the configured rate; return connections per second."""
+        self._started = time.monotonic()
+        rate = self.config.connect_rate
+        tasks = []
+        for i, device in enumerate(self.devices):
+            due = self._started + i / rate if rate > 0 else 0.0
+            delay = due - time.monotonic()
+            if delay > 0.002:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(self._connect(device, True)))
+        await asyncio.gather(*tasks)
+        await self._all_ready.wait()
+        assert self._ready_at is not None
+        took = max(self._ready_at - self._started, 1e-6)
+        return len(self.devices) / took
+
+    # --- Running -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> Counters:
+        rate = await self.connect_all()
+        self.on_ready(
+            {
+                "event": "ready",
+                "devices": len(self.devices),
+                "seconds": round(len(self.devices) / rate, 3),
+                "connect_rate": round(rate, 1),
+                "rss_mb": round(rss_mb(), 1),
+                "pid": os.getpid(),
+            }
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._keepalive(stop), name="sim-keepalive")
+                tg.create_task(self._faults(stop), name="sim-faults")
+                await stop.wait()
+        finally:
+            await self.close()
+        return self.fleet.counters
+
+    async def _keepalive(self, stop: asyncio.Event) -> None:
+        """PINGREQ every connection each keepalive/2 seconds, in slices from one timer."""
+        period = max(1.0, self.config.keepalive / 2)
+        step = max(1, int(len(self.devices) * TICK * 5 / period) + 1)
+        index = 0
+        while not stop.is_set():
+            await asyncio.sleep(TICK * 5)
+            for device in self.devices[index : index + step]:
+                if device.conn is not None:
+                    device.conn.ping()
+            index = (index + step) % max(1, len(self.devices))
+
+    async def _faults(self, stop: asyncio.Event) -> None:
+        faults = self.fleet.faults
+        if self.config.echo or not (faults.drift or faults.churn):
+            return
+        loop = asyncio.get_running_loop()
+        drift_due = churn_due = 0.0
+        while not stop.is_set():
+            await asyncio.sleep(TICK)
+            drift_due += faults.drift * TICK
+            churn_due += faults.churn * TICK
+            while drift_due >= 1:
+                drift_due -= 1
+                device = self.rng.choice(self.devices)
+                if device.drift() and device.mode == "enforce":
+                    loop.call_later(faults.heal_after, device.heal)
+            while churn_due >= 1:
+                churn_due -= 1
+                device = self.rng.choice(self.devices)
+                if device.conn is not None:
+                    device.conn.abort()  # no DISCONNECT: the broker publishes the will
+
+    async def close(self) -> None:
+        """Say offline and disconnect cleanly, as a shim does when stopped."""
+        self.stopping = True
+        for task in list(self._pending):
+            task.cancel()
+        for device in self.devices:
+            conn = device.conn
+            if conn is None:
+                continue
+            if not self.config.echo:
+                conn.publish(device.topic_presence, b"offline", qos=1, retain=True)
+            conn.disconnect()
+        await asyncio.sleep(0)  # let the transports flush and close
+
+
+# --- Processes -----------------------------------------------------------------------------
+
+
+def _shard_main(config: SimConfig, queue: Any) -> None:
+    """A child process: run its share of devices until SIGTERM."""
+    raise_fd_limit()
+
+    async def main() -> Counters:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if config.duration is not None:
+            loop.call_later(config.duration, stop.set)
+        swarm = Swarm(config, lambda info: queue.put(info))
+        return await swarm.run(stop)
+
+    try:
+        counters = asyncio.run(main())
+        queue.put({"event": "stopped", **asdict(counters), "pid": os.getpid()})
+    except BaseException as exc:
+        queue.put({"event": "error", "error": f"{type(exc).__name__}: {exc}", "pid": os.getpid()})
+        raise
+
+
+def per_process(config: SimConfig) -> int:
+    limit = raise_fd_limit() - FD_MARGIN
+    if config.max_per_process is not None:
+        limit = min(limit, config.max_per_process)
+    return max(1, limit)
+
+
+def shards(config: SimConfig) -> list[SimConfig]:
+    """Split the fleet in processes that each stay under the descriptor limit."""
+    size = per_process(config)
+    count = -(-config.devices // size)
+    base, extra = divmod(config.devices, count)
+    out, first = [], config.first
+    for i in range(count):
+        n = base + (1 if i < extra else 0)
+        seed = None if config.seed is None else config.seed + i
+        out.append(replace(config, first=first, devices=n, seed=seed))
+        first += n
+    return out
+
+
+def run(config: SimConfig, emit: Callable[[dict[str, Any]], None]) -> int:
+    """Run the fleet (one or more processes) until SIGTERM/SIGINT or ``duration``."""
+    parts = shards(config)
+    if len(parts) == 1:
+        return _run_here(parts[0], emit)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    procs = [context.Process(target=_shard_main, args=(p, queue), daemon=True) for p in parts]
+    started = time.monotonic()
+    for proc in procs:
+        proc.start()
+
+    def forward(sig: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        ready, stopped, rss, code = 0, 0, 0.0, 0
+        totals = Counters()
+        while stopped < len(procs):
+            info = queue.get()
+            if info["event"] == "ready":
+                ready += 1
+                rss += info["rss_mb"]
+                if ready == len(procs):
+                    took = time.monotonic() - started
+                    emit(
+                        {
+                            "event": "ready",
+                            "devices": config.devices,
+                            "processes": len(procs),
+                            "seconds": round(took, 3),
+                            "connect_rate": round(config.devices / took, 1),
+                            "rss_mb": round(rss, 1),
+                        }
+                    )
+            elif info["event"] == "stopped":
+                stopped += 1
+                for key, value in info.items():
+                    if hasattr(totals, key):
+                        setattr(totals, key, getattr(totals, key) + value)
+            elif info["event"] == "error":
+                stopped += 1
+                code = 1
+                emit(info)
+                forward(signal.SIGTERM, None)
+        emit({"event": "stopped", **asdict(totals)})
+        return code
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for proc in procs:
+            proc.join(5)
+
+
+def _run_here(config: SimConfig, emit: Callable[[dict[str, Any]], None]) -> int:
+    async def main() -> Counters:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if config.duration is not None:
+            loop.call_later(config.duration, stop.set)
+        return await Swarm(config, emit).run(stop)
+
+    counters = asyncio.run(main())
+    emit({"event": "stopped", **asdict(counters)})
+    return 0
+
+
+def printer(as_json: bool) -> Callable[[dict[str, Any]], None]:
+    def emit(info: dict[str, Any]) -> None:
+        if as_json:
+            print(json.dumps(info, sort_keys=True), flush=True)
+        elif info["event"] == "ready":
+            print(
+                f"sim: {info['devices']} devices connected and subscribed in"
+                f" {info['seconds']:.2f}s ({info['connect_rate']:.0f}/s),"
+                f" RSS {info['rss_mb']:.0f} MB",
+                flush=True,
+            )
+        elif info["event"] == "error":
+            print(f"sim: error: {info['error']}", file=sys.stderr, flush=True)
+        else:
+            fields = ", ".join(f"{k} {v}" for k, v in info.items() if k != "event")
+            print(f"sim: stopped ({fields})", flush=True)
+
+    return emit
