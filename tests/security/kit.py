@@ -59,6 +59,8 @@ class Client:
         self.client.on_publish = self._on_publish
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
+        self.disconnected = threading.Event()
+        self.client.on_disconnect = lambda *a: self.disconnected.set()
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
         with self._cond:
