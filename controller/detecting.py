@@ -146,8 +146,9 @@ def detect(
         return status("unknown", reason="never reported")
     last_seen = reported_at if reported_at is not None else float(report.time)
     if presence == "offline":
-        before = previous.state if previous is not None and previous.state != "offline" else None
-        note = f"; last known state {before}" if before else ""
+        if previous is not None and previous.state == "offline":
+            return status("offline", reason=previous.reason, last_seen=last_seen)
+        note = f"; last known state {previous.state}" if previous is not None else ""
         return status("offline", reason=f"offline{note}", last_seen=last_seen)
     if desired is None:
         return status("unknown", reason="not in the fleet repository", last_seen=last_seen)

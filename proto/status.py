@@ -51,6 +51,7 @@ class DriftStatus:
     last_seen: float | None = None
     desired_device_version: int | None = None
     applied_device_version: int | None = None
+    report_seq: int | None = None
 
     def same_condition(self, other: DriftStatus | None) -> bool:
         """True when nothing an operator cares about changed (time aside)."""
@@ -101,6 +102,7 @@ def drift_from_json(data: bytes) -> DriftStatus:
             last_seen=raw.get("last_seen"),
             desired_device_version=raw.get("desired_device_version"),
             applied_device_version=raw.get("applied_device_version"),
+            report_seq=raw.get("report_seq"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise SchemaError(f"drift status is malformed: {exc!r}") from exc

@@ -30,6 +30,16 @@ def _listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 < number < 1e9:
+        raise argparse.ArgumentTypeError(f"{value!r}: use a positive number of seconds")
+    return number
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repo",
@@ -86,6 +96,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=60.0,
         help="with --once: give up after this many seconds (default 60)",
+    )
+    drift = parser.add_argument_group("drift engine (docs/drift.md)")
+    drift.add_argument(
+        "--no-drift", action="store_true", help="do not run the drift engine (bundles only)"
+    )
+    drift.add_argument(
+        "--grace",
+        type=_seconds,
+        default=300.0,
+        help="seconds a device may take to apply a new version before it is overdue (default 300)",
+    )
+    drift.add_argument(
+        "--tick",
+        type=_seconds,
+        default=1.0,
+        help="seconds between checks for overdue devices and reconcile retries (default 1)",
+    )
+    drift.add_argument(
+        "--reconcile-interval",
+        type=_seconds,
+        default=30.0,
+        help="at most one reconcile command per drifted enforce-mode device per this many"
+        " seconds (default 30)",
+    )
+    drift.add_argument(
+        "--share",
+        metavar="NAME",
+        default=None,
+        help="take live reports through the MQTT 5 shared subscription $share/NAME/...,"
+        " so several controllers split the stream",
+    )
+    drift.add_argument(
+        "--metrics-listen",
+        type=_listen,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics",
     )
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
@@ -144,6 +191,28 @@ def _config(args: argparse.Namespace) -> object:
     )
 
 
+def _extensions(args: argparse.Namespace) -> list[object]:
+    if args.no_drift or args.once:
+        return []
+    drifting = require_controller("setpoint.controller.drifting")
+    if args.share is not None:
+        from setpoint.proto.errors import InvalidId
+        from setpoint.proto.topics import validate_id
+
+        try:
+            validate_id(args.share, "--share name")
+        except InvalidId as exc:
+            raise CommandError(str(exc)) from None
+    settings = drifting.DriftSettings(
+        grace=args.grace,
+        tick=args.tick,
+        share=args.share,
+        reconcile_interval=args.reconcile_interval,
+        metrics_listen=args.metrics_listen,
+    )
+    return [drifting.DriftEngine(settings)]
+
+
 async def _main(args: argparse.Namespace, config: object) -> int:
     service = require_controller("setpoint.controller.service")
     loop = asyncio.get_running_loop()
@@ -151,7 +220,7 @@ async def _main(args: argparse.Namespace, config: object) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     log.info("starting: %s", service.describe(config))
-    async with service.Controller(config) as controller:
+    async with service.Controller(config, extensions=_extensions(args)) as controller:
         if args.once:
             settling = asyncio.ensure_future(controller.settle())
             stopping = asyncio.ensure_future(stop.wait())

@@ -1,0 +1,699 @@
+"""The drift engine: devices' reports and presence in, drift status, group status and events out.
+
+:class:`DriftEngine` is a controller extension (see :class:`~setpoint.controller.service.
+Extension`). It rides on the controller's one MQTT connection:
+
+* **Ingest.** Routes (QoS 0, so a retained flood is never cut by the broker's queue limit)
+  on ``devices/+/reported``, ``devices/+/presence``, and on ``devices/+/drift`` and
+  ``groups/+/status`` (what is retained now: the ``previous`` of every decision, and what
+  other engines decided). A handler only files the raw payload under the device named by
+  the *topic* and marks the device dirty: a flood from one device costs one dict store per
+  message, and only the latest report of each device is ever decoded (coalescing). A
+  report whose body names another device is not believed.
+* **Detection.** A worker wakes on every new report or presence, on every batch of
+  publications (a controller listener: every device is re-evaluated against the new
+  desired state), and on a periodic tick (pending devices becoming overdue, reconcile
+  retries). It calls the pure :func:`~setpoint.controller.detecting.detect` for each
+  device it has to look at and compares with what is retained: level-triggered, so a lost
+  or duplicated message changes nothing.
+* **Output, only on change.** Retained JSON drift status per device, a retained group
+  summary per group, and a non-retained ``drift`` event (``opened``, ``changed``,
+  ``resolved``) with the previous state and when it began.
+* **Remediation.** A device of an ``enforce`` group that is drifted gets a signed
+  ``reconcile`` command (rate-limited per device); ``observe`` groups are only reported.
+* **Restart.** Nothing is published before the retained reports, presence and drift
+  statuses have all arrived (a barrier round trip) and the controller has settled its
+  desired state; decisions equal to what is retained publish nothing, so a restart makes
+  no burst of events. After a reconnect, drift and group statuses the broker lost are
+  published again (without events).
+* **Sharing the stream.** With ``share=NAME`` the live reports come through the MQTT 5
+  shared subscription ``$share/NAME/<prefix>/devices/+/reported`` (each report reaches one
+  of the engines); retained reports are not delivered to shared subscriptions, so each
+  engine reads them once per connection with a plain subscription on a short-lived second
+  connection. Presence (rare) and drift statuses are read by every engine. Every status
+  carries the ``report_seq`` it was computed from; on a re-evaluation that no message
+  triggered (a publication, a tick), an engine holding an older report than the one
+  behind the retained status leaves that device to the engine that has the newer one.
+
+What it does not do: publish bundles (the controller does), or keep history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import aiomqtt
+
+from setpoint.proto import bundles, commands, envelopes, reports, status
+from setpoint.proto.bundles import Bundle
+from setpoint.proto.errors import ProtocolError
+from setpoint.proto.reports import Report
+from setpoint.proto.status import DRIFT_STATES, DriftStatus, GroupStatus
+
+from . import detecting
+from .broker import Message, Session, _tls_context
+from .detecting import Desired
+from .errors import BrokerUnavailable
+from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .service import Controller, Publication
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TICK: Final = 1.0
+DEFAULT_RECONCILE_INTERVAL: Final = 30.0
+COMMAND_TTL: Final = 300
+MAX_DEVICES: Final = 100_000
+PUBLISH_CONCURRENCY: Final = 64
+SETTLE_TIMEOUT: Final = 30.0
+Change = Literal["opened", "changed", "resolved"]
+
+
+@dataclass(frozen=True, slots=True)
+class DriftSettings:
+    """How the engine runs (``setpoint controller`` flags)."""
+
+    grace: float = detecting.DEFAULT_GRACE
+    tick: float = DEFAULT_TICK
+    share: str | None = None
+    reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
+    command_ttl: int = COMMAND_TTL
+    metrics_listen: tuple[str, int] | None = None
+    max_devices: int = MAX_DEVICES
+
+
+@dataclass(slots=True)
+class _Device:
+    """Everything the engine knows about one device (mutable; owned by the engine)."""
+
+    name: str
+    raw: bytes | None = None  # the latest report not decoded yet (b"": cleared)
+    arrived: float = 0.0  # wall time the latest raw report or presence arrived
+    raw_at: float = 0.0  # wall time the latest raw report arrived
+    live: bool = False  # a report came from the live stream (shared mode)
+    report: Report | None = None
+    reported_at: float | None = None
+    report_error: str = ""
+    presence: str | None = None
+    status: DriftStatus | None = None  # what the broker retains (ours or another engine's)
+    last_command: float | None = None  # monotonic
+    command_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Fleet:
+    """The desired side, rebuilt from the controller after each batch of publications."""
+
+    desired: dict[str, Desired] = field(default_factory=dict)
+    groups: dict[str, Bundle] = field(default_factory=dict)
+    commits: dict[str, str] = field(default_factory=dict)
+    members: dict[str, list[str]] = field(default_factory=dict)
+
+
+def change_of(previous: DriftStatus | None, new: DriftStatus) -> Change | None:
+    """The drift event a status change makes, or None when it makes none.
+
+    ``opened``: it was in sync (or new) and is not; ``resolved``: it is in sync again;
+    ``changed``: another state, or the same drift on other resources. Pure.
+    """
+    if previous is None:
+        return "changed" if new.state == "in_sync" else "opened"
+    if previous.state == new.state:
+        if new.state == "drifted" and previous.resources != new.resources:
+            return "changed"
+        return None
+    if new.state == "in_sync":
+        return "resolved"
+    if previous.state == "in_sync":
+        return "opened"
+    return "changed"
+
+
+def drift_event_fields(
+    previous: DriftStatus | None, new: DriftStatus, change: Change
+) -> dict[str, Any]:
+    """The fields of a ``drift`` event (see ``proto/SPEC.md`` 7.3). Pure."""
+    body = status.drift_to_dict(new)
+    body.pop("last_seen", None)
+    body["change"] = change
+    body["previous"] = previous.state if previous is not None else None
+    body["previous_since"] = previous.since if previous is not None else None
+    return body
+
+
+def desired_for(published: dict[Any, Any]) -> _Fleet:
+    """Per device, its :class:`Desired`, from the controller's published bundles. Pure."""
+    groups: dict[str, Any] = {}
+    devices: dict[str, Any] = {}
+    for target, current in published.items():
+        (groups if target.kind == "group" else devices)[target.id] = current
+    fleet = _Fleet(
+        groups={g: c.bundle for g, c in groups.items()},
+        commits={g: c.bundle.commit for g, c in groups.items()},
+    )
+    for device, current in devices.items():
+        bundle: Bundle = current.bundle
+        group_id = bundle.group
+        if group_id is None or group_id not in groups:
+            continue
+        group_current = groups[group_id]
+        group: Bundle = group_current.bundle
+        newest = max((group_current, current), key=lambda c: c.published_at or 0.0)
+        fleet.desired[device] = Desired(
+            device=device,
+            group=group_id,
+            mode=group.mode,
+            group_version=group.version,
+            group_digest=group.content_digest(),
+            device_version=bundle.version,
+            device_digest=bundle.content_digest(),
+            commit=newest.bundle.commit,
+            resources=tuple(bundles.effective(group, bundle)),
+            published_at=max(group_current.published_at or 0.0, current.published_at or 0.0),
+        )
+        fleet.members.setdefault(group_id, []).append(device)
+    return fleet
+
+
+class DriftEngine:
+    """The drift engine, as a controller extension (``name``, ``attach``, ``run``)."""
+
+    name = "drift"
+
+    def __init__(
+        self,
+        settings: DriftSettings | None = None,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings or DriftSettings()
+        self.metrics = metrics or Metrics()
+        self._clock = clock
+        self._devices: dict[str, _Device] = {}
+        self._dirty: set[str] = set()
+        self._full = True
+        self._restore = False
+        self._group_status: dict[str, GroupStatus] = {}
+        self._drift_delivered: set[str] = set()
+        self._groups_delivered: set[str] = set()
+        self._wake = asyncio.Event()
+        self._synced = asyncio.Event()
+        self._sessions_synced = 0
+        self._fleet = _Fleet()
+        self._fleet_stale = True
+        self._refused_logged: dict[str, str] = {}
+        self._key: Any = None
+        self._controller: Controller | None = None
+        self.ready = asyncio.Event()
+        self.passes = 0
+        self._stepped = asyncio.Condition()
+        self.decoded = 0
+        self.events_published = 0
+
+    # --- Wiring ----------------------------------------------------------------------------
+
+    def attach(self, controller: Controller) -> None:
+        self._controller = controller
+        link, topics = controller.link, controller.topics
+        self._topics = topics
+        self._key = envelopes.load_private_key(controller.config.key_path.read_bytes())
+        reported = topics.all_reported()
+        if self.settings.share:
+            link.route(topics.shared(self.settings.share, reported), self._on_report)
+        else:
+            link.route(reported, self._on_report)
+        link.route(topics.all_presence(), self._on_presence)
+        link.route(topics.all_drift(), self._on_drift, no_local=True)
+        link.route(topics.all_group_status(), self._on_group_status, no_local=True)
+        link.on_connect(self._connected)
+        link.on_session("drift-sync", self._sync)
+        controller.add_listener(self._published)
+
+    async def run(self) -> None:
+        listen = self.settings.metrics_listen
+        if listen is not None:
+            port = await asyncio.to_thread(self.metrics.serve, *listen)
+            log.info("metrics on http://%s:%d/metrics", listen[0] or "0.0.0.0", port)
+        try:
+            await self._synced.wait()
+            assert self._controller is not None
+            try:
+                await self._controller.settle(timeout=SETTLE_TIMEOUT)
+            except TimeoutError:
+                log.warning("drift: the controller has not settled; evaluating anyway")
+            self._full = True
+            self.ready.set()
+            log.info("drift engine ready: %d devices known", len(self._devices))
+            await self._working()
+        finally:
+            await asyncio.to_thread(self.metrics.close)
+
+    # --- Ingest (called in the link's pump: must be quick) ----------------------------------
+
+    def _device(self, name: str) -> _Device | None:
+        dev = self._devices.get(name)
+        if dev is None:
+            if len(self._devices) >= self.settings.max_devices:
+                self._refuse(name, "too-many-devices", f"over {self.settings.max_devices} devices")
+                return None
+            dev = self._devices[name] = _Device(name)
+        return dev
+
+    def _name(self, message: Message, kind: str) -> str | None:
+        try:
+            ref = self._topics.parse(message.topic)
+        except ProtocolError:
+            self.metrics.reports_rejected.labels("bad-topic").inc()
+            return None
+        return ref.name if ref.kind == kind else None
+
+    def _refuse(self, device: str, reason: str, detail: str) -> None:
+        self.metrics.reports_rejected.labels(reason).inc()
+        if self._refused_logged.get(device) != reason:  # once per device and reason in a row
+            self._refused_logged[device] = reason
+            log.warning("report from %s not believed (%s): %s", device, reason, detail)
+
+    def _on_report(self, message: Message, *, from_retained_read: bool = False) -> None:
+        name = self._name(message, "device-reported")
+        if name is None:
+            return
+        self.metrics.reports.inc()
+        if len(message.payload) > reports.MAX_REPORT_BYTES:
+            self._refuse(name, "too-large", f"{len(message.payload)} bytes")
+            return
+        dev = self._device(name)
+        if dev is None:
+            return
+        if from_retained_read:
+            if dev.live:
+                return  # the live stream already brought something newer
+        elif not message.retain:
+            dev.live = True
+        if dev.raw is not None:
+            self.metrics.coalesced.inc()
+        dev.raw = message.payload
+        dev.arrived = dev.raw_at = self._clock()
+        self._touch(name)
+
+    def _on_presence(self, message: Message) -> None:
+        name = self._name(message, "device-presence")
+        if name is None:
+            return
+        self.metrics.presence.inc()
+        if not message.payload:
+            presence = None
+        else:
+            try:
+                presence = reports.decode_presence(message.payload)
+            except ProtocolError as exc:
+                self._refuse(name, "bad-presence", str(exc))
+                return
+        dev = self._devices.get(name) if presence is None else self._device(name)
+        if dev is None or dev.presence == presence:
+            return
+        dev.presence = presence
+        dev.arrived = self._clock()
+        self._touch(name)
+
+    def _on_drift(self, message: Message) -> None:
+        name = self._name(message, "device-drift")
+        if name is None:
+            return
+        self._drift_delivered.add(name)
+        if not message.payload:
+            dev = self._devices.get(name)
+            if dev is not None:
+                dev.status = None
+            return
+        try:
+            found = status.drift_from_json(message.payload)
+        except ProtocolError as exc:
+            log.warning("ignoring unreadable drift status of %s: %s", name, exc)
+            return
+        if found.device != name:
+            return
+        dev = self._device(name)
+        if dev is not None:
+            dev.status = found
+
+    def _on_group_status(self, message: Message) -> None:
+        name = self._name(message, "group-status")
+        if name is None:
+            return
+        self._groups_delivered.add(name)
+        if not message.payload:
+            self._group_status.pop(name, None)
+            return
+        with contextlib.suppress(ProtocolError):
+            self._group_status[name] = status.group_status_from_json(message.payload)
+
+    def _touch(self, name: str) -> None:
+        self._dirty.add(name)
+        self._wake.set()
+
+    def _published(self, batch: Sequence[Publication]) -> None:
+        for p in batch:
+            self.metrics.publications.labels(p.target.kind, p.reason).inc()
+        self._fleet_stale = True
+        self._full = True
+        self._wake.set()
+
+    def _connected(self) -> None:
+        self._drift_delivered.clear()
+        self._groups_delivered.clear()
+
+    async def _sync(self, session: Session) -> None:
+        """Once per connection: wait until every retained message has arrived."""
+        assert self._controller is not None
+        await self._controller.link.barrier()
+        if self.settings.share:
+            await self._read_retained_reports()
+        self._sessions_synced += 1
+        if self._sessions_synced > 1:
+            self._restore = True  # the broker may have lost what we published
+            self._full = True
+        self._synced.set()
+        self._wake.set()
+
+    async def _read_retained_reports(self) -> None:
+        """Shared mode: read the retained reports once with a plain subscription."""
+        assert self._controller is not None
+        s = self._controller.link.settings
+        ident = f"{self._controller.link.client_id}-r{secrets.token_hex(2)}"
+        marker = self._topics.barrier(ident)
+        async with aiomqtt.Client(
+            s.host,
+            s.port,
+            identifier=ident,
+            username=s.username,
+            password=s.password,
+            tls_context=_tls_context(s),
+            timeout=s.connect_timeout,
+        ) as client:
+            await client.subscribe([(self._topics.all_reported(), 0), (marker, 0)])
+            await client.publish(marker, b"x", qos=1)
+            count = 0
+            async with asyncio.timeout(max(30.0, self._controller.link.publish_timeout)):
+                async for raw in client.messages:
+                    topic = str(raw.topic)
+                    if topic == marker:
+                        break
+                    if raw.retain and isinstance(raw.payload, bytes | bytearray):
+                        count += 1
+                        self._on_report(
+                            Message(topic, bytes(raw.payload), True), from_retained_read=True
+                        )
+        log.info("drift: read %d retained reports (shared mode)", count)
+
+    # --- The worker ------------------------------------------------------------------------
+
+    async def _working(self) -> None:
+        assert self._controller is not None
+        link = self._controller.link
+        tick = max(0.05, self.settings.tick)
+        next_tick = time.monotonic() + tick
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_tick - time.monotonic())):
+                    await self._wake.wait()
+            self._wake.clear()
+            ticking = time.monotonic() >= next_tick
+            if ticking:
+                next_tick = time.monotonic() + tick
+            await link.wait_connected()
+            try:
+                await self.step(tick=ticking)
+            except BrokerUnavailable as exc:
+                log.warning(
+                    "drift: publishing interrupted (%s); re-evaluating after reconnect", exc
+                )
+                self._full = True
+
+    def _refresh_fleet(self) -> None:
+        if self._fleet_stale:
+            assert self._controller is not None
+            self._fleet = desired_for(self._controller.published())
+            self._fleet_stale = False
+
+    def _decode(self, dev: _Device) -> None:
+        raw, dev.raw = dev.raw, None
+        if raw is None:
+            return
+        self.decoded += 1
+        if not raw:  # cleared retained report: the device was reset or removed
+            dev.report, dev.reported_at, dev.report_error = None, None, ""
+            return
+        try:
+            report = reports.decode(raw)
+        except ProtocolError as exc:
+            self._refuse(dev.name, "malformed", str(exc))
+            dev.report_error = f"malformed: {exc}"
+            return
+        if report.device != dev.name:
+            error = f"the report on {dev.name}'s topic claims to be from {report.device!r}"
+            self._refuse(dev.name, "wrong-device", error)
+            dev.report_error = f"wrong-device: {error}"
+            return
+        self._refused_logged.pop(dev.name, None)
+        dev.report, dev.reported_at, dev.report_error = report, dev.raw_at, ""
+
+    def _evaluate(self, dev: _Device, now: float) -> DriftStatus | None:
+        desired = self._fleet.desired.get(dev.name)
+        if desired is None and dev.report is None and dev.presence is None and not dev.report_error:
+            return None  # nothing to say about it: its status is cleared
+        reported_at = dev.reported_at
+        old = dev.status
+        if old is not None and dev.report is not None and old.report_seq == dev.report.seq:
+            reported_at = old.last_seen or reported_at  # the same report, read again
+        new = detecting.detect(
+            desired,
+            dev.report,
+            dev.presence,
+            now,
+            device=dev.name,
+            previous=old,
+            reported_at=reported_at,
+            grace=self.settings.grace,
+        )
+        if dev.report is None and dev.report_error and new.state == "unknown":
+            new = replace(new, reason=f"no readable report ({dev.report_error})")
+        seq = dev.report.seq if dev.report is not None else None
+        return replace(new, report_seq=seq)
+
+    def _stale_here(self, dev: _Device) -> bool:
+        """Shared mode: another engine decided from a newer report than ours."""
+        if not self.settings.share or dev.status is None or dev.status.report_seq is None:
+            return False
+        return dev.report is None or dev.report.seq < dev.status.report_seq
+
+    async def step(self, *, tick: bool = False) -> None:
+        """One pass: decide every device that needs it, publish what changed."""
+        self.passes += 1
+        self._refresh_fleet()
+        now = self._clock()
+        triggered, self._dirty = self._dirty, set()
+        full, self._full = self._full, False
+        restore, self._restore = self._restore, False
+        names: set[str] = set(triggered)
+        if full:
+            names |= set(self._devices) | set(self._fleet.desired)
+        elif tick:
+            names |= {
+                n
+                for n, d in self._devices.items()
+                if d.status is not None
+                and (d.status.state == "pending" or self._wants_command(d, d.status))
+            }
+        outputs: list[Any] = []
+        touched_groups: set[str] = set()
+        latencies: list[float] = []
+        for name in sorted(names):
+            dev = self._device(name)
+            if dev is None:
+                continue
+            self._decode(dev)
+            if name not in triggered and self._stale_here(dev):
+                continue
+            new = self._evaluate(dev, now)
+            if name in triggered:
+                latencies.append(dev.arrived)
+            old = dev.status
+            if new is None:
+                if old is not None:
+                    outputs.append(self._clear(dev))
+                    touched_groups.add(old.group or "")
+                del self._devices[name]
+                continue
+            if old is None or not new.same_condition(old):
+                outputs.append(self._publish_status(dev, old, new))
+                touched_groups |= {new.group or "", (old.group or "") if old else ""}
+            elif restore and name not in self._drift_delivered:
+                outputs.append(self._publish_status(dev, old, old, event=False))
+            if self._wants_command(dev, new):
+                outputs.append(self._command(dev, new))
+        if full or restore:
+            touched_groups |= set(self._fleet.groups) | set(self._group_status)
+        await self._gather(outputs)
+        await self._publish_groups(touched_groups, now, restore)
+        done = self._clock()
+        for arrived in latencies:
+            self.metrics.latency.observe(max(0.0, done - arrived))
+        self._set_gauges()
+        async with self._stepped:
+            self._stepped.notify_all()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds after a pass (for tests and tools)."""
+        async with asyncio.timeout(timeout), self._stepped:
+            await self._stepped.wait_for(predicate)
+
+    async def _gather(self, coros: list[Any]) -> None:
+        if not coros:
+            return
+        semaphore = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+
+        async def limited(coro: Any) -> None:
+            async with semaphore:
+                await coro
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for coro in coros:
+                    tg.create_task(limited(coro))
+        except* BrokerUnavailable as group:
+            raise group.exceptions[0] from None
+
+    # --- Output ----------------------------------------------------------------------------
+
+    async def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        assert self._controller is not None
+        await self._controller.link.publish(topic, payload, qos=1, retain=retain)
+
+    async def _publish_status(
+        self, dev: _Device, old: DriftStatus | None, new: DriftStatus, *, event: bool = True
+    ) -> None:
+        await self._publish(self._topics.device_drift(dev.name), new.to_json(), retain=True)
+        dev.status = new
+        change = change_of(old, new) if event else None
+        if change is None:
+            return
+        if change != "changed" or new.state != "in_sync" or old is not None:
+            log.info(
+                "drift %s: %s %s -> %s%s",
+                change,
+                dev.name,
+                old.state if old else "-",
+                new.state,
+                f" ({', '.join(r.id for r in new.resources)})" if new.resources else "",
+            )
+        payload = status.event("drift", self._clock(), **drift_event_fields(old, new, change))
+        await self._publish(self._topics.event("drift"), payload, retain=False)
+        self.events_published += 1
+        self.metrics.drift_events.labels(new.group or "-", change).inc()
+
+    async def _clear(self, dev: _Device) -> None:
+        await self._publish(self._topics.device_drift(dev.name), b"", retain=True)
+        dev.status = None
+
+    def _wants_command(self, dev: _Device, new: DriftStatus) -> bool:
+        desired = self._fleet.desired.get(dev.name)
+        if new.state != "drifted" or desired is None or desired.mode != "enforce":
+            return False
+        last = dev.last_command
+        return last is None or time.monotonic() - last >= self.settings.reconcile_interval
+
+    async def _command(self, dev: _Device, new: DriftStatus) -> None:
+        dev.last_command = time.monotonic()
+        now = self._clock()
+        # Milliseconds since the epoch: strictly increasing across restarts without state.
+        seq = max(dev.command_seq + 1, int(now * 1000))
+        why = "drifted: " + ", ".join(r.id for r in new.resources)
+        command = commands.Command(
+            dev.name, "reconcile", seq, int(now), int(now) + self.settings.command_ttl, why[:256]
+        )
+        await self._publish(
+            self._topics.device_command(dev.name),
+            commands.sign(command, [self._key]),
+            retain=False,
+        )
+        dev.command_seq = seq
+        log.info("reconcile command seq %d sent to %s (%s)", seq, dev.name, why)
+        self.metrics.commands.labels(new.group or "-").inc()
+        event = status.event(
+            "reconcile", now, device=dev.name, group=new.group, seq=seq, reason=why
+        )
+        await self._publish(self._topics.event("reconcile"), event, retain=False)
+
+    def group_statuses(self, now: float | None = None) -> dict[str, GroupStatus]:
+        """Every group's summary, from the statuses retained now."""
+        now = self._clock() if now is None else now
+        result: dict[str, GroupStatus] = {}
+        for group, bundle in self._fleet.groups.items():
+            members = [self._devices.get(d) for d in self._fleet.members.get(group, [])]
+            statuses = [
+                d.status if d is not None and d.status is not None else self._unknown(d, group)
+                for d in members
+            ]
+            result[group] = detecting.summarise(
+                group,
+                statuses,
+                version=bundle.version,
+                commit=self._fleet.commits.get(group),
+                mode=bundle.mode,
+                now=now,
+            )
+        return result
+
+    @staticmethod
+    def _unknown(dev: _Device | None, group: str) -> DriftStatus:
+        return DriftStatus(dev.name if dev else "?", group, "unknown", None, None, None, 0.0)
+
+    async def _publish_groups(self, groups: set[str], now: float, restore: bool) -> None:
+        if not groups:
+            return
+        current = self.group_statuses(now)
+        outputs = []
+        for group in sorted(g for g in groups if g):
+            new = current.get(group)
+            old = self._group_status.get(group)
+            if new is None:
+                if old is not None:
+                    outputs.append(self._publish_group(group, None))
+                continue
+            if old is None or replace(old, time=0.0) != replace(new, time=0.0):
+                outputs.append(self._publish_group(group, new))
+            elif restore and group not in self._groups_delivered:
+                outputs.append(self._publish_group(group, old))
+        await self._gather(outputs)
+
+    async def _publish_group(self, group: str, new: GroupStatus | None) -> None:
+        payload = new.to_json() if new is not None else b""
+        await self._publish(self._topics.group_status(group), payload, retain=True)
+        if new is None:
+            self._group_status.pop(group, None)
+        else:
+            self._group_status[group] = new
+
+    def _set_gauges(self) -> None:
+        counts: dict[str, dict[str, int]] = {g: {} for g in self._fleet.groups}
+        for dev in self._devices.values():
+            if dev.status is None:
+                continue
+            per = counts.setdefault(dev.status.group or "", {})
+            per[dev.status.state] = per.get(dev.status.state, 0) + 1
+        self.metrics.set_devices(counts, DRIFT_STATES)
+
+    # --- For tests and tools ----------------------------------------------------------------
+
+    def statuses(self) -> dict[str, DriftStatus]:
+        """Every device's status as retained now (ours or another engine's)."""
+        return {n: d.status for n, d in sorted(self._devices.items()) if d.status is not None}

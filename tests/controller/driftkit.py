@@ -1,0 +1,222 @@
+"""Helpers for the drift engine's tests against a real mosquitto.
+
+``run_drift`` starts a real :class:`Controller` with a :class:`DriftEngine`; ``Devices``
+publishes reports and presence the way a device does (msgpack on the real topics);
+``DriftWatch`` is a plain MQTT subscriber to drift statuses, group statuses, drift and
+reconcile events and device commands, with a barrier to prove nothing more is on its way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from setpoint.controller.broker import Backoff, BrokerSettings
+from setpoint.controller.detecting import Desired
+from setpoint.controller.drifting import DriftEngine, DriftSettings
+from setpoint.controller.service import Controller, ControllerConfig
+from setpoint.proto import bundles, reports, status
+from setpoint.proto.reports import Applied, Report, ResourceReport
+from setpoint.proto.status import DriftStatus, GroupStatus
+from setpoint.proto.topics import Topics
+
+TIMEOUT = 10.0
+
+
+@contextlib.asynccontextmanager
+async def run_drift(
+    broker: Any,
+    prefix: str,
+    repo: Any,
+    key: Path,
+    state_dir: Path,
+    *,
+    client_id: str = "",
+    **settings: Any,
+) -> AsyncIterator[tuple[Controller, DriftEngine]]:
+    """A real controller with the drift engine, ready (retained state read, desired settled)."""
+    settings.setdefault("grace", 60.0)
+    settings.setdefault("tick", 0.2)
+    config = ControllerConfig(
+        repo=str(getattr(repo, "path", repo)),
+        broker=BrokerSettings(broker.host, broker.port, client_id=client_id),
+        key_path=key,
+        state_dir=state_dir,
+        prefix=prefix,
+        backoff=Backoff(initial=0.05, maximum=0.3),
+        publish_timeout=5.0,
+    )
+    engine = DriftEngine(DriftSettings(**settings))
+    async with Controller(config, extensions=[engine]) as controller:
+        async with asyncio.timeout(TIMEOUT):
+            await engine.ready.wait()
+        yield controller, engine
+
+
+def in_sync_report(desired: Desired, seq: int, **changes: Any) -> Report:
+    """The report a device on exactly ``desired`` sends."""
+    base = Report(
+        device=desired.device,
+        time=1_800_000_000,
+        seq=seq,
+        shim_version="test",
+        mode=desired.mode,
+        group=desired.group,
+        applied_group=Applied(
+            desired.group, desired.group_version, desired.commit, desired.group_digest
+        ),
+        applied_device=Applied(
+            desired.device, desired.device_version, desired.commit, desired.device_digest
+        ),
+        resources=tuple(
+            ResourceReport(r.id, r.kind, "ok", bundles.resource_digest(r))
+            for r in desired.resources
+        ),
+    )
+    return replace(base, **changes)
+
+
+def drifted_report(desired: Desired, seq: int, resource: str, why: str = "edited") -> Report:
+    base = in_sync_report(desired, seq)
+    return replace(
+        base,
+        resources=tuple(
+            ResourceReport(r.id, r.kind, "drifted", "0" * 64, why) if r.id == resource else r
+            for r in base.resources
+        ),
+    )
+
+
+class DriftWatch:
+    """A plain subscriber: what any operator tool sees."""
+
+    def __init__(self, host: str, port: int, prefix: str) -> None:
+        self.host, self.port = host, port
+        self.topics = Topics(prefix)
+        self.drift: dict[str, DriftStatus] = {}
+        self.groups: dict[str, GroupStatus] = {}
+        self.events: list[dict[str, Any]] = []
+        self.commands: list[tuple[str, bytes]] = []
+        self._marks: set[str] = set()
+        self._changed = asyncio.Condition()
+        self._client: aiomqtt.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._id = f"watch-{secrets.token_hex(4)}"
+
+    async def __aenter__(self) -> DriftWatch:
+        self._client = aiomqtt.Client(self.host, self.port, identifier=self._id)
+        await self._client.__aenter__()
+        await self._client.subscribe(
+            [
+                (self.topics.all_drift(), 0),
+                (self.topics.all_group_status(), 0),
+                (self.topics.event("drift"), 1),
+                (self.topics.event("reconcile"), 1),
+                (f"{self.topics.prefix}/devices/+/command", 1),
+                (self.topics.barrier(self._id), 1),
+            ]
+        )
+        self._task = asyncio.create_task(self._pump())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._task is not None and self._client is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await self._task
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._client.__aexit__(None, None, None)
+
+    async def _pump(self) -> None:
+        assert self._client is not None
+        async for message in self._client.messages:
+            payload = bytes(message.payload)  # type: ignore[arg-type]
+            topic = str(message.topic)
+            async with self._changed:
+                if topic == self.topics.barrier(self._id):
+                    self._marks.add(payload.decode())
+                else:
+                    ref = self.topics.parse(topic)
+                    if ref.kind == "device-drift":
+                        if payload:
+                            self.drift[ref.name] = status.drift_from_json(payload)
+                        else:
+                            self.drift.pop(ref.name, None)
+                    elif ref.kind == "group-status" and payload:
+                        self.groups[ref.name] = status.group_status_from_json(payload)
+                    elif ref.kind == "event":
+                        self.events.append(status.event_from_json(payload))
+                    elif ref.kind == "device-command":
+                        self.commands.append((ref.name, payload))
+                self._changed.notify_all()
+
+    async def wait(self, predicate: Callable[[], Any], timeout: float = TIMEOUT) -> None:
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(predicate)
+        except TimeoutError:
+            states = {d: s.state for d, s in self.drift.items()}
+            seen = [(e.get("device"), e.get("change"), e.get("state")) for e in self.events]
+            raise AssertionError(f"timed out; drift={states} events={seen}") from None
+
+    async def barrier(self) -> None:
+        """Return once everything published before this call has arrived here."""
+        assert self._client is not None
+        mark = secrets.token_hex(4)
+        await self._client.publish(self.topics.barrier(self._id), mark.encode(), qos=1)
+        await self.wait(lambda: mark in self._marks)
+
+    def state(self, device: str) -> str | None:
+        found = self.drift.get(device)
+        return found.state if found else None
+
+    def drift_events(self, device: str | None = None) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.events
+            if e["type"] == "drift" and (device is None or e["device"] == device)
+        ]
+
+    def is_(self, device: str, state: str) -> Callable[[], bool]:
+        return lambda: self.state(device) == state
+
+
+class Devices:
+    """Publishes reports and presence as devices do (retained, QoS 1)."""
+
+    def __init__(self, host: str, port: int, prefix: str) -> None:
+        self.host, self.port = host, port
+        self.topics = Topics(prefix)
+        self._client: aiomqtt.Client | None = None
+
+    async def __aenter__(self) -> Devices:
+        self._client = aiomqtt.Client(
+            self.host, self.port, identifier=f"devices-{secrets.token_hex(4)}"
+        )
+        await self._client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._client is not None
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._client.__aexit__(None, None, None)
+
+    async def raw(self, device: str, payload: bytes, *, qos: int = 1, retain: bool = True) -> None:
+        assert self._client is not None
+        await self._client.publish(
+            self.topics.device_reported(device), payload, qos=qos, retain=retain
+        )
+
+    async def report(self, report: Report, *, on: str | None = None, qos: int = 1) -> None:
+        await self.raw(on or report.device, reports.encode(report), qos=qos)
+
+    async def presence(self, device: str, value: bytes) -> None:
+        assert self._client is not None
+        await self._client.publish(self.topics.device_presence(device), value, qos=1, retain=True)

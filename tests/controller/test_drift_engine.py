@@ -1,0 +1,299 @@
+"""The drift engine against a real mosquitto and a real git repository.
+
+Devices are played by a plain MQTT client publishing real msgpack reports on the real
+topics (the shim itself is exercised in ``tests/e2e/test_drift_cli.py``), so each test
+can say exactly what a device claims, including what a broken or hostile one would.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from driftkit import Devices, DriftWatch, drifted_report, in_sync_report, run_drift
+
+from setpoint.controller.drifting import DriftEngine, change_of
+from setpoint.proto import commands, envelopes, reports
+from setpoint.proto.status import DriftStatus
+from setpoint.proto.trust import PAYLOAD_TYPES
+
+pytestmark = pytest.mark.broker
+DEVICES = ("gw-01", "kiosk-01", "kiosk-02")
+
+
+@pytest.fixture
+def drift(broker: Any, unique_prefix: str, example_repo: Any, signing_key: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    def start(**settings: Any):  # type: ignore[no-untyped-def]
+        settings.setdefault("state_dir", tmp_path / "state")
+        state_dir = settings.pop("state_dir")
+        return run_drift(broker, unique_prefix, example_repo, signing_key, state_dir, **settings)
+
+    return start
+
+
+@pytest.fixture
+async def watch(broker: Any, unique_prefix: str):  # type: ignore[no-untyped-def]
+    async with DriftWatch(broker.host, broker.port, unique_prefix) as w:
+        yield w
+
+
+@pytest.fixture
+async def devices(broker: Any, unique_prefix: str):  # type: ignore[no-untyped-def]
+    async with Devices(broker.host, broker.port, unique_prefix) as d:
+        yield d
+
+
+async def all_in_sync(engine: DriftEngine, devices: Devices, watch: DriftWatch) -> None:
+    for n, name in enumerate(DEVICES):
+        await devices.report(in_sync_report(engine._fleet.desired[name], seq=n + 1))
+    await watch.wait(lambda: all(watch.state(d) == "in_sync" for d in DEVICES))
+    await watch.wait(
+        lambda: all(
+            watch.drift_events(d) and watch.drift_events(d)[-1]["state"] == "in_sync"
+            for d in DEVICES
+        )
+    )
+
+
+def rejected(engine: DriftEngine, reason: str) -> float:
+    return engine.metrics.reports_rejected.labels(reason)._value.get()
+
+
+async def test_hand_edit_opens_drift_and_healing_resolves_it(drift, watch, devices) -> None:  # type: ignore[no-untyped-def]
+    async with drift() as (_controller, engine):
+        await watch.wait(lambda: {"kiosks", "gateways"} <= set(watch.groups))
+        assert all(watch.state(d) == "unknown" for d in DEVICES)  # never reported
+        await all_in_sync(engine, devices, watch)
+        await watch.wait(lambda: watch.groups["kiosks"].converged_pct == 100.0)
+        desired = engine._fleet.desired["gw-01"]
+
+        await devices.report(drifted_report(desired, 10, "uplink-interval", "set to 5"))
+        await watch.wait(lambda: any(e["state"] == "drifted" for e in watch.drift_events("gw-01")))
+        opened = watch.drift_events("gw-01")[-1]
+        assert opened["change"] == "opened"
+        assert opened["previous"] == "in_sync"
+        assert opened["previous_since"] == pytest.approx(opened["since"], abs=60)
+        assert opened["resources"] == [{"id": "uplink-interval", "why": "drifted: set to 5"}]
+        assert watch.state("gw-01") == "drifted"  # retained
+        assert watch.drift["gw-01"].report_seq == 10
+        await watch.wait(lambda: watch.groups["gateways"].counts["drifted"] == 1)
+
+        await devices.report(in_sync_report(desired, 11))
+        await watch.wait(lambda: watch.drift_events("gw-01")[-1]["change"] == "resolved")
+        resolved = watch.drift_events("gw-01")[-1]
+        assert (resolved["previous"], resolved["state"]) == ("drifted", "in_sync")
+        assert resolved["previous_since"] == opened["since"]
+        assert watch.state("gw-01") == "in_sync"
+        # The same report again changes nothing: no event, no republication.
+        events = len(watch.events)
+        await devices.report(in_sync_report(desired, 12))
+        await engine.wait_for(lambda: engine._devices["gw-01"].report.seq == 12)
+        await watch.barrier()
+        assert len(watch.events) == events
+
+
+async def test_malformed_and_oversized_reports_are_not_believed(drift, watch, devices) -> None:  # type: ignore[no-untyped-def]
+    async with drift() as (_controller, engine):
+        await all_in_sync(engine, devices, watch)
+        events = len(watch.events)
+        received = engine.metrics.reports._value.get()
+        await devices.raw("kiosk-01", b"\xc1not msgpack")
+        await devices.raw("kiosk-01", reports.encode(in_sync_report(
+            engine._fleet.desired["kiosk-01"], 5)).replace(b"schema", b"schemo"))  # fmt: skip
+        await devices.raw("kiosk-02", b"\x00" * (reports.MAX_REPORT_BYTES + 1))
+        # (Two bad reports in a row may be coalesced: only the latest is ever decoded.)
+        await engine.wait_for(
+            lambda: engine.metrics.reports._value.get() == received + 3 and not engine._dirty
+        )
+        assert rejected(engine, "malformed") >= 1
+        assert rejected(engine, "too-large") == 1
+        await watch.barrier()
+        assert watch.state("kiosk-01") == "in_sync"  # the last good report still stands
+        assert watch.state("kiosk-02") == "in_sync"
+        assert len(watch.events) == events
+
+        await devices.raw("stranger", b"garbage")  # never a readable report
+        await watch.wait(lambda: watch.state("stranger") == "unknown")
+        assert "no readable report (malformed" in watch.drift["stranger"].reason
+
+
+async def test_unknown_device_is_reported_unknown(drift, watch, devices) -> None:  # type: ignore[no-untyped-def]
+    async with drift() as (_controller, engine):
+        report = in_sync_report(engine._fleet.desired["kiosk-01"], 1)
+        await devices.report(report.__class__(**{**_fields(report), "device": "kiosk-99"}))
+        await watch.wait(watch.is_("kiosk-99", "unknown"))
+        assert "not in the fleet repository" in watch.drift["kiosk-99"].reason
+        assert "kiosk-99" not in {m for ms in engine._fleet.members.values() for m in ms}
+        await watch.wait(lambda: watch.groups["kiosks"].devices == 2)
+
+
+async def test_a_version_never_published_is_not_believed(drift, watch, devices) -> None:  # type: ignore[no-untyped-def]
+    async with drift() as (_controller, engine):
+        desired = engine._fleet.desired["kiosk-01"]
+        report = in_sync_report(desired, 1)
+        forged = report.__class__(
+            **{
+                **_fields(report),
+                "applied_group": report.applied_group.__class__(
+                    "kiosks", 99, "f" * 40, desired.group_digest
+                ),
+            }
+        )
+        await devices.report(forged)
+        await watch.wait(
+            lambda: "kiosk-01" in watch.drift and "v99" in watch.drift["kiosk-01"].reason
+        )
+        assert "v99, never published" in watch.drift["kiosk-01"].reason
+        assert watch.state("kiosk-01") == "unknown"
+
+
+async def test_a_report_naming_another_device_is_not_believed(drift, watch, devices) -> None:  # type: ignore[no-untyped-def]
+    async with drift() as (_controller, engine):
+        await all_in_sync(engine, devices, watch)
+        k2 = engine._fleet.desired["kiosk-02"]
+        # On kiosk-01's topic, a report that says it is kiosk-02 and that kiosk-02 drifted.
+        await devices.report(drifted_report(k2, 50, "motd"), on="kiosk-01")
+        await engine.wait_for(lambda: rejected(engine, "wrong-device") >= 1)
+        await watch.barrier()
+        assert watch.state("kiosk-01") == "in_sync"
+        assert watch.state("kiosk-02") == "in_sync"
+        assert engine._devices["kiosk-02"].report.seq != 50
+
+
+async def test_a_flood_from_one_device_is_coalesced(drift, watch, devices) -> None:  # type: ignore[no-untyped-def]
+    async with drift() as (_controller, engine):
+        await all_in_sync(engine, devices, watch)
+        desired = engine._fleet.desired["kiosk-01"]
+        before = engine.metrics.reports._value.get()
+        flood = 3000
+        for seq in range(100, 100 + flood):
+            await devices.report(drifted_report(desired, seq, "motd", f"edit {seq}"), qos=0)
+        last = 100 + flood - 1
+        await watch.wait(lambda: watch.drift["kiosk-01"].report_seq == last, timeout=30)
+        assert watch.drift["kiosk-01"].resources[0].why == f"drifted: edit {last}"
+        received = engine.metrics.reports._value.get() - before
+        assert received == flood
+        # Only the latest report of a device is decoded: most of the flood was dropped unread.
+        assert engine.metrics.coalesced._value.get() > 0
+        assert engine.decoded < received
+
+
+async def test_enforce_sends_a_signed_reconcile_command_observe_does_not(
+    drift, watch, devices, signing_key
+) -> None:  # type: ignore[no-untyped-def]
+    async with drift(reconcile_interval=3600) as (controller, engine):
+        await all_in_sync(engine, devices, watch)
+        await devices.report(drifted_report(engine._fleet.desired["gw-01"], 20, "uplink-interval"))
+        await devices.report(drifted_report(engine._fleet.desired["kiosk-01"], 21, "motd"))
+        await watch.wait(lambda: watch.state("kiosk-01") == "drifted")
+        await watch.wait(lambda: watch.state("gw-01") == "drifted")
+        await watch.wait(lambda: len(watch.commands) >= 1)
+        await watch.barrier()
+        assert [d for d, _ in watch.commands] == ["kiosk-01"]
+        _device, envelope = watch.commands[0]
+        trusted = controller.signer.trusted
+        command = commands.decode(
+            envelopes.verify(envelope, trusted, payload_type=envelopes.COMMAND_TYPE)
+        )
+        assert (command.device, command.action) == ("kiosk-01", "reconcile")
+        assert "motd" in command.reason
+        assert command.expires_at > command.issued_at
+        assert [e["device"] for e in watch.events if e["type"] == "reconcile"] == ["kiosk-01"]
+        assert "observe mode" in watch.drift["gw-01"].reason
+        # Rate-limited: the same drift again sends no second command within the interval.
+        await devices.report(drifted_report(engine._fleet.desired["kiosk-01"], 22, "motd", "x"))
+        await watch.wait(lambda: watch.drift["kiosk-01"].report_seq == 22)
+        await watch.barrier()
+        assert len(watch.commands) == 1
+        assert PAYLOAD_TYPES  # the bundle types stay distinct from the command type
+        assert envelopes.COMMAND_TYPE not in PAYLOAD_TYPES.values()
+
+
+async def test_controller_restart_rebuilds_the_picture_without_false_events(
+    drift, watch, devices
+) -> None:  # type: ignore[no-untyped-def]
+    async with drift() as (_controller, engine):
+        await all_in_sync(engine, devices, watch)
+        await devices.report(drifted_report(engine._fleet.desired["gw-01"], 30, "uplink-interval"))
+        await devices.presence("kiosk-02", reports.PRESENCE_OFFLINE)
+        await watch.wait(lambda: watch.state("gw-01") == "drifted")
+        await watch.wait(lambda: watch.state("kiosk-02") == "offline")
+        await watch.wait(lambda: watch.groups["gateways"].counts["drifted"] == 1)
+        await watch.wait(lambda: watch.groups["kiosks"].counts["offline"] == 1)
+        before = dict(watch.drift)
+        groups_before = {g: s.counts for g, s in watch.groups.items()}
+    events = len(watch.events)
+    async with drift() as (_controller, engine):
+        await engine.wait_for(lambda: engine.passes >= 1)
+        await watch.barrier()
+        assert engine.statuses() == before  # same states, same "since"
+        assert {g: s.counts for g, s in watch.groups.items()} == groups_before
+        assert len(watch.events) == events, watch.events[events:]
+        # ...and it is live: the next change is seen.
+        await devices.report(in_sync_report(engine._fleet.desired["gw-01"], 31))
+        await watch.wait(lambda: watch.drift_events("gw-01")[-1]["change"] == "resolved")
+
+
+async def test_controller_restart_with_lost_state_dir_makes_no_false_events(
+    drift, watch, devices, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    async with drift() as (_controller, engine):
+        await all_in_sync(engine, devices, watch)
+    events = len(watch.events)
+    async with drift(state_dir=tmp_path / "fresh-state") as (_controller, engine):
+        await engine.wait_for(lambda: engine.passes >= 1)
+        await watch.barrier()
+        assert all(watch.state(d) == "in_sync" for d in DEVICES)
+        assert len(watch.events) == events, watch.events[events:]
+
+
+async def test_broker_restart_and_wipe(drift, watch, devices, broker) -> None:  # type: ignore[no-untyped-def]
+    async with drift() as (controller, engine):
+        await all_in_sync(engine, devices, watch)
+        broker.restart()
+        await engine.wait_for(lambda: controller.link.failures >= 1, timeout=15)
+        # Still watching after the broker came back.
+        async with Devices(broker.host, broker.port, watch.topics.prefix) as again:
+            desired = engine._fleet.desired["kiosk-02"]
+            await again.report(drifted_report(desired, 40, "log-level"))
+        async with DriftWatch(broker.host, broker.port, watch.topics.prefix) as fresh:
+            await fresh.wait(fresh.is_("kiosk-02", "drifted"))
+            failures = controller.link.failures
+            broker.kill()
+            broker.wipe()
+            broker.start()
+        await engine.wait_for(lambda: controller.link.failures > failures, timeout=15)
+        # Everything the broker lost is published again, without a single event.
+        async with DriftWatch(broker.host, broker.port, watch.topics.prefix) as fresh:
+            await fresh.wait(lambda: all(fresh.state(d) for d in DEVICES), timeout=15)
+            await fresh.wait(lambda: {"kiosks", "gateways"} <= set(fresh.groups))
+            assert fresh.state("kiosk-02") == "drifted"
+            assert fresh.state("kiosk-01") == "in_sync"
+            await fresh.barrier()
+            assert fresh.drift_events() == []
+
+
+def test_change_of_names_each_transition() -> None:
+    def s(state: str, *resources: str) -> DriftStatus:
+        from setpoint.proto.status import ResourceDiff
+
+        diffs = tuple(ResourceDiff(r, "x") for r in resources)
+        return DriftStatus("d", "g", state, 1, 1, "c", 0.0, diffs)  # type: ignore[arg-type]
+
+    assert change_of(None, s("drifted", "a")) == "opened"
+    assert change_of(None, s("in_sync")) == "changed"
+    assert change_of(s("in_sync"), s("pending")) == "opened"
+    assert change_of(s("drifted", "a"), s("in_sync")) == "resolved"
+    assert change_of(s("pending"), s("failed")) == "changed"
+    assert change_of(s("drifted", "a"), s("drifted", "a", "b")) == "changed"
+    assert change_of(s("drifted", "a"), s("drifted", "a")) is None
+    assert change_of(s("offline"), s("offline")) is None
+
+
+def _fields(report: Any) -> dict[str, Any]:
+    return {name: getattr(report, name) for name in report.__dataclass_fields__}
