@@ -64,6 +64,7 @@ class ControllerConfig:
     broker: BrokerSettings
     key_path: Path
     state_dir: Path
+    extra_key_paths: tuple[Path, ...] = ()  # also sign with these (key rotation overlap)
     prefix: str = DEFAULT_PREFIX
     branch: str | None = None
     bundle_ttl: int = DEFAULT_BUNDLE_TTL
@@ -187,8 +188,8 @@ class Controller:
         config = self.config
         if config.follow and config.webhook_listen is not None and not config.webhook_secret:
             raise ConfigError("a webhook needs a secret: pass --webhook-secret-file")
-        self.signer = load_signer(config.key_path)
-        log.info("signing with key %s", self.signer.key_id)
+        self.signer = load_signer(config.key_path, *config.extra_key_paths)
+        log.info("signing with key(s) %s", ", ".join(self.signer.key_ids))
         self._state.lock()
         try:
             self._current, self._floors = self._state.load()

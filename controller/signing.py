@@ -42,23 +42,36 @@ class Signed:
 
 
 class Signer:
-    """Signs bundles with the fleet key; knows the matching public key for verifying."""
+    """Signs bundles with the fleet key (or keys); knows the public keys for verifying.
 
-    def __init__(self, key: Ed25519PrivateKey) -> None:
-        self._key = key
+    More than one key is the overlap period of a key rotation (docs/security.md): every
+    envelope carries one signature per key, so devices that trust only the old key and
+    devices that already trust only the new one both accept it.
+    """
+
+    def __init__(self, key: Ed25519PrivateKey, *more: Ed25519PrivateKey) -> None:
+        self._keys = (key, *more)
         self.public_key: Ed25519PublicKey = key.public_key()
         self.key_id = envelopes.key_id(self.public_key)
-        self.trusted = envelopes.trusted_keys([self.public_key])
+        self.key_ids = tuple(envelopes.key_id(k) for k in self._keys)
+        if len(set(self.key_ids)) != len(self.key_ids):
+            raise ConfigError("the same signing key is given twice")
+        self.trusted = envelopes.trusted_keys([k.public_key() for k in self._keys])
 
     def __repr__(self) -> str:
-        return f"Signer(key_id={self.key_id[:12]}...)"
+        return f"Signer(key_ids={[k[:12] for k in self.key_ids]})"
 
     def sign(self, bundle: Bundle) -> Signed:
         payload = bundles.encode(bundle)
-        return Signed(bundle, envelopes.sign(PAYLOAD_TYPES[bundle.kind], payload, [self._key]))
+        return Signed(bundle, envelopes.sign(PAYLOAD_TYPES[bundle.kind], payload, self._keys))
 
 
-def load_signer(path: Path) -> Signer:
+def load_signer(path: Path, *more: Path) -> Signer:
+    """Load the signing key at ``path`` (and ``more`` keys to sign with as well)."""
+    return Signer(*(_load_key(p) for p in (path, *more)))
+
+
+def _load_key(path: Path) -> Ed25519PrivateKey:
     """Load the PEM PKCS#8 Ed25519 key at ``path``; warn if others can read it."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -88,4 +101,4 @@ def load_signer(path: Path) -> Signer:
         key = envelopes.load_private_key(data)
     except SchemaError as exc:
         raise ConfigError(f"signing key {path}: {exc}") from None
-    return Signer(key)
+    return key

@@ -48,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_broker_arguments(parser)
     parser.add_argument(
-        "--key", required=True, type=Path, help="the fleet's signing key (PEM Ed25519, mode 0600)"
+        "--key",
+        required=True,
+        type=Path,
+        action="append",
+        help="the fleet's signing key (PEM Ed25519, mode 0600); repeat to sign with old"
+        " and new key during a key rotation (docs/security.md)",
     )
     parser.add_argument(
         "--state-dir",
@@ -178,7 +183,8 @@ def _config(args: argparse.Namespace) -> object:
             key=args.client_key,
             client_id=args.client_id or "",
         ),
-        key_path=args.key,
+        key_path=args.key[0],
+        extra_key_paths=tuple(args.key[1:]),
         state_dir=args.state_dir or default_state_dir(),
         prefix=args.prefix,
         branch=args.branch,
