@@ -403,6 +403,7 @@ async def open_connection(
     client_id: str,
     *,
     keepalive: int = 60,
+    clean: bool = True,
     will: tuple[str, bytes, int, bool] | None = None,
     username: str | None = None,
     password: str | None = None,
@@ -421,7 +422,7 @@ async def open_connection(
             on_lost(exc)
 
     packet = connect(
-        client_id, keepalive=keepalive, will=will, username=username, password=password
+        client_id, keepalive=keepalive, clean=clean, will=will, username=username, password=password
     )
     conn = Connection(
         client_id,

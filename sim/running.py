@@ -188,7 +188,7 @@ class Swarm:
     def _lost(self, device: Any, conn: mqtt.Connection, exc: Exception | None) -> None:
         if device.conn is conn:
             device.conn = None
-        if not self.stopping and exc is not None:
+        if not self.stopping:  # churn, or the broker went away: come back later
             self._later(device)
 
     def _later(self, device: Any) -> None:
