@@ -55,7 +55,7 @@ from setpoint.proto import bundles, commands, envelopes, reports, status
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.reports import Report
-from setpoint.proto.status import DRIFT_STATES, DriftStatus, GroupStatus
+from setpoint.proto.status import DRIFT_STATES, DriftStatus, GroupStatus, ResourceDiff
 
 from . import detecting
 from .broker import Message, Session, _tls_context
@@ -105,6 +105,7 @@ class _Device:
     presence: str | None = None
     status: DriftStatus | None = None  # what the broker retains (ours or another engine's)
     last_command: float | None = None  # monotonic
+    healed: tuple[ResourceDiff, ...] = ()  # put back since the previous report we decoded
     command_seq: int = 0
 
 
@@ -147,6 +148,23 @@ def drift_event_fields(
     body["previous"] = previous.state if previous is not None else None
     body["previous_since"] = previous.since if previous is not None else None
     return body
+
+
+def healed_since(before: Report | None, after: Report) -> tuple[ResourceDiff, ...]:
+    """Resources ``after`` says were put back that ``before`` did not. Pure.
+
+    A shim keeps ``healed`` (with when and what) on a resource until the next version, so a
+    new or different ``healed`` detail is a heal that happened between the two reports.
+    Without a ``before`` (first report since start) nothing is new: no false drift.
+    """
+    if before is None:
+        return ()
+    old = {(r.id, r.detail) for r in before.resources if r.status == "healed"}
+    return tuple(
+        ResourceDiff(r.id, r.detail or "healed")
+        for r in after.resources
+        if r.status == "healed" and (r.id, r.detail) not in old
+    )
 
 
 def desired_for(published: dict[Any, Any]) -> _Fleet:
@@ -464,6 +482,7 @@ class DriftEngine:
             dev.report_error = f"wrong-device: {error}"
             return
         self._refused_logged.pop(dev.name, None)
+        dev.healed = healed_since(dev.report, report)
         dev.report, dev.reported_at, dev.report_error = report, dev.raw_at, ""
 
     def _evaluate(self, dev: _Device, now: float) -> DriftStatus | None:
@@ -533,7 +552,19 @@ class DriftEngine:
                     touched_groups.add(old.group or "")
                 del self._devices[name]
                 continue
-            if old is None or not new.same_condition(old):
+            if name in triggered and dev.healed and (old is None or old.state != "drifted"):
+                # Healed before we saw it drifted (its drifted report was coalesced away, or
+                # came and went between two reports): still an operator's drift, told as such.
+                drifted = replace(
+                    new,
+                    state="drifted",
+                    resources=dev.healed,
+                    reason="enforce mode: the device put it back",
+                    since=dev.raw_at,
+                )
+                outputs.append(self._publish_heal(dev, old, drifted, new))
+                touched_groups.add(new.group or "")
+            elif old is None or not new.same_condition(old):
                 outputs.append(self._publish_status(dev, old, new))
                 touched_groups |= {new.group or "", (old.group or "") if old else ""}
             elif restore and name not in self._drift_delivered:
@@ -599,6 +630,12 @@ class DriftEngine:
         await self._publish(self._topics.event("drift"), payload, retain=False)
         self.events_published += 1
         self.metrics.drift_events.labels(new.group or "-", change).inc()
+
+    async def _publish_heal(
+        self, dev: _Device, old: DriftStatus | None, drifted: DriftStatus, new: DriftStatus
+    ) -> None:
+        await self._publish_status(dev, old, drifted)
+        await self._publish_status(dev, drifted, replace(new, since=self._clock()))
 
     async def _clear(self, dev: _Device) -> None:
         await self._publish(self._topics.device_drift(dev.name), b"", retain=True)

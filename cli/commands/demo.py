@@ -12,6 +12,7 @@ happen in time.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -35,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, default=STEP_TIMEOUT, help="seconds to wait for each step"
     )
     parser.add_argument("--no-color", action="store_true", help="plain output")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=3,
+        help="how many device shims to run (at least 2: one per group; default 3)",
+    )
 
 
 class DemoFailed(Exception):
@@ -88,9 +95,7 @@ class Watcher:
         self.client.loop_start()
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        client.subscribe(
-            [(self.topics.all_drift(), 1), (self.topics.event("drift"), 1)]
-        )
+        client.subscribe([(self.topics.all_drift(), 1), (self.topics.event("drift"), 1)])
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         if not message.payload:
@@ -104,16 +109,16 @@ class Watcher:
                     self.cond.notify_all()
             elif ref.kind == "event":
                 event = self._status.event_from_json(message.payload)
+                self._tell(event)
                 with self.cond:
                     self.events.append(event)
                     self.cond.notify_all()
-                self._tell(event)
         except Exception as exc:  # a demo watcher must not die on one odd message
             self.narrator.warn(f"ignored a message on {message.topic}: {exc}")
 
     def _tell(self, event: dict[str, Any]) -> None:
         device, state = event.get("device"), event.get("state")
-        previous = event.get("previous")
+        previous = event.get("previous") or "(new)"
         change = event.get("change", "")
         line = f"event drift/{change}: {device} {previous} -> {state}"
         resources = event.get("resources") or []
@@ -128,12 +133,24 @@ class Watcher:
                 raise DemoFailed(f"timed out after {timeout:.0f}s waiting for {what}")
         return time.monotonic() - start
 
+    def settled(self, device: str) -> bool:
+        """The retained status and the latest drift event agree that it is in sync."""
+        mine = [e for e in self.events if e.get("device") == device]
+        return (
+            device in self.drift
+            and self.drift[device].state == "in_sync"
+            and bool(mine)
+            and mine[-1].get("state") == "in_sync"
+        )
+
     def states(self, devices: list[str]) -> dict[str, str]:
         return {d: self.drift[d].state if d in self.drift else "?" for d in devices}
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+            self.client = None
 
 
 @contextmanager
@@ -180,9 +197,7 @@ def commit_file(repo: Path, relpath: str, text: str, message: str) -> str:
 def revert(repo: Path, sha: str) -> str:
     from dulwich import porcelain
 
-    new = porcelain.revert(
-        str(repo), [sha.encode()], author=b"Demo Operator <ops@example.com>"
-    )
+    new = porcelain.revert(str(repo), [sha.encode()], author=b"Demo Operator <ops@example.com>")
     return (new or b"").decode()[:12]
 
 
@@ -191,6 +206,9 @@ def run(args: argparse.Namespace) -> int:
 
     require_controller("dulwich")
     color = sys.stdout.isatty() and not args.no_color
+    if not 2 <= args.devices <= 50:
+        print("setpoint demo: --devices must be from 2 to 50", file=sys.stderr)
+        return 2
     narrator = Narrator(color)
     with ExitStack() as stack:
         if args.keep:
@@ -201,20 +219,22 @@ def run(args: argparse.Namespace) -> int:
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="setpoint-demo-")))
         try:
-            story(stack, work, narrator, args.timeout)
+            story(stack, work, narrator, args.timeout, args.devices)
         except DemoFailed as exc:
             narrator.warn(f"demo failed: {exc}")
             narrator.warn(f"logs are in {work}/logs (pass --keep DIR to keep them)")
             if not args.keep:
                 for log in sorted((work / "logs").glob("*.log")):
                     print(f"--- {log.name} (tail)", file=sys.stderr)
-                    print("\n".join(log.read_text(errors="replace").splitlines()[-15:]),
-                          file=sys.stderr)
+                    print(
+                        "\n".join(log.read_text(errors="replace").splitlines()[-15:]),
+                        file=sys.stderr,
+                    )
             return 1
     return 0
 
 
-def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float) -> None:
+def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float, count: int) -> None:
     from setpoint.mosquitto import Broker
 
     prefix = "setpoint/v1"
@@ -228,6 +248,7 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float) -> N
     narrator.say(f"fleet signing key: {keyid}")
     repo = work / "fleet"
     run_cli("init", str(repo))
+    resize_fleet(repo, count)
     groups = sorted(p.stem for p in (repo / "groups").glob("*.yaml"))
     devices = sorted(p.stem for p in (repo / "devices").glob("*.yaml"))
     narrator.say(f"fleet repository {repo}: groups {groups}, devices {devices}")
@@ -241,7 +262,7 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float) -> N
                 "controller", "--repo", str(repo), "--broker", broker.url,
                 "--key", str(work / "keys" / "signing.key"),
                 "--state-dir", str(work / "controller-state"),
-                "--grace", "20", "--tick", "0.5",
+                "--grace", "20", "--tick", "0.5", "--reconcile-interval", "5",
             ),
             logs / "controller.log",
         )
@@ -251,6 +272,7 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float) -> N
     roots = {}
     for device in devices:
         roots[device] = work / "devices" / device / "root"
+        roots[device].mkdir(parents=True)
         stack.enter_context(
             process(
                 setpoint_cmd(
@@ -270,7 +292,7 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float) -> N
         def check() -> bool:
             for device in devices:
                 drift = watcher.drift.get(device)
-                if drift is None or drift.state != "in_sync":
+                if drift is None or not watcher.settled(device):
                     return False
                 if version_of is not None and drift.applied_version != version_of(device):
                     return False
@@ -302,7 +324,7 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float) -> N
 
     def moved() -> bool:
         return all(
-            (d in watcher.drift and watcher.drift[d].state == "in_sync"
+            (d in watcher.drift and watcher.settled(d)
              and watcher.drift[d].desired_version != before[d])
             for d in members[enforce_group]
         )  # fmt: skip
@@ -315,37 +337,41 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float) -> N
 
     narrator.step("A hand edit on one device of each group")
     victims = {enforce_group: members[enforce_group][0], observe_group: members[observe_group][0]}
+    mark = len(watcher.events)
     for group, device in victims.items():
-        edited = edit_a_managed_file(roots[device])
-        narrator.say(f"edited {edited.relative_to(roots[device])} on {device} ({group})")
+        what = hand_edit(roots[device], group == enforce_group)
+        narrator.say(f"on {device} ({group}): {what}")
     t_edit = time.monotonic()
 
-    def drift_event(device: str, state: str) -> Callable[[], bool]:
+    def drift_event(device: str, previous: str, state: str) -> Callable[[], bool]:
         return lambda: any(
-            e.get("device") == device and e.get("state") == state for e in watcher.events
+            (e.get("device"), e.get("previous"), e.get("state")) == (device, previous, state)
+            for e in watcher.events[mark:]
         )
 
     enforce_dev, observe_dev = victims[enforce_group], victims[observe_group]
-    watcher.wait(drift_event(observe_dev, "drifted"), f"{observe_dev} drifted", timeout)
+    watcher.wait(
+        drift_event(observe_dev, "in_sync", "drifted"), f"a drift event for {observe_dev}", timeout
+    )
     narrator.good(
-        f"{observe_dev} reported drifted after {time.monotonic() - t_edit:.2f}s"
-        " (observe mode: left alone)"
+        f"{observe_dev}: drift event {time.monotonic() - t_edit:.2f}s after the edit"
+        " (observe mode: reported, left alone)"
     )
     watcher.wait(
-        lambda: drift_event(enforce_dev, "drifted")() or drift_event(enforce_dev, "in_sync")(),
-        f"{enforce_dev} drift event", timeout,
-    )  # fmt: skip
-    watcher.wait(all_in_sync_one(watcher, enforce_dev), f"{enforce_dev} healed", timeout)
+        drift_event(enforce_dev, "in_sync", "drifted"), f"a drift event for {enforce_dev}", timeout
+    )
+    narrator.good(f"{enforce_dev}: drift event {time.monotonic() - t_edit:.2f}s after the edit")
+    watcher.wait(drift_event(enforce_dev, "drifted", "in_sync"), f"{enforce_dev} healed", timeout)
+    watcher.wait(all_in_sync_one(watcher, enforce_dev), f"{enforce_dev} in_sync", timeout)
     narrator.good(
-        f"{enforce_dev} healed and back in_sync {time.monotonic() - t_edit:.2f}s after the edit"
-        " (enforce mode)"
+        f"{enforce_dev}: healed, resolved and in_sync {time.monotonic() - t_edit:.2f}s after"
+        " the edit (enforce mode: the device put it back)"
     )
     still = watcher.drift[observe_dev]
     if still.state != "drifted":
         raise DemoFailed(f"{observe_dev} should still be drifted, is {still.state}")
     narrator.say(
-        f"{observe_dev} stays drifted: "
-        + ", ".join(f"{r.id} ({r.why})" for r in still.resources)
+        f"{observe_dev} stays drifted: " + ", ".join(f"{r.id} ({r.why})" for r in still.resources)
     )
 
     narrator.step(f"git revert {sha}: the fleet walks back through the normal path")
@@ -356,7 +382,7 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float) -> N
 
     def reverted() -> bool:
         return all(
-            d in watcher.drift and watcher.drift[d].state == "in_sync"
+            d in watcher.drift and watcher.settled(d)
             and watcher.drift[d].desired_version != versions[d]
             for d in members[enforce_group]
         )  # fmt: skip
@@ -366,8 +392,21 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float) -> N
         f"revert converged in {time.monotonic() - t_revert:.2f}s:"
         f" {watcher.states(members[enforce_group])}"
     )
+    narrator.step(f"The operator's view: setpoint status --broker {broker.url}")
+    print(run_cli("status", "--broker", broker.url, "--no-color").rstrip(), flush=True)
+    narrator.step(f"setpoint diff {observe_dev}: desired against reported, per resource")
+    done = subprocess.run(
+        setpoint_cmd("diff", observe_dev, "--broker", broker.url, "--no-color",
+                     "--trust", str(work / "keys" / "signing.pub")),
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 1:
+        raise DemoFailed(f"setpoint diff {observe_dev} should report a difference: {done.stderr}")
+    print(done.stdout.rstrip(), flush=True)
+
     narrator.step("Done")
     narrator.say(f"final drift states: {watcher.states(devices)}")
+    watcher.close()
     narrator.say("stopping every process the demo started")
 
 
@@ -375,12 +414,45 @@ def all_in_sync_one(watcher: Watcher, device: str) -> Callable[[], bool]:
     return lambda: device in watcher.drift and watcher.drift[device].state == "in_sync"
 
 
-def edit_a_managed_file(root: Path) -> Path:
-    """Append a line to the first regular file the shim wrote under ``root``."""
-    for path in sorted(root.rglob("*")):
-        hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-        if path.is_file() and not hidden:
-            with path.open("a") as fh:
-                fh.write("# edited by hand\n")
-            return path
-    raise DemoFailed(f"no managed file found under {root}")
+def hand_edit(root: Path, kiosk: bool) -> str:
+    """What an operator with a shell on the device might do: change a managed thing."""
+    if kiosk:
+        motd = root / "etc" / "motd"
+        with motd.open("a") as fh:
+            fh.write("# edited by hand\n")
+        return "appended a line to etc/motd"
+    settings = root / ".setpoint" / "settings.json"
+    values = json.loads(settings.read_text())
+    values["uplink_interval_s"] = 5
+    settings.write_text(json.dumps(values))
+    return "set uplink_interval_s to 5 in the settings file (the fleet says 30)"
+
+
+def resize_fleet(repo: Path, count: int) -> None:
+    """Make the example fleet ``count`` devices: remove or add kiosks and gateways."""
+    from dulwich import porcelain
+
+    devices = repo / "devices"
+    names = sorted(p.stem for p in devices.glob("*.yaml"))
+    if count == len(names):
+        return
+    if count < len(names):
+        for name in [n for n in names if n.startswith("kiosk-")][: len(names) - count]:
+            porcelain.remove(str(repo), paths=[str(devices / f"{name}.yaml")])
+            if len([n for n in names if n.startswith("kiosk-")]) <= 1:
+                break
+    else:
+        taken = set(names)
+        for n in range(len(names), count):
+            group, stem = ("gateways", "gw") if n % 2 else ("kiosks", "kiosk")
+            number = next(i for i in range(1, 100) if f"{stem}-{i:02d}" not in taken)
+            taken.add(f"{stem}-{number:02d}")
+            path = devices / f"{stem}-{number:02d}.yaml"
+            path.write_text(f"group: {group}\nvars:\n  site: site-{number}\n")
+            porcelain.add(str(repo), paths=[str(path)])
+    porcelain.commit(
+        str(repo),
+        message=f"demo: {count} devices".encode(),
+        author=b"Demo Operator <ops@example.com>",
+        committer=b"Demo Operator <ops@example.com>",
+    )

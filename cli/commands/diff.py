@@ -1,15 +1,212 @@
-"""``setpoint diff``: not built yet (see the open issues)."""
+"""``setpoint diff DEVICE``: what is desired against what the device reports, per resource.
+
+    setpoint diff kiosk-01 --broker mqtt://host:1883 [--trust signing.pub] [--json]
+
+Reads the retained device bundle, its group's bundle and the device's report, merges the
+bundles exactly as the device does (``bundles.effective``) and prints one line per
+resource: what is desired (path and mode, setting key and value, command check) with its
+digest, and what the device reports (status, observed digest, detail). With ``--trust``
+the bundles' signatures are verified; without it they are decoded unverified and the
+output says so. Secret setting values are never printed.
+
+Exit 0: the device reports exactly what is desired; 1: it differs (like ``diff``);
+2: cannot tell (no bundle, no report, broker unreachable, bad signature).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any
+
+from setpoint.proto import bundles, envelopes, reports
+from setpoint.proto.bundles import Bundle, CommandResource, FileResource, Resource
+from setpoint.proto.errors import ProtocolError
+from setpoint.proto.topics import Topics, validate_id
+from setpoint.proto.trust import PAYLOAD_TYPES
+
+from . import _fleetview as view
+from ._common import CommandError, add_broker_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument("device", help="the device id")
+    add_broker_arguments(parser)
+    parser.add_argument(
+        "--trust", type=Path, action="append", default=[], help="verify with this public key"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--no-color", action="store_true", help="no colour even on a terminal")
+
+
+def _bundle(payload: bytes | None, kind: str, trusted: dict[str, Any] | None) -> Bundle | None:
+    if not payload:
+        return None
+    if trusted is not None:
+        data = envelopes.verify(payload, trusted, payload_type=PAYLOAD_TYPES[kind])
+    else:
+        data = envelopes.decode(payload).payload
+    return bundles.decode(data)
+
+
+def describe(resource: Resource) -> str:
+    if isinstance(resource, FileResource):
+        return f"{resource.path} {resource.mode:04o} ({len(resource.content)} bytes)"
+    if isinstance(resource, CommandResource):
+        return f"check: {resource.check}"
+    value = "<secret>" if getattr(resource, "secret", False) else json.dumps(resource.value)
+    return f"{resource.key} = {value}"
+
+
+def compare(desired: list[Resource], report: reports.Report | None) -> list[dict[str, Any]]:
+    """One row per resource, desired ones first, then those only the device reports. Pure."""
+    seen = {r.id: r for r in report.resources} if report is not None else {}
+    rows = []
+    for resource in desired:
+        digest = bundles.resource_digest(resource)
+        got = seen.get(resource.id)
+        if got is None:
+            verdict = "not reported"
+        elif got.status in ("drifted", "failed", "skipped", "pending"):
+            verdict = got.status
+        elif got.kind != "command" and got.digest and got.digest != digest:
+            verdict = "differs"
+        else:
+            verdict = "same"
+        rows.append(
+            {
+                "id": resource.id,
+                "kind": resource.kind,
+                "desired": describe(resource),
+                "desired_digest": digest,
+                "reported_status": got.status if got else None,
+                "reported_digest": got.digest if got else None,
+                "detail": got.detail if got else "",
+                "verdict": verdict,
+            }
+        )
+    wanted = {r.id for r in desired}
+    for rid, got in sorted(seen.items()):
+        if rid not in wanted:
+            rows.append(
+                {
+                    "id": rid,
+                    "kind": got.kind,
+                    "desired": None,
+                    "desired_digest": None,
+                    "reported_status": got.status,
+                    "reported_digest": got.digest,
+                    "detail": got.detail,
+                    "verdict": "not desired",
+                }
+            )
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
-    print("setpoint diff: not built yet", file=sys.stderr)
-    return 2
+    try:
+        return _run(args)
+    except CommandError as exc:
+        print(f"setpoint diff: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        device = validate_id(args.device, "device id")
+    except ProtocolError as exc:
+        raise CommandError(str(exc)) from None
+    trusted = None
+    if args.trust:
+        try:
+            trusted = envelopes.trusted_keys(
+                envelopes.load_public_key(p.read_bytes()) for p in args.trust
+            )
+        except (OSError, ProtocolError) as exc:
+            raise CommandError(f"--trust: {exc}") from None
+    topics = Topics(args.prefix)
+    reader = view.Reader(
+        args,
+        [topics.device_desired(device), topics.device_reported(device), topics.all_group_desired()],
+        "diff",
+    )
+    try:
+        messages = reader.snapshot()
+    finally:
+        reader.close()
+    try:
+        device_bundle = _bundle(messages.get(topics.device_desired(device)), "device", trusted)
+        if device_bundle is None:
+            raise CommandError(f"no bundle is retained for device {device!r} (is it in the fleet?)")
+        group_id = device_bundle.group or ""
+        group_topic = topics.group_desired(group_id)
+        group_bundle = _bundle(messages.get(group_topic), "group", trusted)
+        raw_report = messages.get(topics.device_reported(device))
+        report = reports.decode(raw_report) if raw_report else None
+    except ProtocolError as exc:
+        raise CommandError(f"{device}: {exc}") from None
+    if group_bundle is None:
+        raise CommandError(f"no bundle is retained for group {group_id!r}")
+    if report is not None and report.device != device:
+        raise CommandError(f"the report on {device}'s topic claims to be from {report.device!r}")
+    desired = bundles.effective(group_bundle, device_bundle)
+    rows = compare(desired, report)
+    differs = any(r["verdict"] != "same" for r in rows) or report is None
+    applied_g = report.applied_group if report else None
+    applied_d = report.applied_device if report else None
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "device": device,
+                    "group": group_id,
+                    "mode": group_bundle.mode,
+                    "verified": trusted is not None,
+                    "desired": {"group_version": group_bundle.version,
+                                "device_version": device_bundle.version,
+                                "commit": device_bundle.commit},
+                    "reported": None if report is None else {
+                        "group_version": applied_g.version if applied_g else None,
+                        "device_version": applied_d.version if applied_d else None,
+                        "seq": report.seq, "time": report.time},
+                    "resources": rows,
+                    "differs": differs,
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )  # fmt: skip
+        return 1 if differs else 0
+    colour = view.use_colour(args)
+    note = "" if trusted is not None else "  (signatures not verified: pass --trust signing.pub)"
+    print(
+        f"{device} in {group_id} ({group_bundle.mode}): desired group v{group_bundle.version},"
+        f" device v{device_bundle.version} @ {device_bundle.commit[:12]}{note}"
+    )
+    if report is None:
+        print(view.paint(colour, "31", "the device has not reported yet"))
+    else:
+        print(
+            f"reported: group v{applied_g.version if applied_g else '-'},"
+            f" device v{applied_d.version if applied_d else '-'}, report #{report.seq}"
+            f" from {view.ago(report.time)}"
+        )
+    header = ["RESOURCE", "KIND", "DESIRED", "REPORTED", "VERDICT"]
+    plain, lines = [header], [[view.paint(colour, "1", h) for h in header]]
+    for r in rows:
+        reported = (
+            "-"
+            if r["reported_status"] is None
+            else f"{r['reported_status']} {(r['reported_digest'] or '')[:8]}".strip()
+        )
+        if r["detail"]:
+            reported += f" ({r['detail']})"
+        desired_text = "-" if r["desired"] is None else f"{r['desired']} {r['desired_digest'][:8]}"
+        cells = [r["id"], r["kind"], desired_text, reported]
+        good = r["verdict"] == "same"
+        plain.append([*cells, r["verdict"]])
+        lines.append([*cells, view.paint(colour, "32" if good else "31", r["verdict"])])
+    print("\n".join(view.table(lines, plain)))
+    return 1 if differs else 0

@@ -1,0 +1,164 @@
+"""What the operator verbs (status, drift, diff) share: a paho reader of retained topics.
+
+:class:`Reader` connects with the usual broker flags, subscribes (QoS 0: a retained flood is
+never cut by the broker's queue limit), and :meth:`Reader.snapshot` returns once a barrier
+message it sent itself has come back, so every retained message has arrived: no guessing
+with quiet periods. :meth:`Reader.follow` hands every later message to a callback.
+
+Also small helpers for printing: colour only on a terminal, times, state colours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from setpoint.proto.topics import Topics
+
+from ._common import CommandError, broker_from_args
+
+TIMEOUT = 10.0
+STATE_COLOURS = {
+    "in_sync": "32",
+    "pending": "33",
+    "drifted": "31",
+    "failed": "31;1",
+    "rejected": "35",
+    "offline": "2",
+    "unknown": "2",
+}
+
+
+class Reader:
+    """One paho connection that reads retained topics, then (optionally) follows them."""
+
+    def __init__(self, args: argparse.Namespace, filters: list[str], role: str) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        url = broker_from_args(args)
+        self.topics = Topics(args.prefix)
+        self.client_id = f"setpoint-{role}-{secrets.token_hex(4)}"
+        self._barrier = self.topics.barrier(self.client_id)
+        self._filters = filters
+        self._cond = threading.Condition()
+        self._marks: set[bytes] = set()
+        self._callback: Callable[[str, bytes], None] | None = None
+        self._connected = threading.Event()
+        self._error: str | None = None
+        self.messages: dict[str, bytes] = {}
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        if url.username:
+            client.username_pw_set(url.username, url.password)
+        if url.tls:
+            client.tls_set(ca_certs=args.ca, certfile=args.cert, keyfile=args.client_key)
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        self._client = client
+        try:
+            client.connect(url.host, url.port, keepalive=30)
+        except OSError as exc:
+            raise CommandError(f"cannot connect to {args.broker}: {exc}") from None
+        client.loop_start()
+        if not self._connected.wait(TIMEOUT) or self._error:
+            self.close()
+            raise CommandError(f"cannot connect to {args.broker}: {self._error or 'timed out'}")
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._error = str(reason)
+        else:
+            client.subscribe([(f, 0) for f in self._filters] + [(self._barrier, 0)])
+        self._connected.set()
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        payload = bytes(message.payload)
+        with self._cond:
+            if message.topic == self._barrier:
+                self._marks.add(payload)
+            else:
+                if payload:
+                    self.messages[message.topic] = payload
+                else:
+                    self.messages.pop(message.topic, None)
+                if self._callback is not None:
+                    self._callback(message.topic, payload)
+            self._cond.notify_all()
+
+    def snapshot(self, timeout: float = TIMEOUT) -> dict[str, bytes]:
+        """Every retained message under the filters, once they have all arrived."""
+        mark = secrets.token_hex(8).encode()
+        self._client.publish(self._barrier, mark, qos=1)
+        with self._cond:
+            if not self._cond.wait_for(lambda: mark in self._marks, timeout):
+                raise CommandError(
+                    "the broker did not echo our barrier message; check that this client may"
+                    f" publish and subscribe to {self._barrier!r}"
+                )
+            return dict(self.messages)
+
+    def follow(self, callback: Callable[[str, bytes], None]) -> None:
+        with self._cond:
+            self._callback = callback
+
+    def wait_change(self, timeout: float | None) -> None:
+        with self._cond:
+            self._cond.wait(timeout)
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+def use_colour(args: argparse.Namespace) -> bool:
+    no = getattr(args, "no_color", False) or os.environ.get("NO_COLOR")
+    return sys.stdout.isatty() and not no
+
+
+def paint(colour: bool, code: str, text: str) -> str:
+    return f"\033[{code}m{text}\033[0m" if colour and code else text
+
+
+def state(colour: bool, name: str, width: int = 0) -> str:
+    return paint(colour, STATE_COLOURS.get(name, ""), name.ljust(width))
+
+
+def ago(then: float | None, now: float | None = None) -> str:
+    if not then:
+        return "-"
+    seconds = max(0.0, (now or time.time()) - then)
+    if seconds < 60:
+        return f"{seconds:.0f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h ago"
+    return f"{seconds / 86400:.1f}d ago"
+
+
+def clock(then: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(then)) + f".{int(then * 1000) % 1000:03d}"
+
+
+def table(rows: list[list[str]], widths_from: list[list[str]] | None = None) -> list[str]:
+    """Left-aligned columns (the widths ignore colour codes in ``widths_from``)."""
+    plain = widths_from or rows
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in plain) for i in range(len(plain[0]))]
+    return [
+        "  ".join(
+            cell + " " * (widths[i] - len(plain[n][i])) for i, cell in enumerate(row)
+        ).rstrip()
+        for n, row in enumerate(rows)
+    ]
