@@ -28,14 +28,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from setpoint.proto import bundles
 from setpoint.proto.bundles import CommandResource, FileResource, Resource, SettingResource
 from setpoint.proto.errors import InvalidId, SchemaError
 from setpoint.proto.topics import validate_id
 
-from . import safeyaml
+from . import gating, safeyaml
 from .errors import Problem
 
 FLEET_FILE: Final = "fleet.yaml"
@@ -119,17 +119,82 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class GateSpec(_Strict):
+    """A ring's gate: promotes ``from`` a ring once its devices proved the content."""
+
+    source: str = Field(alias="from")
+    in_sync: Any = 1.0
+    healthy_for: Any = 0
+    max_unhealthy: int = 0
+    approval: bool = False
+
+    @field_validator("in_sync")
+    @classmethod
+    def _share(cls, value: Any) -> float:
+        return gating.parse_share(value)
+
+    @field_validator("healthy_for")
+    @classmethod
+    def _healthy_for(cls, value: Any) -> int:
+        return 0 if value == 0 else parse_duration(value)
+
+    @field_validator("max_unhealthy")
+    @classmethod
+    def _max(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 or more")
+        return value
+
+    def gate(self) -> gating.Gate:
+        return gating.Gate(
+            self.source, self.in_sync, self.healthy_for, self.max_unhealthy, self.approval
+        )
+
+
+class RingSpec(_Strict):
+    """One ring of ``rings:`` in ``fleet.yaml``: a branch, and its gate after the first."""
+
+    branch: str
+    gate: GateSpec | None = None
+
+    @field_validator("branch")
+    @classmethod
+    def _branch(cls, value: str) -> str:
+        return validate_id(value, "ring branch")
+
+
+class OperatorSpec(_Strict):
+    """A person who may approve, pause and resume rollouts: a name and a public key (PEM)."""
+
+    name: str
+    key: str
+
+
 class FleetSettings(_Strict):
     """``fleet.yaml``: settings for the whole fleet (read from the default branch)."""
 
     description: str | None = None
     allow_empty: bool = False
     bundle_ttl: Any = None
+    rings: list[RingSpec] = []
+    operators: list[OperatorSpec] = []
 
     @field_validator("bundle_ttl")
     @classmethod
     def _ttl(cls, value: Any) -> int | None:
         return None if value is None else parse_duration(value)
+
+    @model_validator(mode="after")
+    def _rings(self) -> FleetSettings:
+        problems = gating.check_rings(self.ring_list().rings)
+        if problems:
+            raise ValueError("rings: " + "; ".join(problems))
+        return self
+
+    def ring_list(self) -> gating.Rings:
+        return gating.Rings(
+            tuple(gating.Ring(r.branch, r.gate.gate() if r.gate else None) for r in self.rings)
+        )
 
 
 class FileSpec(_Strict):
@@ -188,6 +253,79 @@ RESOURCE_SPECS: Final[Mapping[str, type[_Strict]]] = {
 }
 
 
+class RolloutSpec(_Strict):
+    """``rollout:`` in a group file: batches, the pause between them, what halts."""
+
+    batch: Any = None
+    pause: Any = 0
+    order: list[str] = []
+    by: str | None = None
+    success: Any = 1.0
+    max_failures: int = 0
+    on_failure: Literal["halt", "revert"] = "halt"
+
+    @field_validator("batch")
+    @classmethod
+    def _batch(cls, value: Any) -> int | float | None:
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise ValueError("must be at least 1 device (or a share like '25%')")
+            return value
+        share = gating.parse_share(value)
+        if share <= 0:
+            raise ValueError("must be more than 0%")
+        return share
+
+    @field_validator("pause")
+    @classmethod
+    def _pause(cls, value: Any) -> int:
+        return 0 if value == 0 else parse_duration(value)
+
+    @field_validator("success")
+    @classmethod
+    def _success(cls, value: Any) -> float:
+        return gating.parse_share(value)
+
+    @field_validator("max_failures")
+    @classmethod
+    def _max(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 or more")
+        return value
+
+    def policy(self) -> gating.BatchPolicy:
+        size = self.batch if isinstance(self.batch, int) else None
+        share = self.batch if isinstance(self.batch, float) else None
+        return gating.BatchPolicy(
+            size=size,
+            share=share,
+            pause=self.pause,
+            order=tuple(self.order),
+            by=self.by,
+            success=self.success,
+            max_failures=self.max_failures,
+            on_failure=self.on_failure,
+        )
+
+
+class WindowSpec(_Strict):
+    """``window:`` in a group file: when new versions may start rolling out."""
+
+    days: list[str] = list(gating.DAYS)
+    hours: str = "00:00-24:00"
+    tz: str = "UTC"
+
+    @model_validator(mode="after")
+    def _check(self) -> WindowSpec:
+        gating.parse_window(self.days, self.hours, self.tz)
+        return self
+
+    def window(self) -> gating.Window:
+        return gating.parse_window(self.days, self.hours, self.tz)
+
+
 class GroupSpec(_Strict):
     """``groups/<group>.yaml``."""
 
@@ -195,6 +333,8 @@ class GroupSpec(_Strict):
     mode: Literal["enforce", "observe"] = "enforce"
     branch: str | None = None
     resources: list[Any] = []
+    rollout: RolloutSpec | None = None
+    window: WindowSpec | None = None
 
     @field_validator("branch")
     @classmethod
@@ -253,6 +393,8 @@ class Group:
     mode: Literal["enforce", "observe"]
     branch: str | None
     resources: tuple[Resource, ...]
+    rollout: gating.BatchPolicy | None = None
+    window: gating.Window | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,7 +728,15 @@ def _load_group(gid: str, path: str, tree: Tree, collector: _Collector) -> Group
     resources = _resources(spec.resources, tree, collector)
     if resources is None:
         return None
-    return Group(gid, path, spec.mode, spec.branch, resources)
+    return Group(
+        gid,
+        path,
+        spec.mode,
+        spec.branch,
+        resources,
+        spec.rollout.policy() if spec.rollout else None,
+        spec.window.window() if spec.window else None,
+    )
 
 
 def _load_device(did: str, path: str, tree: Tree, collector: _Collector) -> Device | None:

@@ -111,6 +111,9 @@ class Render:
     settings: FleetSettings | None = None
     removals_allowed: bool = False
     head: CommitInfo | None = None
+    # For rollouts (see ``rolling``): each branch's head commit, and the group specs used.
+    heads: Mapping[str, CommitInfo] = field(default_factory=dict)
+    groups: Mapping[str, Group] = field(default_factory=dict)
 
     @property
     def allow_empty(self) -> bool:
@@ -334,6 +337,8 @@ def render(default_branch: str | None, views: Mapping[str, View | None]) -> Rend
         settings=snap.settings,
         removals_allowed=not b.problems and not b.broken,
         head=default.commit,
+        heads={k: v.commit for k, v in sorted(views.items()) if v is not None},
+        groups={gid: group for gid, (group, _view) in sorted(groups.items())},
     )
 
 

@@ -93,6 +93,8 @@ class Publication:
 
 
 Listener = Callable[[Sequence[Publication]], None]
+# Given what the repository says, what may be published now (see :meth:`Controller.hold_back_with`).
+HoldBack = Callable[[Render], Render]
 
 
 class Extension(Protocol):
@@ -120,6 +122,7 @@ class Controller:
         self._clock = clock
         self._extensions = tuple(extensions)
         self._listeners: list[Listener] = []
+        self._hold_back: HoldBack | None = None
         self._wake = asyncio.Event()
         self._reasons: set[str] = set()
         self._generation = 0
@@ -168,6 +171,12 @@ class Controller:
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener`` with every batch of acknowledged publications and removals."""
         self._listeners.append(listener)
+
+    def hold_back_with(self, hold_back: HoldBack) -> None:
+        """Let an extension (rollouts) decide what may go out: before every planning round,
+        ``hold_back(render)`` returns the render to plan from, with held targets moved to
+        ``broken`` (their last bundles are kept) and device bundles possibly pinned."""
+        self._hold_back = hold_back
 
     def wake(self, reason: str = "manual") -> None:
         """Ask the reconcile loop for a pass (cheap; any number of calls coalesce)."""
@@ -362,6 +371,8 @@ class Controller:
 
     def _plan(self, render: Render | None) -> Plan:
         assert self.retained is not None
+        if render is not None and render.head and self._hold_back is not None:
+            render = self._hold_back(render)
         return planning.plan(
             desired=render.desired if render and render.head else None,
             broken=render.broken if render else frozenset(),

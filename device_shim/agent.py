@@ -596,7 +596,18 @@ class Agent:
         applied = self.applied_group
         if applied is not None and applied.bundle.target != group_name:
             applied = None
-        group = self._fresh("group", group_name, applied, now) or applied
+        group = self._fresh("group", group_name, applied, now)
+        pin = device.bundle.group_version
+        if (
+            group is not None
+            and applied is not None
+            and pin is not None
+            and group.bundle.version > pin
+        ):
+            # A batched rollout has not released this device yet: keep running the pinned
+            # version; the newer bundle stays a candidate until the pin moves.
+            group = None
+        group = group or applied
         if group is None:
             return Wait(f"waiting for the bundle of group {group_name}")
         return Target(group, device)

@@ -5,7 +5,7 @@ dependencies are msgpack and cryptography. The protocol is written down in
 ``proto/SPEC.md``.
 """
 
-from . import bundles, codec, commands, envelopes, reports, status, topics, trust
+from . import approvals, bundles, codec, commands, envelopes, reports, status, topics, trust
 from .errors import (
     DecodeError,
     ExpiredError,
@@ -40,6 +40,7 @@ __all__ = [
     "TrustError",
     "VerificationError",
     "WrongTargetError",
+    "approvals",
     "bundles",
     "codec",
     "commands",

@@ -26,6 +26,7 @@ EVENT_TYPES: Final = frozenset(
         "removed",
         "gated",
         "rollout-halted",
+        "rollout",
         "reconcile",
     }
 )
@@ -110,6 +111,18 @@ class Topics:
     def device_command(self, device: str) -> str:
         return f"{self.prefix}/devices/{validate_id(device, 'device id')}/command"
 
+    def group_rollout(self, group: str) -> str:
+        """Retained JSON: the group's rollout (gate, window, batches), by the controller."""
+        return f"{self.prefix}/groups/{validate_id(group, 'group id')}/rollout"
+
+    def ring_gate(self, ring: str) -> str:
+        """Retained JSON: a gated ring's gate and the evidence per content, by the controller."""
+        return f"{self.prefix}/rings/{validate_id(ring, 'ring')}/gate"
+
+    def operator_commands(self) -> str:
+        """Signed operator commands (approve, pause, resume) to the controller."""
+        return f"{self.prefix}/operators/commands"
+
     def barrier(self, client_id: str) -> str:
         """A client's private topic: a message it sends there and gets back proves that
         everything the broker sent it before (retained messages included) has arrived."""
@@ -138,6 +151,12 @@ class Topics:
 
     def all_group_status(self) -> str:
         return f"{self.prefix}/groups/+/status"
+
+    def all_group_rollout(self) -> str:
+        return f"{self.prefix}/groups/+/rollout"
+
+    def all_ring_gates(self) -> str:
+        return f"{self.prefix}/rings/+/gate"
 
     def all_events(self) -> str:
         return f"{self.prefix}/events/+"

@@ -52,7 +52,8 @@ def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
 def test_unknown_key_lists_known_keys(tmp_path: Path) -> None:
     snap = load(tmp_path, {"groups/kiosks.yaml": "modes: enforce\n"})
     assert messages(snap) == [
-        "groups/kiosks.yaml: unknown key 'modes' (known: branch, description, mode, resources)"
+        "groups/kiosks.yaml: unknown key 'modes' (known: branch, description, mode, resources,"
+        " rollout, window)"
     ]
 
 

@@ -1,0 +1,120 @@
+"""Rings, gates, batches, halt and revert: a real controller, real git branches, a real
+mosquitto, and simulated devices that speak the public protocol (``rolloutkit``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from setpoint.controller.broker import Backoff, BrokerSettings
+from setpoint.controller.rolling import Rollouts
+from setpoint.controller.service import Controller, ControllerConfig
+
+from .rolloutkit import SimDevices, motd_change, ringed_files
+
+pytestmark = pytest.mark.broker
+
+DEVICES = ["qa-1", "can-1", "can-2", "prod-1"]
+
+
+@pytest.fixture
+def start(broker: Any, unique_prefix: str, signing_key: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    @contextlib.asynccontextmanager
+    async def run(repo: Any) -> AsyncIterator[tuple[Controller, Rollouts]]:
+        config = ControllerConfig(
+            repo=str(repo.path),
+            broker=BrokerSettings(broker.host, broker.port),
+            key_path=signing_key,
+            state_dir=tmp_path / "state",
+            prefix=unique_prefix,
+            backoff=Backoff(initial=0.05, maximum=0.3),
+            publish_timeout=5.0,
+        )
+        rollouts = Rollouts()
+        async with Controller(config, extensions=[rollouts]) as controller:
+            yield controller, rollouts
+
+    return run
+
+
+@pytest.fixture
+def sims(broker: Any, unique_prefix: str, public_key: Any):  # type: ignore[no-untyped-def]
+    return lambda: SimDevices(broker.host, broker.port, unique_prefix, public_key, DEVICES)
+
+
+def ringed_repo(make_repo: Any) -> Any:
+    repo = make_repo(ringed_files())
+    repo.git("branch", "canary")
+    repo.git("branch", "production")
+    return repo
+
+
+def merge(repo: Any, source: str, into: str, message: str | None = None) -> str:
+    repo.git("checkout", "-q", into)
+    try:
+        repo.git("merge", "-q", "--no-ff", "-m", message or f"promote {source} to {into}", source)
+        return repo.git("rev-parse", "HEAD")
+    finally:
+        repo.git("checkout", "-q", "main")
+
+
+def everywhere(sim: SimDevices, motd: str) -> bool:
+    return all(sim.motd(d) == motd for d in DEVICES)
+
+
+async def test_rings_promote_gate_batches_and_revert(
+    make_repo: Any, start: Any, sims: Any, tmp_path: Path
+) -> None:
+    repo = ringed_repo(make_repo)
+    async with sims() as sim, start(repo):
+        # Bootstrap: every ring gets v1, each after the ring before it proved it.
+        await sim.wait(lambda: everywhere(sim, "v1"))
+        gated_first = [e for e in sim.of("gated") if e["ring"] == "production"]
+        assert gated_first, "production waited for canary before its first publication"
+
+        # A change on main converges on qualification only.
+        repo.commit(motd_change("v2"), "motd v2")
+        await sim.wait(lambda: sim.motd("qa-1") == "v2")
+        assert sim.motd("can-1") == "v1" and sim.motd("prod-1") == "v1"
+
+        # Promoted to canary: rolls in batches of one; production merged early waits.
+        merge(repo, "main", "canary")
+        merge(repo, "canary", "production")
+        await sim.wait(lambda: sim.motd("can-1") == "v2" and sim.motd("can-2") == "v2")
+        await sim.wait(lambda: len(sim.of("batch-released")) >= 2)
+        released = [e for e in sim.of("batch-released") if e["group"] == "canaries"]
+        assert [e["devices"] for e in released] == [["can-1"], ["can-2"]]
+        await sim.wait(lambda: sim.motd("prod-1") == "v2")
+        prod_gated = [e for e in sim.of("gated") if e["ring"] == "production"]
+        assert len(prod_gated) >= 2  # it was gated on v2 too before going out by itself
+
+        # A change that fails on canary: halted after batch 1, reverted once by the controller.
+        sim.sims["can-1"].fails_on.add("v3")
+        repo.commit(motd_change("v3"), "motd v3")
+        await sim.wait(lambda: sim.motd("qa-1") == "v3")
+        bad = merge(repo, "main", "canary", "promote v3")
+        merge(repo, "canary", "production", "promote v3 to production (early)")
+        await sim.wait(lambda: bool(sim.of("rollout-halted")))
+        halted = sim.of("rollout-halted")[0]
+        assert halted["group"] == "canaries" and halted["commit"] == bad
+        assert [d["device"] for d in halted["devices"]] == ["can-1"]
+        await sim.wait(lambda: bool(sim.of("reverted")))
+        revert = sim.of("reverted")[0]["revert"]
+        assert repo.head("canary") == revert
+        message = repo.git("log", "-1", "--format=%an%n%B", "canary")
+        assert message.startswith("setpoint controller") and "Setpoint-Halt: canaries-v" in message
+        # The fleet walks back: can-1 never left v2 content; can-2 was never released.
+        await sim.wait(lambda: sim.rollout.get("canaries", {}).get("state") in ("idle", "done"))
+        assert sim.motd("can-1") == "v2" and sim.motd("can-2") == "v2"
+        assert sim.motd("prod-1") == "v2"
+        assert sim.rollout["prod"]["state"] in ("gated", "refused")
+    assert len(sim.of("rollout-halted")) == 1 and len(sim.of("reverted")) == 1
+    log = repo.git("log", "--format=%an", "canary")
+    assert log.count("setpoint controller") == 1
+    audit = (tmp_path / "state" / "audit.jsonl").read_text()
+    for reason in ("gate-opened", "batch-released", "rollout-halted", "reverted"):
+        assert f'"reason":"{reason}"' in audit
