@@ -297,3 +297,48 @@ def test_change_of_names_each_transition() -> None:
 
 def _fields(report: Any) -> dict[str, Any]:
     return {name: getattr(report, name) for name in report.__dataclass_fields__}
+
+
+async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyped-def]
+    broker, unique_prefix, make_repo, signing_key, tmp_path, watch, devices
+) -> None:
+    from setpoint.controller import examples
+
+    extra = {f"devices/kiosk-{n:02d}.yaml": "group: kiosks\nvars: {site: x}\n" for n in range(3, 9)}
+    repo = make_repo({**examples.FILES, **extra})
+    names = sorted(["gw-01", *(f"kiosk-{n:02d}" for n in range(1, 9))])
+
+    def start(name: str):  # type: ignore[no-untyped-def]
+        return run_drift(
+            broker, unique_prefix, repo, signing_key, tmp_path / name,
+            client_id=f"controller-{name}", share="drift",
+        )  # fmt: skip
+
+    async with start("a") as (_ca, a), start("b") as (_cb, b):
+        await watch.wait(lambda: set(names) <= set(watch.drift))
+        for n, name in enumerate(names):
+            await devices.report(in_sync_report(a._fleet.desired[name], seq=n + 1))
+        await watch.wait(lambda: all(watch.state(d) == "in_sync" for d in names))
+        for n, name in enumerate(names[::2]):
+            desired = a._fleet.desired[name]
+            await devices.report(drifted_report(desired, 100 + n, desired.resources[0].id))
+        wanted = {d: ("drifted" if d in names[::2] else "in_sync") for d in names}
+        await watch.wait(lambda: {d: watch.state(d) for d in names} == wanted)
+        # Each live report reached exactly one of the two engines, and both took a share.
+        live = sum(e.metrics.reports._value.get() for e in (a, b))
+        assert live == len(names) + len(names[::2])
+        assert a.metrics.reports._value.get() > 0
+        assert b.metrics.reports._value.get() > 0
+        await watch.wait(lambda: watch.groups["kiosks"].counts["drifted"] == 4)
+        # A publication makes both engines re-evaluate every device: the one holding an older
+        # report for a device must leave it to the other, so nothing flips back.
+        await watch.barrier()
+        events = len(watch.events)
+        passes = (a.passes, b.passes)
+        for engine in (a, b):
+            engine._published([])
+        await a.wait_for(lambda: a.passes > passes[0])
+        await b.wait_for(lambda: b.passes > passes[1])
+        await watch.barrier()
+        assert {d: watch.state(d) for d in names} == wanted
+        assert len(watch.events) == events, watch.events[events:]
