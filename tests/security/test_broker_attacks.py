@@ -161,3 +161,19 @@ def test_client_id_with_slash_plus_hash(
             )
     assert not [t for t, _, _ in attacker.received() if "/devices/dev1/" in t]
     converged.unchanged()
+
+
+def test_operator_reads_drift_status_events_and_nothing_else(
+    converged: Converged, secure_broker: SecureBroker, pki: Pki
+) -> None:
+    topics = converged.fleet.topics
+    operator = Client(secure_broker, pki.operator, "operator-tool")
+    operator.subscribe(f"{topics.prefix}/#")
+    converged.fleet.publish(topics.device_drift("dev1"), b'{"state": "in_sync"}')
+    operator.barrier(topics.barrier("operator-tool"))  # its tools' echo topic works
+    seen = {t for t, _, _ in operator.received()}
+    assert topics.device_drift("dev1") in seen
+    assert seen <= {topics.device_drift("dev1"), topics.barrier("operator-tool")}, seen
+    for topic in (topics.group_desired("kiosk"), topics.device_drift("dev1")):
+        assert operator.publish(topic, b"x") == NOT_AUTHORIZED
+    converged.unchanged()
