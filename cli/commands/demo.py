@@ -437,10 +437,9 @@ def resize_fleet(repo: Path, count: int) -> None:
     if count == len(names):
         return
     if count < len(names):
-        for name in [n for n in names if n.startswith("kiosk-")][: len(names) - count]:
+        kiosks = [n for n in names if n.startswith("kiosk-")]
+        for name in kiosks[1:][::-1][: len(names) - count]:  # keep kiosk-01 and gw-01
             porcelain.remove(str(repo), paths=[str(devices / f"{name}.yaml")])
-            if len([n for n in names if n.startswith("kiosk-")]) <= 1:
-                break
     else:
         taken = set(names)
         for n in range(len(names), count):
