@@ -29,6 +29,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "notify": ("notify", "tell a controller a repository changed (post-receive hook)"),
     "sim": ("sim", "simulated devices for load and demos"),
     "demo": ("demo", "the end-to-end demo on a private broker"),
+    "rollout": ("rollout", "rollout status by group; pause and resume a group's rollout"),
+    "promote": ("promote", "check a ring's gate, then merge FROM into TO locally"),
+    "approve": ("approve", "approve content waiting at a ring's gate (signed)"),
 }
 
 

@@ -172,3 +172,37 @@ async def test_restart_mid_rollout_releases_no_batch_twice_and_waits_for_offline
             await controller.settle(10)
         assert audit.read_text().count('"reason":"batch-released"') == 2
         assert audit.read_text().count('"reason":"rollout-completed"') == 1
+
+
+async def test_cli_promote_checks_the_gate_and_status_reports(
+    make_repo: Any, start: Any, sims: Any, broker: Any, unique_prefix: str, capsys: Any
+) -> None:
+    import asyncio
+    import json
+
+    from setpoint.cli import main
+
+    repo = ringed_repo(make_repo)
+    flags = ["--broker", f"mqtt://{broker.host}:{broker.port}", "--prefix", unique_prefix]
+    async with sims() as sim, start(repo):
+        await sim.wait(lambda: everywhere(sim, "v1"))
+        await sim.wait(lambda: bool(sim.gates.get("production", {}).get("passed")))
+        repo.commit(motd_change("untested"), "straight to canary", branch="canary")
+        before = repo.head("production")
+        code = await asyncio.to_thread(
+            main, ["promote", "canary", "production", "--repo", str(repo.path), "--json", *flags]
+        )
+        refused = json.loads(capsys.readouterr().out)
+        assert code == 1 and not refused["promoted"]
+        assert "has not passed on canary" in refused["reason"]
+        assert repo.head("production") == before
+        repo.git("branch", "-f", "canary", repo.head("canary") + "~1")
+        code = await asyncio.to_thread(
+            main, ["promote", "canary", "production", "--repo", str(repo.path), "--json", *flags]
+        )
+        merged = json.loads(capsys.readouterr().out)
+        assert code == 0 and merged["promoted"] and repo.head("production") == merged["commit"]
+        code = await asyncio.to_thread(main, ["rollout", "status", "--json", *flags])
+        shown = json.loads(capsys.readouterr().out)
+        assert code == 0 and set(shown["groups"]) == {"qa", "canaries", "prod"}
+        assert shown["rings"]["production"]["from"] == "canary"
