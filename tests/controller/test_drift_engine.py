@@ -342,3 +342,25 @@ async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyp
         await watch.barrier()
         assert {d: watch.state(d) for d in names} == wanted
         assert len(watch.events) == events, watch.events[events:]
+
+
+async def test_metrics_are_served_over_http(drift, watch, devices) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import urllib.request
+
+    async with drift(metrics_listen=("127.0.0.1", 0)) as (_controller, engine):
+        await all_in_sync(engine, devices, watch)
+        await devices.report(drifted_report(engine._fleet.desired["gw-01"], 9, "uplink-interval"))
+        await watch.wait(watch.is_("gw-01", "drifted"))
+        gauge = engine.metrics.devices
+        await engine.wait_for(lambda: gauge.labels("gateways", "drifted")._value.get() == 1)
+        assert engine.metrics.port is not None
+        url = f"http://127.0.0.1:{engine.metrics.port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+        body = text.decode()
+        assert 'setpoint_devices{group="gateways",state="drifted"} 1.0' in body
+        assert 'setpoint_devices{group="kiosks",state="in_sync"} 2.0' in body
+        assert 'setpoint_drift_events_total{change="opened",group="gateways"}' in body
+        assert 'setpoint_publications_total{kind="group",reason="change"} 2.0' in body
+        assert "setpoint_reports_received_total 4.0" in body
+        assert "setpoint_detection_latency_seconds_bucket" in body
