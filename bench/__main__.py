@@ -1,0 +1,69 @@
+"""Run every benchmark: ``python -m bench`` (``make bench``) or ``python -m bench --quick``
+(``make bench-quick``, under five minutes on a 2-core machine).
+
+Each benchmark prints its table and appends a JSON line to ``bench/results/results.jsonl``;
+then the plots of ``docs/performance.md`` are redrawn. ``--only`` picks some of them.
+
+* ingest: reports/s, controller full ingest vs mosquitto_sub and bare clients
+  (200,000 reports over 10,000 devices; quick: 50,000 over 5,000);
+* converge: git commit -> last device in_sync vs a bare retained round (1,000 and 10,000);
+* drift: report -> drift event p50/p99, idle and under 1/4 of the ingest rate, vs the
+  broker's round trip (1,000 reports each; quick: 300);
+* footprint: shim RSS and CPU idle (60 s; quick: 10 s) and during an apply;
+* commit: git commit -> retained bundle at a subscriber (bench/commit_latency.py; 20 / 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+NAMES = ("ingest", "converge", "drift", "footprint", "commit")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs, under five minutes")
+    parser.add_argument("--only", nargs="+", choices=NAMES, default=list(NAMES))
+    args = parser.parse_args(argv)
+    quick = ["--quick"] if args.quick else []
+    started = time.monotonic()
+    took: dict[str, float] = {}
+    for name in NAMES:
+        if name not in args.only:
+            continue
+        t0 = time.monotonic()
+        print(f"\n=== {name} ===", flush=True)
+        if name == "ingest":
+            from . import ingest
+
+            sizes = ["--reports", "50000", "--devices", "5000"] if args.quick else []
+            ingest.main([*sizes, *quick])
+        elif name == "converge":
+            from . import converge
+
+            asyncio.run(converge.main_async([1000, 10000], args.quick))
+        elif name == "drift":
+            from . import drift_load
+
+            drift_load.main(quick)
+        elif name == "footprint":
+            from . import footprint
+
+            footprint.main(quick)
+        elif name == "commit":
+            from . import commit_latency
+
+            commit_latency.main(quick)
+        took[name] = time.monotonic() - t0
+    from . import plots
+
+    plots.main()
+    total = time.monotonic() - started
+    print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in took.items()) + f"; total {total:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""Commit to converged: from ``git commit`` to the last device's ``in_sync``, against a bare
+reference measured on the same broker in the same run.
+
+    .venv/bin/python -m bench.converge [--devices 1000 10000] [--quick]
+
+For each fleet size N:
+
+1. **Bare reference.** ``setpoint sim --echo`` runs N devices that answer each message on
+   their desired topic; the benchmark publishes N retained QoS 1 messages (one per device,
+   the size of a group bundle) and waits for the N answers. No setpoint logic: the cost of
+   moving the same number of retained messages and replies through this broker.
+2. **setpoint.** A repository of N simulated devices in one enforce group, a real
+   controller (drift engine included), ``setpoint sim`` with N devices that verify, apply
+   and report. Once all are ``in_sync``, a commit changes the group; the clock runs from
+   just before ``git commit`` to the last device's retained drift status saying
+   ``in_sync`` on the new version. The arrival time of every device's ``in_sync`` is the
+   convergence curve (``bench/results/converge-N.json``, plotted by ``bench.plots``).
+
+Also recorded: when the controller noticed the commit (its ``published`` event), the RSS of
+the controller, the broker and the simulator at N devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from setpoint.proto.topics import Topics
+from setpoint.sim import fleetrepo, mqtt
+
+from .common import RESULTS, Stack, Watcher, record, rss_mb, spy_on, start_sim, table
+
+BUNDLE_SIZE = 700  # bytes: about a signed group bundle of three resources
+
+
+async def bare_reference(stack: Stack, n: int) -> float:
+    """Seconds from the first of N retained publications to the N-th reply."""
+    topics = Topics("bench-bare/v1")
+    sim = start_sim(stack.broker.url, n, "--echo", "--prefix", topics.prefix, "--connect-rate", "0")
+    try:
+        watcher = Watcher(
+            stack.broker.host, stack.broker.port, [topics.all_reported()], keep_arrivals=False
+        )
+        async with watcher:
+            pub = await mqtt.open_connection(stack.broker.host, stack.broker.port, "bench-bare")
+            payload = b"\x01" * BUNDLE_SIZE
+            names = [f"sim-{i:05d}" for i in range(n)]
+            started = time.time()
+            for name in names:
+                pub.publish(topics.device_desired(name), payload, qos=1, retain=True)
+            await watcher.until(lambda: len(watcher.latest) >= n)
+            took = time.time() - started
+            pub.disconnect()
+        return took
+    finally:
+        sim.stop()
+
+
+class Convergence:
+    """Counts devices whose retained drift status is in_sync on a given group version."""
+
+    def __init__(self, topics: Topics) -> None:
+        self.topics = topics
+        self.version = 1
+        self.done: dict[str, float] = {}
+        self.published_at: float | None = None
+
+    def parse(self, topic: str, payload: bytes) -> None:
+        now = time.time()
+        ref = self.topics.parse(topic)
+        if ref.kind == "event":
+            if self.published_at is None and self.version > 1:
+                self.published_at = now
+            return
+        if not payload:
+            return
+        status = json.loads(payload)
+        if status.get("state") == "in_sync" and status.get("applied_version") == self.version:
+            self.done.setdefault(ref.name, now)
+
+    def reset(self, version: int) -> None:
+        self.version, self.done, self.published_at = version, {}, None
+
+
+def profile(stack: Stack, sim: Any) -> list[subprocess.Popen[bytes]]:
+    """With BENCH_PROFILE=DIR, py-spy profiles of the controller and the simulator."""
+    assert stack.controller is not None
+    spies = [
+        spy_on(stack.controller.pid, f"converge-controller-{stack.devices}"),
+        spy_on(sim.proc.pid, f"converge-sim-{stack.devices}"),
+    ]
+    return [s for s in spies if s is not None]
+
+
+async def one(work: Path, n: int) -> dict[str, Any]:
+    with Stack(work, n) as stack:
+        bare = await bare_reference(stack, n)
+        setup = await stack.start_controller()
+        assert stack.controller is not None
+        conv = Convergence(stack.topics)
+        watcher = Watcher(
+            stack.broker.host,
+            stack.broker.port,
+            [stack.topics.all_drift(), stack.topics.event("published")],
+            parse=conv.parse,
+            keep_arrivals=False,
+        )
+        async with watcher:
+            started = time.time()
+            sim = start_sim(
+                stack.broker.url, n, "--trust", str(stack.pub), "--prefix", stack.prefix
+            )
+            try:
+                await watcher.until(lambda: len(conv.done) >= n)
+                first = time.time() - started
+                conv.reset(2)
+                spies = profile(stack, sim)
+                t0 = time.time()
+                fleetrepo.bump(stack.repo, group=0, revision=2)
+                committed = time.time() - t0
+                await watcher.until(lambda: len(conv.done) >= n)
+                for spy in spies:
+                    spy.send_signal(2)
+                    spy.wait()
+                took = max(conv.done.values()) - t0
+                curve = sorted(t - t0 for t in conv.done.values())
+                footprint = {
+                    "controller_rss_mb": round(rss_mb(stack.controller.pid), 1),
+                    "broker_rss_mb": round(rss_mb(stack.broker.proc.pid), 1)  # type: ignore[union-attr]
+                    if stack.broker.proc
+                    else None,
+                    "sim_rss_mb": sim.ready["rss_mb"],
+                }
+                noticed = (conv.published_at - t0) if conv.published_at else None
+            finally:
+                counters = sim.stop()
+        (RESULTS.parent / f"converge-{n}.json").write_text(json.dumps({"n": n, "curve": curve}))
+        return {
+            "devices": n,
+            "bare_s": round(bare, 3),
+            "converged_s": round(took, 3),
+            "ratio": round(took / bare, 2),
+            "noticed_s": None if noticed is None else round(noticed, 3),
+            "git_commit_s": round(committed, 3),
+            "p50_s": round(curve[len(curve) // 2], 3),
+            "first_convergence_s": round(first, 3),
+            "controller_setup_s": round(setup, 3),
+            "sim_connect_rate": sim.ready["connect_rate"],
+            "reports": counters.get("reports"),
+            **footprint,
+        }
+
+
+async def main_async(sizes: list[int], quick: bool) -> list[dict[str, Any]]:
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix=f"bench-converge-{n}-") as tmp:
+            rows.append(await one(Path(tmp), n))
+    table(
+        "Commit to converged (git commit -> last device in_sync on the new version)",
+        ["devices", "bare ref s", "setpoint s", "ratio", "p50 s", "noticed s", "ctl RSS MB",
+         "broker RSS MB", "sim RSS MB"],
+        [[r["devices"], r["bare_s"], r["converged_s"], r["ratio"], r["p50_s"], r["noticed_s"],
+          r["controller_rss_mb"], r["broker_rss_mb"], r["sim_rss_mb"]] for r in rows],
+    )  # fmt: skip
+    record("converge", quick, {"runs": rows})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    asyncio.run(main_async(args.devices, args.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Bare subscribers for the ingest benchmark, one per client library, each in its own process.
+
+    python -m bench.subscribers CLIENT HOST PORT FILTER COUNT
+
+``CLIENT`` is ``aiomqtt`` (MQTT 3.1.1), ``aiomqtt-v5`` (MQTT 5, as the controller's link
+connects), ``paho`` (its network loop in a thread, as the shim runs it),
+``lean`` (``setpoint.sim.mqtt``: one asyncio protocol, a small codec) or ``lean-decode``
+(the same, decoding every report with ``setpoint.proto.reports``). Each prints
+``subscribed`` once its SUBSCRIBE is acknowledged, then, after COUNT messages (or 120 s),
+one JSON line: ``{"count", "first", "last"}`` with ``time.time()`` stamps. A subscriber
+that gets fewer (the broker drops QoS 0 messages for a client that falls too far behind)
+stops after ``IDLE`` seconds without a message and says how many it got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import threading
+import time
+
+IDLE = 3.0
+
+
+def done(count: int, first: float, last: float) -> None:
+    print(json.dumps({"count": count, "first": first, "last": last}), flush=True)
+
+
+async def run_aiomqtt(host: str, port: int, topic_filter: str, n: int, v5: bool) -> None:
+    import aiomqtt
+
+    protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
+    async with aiomqtt.Client(host, port, identifier="bench-aiomqtt", protocol=protocol) as client:
+        await client.subscribe(topic_filter, qos=0)
+        print("subscribed", flush=True)
+        count, first, last = 0, 0.0, 0.0
+        messages = aiter(client.messages)
+        while count < n:
+            try:
+                async with asyncio.timeout(120 if count == 0 else IDLE):
+                    await anext(messages)
+            except TimeoutError:
+                break  # messages were lost: the count says how many arrived
+            count += 1
+            last = time.time()
+            if count == 1:
+                first = last
+        done(count, first, last)
+
+
+def run_paho(host: str, port: int, topic_filter: str, n: int) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    state = {"count": 0, "first": 0.0, "last": 0.0}
+    finished = threading.Event()
+    subscribed = threading.Event()
+
+    def on_message(client: object, userdata: object, message: object) -> None:
+        state["count"] += 1
+        state["last"] = time.time()
+        if state["count"] == 1:
+            state["first"] = state["last"]
+        if state["count"] >= n:
+            finished.set()
+
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-paho")
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.on_connect = lambda c, *a: c.subscribe(topic_filter, 0)
+    client.connect(host, port)
+    client.loop_start()
+    subscribed.wait(10)
+    print("subscribed", flush=True)
+    deadline = time.time() + 120
+    while not finished.wait(0.5):
+        now = time.time()
+        if (state["count"] and now - state["last"] > IDLE) or now > deadline:
+            break
+    done(int(state["count"]), state["first"], state["last"] or time.time())
+    client.loop_stop()
+
+
+async def run_lean(host: str, port: int, topic_filter: str, n: int, decode: bool) -> None:
+    from setpoint.proto import reports
+    from setpoint.sim import mqtt
+
+    state = {"count": 0, "first": 0.0, "last": 0.0}
+    finished = asyncio.Event()
+
+    def on_message(topic: str, payload: bytes, retain: bool) -> None:
+        if decode:
+            reports.decode(payload)
+        state["count"] += 1
+        state["last"] = time.time()
+        if state["count"] == 1:
+            state["first"] = state["last"]
+        if state["count"] >= n:
+            finished.set()
+
+    conn = await mqtt.open_connection(host, port, "bench-lean", on_message=on_message)
+    await conn.subscribe([(topic_filter, 0)])
+    print("subscribed", flush=True)
+    deadline = time.time() + 120
+    while not finished.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finished.wait(), 0.5)
+        now = time.time()
+        if (state["count"] and now - state["last"] > IDLE) or now > deadline:
+            break
+    done(int(state["count"]), state["first"], state["last"] or time.time())
+    conn.disconnect()
+
+
+def main(argv: list[str]) -> int:
+    client, host, port, topic_filter, n = argv[0], argv[1], int(argv[2]), argv[3], int(argv[4])
+    if client in ("aiomqtt", "aiomqtt-v5"):
+        asyncio.run(run_aiomqtt(host, port, topic_filter, n, client == "aiomqtt-v5"))
+    elif client == "paho":
+        run_paho(host, port, topic_filter, n)
+    elif client in ("lean", "lean-decode"):
+        asyncio.run(run_lean(host, port, topic_filter, n, client == "lean-decode"))
+    else:
+        print(f"unknown client {client!r}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
