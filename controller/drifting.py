@@ -75,6 +75,8 @@ MAX_DEVICES: Final = 100_000
 PUBLISH_CONCURRENCY: Final = 64
 SETTLE_TIMEOUT: Final = 30.0
 Change = Literal["opened", "changed", "resolved"]
+# Told every device status this engine publishes or reads (None: cleared); see add_status_listener.
+StatusListener = Callable[[str, DriftStatus | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +233,7 @@ class DriftEngine:
         self._refused_logged: dict[str, str] = {}
         self._key: Any = None
         self._controller: Controller | None = None
+        self._status_listeners: list[StatusListener] = []
         self.ready = asyncio.Event()
         self.passes = 0
         self._stepped = asyncio.Condition()
@@ -255,6 +258,17 @@ class DriftEngine:
         link.on_connect(self._connected)
         link.on_session("drift-sync", self._sync)
         controller.add_listener(self._published)
+
+    def add_status_listener(self, listener: StatusListener) -> None:
+        """Call ``listener(device, status)`` with every status this engine publishes and
+        every other engine's it reads (``None``: cleared), so that an extension of the same
+        controller (rollouts) sees them all without a second subscription: its own
+        publications do not come back to it (``no_local``)."""
+        self._status_listeners.append(listener)
+
+    def _tell(self, device: str, found: DriftStatus | None) -> None:
+        for listener in self._status_listeners:
+            listener(device, found)
 
     async def run(self) -> None:
         listen = self.settings.metrics_listen
@@ -351,6 +365,7 @@ class DriftEngine:
             dev = self._devices.get(name)
             if dev is not None:
                 dev.status = None
+            self._tell(name, None)
             return
         try:
             found = status.drift_from_json(message.payload)
@@ -362,6 +377,7 @@ class DriftEngine:
         dev = self._device(name)
         if dev is not None:
             dev.status = found
+            self._tell(name, found)
 
     def _on_group_status(self, message: Message) -> None:
         name = self._name(message, "group-status")
@@ -614,6 +630,7 @@ class DriftEngine:
     ) -> None:
         await self._publish(self._topics.device_drift(dev.name), new.to_json(), retain=True)
         dev.status = new
+        self._tell(dev.name, new)
         change = change_of(old, new) if event else None
         if change is None:
             return
@@ -640,6 +657,7 @@ class DriftEngine:
     async def _clear(self, dev: _Device) -> None:
         await self._publish(self._topics.device_drift(dev.name), b"", retain=True)
         dev.status = None
+        self._tell(dev.name, None)
 
     def _wants_command(self, dev: _Device, new: DriftStatus) -> bool:
         desired = self._fleet.desired.get(dev.name)

@@ -1,8 +1,10 @@
 """Rollouts inside the controller: gates between rings, batches, windows, halts, reverts.
 
 :class:`Rollouts` is a controller extension. It reads the devices' drift statuses from
-their retained ``.../devices/<id>/drift`` topics (the drift engine's public output; a
-normal QoS 0 subscription, so the retained ones arrive on every connect), verified
+the drift engine of the same controller when it runs one (``Rollouts(drift=engine)``),
+otherwise from their retained ``.../devices/<id>/drift`` topics (the drift engine's
+public output; a normal QoS 0 subscription, so the retained ones arrive on every
+connect), verified
 operator commands from ``.../operators/commands``, and the repository's render; before
 every planning round the controller asks :meth:`Rollouts.hold_back` what may go out:
 
@@ -56,6 +58,7 @@ from .rollouts import Ledger, Rollout
 
 if TYPE_CHECKING:
     from .broker import Message, Session
+    from .drifting import DriftEngine
     from .service import Controller
 
 log = logging.getLogger(__name__)
@@ -80,8 +83,11 @@ class Rollouts:
 
     name = "rollouts"
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, *, drift: DriftEngine | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self._clock = clock
+        self._drift = drift
         self.statuses: dict[str, DriftStatus] = {}
         self.synced = False
         self.ledger = Ledger()
@@ -105,7 +111,13 @@ class Rollouts:
         self._state_dir = controller.config.state_dir
         self.ledger = Ledger.load(self._state_dir)
         link = controller.link
-        link.route(self.topics.all_drift(), self._on_drift)
+        if self._drift is not None:
+            # The engine of this controller tells every status, its own included: MQTT
+            # does not bring them back (it subscribes with no_local), and a second
+            # subscription to the same filter would replace the engine's.
+            self._drift.add_status_listener(self._take_status)
+        else:
+            link.route(self.topics.all_drift(), self._on_drift)
         link.route(self.topics.operator_commands(), self._on_command, qos=1)
         link.on_connect(self._on_connect)
         link.on_session("rollouts-sync", self._sync)
@@ -138,8 +150,7 @@ class Rollouts:
         if ref.kind != "device-drift":
             return
         if not message.payload:
-            if self.statuses.pop(ref.name, None) is not None:
-                self._wake()
+            self._take_status(ref.name, None)
             return
         try:
             drift = status.drift_from_json(message.payload)
@@ -148,8 +159,14 @@ class Rollouts:
             return
         if drift.device != ref.name:
             return  # a status must be about the device its topic names
-        if self.statuses.get(ref.name) != drift:
-            self.statuses[ref.name] = drift
+        self._take_status(ref.name, drift)
+
+    def _take_status(self, device: str, drift: DriftStatus | None) -> None:
+        if drift is None:
+            if self.statuses.pop(device, None) is not None:
+                self._wake()
+        elif self.statuses.get(device) != drift:
+            self.statuses[device] = drift
             self._wake()
 
     def _on_command(self, message: Message) -> None:

@@ -198,8 +198,11 @@ def _config(args: argparse.Namespace) -> object:
 
 
 def _extensions(args: argparse.Namespace) -> list[object]:
+    # Rollouts always run, --once included: without them a gated ring's content would go
+    # out ungated. With no rings, rollout: or window: in the repository they hold nothing.
+    rolling = require_controller("setpoint.controller.rolling")
     if args.no_drift or args.once:
-        return []
+        return [rolling.Rollouts()]
     drifting = require_controller("setpoint.controller.drifting")
     if args.share is not None:
         from setpoint.proto.errors import InvalidId
@@ -216,7 +219,8 @@ def _extensions(args: argparse.Namespace) -> list[object]:
         reconcile_interval=args.reconcile_interval,
         metrics_listen=args.metrics_listen,
     )
-    return [drifting.DriftEngine(settings)]
+    engine = drifting.DriftEngine(settings)
+    return [engine, rolling.Rollouts(drift=engine)]
 
 
 async def _main(args: argparse.Namespace, config: object) -> int:
