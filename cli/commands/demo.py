@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=3,
         help="how many device shims to run (at least 2: one per group; default 3)",
     )
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="run on the secure broker: mutual TLS with a fresh fleet PKI, and the ACL",
+    )
 
 
 class DemoFailed(Exception):
@@ -73,7 +78,14 @@ class Narrator:
 class Watcher:
     """Follows drift status and drift events on the broker, as any operator tool could."""
 
-    def __init__(self, host: str, port: int, prefix: str, narrator: Narrator) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        prefix: str,
+        narrator: Narrator,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         import paho.mqtt.client as mqtt
 
         from setpoint.proto import status, topics
@@ -91,6 +103,9 @@ class Watcher:
         )
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
+        if tls is not None:
+            ca, cert, key = tls
+            self.client.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key))
         self.client.connect(host, port)
         self.client.loop_start()
 
@@ -219,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="setpoint-demo-")))
         try:
-            story(stack, work, narrator, args.timeout, args.devices)
+            story(stack, work, narrator, args.timeout, args.devices, secure=args.secure)
         except DemoFailed as exc:
             narrator.warn(f"demo failed: {exc}")
             narrator.warn(f"logs are in {work}/logs (pass --keep DIR to keep them)")
@@ -234,7 +249,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float, count: int) -> None:
+def story(
+    stack: ExitStack,
+    work: Path,
+    narrator: Narrator,
+    timeout: float,
+    count: int,
+    *,
+    secure: bool = False,
+) -> None:
     from setpoint.mosquitto import Broker
 
     prefix = "setpoint/v1"
@@ -242,8 +265,15 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float, coun
     logs.mkdir()
 
     narrator.step("A private mosquitto, a signing key and a fleet repository")
-    broker = stack.enter_context(Broker())
-    narrator.say(f"mosquitto listening on {broker.url} (config from mosquitto/)")
+    tls = Tls(work / "pki", prefix) if secure else None
+    broker = stack.enter_context(tls.broker(work / "broker") if tls else Broker())
+    if tls:
+        narrator.say(
+            f"mosquitto listening on {broker.url}: mutual TLS only, certificates from a"
+            f" fresh fleet PKI in {tls.pki.root}, topics limited by mosquitto/secure.acl"
+        )
+    else:
+        narrator.say(f"mosquitto listening on {broker.url} (config from mosquitto/)")
     keyid = run_cli("keys", "generate", "--out", str(work / "keys")).strip().splitlines()[-1]
     narrator.say(f"fleet signing key: {keyid}")
     repo = work / "fleet"
@@ -252,9 +282,12 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float, coun
     groups = sorted(p.stem for p in (repo / "groups").glob("*.yaml"))
     devices = sorted(p.stem for p in (repo / "devices").glob("*.yaml"))
     narrator.say(f"fleet repository {repo}: groups {groups}, devices {devices}")
+    if tls:
+        tls.issue(devices)
+        narrator.say(f"issued a client certificate per device (CN = device id): {devices}")
 
     narrator.step("Controller and one shim per device")
-    watcher = Watcher(broker.host, broker.port, prefix, narrator)
+    watcher = Watcher(broker.host, broker.port, prefix, narrator, tls.operator if tls else None)
     stack.callback(watcher.close)
     stack.enter_context(
         process(
@@ -263,6 +296,7 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float, coun
                 "--key", str(work / "keys" / "signing.key"),
                 "--state-dir", str(work / "controller-state"),
                 "--grace", "20", "--tick", "0.5", "--reconcile-interval", "5",
+                *(tls.flags("controller") if tls else ()),
             ),
             logs / "controller.log",
         )
@@ -282,6 +316,7 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float, coun
                     "--state-dir", str(work / "devices" / device / "state"),
                     "--config", str(device_config),
                     "--observe-interval", "0.5", "--heartbeat", "60",
+                    *(tls.flags(device) if tls else ()),
                 ),
                 logs / f"shim-{device}.log",
             )
@@ -393,11 +428,14 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float, coun
         f" {watcher.states(members[enforce_group])}"
     )
     narrator.step(f"The operator's view: setpoint status --broker {broker.url}")
-    print(run_cli("status", "--broker", broker.url, "--no-color").rstrip(), flush=True)
+    operator = tls.flags("operator") if tls else ()
+    print(run_cli("status", "--broker", broker.url, "--no-color", *operator).rstrip(), flush=True)
     narrator.step(f"setpoint diff {observe_dev}: desired against reported, per resource")
     done = subprocess.run(
         setpoint_cmd("diff", observe_dev, "--broker", broker.url, "--no-color",
-                     "--trust", str(work / "keys" / "signing.pub")),
+                     "--trust", str(work / "keys" / "signing.pub"),
+                     # diff reads bundles and reports: the controller's rights, not the operator's
+                     *(tls.flags("controller") if tls else ())),
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if done.returncode != 1:
@@ -408,6 +446,42 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float, coun
     narrator.say(f"final drift states: {watcher.states(devices)}")
     watcher.close()
     narrator.say("stopping every process the demo started")
+
+
+class Tls:
+    """The secure variant: a fleet PKI, the secure broker, and each process's TLS flags."""
+
+    def __init__(self, root: Path, prefix: str) -> None:
+        from setpoint.controller import pki
+
+        self.pki = pki.secure_fleet(root)
+        self.prefix = prefix
+
+    def broker(self, directory: Path) -> Any:
+        from setpoint.mosquitto import SecureBroker
+
+        return SecureBroker(directory, self.pki.root, prefix=self.prefix)
+
+    def issue(self, devices: list[str]) -> None:
+        from setpoint.controller import pki
+
+        pki.secure_fleet(self.pki.root, devices)
+
+    def _credentials(self, who: str) -> Any:
+        if who == "controller":
+            return self.pki.controller
+        if who == "operator":
+            return self.pki.operator
+        return self.pki.device(who)
+
+    @property
+    def operator(self) -> tuple[Path, Path, Path]:
+        creds = self.pki.operator
+        return creds.ca, creds.cert, creds.key
+
+    def flags(self, who: str) -> tuple[str, ...]:
+        creds = self._credentials(who)
+        return ("--ca", str(creds.ca), "--cert", str(creds.cert), "--client-key", str(creds.key))
 
 
 def all_in_sync_one(watcher: Watcher, device: str) -> Callable[[], bool]:
