@@ -11,9 +11,12 @@ cannot change the answer. The rules, in order:
 4. an apply of the current desired version failed: ``failed``;
 5. the current desired version was refused: ``rejected``;
 6. a version newer than anything published is claimed: ``unknown`` (not believed);
-7. not yet on the desired versions (or group): ``pending`` (``overdue`` after the grace);
-8. on the desired versions but resources differ: ``drifted``, with which and why;
-9. otherwise ``in_sync``.
+7. held back by a batched rollout (its device bundle pins an older group version than
+   the one published): ``pending``, waiting for its batch, never overdue (the pin is its
+   desired group version: a failure or refusal of the pinned version still counts);
+8. not yet on the desired versions (or group): ``pending`` (``overdue`` after the grace);
+9. on the desired versions but resources differ: ``drifted``, with which and why;
+10. otherwise ``in_sync``.
 
 :func:`summarise` folds device states into a group's convergence summary.
 
@@ -49,6 +52,9 @@ class Desired:
     commit: str
     resources: tuple[Resource, ...]
     published_at: float
+    # The newer group version published but not released to this device yet (its bundle
+    # pins ``group_version``, the version it keeps running); None: it follows the group.
+    pinned_from: int | None = None
 
     @property
     def resource_digests(self) -> dict[str, str]:
@@ -177,6 +183,16 @@ def detect(
                 f" {refusal.reason}: {refusal.error}",
                 last_seen=last_seen,
             )
+
+    if desired.pinned_from is not None:
+        got = report.applied_group
+        on = f"v{got.version}" if got is not None and got.target == desired.group else "nothing"
+        return status(
+            "pending",
+            reason=f"waiting for its batch: group {desired.group} v{desired.pinned_from} is"
+            f" rolling out; pinned to v{desired.group_version} (runs {on})",
+            last_seen=last_seen,
+        )
 
     applied = {"group": report.applied_group, "device": report.applied_device}
     behind: list[str] = []

@@ -187,17 +187,22 @@ def desired_for(published: dict[Any, Any]) -> _Fleet:
         group_current = groups[group_id]
         group: Bundle = group_current.bundle
         newest = max((group_current, current), key=lambda c: c.published_at or 0.0)
+        # A batched rollout pins the device to the group version it runs until its batch
+        # is released: that is its desired group version (its content is not retained).
+        pin = bundle.group_version
+        held = pin is not None and pin < group.version
         fleet.desired[device] = Desired(
             device=device,
             group=group_id,
             mode=group.mode,
-            group_version=group.version,
-            group_digest=group.content_digest(),
+            group_version=pin if held and pin is not None else group.version,
+            group_digest="" if held else group.content_digest(),
             device_version=bundle.version,
             device_digest=bundle.content_digest(),
             commit=newest.bundle.commit,
             resources=tuple(bundles.effective(group, bundle)),
             published_at=max(group_current.published_at or 0.0, current.published_at or 0.0),
+            pinned_from=group.version if held else None,
         )
         fleet.members.setdefault(group_id, []).append(device)
     return fleet

@@ -220,3 +220,58 @@ def test_summarise_counts_and_convergence() -> None:
 def test_summarise_empty_group_is_converged() -> None:
     summary = summarise("empty", [], version=1, commit="c", mode="observe", now=NOW)
     assert summary.devices == 0 and summary.converged_pct == 100.0
+
+
+# --- A device held back by a batched rollout (its bundle pins an older group version) ---
+
+
+def held(**kw: object) -> Desired:
+    """kiosk-01 pinned to group v2 while the group's v3 rolls out, published long ago."""
+    base = dict(group_version=2, group_digest="", pinned_from=3, published_at=NOW - 86_400)
+    return desired(**{**base, **kw})
+
+
+def on_v2(**kw: object) -> Report:
+    return report(applied_group=Applied("kiosks", 2, "c0ffe0", "g2"), **kw)
+
+
+def test_pinned_device_is_pending_for_its_batch_never_overdue() -> None:
+    status = detect(held(), on_v2(), "online", NOW, grace=1.0)
+    assert status.state == "pending"
+    assert status.reason == (
+        "waiting for its batch: group kiosks v3 is rolling out; pinned to v2 (runs v2)"
+    )
+    assert "overdue" not in status.reason
+    assert (status.desired_version, status.applied_version) == (2, 2)
+
+
+def test_pinned_device_with_changed_resources_is_pending_not_drifted() -> None:
+    edited = on_v2(resources=(ResourceReport("motd", "file", "drifted", "x", "edited"),))
+    assert detect(held(), edited, "online", NOW).state == "pending"
+
+
+def test_pinned_device_that_never_applied_its_pin_is_pending() -> None:
+    status = detect(held(), report(applied_group=None), "online", NOW, grace=1.0)
+    assert status.state == "pending" and "(runs nothing)" in status.reason
+
+
+def test_pinned_device_failing_its_pinned_version_is_failed() -> None:
+    failing = on_v2(failure=Failure("kiosks", 2, "disk full", False, int(NOW)))
+    assert detect(held(), failing, "online", NOW).state == "failed"
+
+
+def test_pinned_device_is_not_blamed_for_the_version_it_was_not_given() -> None:
+    failing = on_v2(failure=Failure("kiosks", 3, "disk full", False, int(NOW)))
+    assert detect(held(), failing, "online", NOW).state == "pending"
+    refused = on_v2(refusals=(Refusal("kiosks", "group", 3, "rollback", "older", int(NOW)),))
+    assert detect(held(), refused, "online", NOW).state == "pending"
+
+
+def test_pinned_device_offline_is_offline() -> None:
+    assert detect(held(), on_v2(), "offline", NOW).state == "offline"
+
+
+def test_released_device_follows_the_group_again() -> None:
+    # Its batch released: the pin moved to v3, desired_for gives no pinned_from.
+    status = detect(desired(published_at=NOW - 86_400), on_v2(), "online", NOW, grace=1.0)
+    assert status.state == "pending" and status.reason.startswith("overdue: ")
