@@ -30,6 +30,14 @@ STEP_TIMEOUT = 30.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "scenario",
+        nargs="?",
+        choices=("loop", "rollout"),
+        default="loop",
+        help="loop: commit, converge, drift, heal, revert (default); rollout: rings,"
+        " gates, batches, halt and revert (cli/commands/demo_rollout.py)",
+    )
+    parser.add_argument(
         "--keep", type=Path, help="work in this directory and keep it (default: a temp dir)"
     )
     parser.add_argument(
@@ -218,6 +226,11 @@ def revert(repo: Path, sha: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from setpoint.commands._common import require_controller
+
+    if args.scenario == "rollout":
+        from .demo_rollout import run_rollout
+
+        return run_rollout(args)
 
     require_controller("dulwich")
     color = sys.stdout.isatty() and not args.no_color

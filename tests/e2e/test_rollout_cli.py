@@ -134,3 +134,27 @@ def test_setpoint_controller_runs_rollouts_and_reports_gated(
         views.close()
     assert code == 0, (tmp_path / "controller.log").read_text()
     assert (tmp_path / "state" / "rollouts.json").exists()
+
+
+def test_demo_rollout_tells_the_whole_story_and_exits_0() -> None:
+    done = subprocess.run(
+        [*SETPOINT, "demo", "rollout", "--no-color"],
+        env=ENV, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert "bootstrap: v1 on every ring" in out
+    assert "qa-1 in_sync on v2" in out
+    for batch in ("1/3 can-1", "2/3 can-2", "3/3 can-3"):
+        assert f"event rollout/batch-released: canaries v2 batch {batch}" in out
+    assert "setpoint promote canary production: refused: content" in out
+    assert "production gated: waiting for" in out
+    assert "production went out by itself once canary passed" in out
+    assert "event rollout-halted: canaries: batch 1/3 of v3: 1 failed" in out
+    assert 'setpoint controller: Revert "Promote main to canary (v3)"' in out
+    assert "canary walked back: every device in_sync on v2" in out
+    assert "production stays gated on v3 and runs v2" in out
+    assert "group prod [production] v2: gated" in out  # setpoint rollout status
+    timings = out.split("==> Timings", 1)[1]
+    assert "canary: promote -> batch 3/3 in sync" in timings
+    assert "canary: promote -> walked back, all in sync on v2" in timings
