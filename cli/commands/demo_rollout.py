@@ -278,6 +278,9 @@ def run_rollout(args: argparse.Namespace) -> int:
     from setpoint.commands._common import require_controller
 
     require_controller("dulwich")
+    if getattr(args, "secure", False):
+        print("setpoint demo rollout: --secure is for the loop scenario only", file=sys.stderr)
+        return 2
     narrator = Narrator(sys.stdout.isatty() and not args.no_color)
     with ExitStack() as stack:
         if args.keep:

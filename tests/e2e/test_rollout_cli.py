@@ -158,3 +158,17 @@ def test_demo_rollout_tells_the_whole_story_and_exits_0() -> None:
     timings = out.split("==> Timings", 1)[1]
     assert "canary: promote -> batch 3/3 in sync" in timings
     assert "canary: promote -> walked back, all in sync on v2" in timings
+
+
+def test_demo_rollout_refuses_the_loop_only_secure_flag() -> None:
+    done = subprocess.run(
+        [*SETPOINT, "demo", "rollout", "--secure"],
+        env=ENV, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--secure is for the loop scenario only" in done.stderr
+    bad = subprocess.run(
+        [*SETPOINT, "demo", "rollouts"],
+        env=ENV, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "invalid choice: 'rollouts'" in bad.stderr
