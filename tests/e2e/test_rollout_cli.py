@@ -172,3 +172,48 @@ def test_demo_rollout_refuses_the_loop_only_secure_flag() -> None:
         env=ENV, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert bad.returncode == 2 and "invalid choice: 'rollouts'" in bad.stderr
+
+
+def retained_group_bundles(broker: Any, prefix: str) -> set[str]:
+    """The groups whose bundle the broker retains (a barrier proves all have arrived)."""
+    topics = Topics(prefix)
+    marker = f"{prefix}/e2e/marker-{secrets.token_hex(4)}"
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == marker:
+            done.set()
+        elif message.payload:
+            seen.add(topics.parse(message.topic).name)
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"e2e-{secrets.token_hex(4)}")
+    client.on_message = on_message
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        # One connection keeps its order: the retained bundles come before the marker.
+        client.subscribe([(topics.all_group_desired(), 1), (marker, 1)])
+        client.publish(marker, b"x", qos=1).wait_for_publish(10)
+        assert done.wait(10), "the marker never came back"
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return seen
+
+
+def test_controller_once_keeps_gated_content_back(
+    broker: Any, unique_prefix: str, tmp_path: Path
+) -> None:
+    repo = ringed_repo(tmp_path / "fleet")
+    subprocess.run([*SETPOINT, "keys", "generate", "--out", str(tmp_path / "keys")],
+                   env=ENV, check=True, capture_output=True)  # fmt: skip
+    done = subprocess.run(
+        [*SETPOINT, "controller", "--once", "--repo", str(repo), "--broker", broker.url,
+         "--prefix", unique_prefix, "--key", str(tmp_path / "keys" / "signing.key"),
+         "--state-dir", str(tmp_path / "state")],
+        env=ENV, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # main has no gate and goes out; canary's content never ran on main: it stays back.
+    assert retained_group_bundles(broker, unique_prefix) == {"qa"}
