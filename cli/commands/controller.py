@@ -94,7 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--client-id", default=None, help="MQTT client id (default: random)")
     parser.add_argument(
-        "--once", action="store_true", help="publish what the repository wants, then exit"
+        "--once",
+        action="store_true",
+        help="publish what the repository wants (and its rollout gates allow), then exit",
     )
     parser.add_argument(
         "--timeout",
