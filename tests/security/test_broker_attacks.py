@@ -163,17 +163,31 @@ def test_client_id_with_slash_plus_hash(
     converged.unchanged()
 
 
-def test_operator_reads_drift_status_events_and_nothing_else(
+def test_operator_reads_drift_status_rollouts_events_and_nothing_else(
     converged: Converged, secure_broker: SecureBroker, pki: Pki
 ) -> None:
     topics = converged.fleet.topics
     operator = Client(secure_broker, pki.operator, "operator-tool")
     operator.subscribe(f"{topics.prefix}/#")
-    converged.fleet.publish(topics.device_drift("dev1"), b'{"state": "in_sync"}')
+    readable = {
+        topics.device_drift("dev1"),
+        topics.group_status("kiosk"),
+        topics.group_rollout("kiosk"),
+        topics.ring_gate("production"),
+    }
+    for topic in sorted(readable):
+        converged.fleet.publish(topic, b'{"state": "in_sync"}')
     operator.barrier(topics.barrier("operator-tool"))  # its tools' echo topic works
     seen = {t for t, _, _ in operator.received()}
-    assert topics.device_drift("dev1") in seen
-    assert seen <= {topics.device_drift("dev1"), topics.barrier("operator-tool")}, seen
-    for topic in (topics.group_desired("kiosk"), topics.device_drift("dev1")):
+    assert readable <= seen, seen
+    assert seen <= readable | {topics.barrier("operator-tool")}, seen
+    for topic in (topics.group_desired("kiosk"), *sorted(readable)):
         assert operator.publish(topic, b"x") == NOT_AUTHORIZED
+    # Signed commands (approve, pause, resume) are the one thing it may send.
+    assert (
+        operator.publish(topics.operator_commands(), b"signed-command", retain=False)
+        != NOT_AUTHORIZED
+    )
+    device = Client(secure_broker, pki.device("dev2"), "dev2")
+    assert device.publish(topics.operator_commands(), b"forged", retain=False) == NOT_AUTHORIZED
     converged.unchanged()
