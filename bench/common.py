@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import platform
+import secrets
 import signal
 import subprocess
 import sys
@@ -214,8 +215,8 @@ class Watcher:
 
     async def __aenter__(self) -> Watcher:
         self._conn = await mqtt.open_connection(
-            self.host, self.port, f"bench-watch-{os.getpid()}-{id(self) % 10_000}",
-            on_message=self._message,
+            self.host, self.port, f"bench-watch-{os.getpid()}-{secrets.token_hex(3)}",
+            on_message=self._message, keepalive=0,  # no PINGREQ timer: no keepalive
         )  # fmt: skip
         await self._conn.subscribe([(f, 0) for f in self.filters])
         return self

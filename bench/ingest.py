@@ -211,7 +211,9 @@ async def run_controller(stack: Stack, devices: int, total: int) -> dict[str, An
     # Devices counted, not reports: the drift engine decodes the latest report of each
     # device (coalescing), so "all devices at their last report" is "all reports taken in".
     handled = total if len(done) >= devices else total * len(done) // devices
-    row = _row("controller (full ingest)", handled, t0, max(done.values()), sent, acked, total)
+    last = max(done.values()) if done else time.time()
+    row = _row("controller (full ingest)", handled, t0, last, sent, acked, total)
+    row["devices_done"] = len(done)
     row["controller_rss_mb"] = round(rss_mb(stack.controller.pid), 1)
     row["controller_rss_before_mb"] = round(rss_before, 1)
     return row
@@ -223,9 +225,15 @@ async def until_idle(watcher: Watcher, done: dict[str, float], want: int, idle: 
     while len(done) < want:
         before = len(done)
         try:
-            await watcher.until(lambda n=before: len(done) > n, timeout=idle if before else 600)
+            await watcher.until(lambda n=before: len(done) > n, timeout=idle if before else 300)
         except TimeoutError:
             return
+
+
+def show(row: dict[str, Any]) -> dict[str, Any]:
+    print(f"  {row['subscriber']}: {row['received']:,} reports in {row['seconds']:.2f} s"
+          f" = {row['rate']:,}/s", flush=True)  # fmt: skip
+    return row
 
 
 def _row(name: str, count: int, t0: float, last: float, sent: float, acked: float, total: int
@@ -248,11 +256,17 @@ async def main_async(devices: int, total: int, clients: list[str], quick: bool) 
         stack = Stack(
             Path(tmp), devices, prefix="bench-ingest/controller/v1", autosave_changes=10**9
         )
+        # mosquitto drops QoS 0 messages for a client more than max_queued_messages behind
+        # (100,000 in setpoint.conf): lift the cap so every subscriber gets the whole stream
+        # and the rate measures the subscriber, not the broker's queue (the last setting
+        # of an option wins in mosquitto's configuration).
+        with stack.broker.conf.open("a", encoding="utf-8") as conf:
+            conf.write("\nmax_queued_messages 0\n")
         with stack:
-            rows.append(run_reference(stack, devices, total))
+            rows.append(show(run_reference(stack, devices, total)))
             for client in clients:
-                rows.append(run_bare(stack, client, devices, total))
-            rows.append(await run_controller(stack, devices, total))
+                rows.append(show(run_bare(stack, client, devices, total)))
+            rows.append(show(await run_controller(stack, devices, total)))
             broker_rss = rss_mb(stack.broker.proc.pid) if stack.broker.proc else None
     reference = rows[0]["rate"]
     for row in rows:
