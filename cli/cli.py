@@ -35,7 +35,10 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, import just that verb's module (the others keep their
+    help line): a device running ``setpoint shim`` does not pay for every verb's imports
+    (about 4 MB of RSS, see docs/performance.md)."""
     parser = argparse.ArgumentParser(
         prog="setpoint", description="GitOps for device fleets over MQTT."
     )
@@ -43,16 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for verb, (module_name, help_text) in VERBS.items():
-        module = importlib.import_module(f"setpoint.commands.{module_name}")
         verb_parser = sub.add_parser(verb, help=help_text, description=help_text)
+        if only is not None and verb != only:
+            continue
+        module = importlib.import_module(f"setpoint.commands.{module_name}")
         module.add_arguments(verb_parser)
         verb_parser.set_defaults(_module=module)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(words[0] if words and words[0] in VERBS else None)
+    args = parser.parse_args(words)
     try:
         result = args._module.run(args)
     except KeyboardInterrupt:
