@@ -36,7 +36,8 @@ from setpoint.sim import fleetrepo, mqtt
 
 from .common import RESULTS, Stack, Watcher, record, rss_mb, spy_on, start_sim, table
 
-BUNDLE_SIZE = 700  # bytes: about a signed group bundle of three resources
+BUNDLE_SIZE = 700
+WAIT = 300.0  # bytes: about a signed group bundle of three resources
 
 
 async def bare_reference(stack: Stack, n: int) -> float:
@@ -60,6 +61,10 @@ async def bare_reference(stack: Stack, n: int) -> float:
         return took
     finally:
         sim.stop()
+
+
+class Stalled(TimeoutError):
+    """The fleet did not get there within the wait; says how far it got."""
 
 
 class Convergence:
@@ -98,6 +103,13 @@ def profile(stack: Stack, sim: Any) -> list[subprocess.Popen[bytes]]:
     return [s for s in spies if s is not None]
 
 
+async def wait(watcher: Watcher, conv: Convergence, n: int, what: str) -> None:
+    try:
+        await watcher.until(lambda: len(conv.done) >= n, timeout=WAIT)
+    except TimeoutError:
+        raise Stalled(f"{what}: {len(conv.done):,} of {n:,} in_sync after {WAIT:.0f} s") from None
+
+
 async def one(work: Path, n: int) -> dict[str, Any]:
     with Stack(work, n) as stack:
         bare = await bare_reference(stack, n)
@@ -117,14 +129,14 @@ async def one(work: Path, n: int) -> dict[str, Any]:
                 stack.broker.url, n, "--trust", str(stack.pub), "--prefix", stack.prefix
             )
             try:
-                await watcher.until(lambda: len(conv.done) >= n)
+                await wait(watcher, conv, n, "first convergence")
                 first = time.time() - started
                 conv.reset(2)
                 spies = profile(stack, sim)
                 t0 = time.time()
                 fleetrepo.bump(stack.repo, group=0, revision=2)
                 committed = time.time() - t0
-                await watcher.until(lambda: len(conv.done) >= n)
+                await wait(watcher, conv, n, "after the commit")
                 for spy in spies:
                     spy.send_signal(2)
                     spy.wait()
@@ -161,13 +173,20 @@ async def main_async(sizes: list[int], quick: bool) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix=f"bench-converge-{n}-") as tmp:
-            rows.append(await one(Path(tmp), n))
+            try:
+                row = await one(Path(tmp), n)
+            except TimeoutError as exc:
+                # Recorded, not hidden: the fleet did not converge within the wait.
+                row = {"devices": n, "error": f"did not converge: {exc or 'timeout'}"}
+        print(f"  {n:,} devices: {row}", flush=True)
+        rows.append(row)
     table(
         "Commit to converged (git commit -> last device in_sync on the new version)",
         ["devices", "bare ref s", "setpoint s", "ratio", "p50 s", "noticed s", "ctl RSS MB",
          "broker RSS MB", "sim RSS MB"],
         [[r["devices"], r["bare_s"], r["converged_s"], r["ratio"], r["p50_s"], r["noticed_s"],
-          r["controller_rss_mb"], r["broker_rss_mb"], r["sim_rss_mb"]] for r in rows],
+          r["controller_rss_mb"], r["broker_rss_mb"], r["sim_rss_mb"]]
+         for r in rows if "error" not in r],
     )  # fmt: skip
     record("converge", quick, {"runs": rows})
     return rows
