@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -119,6 +121,45 @@ class _Fleet:
     groups: dict[str, Bundle] = field(default_factory=dict)
     commits: dict[str, str] = field(default_factory=dict)
     members: dict[str, list[str]] = field(default_factory=dict)
+
+
+class _Tally:
+    """One group's summary, kept up to date one status change at a time.
+
+    What :func:`~setpoint.controller.detecting.summarise` computes over every member, held
+    as running counts so that a pass costs what changed, not the group's size: devices per
+    state (a member without a status counts as ``unknown``), members in sync on the group's
+    version, and the ``since`` of pending members (a heap; stale entries are dropped when
+    they reach the top).
+    """
+
+    __slots__ = ("counts", "in_sync", "members", "pending", "version")
+
+    def __init__(self, version: int | None, members: int) -> None:
+        self.version = version
+        self.members = members
+        self.counts: Counter[str] = Counter(unknown=members)
+        self.in_sync = 0
+        self.pending: list[tuple[float, str]] = []
+
+    def move(self, name: str, old: DriftStatus | None, new: DriftStatus | None) -> None:
+        for found, sign in ((old, -1), (new, 1)):
+            state = found.state if found is not None else "unknown"
+            self.counts[state] += sign
+            if found is not None and state == "in_sync" and found.applied_version == self.version:
+                self.in_sync += sign
+        if new is not None and new.state == "pending":
+            heapq.heappush(self.pending, (new.since, name))
+
+    def oldest_pending(self, current: Callable[[str], DriftStatus | None]) -> float | None:
+        heap = self.pending
+        while heap:
+            since, name = heap[0]
+            found = current(name)
+            if found is not None and found.state == "pending" and found.since == since:
+                return since
+            heapq.heappop(heap)
+        return None
 
 
 def change_of(previous: DriftStatus | None, new: DriftStatus) -> Change | None:
@@ -228,6 +269,13 @@ class DriftEngine:
         self._full = True
         self._restore = False
         self._group_status: dict[str, GroupStatus] = {}
+        # Every device's status as counted in the tallies and gauges (the engine's view of
+        # what is retained; kept per name so that a device dropped and seen again counts once).
+        self._counted: dict[str, DriftStatus] = {}
+        self._tallies: dict[str, _Tally] = {}  # per group, by desired membership
+        self._member_of: dict[str, str] = {}
+        self._gauge_counts: dict[str, Counter[str]] = {}  # per status group, for the gauge
+        self._gauges_stale = True
         self._drift_delivered: set[str] = set()
         self._groups_delivered: set[str] = set()
         self._wake = asyncio.Event()
@@ -369,7 +417,7 @@ class DriftEngine:
         if not message.payload:
             dev = self._devices.get(name)
             if dev is not None:
-                dev.status = None
+                self._set_status(dev, None)
             self._tell(name, None)
             return
         try:
@@ -381,7 +429,7 @@ class DriftEngine:
             return
         dev = self._device(name)
         if dev is not None:
-            dev.status = found
+            self._set_status(dev, found)
             self._tell(name, found)
 
     def _on_group_status(self, message: Message) -> None:
@@ -482,6 +530,41 @@ class DriftEngine:
             assert self._controller is not None
             self._fleet = desired_for(self._controller.published())
             self._fleet_stale = False
+            self._rebuild_tallies()
+
+    def _rebuild_tallies(self) -> None:
+        """Recount every group's summary from scratch (after the desired side changed)."""
+        fleet = self._fleet
+        self._member_of = {d: g for g, members in fleet.members.items() for d in members}
+        self._tallies = {
+            g: _Tally(bundle.version, len(fleet.members.get(g, ())))
+            for g, bundle in fleet.groups.items()
+        }
+        for name, found in self._counted.items():
+            tally = self._tallies.get(self._member_of.get(name, ""))
+            if tally is not None:
+                tally.move(name, None, found)
+        self._gauges_stale = True
+
+    def _set_status(self, dev: _Device, new: DriftStatus | None) -> None:
+        """Record ``dev``'s retained status and move it in the tallies and gauge counts."""
+        dev.status = new
+        name = dev.name
+        old = self._counted.get(name)
+        if old is new:
+            return
+        if new is None:
+            del self._counted[name]
+        else:
+            self._counted[name] = new
+        tally = self._tallies.get(self._member_of.get(name, ""))
+        if tally is not None:
+            tally.move(name, old, new)
+        if old is not None:
+            self._gauge_counts[old.group or ""][old.state] -= 1
+        if new is not None:
+            self._gauge_counts.setdefault(new.group or "", Counter())[new.state] += 1
+        self._gauges_stale = True
 
     def _decode(self, dev: _Device) -> None:
         raw, dev.raw = dev.raw, None
@@ -553,9 +636,37 @@ class DriftEngine:
                 if d.status is not None
                 and (d.status.state == "pending" or self._wants_command(d, d.status))
             }
-        outputs: list[Any] = []
+        outputs: list[Coroutine[Any, Any, None]] = []
         touched_groups: set[str] = set()
         latencies: list[float] = []
+        try:
+            self._decide(names, triggered, now, restore, outputs, touched_groups, latencies)
+        except BaseException:
+            for coro in outputs:
+                coro.close()
+            raise
+        if full or restore:
+            touched_groups |= set(self._fleet.groups) | set(self._group_status)
+        await self._gather(outputs)
+        await self._publish_groups(touched_groups, now, restore)
+        done = self._clock()
+        for arrived in latencies:
+            self.metrics.latency.observe(max(0.0, done - arrived))
+        self._set_gauges()
+        async with self._stepped:
+            self._stepped.notify_all()
+
+    def _decide(
+        self,
+        names: set[str],
+        triggered: set[str],
+        now: float,
+        restore: bool,
+        outputs: list[Coroutine[Any, Any, None]],
+        touched_groups: set[str],
+        latencies: list[float],
+    ) -> None:
+        """Decide each of ``names``; what to publish goes to ``outputs`` (not started)."""
         for name in sorted(names):
             dev = self._device(name)
             if dev is None:
@@ -567,10 +678,11 @@ class DriftEngine:
             if name in triggered:
                 latencies.append(dev.arrived)
             old = dev.status
+            before = len(outputs)
             if new is None:
                 if old is not None:
                     outputs.append(self._clear(dev))
-                    touched_groups.add(old.group or "")
+                    touched_groups |= {old.group or "", self._member_of.get(name, "")}
                 del self._devices[name]
                 continue
             if name in triggered and dev.healed and (old is None or old.state != "drifted"):
@@ -590,30 +702,27 @@ class DriftEngine:
                 touched_groups |= {new.group or "", (old.group or "") if old else ""}
             elif restore and name not in self._drift_delivered:
                 outputs.append(self._publish_status(dev, old, old, event=False))
+            if len(outputs) > before:  # its group's summary is counted by membership
+                touched_groups.add(self._member_of.get(name, ""))
             if self._wants_command(dev, new):
                 outputs.append(self._command(dev, new))
-        if full or restore:
-            touched_groups |= set(self._fleet.groups) | set(self._group_status)
-        await self._gather(outputs)
-        await self._publish_groups(touched_groups, now, restore)
-        done = self._clock()
-        for arrived in latencies:
-            self.metrics.latency.observe(max(0.0, done - arrived))
-        self._set_gauges()
-        async with self._stepped:
-            self._stepped.notify_all()
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Wait until ``predicate()`` holds after a pass (for tests and tools)."""
         async with asyncio.timeout(timeout), self._stepped:
             await self._stepped.wait_for(predicate)
 
-    async def _gather(self, coros: list[Any]) -> None:
+    async def _gather(self, coros: list[Coroutine[Any, Any, None]]) -> None:
+        """Run ``coros``, at most :data:`PUBLISH_CONCURRENCY` at a time.
+
+        On the first failure the others are cancelled, and those that never started are
+        closed (an unstarted coroutine left behind is a "never awaited" warning).
+        """
         if not coros:
             return
         semaphore = asyncio.Semaphore(PUBLISH_CONCURRENCY)
 
-        async def limited(coro: Any) -> None:
+        async def limited(coro: Coroutine[Any, Any, None]) -> None:
             async with semaphore:
                 await coro
 
@@ -623,6 +732,9 @@ class DriftEngine:
                     tg.create_task(limited(coro))
         except* BrokerUnavailable as group:
             raise group.exceptions[0] from None
+        finally:
+            for coro in coros:
+                coro.close()  # a no-op for those that ran
 
     # --- Output ----------------------------------------------------------------------------
 
@@ -634,7 +746,7 @@ class DriftEngine:
         self, dev: _Device, old: DriftStatus | None, new: DriftStatus, *, event: bool = True
     ) -> None:
         await self._publish(self._topics.device_drift(dev.name), new.to_json(), retain=True)
-        dev.status = new
+        self._set_status(dev, new)
         self._tell(dev.name, new)
         change = change_of(old, new) if event else None
         if change is None:
@@ -661,7 +773,7 @@ class DriftEngine:
 
     async def _clear(self, dev: _Device) -> None:
         await self._publish(self._topics.device_drift(dev.name), b"", retain=True)
-        dev.status = None
+        self._set_status(dev, None)
         self._tell(dev.name, None)
 
     def _wants_command(self, dev: _Device, new: DriftStatus) -> bool:
@@ -694,7 +806,11 @@ class DriftEngine:
         await self._publish(self._topics.event("reconcile"), event, retain=False)
 
     def group_statuses(self, now: float | None = None) -> dict[str, GroupStatus]:
-        """Every group's summary, from the statuses retained now."""
+        """Every group's summary, counted from scratch over the statuses retained now.
+
+        The passes use the running tallies instead (:meth:`_summary`); this is the
+        reference they must agree with.
+        """
         now = self._clock() if now is None else now
         result: dict[str, GroupStatus] = {}
         for group, bundle in self._fleet.groups.items():
@@ -717,13 +833,31 @@ class DriftEngine:
     def _unknown(dev: _Device | None, group: str) -> DriftStatus:
         return DriftStatus(dev.name if dev else "?", group, "unknown", None, None, None, 0.0)
 
+    def _summary(self, group: str, now: float) -> GroupStatus | None:
+        """``group``'s summary from its tally: as many steps as states, not members."""
+        bundle = self._fleet.groups.get(group)
+        tally = self._tallies.get(group)
+        if bundle is None or tally is None:
+            return None
+        members = tally.members
+        return GroupStatus(
+            group=group,
+            version=bundle.version,
+            commit=self._fleet.commits.get(group),
+            mode=bundle.mode,
+            devices=members,
+            counts={state: tally.counts.get(state, 0) for state in DRIFT_STATES},
+            converged_pct=round(100.0 * tally.in_sync / members, 1) if members else 100.0,
+            oldest_pending=tally.oldest_pending(self._counted.get),
+            time=now,
+        )
+
     async def _publish_groups(self, groups: set[str], now: float, restore: bool) -> None:
         if not groups:
             return
-        current = self.group_statuses(now)
         outputs = []
         for group in sorted(g for g in groups if g):
-            new = current.get(group)
+            new = self._summary(group, now)
             old = self._group_status.get(group)
             if new is None:
                 if old is not None:
@@ -744,12 +878,16 @@ class DriftEngine:
             self._group_status[group] = new
 
     def _set_gauges(self) -> None:
-        counts: dict[str, dict[str, int]] = {g: {} for g in self._fleet.groups}
-        for dev in self._devices.values():
-            if dev.status is None:
+        """Set the per-group, per-state gauge from the running counts, when they moved."""
+        if not self._gauges_stale:
+            return
+        self._gauges_stale = False
+        counts: dict[str, Counter[str]] = {g: Counter() for g in self._fleet.groups}
+        for group, per in list(self._gauge_counts.items()):
+            if per.total() == 0 and group not in counts:
+                del self._gauge_counts[group]  # a group no status names any more
                 continue
-            per = counts.setdefault(dev.status.group or "", {})
-            per[dev.status.state] = per.get(dev.status.state, 0) + 1
+            counts[group] = per
         self.metrics.set_devices(counts, DRIFT_STATES)
 
     # --- For tests and tools ----------------------------------------------------------------

@@ -102,6 +102,10 @@ class Rollouts:
         self._operator_source: Any = None
         self._controller: Controller | None = None
         self._state_dir = Path(".")
+        # False once a planning round found no rings, rollouts, windows or ledger entries:
+        # a drift status then decides nothing, and waking the controller for each one
+        # would plan the whole fleet per status change (see docs/decisions/0005).
+        self._statuses_matter = True
 
     # --- Wiring ------------------------------------------------------------------------
 
@@ -163,11 +167,12 @@ class Rollouts:
 
     def _take_status(self, device: str, drift: DriftStatus | None) -> None:
         if drift is None:
-            if self.statuses.pop(device, None) is not None:
+            if self.statuses.pop(device, None) is not None and self._statuses_matter:
                 self._wake()
         elif self.statuses.get(device) != drift:
             self.statuses[device] = drift
-            self._wake()
+            if self._statuses_matter:
+                self._wake()
 
     def _on_command(self, message: Message) -> None:
         now = self._clock()
@@ -283,7 +288,9 @@ class Rollouts:
             if self.ledger.rollouts or self.ledger.staged:
                 pass  # policies removed: unpinning below still applies
             else:
+                self._statuses_matter = False
                 return render
+        self._statuses_matter = True
         published = self._controller.published()
         for info in render.heads.values():
             self.ledger.learn_tree(info.id, info.tree.decode("ascii"))
