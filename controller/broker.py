@@ -14,6 +14,12 @@ SUBSCRIBE released has been dispatched too. No guessing with quiet periods. (Rou
 subscribed at QoS 0 by default, the barrier too, so that a burst of thousands of retained
 messages is not cut by the broker's per-client queue limit for QoS 1.)
 
+Routes marked ``bulk`` (device reports and presence: floods) are not taken in through
+aiomqtt but through a lean MQTT 3.1.1 receive connection of the same session
+(:mod:`.ingesting`, with backpressure), opened after the main one subscribed; a session
+ends, and both reconnect, when either breaks. The barrier covers both: a nonce goes out
+and comes back on each.
+
 aiomqtt's and paho's exceptions stop here; above this module there is only
 ``BrokerUnavailable``.
 """
@@ -36,7 +42,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from setpoint.proto.topics import Topics
 
+from . import ingesting
 from .errors import BrokerUnavailable
+from .ingesting import IngestConnection, IngestStats, Routes
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +157,7 @@ class _Route:
     handler: MessageHandler
     qos: int
     no_local: bool
+    bulk: bool = False
 
 
 class Link:
@@ -178,6 +187,9 @@ class Link:
         self.failures = 0
         self.failed = asyncio.Event()  # set on every failure (to connect, or of a session)
         self._barriers: dict[bytes, asyncio.Future[None]] = {}
+        self._ingest: IngestConnection | None = None
+        self.ingest_stats = IngestStats()
+        self.ingest_max_waiting: int | None = None  # None: ingesting.MAX_WAITING
         self.route(topics.barrier(self.client_id), self._barrier_arrived)
 
     # --- Registration (before run) ---------------------------------------------------
@@ -189,16 +201,28 @@ class Link:
         *,
         qos: int = 0,
         no_local: bool = False,
+        bulk: bool = False,
     ) -> None:
         """Deliver messages matching ``topic_filter`` to ``handler`` (called in the pump:
         it must not block). ``no_local`` (MQTT 5) skips this client's own publications.
+
+        ``bulk`` takes the route in through the lean ingest connection (for floods:
+        device reports and presence). Its filter must end in a literal level, which
+        routes it (``devices/+/reported``, also as ``$share/<name>/...``); QoS 0 or 1,
+        and no ``no_local`` (MQTT 3.1.1 has none).
 
         QoS 0 is the default on purpose: a view rebuilt from retained messages on every
         connect loses nothing by it, while at QoS 1 mosquitto queues at most
         ``max_queued_messages`` (default 1000) per client and silently drops the rest of
         a SUBSCRIBE's retained messages (and the barrier behind them).
         """
-        self._routes.append(_Route(topic_filter, handler, qos, no_local))
+        if bulk:
+            if no_local:
+                raise ValueError(f"a bulk route cannot be no_local ({topic_filter!r})")
+            if qos not in (0, 1):
+                raise ValueError(f"a bulk route is QoS 0 or 1, not {qos} ({topic_filter!r})")
+            ingesting.split_filter(topic_filter)  # raises ValueError on a bad filter
+        self._routes.append(_Route(topic_filter, handler, qos, no_local, bulk))
 
     def on_connect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on every connect, before subscribing (to reset views)."""
@@ -241,6 +265,22 @@ class Link:
         nonce = secrets.token_hex(8).encode("ascii")
         arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._barriers[nonce] = arrived
+        ingest = self._ingest
+        try:
+            if ingest is not None:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(ingest.barrier(timeout or self.publish_timeout))
+                    tg.create_task(self._main_barrier(nonce, arrived, timeout))
+            else:
+                await self._main_barrier(nonce, arrived, timeout)
+        except* BrokerUnavailable as group:
+            raise _first(group) from None
+        finally:
+            self._barriers.pop(nonce, None)
+
+    async def _main_barrier(
+        self, nonce: bytes, arrived: asyncio.Future[None], timeout: float | None
+    ) -> None:
         try:
             await self.publish(self.topics.barrier(self.client_id), nonce, qos=1)
             async with asyncio.timeout(timeout or self.publish_timeout):
@@ -250,8 +290,6 @@ class Link:
                 f"the broker did not echo the barrier message; check that this client may"
                 f" publish and subscribe to {self.topics.barrier(self.client_id)!r}"
             ) from exc
-        finally:
-            self._barriers.pop(nonce, None)
 
     def _barrier_arrived(self, message: Message) -> None:
         arrived = self._barriers.get(message.payload)
@@ -319,15 +357,22 @@ class Link:
                     self._subscriptions(), timeout=self.publish_timeout
                 )
                 self._check_granted(granted)
+                ingest = await self._open_ingest()
+                self._ingest = ingest
                 self._session = session
                 self._connected.set()
                 try:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._pump(client, session), name="mqtt-pump")
+                        if ingest is not None:
+                            tg.create_task(ingest.serve(), name="mqtt-ingest")
                         for name, start in self._on_session:
                             tg.create_task(start(session), name=name)
                 finally:
                     session.lost.set()
+                    self._ingest = None
+                    if ingest is not None:
+                        ingest.close()
         except MqttConnectError as exc:
             code = exc.rc if isinstance(exc.rc, int) else getattr(exc.rc, "value", None)
             if self._v5 and code in _V5_REFUSED:
@@ -338,17 +383,49 @@ class Link:
         except aiomqtt.MqttError as exc:
             raise BrokerUnavailable(str(exc) or exc.__class__.__name__) from exc
 
+    async def _open_ingest(self) -> IngestConnection | None:
+        """The session's lean receive connection for the bulk routes (None if there are
+        none); same broker, credentials and TLS as the main connection."""
+        bulk = [r for r in self._routes if r.bulk]
+        if not bulk:
+            return None
+        routes = Routes()
+        for route in bulk:
+            handler = route.handler
+            routes.add(route.topic_filter, lambda t, p, r, h=handler: h(Message(t, p, r)))
+        s = self.settings
+        ident = f"{self.client_id}-in"
+        extra = {} if self.ingest_max_waiting is None else {"max_waiting": self.ingest_max_waiting}
+        return await IngestConnection.open(
+            host=s.host,
+            port=s.port,
+            client_id=ident,
+            routes=routes,
+            filters=[(r.topic_filter, r.qos) for r in bulk],
+            barrier_topic=self.topics.barrier(ident),
+            stats=self.ingest_stats,
+            keepalive=s.keepalive,
+            username=s.username,
+            password=s.password,
+            ssl_context=_tls_context(s),
+            timeout=s.connect_timeout,
+            **extra,
+        )
+
+    def _main_routes(self) -> list[_Route]:
+        return [r for r in self._routes if not r.bulk]
+
     def _subscriptions(self) -> list[tuple[str, Any]]:
         if self._v5:
             return [
                 (r.topic_filter, SubscribeOptions(qos=r.qos, noLocal=r.no_local))
-                for r in self._routes
+                for r in self._main_routes()
             ]
-        return [(r.topic_filter, r.qos) for r in self._routes]
+        return [(r.topic_filter, r.qos) for r in self._main_routes()]
 
     def _check_granted(self, granted: object) -> None:
         codes = list(granted) if isinstance(granted, list | tuple) else []
-        for route, code in zip(self._routes, codes, strict=False):
+        for route, code in zip(self._main_routes(), codes, strict=False):
             value = int(getattr(code, "value", code))
             if value >= 0x80:
                 raise BrokerUnavailable(
@@ -366,7 +443,7 @@ class Link:
                     payload = b"" if payload is None else str(payload).encode("utf-8")
                 message = Message(str(raw.topic), bytes(payload), bool(raw.retain))
                 for route in self._routes:
-                    if raw.topic.matches(route.topic_filter):
+                    if not route.bulk and raw.topic.matches(route.topic_filter):
                         route.handler(message)
         except aiomqtt.MqttError as exc:
             raise BrokerUnavailable(f"connection lost: {exc}") from exc

@@ -301,11 +301,12 @@ class DriftEngine:
         self._topics = topics
         self._key = envelopes.load_private_key(controller.config.key_path.read_bytes())
         reported = topics.all_reported()
+        # Reports and presence come in floods: through the link's lean ingest connection.
         if self.settings.share:
-            link.route(topics.shared(self.settings.share, reported), self._on_report)
+            link.route(topics.shared(self.settings.share, reported), self._on_report, bulk=True)
         else:
-            link.route(reported, self._on_report)
-        link.route(topics.all_presence(), self._on_presence)
+            link.route(reported, self._on_report, bulk=True)
+        link.route(topics.all_presence(), self._on_presence, bulk=True)
         link.route(topics.all_drift(), self._on_drift, no_local=True)
         link.route(topics.all_group_status(), self._on_group_status, no_local=True)
         link.on_connect(self._connected)
