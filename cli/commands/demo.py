@@ -239,27 +239,35 @@ def run(args: argparse.Namespace) -> int:
         return 2
     narrator = Narrator(color)
     with ExitStack() as stack:
-        if args.keep:
-            work = args.keep.resolve()
-            if work.exists():
-                shutil.rmtree(work)
-            work.mkdir(parents=True)
-        else:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="setpoint-demo-")))
+        work = workspace(stack, args.keep)
         try:
             story(stack, work, narrator, args.timeout, args.devices, secure=args.secure)
         except DemoFailed as exc:
-            narrator.warn(f"demo failed: {exc}")
-            narrator.warn(f"logs are in {work}/logs (pass --keep DIR to keep them)")
-            if not args.keep:
-                for log in sorted((work / "logs").glob("*.log")):
-                    print(f"--- {log.name} (tail)", file=sys.stderr)
-                    print(
-                        "\n".join(log.read_text(errors="replace").splitlines()[-15:]),
-                        file=sys.stderr,
-                    )
+            tell_failure(narrator, exc, work, keep=bool(args.keep))
             return 1
     return 0
+
+
+def workspace(stack: ExitStack, keep: Path | None) -> Path:
+    """The demo's working directory: ``keep`` (emptied first), or a temporary one."""
+    if keep is None:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="setpoint-demo-")))
+    work = keep.resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return work
+
+
+def tell_failure(narrator: Narrator, exc: DemoFailed, work: Path, *, keep: bool) -> None:
+    """Say what failed, and show the tail of every process's log unless they are kept."""
+    narrator.warn(f"demo failed: {exc}")
+    narrator.warn(f"logs are in {work}/logs (pass --keep DIR to keep them)")
+    if keep:
+        return
+    for log in sorted((work / "logs").glob("*.log")):
+        print(f"--- {log.name} (tail)", file=sys.stderr)
+        print("\n".join(log.read_text(errors="replace").splitlines()[-15:]), file=sys.stderr)
 
 
 def story(

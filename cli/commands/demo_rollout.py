@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +29,15 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from .demo import DemoFailed, Narrator, process, run_cli, setpoint_cmd
+from .demo import (
+    DemoFailed,
+    Narrator,
+    process,
+    run_cli,
+    setpoint_cmd,
+    tell_failure,
+    workspace,
+)
 
 QA, CANARY, PROD = "qa-1", ("can-1", "can-2", "can-3"), "prod-1"
 DEVICES = (QA, *CANARY, PROD)
@@ -283,25 +289,11 @@ def run_rollout(args: argparse.Namespace) -> int:
         return 2
     narrator = Narrator(sys.stdout.isatty() and not args.no_color)
     with ExitStack() as stack:
-        if args.keep:
-            work = args.keep.resolve()
-            if work.exists():
-                shutil.rmtree(work)
-            work.mkdir(parents=True)
-        else:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="setpoint-demo-")))
+        work = workspace(stack, args.keep)
         try:
             timings = story(stack, work, narrator, args.timeout)
         except DemoFailed as exc:
-            narrator.warn(f"demo failed: {exc}")
-            narrator.warn(f"logs are in {work}/logs (pass --keep DIR to keep them)")
-            if not args.keep:
-                for log in sorted((work / "logs").glob("*.log")):
-                    print(f"--- {log.name} (tail)", file=sys.stderr)
-                    print(
-                        "\n".join(log.read_text(errors="replace").splitlines()[-15:]),
-                        file=sys.stderr,
-                    )
+            tell_failure(narrator, exc, work, keep=bool(args.keep))
             return 1
     narrator.step("Timings")
     for what, seconds in timings.items():
