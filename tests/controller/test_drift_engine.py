@@ -193,6 +193,8 @@ async def test_enforce_sends_a_signed_reconcile_command_observe_does_not(
         await watch.wait(lambda: watch.state("kiosk-01") == "drifted")
         await watch.wait(lambda: watch.state("gw-01") == "drifted")
         await watch.wait(lambda: len(watch.commands) >= 1)
+        # The event follows the command's PUBACK: wait for it, not only for the command.
+        await watch.wait(lambda: any(e["type"] == "reconcile" for e in watch.events))
         await watch.barrier()
         assert [d for d, _ in watch.commands] == ["kiosk-01"]
         _device, envelope = watch.commands[0]
