@@ -146,6 +146,9 @@ class Topics:
     def all_device_desired(self) -> str:
         return f"{self.prefix}/devices/+/desired"
 
+    def all_device_commands(self) -> str:
+        return f"{self.prefix}/devices/+/command"
+
     def all_group_desired(self) -> str:
         return f"{self.prefix}/groups/+/desired"
 

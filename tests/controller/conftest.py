@@ -7,6 +7,7 @@ import contextlib
 import os
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -14,6 +15,10 @@ from typing import Any
 
 import aiomqtt
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from mqttkit import Subscriber
 
 from setpoint.commands import keys
 from setpoint.controller import examples
@@ -164,61 +169,36 @@ def verify(target: str, payload: bytes, trusted: Mapping[str, Any]) -> Bundle:
     return bundles.decode(envelopes.verify(payload, trusted, payload_type=PAYLOAD_TYPES[kind]))
 
 
-class Observer:
+class Observer(Subscriber):
     """A plain aiomqtt subscriber to the desired topics and the events."""
 
     def __init__(self, host: str, port: int, prefix: str, trusted: Mapping[str, Any]) -> None:
-        self.host, self.port = host, port
+        super().__init__(host, port, f"observer-{secrets.token_hex(4)}")
         self.topics = Topics(prefix)
         self.trusted = trusted
         self.retained: dict[str, bytes] = {}
         self.arrivals: list[tuple[float, str, bytes]] = []
         self.events: list[dict[str, Any]] = []
-        self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
-        self._client: aiomqtt.Client | None = None
 
-    async def __aenter__(self) -> Observer:
-        self._client = aiomqtt.Client(
-            self.host, self.port, identifier=f"observer-{secrets.token_hex(4)}"
-        )
-        await self._client.__aenter__()
-        await self._client.subscribe(
-            [
-                (self.topics.all_group_desired(), 1),
-                (self.topics.all_device_desired(), 1),
-                (self.topics.all_events(), 1),
-            ]
-        )
-        self._task = asyncio.create_task(self._pump())
-        return self
+    def filters(self) -> list[tuple[str, int]]:
+        return [
+            (self.topics.all_group_desired(), 1),
+            (self.topics.all_device_desired(), 1),
+            (self.topics.all_events(), 1),
+        ]
 
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._task is not None and self._client is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await self._task
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self._client.__aexit__(None, None, None)
-
-    async def _pump(self) -> None:
-        assert self._client is not None
-        async for message in self._client.messages:
-            payload = bytes(message.payload)  # type: ignore[arg-type]
-            topic = str(message.topic)
-            async with self._changed:
-                ref = self.topics.parse(topic)
-                if ref.kind == "event":
-                    self.events.append(status.event_from_json(payload))
-                else:
-                    target = target_of(self.topics, topic)
-                    assert target is not None
-                    self.arrivals.append((time.time(), target, payload))
-                    if payload:
-                        self.retained[target] = payload
-                    else:
-                        self.retained.pop(target, None)
-                self._changed.notify_all()
+    async def handle(self, topic: str, payload: bytes) -> None:
+        ref = self.topics.parse(topic)
+        if ref.kind == "event":
+            self.events.append(status.event_from_json(payload))
+            return
+        target = target_of(self.topics, topic)
+        assert target is not None
+        self.arrivals.append((time.time(), target, payload))
+        if payload:
+            self.retained[target] = payload
+        else:
+            self.retained.pop(target, None)
 
     def bundle(self, target: str) -> Bundle | None:
         payload = self.retained.get(target)
@@ -238,10 +218,6 @@ class Observer:
 
     def of_type(self, event_type: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["type"] == event_type]
-
-    async def wait(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(predicate)
 
 
 @pytest.fixture

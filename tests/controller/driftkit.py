@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from mqttkit import Subscriber
 
 from setpoint.controller.broker import Backoff, BrokerSettings
 from setpoint.controller.detecting import Desired
@@ -94,73 +95,48 @@ def drifted_report(desired: Desired, seq: int, resource: str, why: str = "edited
     )
 
 
-class DriftWatch:
+class DriftWatch(Subscriber):
     """A plain subscriber: what any operator tool sees."""
 
     def __init__(self, host: str, port: int, prefix: str) -> None:
-        self.host, self.port = host, port
+        super().__init__(host, port, f"watch-{secrets.token_hex(4)}")
         self.topics = Topics(prefix)
         self.drift: dict[str, DriftStatus] = {}
         self.groups: dict[str, GroupStatus] = {}
         self.events: list[dict[str, Any]] = []
         self.commands: list[tuple[str, bytes]] = []
         self._marks: set[str] = set()
-        self._changed = asyncio.Condition()
-        self._client: aiomqtt.Client | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._id = f"watch-{secrets.token_hex(4)}"
 
-    async def __aenter__(self) -> DriftWatch:
-        self._client = aiomqtt.Client(self.host, self.port, identifier=self._id)
-        await self._client.__aenter__()
-        await self._client.subscribe(
-            [
-                (self.topics.all_drift(), 0),
-                (self.topics.all_group_status(), 0),
-                (self.topics.event("drift"), 1),
-                (self.topics.event("reconcile"), 1),
-                (f"{self.topics.prefix}/devices/+/command", 1),
-                (self.topics.barrier(self._id), 1),
-            ]
-        )
-        self._task = asyncio.create_task(self._pump())
-        return self
+    def filters(self) -> list[tuple[str, int]]:
+        return [
+            (self.topics.all_drift(), 0),
+            (self.topics.all_group_status(), 0),
+            (self.topics.event("drift"), 1),
+            (self.topics.event("reconcile"), 1),
+            (self.topics.all_device_commands(), 1),
+            (self.topics.barrier(self._id), 1),
+        ]
 
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._task is not None and self._client is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await self._task
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self._client.__aexit__(None, None, None)
-
-    async def _pump(self) -> None:
-        assert self._client is not None
-        async for message in self._client.messages:
-            payload = bytes(message.payload)  # type: ignore[arg-type]
-            topic = str(message.topic)
-            async with self._changed:
-                if topic == self.topics.barrier(self._id):
-                    self._marks.add(payload.decode())
-                else:
-                    ref = self.topics.parse(topic)
-                    if ref.kind == "device-drift":
-                        if payload:
-                            self.drift[ref.name] = status.drift_from_json(payload)
-                        else:
-                            self.drift.pop(ref.name, None)
-                    elif ref.kind == "group-status" and payload:
-                        self.groups[ref.name] = status.group_status_from_json(payload)
-                    elif ref.kind == "event":
-                        self.events.append(status.event_from_json(payload))
-                    elif ref.kind == "device-command":
-                        self.commands.append((ref.name, payload))
-                self._changed.notify_all()
+    async def handle(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.barrier(self._id):
+            self._marks.add(payload.decode())
+            return
+        ref = self.topics.parse(topic)
+        if ref.kind == "device-drift":
+            if payload:
+                self.drift[ref.name] = status.drift_from_json(payload)
+            else:
+                self.drift.pop(ref.name, None)
+        elif ref.kind == "group-status" and payload:
+            self.groups[ref.name] = status.group_status_from_json(payload)
+        elif ref.kind == "event":
+            self.events.append(status.event_from_json(payload))
+        elif ref.kind == "device-command":
+            self.commands.append((ref.name, payload))
 
     async def wait(self, predicate: Callable[[], Any], timeout: float = TIMEOUT) -> None:
         try:
-            async with asyncio.timeout(timeout), self._changed:
-                await self._changed.wait_for(predicate)
+            await super().wait(predicate, timeout)
         except TimeoutError:
             states = {d: s.state for d, s in self.drift.items()}
             seen = [(e.get("device"), e.get("change"), e.get("state")) for e in self.events]

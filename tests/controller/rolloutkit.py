@@ -10,14 +10,12 @@ retained rollout statuses, so tests wait on what happened.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiomqtt
+from mqttkit import Subscriber
 
 from setpoint.proto import bundles, codec, envelopes, status
 from setpoint.proto.bundles import Bundle, FileResource
@@ -67,11 +65,11 @@ class Sim:
     applied: int | None = None
 
 
-class SimDevices:
+class SimDevices(Subscriber):
     def __init__(
         self, host: str, port: int, prefix: str, trusted: Mapping[str, Any], devices: list[str]
     ) -> None:
-        self.host, self.port = host, port
+        super().__init__(host, port, f"sim-{secrets.token_hex(4)}")
         self.topics = Topics(prefix)
         self.trusted = trusted
         self.sims = {d: Sim() for d in devices}
@@ -81,44 +79,19 @@ class SimDevices:
         self.events: list[dict[str, Any]] = []
         self.rollout: dict[str, dict[str, Any]] = {}
         self.gates: dict[str, dict[str, Any]] = {}
-        self._changed = asyncio.Condition()
-        self._client: aiomqtt.Client | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> SimDevices:
-        self._client = aiomqtt.Client(
-            self.host, self.port, identifier=f"sim-{secrets.token_hex(4)}"
-        )
-        await self._client.__aenter__()
-        await self._client.subscribe(
-            [
-                (self.topics.all_group_desired(), 0),
-                (self.topics.all_device_desired(), 0),
-                (self.topics.all_events(), 0),
-                (self.topics.all_group_rollout(), 0),
-                (self.topics.all_ring_gates(), 0),
-            ]
-        )
-        self._task = asyncio.create_task(self._pump())
-        return self
+    def filters(self) -> list[tuple[str, int]]:
+        return [
+            (self.topics.all_group_desired(), 0),
+            (self.topics.all_device_desired(), 0),
+            (self.topics.all_events(), 0),
+            (self.topics.all_group_rollout(), 0),
+            (self.topics.all_ring_gates(), 0),
+        ]
 
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._task is not None and self._client is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await self._task
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self._client.__aexit__(None, None, None)
-
-    async def _pump(self) -> None:
-        assert self._client is not None
-        async for message in self._client.messages:
-            topic = str(message.topic)
-            payload = bytes(message.payload)  # type: ignore[arg-type]
-            async with self._changed:
-                self._take(topic, payload)
-                await self._publish_statuses()
-                self._changed.notify_all()
+    async def handle(self, topic: str, payload: bytes) -> None:
+        self._take(topic, payload)
+        await self._publish_statuses()
 
     def _take(self, topic: str, payload: bytes) -> None:
         if "/events/" not in topic and topic.endswith(("/rollout", "/gate")):
@@ -200,6 +173,5 @@ class SimDevices:
         bundle = self.groups[dev.group][sim.applied]
         return b"".join(r.content for r in bundle.resources if isinstance(r, FileResource)).decode()
 
-    async def wait(self, predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(predicate)
+    async def wait(self, predicate: Callable[[], Any], timeout: float = 15.0) -> None:
+        await super().wait(predicate, timeout)
