@@ -7,12 +7,13 @@ threads and records their events, so tests wait for what happened instead of sle
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -343,3 +344,34 @@ class Shims:
         for shim in self.running:
             if shim.alive:
                 shim.stop()
+
+
+@dataclass
+class Converged:
+    """A shim that applied group kiosk v2 and device dev1 v2, with what it looked like then:
+    the fixture the refusal tests (here and in tests/security) check against."""
+
+    shim: Shim
+    fleet: Fleet
+    root: Path
+    before: dict[str, Any]
+    trust: dict[str, Any]
+
+    def state_trust(self) -> dict[str, Any]:
+        state = json.loads((self.root / ".setpoint" / "state" / "state.json").read_text())
+        return state["trust"]  # type: ignore[no-any-return]
+
+    def refused(self, reason: str, kind: str = "group") -> Report:
+        """Wait for the refusal in the report; then check that nothing changed."""
+        report = self.fleet.wait_report(
+            "dev1", lambda r: any(x.reason == reason and x.kind == kind for x in r.refusals)
+        )
+        self.unchanged()
+        return report
+
+    def unchanged(self) -> None:
+        assert snapshot(self.root) == self.before
+        assert self.state_trust() == self.trust
+        assert self.shim.agent.state.trust.to_dict() == self.trust
+        latest = self.fleet.latest("dev1")
+        assert latest is not None and on_versions(2, 2)(latest)

@@ -3,55 +3,22 @@ nothing changed on disk or in the stored trust state and that the refusal was re
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from shimkit import Fleet, Shim, Shims, on_versions, snapshot, statuses
+from shimkit import Converged, Fleet, Shims, on_versions, snapshot, statuses
 
 from setpoint.device_shim import DevicePolicy
 from setpoint.proto import codec, envelopes
 from setpoint.proto.bundles import CommandResource, FileResource, SettingResource
-from setpoint.proto.reports import Report
 
 pytestmark = pytest.mark.broker
 
 MOTD = FileResource("motd", "etc/motd", b"hello ${name}\n", 0o644)
 TZ = SettingResource("tz", "tz", "UTC")
-
-
-@dataclass
-class Converged:
-    """A shim that applied group kiosk v2 and device dev1 v2, with what it looked like then."""
-
-    shim: Shim
-    fleet: Fleet
-    root: Path
-    before: dict[str, Any]
-    trust: dict[str, Any]
-
-    def state_trust(self) -> dict[str, Any]:
-        state = json.loads((self.root / ".setpoint" / "state" / "state.json").read_text())
-        return state["trust"]  # type: ignore[no-any-return]
-
-    def refused(self, reason: str, kind: str = "group") -> Report:
-        """Wait for the refusal in the report; then check that nothing changed."""
-        report = self.fleet.wait_report(
-            "dev1", lambda r: any(x.reason == reason and x.kind == kind for x in r.refusals)
-        )
-        self.unchanged()
-        return report
-
-    def unchanged(self) -> None:
-        assert snapshot(self.root) == self.before
-        assert self.state_trust() == self.trust
-        assert self.shim.agent.state.trust.to_dict() == self.trust
-        latest = self.fleet.latest("dev1")
-        assert latest is not None and on_versions(2, 2)(latest)
 
 
 @pytest.fixture

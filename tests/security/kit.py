@@ -3,25 +3,22 @@ controller, and a converged shim whose state every refusal must leave untouched.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import ssl
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
-from shimkit import TIMEOUT, Fleet, Shim, Shims, on_versions, snapshot
+from shimkit import TIMEOUT, Converged, Fleet, Shims, snapshot
 
 from setpoint.controller.pki import Credentials
 from setpoint.device_shim import BrokerSettings
 from setpoint.mosquitto import SecureBroker
 from setpoint.proto import envelopes
-from setpoint.proto.reports import Report
 from setpoint.proto.topics import Topics
 
 NOT_AUTHORIZED = 0x87
@@ -188,36 +185,6 @@ def shim_broker(broker: SecureBroker, creds: Credentials) -> BrokerSettings:
         cert=str(creds.cert),
         key=None if creds.key is None else str(creds.key),
     )
-
-
-@dataclass
-class Converged:
-    """A shim on the secure broker that applied group kiosk v2 and device dev1 v2."""
-
-    shim: Shim
-    fleet: Fleet
-    root: Path
-    before: dict[str, Any]
-    trust: dict[str, Any]
-
-    def state_trust(self) -> dict[str, Any]:
-        state = json.loads((self.root / ".setpoint" / "state" / "state.json").read_text())
-        return state["trust"]  # type: ignore[no-any-return]
-
-    def refused(self, reason: str, kind: str = "group") -> Report:
-        """Wait for the refusal in the device's report, then check that nothing changed."""
-        report = self.fleet.wait_report(
-            "dev1", lambda r: any(x.reason == reason and x.kind == kind for x in r.refusals)
-        )
-        self.unchanged()
-        return report
-
-    def unchanged(self) -> None:
-        assert snapshot(self.root) == self.before
-        assert self.state_trust() == self.trust
-        assert self.shim.agent.state.trust.to_dict() == self.trust
-        latest = self.fleet.latest("dev1")
-        assert latest is not None and on_versions(2, 2)(latest)
 
 
 __all__ = [
