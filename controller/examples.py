@@ -112,7 +112,10 @@ def create(directory: Path) -> str:
     try:
         repo.refs.set_symbolic_ref(b"HEAD", b"refs/heads/" + DEFAULT_BRANCH.encode())
         write(directory)
-        porcelain.add(repo, paths=[str(directory / name) for name in FILES])
+        # dulwich's ``add`` reads paths relative to the repository, whatever the working
+        # directory is: give it repository-relative names, so `setpoint init fleet/` from
+        # anywhere commits the files it wrote.
+        porcelain.add(repo, paths=sorted(FILES))
         commit = porcelain.commit(
             repo,
             message=b"Example fleet (setpoint init)\n",

@@ -21,6 +21,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from setpoint.controller import examples
 from setpoint.proto import bundles, envelopes
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.topics import Topics
@@ -38,7 +39,7 @@ ENV = {
 
 
 def setpoint(
-    *args: str, check: bool = False, timeout: float = 60
+    *args: str, check: bool = False, timeout: float = 60, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-m", "setpoint", *args],
@@ -47,6 +48,7 @@ def setpoint(
         timeout=timeout,
         env=ENV,
         check=False,
+        cwd=cwd,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"setpoint {' '.join(args)}: {result.returncode}\n{result.stderr}")
@@ -147,6 +149,19 @@ def test_init_creates_a_committed_example_that_validates(tmp_path: Path) -> None
     assert ok.returncode == 0 and "ok: 2 group(s), 3 device(s)" in ok.stdout
     again = setpoint("init", str(tmp_path / "fleet"))
     assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def test_init_with_a_relative_path_commits_the_files(tmp_path: Path) -> None:
+    # The README's exact command: a relative path, run from a directory that is not the
+    # repository (dulwich's `add` reads paths relative to the repository, not the cwd).
+    (tmp_path / "work").mkdir()
+    setpoint("init", "fleet/", check=True, cwd=tmp_path / "work")
+    repo = tmp_path / "work" / "fleet"
+    committed = git(repo, "ls-tree", "-r", "--name-only", "HEAD").splitlines()
+    assert sorted(committed) == sorted(examples.FILES)
+    assert git(repo, "status", "--porcelain") == ""
+    checked = setpoint("validate", "fleet", "--rev", "main", cwd=tmp_path / "work")
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_validate_reports_each_problem_and_exits_nonzero(fleet: dict[str, Path]) -> None:
