@@ -34,6 +34,7 @@ from typing import Any, Final, Literal, Protocol
 
 from setpoint.proto import status
 from setpoint.proto.bundles import Bundle
+from setpoint.proto.repository import RepositoryStatus
 from setpoint.proto.topics import DEFAULT_PREFIX, Topics
 
 from . import planning, rendering, watching, webhooks
@@ -141,6 +142,8 @@ class Controller:
         self._render: Render | None = None
         self._reported: dict[str, str] = {}
         self._refusal_reported: str | None = None
+        self._verdicts: RepositoryStatus | None = None
+        self._verdicts_published: bytes | None = None
         self._default_branch = config.branch
         self._repo_backoff = Backoff(initial=1.0, maximum=30.0)
         self._retry_at: float | None = None
@@ -156,6 +159,7 @@ class Controller:
         self.retained: RetainedView | None = None
         self.webhook_port: int | None = None
         self.last_render: Render | None = None
+        self.last_refusal: str | None = None
         self.last_error: str | None = None
 
     # --- Hooks for extensions ------------------------------------------------------------
@@ -214,6 +218,7 @@ class Controller:
                 self.link.route(topic_filter, self.retained.handle)
             self.link.on_connect(self.retained.reset)
             self.link.on_disconnect(self.retained.reset)
+            self.link.on_connect(self._forget_verdicts)
             self.link.on_session("retained-sync", self._sync_retained)
             for extension in self._extensions:
                 extension.attach(self)
@@ -353,8 +358,10 @@ class Controller:
             log.warning("repository unavailable: %s (retrying in %.0fs)", exc, delay)
             render = self._render  # the last good reading, if any
         self.last_render = render
+        refusal: str | None = None
         for _ in range(MAX_PLAN_ROUNDS):
             plan = self._plan(render)
+            refusal = plan.refusal
             if plan.refusal is not None:
                 await self._report_refusal(render, plan.refusal)
             if not plan:
@@ -362,8 +369,10 @@ class Controller:
             await self._execute(plan, render)
         else:
             log.warning("plan did not converge in %d rounds", MAX_PLAN_ROUNDS)
+        self.last_refusal = refusal
         if render is not None:
             await self._report_problems(render)
+            await self._publish_verdicts(render, refusal)
         return self._retry_at is None
 
     def _ttl(self, render: Render | None) -> int:
@@ -642,12 +651,30 @@ class Controller:
                         branch=p.branch,
                         author=p.author,
                         file=p.problem.file,
+                        line=p.problem.line,
                         message=p.problem.message,
                     )
                     for p in problems
                 ]
             )
             self._reported[branch] = commit
+
+    def repository_status(self) -> RepositoryStatus | None:
+        """Each branch's head and the controller's verdict on it, as last published."""
+        return self._verdicts
+
+    def _forget_verdicts(self) -> None:
+        self._verdicts_published = None  # a new broker session: publish the status again
+
+    async def _publish_verdicts(self, render: Render, refusal: str | None) -> None:
+        """Retain each branch's verdict on ``<prefix>/repository/status``, when it changed,
+        so a refused commit is visible to anyone who looks, not only in this log."""
+        verdicts = rendering.repository_status(render, refusal, self._clock(), self._verdicts)
+        payload = verdicts.to_json()
+        if payload == self._verdicts_published:
+            return
+        await self.link.publish(self.topics.repository_status(), payload, qos=1, retain=True)
+        self._verdicts, self._verdicts_published = verdicts, payload
 
     async def _report_refusal(self, render: Render | None, message: str) -> None:
         head = render.head if render else None

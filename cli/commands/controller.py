@@ -251,13 +251,24 @@ async def _main(args: argparse.Namespace, config: object) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            render = controller.last_render
-            if render is not None and render.problems:
-                return 1
-            return 0
+            return _verdict(controller)
         await stop.wait()
         log.info("stopping")
     return 0
+
+
+def _verdict(controller: object) -> int:
+    """``--once``'s exit status: 1, with a summary per refused branch, if any was refused."""
+    verdicts = controller.repository_status()  # type: ignore[attr-defined]
+    refused = verdicts.refused if verdicts is not None else ()
+    for branch in refused:
+        print(
+            f"setpoint controller: {branch.branch}@{branch.head[:12]} refused"
+            f" ({len(branch.problems)} problem(s), first: {branch.problems[0]}); fix it and"
+            " commit (check locally with `setpoint validate`)",
+            file=sys.stderr,
+        )
+    return 1 if refused else 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,8 +2,11 @@
 
 Checks the files in the work tree at PATH (or, with ``--rev``, a committed branch or
 commit of the repository at PATH) exactly as the controller does before publishing, and
-exits non-zero with one line per problem: ``groups/kiosk.yaml: resource 'motd': unknown
-kind 'fiel' (known: command, file, setting)``.
+exits non-zero with one line per problem, with the line in the file where it is known:
+``groups/kiosk.yaml:7: resource 'motd': unknown kind 'fiel' (known: command, file, setting)``.
+A tree with no groups and no devices is a problem here as it is for the controller (the
+wrong folder, files never committed, or a commit that deletes everything without
+``allow_empty: true``).
 """
 
 from __future__ import annotations
@@ -53,13 +56,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"setpoint validate: {exc}", file=sys.stderr)
             return 2
         where = f"{args.rev} ({info.id[:12]})"
-    problems = [str(p) for p in snapshot.problems]
+    problems = [p.located() for p in snapshot.problems]
     if args.json:
         print(
             json.dumps(
                 {
                     "ok": not problems,
-                    "problems": [{"file": p.file, "message": p.message} for p in snapshot.problems],
+                    "problems": [
+                        {"file": p.file, "line": p.line, "message": p.message}
+                        for p in snapshot.problems
+                    ],
                     "groups": sorted(snapshot.groups),
                     "devices": sorted(snapshot.devices),
                 },

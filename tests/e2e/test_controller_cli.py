@@ -173,13 +173,32 @@ def test_validate_reports_each_problem_and_exits_nonzero(fleet: dict[str, Path])
     bad = setpoint("validate", str(repo))
     assert bad.returncode == 1
     assert (
-        "groups/kiosks.yaml: resource 'motd': unknown kind 'fiel' (known: command, file, setting)"
+        "groups/kiosks.yaml:2: resource 'motd': unknown kind 'fiel' (known: command, file, setting)"
     ) in bad.stderr
-    assert "devices/kiosk-09.yaml: group 'kiosk' does not exist" in bad.stderr
+    assert "devices/kiosk-09.yaml:1: group 'kiosk' does not exist" in bad.stderr
     as_json = json.loads(setpoint("validate", str(repo), "--json").stdout)
     assert not as_json["ok"] and len(as_json["problems"]) == 2
+    assert {(p["file"], p["line"]) for p in as_json["problems"]} == {
+        ("groups/kiosks.yaml", 2),
+        ("devices/kiosk-09.yaml", 1),
+    }
     committed = setpoint("validate", str(repo), "--rev", "main")
     assert committed.returncode == 0, committed.stderr
+
+
+def test_validate_agrees_with_the_controller_on_an_empty_tree(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    empty = setpoint("validate", str(tmp_path / "empty"))
+    assert empty.returncode == 1 and "ok" not in empty.stdout
+    assert "no fleet.yaml, groups/ or devices/ at the top of the repository" in empty.stderr
+    setpoint("init", str(tmp_path / "fleet"), check=True)
+    repo = tmp_path / "fleet"
+    git(repo, "rm", "-rq", "groups", "devices")
+    git(repo, "commit", "-qm", "delete everything")
+    committed = setpoint("validate", str(repo), "--rev", "main")
+    assert committed.returncode == 1
+    assert "fleet.yaml: the fleet has no groups and no devices" in committed.stderr
+    assert "allow_empty: true" in committed.stderr
 
 
 @pytest.mark.broker
@@ -249,6 +268,37 @@ def test_controller_once_with_a_broken_commit_exits_1(
     )
     assert result.returncode == 1
     assert "groups/kiosks.yaml: mode: Input should be 'enforce' or 'observe'" in result.stderr
+
+
+@pytest.mark.broker
+def test_controller_once_on_an_empty_commit_exits_1_naming_it(
+    tmp_path: Path, fleet: dict[str, Path], broker: Any, unique_prefix: str
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    git(empty, "init", "-q", "-b", "main")
+    git(empty, "commit", "-q", "--allow-empty", "-m", "nothing yet")
+    head = git(empty, "rev-parse", "HEAD")
+    result = setpoint(
+        "controller",
+        "--repo",
+        str(empty),
+        "--broker",
+        broker.url,
+        "--key",
+        str(fleet["key"]),
+        "--state-dir",
+        str(fleet["state"]),
+        "--prefix",
+        unique_prefix,
+        "--once",
+        "--timeout",
+        "30",
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"setpoint controller: main@{head[:12]} refused (1 problem(s), first: no fleet.yaml" in (
+        result.stderr
+    )
 
 
 def test_controller_without_a_key_says_how_to_make_one(tmp_path: Path) -> None:
