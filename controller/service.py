@@ -44,10 +44,10 @@ from .errors import BrokerUnavailable, ConfigError, RepositoryUnavailable
 from .fleet import DEFAULT_BUNDLE_TTL
 from .planning import Adopt, Clear, Current, Plan, Publish, Retained
 from .rendering import BranchProblem, Render, Target, View
-from .repository import Repository, redact
+from .repository import Repository, is_remote, redact
 from .retained import RetainedView
 from .signing import Signer, load_signer
-from .state import StateStore
+from .state import FleetIdentity, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ class Controller:
         log.info("signing with key(s) %s", ", ".join(self.signer.key_ids))
         self._state.lock()
         try:
+            self._state.claim(identity(config))
             self._current, self._floors = self._state.load()
             for target, entry in self._current.items():
                 self._floors[target] = max(self._floors.get(target, 0), entry.version)
@@ -691,6 +692,13 @@ class Controller:
             message=message,
         )
         self._refusal_reported = key
+
+
+def identity(config: ControllerConfig) -> FleetIdentity:
+    """The fleet this controller serves: its state directory belongs to it alone."""
+    repo = config.repo
+    where = redact(repo) if is_remote(repo) else str(Path(repo).expanduser().resolve())
+    return FleetIdentity(where, config.broker.url(), config.prefix)
 
 
 def describe(config: ControllerConfig) -> str:

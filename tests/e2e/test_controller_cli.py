@@ -301,6 +301,69 @@ def test_controller_once_on_an_empty_commit_exits_1_naming_it(
     )
 
 
+@pytest.mark.broker
+def test_two_fleets_on_one_host_keep_their_own_state(
+    tmp_path: Path, fleet: dict[str, Path], broker: Any, unique_prefix: str
+) -> None:
+    # Identical content, two repositories, one broker, two prefixes, no --state-dir: each
+    # fleet gets its own commits, version floors and history.
+    home = {**ENV, "XDG_STATE_HOME": str(tmp_path / "xdg")}
+    home.pop("SETPOINT_STATE_DIR", None)
+    other = tmp_path / "other"
+    setpoint("init", str(other), check=True)
+    git(other, "commit", "-q", "--allow-empty", "-m", "same content, another commit")
+    runs = {
+        "a": (fleet["repo"], f"{unique_prefix}/a"),
+        "b": (other, f"{unique_prefix}/b"),
+    }
+
+    def controller(repo: Path, prefix: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "setpoint", "controller", "--repo", str(repo), "--broker",
+             broker.url, "--key", str(fleet["key"]), "--prefix", prefix, "--once",
+             "--timeout", "30", *extra],
+            capture_output=True, text=True, timeout=90, env=home, check=False,
+        )  # fmt: skip
+
+    for repo, prefix in runs.values():
+        done = controller(repo, prefix)
+        assert done.returncode == 0, done.stderr
+    base = tmp_path / "xdg" / "setpoint" / "controller"
+    dirs = sorted(p for p in base.iterdir())
+    assert len(dirs) == 2 and all(p.name.startswith(("fleet-", "other-")) for p in dirs)
+    for repo, prefix in runs.values():
+        seen = Subscriber(broker.host, broker.port, prefix, fleet["pub"].read_bytes())
+        try:
+            seen.wait(lambda seen=seen: set(seen.payloads) == ALL)  # type: ignore[misc]
+            head = git(repo, "rev-parse", "HEAD")
+            for target in ALL:
+                bundle = seen.bundle(target)
+                assert bundle is not None and bundle.version == 1 and bundle.commit == head
+        finally:
+            seen.close()
+    for state in dirs:
+        recorded = json.loads((state / "fleet.json").read_text())
+        repo, prefix = runs["a" if state.name.startswith("fleet-") else "b"]
+        assert recorded == {"repository": str(repo), "broker": broker.url, "prefix": prefix}
+        history = setpoint("history", "--json", "--state-dir", str(state), check=True).stdout
+        commits = {json.loads(line)["commit"] for line in history.splitlines()}
+        assert commits == {git(repo, "rev-parse", "HEAD")}
+    # A state directory of one fleet refuses another, naming both and the fix.
+    a_dir = next(p for p in dirs if p.name.startswith("fleet-"))
+    refused = controller(other, f"{unique_prefix}/b", "--state-dir", str(a_dir))
+    assert refused.returncode == 2
+    assert f"state directory {a_dir} belongs to another fleet (repository {fleet['repo']}" in (
+        refused.stderr
+    )
+    assert f"not this one (repository {other}, broker {broker.url}, prefix" in refused.stderr
+    assert "give this controller its own --state-dir" in refused.stderr
+    several = subprocess.run(
+        [sys.executable, "-m", "setpoint", "history"],
+        capture_output=True, text=True, env=home, check=False,
+    )  # fmt: skip
+    assert several.returncode == 2 and "several fleets have a state directory" in several.stderr
+
+
 def test_controller_without_a_key_says_how_to_make_one(tmp_path: Path) -> None:
     setpoint("init", str(tmp_path / "fleet"), check=True)
     result = setpoint(
