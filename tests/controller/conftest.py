@@ -18,10 +18,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from fleetkit import FLEET
 from mqttkit import Subscriber
 
 from setpoint.commands import keys
-from setpoint.controller import examples
 from setpoint.controller.broker import Backoff, BrokerSettings
 from setpoint.controller.service import Controller, ControllerConfig
 from setpoint.proto import bundles, envelopes, repository, status
@@ -99,9 +99,9 @@ class GitRepo:
 
 @pytest.fixture
 def example_repo(tmp_path: Path) -> GitRepo:
-    """A git repository holding the example fleet of ``setpoint init``, on ``main``."""
+    """A git repository holding the example fleet plus ``kiosk-02``, on ``main``."""
     repo = GitRepo(tmp_path / "fleet")
-    repo.commit(examples.FILES, "example fleet")
+    repo.commit(FLEET, "example fleet")
     return repo
 
 

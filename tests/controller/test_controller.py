@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fleetkit import FLEET
 
-from setpoint.controller import examples
 from setpoint.controller.rendering import Target
 
 pytestmark = pytest.mark.broker
@@ -221,7 +221,7 @@ async def test_alias_bomb_is_rejected_fast(
 async def test_deleting_everything_is_refused_unless_allowed(
     example_repo: Any, run_controller: Any, observe: Any
 ) -> None:
-    everything = {name: None for name in examples.FILES if name != "fleet.yaml"}
+    everything = {name: None for name in FLEET if name != "fleet.yaml"}
     async with observe() as seen, run_controller(example_repo) as controller:
         await controller.settle(10)
         example_repo.commit(everything, "delete it all")
@@ -424,7 +424,7 @@ async def test_empty_repository_publishes_nothing_until_the_first_commit(
     async with observe() as seen, run_controller(repo) as controller:
         await controller.settle(10)
         assert controller.desired() == {}
-        repo.commit(examples.FILES, "first fleet")
+        repo.commit(FLEET, "first fleet")
         await seen.wait(lambda: set(seen.retained) == ALL)
 
 
@@ -490,7 +490,7 @@ async def test_refused_commit_is_retained_in_the_repository_status(
         verdict = seen.verdict()
         assert verdict is not None and verdict.accepted and not verdict.problems
         assert verdict.subject == "example fleet"
-        kiosks = examples.FILES["groups/kiosks.yaml"].replace("kind: file", "kind: fiel", 1)
+        kiosks = FLEET["groups/kiosks.yaml"].replace("kind: file", "kind: fiel", 1)
         bad = example_repo.commit({"groups/kiosks.yaml": kiosks}, "typo")
         await seen.wait(lambda: (v := seen.verdict()) is not None and v.head == bad)
         refused = seen.verdict()
@@ -501,7 +501,7 @@ async def test_refused_commit_is_retained_in_the_repository_status(
             "groups/kiosks.yaml:5: resource 'motd': unknown kind 'fiel'"
             " (known: command, file, setting)"
         )
-        fixed = example_repo.commit({"groups/kiosks.yaml": examples.FILES["groups/kiosks.yaml"]})
+        fixed = example_repo.commit({"groups/kiosks.yaml": FLEET["groups/kiosks.yaml"]})
         await seen.wait(lambda: (v := seen.verdict()) is not None and v.head == fixed)
         assert seen.verdict().accepted  # type: ignore[union-attr]
 

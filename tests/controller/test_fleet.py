@@ -28,7 +28,7 @@ def test_example_fleet_validates(tmp_path: Path) -> None:
     snap = load(tmp_path, examples.FILES)
     assert snap.ok, messages(snap)
     assert sorted(snap.groups) == ["gateways", "kiosks"]
-    assert sorted(snap.devices) == ["gw-01", "kiosk-01", "kiosk-02"]
+    assert sorted(snap.devices) == ["gw-01", "kiosk-01"]
     kiosks = snap.groups["kiosks"]
     assert kiosks.mode == "enforce"
     config = next(r for r in kiosks.resources if r.id == "kiosk-config")
