@@ -128,8 +128,9 @@ class _Loader(yaml.SafeLoader):
         yield data
         data.update(self.construct_mapping(node))
         for key_node, _value in node.value:
-            if isinstance(key_node, ScalarNode):
-                data.key_lines.setdefault(key_node.value, _line(key_node))
+            line = _line(key_node)
+            if isinstance(key_node, ScalarNode) and line is not None:
+                data.key_lines.setdefault(key_node.value, line)
 
 
 _Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_located)

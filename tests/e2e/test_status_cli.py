@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -14,6 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from setpoint.proto.repository import BranchStatus, Problem, RepositoryStatus
+from setpoint.proto.status import DriftStatus, drift_from_json
 from setpoint.proto.topics import Topics
 
 pytestmark = pytest.mark.broker
@@ -90,3 +94,79 @@ def test_status_without_a_repository_status_says_nothing_of_it(
 ) -> None:
     shown = cli("status", "--broker", broker.url, "--prefix", unique_prefix, "--json")
     assert shown.returncode == 0 and json.loads(shown.stdout)["repository"] is None
+
+
+def test_a_command_the_device_policy_forbids_is_blocked_not_drift(
+    tmp_path: Path, broker: Any, unique_prefix: str
+) -> None:
+    # The example fleet's gateway without a policy file that allows commands: before, it
+    # showed `drifted` forever although nobody changed anything.
+    assert cli("init", str(tmp_path / "fleet")).returncode == 0
+    assert cli("keys", "generate", "--out", str(tmp_path / "keys")).returncode == 0
+    (tmp_path / "gw-01").mkdir()
+    base = ["--broker", broker.url, "--prefix", unique_prefix]
+    topics = Topics(unique_prefix)
+    seen: dict[str, DriftStatus] = {}
+    cond = threading.Condition()
+
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        with cond:
+            if message.payload:
+                seen[message.topic] = drift_from_json(bytes(message.payload))
+            cond.notify_all()
+
+    watcher = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    watcher.on_message = on_message
+    watcher.connect(broker.host, broker.port)
+    watcher.subscribe(topics.device_drift("gw-01"), qos=1)
+    watcher.loop_start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SETPOINT_")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "setpoint", *args, *base],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for args in (
+            [
+                "controller",
+                "--repo",
+                str(tmp_path / "fleet"),
+                "--key",
+                str(tmp_path / "keys" / "signing.key"),
+                "--state-dir",
+                str(tmp_path / "state"),
+            ],
+            [
+                "shim",
+                "--device",
+                "gw-01",
+                "--trust",
+                str(tmp_path / "keys" / "signing.pub"),
+                "--root",
+                str(tmp_path / "gw-01"),
+            ],
+        )
+    ]
+    try:
+        topic = topics.device_drift("gw-01")
+        with cond:
+            assert cond.wait_for(
+                lambda: topic in seen and seen[topic].state == "blocked", timeout=90
+            ), seen
+        blocked = seen[topic]
+        assert [r.id for r in blocked.resources] == ["ready-marker"]
+        assert blocked.resources[0].why.startswith("blocked: device policy forbids commands")
+        shown = cli("status", *base)
+        assert "gateways  observe" in shown.stdout and "blocked 1" in shown.stdout
+        assert re.search(r"gw-01\s+gateways\s+blocked\s+since", shown.stdout), shown.stdout
+        assert "ready-marker: blocked: device policy forbids commands" in shown.stdout
+        assert not (tmp_path / "gw-01" / "var" / "lib" / "gateway" / "ready").exists()
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
