@@ -159,7 +159,6 @@ class Controller:
         self.retained: RetainedView | None = None
         self.webhook_port: int | None = None
         self.last_render: Render | None = None
-        self.last_refusal: str | None = None
         self.last_error: str | None = None
 
     # --- Hooks for extensions ------------------------------------------------------------
@@ -370,7 +369,6 @@ class Controller:
             await self._execute(plan, render)
         else:
             log.warning("plan did not converge in %d rounds", MAX_PLAN_ROUNDS)
-        self.last_refusal = refusal
         if render is not None:
             await self._report_problems(render)
             await self._publish_verdicts(render, refusal)

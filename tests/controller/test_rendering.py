@@ -176,3 +176,23 @@ def test_oversized_bundle_is_a_problem(view) -> None:  # type: ignore[no-untyped
     out = rendering.render("main", {"main": view({"groups/g.yaml": "resources:\n" + resources})})
     assert Target("group", "g") in out.broken
     assert "over the" in out.problems[0].problem.message
+
+
+def test_repository_status_per_branch_with_lines_and_a_stable_time(view) -> None:  # type: ignore[no-untyped-def]
+    main = view(
+        {**FLEET, "groups/kiosks.yaml": "mode: enforce\nresources:\n  - {id: m, kind: fiel}\n"}
+    )
+    canary = view({**FLEET, "groups/kiosks.yaml": CANARY}, "canary")
+    out = rendering.render("main", {"main": main, "canary": canary})
+    first = rendering.repository_status(out, None, now=10.0)
+    refused, fine = first.branches["main"], first.branches["canary"]
+    assert (refused.head, refused.accepted, fine.accepted) == (main.commit.id, False, True)
+    [problem] = refused.problems
+    assert (problem.file, problem.line) == ("groups/kiosks.yaml", 3)
+    assert str(problem).startswith("groups/kiosks.yaml:3: resource 'm': unknown kind 'fiel'")
+    again = rendering.repository_status(out, None, now=99.0, previous=first)
+    assert again.to_json() == first.to_json()  # nothing changed: not published again
+    planner = rendering.repository_status(out, "this commit removes every group", 99.0, first)
+    assert planner.branches["main"].checked_at == 99.0
+    assert planner.branches["main"].problems[-1].message == "this commit removes every group"
+    assert planner.branches["canary"] == fine
