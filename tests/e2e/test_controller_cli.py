@@ -138,6 +138,17 @@ def fleet(tmp_path: Path) -> dict[str, Path]:
     }
 
 
+def controller_once(
+    fleet: dict[str, Path], broker: Any, prefix: str, repo: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``setpoint controller --once`` on ``repo`` (default: the fleet's), its own state dir."""
+    return setpoint(
+        "controller", "--repo", str(repo or fleet["repo"]), "--broker", broker.url,
+        "--key", str(fleet["key"]), "--state-dir", str(fleet["state"]), "--prefix", prefix,
+        "--once", "--timeout", "30",
+    )  # fmt: skip
+
+
 def test_init_creates_a_committed_example_that_validates(tmp_path: Path) -> None:
     result = setpoint("init", str(tmp_path / "fleet"), check=True)
     assert "groups/kiosks.yaml" in result.stdout
@@ -250,22 +261,7 @@ def test_controller_once_with_a_broken_commit_exits_1(
 ) -> None:
     (fleet["repo"] / "groups" / "kiosks.yaml").write_text("mode: sometimes\n")
     git(fleet["repo"], "commit", "-qam", "broken")
-    result = setpoint(
-        "controller",
-        "--repo",
-        str(fleet["repo"]),
-        "--broker",
-        broker.url,
-        "--key",
-        str(fleet["key"]),
-        "--state-dir",
-        str(fleet["state"]),
-        "--prefix",
-        unique_prefix,
-        "--once",
-        "--timeout",
-        "30",
-    )
+    result = controller_once(fleet, broker, unique_prefix)
     assert result.returncode == 1
     assert "groups/kiosks.yaml: mode: Input should be 'enforce' or 'observe'" in result.stderr
 
@@ -279,22 +275,7 @@ def test_controller_once_on_an_empty_commit_exits_1_naming_it(
     git(empty, "init", "-q", "-b", "main")
     git(empty, "commit", "-q", "--allow-empty", "-m", "nothing yet")
     head = git(empty, "rev-parse", "HEAD")
-    result = setpoint(
-        "controller",
-        "--repo",
-        str(empty),
-        "--broker",
-        broker.url,
-        "--key",
-        str(fleet["key"]),
-        "--state-dir",
-        str(fleet["state"]),
-        "--prefix",
-        unique_prefix,
-        "--once",
-        "--timeout",
-        "30",
-    )
+    result = controller_once(fleet, broker, unique_prefix, repo=empty)
     assert result.returncode == 1, result.stderr
     assert f"setpoint controller: main@{head[:12]} refused (1 problem(s), first: no fleet.yaml" in (
         result.stderr
