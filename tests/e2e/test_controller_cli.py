@@ -197,6 +197,20 @@ def test_validate_reports_each_problem_and_exits_nonzero(fleet: dict[str, Path])
     assert committed.returncode == 0, committed.stderr
 
 
+def test_validate_of_a_work_tree_names_what_is_not_committed(fleet: dict[str, Path]) -> None:
+    repo = fleet["repo"]
+    (repo / "devices" / "kiosk-03.yaml").write_text("group: kiosks\n")
+    checked = setpoint("validate", str(repo))
+    assert checked.returncode == 0  # the work tree is valid...
+    assert (
+        "note: not committed: devices/kiosk-03.yaml; the controller publishes commits only:"
+        f" commit them, or check what is committed with `setpoint validate {repo} --rev main`"
+    ) in checked.stderr  # ...but the controller does not see it yet
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "kiosk-03")
+    assert "not committed" not in setpoint("validate", str(repo)).stderr
+
+
 def test_validate_agrees_with_the_controller_on_an_empty_tree(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     empty = setpoint("validate", str(tmp_path / "empty"))
