@@ -640,7 +640,11 @@ class Controller:
                 continue
             for p in problems:
                 log.error(
-                    "repository error on %s@%s (%s): %s", branch, commit[:12], p.author, p.problem
+                    "repository error on %s@%s (%s): %s",
+                    branch,
+                    commit[:12],
+                    p.author,
+                    p.problem.located(),
                 )
             await self._concurrently(
                 [

@@ -277,7 +277,7 @@ def test_controller_once_with_a_broken_commit_exits_1(
     git(fleet["repo"], "commit", "-qam", "broken")
     result = controller_once(fleet, broker, unique_prefix)
     assert result.returncode == 1
-    assert "groups/kiosks.yaml: mode: Input should be 'enforce' or 'observe'" in result.stderr
+    assert "groups/kiosks.yaml:1: mode: Input should be 'enforce' or 'observe'" in result.stderr
 
 
 @pytest.mark.broker
