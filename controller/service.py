@@ -699,8 +699,12 @@ class Controller:
 def identity(config: ControllerConfig) -> FleetIdentity:
     """The fleet this controller serves: its state directory belongs to it alone."""
     repo = config.repo
-    where = redact(repo) if is_remote(repo) else str(Path(repo).expanduser().resolve())
-    return FleetIdentity(where, config.broker.url(), config.prefix)
+    if is_remote(repo):
+        return FleetIdentity(redact(repo), config.broker.url(), config.prefix)
+    path = Path(repo).expanduser().resolve()
+    if path.name == ".git":
+        path = path.parent  # a work tree and its .git are one repository
+    return FleetIdentity(str(path), config.broker.url(), config.prefix)
 
 
 def describe(config: ControllerConfig) -> str:
