@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 
-# What a device installs (CONTRACT.md): paho-mqtt, msgpack, cryptography, and their own
+# What a device installs (README, proto/SPEC.md): paho-mqtt, msgpack, cryptography, and their own
 # dependencies (cryptography's cffi backend).
 SHIM_ALLOWED = {"setpoint", "paho", "msgpack", "cryptography", "cffi", "_cffi_backend"}
 PROTO_ALLOWED = {"setpoint", "msgpack", "cryptography", "cffi", "_cffi_backend"}
