@@ -96,9 +96,7 @@ class Messages:
     def _bundle(
         self, kind: bundles.BundleKind, target: str, version: int, resources: tuple[Resource, ...]
     ) -> Bundle:
-        return Bundle(
-            kind, target, version, COMMIT, self.now, self.now + LIFETIME, resources
-        )
+        return Bundle(kind, target, version, COMMIT, self.now, self.now + LIFETIME, resources)
 
     def expired(self, bundle: Bundle) -> Bundle:
         return replace(bundle, issued_at=self.now - 2 * 86400, expires_at=self.now - 86400)

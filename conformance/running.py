@@ -23,6 +23,7 @@ and the lines formatted by :mod:`outcomes`.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import time
@@ -150,7 +151,9 @@ class Kit:
 
     # Bookkeeping.
 
-    def note(self, section: str, level: Level, requirement: str, ok: bool | None, seen: str) -> bool:
+    def note(
+        self, section: str, level: Level, requirement: str, ok: bool | None, seen: str
+    ) -> bool:
         verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
         outcome = Outcome(section, level, requirement, verdict, seen)
         self.outcomes.append(outcome)
@@ -195,8 +198,13 @@ class Kit:
                 self.move_and_back()
                 self.clearing()
             else:
-                self.note("§8", "MUST", "the remaining checks need a converged device", False,
-                          "stopped after convergence failed")  # fmt: skip
+                self.note(
+                    "§8",
+                    "MUST",
+                    "the remaining checks need a converged device",
+                    False,
+                    "stopped after convergence failed",
+                )
             self.discipline()
         finally:
             self.wire.stop()
@@ -205,11 +213,21 @@ class Kit:
     def first_contact(self) -> None:
         online = self.wire.wait_presence(b"online", self.options.timeout)
         seen = self.wire.presence[-1] if self.wire.presence else None
-        self.note("§6.7", "MUST", "presence is the retained bytes 'online' while connected",
-                  online, f"presence {seen!r}" if seen is not None else "no presence message")  # fmt: skip
+        self.note(
+            "§6.7",
+            "MUST",
+            "presence is the retained bytes 'online' while connected",
+            online,
+            f"presence {seen!r}" if seen is not None else "no presence message",
+        )
         first = self.wait(lambda _r: True, 0)
-        self.note("§6.6", "MUST", "the device publishes a report on devices/<id>/reported",
-                  first is not None, describe(first))  # fmt: skip
+        self.note(
+            "§6.6",
+            "MUST",
+            "the device publishes a report on devices/<id>/reported",
+            first is not None,
+            describe(first),
+        )
 
     def converge(self) -> bool:
         group = self.messages.group_a(self.next_version())
@@ -221,27 +239,34 @@ class Kit:
         report = self.wait(lambda r: runs(r, expected), mark)
         latest = report or self.wire.latest()
         ok = self.note(
-            "§8", "MUST",
+            "§8",
+            "MUST",
             "applies a valid device bundle and then its group's bundle, and reports both in"
             " 'applied' (target, version, commit, content digest)",
-            report is not None, describe(latest),
-        )  # fmt: skip
+            report is not None,
+            describe(latest),
+        )
         wanted = expected.resources()
         observed = {r.id: r for r in latest.resources} if latest is not None else {}
         for rid, digest in wanted.items():
             got = observed.get(rid)
             what = "not reported" if got is None else f"{got.status}, digest {got.digest[:16]}"
             self.note(
-                "§4.2", "MUST",
+                "§4.2",
+                "MUST",
                 f"resource {rid!r} is reported with the digest of the merged, substituted"
                 " resource (§6.3; settings keep int and float apart, §6.2)",
                 got is not None and got.digest == digest and got.status in ("ok", "healed"),
                 f"{what}; want {digest[:16]}",
-            )  # fmt: skip
+            )
         mode_ok = latest is not None and latest.mode == "enforce" and latest.group == GROUP_A
-        self.note("§6.6", "MUST", "'mode' and 'group' are those of the applied bundles",
-                  mode_ok, f"mode {latest.mode if latest else None}, group"
-                  f" {latest.group if latest else None}")  # fmt: skip
+        self.note(
+            "§6.6",
+            "MUST",
+            "'mode' and 'group' are those of the applied bundles",
+            mode_ok,
+            f"mode {latest.mode if latest else None}, group {latest.group if latest else None}",
+        )
         if ok:
             self.running = expected
         return ok
@@ -287,80 +312,142 @@ class Kit:
         applied_a = self.running.group.version
         v = self.next_version()
         self.expect_refusal(
-            "§5.5", "refuses a bundle signed by a key it does not trust ('signature')",
-            group_topic, m.sign(m.group_a(v), key=self.stranger),
-            reason="signature", kind="group", version=v, target=GROUP_A,
-        )  # fmt: skip
+            "§5.5",
+            "refuses a bundle signed by a key it does not trust ('signature')",
+            group_topic,
+            m.sign(m.group_a(v), key=self.stranger),
+            reason="signature",
+            kind="group",
+            version=v,
+            target=GROUP_A,
+        )
         self.expect_refusal(
-            "§8", "refuses a replayed older version ('rollback', step 9)",
-            group_topic, m.sign(m.group_a(applied_a - 1)),
-            reason="rollback", kind="group", version=applied_a - 1, target=GROUP_A,
-        )  # fmt: skip
+            "§8",
+            "refuses a replayed older version ('rollback', step 9)",
+            group_topic,
+            m.sign(m.group_a(applied_a - 1)),
+            reason="rollback",
+            kind="group",
+            version=applied_a - 1,
+            target=GROUP_A,
+        )
         self.expect_refusal(
-            "§8", "refuses the applied version with other content ('rollback', step 9)",
-            group_topic, m.sign(m.group_a(applied_a, revision=9)),
-            reason="rollback", kind="group", version=applied_a, target=GROUP_A,
-        )  # fmt: skip
+            "§8",
+            "refuses the applied version with other content ('rollback', step 9)",
+            group_topic,
+            m.sign(m.group_a(applied_a, revision=9)),
+            reason="rollback",
+            kind="group",
+            version=applied_a,
+            target=GROUP_A,
+        )
         v = self.next_version()
         self.expect_refusal(
-            "§8", "refuses an expired bundle ('expired', step 8)",
-            group_topic, m.sign(m.expired(m.group_a(v))),
-            reason="expired", kind="group", version=v, target=GROUP_A,
-        )  # fmt: skip
+            "§8",
+            "refuses an expired bundle ('expired', step 8)",
+            group_topic,
+            m.sign(m.expired(m.group_a(v))),
+            reason="expired",
+            kind="group",
+            version=v,
+            target=GROUP_A,
+        )
         v = self.next_version()
         self.expect_refusal(
-            "§8", "refuses a device bundle naming another device ('wrong-target', step 7);"
+            "§8",
+            "refuses a device bundle naming another device ('wrong-target', step 7);"
             " the refusal names the bundle's target",
-            device_topic, m.sign(m.device_bundle(v, GROUP_A, target=OTHER_DEVICE)),
-            reason="wrong-target", kind="device", version=v, target=OTHER_DEVICE,
-        )  # fmt: skip
+            device_topic,
+            m.sign(m.device_bundle(v, GROUP_A, target=OTHER_DEVICE)),
+            reason="wrong-target",
+            kind="device",
+            version=v,
+            target=OTHER_DEVICE,
+        )
         v = self.next_version()
         self.expect_refusal(
-            "§8", "refuses a group bundle for another group on its group's topic"
+            "§8",
+            "refuses a group bundle for another group on its group's topic"
             " ('wrong-target', step 7)",
-            group_topic, m.sign(m.group_b(v)),
-            reason="wrong-target", kind="group", version=v, target=GROUP_B,
-        )  # fmt: skip
+            group_topic,
+            m.sign(m.group_b(v)),
+            reason="wrong-target",
+            kind="group",
+            version=v,
+            target=GROUP_B,
+        )
         v = self.next_version()
         self.expect_refusal(
-            "§5.4", "refuses a validly signed group bundle on its device topic ('payload-type')",
-            device_topic, m.sign(m.group_a(v)),
-            reason="payload-type", kind="device", version=v, target=None,
-        )  # fmt: skip
+            "§5.4",
+            "refuses a validly signed group bundle on its device topic ('payload-type')",
+            device_topic,
+            m.sign(m.group_a(v)),
+            reason="payload-type",
+            kind="device",
+            version=v,
+            target=None,
+        )
         self.expect_refusal(
-            "§8", "refuses an envelope over 1 MiB unread ('too-large', step 2); target is the"
+            "§8",
+            "refuses an envelope over 1 MiB unread ('too-large', step 2); target is the"
             " topic's id and version 0",
-            device_topic, b"\x00" * (MAX_ENVELOPE + 1),
-            reason="too-large", kind="device", version=0, target=me,
-        )  # fmt: skip
+            device_topic,
+            b"\x00" * (MAX_ENVELOPE + 1),
+            reason="too-large",
+            kind="device",
+            version=0,
+            target=me,
+        )
         garbage = b"\xc1 not msgpack: conformance kit"
         self.expect_refusal(
-            "§6.6", "refuses bytes that are not msgpack ('malformed'); an undecodable message"
+            "§6.6",
+            "refuses bytes that are not msgpack ('malformed'); an undecodable message"
             " is reported with the topic's id as target and version 0 (never nil)",
-            device_topic, garbage,
-            reason="malformed", kind="device", version=0, target=me,
-        )  # fmt: skip
+            device_topic,
+            garbage,
+            reason="malformed",
+            kind="device",
+            version=0,
+            target=me,
+        )
         # The same bytes again (a retained bad bundle is redelivered at each reconnect),
         # then a marker on the same topic: once the marker is reported, the repeat was seen.
         self.wire.publish(device_topic, garbage)
         v = self.next_version()
         marker = self.expect_refusal(
-            "§5.5", "refuses a device bundle signed by an untrusted key ('signature')",
-            device_topic, m.sign(m.device_bundle(v, GROUP_A), key=self.stranger),
-            reason="signature", kind="device", version=v, target=me,
-        )  # fmt: skip
+            "§5.5",
+            "refuses a device bundle signed by an untrusted key ('signature')",
+            device_topic,
+            m.sign(m.device_bundle(v, GROUP_A), key=self.stranger),
+            reason="signature",
+            kind="device",
+            version=v,
+            target=me,
+        )
         if marker is None:
-            self.note("§6.6", "MUST", "a repeated identical refusal is reported once", None,
-                      "not checked: the marker refusal never came")  # fmt: skip
+            self.note(
+                "§6.6",
+                "MUST",
+                "a repeated identical refusal is reported once",
+                None,
+                "not checked: the marker refusal never came",
+            )
         else:
             copies = sum(1 for x in marker.refusals if _has(x, "malformed", "device", 0, me))
-            self.note("§6.6", "MUST", "a repeated identical refusal is reported once",
-                      copies == 1, f"{copies} 'malformed' refusal(s) after sending it twice")  # fmt: skip
+            self.note(
+                "§6.6",
+                "MUST",
+                "a repeated identical refusal is reported once",
+                copies == 1,
+                f"{copies} 'malformed' refusal(s) after sending it twice",
+            )
         self.note(
-            "§8", "MUST", "a refusal changes nothing: the applied bundles and resources stay",
+            "§8",
+            "MUST",
+            "a refusal changes nothing: the applied bundles and resources stay",
             not self.changed_by_refusal,
             "; ".join(self.changed_by_refusal) or "applied state unchanged after every refusal",
-        )  # fmt: skip
+        )
 
     def command_checks(self) -> None:
         topic = self.topics.device_command(self.device)
@@ -369,9 +456,15 @@ class Kit:
         mark = self.wire.mark()
         self.wire.publish(topic, valid)
         replay = self.expect_refusal(
-            "§6.5", "refuses a replayed command ('rollback': seq not above the last accepted)",
-            topic, valid, reason="rollback", kind="command", version=seq, target=self.device,
-        )  # fmt: skip
+            "§6.5",
+            "refuses a replayed command ('rollback': seq not above the last accepted)",
+            topic,
+            valid,
+            reason="rollback",
+            kind="command",
+            version=seq,
+            target=self.device,
+        )
         refused = [
             f"{x.reason}: {x.error}"
             for r in self.wire.received()[mark:]
@@ -380,36 +473,57 @@ class Kit:
             if x.kind == "command" and x.version == seq and x.reason != "rollback"
         ]
         self.note(
-            "§6.5", "MUST", f"accepts a valid reconcile command with seq {seq} (above 2^32:"
-            " 64-bit integers, §14)",
+            "§6.5",
+            "MUST",
+            f"accepts a valid reconcile command with seq {seq} (above 2^32: 64-bit integers, §14)",
             replay is not None and not refused,
-            "; ".join(refused) or ("accepted (its replay was refused)" if replay else
-                                   "no evidence it was accepted"),
-        )  # fmt: skip
+            "; ".join(refused)
+            or ("accepted (its replay was refused)" if replay else "no evidence it was accepted"),
+        )
         seq = self.next_seq()
         self.expect_refusal(
-            "§6.5", "refuses an expired command ('expired')",
-            topic, self.fresh().command(seq, expired=True),
-            reason="expired", kind="command", version=seq, target=self.device,
-        )  # fmt: skip
+            "§6.5",
+            "refuses an expired command ('expired')",
+            topic,
+            self.fresh().command(seq, expired=True),
+            reason="expired",
+            kind="command",
+            version=seq,
+            target=self.device,
+        )
         seq = self.next_seq()
         self.expect_refusal(
-            "§6.5", "refuses a command for another device ('wrong-target')",
-            topic, self.fresh().command(seq, device=OTHER_DEVICE),
-            reason="wrong-target", kind="command", version=seq, target=OTHER_DEVICE,
-        )  # fmt: skip
+            "§6.5",
+            "refuses a command for another device ('wrong-target')",
+            topic,
+            self.fresh().command(seq, device=OTHER_DEVICE),
+            reason="wrong-target",
+            kind="command",
+            version=seq,
+            target=OTHER_DEVICE,
+        )
         seq = self.next_seq()
         self.expect_refusal(
-            "§6.5", "refuses a command signed by an untrusted key ('signature')",
-            topic, self.fresh().command(seq, key=self.stranger),
-            reason="signature", kind="command", version=seq, target=self.device,
-        )  # fmt: skip
+            "§6.5",
+            "refuses a command signed by an untrusted key ('signature')",
+            topic,
+            self.fresh().command(seq, key=self.stranger),
+            reason="signature",
+            kind="command",
+            version=seq,
+            target=self.device,
+        )
         assert self.running is not None
         self.expect_refusal(
-            "§6.5", "refuses a bundle envelope on the command topic ('payload-type')",
-            topic, self.messages.sign(self.running.group),
-            reason="payload-type", kind="command", version=0, target=self.device,
-        )  # fmt: skip
+            "§6.5",
+            "refuses a bundle envelope on the command topic ('payload-type')",
+            topic,
+            self.messages.sign(self.running.group),
+            reason="payload-type",
+            kind="command",
+            version=0,
+            target=self.device,
+        )
 
     def hand_edit(self) -> None:
         requirement = "enforce mode puts a hand edit back and reports the resource 'healed'"
@@ -437,30 +551,36 @@ class Kit:
             return
         if done.returncode != 0:
             err = done.stderr.decode(errors="replace").strip()
-            self.note("§6.8", "MUST", requirement, False,
-                      f"--edit-cmd exited {done.returncode}: {err}")  # fmt: skip
+            self.note(
+                "§6.8", "MUST", requirement, False, f"--edit-cmd exited {done.returncode}: {err}"
+            )
             return
-        self.wire.publish(self.topics.device_command(self.device),
-                          self.fresh().command(self.next_seq()))  # fmt: skip
+        self.wire.publish(
+            self.topics.device_command(self.device), self.fresh().command(self.next_seq())
+        )
 
         def healed(r: Report) -> bool:
             return any(
-                x.id == EDIT_ID and x.status == "healed" and x.digest == wanted
-                for x in r.resources
+                x.id == EDIT_ID and x.status == "healed" and x.digest == wanted for x in r.resources
             )
 
         report = self.wait(healed, mark)
-        self.note("§6.8", "MUST", requirement, report is not None,
-                  describe(report or self.wire.latest()))  # fmt: skip
+        self.note(
+            "§6.8", "MUST", requirement, report is not None, describe(report or self.wire.latest())
+        )
         drifted = any(
             x.id == EDIT_ID and x.status == "drifted"
             for r in self.wire.received()[mark:]
             if r.report is not None
             for x in r.report.resources
         )
-        self.note("§6.8", "SHOULD", "the drift is reported ('drifted') before it is healed",
-                  drifted, "a 'drifted' report was seen" if drifted else
-                  "no report showed the resource 'drifted'")  # fmt: skip
+        self.note(
+            "§6.8",
+            "SHOULD",
+            "the drift is reported ('drifted') before it is healed",
+            drifted,
+            "a 'drifted' report was seen" if drifted else "no report showed the resource 'drifted'",
+        )
 
     def pin(self) -> None:
         assert self.running is not None
@@ -470,8 +590,13 @@ class Kit:
         self.publish_bundle(pinned)
         expected = Expected(current, pinned)
         report = self.wait(lambda r: runs(r, expected), mark)
-        self.note("§6.4", "MUST", "applies a device bundle that pins the group version it runs",
-                  report is not None, describe(report or self.wire.latest()))  # fmt: skip
+        self.note(
+            "§6.4",
+            "MUST",
+            "applies a device bundle that pins the group version it runs",
+            report is not None,
+            describe(report or self.wire.latest()),
+        )
         newer = self.messages.group_a(self.next_version(), revision=1)
         mark = self.wire.mark()
         self.publish_bundle(newer)
@@ -484,17 +609,25 @@ class Kit:
             lambda r: any(_has(x, "signature", "group", v, GROUP_A) for x in r.refusals), mark
         )
         held = marker is not None and runs(marker, expected)
-        self.note("§6.4", "MUST", "holds a group bundle above the pinned group_version"
-                  " (keeps running the pinned one)", held,
-                  describe(marker) if marker else "the marker refusal never came")  # fmt: skip
+        self.note(
+            "§6.4",
+            "MUST",
+            "holds a group bundle above the pinned group_version (keeps running the pinned one)",
+            held,
+            describe(marker) if marker else "the marker refusal never came",
+        )
         moved = self.messages.device_bundle(self.next_version(), GROUP_A, pin=newer.version)
         mark = self.wire.mark()
         self.publish_bundle(moved)
         expected = Expected(newer, moved)
         report = self.wait(lambda r: runs(r, expected), mark)
-        self.note("§6.4", "MUST", "when the pin moves up, applies the group bundle it held"
-                  " (not sent again)", report is not None,
-                  describe(report or self.wire.latest()))  # fmt: skip
+        self.note(
+            "§6.4",
+            "MUST",
+            "when the pin moves up, applies the group bundle it held (not sent again)",
+            report is not None,
+            describe(report or self.wire.latest()),
+        )
         if report is not None:
             self.running = expected
 
@@ -508,9 +641,14 @@ class Kit:
         self.publish_bundle(away)
         expected = Expected(other, away)
         report = self.wait(lambda r: runs(r, expected), mark)
-        self.note("§8", "MUST", f"follows its device bundle to another group ({GROUP_B}) and"
-                  " reports only that group's resources", report is not None,
-                  describe(report or self.wire.latest()))  # fmt: skip
+        self.note(
+            "§8",
+            "MUST",
+            f"follows its device bundle to another group ({GROUP_B}) and"
+            " reports only that group's resources",
+            report is not None,
+            describe(report or self.wire.latest()),
+        )
         if report is None:
             return
         self.running = expected
@@ -520,18 +658,22 @@ class Kit:
         expected = Expected(home, back)
         report = self.wait(lambda r: runs(r, expected), mark)
         self.note(
-            "§8", "MUST",
+            "§8",
+            "MUST",
             f"back in group {GROUP_A}, applies its retained bundle v{home.version} again"
             " although that version equals its floor (step 9: 'not new' only for the bundle"
             " it runs)",
-            report is not None, describe(report or self.wire.latest()),
-        )  # fmt: skip
+            report is not None,
+            describe(report or self.wire.latest()),
+        )
         if report is not None:
             self.running = expected
 
     def clearing(self) -> None:
         before = self.wire.latest()
-        known = {(x.target, x.kind, x.version, x.reason) for x in (before.refusals if before else ())}
+        known = {
+            (x.target, x.kind, x.version, x.reason) for x in (before.refusals if before else ())
+        }
         mark = self.wire.mark()
         for topic in (
             self.topics.group_desired(GROUP_A),
@@ -547,8 +689,13 @@ class Kit:
             mark,
         )
         if report is None:
-            self.note("§3", "MUST", "a cleared retained bundle is neither a refusal nor an undo",
-                      False, "the marker refusal never came")  # fmt: skip
+            self.note(
+                "§3",
+                "MUST",
+                "a cleared retained bundle is neither a refusal nor an undo",
+                False,
+                "the marker refusal never came",
+            )
             return
         new = [
             f"{x.reason} {x.kind} {x.target} v{x.version}"
@@ -556,9 +703,13 @@ class Kit:
             if (x.target, x.kind, x.version, x.reason) not in known and x.version != v
         ]
         kept = self.running is None or runs(report, self.running)
-        self.note("§3", "MUST", "a cleared retained bundle is neither a refusal nor an undo",
-                  kept and not new,
-                  f"new refusals {new}" if new else describe(report))  # fmt: skip
+        self.note(
+            "§3",
+            "MUST",
+            "a cleared retained bundle is neither a refusal nor an undo",
+            kept and not new,
+            f"new refusals {new}" if new else describe(report),
+        )
 
     # Every message of the run.
 
@@ -566,39 +717,77 @@ class Kit:
         mark = self.wire.mark()
         self.wire.resubscribe()
         retained = self.wire.wait_retained(mark, self.options.timeout)
-        self.note("§6.6", "MUST", "the report is retained (a new subscriber gets it at once)",
-                  retained, "a retained report arrived on subscribing" if retained else
-                  "no retained report on subscribing")  # fmt: skip
+        self.note(
+            "§6.6",
+            "MUST",
+            "the report is retained (a new subscriber gets it at once)",
+            retained,
+            "a retained report arrived on subscribing"
+            if retained
+            else "no retained report on subscribing",
+        )
         received = self.wire.received()
         bad = [r.error for r in received if r.error is not None]
-        self.note("§6.6", "MUST", "every report has the fields and types of §6.6",
-                  not bad, f"{len(received)} reports; {len(bad)} refused"
-                  + (f": {bad[0]}" if bad else ""))  # fmt: skip
+        self.note(
+            "§6.6",
+            "MUST",
+            "every report has the fields and types of §6.6",
+            not bad,
+            f"{len(received)} reports; {len(bad)} refused" + (f": {bad[0]}" if bad else ""),
+        )
         decoded = [r for r in received if r.report is not None]
         others = [r.report.device for r in decoded if r.report and r.report.device != self.device]
-        self.note("§6.6", "MUST", "every report names the device of its topic", not others,
-                  f"other ids: {sorted(set(others))}" if others else f"{len(decoded)} reports")  # fmt: skip
+        self.note(
+            "§6.6",
+            "MUST",
+            "every report names the device of its topic",
+            not others,
+            f"other ids: {sorted(set(others))}" if others else f"{len(decoded)} reports",
+        )
         noncanonical = [r for r in received if not _canonical(r.raw)]
-        self.note("§4.2", "MUST", "every report is canonical msgpack (sorted keys, smallest"
-                  " encodings)", not noncanonical,
-                  f"{len(noncanonical)} of {len(received)} not canonical")  # fmt: skip
+        self.note(
+            "§4.2",
+            "MUST",
+            "every report is canonical msgpack (sorted keys, smallest encodings)",
+            not noncanonical,
+            f"{len(noncanonical)} of {len(received)} not canonical",
+        )
         floats = [r for r in received if _has_float(r.raw)]
-        self.note("§6.6", "MUST", "a report holds no floats", not floats,
-                  f"{len(floats)} of {len(received)} hold a float")  # fmt: skip
+        self.note(
+            "§6.6",
+            "MUST",
+            "a report holds no floats",
+            not floats,
+            f"{len(floats)} of {len(received)} hold a float",
+        )
         seqs = [r.report.seq for r in decoded if r.report is not None and not r.retained]
-        rising = all(b > a for a, b in zip(seqs, seqs[1:], strict=False))
-        self.note("§6.6", "MUST", "'seq' rises with every report", rising,
-                  f"{len(seqs)} live reports, seq {seqs[0] if seqs else '-'} to"
-                  f" {seqs[-1] if seqs else '-'}")  # fmt: skip
-        long = [
-            r for r in decoded if r.report is not None and len(r.report.refusals) > 8
-        ]
-        self.note("§6.6", "MUST", "a report keeps at most 8 refusals", not long,
-                  f"{len(long)} reports with more")  # fmt: skip
+        rising = all(b > a for a, b in itertools.pairwise(seqs))
+        self.note(
+            "§6.6",
+            "MUST",
+            "'seq' rises with every report",
+            rising,
+            f"{len(seqs)} live reports, seq {seqs[0] if seqs else '-'} to"
+            f" {seqs[-1] if seqs else '-'}",
+        )
+        long = [r for r in decoded if r.report is not None and len(r.report.refusals) > 8]
+        self.note(
+            "§6.6",
+            "MUST",
+            "a report keeps at most 8 refusals",
+            not long,
+            f"{len(long)} reports with more",
+        )
         odd = [p for p in self.wire.presence if p not in (b"online", b"offline")]
-        self.note("§6.7", "MUST", "presence is exactly 'online' or 'offline'", not odd,
-                  f"other payloads: {odd[:3]!r}" if odd else
-                  f"{len(self.wire.presence)} presence messages")  # fmt: skip
+        self.note(
+            "§6.7",
+            "MUST",
+            "presence is exactly 'online' or 'offline'",
+            not odd,
+            f"other payloads: {odd[:3]!r}"
+            if odd
+            else f"{len(self.wire.presence)} presence messages",
+        )
 
 
 def _canonical(raw: bytes) -> bool:

@@ -98,9 +98,7 @@ class Wire:
         self._client.loop_start()
         if not self._connected.wait(CONNECT_TIMEOUT) or self._refused:
             self.stop()
-            raise KitError(
-                f"broker {self._broker!r}: {self._refused or 'no answer to CONNECT'}"
-            )
+            raise KitError(f"broker {self._broker!r}: {self._refused or 'no answer to CONNECT'}")
         self._client.subscribe(
             [
                 (self.topics.device_reported(self.device), 1),

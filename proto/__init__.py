@@ -21,6 +21,7 @@ from .errors import (
     TrustError,
     VerificationError,
     WrongTargetError,
+    refusal_reason,
 )
 from .topics import Topics, validate_id
 
@@ -45,6 +46,7 @@ __all__ = [
     "codec",
     "commands",
     "envelopes",
+    "refusal_reason",
     "reports",
     "status",
     "topics",

@@ -14,15 +14,24 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from setpoint.proto import bundles, codec, commands, envelopes
-from setpoint.proto.bundles import Bundle, CommandResource, FileResource, SettingResource
+from setpoint.proto import bundles, codec, commands, envelopes, errors, reports
+from setpoint.proto.bundles import (
+    Bundle,
+    CommandResource,
+    FileResource,
+    SettingResource,
+    SettingValue,
+)
 from setpoint.proto.commands import Command
 from setpoint.proto.envelopes import COMMAND_TYPE, DEVICE_BUNDLE_TYPE, GROUP_BUNDLE_TYPE
+from setpoint.proto.errors import ProtocolError
+from setpoint.proto.reports import Applied, Refusal, Report, ResourceReport
 from setpoint.proto.trust import DEFAULT_SKEW
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "proto" / "vectors"
@@ -33,6 +42,12 @@ NOW = ISSUED + 60
 COMMIT = "3f786850e387550fdab836ed7e6dc881de23001b"
 KEY_NAMES = ("test-key", "test-key-2")
 BIN_FIELDS = ["payload", "sig", "content"]
+KIND_OF_TYPE = {GROUP_BUNDLE_TYPE: "group", DEVICE_BUNDLE_TYPE: "device", COMMAND_TYPE: "command"}
+TOPIC_OF_KIND = {
+    "group": "groups/{id}/desired",
+    "device": "devices/{id}/desired",
+    "command": "devices/{id}/command",
+}
 
 README = """\
 # setpoint protocol test vectors
@@ -72,6 +87,42 @@ def as_json(value: Any) -> Any:
     if isinstance(value, list):
         return [as_json(v) for v in value]
     return value
+
+
+def typed(value: SettingValue) -> dict[str, Any]:
+    """A scalar with its msgpack type kept: JSON alone cannot tell the float 1.0 from 1."""
+    if value is None:
+        return {"nil": None}
+    if isinstance(value, bool):
+        return {"bool": value}
+    if isinstance(value, int):
+        return {"int": value}
+    if isinstance(value, float):
+        return {"float": repr(value)}
+    return {"str": value}
+
+
+# Settings files write floats as Python's json does (repr, so whole floats keep ".0").
+def settings_bytes(values: dict[str, SettingValue]) -> bytes:
+    return json.dumps(values, sort_keys=True, indent=1).encode() + b"\n"
+
+
+def refusal_names(envelope: bytes, kind: str, topic_id: str) -> tuple[str, int]:
+    """The target and version a refusal reports (SPEC 6.6): the payload's, read without
+    trusting it, when it decodes and they have the right types; else the topic's id and 0."""
+    try:
+        inner = codec.unpack(envelopes.decode(envelope).payload, max_size=len(envelope))
+    except ProtocolError:
+        return topic_id, 0
+    if not isinstance(inner, dict):
+        return topic_id, 0
+    target = inner.get("device" if kind == "command" else "target", topic_id)
+    version = inner.get("seq" if kind == "command" else "version", 0)
+    if not isinstance(target, str) or len(target) > 64:
+        target = topic_id
+    if not isinstance(version, int) or isinstance(version, bool):
+        version = 0
+    return target, version
 
 
 def resource_json(resource: bundles.Resource) -> dict[str, Any]:
@@ -185,6 +236,13 @@ class Vectors:
     ) -> dict[str, Any]:
         context = {"device": "kiosk-01", "group": "kiosks", "floors": {}, "now": NOW}
         context.update(trust or {})
+        kind = KIND_OF_TYPE[payload_type]
+        topic_id = context["device"] if kind != "group" else context["group"] or "kiosks"
+        reason = errors.refusal_reason(getattr(errors, expected)("vector"))
+        if reason == "too-large":  # never read: named by its topic
+            target, version = topic_id, 0
+        else:
+            target, version = refusal_names(envelope, kind, topic_id)
         return {
             "name": name,
             "description": description,
@@ -198,6 +256,9 @@ class Vectors:
             "trust": context if payload_type != COMMAND_TYPE else None,
             "stage": stage,
             "expected_error": expected,
+            "topic": TOPIC_OF_KIND[kind].format(id=topic_id),
+            "reason": reason,
+            "refusal": {"kind": kind, "target": target, "version": version, "reason": reason},
         }
 
     def build(self) -> dict[str, Any]:
@@ -260,7 +321,17 @@ class Vectors:
                 "Invalid vectors: run the checks of SPEC.md in order with the given 'verify'"
                 " (pinned payloadType, trusted key ids, threshold, size cap) and, for bundles,"
                 " a trust state built from 'trust'; the first failing check must be the one"
-                " named by 'expected_error' (setpoint's error class) at 'stage'.",
+                " named by 'expected_error' (setpoint's error class) at 'stage'. 'topic' is"
+                " where it arrived (after the prefix), 'reason' the word a device reports and"
+                " 'refusal' the report's refusal entry (SPEC 6.6, section 8).",
+                "Typed scalars ('typed'): {'nil': null}, {'bool': b}, {'int': n},"
+                " {'float': '<Python repr, parse as a double>'}, {'str': s}; JSON alone cannot"
+                " keep the float 1.0 apart from the int 1.",
+                "Sequences: deliver each step's envelope on its topic (after the prefix) to a"
+                " fresh agent of 'device' trusting 'trusted', with the clock at 'now'; after"
+                " the step, 'expect' gives what its report says: 'applied' (target and version"
+                " of each, or null), 'group', 'resources' (id -> digest, when given), and"
+                " 'refusal' (the newest refusal entry, or null: no new refusal).",
             ],
             "keys": [
                 {
@@ -287,6 +358,12 @@ class Vectors:
             "valid": valid,
             "effective": effective,
             "invalid": self.negatives(group, device),
+            "invalid_commands": self.bad_commands(),
+            "codec": codec_cases(),
+            "substitution": substitution_cases(),
+            "settings_file": settings_cases(),
+            "report": self.report(group, device),
+            "sequences": self.sequences(),
         }
 
     def negatives(self, group: Bundle, device: Bundle) -> list[dict[str, Any]]:
@@ -372,6 +449,329 @@ class Vectors:
             n("same-version-other-content", "v3 after another v3 (other content) was applied",
               good, "RollbackError", "trust", trust={"floors": floor3_other}),
         ]  # fmt: skip
+
+    # --- commands, a report, sequences --------------------------------------------------
+
+    def bad_commands(self) -> list[dict[str, Any]]:
+        """Commands a device refuses (SPEC 6.5), each with the state it is judged in."""
+        key, key2 = self.keys
+
+        def cmd(seq: int, device: str = "kiosk-01", issued: int = ISSUED) -> Command:
+            return Command(device, "reconcile", seq, issued, issued + 300, "vector")
+
+        big = 1_700_000_000_123  # a seq as the controller makes them: milliseconds, > 2^32
+        state = {"device": "kiosk-01", "last_seq": big, "now": ISSUED + 60}
+        group_envelope = envelopes.sign(GROUP_BUNDLE_TYPE, bundles.encode(self.group()), [key])
+        cases = [
+            ("replayed", "the seq already accepted", commands.sign(cmd(big), [key]),
+             "RollbackError", ("kiosk-01", big)),
+            ("older-seq", "a seq below the last accepted", commands.sign(cmd(big - 1), [key]),
+             "RollbackError", ("kiosk-01", big - 1)),
+            ("expired", "expired 300 s + skew before now",
+             commands.sign(cmd(big + 1, issued=ISSUED - 3600), [key]),
+             "ExpiredError", ("kiosk-01", big + 1)),
+            ("other-device", "a command for kiosk-02 on kiosk-01's topic",
+             commands.sign(cmd(big + 2, device="kiosk-02"), [key]),
+             "WrongTargetError", ("kiosk-02", big + 2)),
+            ("unknown-key", "signed by test-key-2, which is not trusted",
+             commands.sign(cmd(big + 3), [key2]), "SignatureError", ("kiosk-01", big + 3)),
+            ("bundle-on-command-topic", "a valid group bundle envelope on the command topic",
+             group_envelope, "PayloadTypeError", ("kiosk-01", 0)),
+            ("garbage", "bytes that are not msgpack", b"\xc1 not msgpack",
+             "DecodeError", ("kiosk-01", 0)),
+        ]  # fmt: skip
+        return [
+            {
+                "name": name,
+                "description": description,
+                "envelope_hex": data.hex(),
+                "topic": "devices/kiosk-01/command",
+                "state": state,
+                "trusted": [self.ids[0]],
+                "expected_error": expected,
+                "reason": errors.refusal_reason(getattr(errors, expected)("vector")),
+                "refusal": {
+                    "kind": "command",
+                    "target": names[0],
+                    "version": names[1],
+                    "reason": errors.refusal_reason(getattr(errors, expected)("vector")),
+                },
+            }
+            for name, description, data, expected, names in cases
+        ]
+
+    def report(self, group: Bundle, device: Bundle) -> list[dict[str, Any]]:
+        """Full reports of kiosk-01 running the valid group and device bundles."""
+        resources = bundles.effective(group, device)
+        digests = {r.id: bundles.resource_digest(r) for r in resources}
+
+        def build(statuses: dict[str, tuple[str, str, str]]) -> Report:
+            return Report(
+                device="kiosk-01",
+                time=NOW,
+                seq=1_700_000_060_000,
+                shim_version="setpoint 0.1.0",
+                mode=group.mode,
+                group="kiosks",
+                applied_group=Applied("kiosks", group.version, group.commit,
+                                      group.content_digest()),
+                applied_device=Applied("kiosk-01", device.version, device.commit,
+                                       device.content_digest()),
+                resources=tuple(
+                    ResourceReport(r.id, r.kind, *statuses.get(r.id, ("ok", digests[r.id], "")))
+                    for r in resources
+                ),
+                refusals=(Refusal("kiosk-01", "device", 0, "malformed",
+                                  "malformed msgpack: unpack(b) received extra data.", NOW - 30),),
+            )  # fmt: skip
+
+        edited = codec.digest({"content": b"edited by hand\n", "mode": 0o644})
+        cases = [
+            ("in-sync", "every resource as desired", build({}), "in_sync"),
+            ("drifted", "motd edited by hand (observed digest of the edit); the command's check"
+             " has not run yet", build({"motd": ("drifted", edited, "content differs"),
+                                        "ntp": ("pending", "", "check not run yet")}),
+             "drifted"),
+            ("healed", "motd put back after a hand edit: healed counts as in sync",
+             build({"motd": ("healed", digests["motd"], "healed at 2023-11-14T22:14:20Z: was"
+                                                        " content differs")}), "in_sync"),
+        ]  # fmt: skip
+        return [
+            {
+                "name": name,
+                "description": description,
+                "applied": {"group": "group-bundle", "device": "device-bundle"},
+                "report_hex": reports.encode(report).hex(),
+                "decoded": as_json(codec.unpack(reports.encode(report), max_size=1 << 20)),
+                "drift_state": state,
+            }
+            for name, description, report, state in cases
+        ]
+
+    def sequences(self) -> list[dict[str, Any]]:
+        """What a device runs after each message of a sequence (SPEC 8, 6.4)."""
+        key = self.keys[0]
+        files = (FileResource("motd", "etc/motd", b"kiosk ${site}\n", 0o644),)
+        till = (FileResource("till", "etc/till.conf", b"till\n", 0o644),)
+
+        def group(name: str, version: int, resources: tuple[Any, ...] = files) -> Bundle:
+            return self.group(target=name, version=version, resources=resources)
+
+        def device(version: int, in_group: str, pin: int | None = None) -> Bundle:
+            return self.device(
+                version=version, group=in_group, group_version=pin, resources=(),
+                vars={"site": "lobby"},
+            )  # fmt: skip
+
+        def step(bundle: Bundle, note: str, expect: dict[str, Any]) -> dict[str, Any]:
+            topic = TOPIC_OF_KIND[bundle.kind].format(id=bundle.target)
+            envelope = envelopes.sign(
+                GROUP_BUNDLE_TYPE if bundle.kind == "group" else DEVICE_BUNDLE_TYPE,
+                bundles.encode(bundle),
+                [key],
+            )
+            return {"topic": topic, "note": note, "envelope_hex": envelope.hex(), "expect": expect}
+
+        def runs(g: Bundle | None, d: Bundle | None, refusal: Any = None) -> dict[str, Any]:
+            def one(b: Bundle | None) -> Any:
+                return None if b is None else {"target": b.target, "version": b.version}
+
+            expect: dict[str, Any] = {
+                "applied": {"group": one(g), "device": one(d)},
+                "group": None if d is None else d.group,
+                "refusal": refusal,
+            }
+            if g is not None and d is not None:
+                expect["resources"] = {
+                    r.id: bundles.resource_digest(r) for r in bundles.effective(g, d)
+                }
+            return expect
+
+        k3, t1 = group("kiosks", 3), group("tills", 1, till)
+        k4 = group("kiosks", 4, (replace(files[0], content=b"kiosk v4 ${site}\n"),))
+        d2, d3, d4 = device(2, "kiosks"), device(3, "tills"), device(4, "kiosks")
+        p5, p6 = device(5, "kiosks", pin=3), device(6, "kiosks", pin=4)
+        move = [
+            step(d2, "the device bundle first: held until its group's bundle comes",
+                 runs(None, None)),
+            step(k3, "its group's bundle: both applied together", runs(k3, d2)),
+            step(d3, "moved to group tills: held until the tills bundle comes", runs(k3, d2)),
+            step(t1, "the retained tills bundle, delivered on subscribing", runs(t1, d3)),
+            step(d4, "back to kiosks: held until the kiosks bundle comes", runs(t1, d3)),
+            step(k3, "the retained kiosks v3 again, on subscribing: equal to the floor for"
+                 " kiosks, but not what the device runs, so it is applied (SPEC 8, step 10)",
+                 runs(k3, d4)),
+            step(k3, "the same bundle once more: a refresh of what it runs, nothing to do",
+                 runs(k3, d4)),
+        ]  # fmt: skip
+        pin = [
+            step(d2, "device bundle", runs(None, None)),
+            step(k3, "group bundle v3", runs(k3, d2)),
+            step(p5, "pinned to the group version it runs", runs(k3, p5)),
+            step(k4, "group v4, above the pin: held (SPEC 6.4)", runs(k3, p5)),
+            step(p6, "the pin moves to 4: the held v4 is applied without being sent again",
+                 runs(k4, p6)),
+        ]  # fmt: skip
+        fresh = [
+            step(p5, "a new device pinned to v3 ...", runs(None, None)),
+            step(k4, "... whose group is at v4 runs v4: a device that runs nothing of its"
+                 " group is not held back by the pin", runs(k4, p5)),
+        ]  # fmt: skip
+        refusal = {"kind": "group", "target": "kiosks", "version": 3, "reason": "rollback"}
+        refusals = [
+            step(d2, "device bundle", runs(None, None)),
+            step(k4, "group v4", runs(k4, d2)),
+            step(k3, "v3 after v4: rollback, reported with the payload's target and version",
+                 runs(k4, d2, refusal)),
+        ]  # fmt: skip
+        common = {"device": "kiosk-01", "trusted": [self.ids[0]], "now": NOW}
+        return [
+            {"name": "move-and-back", "description": "a device leaves its group and comes"
+             " back; its group's bundle is applied again", **common, "steps": move},
+            {"name": "pinned-group", "description": "a group bundle above the device bundle's"
+             " group_version is held until the pin moves", **common, "steps": pin},
+            {"name": "pin-on-a-new-device", "description": "the pin does not hold back a device"
+             " that runs nothing of its group yet", **common, "steps": fresh},
+            {"name": "rollback-after-apply", "description": "an older bundle after a newer one"
+             " was applied is refused and changes nothing", **common, "steps": refusals},
+        ]  # fmt: skip
+
+
+def codec_cases() -> list[dict[str, Any]]:
+    """Canonical encoding: what an input decodes to and how it re-encodes (SPEC 4.1, 4.2)."""
+
+    def case(name: str, description: str, data: bytes) -> dict[str, Any]:
+        value = codec.unpack(data, max_size=len(data))
+        canonical = codec.pack(value)
+        return {
+            "name": name,
+            "description": description,
+            "input_hex": data.hex(),
+            "canonical_hex": canonical.hex(),
+            "digest": codec.digest(value),
+        }
+
+    keys = ["b", "a", "Z", "é", "\uff61", "\U0001f600", "aa"]
+    unsorted_map = b"\x87" + b"".join(codec.pack(k) + codec.pack(i) for i, k in enumerate(keys))
+    good = [
+        case("int-one", "the integer 1", b"\x01"),
+        case("float-one", "the float 1.0: stays a float64, not the integer 1", codec.pack(1.0)),
+        case("float32-one", "float32 1.0 decodes to the float 1.0 and re-encodes as float64",
+             b"\xca\x3f\x80\x00\x00"),
+        case("uint16-one", "a non-minimal integer re-encodes in its smallest form",
+             b"\xcd\x00\x01"),
+        case("int8-minus-one", "int8 -1 re-encodes as a negative fixint", b"\xd0\xff"),
+        case("above-2-32", "2^32 + 5: a 64-bit integer (uint64)", codec.pack(2**32 + 5)),
+        case("int64-min", "-2^63", codec.pack(-(2**63))),
+        case("key-order", "keys sorted by code point (UTF-8 bytes), not by UTF-16 units:"
+             " 'Z' < 'a' < 'aa' < 'b' < 'é' < U+FF61 < U+1F600", unsorted_map),
+        case("bom-kept", "a str starting with U+FEFF keeps it", codec.pack("\ufeffhello")),
+        case("bin-vs-str", "bin stays bin, str stays str", codec.pack([b"\x00\xff", "\x00"])),
+        case("str8", "a 40-byte str uses str8 (d9)", codec.pack("x" * 40)),
+        case("nested", "the SPEC 4.2 example", codec.pack({"b": [1, "x"], "a": b"\x00"})),
+    ]  # fmt: skip
+    bad = [
+        ("duplicate-key", b"\x82\xa1a\x01\xa1a\x02"),
+        ("non-string-key", b"\x81\x01\x01"),
+        ("extension", b"\xd4\x01\x00"),
+        ("timestamp", b"\xd6\xff\x00\x00\x00\x01"),
+        ("nan", b"\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00"),
+        ("infinity", b"\xca\x7f\x80\x00\x00"),
+        ("unused-c1", b"\xc1"),
+        ("invalid-utf8", b"\xa2\xc3\x28"),
+        ("trailing", b"\x01\x02"),
+        ("truncated", b"\xa5abc"),
+        ("empty", b""),
+        ("too-deep", b"\x91" * 33 + b"\xc0"),
+    ]
+    return [
+        *good,
+        *(
+            {"name": name, "input_hex": data.hex(), "expected_error": "DecodeError",
+             "reason": "malformed"}
+            for name, data in bad
+        ),
+    ]  # fmt: skip
+
+
+def substitution_cases() -> list[dict[str, Any]]:
+    """``${var}`` in file text (SPEC 6.3): text in, text out, for the given vars."""
+    variables: dict[str, SettingValue] = {
+        "site": "lobby", "n": -12, "on": True, "off": False, "none": None, "half": 0.5,
+        "one": 1.0, "tiny": 1e-07, "small": 1e-05, "limit": 0.0001, "big": 1e16,
+        "below": 1e15, "odd": 1.5e-07, "neg": -0.0, "max": 1.7976931348623157e308,
+        "third": 1 / 3, "ref": "${site}",
+    }  # fmt: skip
+    texts = [
+        "${site}", "$${site}", "$site", "${unknown}", "${site}${n}", "${ ${site}",
+        "${on} ${off} [${none}]", "${half} ${one} ${tiny} ${small} ${limit}",
+        "${big} ${below} ${odd} ${neg} ${max} ${third}", "${ref}", "${Site}", "$${{site}}",
+    ]  # fmt: skip
+    cases = []
+    for text in texts:
+        resource = FileResource("f", "f", text.encode(), 0o644)
+        out = bundles.render(resource, variables)
+        assert isinstance(out, FileResource)
+        cases.append({"text": text, "result": out.content.decode()})
+    binary = FileResource("f", "f", b"\xff${site}", 0o644)
+    rendered = bundles.render(binary, variables)
+    assert isinstance(rendered, FileResource)
+    return [
+        {
+            "name": "text",
+            "description": "file content (UTF-8) with these vars; setting values of type str"
+            " are substituted the same way; paths, keys and commands never",
+            "vars": {k: typed(v) for k, v in variables.items()},
+            "cases": cases,
+        },
+        {
+            "name": "binary-content",
+            "description": "content that is not valid UTF-8 is left exactly as it is",
+            "vars": {"site": typed("lobby")},
+            "cases": [{"content_hex": binary.content.hex(), "result_hex": rendered.content.hex()}],
+        },
+    ]
+
+
+def settings_cases() -> list[dict[str, Any]]:
+    """The settings file (SPEC 6.2.1): the reference writer's bytes and the digests."""
+    values: dict[str, SettingValue] = {
+        "time.zone": "Europe/Paris", "screen.count": 2, "screen.ratio": 1.0,
+        "screen.scale": 1e-07, "kiosk.on": True, "kiosk.note": None, "city": "Zürich",
+    }  # fmt: skip
+    data = settings_bytes(values)
+    readings = [
+        ('{"x": 1}', "x", {"int": 1}),
+        ('{"x": 1.0}', "x", {"float": "1.0"}),
+        ('{"x": 1e0}', "x", {"float": "1.0"}),
+        ('{"x": 10000000000000000}', "x", {"int": 10**16}),
+        ('{"x": "1"}', "x", {"str": "1"}),
+    ]
+    return [
+        {
+            "name": "written",
+            "description": "what the reference agent writes for these settings (keys sorted,"
+            " one-space indent, ASCII escapes, final newline), and each setting's digest",
+            "values": {k: typed(v) for k, v in values.items()},
+            "file_hex": data.hex(),
+            "file_text": data.decode("ascii"),
+            "digests": {k: codec.digest({"key": k, "value": v}) for k, v in values.items()},
+        },
+        {
+            "name": "read",
+            "description": "how a file's numbers read back: int and float stay apart, so"
+            " their digests differ",
+            "cases": [
+                {
+                    "file_text": text,
+                    "key": key,
+                    "value": value,
+                    "digest": codec.digest({"key": key, "value": json.loads(text)[key]}),
+                }
+                for text, key, value in readings
+            ],
+        },
+    ]
 
 
 def write(out: Path) -> list[Path]:

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--edit-cmd",
         metavar="CMD",
         help="a shell command that changes the device's file $SETPOINT_EDIT_PATH (relative to"
-        " the device root) by hand, e.g. \"echo x >> /srv/root/$SETPOINT_EDIT_PATH\"",
+        ' the device root) by hand, e.g. "echo x >> /srv/root/$SETPOINT_EDIT_PATH"',
     )
     parser.add_argument(
         "--timeout",
@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             pem = args.trust_key.read_bytes()
         except OSError as exc:
-            raise CommandError(f"--trust-key {args.trust_key}: cannot read it: {exc.strerror}")
+            raise CommandError(
+                f"--trust-key {args.trust_key}: cannot read it: {exc.strerror}"
+            ) from exc
         try:
             key = envelopes.load_private_key(pem)
         except SchemaError as exc:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from setpoint.mosquitto import Broker
 from setpoint.proto import envelopes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 pytestmark = pytest.mark.broker
 
@@ -69,9 +69,17 @@ def start_agent(
         root = tmp_path / f"root-{device}"
         root.mkdir()
         args = [
-            "--device", device, "--broker", broker_session.url, "--prefix", unique_prefix,
-            "--trust", str(keys[1]), "--root", str(root),
-        ]  # fmt: skip
+            "--device",
+            device,
+            "--broker",
+            broker_session.url,
+            "--prefix",
+            unique_prefix,
+            "--trust",
+            str(keys[1]),
+            "--root",
+            str(root),
+        ]
         agent = Agent([*program, *args], root, tmp_path / f"{device}.log")
         started.append(agent)
         return agent
@@ -86,9 +94,20 @@ def kit(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
-            *SETPOINT, "conformance", "--device", device, "--broker", broker.url,
-            "--prefix", prefix, "--trust-key", str(key), "--timeout", KIT_TIMEOUT, *extra,
-        ],  # fmt: skip
+            *SETPOINT,
+            "conformance",
+            "--device",
+            device,
+            "--broker",
+            broker.url,
+            "--prefix",
+            prefix,
+            "--trust-key",
+            str(key),
+            "--timeout",
+            KIT_TIMEOUT,
+            *extra,
+        ],
         capture_output=True,
         text=True,
         timeout=600,
