@@ -40,7 +40,7 @@ from setpoint.proto.reports import Refusal, Report
 from setpoint.proto.topics import DEFAULT_PREFIX, Topics
 
 from .messages import EDIT_ID, EDIT_PATH, GROUP_A, GROUP_B, OTHER_DEVICE, Messages
-from .outcomes import Level, Outcome
+from .outcomes import Level, Outcome, Verdict
 from .wire import Broker, KitError, Wire
 
 MAX_ENVELOPE = envelopes.MAX_ENVELOPE_BYTES
@@ -154,7 +154,7 @@ class Kit:
     def note(
         self, section: str, level: Level, requirement: str, ok: bool | None, seen: str
     ) -> bool:
-        verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+        verdict: Verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
         outcome = Outcome(section, level, requirement, verdict, seen)
         self.outcomes.append(outcome)
         if self._on_outcome is not None:
@@ -216,7 +216,7 @@ class Kit:
         self.note(
             "§6.7",
             "MUST",
-            "presence is the retained bytes 'online' while connected",
+            "presence is the bytes 'online' while connected",
             online,
             f"presence {seen!r}" if seen is not None else "no presence message",
         )
@@ -715,8 +715,17 @@ class Kit:
 
     def discipline(self) -> None:
         mark = self.wire.mark()
+        presence_mark = self.wire.presence_mark()
         self.wire.resubscribe()
         retained = self.wire.wait_retained(mark, self.options.timeout)
+        kept = self.wire.wait_retained_presence(presence_mark, self.options.timeout)
+        self.note(
+            "§6.7",
+            "MUST",
+            "presence is retained: a new subscriber gets 'online' at once",
+            kept == b"online",
+            f"retained presence {kept!r}" if kept is not None else "no retained presence",
+        )
         self.note(
             "§6.6",
             "MUST",
@@ -792,7 +801,7 @@ class Kit:
 
 def _canonical(raw: bytes) -> bool:
     try:
-        return codec.pack(codec.unpack(raw, max_size=len(raw))) == raw
+        return bool(codec.pack(codec.unpack(raw, max_size=len(raw))) == raw)
     except ProtocolError:
         return False
 

@@ -71,6 +71,7 @@ class Wire:
         self._cond = threading.Condition()
         self.reports: list[Received] = []
         self.presence: list[bytes] = []
+        self.presence_retained: list[bool] = []
         self._subscribed = threading.Event()
         self._connected = threading.Event()
         self._refused: str | None = None
@@ -123,6 +124,7 @@ class Wire:
         with self._cond:
             if message.topic == self.topics.device_presence(self.device):
                 self.presence.append(payload)
+                self.presence_retained.append(bool(message.retain))
             elif payload:
                 retained = bool(message.retain)
                 try:
@@ -169,10 +171,32 @@ class Wire:
                 self._cond.wait(left)
 
     def resubscribe(self) -> None:
-        """Subscribe to the report topic again: the broker resends the retained report."""
-        topic = self.topics.device_reported(self.device)
-        self._client.unsubscribe(topic)
-        self._client.subscribe(topic, 1)
+        """Subscribe again: the broker resends the retained report and presence."""
+        wanted = [
+            self.topics.device_reported(self.device),
+            self.topics.device_presence(self.device),
+        ]
+        self._client.unsubscribe(wanted)
+        self._client.subscribe([(topic, 1) for topic in wanted])
+
+    def presence_mark(self) -> int:
+        with self._cond:
+            return len(self.presence)
+
+    def wait_retained_presence(self, since: int, timeout: float) -> bytes | None:
+        """The first presence flagged retained at or after ``since``, if one comes."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for payload, kept in zip(
+                    self.presence[since:], self.presence_retained[since:], strict=True
+                ):
+                    if kept:
+                        return payload
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
 
     def wait_retained(self, since: int, timeout: float) -> bool:
         """Has a report flagged retained arrived at or after ``since`` (within ``timeout``)?"""
