@@ -103,7 +103,7 @@ def test_report_seq_keeps_rising_after_the_state_directory_is_lost(tmp_path: Pat
     assert state.report_seq == first - 1 + SEQ_BLOCK
     # A saved sequence above the clock wins: the clock never makes numbers go down.
     with fresh.locked():
-        again, next_first = fresh.reserve_report_seq(fresh.load("dev1"), floor=5)
+        _again, next_first = fresh.reserve_report_seq(fresh.load("dev1"), floor=5)
     assert next_first == state.report_seq + 1
 
 
