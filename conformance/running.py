@@ -69,6 +69,31 @@ class Expected:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Bad:
+    """A message the agent must refuse, and the refusal entry it must then report."""
+
+    section: str
+    requirement: str
+    topic: str
+    payload: bytes
+    reason: str
+    kind: str
+    version: int
+    target: str | None  # None: any target
+
+    def matches(self, refusal: Refusal) -> bool:
+        return (
+            refusal.reason == self.reason
+            and refusal.kind == self.kind
+            and refusal.version == self.version
+            and (self.target is None or refusal.target == self.target)
+        )
+
+    def wanted(self) -> str:
+        return f"{self.reason} {self.kind} {self.target or '*'} v{self.version}"
+
+
 def _applied_text(report: Report) -> str:
     def one(label: str, applied: Any) -> str:
         return f"{label} -" if applied is None else f"{label} {applied.target} v{applied.version}"
@@ -112,15 +137,6 @@ def runs(report: Report, expected: Expected) -> bool:
         report.group == expected.group.target
         and set(seen) == set(wanted)
         and all(seen[i].status in ("ok", "healed") and seen[i].digest == wanted[i] for i in wanted)
-    )
-
-
-def _has(refusal: Refusal, reason: str, kind: str, version: int, target: str | None) -> bool:
-    return (
-        refusal.reason == reason
-        and refusal.kind == kind
-        and refusal.version == version
-        and (target is None or refusal.target == target)
     )
 
 
@@ -173,13 +189,13 @@ class Kit:
         """The message builder with the clock of now (commands live minutes)."""
         return replace(self.messages, now=int(self._clock()))
 
+    def bundle_topic(self, bundle: Bundle) -> str:
+        if bundle.kind == "group":
+            return self.topics.group_desired(bundle.target)
+        return self.topics.device_desired(bundle.target)
+
     def publish_bundle(self, bundle: Bundle) -> None:
-        topic = (
-            self.topics.group_desired(bundle.target)
-            if bundle.kind == "group"
-            else self.topics.device_desired(bundle.target)
-        )
-        self.wire.publish(topic, self.messages.sign(bundle), retain=True)
+        self.wire.publish(self.bundle_topic(bundle), self.messages.sign(bundle), retain=True)
 
     def wait(self, check: Callable[[Report], bool], since: int) -> Report | None:
         return self.wire.wait_report(check, since=since, timeout=self.options.timeout)
@@ -273,198 +289,107 @@ class Kit:
 
     # Refusals.
 
-    def expect_refusal(
-        self,
-        section: str,
-        requirement: str,
-        topic: str,
-        payload: bytes,
-        *,
-        reason: str,
-        kind: str,
-        version: int,
-        target: str | None,
-    ) -> Report | None:
+    def expect_refusal(self, bad: Bad) -> Report | None:
+        """Send ``bad`` and wait for the refusal it must cause; one line either way."""
         mark = self.wire.mark()
-        self.wire.publish(topic, payload)
-        report = self.wait(
-            lambda r: any(_has(x, reason, kind, version, target) for x in r.refusals), mark
-        )
+        self.wire.publish(bad.topic, bad.payload)
+        report = self.wait(lambda r: any(bad.matches(x) for x in r.refusals), mark)
         if report is not None:
-            seen = f"refusal {reason} {kind} {target or '*'} v{version}"
+            seen = f"refusal {bad.wanted()}"
         else:
             latest = self.wire.latest()
             tail = [
                 f"{x.reason} {x.kind} {x.target} v{x.version}"
                 for x in (latest.refusals if latest else ())
             ]
-            seen = f"want {reason} {kind} {target or '*'} v{version}; latest refusals: {tail}"
-        self.note(section, "MUST", requirement, report is not None, seen)
+            seen = f"want {bad.wanted()}; latest refusals: {tail}"
+        self.note(bad.section, "MUST", bad.requirement, report is not None, seen)
         if report is not None and self.running is not None and not runs(report, self.running):
-            self.changed_by_refusal.append(f"{requirement}: {describe(report)}")
+            self.changed_by_refusal.append(f"{bad.requirement}: {describe(report)}")
         return report
+
+    def send_marker(self, bundle: Bundle, since: int) -> Report | None:
+        """Send ``bundle`` forged on its topic; its refusal proves that what was sent on
+        that topic before it has been seen (MQTT keeps order per topic)."""
+        forged = self.messages.sign(bundle, key=self.stranger)
+        marker = Bad("", "", self.bundle_topic(bundle), forged,
+                     "signature", bundle.kind, bundle.version, bundle.target)  # fmt: skip
+        self.wire.publish(marker.topic, marker.payload)
+        return self.wait(lambda r: any(marker.matches(x) for x in r.refusals), since)
 
     def bundle_refusals(self) -> None:
         assert self.running is not None
         m, me = self.messages, self.device
-        group_topic = self.topics.group_desired(GROUP_A)
-        device_topic = self.topics.device_desired(me)
-        applied_a = self.running.group.version
-        v = self.next_version()
-        self.expect_refusal(
-            "§5.5",
-            "refuses a bundle signed by a key it does not trust ('signature')",
-            group_topic,
-            m.sign(m.group_a(v), key=self.stranger),
-            reason="signature",
-            kind="group",
-            version=v,
-            target=GROUP_A,
-        )
-        self.expect_refusal(
-            "§8",
-            "refuses a replayed older version ('rollback', step 9)",
-            group_topic,
-            m.sign(m.group_a(applied_a - 1)),
-            reason="rollback",
-            kind="group",
-            version=applied_a - 1,
-            target=GROUP_A,
-        )
-        self.expect_refusal(
-            "§8",
-            "refuses the applied version with other content ('rollback', step 9)",
-            group_topic,
-            m.sign(m.group_a(applied_a, revision=9)),
-            reason="rollback",
-            kind="group",
-            version=applied_a,
-            target=GROUP_A,
-        )
-        v = self.next_version()
-        self.expect_refusal(
-            "§8",
-            "refuses an expired bundle ('expired', step 8)",
-            group_topic,
-            m.sign(m.expired(m.group_a(v))),
-            reason="expired",
-            kind="group",
-            version=v,
-            target=GROUP_A,
-        )
-        v = self.next_version()
-        self.expect_refusal(
-            "§8",
-            "refuses a device bundle naming another device ('wrong-target', step 7);"
-            " the refusal names the bundle's target",
-            device_topic,
-            m.sign(m.device_bundle(v, GROUP_A, target=OTHER_DEVICE)),
-            reason="wrong-target",
-            kind="device",
-            version=v,
-            target=OTHER_DEVICE,
-        )
-        v = self.next_version()
-        self.expect_refusal(
-            "§8",
-            "refuses a group bundle for another group on its group's topic"
-            " ('wrong-target', step 7)",
-            group_topic,
-            m.sign(m.group_b(v)),
-            reason="wrong-target",
-            kind="group",
-            version=v,
-            target=GROUP_B,
-        )
-        v = self.next_version()
-        self.expect_refusal(
-            "§5.4",
-            "refuses a validly signed group bundle on its device topic ('payload-type')",
-            device_topic,
-            m.sign(m.group_a(v)),
-            reason="payload-type",
-            kind="device",
-            version=v,
-            target=None,
-        )
-        self.expect_refusal(
-            "§8",
-            "refuses an envelope over 1 MiB unread ('too-large', step 2); target is the"
-            " topic's id and version 0",
-            device_topic,
-            b"\x00" * (MAX_ENVELOPE + 1),
-            reason="too-large",
-            kind="device",
-            version=0,
-            target=me,
-        )
+        on_group = self.topics.group_desired(GROUP_A)
+        on_device = self.topics.device_desired(me)
+        applied = self.running.group.version
+        v = [self.next_version() for _ in range(5)]
         garbage = b"\xc1 not msgpack: conformance kit"
-        self.expect_refusal(
-            "§6.6",
-            "refuses bytes that are not msgpack ('malformed'); an undecodable message"
-            " is reported with the topic's id as target and version 0 (never nil)",
-            device_topic,
-            garbage,
-            reason="malformed",
-            kind="device",
-            version=0,
-            target=me,
-        )
+        cases = [
+            Bad("§5.5", "refuses a bundle signed by a key it does not trust ('signature')",
+                on_group, m.sign(m.group_a(v[0]), key=self.stranger),
+                "signature", "group", v[0], GROUP_A),
+            Bad("§8", "refuses a replayed older version ('rollback', step 9)",
+                on_group, m.sign(m.group_a(applied - 1)),
+                "rollback", "group", applied - 1, GROUP_A),
+            Bad("§8", "refuses the applied version with other content ('rollback', step 9)",
+                on_group, m.sign(m.group_a(applied, revision=9)),
+                "rollback", "group", applied, GROUP_A),
+            Bad("§8", "refuses an expired bundle ('expired', step 8)",
+                on_group, m.sign(m.expired(m.group_a(v[1]))), "expired", "group", v[1], GROUP_A),
+            Bad("§8", "refuses a device bundle naming another device ('wrong-target', step 7);"
+                " the refusal names the bundle's target",
+                on_device, m.sign(m.device_bundle(v[2], GROUP_A, target=OTHER_DEVICE)),
+                "wrong-target", "device", v[2], OTHER_DEVICE),
+            Bad("§8", "refuses a group bundle for another group on its group's topic"
+                " ('wrong-target', step 7)",
+                on_group, m.sign(m.group_b(v[3])), "wrong-target", "group", v[3], GROUP_B),
+            Bad("§5.4", "refuses a validly signed group bundle on its device topic"
+                " ('payload-type')",
+                on_device, m.sign(m.group_a(v[4])), "payload-type", "device", v[4], None),
+            Bad("§8", "refuses an envelope over 1 MiB unread ('too-large', step 2); target is"
+                " the topic's id and version 0",
+                on_device, b"\x00" * (MAX_ENVELOPE + 1), "too-large", "device", 0, me),
+            Bad("§6.6", "refuses bytes that are not msgpack ('malformed'); an undecodable"
+                " message is reported with the topic's id as target and version 0 (never nil)",
+                on_device, garbage, "malformed", "device", 0, me),
+        ]  # fmt: skip
+        for bad in cases:
+            self.expect_refusal(bad)
         # The same bytes again (a retained bad bundle is redelivered at each reconnect),
         # then a marker on the same topic: once the marker is reported, the repeat was seen.
-        self.wire.publish(device_topic, garbage)
-        v = self.next_version()
+        self.wire.publish(on_device, garbage)
+        marker_version = self.next_version()
         marker = self.expect_refusal(
-            "§5.5",
-            "refuses a device bundle signed by an untrusted key ('signature')",
-            device_topic,
-            m.sign(m.device_bundle(v, GROUP_A), key=self.stranger),
-            reason="signature",
-            kind="device",
-            version=v,
-            target=me,
-        )
+            Bad("§5.5", "refuses a device bundle signed by an untrusted key ('signature')",
+                on_device, m.sign(m.device_bundle(marker_version, GROUP_A), key=self.stranger),
+                "signature", "device", marker_version, me)
+        )  # fmt: skip
+        requirement = "a repeated identical refusal is reported once"
         if marker is None:
-            self.note(
-                "§6.6",
-                "MUST",
-                "a repeated identical refusal is reported once",
-                None,
-                "not checked: the marker refusal never came",
-            )
+            self.note("§6.6", "MUST", requirement, None, "not checked: no marker refusal")
         else:
-            copies = sum(1 for x in marker.refusals if _has(x, "malformed", "device", 0, me))
-            self.note(
-                "§6.6",
-                "MUST",
-                "a repeated identical refusal is reported once",
-                copies == 1,
-                f"{copies} 'malformed' refusal(s) after sending it twice",
-            )
+            copies = sum(1 for x in marker.refusals if cases[-1].matches(x))
+            self.note("§6.6", "MUST", requirement, copies == 1,
+                      f"{copies} 'malformed' refusal(s) after sending it twice")  # fmt: skip
         self.note(
-            "§8",
-            "MUST",
-            "a refusal changes nothing: the applied bundles and resources stay",
+            "§8", "MUST", "a refusal changes nothing: the applied bundles and resources stay",
             not self.changed_by_refusal,
             "; ".join(self.changed_by_refusal) or "applied state unchanged after every refusal",
-        )
+        )  # fmt: skip
 
     def command_checks(self) -> None:
+        assert self.running is not None
         topic = self.topics.device_command(self.device)
+        me = self.device
         seq = self.next_seq()
         valid = self.fresh().command(seq)
         mark = self.wire.mark()
         self.wire.publish(topic, valid)
         replay = self.expect_refusal(
-            "§6.5",
-            "refuses a replayed command ('rollback': seq not above the last accepted)",
-            topic,
-            valid,
-            reason="rollback",
-            kind="command",
-            version=seq,
-            target=self.device,
-        )
+            Bad("§6.5", "refuses a replayed command ('rollback': seq not above the last"
+                " accepted)", topic, valid, "rollback", "command", seq, me)
+        )  # fmt: skip
         refused = [
             f"{x.reason}: {x.error}"
             for r in self.wire.received()[mark:]
@@ -472,58 +397,28 @@ class Kit:
             for x in r.report.refusals
             if x.kind == "command" and x.version == seq and x.reason != "rollback"
         ]
+        evidence = "accepted (its replay was refused)" if replay else "no sign it was accepted"
         self.note(
-            "§6.5",
-            "MUST",
-            f"accepts a valid reconcile command with seq {seq} (above 2^32: 64-bit integers, §14)",
-            replay is not None and not refused,
-            "; ".join(refused)
-            or ("accepted (its replay was refused)" if replay else "no evidence it was accepted"),
-        )
-        seq = self.next_seq()
-        self.expect_refusal(
-            "§6.5",
-            "refuses an expired command ('expired')",
-            topic,
-            self.fresh().command(seq, expired=True),
-            reason="expired",
-            kind="command",
-            version=seq,
-            target=self.device,
-        )
-        seq = self.next_seq()
-        self.expect_refusal(
-            "§6.5",
-            "refuses a command for another device ('wrong-target')",
-            topic,
-            self.fresh().command(seq, device=OTHER_DEVICE),
-            reason="wrong-target",
-            kind="command",
-            version=seq,
-            target=OTHER_DEVICE,
-        )
-        seq = self.next_seq()
-        self.expect_refusal(
-            "§6.5",
-            "refuses a command signed by an untrusted key ('signature')",
-            topic,
-            self.fresh().command(seq, key=self.stranger),
-            reason="signature",
-            kind="command",
-            version=seq,
-            target=self.device,
-        )
-        assert self.running is not None
-        self.expect_refusal(
-            "§6.5",
-            "refuses a bundle envelope on the command topic ('payload-type')",
-            topic,
-            self.messages.sign(self.running.group),
-            reason="payload-type",
-            kind="command",
-            version=0,
-            target=self.device,
-        )
+            "§6.5", "MUST",
+            f"accepts a valid reconcile command with seq {seq} (above 2^32: 64-bit integers,"
+            " §14)",
+            replay is not None and not refused, "; ".join(refused) or evidence,
+        )  # fmt: skip
+        s = [self.next_seq() for _ in range(3)]
+        m = self.fresh()
+        cases = [
+            Bad("§6.5", "refuses an expired command ('expired')",
+                topic, m.command(s[0], expired=True), "expired", "command", s[0], me),
+            Bad("§6.5", "refuses a command for another device ('wrong-target')",
+                topic, m.command(s[1], device=OTHER_DEVICE), "wrong-target", "command", s[1],
+                OTHER_DEVICE),
+            Bad("§6.5", "refuses a command signed by an untrusted key ('signature')",
+                topic, m.command(s[2], key=self.stranger), "signature", "command", s[2], me),
+            Bad("§6.5", "refuses a bundle envelope on the command topic ('payload-type')",
+                topic, m.sign(self.running.group), "payload-type", "command", 0, me),
+        ]  # fmt: skip
+        for bad in cases:
+            self.expect_refusal(bad)
 
     def hand_edit(self) -> None:
         requirement = "enforce mode puts a hand edit back and reports the resource 'healed'"
@@ -602,12 +497,7 @@ class Kit:
         self.publish_bundle(newer)
         # A marker on the same topic, after the newer bundle: once it is reported, the
         # newer bundle has been seen too.
-        v = self.next_version()
-        marker_bytes = self.messages.sign(self.messages.group_a(v), key=self.stranger)
-        self.wire.publish(self.topics.group_desired(GROUP_A), marker_bytes)
-        marker = self.wait(
-            lambda r: any(_has(x, "signature", "group", v, GROUP_A) for x in r.refusals), mark
-        )
+        marker = self.send_marker(self.messages.group_a(self.next_version()), mark)
         held = marker is not None and runs(marker, expected)
         self.note(
             "§6.4",
@@ -682,12 +572,7 @@ class Kit:
         ):
             self.wire.publish(topic, b"", retain=True)
         v = self.next_version()
-        marker = self.messages.sign(self.messages.device_bundle(v, GROUP_A), key=self.stranger)
-        self.wire.publish(self.topics.device_desired(self.device), marker)
-        report = self.wait(
-            lambda r: any(_has(x, "signature", "device", v, self.device) for x in r.refusals),
-            mark,
-        )
+        report = self.send_marker(self.messages.device_bundle(v, GROUP_A), mark)
         if report is None:
             self.note(
                 "§3",
