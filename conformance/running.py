@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from setpoint.proto import bundles, codec, envelopes
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
-from setpoint.proto.reports import Refusal, Report
+from setpoint.proto.reports import Applied, Refusal, Report
 from setpoint.proto.topics import DEFAULT_PREFIX, Topics
 
 from .messages import EDIT_ID, EDIT_PATH, GROUP_A, GROUP_B, OTHER_DEVICE, Messages
@@ -112,23 +112,19 @@ def describe(report: Report | None) -> str:
     )
 
 
+def _is(applied: Applied | None, bundle: Bundle) -> bool:
+    return applied is not None and (
+        applied.target,
+        applied.version,
+        applied.digest,
+        applied.commit,
+    ) == (bundle.target, bundle.version, bundle.content_digest(), bundle.commit)
+
+
 def runs(report: Report, expected: Expected) -> bool:
     """Does ``report`` show the device running ``expected``, every resource in sync?"""
-    g, d = report.applied_group, report.applied_device
-    if g is None or d is None:
-        return False
-    if (g.target, g.version, g.digest, g.commit) != (
-        expected.group.target,
-        expected.group.version,
-        expected.group.content_digest(),
-        expected.group.commit,
-    ):
-        return False
-    if (d.target, d.version, d.digest, d.commit) != (
-        expected.device.target,
-        expected.device.version,
-        expected.device.content_digest(),
-        expected.device.commit,
+    if not (
+        _is(report.applied_group, expected.group) and _is(report.applied_device, expected.device)
     ):
         return False
     wanted = expected.resources()
@@ -477,87 +473,60 @@ class Kit:
             "a 'drifted' report was seen" if drifted else "no report showed the resource 'drifted'",
         )
 
+    def expect_running(
+        self, section: str, requirement: str, expected: Expected, *publish: Bundle
+    ) -> Report | None:
+        """Publish ``publish`` (retained, in order) and wait until the device runs
+        ``expected``; one line either way."""
+        mark = self.wire.mark()
+        for bundle in publish:
+            self.publish_bundle(bundle)
+        report = self.wait(lambda r: runs(r, expected), mark)
+        self.note(section, "MUST", requirement, report is not None,
+                  describe(report or self.wire.latest()))  # fmt: skip
+        if report is not None:
+            self.running = expected
+        return report
+
     def pin(self) -> None:
         assert self.running is not None
         current = self.running.group
         pinned = self.messages.device_bundle(self.next_version(), GROUP_A, pin=current.version)
-        mark = self.wire.mark()
-        self.publish_bundle(pinned)
         expected = Expected(current, pinned)
-        report = self.wait(lambda r: runs(r, expected), mark)
-        self.note(
-            "§6.4",
-            "MUST",
-            "applies a device bundle that pins the group version it runs",
-            report is not None,
-            describe(report or self.wire.latest()),
-        )
+        self.expect_running("§6.4", "applies a device bundle that pins the group version it"
+                            " runs", expected, pinned)  # fmt: skip
         newer = self.messages.group_a(self.next_version(), revision=1)
         mark = self.wire.mark()
         self.publish_bundle(newer)
         # A marker on the same topic, after the newer bundle: once it is reported, the
         # newer bundle has been seen too.
         marker = self.send_marker(self.messages.group_a(self.next_version()), mark)
-        held = marker is not None and runs(marker, expected)
         self.note(
-            "§6.4",
-            "MUST",
+            "§6.4", "MUST",
             "holds a group bundle above the pinned group_version (keeps running the pinned one)",
-            held,
+            marker is not None and runs(marker, expected),
             describe(marker) if marker else "the marker refusal never came",
-        )
+        )  # fmt: skip
         moved = self.messages.device_bundle(self.next_version(), GROUP_A, pin=newer.version)
-        mark = self.wire.mark()
-        self.publish_bundle(moved)
-        expected = Expected(newer, moved)
-        report = self.wait(lambda r: runs(r, expected), mark)
-        self.note(
-            "§6.4",
-            "MUST",
-            "when the pin moves up, applies the group bundle it held (not sent again)",
-            report is not None,
-            describe(report or self.wire.latest()),
-        )
-        if report is not None:
-            self.running = expected
+        self.expect_running("§6.4", "when the pin moves up, applies the group bundle it held"
+                            " (not sent again)", Expected(newer, moved), moved)  # fmt: skip
 
     def move_and_back(self) -> None:
         assert self.running is not None
         home = self.running.group
         other = self.messages.group_b(self.next_version())
         away = self.messages.device_bundle(self.next_version(), GROUP_B)
-        mark = self.wire.mark()
-        self.publish_bundle(other)
-        self.publish_bundle(away)
-        expected = Expected(other, away)
-        report = self.wait(lambda r: runs(r, expected), mark)
-        self.note(
-            "§8",
-            "MUST",
-            f"follows its device bundle to another group ({GROUP_B}) and"
-            " reports only that group's resources",
-            report is not None,
-            describe(report or self.wire.latest()),
-        )
-        if report is None:
+        if not self.expect_running(
+            "§8", f"follows its device bundle to another group ({GROUP_B}) and reports only"
+            " that group's resources", Expected(other, away), other, away,
+        ):  # fmt: skip
             return
-        self.running = expected
         back = self.messages.device_bundle(self.next_version(), GROUP_A)
-        mark = self.wire.mark()
-        self.publish_bundle(back)
-        expected = Expected(home, back)
-        report = self.wait(lambda r: runs(r, expected), mark)
-        self.note(
-            "§8",
-            "MUST",
-            f"back in group {GROUP_A}, applies its retained bundle v{home.version} again"
+        self.expect_running(
+            "§8", f"back in group {GROUP_A}, applies its retained bundle v{home.version} again"
             " although that version equals its floor (step 9: 'not new' only for the bundle"
-            " it runs)",
-            report is not None,
-            describe(report or self.wire.latest()),
-        )
-        if report is not None:
-            self.running = expected
+            " it runs)", Expected(home, back), back,
+        )  # fmt: skip
 
     def clearing(self) -> None:
         before = self.wire.latest()
