@@ -5,7 +5,18 @@ dependencies are msgpack and cryptography. The protocol is written down in
 ``proto/SPEC.md``.
 """
 
-from . import approvals, bundles, codec, commands, envelopes, reports, status, topics, trust
+from . import (
+    approvals,
+    bundles,
+    codec,
+    commands,
+    envelopes,
+    reports,
+    repository,
+    status,
+    topics,
+    trust,
+)
 from .errors import (
     DecodeError,
     ExpiredError,
@@ -48,6 +59,7 @@ __all__ = [
     "envelopes",
     "refusal_reason",
     "reports",
+    "repository",
     "status",
     "topics",
     "trust",
