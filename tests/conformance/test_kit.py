@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from setpoint.mosquitto import Broker
+from setpoint.mosquitto.broker import free_port
 from setpoint.proto import envelopes
 
 pytestmark = pytest.mark.broker
@@ -158,3 +159,19 @@ def test_the_kit_says_what_is_wrong_with_its_options(
     assert result.returncode == 2 and "--device" in result.stderr
     result = kit(broker_session, unique_prefix, "kiosk-03", tmp_path / "missing.key")
     assert result.returncode == 2 and "cannot read it" in result.stderr
+    result = kit(broker_session, unique_prefix, "kiosk-03", keys[0], "--timeout", "0")
+    assert result.returncode == 2 and "--timeout" in result.stderr
+
+
+def test_the_kit_says_when_the_broker_is_not_there(
+    unique_prefix: str, keys: tuple[Path, Path]
+) -> None:
+    port = free_port()  # nothing listens there
+    result = subprocess.run(
+        [*SETPOINT, "conformance", "--device", "kiosk-04", "--broker",
+         f"mqtt://127.0.0.1:{port}", "--trust-key", str(keys[0])],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"mqtt://127.0.0.1:{port}" in result.stderr
+    assert "cannot connect" in result.stderr
