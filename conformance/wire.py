@@ -46,9 +46,12 @@ class Broker:
     cert: str | None = None
     key: str | None = None
 
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
     def __repr__(self) -> str:
-        scheme = "mqtts" if self.tls else "mqtt"
-        return f"Broker({scheme}://{self.host}:{self.port})"
+        return f"Broker({self.url})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +98,11 @@ class Wire:
         try:
             self._client.connect(self._broker.host, self._broker.port, keepalive=30)
         except (OSError, ValueError) as exc:
-            raise KitError(f"broker {self._broker!r}: cannot connect: {exc}") from exc
+            raise KitError(f"broker {self._broker.url}: cannot connect: {exc}") from exc
         self._client.loop_start()
         if not self._connected.wait(CONNECT_TIMEOUT) or self._refused:
             self.stop()
-            raise KitError(f"broker {self._broker!r}: {self._refused or 'no answer to CONNECT'}")
+            raise KitError(f"broker {self._broker.url}: {self._refused or 'no answer to CONNECT'}")
         self._client.subscribe(
             [
                 (self.topics.device_reported(self.device), 1),
@@ -108,7 +111,7 @@ class Wire:
         )
         if not self._subscribed.wait(CONNECT_TIMEOUT):
             self.stop()
-            raise KitError(f"broker {self._broker!r}: no answer to SUBSCRIBE")
+            raise KitError(f"broker {self._broker.url}: no answer to SUBSCRIBE")
 
     def stop(self) -> None:
         self._client.disconnect()
