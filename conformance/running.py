@@ -8,9 +8,10 @@ The steps, in order (each prints its lines as it goes):
    a repeated refusal that must not be reported twice;
 4. reconcile commands: a valid one (seq above 2^32), a replay, an expired one, one for
    another device, a forged one, a wrong payload type (§6.5);
-5. a hand edit through ``--edit-cmd``, then a reconcile command: put back (§6.8);
+5. a hand edit through ``--edit-cmd``, then a reconcile command: put back (§6.8); the
+   group in observe mode and another edit: left alone, reported drifted; enforce again;
 6. a pinned group version: a newer group bundle is held until the pin moves (§6.4);
-7. a move to another group and back again (§8 step 9);
+7. a move to another group and back again (§8 steps 9 and 10);
 8. cleared retained bundles: neither a refusal nor an undo (§3);
 9. what every report and presence message of the run must be (§6.6, §6.7, §4.2).
 
@@ -131,6 +132,7 @@ def runs(report: Report, expected: Expected) -> bool:
     seen = {r.id: r for r in report.resources}
     return (
         report.group == expected.group.target
+        and report.mode == expected.group.mode
         and set(seen) == set(wanted)
         and all(seen[i].status in ("ok", "healed") and seen[i].digest == wanted[i] for i in wanted)
     )
@@ -378,13 +380,12 @@ class Kit:
         assert self.running is not None
         topic = self.topics.device_command(self.device)
         me = self.device
-        seq = self.next_seq()
-        valid = self.fresh().command(seq)
         mark = self.wire.mark()
-        self.wire.publish(topic, valid)
+        sent = self.reconcile()
+        seq = sent.version
         replay = self.expect_refusal(
-            Bad("§6.5", "refuses a replayed command ('rollback': seq not above the last"
-                " accepted)", topic, valid, "rollback", "command", seq, me)
+            replace(sent, requirement="refuses a replayed command ('rollback': seq not above"
+                    " the last accepted)")
         )  # fmt: skip
         refused = [
             f"{x.reason}: {x.error}"
@@ -416,19 +417,10 @@ class Kit:
         for bad in cases:
             self.expect_refusal(bad)
 
-    def hand_edit(self) -> None:
-        requirement = "enforce mode puts a hand edit back and reports the resource 'healed'"
-        if not self.options.edit_cmd:
-            self.note("§6.8", "MUST", requirement, None, "not checked: no --edit-cmd given")
-            return
-        assert self.running is not None
-        wanted = self.running.resources()[EDIT_ID]
-        mark = self.wire.mark()
-        env = {
-            **os.environ,
-            "SETPOINT_DEVICE": self.device,
-            "SETPOINT_EDIT_PATH": EDIT_PATH,
-        }
+    def edit_by_hand(self) -> str | None:
+        """Run ``--edit-cmd``; return what went wrong, or None."""
+        assert self.options.edit_cmd
+        env = {**os.environ, "SETPOINT_DEVICE": self.device, "SETPOINT_EDIT_PATH": EDIT_PATH}
         try:
             done = subprocess.run(
                 ["/bin/sh", "-c", self.options.edit_cmd],
@@ -438,17 +430,36 @@ class Kit:
                 check=False,
             )
         except subprocess.TimeoutExpired:
-            self.note("§6.8", "MUST", requirement, False, "--edit-cmd timed out")
-            return
+            return "--edit-cmd timed out"
         if done.returncode != 0:
             err = done.stderr.decode(errors="replace").strip()
-            self.note(
-                "§6.8", "MUST", requirement, False, f"--edit-cmd exited {done.returncode}: {err}"
-            )
+            return f"--edit-cmd exited {done.returncode}: {err}"
+        return None
+
+    def reconcile(self) -> Bad:
+        """Send a valid reconcile command; return it as the replay that must be refused."""
+        seq = self.next_seq()
+        topic = self.topics.device_command(self.device)
+        command = self.fresh().command(seq)
+        self.wire.publish(topic, command)
+        return Bad("§6.5", "refuses a replayed command", topic, command, "rollback", "command",
+                   seq, self.device)  # fmt: skip
+
+    def hand_edit(self) -> None:
+        requirement = "enforce mode puts a hand edit back and reports the resource 'healed'"
+        if not self.options.edit_cmd:
+            self.note("§6.8", "MUST", requirement, None, "not checked: no --edit-cmd given")
+            self.note("§6.8", "MUST", "observe mode leaves a hand edit as it is", None,
+                      "not checked: no --edit-cmd given")  # fmt: skip
             return
-        self.wire.publish(
-            self.topics.device_command(self.device), self.fresh().command(self.next_seq())
-        )
+        assert self.running is not None
+        wanted = self.running.resources()[EDIT_ID]
+        mark = self.wire.mark()
+        failed = self.edit_by_hand()
+        if failed:
+            self.note("§6.8", "MUST", requirement, False, failed)
+            return
+        self.reconcile()
 
         def healed(r: Report) -> bool:
             return any(
@@ -472,6 +483,49 @@ class Kit:
             drifted,
             "a 'drifted' report was seen" if drifted else "no report showed the resource 'drifted'",
         )
+        if report is not None:
+            self.observe_mode()
+
+    def observe_mode(self) -> None:
+        assert self.running is not None
+        device = self.running.device
+        quiet = replace(self.messages.group_a(self.next_version()), mode="observe")
+        if not self.expect_running(
+            "§6.6", "applies a group bundle in observe mode and reports 'mode' observe",
+            Expected(quiet, device), quiet,
+        ):  # fmt: skip
+            return
+        wanted = self.running.resources()[EDIT_ID]
+        requirement = "observe mode leaves a hand edit as it is and reports it 'drifted'"
+        mark = self.wire.mark()
+        failed = self.edit_by_hand()
+        if failed:
+            self.note("§6.8", "MUST", requirement, False, failed)
+            return
+        replay = self.reconcile()
+
+        def drifted(r: Report) -> bool:
+            return any(
+                x.id == EDIT_ID and x.status == "drifted" and x.digest != wanted
+                for x in r.resources
+            )
+
+        seen = self.wait(drifted, mark)
+        after = None
+        if seen is not None:
+            # The same command again is refused as a replay: the report that says so comes
+            # after the drifted one, and would show a heal that followed it.
+            mark = self.wire.mark()
+            self.wire.publish(replay.topic, replay.payload)
+            after = self.wait(lambda r: any(replay.matches(x) for x in r.refusals), mark)
+        left = after is not None and drifted(after)
+        self.note("§6.8", "MUST", requirement, left,
+                  describe(after or seen or self.wire.latest()))  # fmt: skip
+        enforce = self.messages.group_a(self.next_version())
+        self.expect_running(
+            "§6.8", "a new version in enforce mode puts the edited file back",
+            Expected(enforce, device), enforce,
+        )  # fmt: skip
 
     def expect_running(
         self, section: str, requirement: str, expected: Expected, *publish: Bundle
