@@ -97,10 +97,6 @@ def _status(
     )
 
 
-# ``skipped`` is what shims before the ``blocked`` status reported for the same thing.
-_BLOCKED: Final = frozenset({"blocked", "skipped"})
-
-
 def _resource_diffs(
     desired: Desired, report: Report
 ) -> tuple[list[ResourceDiff], list[ResourceDiff]]:
@@ -113,7 +109,7 @@ def _resource_diffs(
         observed = seen.get(rid)
         if observed is None:
             diffs.append(ResourceDiff(rid, "not reported by the device"))
-        elif observed.status in _BLOCKED:
+        elif observed.status == "blocked":
             why = observed.detail or "the device's policy refuses it"
             blocked.append(ResourceDiff(rid, f"blocked: {why}"))
         elif observed.status == "drifted":
@@ -121,6 +117,10 @@ def _resource_diffs(
             diffs.append(ResourceDiff(rid, f"drifted: {why}"))
         elif observed.status == "failed":
             diffs.append(ResourceDiff(rid, f"failed: {observed.detail or 'apply failed'}"))
+        elif observed.status == "skipped":
+            # What agents said before ``blocked`` existed; counted as drift, as it always was
+            # (proto/SPEC.md 6.6).
+            diffs.append(ResourceDiff(rid, f"skipped: {observed.detail or 'not allowed'}"))
         elif observed.status == "pending":
             diffs.append(ResourceDiff(rid, "pending on the device"))
         elif observed.kind != "command" and observed.digest and observed.digest != digest:

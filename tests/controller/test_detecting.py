@@ -151,6 +151,8 @@ def test_version_never_published_is_not_believed() -> None:
         (ResourceReport("motd", "file", "drifted", "x", "content changed"), "drifted"),
         (ResourceReport("motd", "file", "ok", "other-digest"), "content differs"),
         (ResourceReport("motd", "file", "failed", "", "EACCES"), "failed"),
+        # What agents sent before 'blocked' existed: drift, as it always was (SPEC 6.6).
+        (ResourceReport("motd", "file", "skipped", "", "no"), "skipped"),
     ],
 )
 def test_drifted_names_the_resource_and_why(observed: ResourceReport, why: str) -> None:
@@ -160,9 +162,8 @@ def test_drifted_names_the_resource_and_why(observed: ResourceReport, why: str) 
     assert why in status.resources[0].why
 
 
-@pytest.mark.parametrize("reported", ["blocked", "skipped"])  # skipped: shims before 'blocked'
-def test_a_resource_the_device_policy_refuses_is_blocked_not_drift(reported: str) -> None:
-    refused = ResourceReport("motd", "file", reported, "", "device policy forbids commands")  # type: ignore[arg-type]
+def test_a_resource_the_device_policy_refuses_is_blocked_not_drift() -> None:
+    refused = ResourceReport("motd", "file", "blocked", "", "device policy forbids commands")
     status = detect(desired(), report(resources=(refused, ok(TZ))), "online", NOW)
     assert status.state == "blocked"
     assert [(r.id, r.why) for r in status.resources] == [
