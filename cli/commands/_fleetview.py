@@ -11,12 +11,16 @@ Also small helpers for printing: colour only on a terminal, times, state colours
 from __future__ import annotations
 
 import argparse
+import getpass
+import hashlib
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from setpoint.proto.topics import Topics
@@ -24,6 +28,7 @@ from setpoint.proto.topics import Topics
 from ._common import CommandError, broker_from_args
 
 TIMEOUT = 10.0
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another client took our client id
 STATE_COLOURS = {
     "in_sync": "32",
     "pending": "33",
@@ -35,21 +40,57 @@ STATE_COLOURS = {
 }
 
 
-class Reader:
-    """One paho connection that reads retained topics, then (optionally) follows them."""
+@dataclass(frozen=True)
+class Session:
+    """A persistent MQTT session: the broker keeps the subscription and queues QoS 1
+    messages for ``client_id`` while it is disconnected, up to ``expiry`` seconds."""
 
-    def __init__(self, args: argparse.Namespace, filters: list[str], role: str) -> None:
+    client_id: str
+    expiry: int
+
+
+def stable_client_id(role: str, args: argparse.Namespace) -> str:
+    """The same id for the same user, host, broker and prefix, so a follower that
+    reconnects (or is restarted) finds its session again."""
+    seed = "\0".join([getpass.getuser(), socket.gethostname(), str(args.broker), args.prefix])
+    return f"setpoint-{role}-{hashlib.sha256(seed.encode()).hexdigest()[:12]}"
+
+
+class Reader:
+    """One paho connection that reads retained topics, then (optionally) follows them.
+
+    With a :class:`Session` it connects without a clean start, subscribes at QoS 1 and
+    calls ``on_session(connects, session_present)`` on every connection, and
+    ``on_session(connects, None)`` when the connection is lost.
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        filters: list[str],
+        role: str,
+        *,
+        session: Session | None = None,
+        on_session: Callable[[int, bool | None], None] | None = None,
+        follow: Callable[[str, bytes], None] | None = None,
+    ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
 
         url = broker_from_args(args)
         self.topics = Topics(args.prefix)
-        self.client_id = f"setpoint-{role}-{secrets.token_hex(4)}"
+        self.client_id = session.client_id if session else f"setpoint-{role}-{secrets.token_hex(4)}"
         self._barrier = self.topics.barrier(self.client_id)
         self._filters = filters
+        self._qos = 1 if session else 0
+        self._on_session = on_session
+        self.connects = 0
         self._cond = threading.Condition()
         self._marks: set[bytes] = set()
-        self._callback: Callable[[str, bytes], None] | None = None
+        # Set before connecting: a resumed session delivers its queue right after CONNACK.
+        self._callback: Callable[[str, bytes], None] | None = follow
         self._connected = threading.Event()
         self._error: str | None = None
         self.messages: dict[str, bytes] = {}
@@ -58,6 +99,12 @@ class Reader:
             client_id=self.client_id,
             protocol=mqtt.MQTTv5,
         )
+        client.reconnect_delay_set(1, 10)
+        properties = None
+        if session is not None:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = session.expiry
+        client.on_disconnect = self._on_disconnect
         if url.username:
             client.username_pw_set(url.username, url.password)
         if url.tls:
@@ -66,7 +113,13 @@ class Reader:
         client.on_message = self._on_message
         self._client = client
         try:
-            client.connect(url.host, url.port, keepalive=30)
+            client.connect(
+                url.host,
+                url.port,
+                keepalive=30,
+                clean_start=session is None,
+                properties=properties,
+            )
         except OSError as exc:
             raise CommandError(f"cannot connect to {args.broker}: {exc}") from None
         client.loop_start()
@@ -78,8 +131,32 @@ class Reader:
         if reason.is_failure:
             self._error = str(reason)
         else:
-            client.subscribe([(f, 0) for f in self._filters] + [(self._barrier, 0)])
+            self.connects += 1
+            qos = self._qos
+            client.subscribe([(f, qos) for f in self._filters] + [(self._barrier, qos)])
+            if self._on_session is not None:
+                self._on_session(self.connects, bool(flags.session_present))
         self._connected.set()
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            # Another client with our id: reconnecting would only take it back, forever.
+            self._error = (
+                f"another client connected with our client id {self.client_id!r};"
+                " pass --client-id to run two followers"
+            )
+            client.disconnect()
+        if self._on_session is not None and self._connected.is_set():
+            self._on_session(self.connects, None)
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def error(self) -> str | None:
+        """Why the connection ended for good (then a follower must stop), or None."""
+        return self._error
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         payload = bytes(message.payload)
@@ -162,3 +239,11 @@ def table(rows: list[list[str]], widths_from: list[list[str]] | None = None) -> 
         ).rstrip()
         for n, row in enumerate(rows)
     ]
+
+
+def printable(text: str) -> str:
+    """Text from a device or the repository, safe on a terminal: control characters
+    (escape sequences, newlines) are shown escaped instead of acting."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

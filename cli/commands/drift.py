@@ -6,13 +6,22 @@
 
 Exit 0 (also when there is drift: that is data, not an error); 2 if the broker cannot be
 read. Colour only on a terminal. Needs nothing but paho-mqtt.
+
+``--follow`` keeps a persistent MQTT session (no clean start, QoS 1, ``--session-expiry``
+seconds, default 600) under a client id derived from the user, host, broker and prefix
+(``--client-id`` to choose another): events published while the follower reconnects, or
+while it was stopped within the expiry, are delivered when it is back. When the broker
+had no session for it (new, expired, or lost by the broker), it says on stderr that events
+may have been missed. Lines about the connection go to stderr; events to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import queue
 import sys
+import time
 from typing import Any
 
 from setpoint.proto import status as wire
@@ -29,6 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="list in-sync devices too")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--no-color", action="store_true", help="no colour even on a terminal")
+    parser.add_argument(
+        "--client-id",
+        help="with --follow: the MQTT client id of the session (default: derived from the"
+        " user, host, broker and prefix)",
+    )
+    parser.add_argument(
+        "--session-expiry",
+        type=int,
+        default=600,
+        metavar="SECONDS",
+        help="with --follow: how long the broker keeps our session and queues events while"
+        " we are away (default 600)",
+    )
 
 
 def event_line(event: dict[str, Any], colour: bool) -> str:
@@ -74,42 +96,87 @@ def current(args: argparse.Namespace, reader: view.Reader, colour: bool) -> int:
     return 0
 
 
-def follow(args: argparse.Namespace, reader: view.Reader, colour: bool) -> int:
-    def show(topic: str, payload: bytes) -> None:
-        try:
-            event = wire.event_from_json(payload)
-        except ProtocolError as exc:
-            print(f"setpoint drift: ignoring a message on {topic}: {exc}", file=sys.stderr)
-            return
-        if args.json:
-            print(json.dumps(event, sort_keys=True), flush=True)
-        else:
-            print(event_line(event, colour), flush=True)
+def session_notice(connects: int, present: bool | None, since: float | None) -> str | None:
+    """What to say on stderr about a (re)connection of the follower; None: nothing. Pure."""
+    if present is None:
+        return "connection to the broker lost; reconnecting (events are kept for us)"
+    if connects == 1:
+        return "resuming our session: events queued while we were away come first" if (
+            present
+        ) else None
+    if present:
+        return "reconnected; the broker kept our session, no event was missed"
+    gap = f" since {view.clock(since)}" if since else ""
+    return (
+        f"reconnected, but the broker had no session for us: drift events{gap} may have"
+        " been missed (`setpoint drift` shows the current state)"
+    )
 
-    reader.follow(show)
-    reader.snapshot()  # subscribed and flowing
-    if not args.json:
-        print(f"following drift events on {args.broker} (Ctrl-C to stop)", file=sys.stderr)
+
+def follow(args: argparse.Namespace, colour: bool) -> int:
+    topics = Topics(args.prefix)
+    session = view.Session(
+        args.client_id or view.stable_client_id("drift", args), max(1, args.session_expiry)
+    )
+    inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+    lost_at: list[float] = []
+
+    def on_session(connects: int, present: bool | None) -> None:
+        if present is None:
+            lost_at.append(time.time())
+        notice = session_notice(connects, present, lost_at[-1] if lost_at else None)
+        if notice:
+            inbox.put(("notice", notice))
+
+    reader = view.Reader(
+        args,
+        [topics.event("drift")],
+        "drift",
+        session=session,
+        on_session=on_session,
+        follow=lambda topic, payload: inbox.put(("event", (topic, payload))),
+    )
     try:
+        reader.snapshot()  # subscribed and flowing
+        print(
+            f"following drift events on {args.broker} as {session.client_id} (Ctrl-C to stop)",
+            file=sys.stderr,
+            flush=True,
+        )
         while True:
-            reader.wait_change(None)
+            try:
+                kind, item = inbox.get(timeout=1.0)
+            except queue.Empty:
+                if reader.error:
+                    raise CommandError(reader.error) from None
+                continue
+            if kind == "notice":
+                print(f"setpoint drift: {item}", file=sys.stderr, flush=True)
+                continue
+            topic, payload = item
+            try:
+                event = wire.event_from_json(payload)
+            except ProtocolError as exc:
+                print(f"setpoint drift: ignoring a message on {topic}: {exc}", file=sys.stderr)
+                continue
+            line = json.dumps(event, sort_keys=True) if args.json else event_line(event, colour)
+            print(line, flush=True)
     except KeyboardInterrupt:
         return 0
+    finally:
+        reader.close()
 
 
 def run(args: argparse.Namespace) -> int:
-    topics = Topics(args.prefix)
-    filters = [topics.event("drift")] if args.follow else [topics.all_drift()]
     colour = view.use_colour(args) and not args.json
     try:
-        reader = view.Reader(args, filters, "drift")
+        if args.follow:
+            return follow(args, colour)
+        reader = view.Reader(args, [Topics(args.prefix).all_drift()], "drift")
+        try:
+            return current(args, reader, colour)
+        finally:
+            reader.close()
     except CommandError as exc:
         print(f"setpoint drift: {exc}", file=sys.stderr)
         return 2
-    try:
-        return follow(args, reader, colour) if args.follow else current(args, reader, colour)
-    except CommandError as exc:
-        print(f"setpoint drift: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        reader.close()

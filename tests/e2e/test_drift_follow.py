@@ -1,0 +1,154 @@
+"""``setpoint drift --follow`` keeps a persistent session: a broker outage loses no event.
+
+The real command runs in a subprocess against a real mosquitto. To publish an event while
+the follower is certainly disconnected, the broker's database (with the follower's
+session in it) is moved to a second mosquitto on another port, the event is published
+there, and the database is moved back: no race with the follower's reconnect timer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from setpoint.mosquitto import Broker
+from setpoint.proto.topics import Topics
+
+pytestmark = pytest.mark.broker
+TIMEOUT = 60.0
+
+
+class Lines:
+    """The lines a stream produces, read by a thread, waited for with a timeout."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.seen: list[str] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._queue.put(line)
+
+    def wait_for(self, text: str, timeout: float = TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no line with {text!r} in {timeout:g}s; saw {self.seen}")
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if text in line:
+                return line
+
+
+def publish(host: str, port: int, topic: str, payload: bytes) -> None:
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        client.publish(topic, payload, qos=1).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def drift_event(device: str) -> bytes:
+    return json.dumps(
+        {"type": "drift", "time": time.time(), "device": device, "group": "kiosks",
+         "change": "opened", "previous": "in_sync", "state": "drifted", "resources": []}
+    ).encode()  # fmt: skip
+
+
+@pytest.fixture
+def follower(broker: Broker, unique_prefix: str, tmp_path: Path) -> Iterator[tuple[Lines, Lines]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SETPOINT_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")  # no operator config file of ours
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "setpoint", "drift", "--follow", "--json",
+         "--broker", broker.url, "--prefix", unique_prefix,
+         "--client-id", f"test-follower-{tmp_path.name}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        out, err = Lines(proc.stdout), Lines(proc.stderr)
+        err.wait_for("following drift events")
+        yield out, err
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _settled(lines: Lines, broker: Broker, topic: str) -> None:
+    """Publish until the follower prints one (its subscription is in place)."""
+    publish(broker.host, broker.port, topic, drift_event("warm-up"))
+    lines.wait_for('"warm-up"')
+
+
+def test_events_published_while_disconnected_arrive_after_reconnect(
+    broker: Broker, follower: tuple[Lines, Lines], unique_prefix: str, tmp_path: Path
+) -> None:
+    out, _err = follower
+    topic = Topics(unique_prefix).event("drift")
+    _settled(out, broker, topic)
+
+    broker.stop()  # mosquitto saves the follower's session (subscription) on the way out
+    elsewhere = Broker(tmp_path / "elsewhere")  # same data, another port: nobody follows
+    shutil.copy(broker.db, elsewhere.db)
+    with elsewhere:
+        publish(elsewhere.host, elsewhere.port, topic, drift_event("kiosk-07"))
+    shutil.copy(elsewhere.db, broker.db)  # the queued event goes back with the session
+    broker.start()
+
+    line = out.wait_for('"kiosk-07"')
+    assert json.loads(line)["change"] == "opened"
+
+
+def test_says_when_events_may_have_been_missed(
+    broker: Broker, follower: tuple[Lines, Lines], unique_prefix: str
+) -> None:
+    out, err = follower
+    _settled(out, broker, Topics(unique_prefix).event("drift"))
+    broker.stop()
+    err.wait_for("connection to the broker lost")
+    broker.wipe()  # the broker forgets every session
+    broker.start()
+    line = err.wait_for("reconnected")
+    assert "had no session for us" in line and "may have been missed" in line
+
+
+def test_a_kept_session_is_said_so(
+    broker: Broker, follower: tuple[Lines, Lines], unique_prefix: str
+) -> None:
+    out, err = follower
+    _settled(out, broker, Topics(unique_prefix).event("drift"))
+    broker.restart()
+    assert "no event was missed" in err.wait_for("reconnected")
+
+
+def test_session_notice_wording() -> None:
+    from setpoint.commands.drift import session_notice
+
+    assert session_notice(1, False, None) is None  # a first, fresh session: nothing to say
+    assert "queued while we were away" in str(session_notice(1, True, None))
+    assert "may have been missed" in str(session_notice(3, False, 0.0))
+    assert "lost" in str(session_notice(2, None, None))
+
+
