@@ -107,9 +107,7 @@ def parse(text: str, path: Path) -> ConfigFile:
         raise CommandError(f"{path}: not valid TOML: {exc}") from None
     unknown = sorted(set(raw) - {"current-context", "contexts"})
     if unknown:
-        raise CommandError(
-            f"{path}: unknown key {unknown[0]!r} (known: current-context, contexts)"
-        )
+        raise CommandError(f"{path}: unknown key {unknown[0]!r} (known: current-context, contexts)")
     current = raw.get("current-context")
     if current is not None and not isinstance(current, str):
         raise CommandError(f"{path}: current-context must be a string (a context's name)")

@@ -101,9 +101,9 @@ def session_notice(connects: int, present: bool | None, since: float | None) -> 
     if present is None:
         return "connection to the broker lost; reconnecting (events are kept for us)"
     if connects == 1:
-        return "resuming our session: events queued while we were away come first" if (
-            present
-        ) else None
+        if present:
+            return "resuming our session: events queued while we were away come first"
+        return None
     if present:
         return "reconnected; the broker kept our session, no event was missed"
     gap = f" since {view.clock(since)}" if since else ""

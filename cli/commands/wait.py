@@ -193,9 +193,7 @@ def report(verdict: Verdict, timeout: float) -> list[str]:
         f"timed out after {timeout:g}s: {verdict.scope} has not converged{on}"
         f" ({len(verdict.ready)} of {verdict.devices} devices there)"
     ]
-    rows = [
-        [m.device, m.group or "-", m.state, view.printable(m.why)] for m in verdict.missing
-    ]
+    rows = [[m.device, m.group or "-", m.state, view.printable(m.why)] for m in verdict.missing]
     lines += ["  " + line for line in view.table(rows)]
     lines += [f"  {view.printable(note)}" for note in verdict.unjudged]
     return lines

@@ -150,5 +150,3 @@ def test_session_notice_wording() -> None:
     assert "queued while we were away" in str(session_notice(1, True, None))
     assert "may have been missed" in str(session_notice(3, False, 0.0))
     assert "lost" in str(session_notice(2, None, None))
-
-
