@@ -221,15 +221,19 @@ class Repository:
             return heads[rev]
         if re.fullmatch(r"[0-9a-f]{40}", rev):
             return rev
-        try:
-            found = objectspec.parse_object(self._repo, rev.encode("utf-8"))
-            return str(objectspec.parse_commit(self._repo, found.id).id.decode("ascii"))
-        except objectspec.AmbiguousShortId:
-            raise ConfigError(
-                f"{rev!r} is the start of more than one object id: give more digits"
-            ) from None
-        except (KeyError, ValueError, NotImplementedError, git_errors.NotCommitError):
-            pass
+        spec = rev.encode("utf-8")
+        # dulwich splits the work: parse_commit knows short ids and tags, parse_object
+        # the ~ and ^ operators.
+        for parse in (objectspec.parse_commit, objectspec.parse_object):
+            try:
+                found = parse(self._repo, spec)
+                return str(objectspec.parse_commit(self._repo, found.id).id.decode("ascii"))
+            except objectspec.AmbiguousShortId:
+                raise ConfigError(
+                    f"{rev!r} is the start of more than one object id: give more digits"
+                ) from None
+            except (KeyError, ValueError, NotImplementedError, git_errors.NotCommitError):
+                continue
         raise ConfigError(
             f"no branch or commit {rev!r} in the repository (branches: {', '.join(heads)};"
             " also a commit id, a unique prefix of one, a tag, or HEAD~N)"
