@@ -13,8 +13,8 @@ import subprocess
 import sys
 import textwrap
 
-# What a device installs (CONTRACT.md): paho-mqtt, msgpack, cryptography, and their own
-# dependencies (cryptography's cffi backend).
+# What a device installs (pyproject.toml's base dependencies, README's "Architecture"):
+# paho-mqtt, msgpack, cryptography, and their own dependencies (cryptography's cffi backend).
 SHIM_ALLOWED = {"setpoint", "paho", "msgpack", "cryptography", "cffi", "_cffi_backend"}
 PROTO_ALLOWED = {"setpoint", "msgpack", "cryptography", "cffi", "_cffi_backend"}
 CONTROLLER_ONLY = {"aiomqtt", "pydantic", "pydantic_core", "dulwich", "yaml", "prometheus_client"}
