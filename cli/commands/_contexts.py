@@ -17,7 +17,9 @@ The file is ``$SETPOINT_CONFIG``, else ``$XDG_CONFIG_HOME/setpoint/config.toml``
 
 Each setting comes from the first of: its command-line flag, its environment variable, the
 context (``--context``, else ``$SETPOINT_CONTEXT``, else ``current-context``), the built-in
-default. Relative paths in the file are relative to the file's folder; ``~`` is expanded.
+default. The current context is not consulted when the broker itself came from a flag or
+the environment (its prefix and TLS files belong to its own broker); a context named with
+``--context`` or ``$SETPOINT_CONTEXT`` always is. Relative paths in the file are relative to the file's folder; ``~`` is expanded.
 The file holds no secret: a ``password`` key is refused (use ``password-file`` or
 ``$SETPOINT_MQTT_PASSWORD``).
 
@@ -206,7 +208,11 @@ def apply(args: argparse.Namespace, environ: dict[str, str] | None = None) -> No
                 setattr(args, attr, Path(env[variable]) if key == "state-dir" else env[variable])
             missing.discard(key)
     wanted = getattr(args, "context", None) or env.get("SETPOINT_CONTEXT")
-    if missing or wanted:
+    # A broker named on the command line or in the environment is not mixed with the
+    # current context's prefix and TLS files (they belong to another broker); a context
+    # asked for by name always applies.
+    broker_named = "broker" in present and "broker" not in missing
+    if wanted or (missing and not broker_named):
         config = load()
         name = wanted or config.current
         context = config.context(name) if name else {}

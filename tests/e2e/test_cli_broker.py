@@ -57,26 +57,34 @@ def test_setpoint_broker_from_the_environment_is_used(
 
 
 def test_flags_beat_the_environment_which_beats_the_config_file(
-    broker_session: Any, unique_prefix: str, home: Path
+    broker: Any, unique_prefix: str, home: Path
 ) -> None:
     group = GroupStatus("kiosks", 1, "c0ffee" * 6, "enforce", 0, {}, 100.0)
-    retain(broker_session, Topics(unique_prefix).group_status("kiosks"), group.to_json())
+    retain(broker, Topics(unique_prefix).group_status("kiosks"), group.to_json())
     write_config(
         home,
         f'current-context = "dead"\n'
         f'[contexts.dead]\nbroker = "{NOWHERE}"\nprefix = "{unique_prefix}"\n'
-        f'[contexts.live]\nbroker = "{broker_session.url}"\nprefix = "{unique_prefix}"\n',
+        f'[contexts.live]\nbroker = "{broker.url}"\nprefix = "{unique_prefix}"\n',
     )
     # The file alone: its current context (a broker nobody runs).
     done = run(home, "status")
     assert done.returncode == 2 and f"cannot connect to {NOWHERE}" in done.stderr
-    # The environment beats the file; the file's prefix still applies (no flag, no env).
-    done = run(home, "status", "--json", env={"SETPOINT_BROKER": broker_session.url})
+    # The environment beats the context's broker; the context's prefix still applies.
+    done = run(home, "status", "--json", "--context", "dead",
+               env={"SETPOINT_BROKER": broker.url})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert [g["group"] for g in json.loads(done.stdout)["groups"]] == ["kiosks"]
+    done = run(home, "status", "--context", "live", env={"SETPOINT_BROKER": NOWHERE})
+    assert done.returncode == 2 and f"cannot connect to {NOWHERE}" in done.stderr
     # A flag beats the environment.
-    done = run(home, "status", "--broker", broker_session.url, env={"SETPOINT_BROKER": NOWHERE})
+    done = run(home, "status", "--broker", broker.url, "--prefix", unique_prefix,
+               env={"SETPOINT_BROKER": NOWHERE})  # fmt: skip
     assert done.returncode == 0, done.stderr
+    # A broker named without a context is not mixed with the current context's prefix
+    # (a fresh broker: nothing is retained under the default prefix).
+    done = run(home, "status", "--json", "--broker", broker.url)
+    assert done.returncode == 0 and json.loads(done.stdout)["groups"] == []
     # --context and SETPOINT_CONTEXT choose another context of the file.
     assert run(home, "status", "--context", "live").returncode == 0
     assert run(home, "status", env={"SETPOINT_CONTEXT": "live"}).returncode == 0
