@@ -19,9 +19,9 @@ Each setting comes from the first of: its command-line flag, its environment var
 context (``--context``, else ``$SETPOINT_CONTEXT``, else ``current-context``), the built-in
 default. The current context is not consulted when the broker itself came from a flag or
 the environment (its prefix and TLS files belong to its own broker); a context named with
-``--context`` or ``$SETPOINT_CONTEXT`` always is. Relative paths in the file are relative to the file's folder; ``~`` is expanded.
-The file holds no secret: a ``password`` key is refused (use ``password-file`` or
-``$SETPOINT_MQTT_PASSWORD``).
+``--context`` or ``$SETPOINT_CONTEXT`` always is. Relative paths in the file are relative
+to the file's folder; ``~`` is expanded. The file holds no secret: a ``password`` key is
+refused (use ``password-file`` or ``$SETPOINT_MQTT_PASSWORD``).
 
 Reading needs only the standard library (``tomllib``); writing (``setpoint config``) uses
 ``tomli-w`` from the controller extra. :func:`apply` is the one place that fills the

@@ -49,11 +49,12 @@ class Session:
     expiry: int
 
 
-def stable_client_id(role: str, args: argparse.Namespace) -> str:
-    """The same id for the same user, host, broker and prefix, so a follower that
-    reconnects (or is restarted) finds its session again."""
+def session_client_id(role: str, args: argparse.Namespace) -> str:
+    """A client id that stays the same for this process's life (so each reconnect finds
+    the session again) and differs between processes (two followers on one host must not
+    take each other's session): the user, host, broker and prefix, then the process id."""
     seed = "\0".join([getpass.getuser(), socket.gethostname(), str(args.broker), args.prefix])
-    return f"setpoint-{role}-{hashlib.sha256(seed.encode()).hexdigest()[:12]}"
+    return f"setpoint-{role}-{hashlib.sha256(seed.encode()).hexdigest()[:8]}-{os.getpid()}"
 
 
 class Reader:
@@ -192,7 +193,18 @@ class Reader:
         with self._cond:
             self._cond.wait(timeout)
 
-    def close(self) -> None:
+    def close(self, *, end_session: bool = False) -> None:
+        """Disconnect; with ``end_session`` also tell the broker to drop our persistent
+        session now instead of keeping it (and queueing for it) until it expires."""
+        if end_session:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = Properties(PacketTypes.DISCONNECT)
+            properties.SessionExpiryInterval = 0
+            self._client.disconnect(properties=properties)
+            self._client.loop_stop()
+            return
         self._client.loop_stop()
         self._client.disconnect()
 

@@ -8,11 +8,15 @@ Exit 0 (also when there is drift: that is data, not an error); 2 if the broker c
 read. Colour only on a terminal. Needs nothing but paho-mqtt.
 
 ``--follow`` keeps a persistent MQTT session (no clean start, QoS 1, ``--session-expiry``
-seconds, default 600) under a client id derived from the user, host, broker and prefix
-(``--client-id`` to choose another): events published while the follower reconnects, or
-while it was stopped within the expiry, are delivered when it is back. When the broker
-had no session for it (new, expired, or lost by the broker), it says on stderr that events
-may have been missed. Lines about the connection go to stderr; events to stdout.
+seconds, default 600) under a client id derived from the user, host, broker, prefix and
+process id: events published while the follower reconnects (a broker restart, a network
+cut) are delivered once it is back. With ``--client-id ID`` a restarted follower resumes
+the session of the last one with that id and gets what was queued meanwhile (two followers
+must not share an id: the broker would hand the session back and forth). When the broker
+had no session for it (expired, or lost by the broker), it says on stderr that events may
+have been missed; when the connection keeps dropping right after it opens, it asks whether
+another client uses its id. On a normal stop it ends its session unless ``--client-id``
+was given. Lines about the connection go to stderr; events to stdout.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Final
 
 from setpoint.proto import status as wire
 from setpoint.proto.errors import ProtocolError
@@ -40,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-color", action="store_true", help="no colour even on a terminal")
     parser.add_argument(
         "--client-id",
-        help="with --follow: the MQTT client id of the session (default: derived from the"
-        " user, host, broker and prefix)",
+        help="with --follow: the MQTT client id of the session; the same id resumes the"
+        " session after a restart (default: one per process)",
     )
     parser.add_argument(
         "--session-expiry",
@@ -96,6 +101,10 @@ def current(args: argparse.Namespace, reader: view.Reader, colour: bool) -> int:
     return 0
 
 
+FLAPS: Final = 3  # losses within FLAP_WINDOW seconds that suggest a shared client id
+FLAP_WINDOW: Final = 30.0
+
+
 def session_notice(connects: int, present: bool | None, since: float | None) -> str | None:
     """What to say on stderr about a (re)connection of the follower; None: nothing. Pure."""
     if present is None:
@@ -113,21 +122,35 @@ def session_notice(connects: int, present: bool | None, since: float | None) -> 
     )
 
 
+def flapping(losses: list[float], now: float) -> bool:
+    """Has the connection dropped FLAPS times within FLAP_WINDOW seconds? Pure."""
+    return len([t for t in losses if now - t <= FLAP_WINDOW]) >= FLAPS
+
+
 def follow(args: argparse.Namespace, colour: bool) -> int:
     topics = Topics(args.prefix)
-    session = view.Session(
-        args.client_id or view.stable_client_id("drift", args), max(1, args.session_expiry)
-    )
+    client_id = args.client_id or view.session_client_id("drift", args)
+    session = view.Session(client_id, max(1, args.session_expiry))
     inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
-    lost_at: list[float] = []
+    losses: list[float] = []
 
     def on_session(connects: int, present: bool | None) -> None:
+        now = time.time()
         if present is None:
-            lost_at.append(time.time())
-        notice = session_notice(connects, present, lost_at[-1] if lost_at else None)
+            losses.append(now)
+            if flapping(losses, now):
+                losses.clear()
+                inbox.put(("notice", f"the connection keeps dropping right after it opens: is"
+                                     f" another client using our client id {client_id!r}?"
+                                     " (pass another --client-id)"))  # fmt: skip
+        notice = session_notice(connects, present, losses[-1] if losses else None)
         if notice:
             inbox.put(("notice", notice))
 
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # stop as on Ctrl-C: end the session, exit 0
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     reader = view.Reader(
         args,
         [topics.event("drift")],
@@ -164,7 +187,8 @@ def follow(args: argparse.Namespace, colour: bool) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        reader.close()
+        # A session of our own (no --client-id) would only hold events nobody reads.
+        reader.close(end_session=args.client_id is None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,13 +12,14 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -76,15 +77,19 @@ def drift_event(device: str) -> bytes:
     ).encode()  # fmt: skip
 
 
-@pytest.fixture
-def follower(broker: Broker, unique_prefix: str, tmp_path: Path) -> Iterator[tuple[Lines, Lines]]:
+def clean_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SETPOINT_")}
     env["XDG_CONFIG_HOME"] = str(tmp_path / "config")  # no operator config file of ours
+    return env
+
+
+@pytest.fixture
+def follower(broker: Broker, unique_prefix: str, tmp_path: Path) -> Iterator[tuple[Lines, Lines]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "setpoint", "drift", "--follow", "--json",
          "--broker", broker.url, "--prefix", unique_prefix,
          "--client-id", f"test-follower-{tmp_path.name}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(tmp_path),
     )  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
     try:
@@ -150,3 +155,65 @@ def test_session_notice_wording() -> None:
     assert "queued while we were away" in str(session_notice(1, True, None))
     assert "may have been missed" in str(session_notice(3, False, 0.0))
     assert "lost" in str(session_notice(2, None, None))
+
+
+def test_flapping_counts_recent_losses_only() -> None:
+    from setpoint.commands.drift import FLAP_WINDOW, flapping
+
+    assert not flapping([100.0, 101.0], 102.0)
+    assert flapping([100.0, 101.0, 102.0], 102.0)
+    assert not flapping([100.0, 101.0, 102.0], 101.0 + FLAP_WINDOW)
+
+
+def test_two_followers_sharing_an_id_are_told_so(
+    broker: Broker, follower: tuple[Lines, Lines], unique_prefix: str, tmp_path: Path
+) -> None:
+    _out, err = follower
+    second = subprocess.Popen(
+        [sys.executable, "-m", "setpoint", "drift", "--follow", "--broker", broker.url,
+         "--prefix", unique_prefix, "--client-id", f"test-follower-{tmp_path.name}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, env=clean_env(tmp_path),
+    )  # fmt: skip
+    try:
+        line = err.wait_for("the connection keeps dropping right after it opens")
+        assert f"another client using our client id 'test-follower-{tmp_path.name}'" in line
+    finally:
+        second.terminate()
+        second.wait(10)
+
+
+def test_a_follower_of_its_own_ends_its_session_when_stopped(
+    broker: Broker, unique_prefix: str, tmp_path: Path
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "setpoint", "drift", "--follow", "--broker", broker.url,
+         "--prefix", unique_prefix],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_env(tmp_path),
+    )  # fmt: skip
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    client_id = first.split(" as ", 1)[1].split()[0]
+    assert client_id.startswith("setpoint-drift-") and client_id.endswith(f"-{proc.pid}")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    # The broker kept nothing for that id: a client taking it finds no session.
+    present: list[bool] = []
+    connected = threading.Event()
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+        protocol=mqtt.MQTTv5,
+    )  # fmt: skip
+
+    def on_connect(c: Any, u: Any, flags: Any, reason: Any, props: Any) -> None:
+        present.append(bool(flags.session_present))
+        connected.set()
+
+    client.on_connect = on_connect
+    client.connect(broker.host, broker.port, clean_start=False)
+    client.loop_start()
+    try:
+        assert connected.wait(30)
+        assert present == [False]
+    finally:
+        client.disconnect()
+        client.loop_stop()
