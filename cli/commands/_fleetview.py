@@ -3,7 +3,9 @@
 :class:`Reader` connects with the usual broker flags, subscribes (QoS 0: a retained flood is
 never cut by the broker's queue limit), and :meth:`Reader.snapshot` returns once a barrier
 message it sent itself has come back, so every retained message has arrived: no guessing
-with quiet periods. :meth:`Reader.follow` hands every later message to a callback.
+with quiet periods. :meth:`Reader.follow` hands every later message to a callback. With a
+:class:`Session` (``drift --follow``) the connection is persistent instead: no clean start,
+a session expiry and QoS 1, so the broker queues what arrives while it reconnects.
 
 Also small helpers for printing: colour only on a terminal, times, state colours.
 """
@@ -28,7 +30,6 @@ from setpoint.proto.topics import Topics
 from ._common import CommandError, broker_from_args
 
 TIMEOUT = 10.0
-SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another client took our client id
 STATE_COLOURS = {
     "in_sync": "32",
     "pending": "33",
@@ -142,13 +143,6 @@ class Reader:
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
-        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
-            # Another client with our id: reconnecting would only take it back, forever.
-            self._error = (
-                f"another client connected with our client id {self.client_id!r};"
-                " pass --client-id to run two followers"
-            )
-            client.disconnect()
         if self._on_session is not None and self._connected.is_set():
             self._on_session(self.connects, None)
         with self._cond:
@@ -156,7 +150,7 @@ class Reader:
 
     @property
     def error(self) -> str | None:
-        """Why the connection ended for good (then a follower must stop), or None."""
+        """Why the broker refused a (re)connection (then a follower must stop), or None."""
         return self._error
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
