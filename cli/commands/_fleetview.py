@@ -104,7 +104,7 @@ class Reader:
         client.reconnect_delay_set(1, 10)
         properties = None
         if session is not None:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = session.expiry
         client.on_disconnect = self._on_disconnect
         if url.username:
@@ -194,7 +194,7 @@ class Reader:
             from paho.mqtt.packettypes import PacketTypes
             from paho.mqtt.properties import Properties
 
-            properties = Properties(PacketTypes.DISCONNECT)
+            properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = 0
             self._client.disconnect(properties=properties)
             self._client.loop_stop()

@@ -72,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--commit",
         type=commit_prefix,
-        help="converged on this commit (full id or a prefix, e.g. $(git rev-parse --short HEAD))",
+        help="each device in sync on a commit starting with SHA, the commit that last"
+        " changed what it runs (a short id works: $(git rev-parse --short HEAD))",
+        metavar="SHA",
     )
     parser.add_argument(
         "--timeout",

@@ -61,9 +61,9 @@ def make_link(clock: FakeClock, port: int = 1, **kw: Any) -> Link:
 
 def session(link: Link, clock: FakeClock, seconds: float) -> None:
     """A connection that comes up, lasts ``seconds`` and drops (paho's callbacks, in order)."""
-    link._on_connect(QuietClient(), None, None, Success(), None)  # type: ignore[arg-type]
+    link._on_connect(QuietClient(), None, None, Success(), None)
     clock.advance(seconds)
-    link._on_disconnect(QuietClient(), None, None, "gone", None)  # type: ignore[arg-type]
+    link._on_disconnect(QuietClient(), None, None, "gone", None)
 
 
 def test_a_connection_that_stayed_up_resets_the_backoff() -> None:

@@ -156,7 +156,7 @@ def test_every_help_that_takes_a_broker_documents_the_environment(home: Path) ->
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "verb")
     for verb in VERBS:
-        text = sub.choices[verb].format_help()  # type: ignore[attr-defined]
+        text = sub.choices[verb].format_help()
         if "--broker" in text:
             assert "SETPOINT_BROKER" in text, verb
             assert "--context" in text, verb

@@ -126,7 +126,7 @@ def test_wait_refuses_bad_arguments(tmp_path: Path) -> None:
 
 def status(device: str, state: str = "in_sync", commit: str = "abc123" + "0" * 34) -> DriftStatus:
     why = (ResourceDiff("motd", "drifted: content differs"),) if state == "drifted" else ()
-    return DriftStatus(device, "kiosks", state, 1, 1, commit, 0.0, why)  # type: ignore[arg-type]
+    return DriftStatus(device, "kiosks", state, 1, 1, commit, 0.0, why)
 
 
 def summary(devices: int) -> GroupStatus:
