@@ -9,11 +9,13 @@ Reads the controller's retained drift statuses (``devices/+/drift``) and group s
 * every device in scope is ``in_sync`` (for ``--commit``: on a commit that starts with SHA,
   so a short id from ``git rev-parse --short`` works);
 * a group's summary counts as many devices as have a drift status (a device that has not
-  been judged yet is waited for, not forgotten).
+  been judged yet is waited for, not forgotten);
+* with ``--commit``, a commit the controller refused (its retained repository status says
+  so) ends the wait at once with the problems: it will never converge.
 
-Exit 0 once converged; 1 on timeout, with every device that is not there, its state and
-why (stderr, or the ``--json`` object on stdout); 2 if the broker cannot be read or an
-argument is wrong. Needs nothing but paho-mqtt.
+Exit 0 once converged; 1 on a refused commit, or on timeout with every device that is not
+there, its state and why (stderr, or the ``--json`` object on stdout); 2 if the broker
+cannot be read or an argument is wrong. Needs nothing but paho-mqtt.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from setpoint.proto import repository as repo_wire
 from setpoint.proto import status as wire
 from setpoint.proto.errors import ProtocolError
+from setpoint.proto.repository import BranchStatus, RepositoryStatus
 from setpoint.proto.status import DriftStatus, GroupStatus
 from setpoint.proto.topics import Topics, validate_id
 
@@ -104,10 +108,16 @@ class Verdict:
     ready: tuple[str, ...]
     missing: tuple[Missing, ...] = ()
     unjudged: tuple[str, ...] = field(default=())
+    refused: tuple[BranchStatus, ...] = ()
 
     @property
     def converged(self) -> bool:
-        return not self.missing and not self.unjudged and self.devices > 0
+        return not self.missing and not self.unjudged and not self.refused and self.devices > 0
+
+    @property
+    def final(self) -> bool:
+        """Nothing more can change the outcome: converged, or the commit was refused."""
+        return self.converged or bool(self.refused)
 
 
 def judge(
@@ -117,6 +127,7 @@ def judge(
     group: str | None = None,
     device: str | None = None,
     commit: str | None = None,
+    repository: RepositoryStatus | None = None,
 ) -> Verdict:
     """Pure: has the scope (the fleet, ``group`` or ``device``) converged on ``commit``?"""
     summaries = {g.group: g for g in groups}
@@ -157,13 +168,23 @@ def judge(
             )
     if device is None and group is None and not chosen and not summaries:
         unjudged.append("no group or device status on the broker (is the controller running?)")
-    return Verdict(scope, commit, len(chosen), tuple(ready), tuple(missing), tuple(unjudged))
+    refused: tuple[BranchStatus, ...] = ()
+    if commit is not None and repository is not None:
+        refused = tuple(b for b in repository.refused if b.head.startswith(commit))
+    return Verdict(
+        scope, commit, len(chosen), tuple(ready), tuple(missing), tuple(unjudged), refused
+    )
 
 
-def read(messages: dict[str, bytes], topics: Topics) -> tuple[list[GroupStatus], list[DriftStatus]]:
-    groups, devices = [], []
+def read(
+    messages: dict[str, bytes], topics: Topics
+) -> tuple[list[GroupStatus], list[DriftStatus], RepositoryStatus | None]:
+    groups, devices, repository = [], [], None
     for topic, payload in sorted(messages.items()):
         try:
+            if topic == topics.repository_status():
+                repository = repo_wire.from_json(payload)
+                continue
             kind = topics.parse(topic).kind
             if kind == "group-status":
                 groups.append(wire.group_status_from_json(payload))
@@ -171,7 +192,7 @@ def read(messages: dict[str, bytes], topics: Topics) -> tuple[list[GroupStatus],
                 devices.append(wire.drift_from_json(payload))
         except ProtocolError as exc:
             print(f"setpoint wait: ignoring {topic}: {exc}", file=sys.stderr)
-    return groups, devices
+    return groups, devices, repository
 
 
 def as_dict(verdict: Verdict, condition: str, waited: float) -> dict[str, Any]:
@@ -184,12 +205,26 @@ def as_dict(verdict: Verdict, condition: str, waited: float) -> dict[str, Any]:
         "ready": list(verdict.ready),
         "missing": [asdict(m) for m in verdict.missing],
         "unjudged": list(verdict.unjudged),
+        "refused": [
+            {"branch": b.branch, "head": b.head, "problems": [str(p) for p in b.problems]}
+            for b in verdict.refused
+        ],
         "waited": round(waited, 3),
     }
 
 
 def report(verdict: Verdict, timeout: float) -> list[str]:
-    """The lines printed on timeout: what is missing, one device per line."""
+    """The lines printed on failure: the refused commit and its problems, or (on timeout)
+    what is missing, one device per line."""
+    if verdict.refused:
+        lines = []
+        for b in verdict.refused:
+            lines.append(
+                f"commit {b.head[:12]} on {b.branch} was refused by the controller; it will"
+                " not converge: fix these and push again"
+            )
+            lines += [f"  {view.printable(str(p))}" for p in b.problems]
+        return lines
     on = f" on {verdict.commit}" if verdict.commit else ""
     lines = [
         f"timed out after {timeout:g}s: {verdict.scope} has not converged{on}"
@@ -213,19 +248,28 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     deadline = started + args.timeout
     try:
-        reader = view.Reader(args, [topics.all_drift(), topics.all_group_status()], "wait")
+        reader = view.Reader(
+            args,
+            [topics.all_drift(), topics.all_group_status(), topics.repository_status()],
+            "wait",
+        )
     except CommandError as exc:
         print(f"setpoint wait: {exc}", file=sys.stderr)
         return 2
     try:
         messages = reader.snapshot()
         while True:
-            groups, devices = read(messages, topics)
+            groups, devices, repository = read(messages, topics)
             verdict = judge(
-                groups, devices, group=args.group, device=args.device, commit=args.commit
+                groups,
+                devices,
+                group=args.group,
+                device=args.device,
+                commit=args.commit,
+                repository=repository,
             )
             left = deadline - time.monotonic()
-            if verdict.converged or left <= 0:
+            if verdict.final or left <= 0:
                 break
             reader.wait_change(min(left, 5.0))
             messages = reader.snapshot()
@@ -244,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
             f" after {waited:.1f}s"
         )
     else:
-        print("\n".join(f"setpoint wait: {line}" if i == 0 else line
-                        for i, line in enumerate(report(verdict, args.timeout))),
-              file=sys.stderr)  # fmt: skip
+        lines = report(verdict, args.timeout)
+        print("\n".join(line if line.startswith("  ") else f"setpoint wait: {line}"
+                        for line in lines), file=sys.stderr)  # fmt: skip
     return 0 if verdict.converged else 1

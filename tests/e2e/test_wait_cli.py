@@ -16,13 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from clikit import SETPOINT, environment, git, run
 
 from setpoint.commands.wait import Missing, judge
+from setpoint.proto.repository import BranchStatus, Problem, RepositoryStatus
 from setpoint.proto.status import DriftStatus, GroupStatus, ResourceDiff
 
 pytestmark = pytest.mark.broker
@@ -158,3 +161,45 @@ def test_judge_of_an_unknown_scope_never_converges() -> None:
     assert not judge([summary(1)], [status("k1")], device="k9").converged
     assert not judge([summary(1)], [status("k1")], group="nope").converged
     assert judge([summary(1)], [status("k1")], device="k1").converged
+
+
+def refused(head: str) -> RepositoryStatus:
+    problem = Problem("groups/kiosks.yaml", 3, "resource 'motd': unknown kind 'fiel'")
+    branch = BranchStatus("main", head, False, 100.0, "typo", (problem,))
+    return RepositoryStatus({"main": branch})
+
+
+def test_judge_gives_up_on_a_refused_commit() -> None:
+    head = "abc123" + "0" * 34
+    verdict = judge([summary(1)], [status("k1", commit="f" * 40)], commit="abc1",
+                    repository=refused(head))  # fmt: skip
+    assert verdict.final and not verdict.converged
+    assert [b.head for b in verdict.refused] == [head]
+    other = judge([summary(1)], [status("k1")], commit="abc1", repository=refused("9" * 40))
+    assert other.converged and not other.refused
+
+
+def test_wait_on_a_refused_commit_ends_at_once_with_the_problems(
+    broker_session: Any, unique_prefix: str, tmp_path: Path
+) -> None:
+    from setpoint.proto.topics import Topics
+
+    head = "abc123" + "0" * 34
+    topics = Topics(unique_prefix)
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect(broker_session.host, broker_session.port)
+    client.loop_start()
+    try:
+        client.publish(topics.repository_status(), refused(head).to_json(), qos=1,
+                       retain=True).wait_for_publish(10)  # fmt: skip
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    done = run(tmp_path / "config", "wait", "--commit", "abc123", "--timeout", "10m",
+               "--broker", broker_session.url, "--prefix", unique_prefix, timeout=120)  # fmt: skip
+    assert done.returncode == 1
+    assert (
+        "setpoint wait: commit abc123000000 on main was refused by the controller; it will not"
+        " converge: fix these and push again\n"
+        "  groups/kiosks.yaml:3: resource 'motd': unknown kind 'fiel'"
+    ) in done.stderr
