@@ -36,6 +36,7 @@ STATE_COLOURS = {
     "drifted": "31",
     "failed": "31;1",
     "rejected": "35",
+    "blocked": "36",
     "offline": "2",
     "unknown": "2",
 }
