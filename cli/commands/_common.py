@@ -102,7 +102,10 @@ def add_context_argument(parser: argparse.ArgumentParser) -> None:
 
 def broker_from_args(args: argparse.Namespace) -> BrokerURL:
     if not args.broker:
-        raise CommandError("no broker: pass --broker mqtt://host:port or set SETPOINT_BROKER")
+        raise CommandError(
+            "no broker: pass --broker mqtt://host:port, set SETPOINT_BROKER, or make a"
+            " context once: setpoint config set-context NAME --broker mqtt://host:port"
+        )
     url = parse_broker_url(args.broker)
     password = os.environ.get("SETPOINT_MQTT_PASSWORD")
     if args.password_file:

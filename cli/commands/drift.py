@@ -62,13 +62,15 @@ def event_line(event: dict[str, Any], colour: bool) -> str:
     """One drift event as a readable line."""
     resources = event.get("resources") or []
     why = "; ".join(f"{r.get('id')}: {r.get('why')}" for r in resources) or event.get("reason", "")
+    why = view.printable(str(why))  # text from devices: never terminal escapes
     previous = event.get("previous") or "-"
     when = view.clock(float(event.get("time", 0.0)))
     change = str(event.get("change", "?"))
     mark = {"opened": "31", "resolved": "32", "changed": "33"}.get(change, "")
     head = (
-        f"{when}  {view.paint(colour, mark, change.ljust(8))}  {event.get('device')}"
-        f" ({event.get('group') or '-'})  {view.state(colour, previous)} ->"
+        f"{when}  {view.paint(colour, mark, change.ljust(8))}"
+        f"  {view.printable(str(event.get('device')))}"
+        f" ({view.printable(str(event.get('group') or '-'))})  {view.state(colour, previous)} ->"
         f" {view.state(colour, str(event.get('state')))}"
     )
     return f"{head}  {why}" if why else head
@@ -94,7 +96,7 @@ def current(args: argparse.Namespace, reader: view.Reader, colour: bool) -> int:
     for s in shown:
         why = "; ".join(f"{r.id}: {r.why}" for r in s.resources) or s.reason
         cells = [s.device, s.group or "-"]
-        tail = [f"since {view.ago(s.since)}", why]
+        tail = [f"since {view.ago(s.since)}", view.printable(why)]
         plain.append([*cells, s.state, *tail])
         rows.append([*cells, view.state(colour, s.state), *tail])
     print("\n".join(view.table(rows, plain)))

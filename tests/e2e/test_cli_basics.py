@@ -169,3 +169,10 @@ def test_init_and_validate_speak_json(home: Path, tmp_path: Path) -> None:
     assert "fleet.yaml" in body["files"]
     checked = json.loads(run(home, "validate", str(tmp_path / "fleet"), "--json").stdout)
     assert checked["ok"] is True and checked["problems"] == []
+
+
+def test_no_broker_anywhere_says_the_three_ways_to_give_one(home: Path) -> None:
+    done = run(home, "status")
+    assert done.returncode == 2
+    assert "no broker: pass --broker mqtt://host:port, set SETPOINT_BROKER" in done.stderr
+    assert "setpoint config set-context NAME --broker" in done.stderr

@@ -217,3 +217,14 @@ def test_a_follower_of_its_own_ends_its_session_when_stopped(
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_event_lines_show_device_text_escaped() -> None:
+    from setpoint.commands.drift import event_line
+
+    event = {"time": 0.0, "device": "kiosk-01", "group": "kiosks", "change": "opened",
+             "previous": "in_sync", "state": "drifted",
+             "resources": [{"id": "motd", "why": "drifted: \x1b[2J\nwiped"}]}  # fmt: skip
+    line = event_line(event, colour=False)
+    assert "\x1b" not in line and "\n" not in line
+    assert "motd: drifted: \\x1b[2J\\nwiped" in line
