@@ -8,7 +8,6 @@ shim`` works on a device that has only the shim's dependencies installed.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import os
 import sys
@@ -90,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _unknown_verb(word: str) -> int:
+    import difflib
+
     close = difflib.get_close_matches(word, list(VERBS), n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     print(

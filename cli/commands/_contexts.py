@@ -31,9 +31,7 @@ parsed arguments; the verbs never look at the file themselves.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -79,6 +77,8 @@ class ConfigFile:
         return self.contexts[name]
 
     def unknown(self, name: str) -> str:
+        import difflib
+
         if not self.contexts:
             return (
                 f"no context {name!r}: {self.path} has no contexts; create one with"
@@ -161,6 +161,8 @@ def load(path: Path | None = None) -> ConfigFile:
 
 def save(config: ConfigFile) -> None:
     """Write the file atomically (temp file, fsync, rename), mode 0600."""
+    import tempfile
+
     try:
         import tomli_w
     except ModuleNotFoundError:
