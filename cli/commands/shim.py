@@ -2,8 +2,8 @@
 
     setpoint shim --device ID --broker URL --trust PUBFILE [--trust PUBFILE ...] --root DIR
                   [--state-dir DIR] [--config FILE] [--threshold N] [--heartbeat S]
-                  [--observe-interval S] [--skew S] [--username U] [--password-file F]
-                  [--prefix P] [--log-json] [--reset-floors]
+                  [--observe-interval S] [--no-watch] [--skew S] [--username U]
+                  [--password-file F] [--prefix P] [--log-json] [--reset-floors]
 
 The password comes from ``SETPOINT_MQTT_PASSWORD`` or ``--password-file``, never from the
 command line. A clean stop publishes ``offline`` presence and exits 0; a bad setting exits 2
@@ -56,8 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--observe-interval",
         type=float,
-        default=5.0,
-        help="seconds between looks at the device's files and settings (drift detection)",
+        default=60.0,
+        help="seconds between full looks at the device's files and settings (default 60);"
+        " inotify reports a change at once, this is the safety net, and the only way where"
+        " inotify is unavailable",
+    )
+    parser.add_argument(
+        "--no-watch",
+        dest="watch",
+        action="store_false",
+        help="do not use inotify; poll every --observe-interval (a root on a network file"
+        " system, where inotify misses other hosts' writes)",
     )
     parser.add_argument(
         "--skew", type=float, default=300.0, help="clock skew tolerated on expiry (seconds)"
@@ -150,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             heartbeat=args.heartbeat,
             observe_interval=args.observe_interval,
+            watch=args.watch,
             skew=args.skew,
             prefix=args.prefix,
             client_id=args.client_id,

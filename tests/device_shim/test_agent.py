@@ -367,8 +367,9 @@ def test_permanent_failure_waits_for_a_new_version(
 
 
 def test_reconcile_command_accepted(fleet: Fleet, shims: Shims) -> None:
+    # Polling only, once an hour: nothing but the command can heal the edit below.
     publish_pair(fleet, 1)
-    shim = shims.start("dev1", observe_interval=3600)
+    shim = shims.start("dev1", observe_interval=3600, watch=False)
     fleet.wait_report("dev1", on_versions(1, 1))
     root = shim.config.root
     (root / "etc" / "motd").write_text("hand edit\n")
@@ -394,7 +395,7 @@ def command_refused(fleet: Fleet, shim: Any, payload: bytes, reason: str) -> Non
 
 def test_reconcile_command_forged(fleet: Fleet, shims: Shims) -> None:
     publish_pair(fleet, 1)
-    shim = shims.start("dev1", observe_interval=3600)
+    shim = shims.start("dev1", observe_interval=3600, watch=False)
     fleet.wait_report("dev1", on_versions(1, 1))
     forged = fleet.command("dev1", 1, keys=[Ed25519PrivateKey.generate()])
     command_refused(fleet, shim, forged, "signature")
@@ -402,7 +403,7 @@ def test_reconcile_command_forged(fleet: Fleet, shims: Shims) -> None:
 
 def test_reconcile_command_replayed(fleet: Fleet, shims: Shims) -> None:
     publish_pair(fleet, 1)
-    shim = shims.start("dev1", observe_interval=3600)
+    shim = shims.start("dev1", observe_interval=3600, watch=False)
     fleet.wait_report("dev1", on_versions(1, 1))
     captured = fleet.command("dev1", 3)
     mark = shim.mark()
@@ -415,7 +416,7 @@ def test_reconcile_command_replayed(fleet: Fleet, shims: Shims) -> None:
 
 def test_reconcile_command_for_another_device_or_expired(fleet: Fleet, shims: Shims) -> None:
     publish_pair(fleet, 1)
-    shim = shims.start("dev1", observe_interval=3600)
+    shim = shims.start("dev1", observe_interval=3600, watch=False)
     fleet.wait_report("dev1", on_versions(1, 1))
     command_refused(fleet, shim, fleet.command("dev2", 10), "wrong-target")
     command_refused(fleet, shim, fleet.command("dev1", 11, expires_in=-3600), "expired")
@@ -423,7 +424,7 @@ def test_reconcile_command_for_another_device_or_expired(fleet: Fleet, shims: Sh
 
 def test_reconcile_command_survives_a_restart(fleet: Fleet, shims: Shims) -> None:
     publish_pair(fleet, 1)
-    shim = shims.start("dev1", observe_interval=3600)
+    shim = shims.start("dev1", observe_interval=3600, watch=False)
     fleet.wait_report("dev1", on_versions(1, 1))
     captured = fleet.command("dev1", 4)
     mark = shim.mark()
