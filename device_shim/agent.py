@@ -170,7 +170,6 @@ class Agent:
         *,
         clock: Callable[[], float] = time.time,
         on_event: EventHook | None = None,
-        watch_limit: int | None = None,
     ) -> None:
         self.config = config
         self._trusted: dict[str, Ed25519PublicKey] = config.check()
@@ -218,7 +217,6 @@ class Agent:
         self._observed: tuple[str, Observed] | None = None  # the last look, for its target
         self._debounce = Debounce()  # guarded by self._cond (the watcher thread adds to it)
         self._watch_failed: str | None = None  # set by the watcher thread
-        self._watch_limit = watch_limit
         self._watcher: Watcher | None = None
         self._watching: tuple[str, frozenset[str]] | None = None
         self.observe_method = "poll"  # "inotify" once the watcher runs
@@ -461,7 +459,7 @@ class Agent:
         if not self.config.watch:
             self._poll_instead("--no-watch was given")
             return
-        watcher = Watcher(self._root, self._on_watch, max_watches=self._watch_limit)
+        watcher = Watcher(self._root, self._on_watch, max_watches=self.config.max_watches)
         try:
             watcher.start()
         except WatchUnavailable as exc:
@@ -881,8 +879,10 @@ class Agent:
             and previous[0] == self.applied_key
         ):
             observed = self._refresh(previous[1], desired, change.paths)
+            looked_at: list[str] | None = sorted(change.paths)
         else:
             observed = self._observe_for(desired, check_commands=check_commands)
+            looked_at = None  # everything
         self._observed = (self.applied_key, observed)
         steps = planning.plan(desired, observed, self.config.policy)
         drift = planning.changes(steps)
@@ -890,7 +890,7 @@ class Agent:
         for rid in drifted:
             self._healed.pop(rid, None)  # drifted again: no longer "healed"
         self._statuses = self._assess(desired, observed, steps)
-        self._event("observed", {"drift": len(drift)})
+        self._event("observed", {"drift": len(drift), "paths": looked_at})
         if drift:
             log.info(
                 "drift (%s mode): %s",

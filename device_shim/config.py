@@ -216,6 +216,7 @@ class ShimConfig:
     heartbeat: float = 900.0
     observe_interval: float = 60.0  # the full look; changes are seen at once by inotify
     watch: bool = True  # False: poll only (a root where inotify misses writes, e.g. NFS)
+    max_watches: int | None = None  # inotify watches at most (None: the kernel's limit)
     skew: float = 300.0
     prefix: str = topics.DEFAULT_PREFIX
     client_id: str | None = None

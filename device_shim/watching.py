@@ -306,22 +306,20 @@ class Watcher:
             if real != self.root and not real.startswith(self.root + "/"):
                 self._forget(lexical)  # leads out of the root: the resolver refuses it
                 continue
-            if (
-                self._max_watches is not None
-                and lexical not in self._dir_wd
-                and len(self._wd_dirs) >= self._max_watches
-            ):
-                self._fail(
-                    f"the inotify watch limit is reached ({self._max_watches} watches)"
-                    "; raise fs.inotify.max_user_watches"
-                )
-                return
             try:
                 wd = self._inotify.add_watch(absolute, MASK)
+                if (
+                    self._max_watches is not None
+                    and wd not in self._wd_dirs
+                    and len(self._wd_dirs) >= self._max_watches
+                ):
+                    self._inotify.rm_watch(wd)  # over the caller's limit: as the kernel's
+                    raise OSError(errno.ENOSPC, f"over {self._max_watches} watches")
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     self._fail(
-                        "the inotify watch limit is reached; raise fs.inotify.max_user_watches"
+                        f"the inotify watch limit is reached ({exc.strerror})"
+                        "; raise fs.inotify.max_user_watches"
                     )
                     return
                 if exc.errno in (errno.ENOMEM, errno.EACCES, errno.EPERM):
