@@ -177,7 +177,7 @@ def test_an_edit_during_an_apply_is_seen_after_it(fleet: Fleet, shims: Shims) ->
         timeout=30,
     )
     publish_pair(fleet, 1, (MOTD, slow))
-    shim = shims.start(
+    shims.start(
         "dev1",
         observe_interval=HOUR,
         policy=DevicePolicy(allow_commands=True, command_timeout_cap=30),
