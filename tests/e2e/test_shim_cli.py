@@ -80,7 +80,6 @@ def run_shim(fleet: Fleet, broker: Any, tmp_path: Path) -> Iterator[Any]:
             "--prefix", fleet.topics.prefix,
             "--trust", str(fleet.pub),
             "--root", str(root),
-            "--observe-interval", "0.2",
             "--reconnect-min", "0.1",
             "--reconnect-max", "0.5",
             *extra,
@@ -115,6 +114,10 @@ def test_converges_heals_and_stops_cleanly(fleet: Fleet, run_shim: Any, tmp_path
     lines = [json.loads(line) for line in shim.text().splitlines() if line.strip()]
     assert any("applied group kiosk v1" in line["msg"] for line in lines)
     assert any("healed" in line["msg"] for line in lines)
+    # With the defaults the edit was seen by inotify, not at the next full look in 60 s.
+    assert "observing with inotify; a full look every 60s as a safety net" in [
+        line["msg"] for line in lines
+    ]
     assert "hunter2" not in shim.text()
 
 
