@@ -218,7 +218,7 @@ class Agent:
         self._debounce = Debounce()  # guarded by self._cond (the watcher thread adds to it)
         self._watch_failed: str | None = None  # set by the watcher thread
         self._watcher: Watcher | None = None
-        self._watching: tuple[str, frozenset[str]] | None = None
+        self._watching: str | None = None  # the applied target the watches are for
         self.observe_method = "poll"  # "inotify" once the watcher runs
         self.state: ShimState = ShimState(TrustState(config.device))
         self.applied_group: Held | None = None
@@ -366,11 +366,13 @@ class Agent:
 
     def _on_watch(self, change: Change) -> None:
         with self._cond:
+            settling = self._debounce.due() is not None  # the loop already waits for it
             if change.failed is not None:
                 self._watch_failed = change.failed
             self._debounce.add(change, time.monotonic())
-            self._wake = True
-            self._cond.notify_all()
+            if not settling or change.failed is not None:
+                self._wake = True
+                self._cond.notify_all()
 
     def _sleep(self) -> None:
         now = time.monotonic()
@@ -494,7 +496,7 @@ class Agent:
         if self._watcher is None:
             return
         key = self.applied_key
-        if self._watching is not None and self._watching[0] == key:
+        if self._watching == key:
             return
         desired = self._desired()
         paths = {r.path for r in desired if isinstance(r, bundles.FileResource)}
@@ -505,7 +507,7 @@ class Agent:
         except WatchUnavailable as exc:
             self._poll_instead(str(exc))
             return
-        self._watching = (key, frozenset(paths))
+        self._watching = key
 
     def _set_waiting(self, why: str | None) -> None:
         if why != self._waiting:

@@ -248,6 +248,13 @@ class Watcher:
     # The reader thread.
 
     def _run(self) -> None:
+        try:
+            self._read_events()
+        except Exception as exc:  # a watcher that died silently would leave only the poll
+            log.exception("the inotify watcher failed")
+            self._notify(Change(failed=f"the inotify watcher failed ({exc!r})"))
+
+    def _read_events(self) -> None:
         poller = select.poll()
         poller.register(self._inotify.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)

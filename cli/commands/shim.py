@@ -126,7 +126,41 @@ def _setup_logging(as_json: bool, level: str) -> None:
     logging.getLogger("paho").setLevel(logging.WARNING)
 
 
+def defer_urllib_request() -> None:
+    """Import ``urllib.request`` when it is first used, not when paho imports it.
+
+    paho imports it for one purpose, finding an ``mqtt_proxy`` when PySocks is installed;
+    with it come ``http.client`` and ``email``: about 2 MB of a device's memory, for nothing
+    on most devices. A placeholder module stands in for it until an attribute is asked for,
+    then the real module replaces it (``importlib.util.LazyLoader`` cannot do this: the
+    ``import`` statement itself makes it load). Only in the shim's own process; a module
+    already imported is left as it is.
+    """
+    import importlib
+    import importlib.util
+    import types
+
+    name = "urllib.request"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+
+    class Deferred(types.ModuleType):
+        def __getattr__(self, attr: str) -> Any:
+            if sys.modules.get(name) is self:
+                del sys.modules[name]
+            return getattr(importlib.import_module(name), attr)
+
+    placeholder = Deferred(name)
+    placeholder.__spec__ = spec
+    sys.modules[name] = placeholder
+    import urllib
+
+    urllib.request = placeholder  # type: ignore[attr-defined]
+
+
 def run(args: argparse.Namespace) -> int:
+    defer_urllib_request()
     from setpoint.device_shim import (
         Agent,
         BrokerSettings,

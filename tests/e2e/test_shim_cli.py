@@ -121,6 +121,22 @@ def test_converges_heals_and_stops_cleanly(fleet: Fleet, run_shim: Any, tmp_path
     assert "hunter2" not in shim.text()
 
 
+def test_the_shim_defers_what_paho_imports_only_for_proxies() -> None:
+    probe = (
+        "import sys\n"
+        "from setpoint.commands import shim\n"
+        "shim.defer_urllib_request()\n"
+        "import setpoint.device_shim.agent\n"
+        "assert 'http.client' not in sys.modules and 'email' not in sys.modules\n"
+        "import urllib.request\n"
+        "from urllib.request import getproxies\n"
+        "assert isinstance(getproxies(), dict) and 'http.client' in sys.modules\n"
+        "assert type(sys.modules['urllib.request']).__name__ == 'module'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_bad_device_id_is_refused_at_start(fleet: Fleet, run_shim: Any) -> None:
     shim = run_shim(device="Not/A/Device")
     assert shim.wait() == 2
