@@ -27,10 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import SETPOINT, Stack, Watcher, percentile, record, stop, table
+from .common import SETPOINT, SHIM_POLL_FLAGS, Stack, Watcher, percentile, record, stop, table
 
 OBSERVE, ENFORCE = "sim-00001", "sim-00000"  # groups sim-g1 (observe) and sim-g0 (enforce)
-POLL_FLAGS = ("--no-watch", "--observe-interval", "5")
+
+
+def _hand_edit(path: Path, n: int) -> float:
+    """Append a line to ``path``, as ``echo >> path`` would; the time just before."""
+    t0 = time.time()
+    with path.open("ab") as fh:
+        fh.write(b"# edited by hand %d\n" % n)
+    return t0
 
 
 def _event(topic: str, payload: bytes) -> dict[str, Any] | None:
@@ -56,7 +63,7 @@ async def _restored(path: Path, content: bytes, timeout: float) -> float:
 
 
 async def main_async(edits: int, quick: bool, poll: bool) -> dict[str, Any]:
-    flags = POLL_FLAGS if poll else ()
+    flags = SHIM_POLL_FLAGS if poll else ()
     timeout = 30.0
     with (
         tempfile.TemporaryDirectory(prefix="bench-device-drift-") as tmp,
@@ -102,32 +109,27 @@ async def main_async(edits: int, quick: bool, poll: bool) -> dict[str, Any]:
                     assert at is not None
                     return at
 
-                observe: list[float] = []
-                motd = roots[OBSERVE] / "etc" / "motd"
-                original = motd.read_bytes()
-                for i in range(edits):
+                async def one_round(device: str, i: int) -> tuple[float, float, float]:
+                    """Seconds from the edit to the drift event, to the file put back
+                    (enforce only), to the event back to in_sync."""
+                    motd = roots[device] / "etc" / "motd"
                     mark = len(watcher.arrivals)
-                    t0 = time.time()
-                    with motd.open("ab") as fh:
-                        fh.write(b"# edited by hand %d\n" % i)
-                    observe.append(await event_for(OBSERVE, "drifted", mark) - t0)
-                    mark = len(watcher.arrivals)
-                    motd.write_bytes(original)
-                    await event_for(OBSERVE, "in_sync", mark)
+                    t0 = _hand_edit(motd, i)
+                    healed = float("nan")
+                    if device == ENFORCE:
+                        healed = await _restored(motd, originals[device], timeout) - t0
+                    drifted = await event_for(device, "drifted", mark) - t0
+                    if device == OBSERVE:
+                        motd.write_bytes(originals[device])  # undone by hand
+                    back = await event_for(device, "in_sync", mark) - t0
+                    return drifted, healed, back
 
-                to_event: list[float] = []
-                to_disk: list[float] = []
-                to_resolved: list[float] = []
-                motd = roots[ENFORCE] / "etc" / "motd"
-                original = motd.read_bytes()
-                for i in range(edits):
-                    mark = len(watcher.arrivals)
-                    t0 = time.time()
-                    with motd.open("ab") as fh:
-                        fh.write(b"# edited by hand %d\n" % i)
-                    to_disk.append(await _restored(motd, original, timeout) - t0)
-                    to_event.append(await event_for(ENFORCE, "drifted", mark) - t0)
-                    to_resolved.append(await event_for(ENFORCE, "in_sync", mark) - t0)
+                originals = {d: (roots[d] / "etc" / "motd").read_bytes() for d in roots}
+                observe = [(await one_round(OBSERVE, i))[0] for i in range(edits)]
+                enforce = [await one_round(ENFORCE, i) for i in range(edits)]
+                to_event = [r[0] for r in enforce]
+                to_disk = [r[1] for r in enforce]
+                to_resolved = [r[2] for r in enforce]
             finally:
                 for shim in shims:
                     stop(shim)
@@ -165,14 +167,12 @@ async def main_async(edits: int, quick: bool, poll: bool) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--edits", type=int, default=None, help="rounds (default 100)")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument(
-        "--poll", action="store_true", help="run the shims the old way: no inotify, 5 s polls"
-    )
+    parser.add_argument("--edits", type=int, help="rounds (default 100; quick: 20)")
+    parser.add_argument("--quick", action="store_true", help="20 rounds")
+    parser.add_argument("--poll", action="store_true", help="shims without inotify, 5 s polls")
     args = parser.parse_args(argv)
-    edits = args.edits if args.edits is not None else (20 if args.quick else 100)
-    asyncio.run(main_async(edits, args.quick, args.poll))
+    rounds = args.edits or (20 if args.quick else 100)
+    asyncio.run(main_async(rounds, args.quick, args.poll))
     return 0
 
 

@@ -30,10 +30,20 @@ from typing import Any
 from setpoint.proto import reports
 from setpoint.sim import fleetrepo
 
-from .common import SETPOINT, Stack, Watcher, cpu_seconds, record, rss_mb, sampling, stop, table
+from .common import (
+    SETPOINT,
+    SHIM_POLL_FLAGS,
+    Stack,
+    Watcher,
+    cpu_seconds,
+    record,
+    rss_mb,
+    sampling,
+    stop,
+    table,
+)
 
 DEVICE = "sim-00000"
-POLL_FLAGS = ("--no-watch", "--observe-interval", "5")
 
 
 def import_rss(code: str) -> float:
@@ -69,7 +79,7 @@ async def main_async(idle: float, quick: bool, poll: bool = False) -> dict[str, 
             shim = subprocess.Popen(
                 [SETPOINT, "shim", "--device", DEVICE, "--broker", stack.broker.url,
                  "--trust", str(stack.pub), "--root", str(Path(tmp) / "root"),
-                 "--log-level", "WARNING", *(POLL_FLAGS if poll else ())],
+                 "--log-level", "WARNING", *(SHIM_POLL_FLAGS if poll else ())],
             )  # fmt: skip
             try:
                 await watcher.until(lambda: version.get("group") == 1, 60)
@@ -91,7 +101,7 @@ async def main_async(idle: float, quick: bool, poll: bool = False) -> dict[str, 
     bare = import_rss("pass")
     shim_imports = import_rss("import setpoint.commands.shim, setpoint.device_shim.agent")
     result = {
-        "shim_flags": " ".join(POLL_FLAGS) if poll else "defaults",
+        "shim_flags": " ".join(SHIM_POLL_FLAGS) if poll else "defaults",
         "idle_seconds": round(wall, 1),
         "shim_rss_idle_mb": round(rss_idle, 1),
         "shim_rss_start_mb": round(rss_start, 1),

@@ -253,3 +253,18 @@ def test_watch_limit_reached_falls_back_to_polling_and_says_so_once(
         " reached (over 1 watches); raise fs.inotify.max_user_watches"
     ]
     assert shim.count("observe-method") == 1
+
+
+def test_a_watcher_failing_later_hands_over_to_polling(fleet: Fleet, shims: Shims) -> None:
+    publish_pair(fleet, 1)
+    shim = shims.start("dev1", observe_interval=0.2)
+    assert fleet.wait_report("dev1", on_versions(1, 1)).observe == "inotify"
+    watcher = shim.agent._watcher
+    assert watcher is not None
+    null = os.open(os.devnull, os.O_RDONLY)  # the descriptor fails under the reader
+    os.dup2(null, watcher._inotify.fileno())
+    os.close(null)
+    (shim.config.root / "etc" / "motd").write_text("hand edit\n")
+    fleet.wait_report("dev1", lambda r: r.observe == "poll")
+    assert shim.wait_event("observe-method")["why"].startswith("the inotify watcher failed")
+    wait_for(lambda: (shim.config.root / "etc" / "motd").read_bytes() == RENDERED, what="heal")

@@ -289,3 +289,13 @@ def test_paths_leading_out_of_the_root_are_not_watched(
         assert watcher.watches == 1  # the root only
     finally:
         watcher.close()
+
+
+def test_a_watcher_that_fails_says_so(root: Path, seen: Seen, watcher: Watcher) -> None:
+    # The inotify descriptor turns into /dev/null under the reader: its next read fails.
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, watcher._inotify.fileno())
+    os.close(null)
+    (root / MOTD).write_text("wakes the reader\n")
+    failed = seen.wait(lambda c: c.failed is not None, "a failure")
+    assert failed.failed is not None and failed.failed.startswith("the inotify watcher failed")
