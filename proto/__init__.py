@@ -5,7 +5,18 @@ dependencies are msgpack and cryptography. The protocol is written down in
 ``proto/SPEC.md``.
 """
 
-from . import approvals, bundles, codec, commands, envelopes, reports, status, topics, trust
+from . import (
+    approvals,
+    bundles,
+    codec,
+    commands,
+    envelopes,
+    reports,
+    repository,
+    status,
+    topics,
+    trust,
+)
 from .errors import (
     DecodeError,
     ExpiredError,
@@ -46,6 +57,7 @@ __all__ = [
     "commands",
     "envelopes",
     "reports",
+    "repository",
     "status",
     "topics",
     "trust",
