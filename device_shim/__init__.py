@@ -5,6 +5,7 @@ imports nothing from the controller. The layers, bottom up:
 
 * :mod:`.planning` (pure): ``plan(desired, observed) -> steps``, a closed set of steps;
 * :mod:`.observing`: what is on the device (stat first, hash only when needed);
+* :mod:`.watching`: which managed paths changed, told by inotify (polling where it cannot);
 * :mod:`.applying`: one executor per step kind, all or nothing, journaled;
 * :mod:`.state`: what survives a restart (trust floors, applied bundles, what it manages);
 * :mod:`.reporting`: the report and when to send it; :mod:`.backoff`: retry timing;
