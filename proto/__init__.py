@@ -32,6 +32,7 @@ from .errors import (
     TrustError,
     VerificationError,
     WrongTargetError,
+    refusal_reason,
 )
 from .topics import Topics, validate_id
 
@@ -56,6 +57,7 @@ __all__ = [
     "codec",
     "commands",
     "envelopes",
+    "refusal_reason",
     "reports",
     "repository",
     "status",
