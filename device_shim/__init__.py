@@ -1,7 +1,8 @@
 """setpoint's device shim: verify signed bundles, apply them idempotently, report, heal.
 
 It runs on small Linux devices with paho-mqtt, msgpack and cryptography alone (and
-inotify-simple, to notice hand edits at once), and imports nothing from the controller. The layers, bottom up:
+inotify-simple, to notice hand edits at once), and imports nothing from the controller.
+The layers, bottom up:
 
 * :mod:`.planning` (pure): ``plan(desired, observed) -> steps``, a closed set of steps;
 * :mod:`.observing`: what is on the device (stat first, hash only when needed);
