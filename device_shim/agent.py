@@ -12,8 +12,9 @@ thread of its own and only queues messages and wakes the loop. Each pass of the 
    it names (subscribing to that group's topic, and leaving the old one, as needed);
 4. if the target differs from what is applied and the retry gate allows, plans and applies
    it (all or nothing), then records it in trust state and saves state atomically;
-5. re-observes the device when the observe interval is due (or a command asked): drift is
-   reported, and in ``enforce`` mode put back;
+5. observes the device: the resources the watcher saw change (inotify, debounced), or all
+   of them when the observe interval is due (the safety net; the only way where inotify is
+   unavailable) or a command asked: drift is reported, and in ``enforce`` mode put back;
 6. publishes the report if anything changed, or the heartbeat is due.
 
 Nothing in a pass depends on which message woke it: the loop re-reads what it has (the
@@ -63,6 +64,7 @@ from .planning import Blocked, Observed, Step, Wait
 from .reporting import SHIM_VERSION, Reporter, resource_reports
 from .running import CommandRunner
 from .state import ShimState, StateStore
+from .watching import Change, Debounce, Watcher, WatchUnavailable
 
 log = logging.getLogger("setpoint.shim")
 
@@ -190,6 +192,12 @@ class Agent:
         self._wanted_group: str | None = None
         self._subscriptions: frozenset[str] = frozenset()
         self._desired_cache: tuple[str, list[Resource]] | None = None
+        self._observed: tuple[str, Observed] | None = None  # the last look, for its target
+        self._debounce = Debounce()  # guarded by self._cond (the watcher thread adds to it)
+        self._watch_failed: str | None = None  # set by the watcher thread
+        self._watcher: Watcher | None = None
+        self._watching: str | None = None  # the applied target the watches are for
+        self.observe_method = "poll"  # "inotify" once the watcher runs
         self.state: ShimState = ShimState(TrustState(config.device))
         self.applied_group: Held | None = None
         self.applied_device: Held | None = None
@@ -273,12 +281,16 @@ class Agent:
             self.store.dir,
             self.config.broker.url if self.config.broker else "no broker",
         )
+        self._start_watching()
         if self.link is not None:
             self.link.start()
 
     def close(self) -> None:
         if self.link is not None:
             self.link.stop()
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
         self.store.close()
         log.info("shim stopped")
 
@@ -332,9 +344,22 @@ class Agent:
             self._wake = True
             self._cond.notify_all()
 
+    def _on_watch(self, change: Change) -> None:
+        with self._cond:
+            settling = self._debounce.due() is not None  # the loop already waits for it
+            if change.failed is not None:
+                self._watch_failed = change.failed
+            self._debounce.add(change, time.monotonic())
+            if not settling or change.failed is not None:
+                self._wake = True
+                self._cond.notify_all()
+
     def _sleep(self) -> None:
         now = time.monotonic()
         deadlines = [self._last_observe + self.config.observe_interval]
+        with self._cond:
+            if (settled := self._debounce.due()) is not None:
+                deadlines.append(settled)
         if self.reporter is not None and (due := self.reporter.next_due()) is not None:
             deadlines.append(due)
         if self._report_retry is not None:
@@ -390,6 +415,7 @@ class Agent:
             self._set_waiting(target.why)
         else:
             self._set_waiting(None)
+        self._update_watches()
         mono = time.monotonic()
         if self._force_observe or mono - self._last_observe >= self.config.observe_interval:
             check = self._force_check or (
@@ -399,8 +425,69 @@ class Agent:
             self._last_observe = mono
             if check:
                 self._last_check = mono
+            with self._cond:
+                self._debounce.clear()  # this full look covers every change seen so far
             self._observe(now, check_commands=check)
+        else:
+            with self._cond:
+                change = self._debounce.take(mono)
+            if change is not None:
+                self._observe(now, check_commands=False, change=change)
         self._report(now)
+
+    # Watching (inotify), with polling as the safety net.
+
+    def _start_watching(self) -> None:
+        if not self.config.watch:
+            self._poll_instead("--no-watch was given")
+            return
+        watcher = Watcher(self._root, self._on_watch, max_watches=self.config.max_watches)
+        try:
+            watcher.start()
+        except WatchUnavailable as exc:
+            self._poll_instead(str(exc))
+            return
+        self._watcher = watcher
+        self.observe_method = "inotify"
+        log.info(
+            "observing with inotify; a full look every %gs as a safety net",
+            self.config.observe_interval,
+        )
+
+    def _poll_instead(self, why: str) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        self.observe_method = "poll"
+        self._force_observe = True
+        log.warning(
+            "observing by polling every %gs (--observe-interval): %s",
+            self.config.observe_interval,
+            why,
+        )
+        self._event("observe-method", {"method": "poll", "why": why})
+
+    def _update_watches(self) -> None:
+        """Watch what the applied bundles manage: their files and the settings file."""
+        with self._cond:
+            failed, self._watch_failed = self._watch_failed, None
+        if failed is not None and self._watcher is not None:
+            self._poll_instead(failed)
+        if self._watcher is None:
+            return
+        key = self.applied_key
+        if self._watching == key:
+            return
+        desired = self._desired()
+        paths = {r.path for r in desired if isinstance(r, bundles.FileResource)}
+        if self.state.managed_settings or any(isinstance(r, SettingResource) for r in desired):
+            paths.add(SETTINGS_FILE)
+        try:
+            self._watcher.watch(paths)
+        except WatchUnavailable as exc:
+            self._poll_instead(str(exc))
+            return
+        self._watching = key
 
     def _set_waiting(self, why: str | None) -> None:
         if why != self._waiting:
@@ -616,6 +703,17 @@ class Agent:
             settings_mode=0o600 if secret else 0o644,
         )
 
+    def _refresh(
+        self, previous: Observed, desired: list[Resource], changed: set[str] | frozenset[str]
+    ) -> Observed:
+        return self.observer.refresh(
+            previous,
+            desired,
+            changed,
+            managed_files=self.state.managed_files,
+            managed_settings=self.state.managed_settings,
+        )
+
     def _observe_for(self, desired: list[Resource], *, check_commands: bool) -> Observed:
         return self.observer.observe(
             desired,
@@ -750,19 +848,31 @@ class Agent:
             self._desired_cache = (key, resources)
         return self._desired_cache[1]
 
-    def _observe(self, now: float, *, check_commands: bool) -> None:
+    def _observe(self, now: float, *, check_commands: bool, change: Change | None = None) -> None:
         desired = self._desired()
         if not desired and not self.state.managed_files:
             self._statuses = ()
             return
-        observed = self._observe_for(desired, check_commands=check_commands)
+        previous = self._observed
+        if (
+            change is not None
+            and not change.everything
+            and previous is not None
+            and previous[0] == self.applied_key
+        ):
+            observed = self._refresh(previous[1], desired, change.paths)
+            looked_at: list[str] | None = sorted(change.paths)
+        else:
+            observed = self._observe_for(desired, check_commands=check_commands)
+            looked_at = None  # everything
+        self._observed = (self.applied_key, observed)
         steps = planning.plan(desired, observed, self.config.policy)
         drift = planning.changes(steps)
         drifted = {rid for s in drift if (rid := getattr(s, "resource_id", None))}
         for rid in drifted:
             self._healed.pop(rid, None)  # drifted again: no longer "healed"
         self._statuses = self._assess(desired, observed, steps)
-        self._event("observed", {"drift": len(drift)})
+        self._event("observed", {"drift": len(drift), "paths": looked_at})
         if drift:
             log.info(
                 "drift (%s mode): %s",
@@ -773,7 +883,15 @@ class Agent:
         if drift and self.mode == "enforce":
             self._report(now)  # the drift is seen before it is healed
             if self._heal(desired, steps, drift, now):
-                observed = self._observe_for(desired, check_commands=False)
+                touched = {
+                    r.path
+                    for r in desired
+                    if isinstance(r, bundles.FileResource) and r.id in drifted
+                }
+                if any(isinstance(s, planning.SetSetting | planning.RemoveSetting) for s in drift):
+                    touched.add(SETTINGS_FILE)
+                observed = self._refresh(observed, desired, touched)
+                self._observed = (self.applied_key, observed)
                 steps = planning.plan(desired, observed, self.config.policy)
                 self._statuses = self._assess(desired, observed, steps)
 
@@ -869,6 +987,7 @@ class Agent:
             resources=self._statuses,
             refusals=tuple(self._refusals),
             failure=failure,
+            observe=self.observe_method,
         )
 
     def _report(self, now: float) -> None:

@@ -10,6 +10,9 @@ root are followed, one that leads out makes the path ``escapes``; a path whose l
 component is a symlink is ``symlink``; paths inside ``<root>/.setpoint`` or the state
 directory are ``reserved``. Files larger than any bundle could ask for are never read.
 
+:meth:`Observer.refresh` looks again at the changed paths only (what the watcher reported)
+and keeps every other fact from the previous observation.
+
 Command checks run only when asked (a new version, a reconcile command, or the device's
 ``command_check_interval``); otherwise the last result is reused.
 
@@ -24,13 +27,19 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
 from setpoint.proto import bundles, codec
-from setpoint.proto.bundles import CommandResource, FileResource, Resource, SettingValue
+from setpoint.proto.bundles import (
+    CommandResource,
+    FileResource,
+    Resource,
+    SettingResource,
+    SettingValue,
+)
 
 from .config import DEFAULT_POLICY, RESERVED_DIR, SETTINGS_FILE, DevicePolicy
 from .planning import CommandFact, FileFact, Observed, SettingsFact
@@ -275,4 +284,44 @@ class Observer:
             commands=commands,
             managed_files=frozenset(managed_files),
             managed_settings=frozenset(managed_settings),
+        )
+
+    def refresh(
+        self,
+        previous: Observed,
+        desired: Sequence[Resource],
+        changed: Collection[str],
+        *,
+        managed_files: Iterable[str] = (),
+        managed_settings: Iterable[str] = (),
+    ) -> Observed:
+        """``previous``, with the files and settings file in ``changed`` looked at again.
+
+        ``previous`` must be an observation of the same ``desired``; paths it lacks are
+        looked at too. Command facts come from the cache (checks stay on their interval).
+        """
+        files: dict[str, FileFact] = {}
+        commands: dict[str, CommandFact] = {}
+        wants_settings = False
+        for resource in desired:
+            if isinstance(resource, FileResource):
+                fact = previous.files.get(resource.path)
+                if fact is None or resource.path in changed:
+                    fact = self.file_fact(resource.path)
+                files[resource.path] = fact
+            elif isinstance(resource, CommandResource):
+                commands[resource.id] = self.command_fact(resource, check=False)
+            elif isinstance(resource, SettingResource):
+                wants_settings = True
+        managed_settings = frozenset(managed_settings)
+        settings = previous.settings
+        if (wants_settings or managed_settings) and SETTINGS_FILE in changed:
+            settings = self.settings_fact()
+        return replace(
+            previous,
+            files=files,
+            settings=settings,
+            commands=commands,
+            managed_files=frozenset(managed_files),
+            managed_settings=managed_settings,
         )

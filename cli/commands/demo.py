@@ -336,7 +336,7 @@ def story(
                     "--root", str(roots[device]),
                     "--state-dir", str(work / "devices" / device / "state"),
                     "--config", str(device_config),
-                    "--observe-interval", "0.5", "--heartbeat", "60",
+                    "--heartbeat", "60",
                     *(tls.flags(device) if tls else ()),
                 ),
                 logs / f"shim-{device}.log",

@@ -2,8 +2,8 @@
 
     setpoint shim --device ID --broker URL --trust PUBFILE [--trust PUBFILE ...] --root DIR
                   [--state-dir DIR] [--config FILE] [--threshold N] [--heartbeat S]
-                  [--observe-interval S] [--skew S] [--username U] [--password-file F]
-                  [--prefix P] [--log-json] [--reset-floors]
+                  [--observe-interval S] [--no-watch] [--skew S] [--username U]
+                  [--password-file F] [--prefix P] [--log-json] [--reset-floors]
 
 The password comes from ``SETPOINT_MQTT_PASSWORD`` or ``--password-file``, never from the
 command line. A clean stop publishes ``offline`` presence and exits 0; a bad setting exits 2
@@ -56,8 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--observe-interval",
         type=float,
-        default=5.0,
-        help="seconds between looks at the device's files and settings (drift detection)",
+        default=60.0,
+        help="seconds between full looks at the device's files and settings (default 60);"
+        " inotify reports a change at once, this is the safety net, and the only way where"
+        " inotify is unavailable",
+    )
+    parser.add_argument(
+        "--no-watch",
+        dest="watch",
+        action="store_false",
+        help="do not use inotify; poll every --observe-interval (a root on a network file"
+        " system, where inotify misses other hosts' writes)",
     )
     parser.add_argument(
         "--skew", type=float, default=300.0, help="clock skew tolerated on expiry (seconds)"
@@ -117,7 +126,41 @@ def _setup_logging(as_json: bool, level: str) -> None:
     logging.getLogger("paho").setLevel(logging.WARNING)
 
 
+def defer_urllib_request() -> None:
+    """Import ``urllib.request`` when it is first used, not when paho imports it.
+
+    paho imports it for one purpose, finding an ``mqtt_proxy`` when PySocks is installed;
+    with it come ``http.client`` and ``email``: about 2 MB of a device's memory, for nothing
+    on most devices. A placeholder module stands in for it until an attribute is asked for,
+    then the real module replaces it (``importlib.util.LazyLoader`` cannot do this: the
+    ``import`` statement itself makes it load). Only in the shim's own process; a module
+    already imported is left as it is.
+    """
+    import importlib
+    import importlib.util
+    import types
+
+    name = "urllib.request"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+
+    class Deferred(types.ModuleType):
+        def __getattr__(self, attr: str) -> Any:
+            if sys.modules.get(name) is self:
+                del sys.modules[name]
+            return getattr(importlib.import_module(name), attr)
+
+    placeholder = Deferred(name)
+    placeholder.__spec__ = spec
+    sys.modules[name] = placeholder
+    import urllib
+
+    urllib.request = placeholder  # type: ignore[attr-defined]
+
+
 def run(args: argparse.Namespace) -> int:
+    defer_urllib_request()
     from setpoint.device_shim import (
         Agent,
         BrokerSettings,
@@ -150,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             heartbeat=args.heartbeat,
             observe_interval=args.observe_interval,
+            watch=args.watch,
             skew=args.skew,
             prefix=args.prefix,
             client_id=args.client_id,
