@@ -54,19 +54,24 @@ def run(args: argparse.Namespace) -> int:
             return 2
         where = f"{args.rev} ({info.id[:12]})"
     problems = [str(p) for p in snapshot.problems]
+    warnings = [str(w) for w in snapshot.warnings]
     if args.json:
         print(
             json.dumps(
                 {
                     "ok": not problems,
                     "problems": [{"file": p.file, "message": p.message} for p in snapshot.problems],
+                    "warnings": [{"file": w.file, "message": w.message} for w in snapshot.warnings],
                     "groups": sorted(snapshot.groups),
                     "devices": sorted(snapshot.devices),
                 },
                 indent=2,
             )
         )
-    elif problems:
+        return 1 if problems else 0
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if problems:
         for line in problems:
             print(line, file=sys.stderr)
         print(f"{len(problems)} problem(s) in {where}", file=sys.stderr)
