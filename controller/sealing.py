@@ -3,7 +3,7 @@
 The operator's side of sealed values (``setpoint secrets seal`` and ``reseal``):
 
 * :func:`recipients` finds the ``recipient:`` of one device, or of every device of a group,
-  in a validated view of the repository;
+  in a view of the repository;
 * :func:`seal` encrypts a plaintext the operator gives to those recipients (age X25519,
   through ``pyrage``), returning the :class:`~setpoint.proto.sealed.Sealed` value with the
   recipients' key ids beside the ciphertext;
@@ -17,6 +17,7 @@ plaintext comes from the operator and goes only to the age library.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -28,7 +29,7 @@ from setpoint.proto.sealed import Sealed
 
 from . import safeyaml
 from .errors import ControllerError
-from .fleet import Snapshot
+from .fleet import DEVICES_DIR, GROUPS_DIR, YAML_SUFFIXES, Tree, TreeError
 
 _REPLACED: Final = ("value", "content", "source", "sealed")
 
@@ -37,34 +38,64 @@ class SealingError(ControllerError):
     """A value cannot be sealed as asked; the message says what to fix."""
 
 
+def target_file(tree: Tree, kind: str, ident: str) -> str:
+    """The repository path of a group's or device's file (``.yaml`` or ``.yml``)."""
+    directory = GROUPS_DIR if kind == "group" else DEVICES_DIR
+    names = set(tree.list_yaml(directory))
+    for suffix in YAML_SUFFIXES:
+        if f"{ident}{suffix}" in names:
+            return f"{directory}/{ident}{suffix}"
+    raise SealingError(f"{kind} {ident!r} has no file {directory}/{ident}.yaml in the repository")
+
+
+def _device_file(tree: Tree, path: str) -> dict[str, Any]:
+    try:
+        document = safeyaml.load(tree.read(path, safeyaml.MAX_YAML_BYTES) or b"")
+    except (safeyaml.YamlError, TreeError) as exc:
+        raise SealingError(f"{path}: {exc}") from None
+    return document if isinstance(document, dict) else {}
+
+
 def recipients(
-    snapshot: Snapshot, *, group: str | None = None, device: str | None = None
+    tree: Tree, *, group: str | None = None, device: str | None = None
 ) -> dict[str, str]:
-    """The recipient of ``device``, or of every device in ``group``, by device id."""
+    """The recipient of ``device``, or of every device in ``group``, by device id.
+
+    Reads only ``group:`` and ``recipient:`` of the device files, so that a group whose file
+    does not validate yet (a plaintext secret being sealed) can still be sealed for.
+    """
     if (group is None) == (device is None):
-        raise SealingError("name exactly one of a group or a device")
+        raise SealingError("name exactly one of --group or --device")
     if device is not None:
-        found = snapshot.devices.get(device)
-        if found is None:
-            why = "does not validate" if device in snapshot.broken_devices else "does not exist"
-            raise SealingError(f"device {device!r} {why} in the repository (devices/{device}.yaml)")
-        members = [found]
+        files = {device: target_file(tree, "device", device)}
     else:
         assert group is not None
-        if group not in snapshot.groups:
-            raise SealingError(f"group {group!r} does not exist or does not validate")
-        members = sorted(
-            (d for d in snapshot.devices.values() if d.group == group), key=lambda d: d.id
-        )
-        if not members:
+        target_file(tree, "group", group)
+        files = {}
+        for name in sorted(tree.list_yaml(DEVICES_DIR)):
+            stem, _dot, suffix = name.rpartition(".")
+            path = f"{DEVICES_DIR}/{name}"
+            if f".{suffix}" in YAML_SUFFIXES and _device_file(tree, path).get("group") == group:
+                files[stem] = path
+        if not files:
             raise SealingError(f"group {group!r} has no devices to seal for")
-    lacking = [d.file for d in members if d.recipient is None]
+    found: dict[str, str] = {}
+    lacking = []
+    for ident, path in files.items():
+        recipient = _device_file(tree, path).get("recipient")
+        if recipient is None:
+            lacking.append(path)
+            continue
+        try:
+            found[ident] = sealed.check_recipient(recipient, f"{path}: recipient")
+        except SchemaError as exc:
+            raise SealingError(str(exc)) from None
     if lacking:
         raise SealingError(
             f"no 'recipient:' in {', '.join(lacking)}: run `setpoint shim keygen --state-dir"
             " DIR` on each device and add the age1... line it prints as 'recipient:'"
         )
-    return {d.id: d.recipient for d in members if d.recipient is not None}
+    return found
 
 
 def seal(plaintext: bytes, to: Mapping[str, str]) -> Sealed:
@@ -168,8 +199,16 @@ def place(
                 f"{file}: no resource {resource_id!r}; to add one, say what it is:"
                 " --key KEY (a setting) or --path PATH (a file)"
             )
-        body = [f"id: {resource_id}", *(f"{k}: {v}" for k, v in new.items())]
-        if isinstance(resources, yaml.SequenceNode) and resources.value and not resources.flow_style:
+        # JSON strings are YAML double-quoted scalars: any key or path stays what it is.
+        body = [
+            f"id: {json.dumps(resource_id)}",
+            *(f"{k}: {json.dumps(v)}" for k, v in new.items()),
+        ]
+        if (
+            isinstance(resources, yaml.SequenceNode)
+            and resources.value
+            and not resources.flow_style
+        ):
             dash = resources.start_mark.column
             last = resources.value[-1]
             at = (
