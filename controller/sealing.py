@@ -130,10 +130,22 @@ def yaml_lines(value: Sealed, indent: int) -> list[str]:
     return lines
 
 
+def _last_line(node: yaml.Node) -> int:
+    """The last line that holds part of ``node`` (a block collection's end mark lies at the
+    next token, past any comment lines that follow it: descend to its last scalar)."""
+    if (
+        isinstance(node, yaml.MappingNode | yaml.SequenceNode)
+        and node.value
+        and not node.flow_style
+    ):
+        last = node.value[-1]
+        return _last_line(last[1] if isinstance(last, tuple) else last)
+    return node.end_mark.line if node.end_mark.column > 0 else node.end_mark.line - 1
+
+
 def _pair_lines(key: yaml.Node, value: yaml.Node) -> tuple[int, int]:
     """The lines (first, last inclusive) a ``key: value`` pair occupies."""
-    end = value.end_mark.line if value.end_mark.column > 0 else value.end_mark.line - 1
-    return key.start_mark.line, max(end, key.start_mark.line)
+    return key.start_mark.line, max(_last_line(value), key.start_mark.line)
 
 
 def _scalar(node: yaml.Node) -> Any:
@@ -210,12 +222,7 @@ def place(
             and not resources.flow_style
         ):
             dash = resources.start_mark.column
-            last = resources.value[-1]
-            at = (
-                _pair_lines(*last.value[-1])[1] + 1
-                if isinstance(last, yaml.MappingNode) and last.value
-                else last.end_mark.line + 1
-            )
+            at = _last_line(resources) + 1
         else:
             if resources is not None and resources_key is not None:
                 if not (isinstance(resources, yaml.SequenceNode) and not resources.value):
