@@ -29,7 +29,6 @@ from typing import Any
 
 from ._common import CommandError, add_broker_arguments, broker_from_args
 
-
 _RUN_NEEDS = ("device", "broker", "trust", "root")
 
 

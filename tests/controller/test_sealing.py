@@ -193,18 +193,18 @@ def test_sealing_opens_only_for_its_recipients() -> None:
 
 def test_sealing_refuses_a_bad_recipient_checksum() -> None:
     broken = RECIPIENTS["k1"][:-1] + ("q" if RECIPIENTS["k1"][-1] != "q" else "p")
-    with pytest.raises(sealing.SealingError, match="device 'k1': recipient .* is not valid"):
+    with pytest.raises(sealing.SealingError, match=r"device 'k1': recipient .* is not valid"):
         sealing.seal(b"x", {"k1": broken})
 
 
 def test_recipients_of_a_group_name_the_devices_that_lack_one(tmp_path: Path) -> None:
-    load(tmp_path, {"groups/g.yaml": "", "devices/a.yaml": device("g", "k1"),
-                    "devices/b.yaml": device("g"), "devices/c.yaml": device("h", "k2")})  # fmt: skip
+    files = {"groups/g.yaml": "", "devices/a.yaml": device("g", "k1")}
+    load(tmp_path, {**files, "devices/b.yaml": device("g"), "devices/c.yaml": device("h", "k2")})
     tree = DirectoryTree(tmp_path)
     with pytest.raises(sealing.SealingError, match=r"no 'recipient:' in devices/b.yaml"):
         sealing.recipients(tree, group="g")
     assert sealing.recipients(tree, device="a") == {"a": RECIPIENTS["k1"]}
-    with pytest.raises(sealing.SealingError, match="group 'nope' has no file groups/nope.yaml"):
+    with pytest.raises(sealing.SealingError, match=r"group 'nope' has no file groups/nope\.yaml"):
         sealing.recipients(tree, group="nope")
 
 
@@ -246,7 +246,7 @@ def test_place_adds_a_new_resource_after_the_last_one() -> None:
 
 def test_place_without_a_resource_or_its_kind_says_what_to_give() -> None:
     value = sealing.seal(b"x", {"k1": RECIPIENTS["k1"]})
-    with pytest.raises(sealing.SealingError, match="--key KEY .* or --path PATH"):
+    with pytest.raises(sealing.SealingError, match=r"--key KEY .* or --path PATH"):
         sealing.place(KEEP, "missing", value)
     with pytest.raises(sealing.SealingError, match="flow style"):
         sealing.place("resources:\n  - {id: t, kind: setting, key: k, value: v}\n", "t", value)
