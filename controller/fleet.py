@@ -830,7 +830,7 @@ def sealing_warnings(groups: Mapping[str, Group], devices: Mapping[str, Device])
 
     Uses the recipients' key ids kept beside each ciphertext: nothing is decrypted.
     """
-    targets = [*groups.values(), *devices.values()]
+    targets: list[Group | Device] = [*groups.values(), *devices.values()]
     if not any(bundles.is_sealed(r) for t in targets for r in t.resources):
         return []
     missing: dict[tuple[str, str], list[str]] = {}
