@@ -164,13 +164,9 @@ class Observer:
             return FileFact(
                 path, "regular", real, f"size:{st.st_size}", mode, "", "larger than any bundle"
             )
-        try:
-            content = self._read(absolute)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return FileFact(path, "symlink", real, detail="became a symlink")
-            return FileFact(path, "error", real, detail=f"read: {exc.strerror}")
-        self.hashed += 1
+        content = self._content(path, real, absolute)
+        if isinstance(content, FileFact):
+            return content
         sha = hashlib.sha256(content).hexdigest()
         digest = file_digest(content, mode)
         if self._clock() - st.st_mtime_ns / 1e9 > RACY_SECONDS:
@@ -189,6 +185,18 @@ class Observer:
             return FileFact(path, "regular", real, mode=mode, mac=cached[1])
         if st.st_size > MAX_FILE_BYTES or self._unsealer is None:
             return FileFact(path, "regular", real, mode=mode)
+        content = self._content(path, real, absolute)
+        if isinstance(content, FileFact):
+            return content
+        mac = self._unsealer.mac(content)
+        if mac and self._clock() - st.st_mtime_ns / 1e9 > RACY_SECONDS:
+            self._macs[absolute] = (sig, mac)
+        else:
+            self._macs.pop(absolute, None)
+        return FileFact(path, "regular", real, mode=mode, mac=mac)
+
+    def _content(self, path: str, real: str | None, absolute: str) -> bytes | FileFact:
+        """The file's bytes, or the fact that says why they could not be read."""
         try:
             content = self._read(absolute)
         except OSError as exc:
@@ -196,12 +204,7 @@ class Observer:
                 return FileFact(path, "symlink", real, detail="became a symlink")
             return FileFact(path, "error", real, detail=f"read: {exc.strerror}")
         self.hashed += 1
-        mac = self._unsealer.mac(content)
-        if mac and self._clock() - st.st_mtime_ns / 1e9 > RACY_SECONDS:
-            self._macs[absolute] = (sig, mac)
-        else:
-            self._macs.pop(absolute, None)
-        return FileFact(path, "regular", real, mode=mode, mac=mac)
+        return content
 
     @staticmethod
     def _read(absolute: str) -> bytes:

@@ -7,22 +7,15 @@ from pathlib import Path
 
 import pyrage
 import pytest
+from test_fleet import load
 
-from setpoint.controller import fleet, sealing
+from setpoint.controller import sealing
 from setpoint.controller.trees import DirectoryTree
 from setpoint.proto import sealed
 from setpoint.proto.bundles import FileResource, SettingResource
 
 IDENTITIES = {name: pyrage.x25519.Identity.generate() for name in ("k1", "k2", "k3")}
 RECIPIENTS = {name: str(i.to_public()) for name, i in IDENTITIES.items()}
-
-
-def load(tmp_path: Path, files: dict[str, str]) -> fleet.Snapshot:
-    for name, text in files.items():
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return fleet.load(DirectoryTree(tmp_path))
 
 
 def device(group: str, name: str | None = None) -> str:

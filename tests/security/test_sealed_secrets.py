@@ -149,6 +149,11 @@ class Rig:
     def root(self, device: str) -> Path:
         return self.tmp / "devices" / device / "root"
 
+    def identity(self, device: str) -> Any:
+        """The device's age identity, as a thief who copied its state directory has it."""
+        lines = (self.state(device) / "age-identity").read_text().splitlines()
+        return pyrage.x25519.Identity.from_str(next(x for x in lines if x.startswith("AGE-")))
+
     def add_device(self, device: str, group: str) -> str:
         """Keygen on the device (the real CLI), its recipient committed in its file."""
         state = str(self.state(device))
@@ -335,13 +340,7 @@ def test_device_b_holding_every_retained_bundle_cannot_recover_device_a_secret(r
     stolen = [p for t, p in rig.wire.latest.items() if t.endswith("/desired")]
     values = [v for p in stolen for v in sealed_values(p)]
     assert len(values) == 2
-    identity_b = pyrage.x25519.Identity.from_str(
-        next(
-            line
-            for line in (rig.state("b") / "age-identity").read_text().splitlines()
-            if line.startswith("AGE-SECRET-KEY-1")
-        )
-    )
+    identity_b = rig.identity("b")
     for value in values:
         with pytest.raises(pyrage.DecryptError):
             pyrage.decrypt(value.armor.encode(), [identity_b])
@@ -411,9 +410,7 @@ def test_rotation_reaches_every_device_and_a_removed_device_cannot_read_the_new_
 
     group = rig.wire.latest[rig.wire.topics.group_desired("kiosks")]
     [value] = sealed_values(group)
-    identity_k3 = pyrage.x25519.Identity.from_str(
-        (rig.state("k3") / "age-identity").read_text().splitlines()[-1]
-    )
+    identity_k3 = rig.identity("k3")
     with pytest.raises(pyrage.DecryptError):
         pyrage.decrypt(value.armor.encode(), [identity_k3])
 
