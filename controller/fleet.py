@@ -632,9 +632,7 @@ def _sealed(spec: SealedSpec, collector: _Collector, item: str) -> Sealed | None
         return None
 
 
-def _setting(
-    spec: SettingSpec, collector: _Collector, item: str, owner: _Owner
-) -> Resource | None:
+def _setting(spec: SettingSpec, collector: _Collector, item: str, owner: _Owner) -> Resource | None:
     if spec.sealed is not None:
         if spec.value is not None:
             collector.add("give 'value' or 'sealed', not both", item)

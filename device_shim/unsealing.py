@@ -135,8 +135,7 @@ class Unsealer:
                     resource_id,
                 ) from None
             raise SealedInvalid(
-                f"the sealed value does not decrypt ({exc}): tampered or truncated; seal it"
-                " again",
+                f"the sealed value does not decrypt ({exc}): tampered or truncated; seal it again",
                 resource_id,
             ) from None
 
@@ -177,9 +176,7 @@ class Unsealer:
             except (OSError, ValueError):
                 raw = {}
             ok = isinstance(raw, dict)
-            self._ledger = {
-                k: v for k, v in (raw.items() if ok else ()) if isinstance(v, str)
-            }
+            self._ledger = {k: v for k, v in (raw.items() if ok else ()) if isinstance(v, str)}
         return self._ledger
 
     def record(self, macs: Mapping[str, str], keep: set[str]) -> None:
@@ -187,9 +184,7 @@ class Unsealer:
         current = dict(self.ledger())
         merged = {k: v for k, v in {**current, **macs}.items() if k in keep}
         if merged != current:
-            atomic_write(
-                self.dir / LEDGER_FILE, json.dumps(merged, sort_keys=True).encode(), 0o600
-            )
+            atomic_write(self.dir / LEDGER_FILE, json.dumps(merged, sort_keys=True).encode(), 0o600)
             self._ledger = merged
 
 
