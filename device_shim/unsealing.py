@@ -128,7 +128,9 @@ class Unsealer:
         try:
             return bytes(pyrage.decrypt(value.armor.encode("ascii"), [identity]))
         except pyrage.DecryptError as exc:
-            if self._keyid not in value.recipients or "no matching keys" in str(exc).lower():
+            # Sealed for this identity (by the key ids beside it) yet not opening: the
+            # ciphertext was changed. Otherwise this device is simply not a recipient.
+            if self._keyid not in value.recipients:
                 raise NotARecipient(
                     f"not sealed for this device (its recipient's key id is"
                     f" {self._keyid}); reseal the value with this device among its recipients",
