@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
                 new = {"kind": "setting", "key": args.key}
             else:
                 new = {"kind": "file", "path": args.path, "mode": args.mode or "0600"}
+        if not resealing and args.mode and not args.path:
+            raise _Refused("--mode is for a new file resource: give --path PATH with it")
         if write and not args.resource:
             raise _Refused("--write needs --resource ID (the resource that holds the secret)")
         file = sealing.target_file(tree, kind, ident) if write else None
