@@ -420,7 +420,7 @@ def test_plaintext_secret_in_a_group_file_never_reaches_the_broker(rig: Rig) -> 
     group's bundle, which every device may read (decision 0004). Now the controller refuses
     the file, keeps the last good bundle, and nothing on the wire carries the value."""
     leaked = b"group-plaintext-" + secrets.token_hex(6).encode()
-    rig.add_device("k1", "kiosks")
+    rig.write("devices/k1.yaml", "group: kiosks\n")  # no sealing here: this runs on old code too
     first = rig.commit("kiosks")
     rig.start_controller()
     rig.start_shim("k1")
