@@ -432,17 +432,24 @@ def test_plaintext_secret_in_a_group_file_never_reaches_the_broker(rig: Rig) -> 
         GROUPS["kiosks"]
         + f"  - {{id: api, kind: setting, key: api, value: {leaked.decode()}, secret: true}}\n",
     )
+    rig.commit("a plaintext secret in a group file")
+    group, error = (
+        rig.wire.topics.group_desired("kiosks"),
+        rig.wire.topics.event("repository-error"),
+    )
+    rig.wire.wait(
+        lambda: (
+            rig.wire.latest[group] != before
+            or any(t == error and b"secret: true" in p for t, p in rig.wire.messages)
+        ),
+        "the controller's decision: a new group bundle, or a repository-error event",
+    )
+    # What any device of the fleet could read (every group's bundle, decision 0004):
+    wire = {f"{t} #{n}": p for n, (t, p) in enumerate(rig.wire.messages)}
+    assert find(wire, needles(leaked)) == []
+    assert rig.wire.latest[group] == before
     refused = setpoint("validate", str(rig.repo), check=False)
     assert "'secret: true' with a plaintext value in a group file" in refused
-    rig.commit("a plaintext secret in a group file")
-    topic = rig.wire.topics.event("repository-error")
-    rig.wire.wait(
-        lambda: any(t == topic and b"secret: true" in p for t, p in rig.wire.messages),
-        "the controller's repository-error event",
-    )
-    assert rig.wire.latest[rig.wire.topics.group_desired("kiosks")] == before
-    assert find({f"{t} #{n}": p for n, (t, p) in enumerate(rig.wire.messages)},
-                needles(leaked)) == []  # fmt: skip
 
 
 def test_the_wire_check_can_fail(rig: Rig) -> None:
