@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -376,6 +377,11 @@ def test_device_added_without_reseal_is_warned_refuses_and_changes_nothing(rig: 
     assert drift is not None and "not-a-recipient" in drift["reason"]
     assert [p.name for p in rig.root("k2").iterdir()] in ([], [".setpoint"])
     assert not (rig.root("k2") / "etc").exists()
+    log = rig.logs / "controller.log"
+    deadline = time.monotonic() + TIMEOUT  # a file has no event to wait on: poll it
+    while "not sealed for device(s) k2" not in log.read_text():
+        assert time.monotonic() < deadline, "the controller never logged the warning"
+        time.sleep(0.05)
 
     rig.seal("--group", "kiosks", "--resource", "token", plaintext=secret, verb="reseal")
     assert "warning" not in setpoint("validate", str(rig.repo))
