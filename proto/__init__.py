@@ -36,6 +36,7 @@ from .errors import (
     TrustError,
     VerificationError,
     WrongTargetError,
+    refusal_reason,
 )
 from .topics import Topics, validate_id
 
@@ -63,6 +64,7 @@ __all__ = [
     "codec",
     "commands",
     "envelopes",
+    "refusal_reason",
     "reports",
     "repository",
     "sealed",
