@@ -435,6 +435,7 @@ class Device:
     group: str
     vars: Mapping[str, SettingValue]
     resources: tuple[Resource, ...]
+    group_line: int | None = field(default=None, compare=False)
     recipient: str | None = None
 
 
@@ -472,14 +473,20 @@ class _Collector:
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
 
-    def add(self, message: str, item: str | None = None) -> None:
-        self.problems.append(Problem(self.file, f"{item}: {message}" if item else message))
+    def add(self, message: str, item: str | None = None, line: int | None = None) -> None:
+        text = f"{item}: {message}" if item else message
+        self.problems.append(Problem(self.file, text, line))
 
-    def warn(self, message: str, item: str | None = None) -> None:
-        self.warnings.append(Problem(self.file, f"{item}: {message}" if item else message))
+    def warn(self, message: str, item: str | None = None, line: int | None = None) -> None:
+        text = f"{item}: {message}" if item else message
+        self.warnings.append(Problem(self.file, text, line))
 
     def add_validation(
-        self, exc: ValidationError, model: type[BaseModel], item: str | None
+        self,
+        exc: ValidationError,
+        model: type[BaseModel],
+        item: str | None,
+        raw: Mapping[str, Any] | None = None,
     ) -> None:
         known = ", ".join(sorted(model.model_fields))
         seen: set[tuple[Any, ...]] = set()
@@ -492,13 +499,14 @@ class _Collector:
             seen.add(key)
             name = ".".join(str(part) for part in loc)
             kind = error["type"]
+            line = safeyaml.line_of(raw, loc[0] if loc else None)
             if kind == "extra_forbidden":
-                self.add(f"unknown key {name!r} (known: {known})", item)
+                self.add(f"unknown key {name!r} (known: {known})", item, line)
             elif kind == "missing":
-                self.add(f"missing key {name!r}", item)
+                self.add(f"missing key {name!r}", item, line)
             else:
                 message = str(error["msg"]).removeprefix("Value error, ")
-                self.add(f"{name}: {message}", item)
+                self.add(f"{name}: {message}", item, line)
 
 
 @functools.lru_cache(maxsize=32768)
@@ -526,7 +534,7 @@ def _parse_document(tree: Tree, path: str, collector: _Collector) -> dict[str, A
     try:
         document = _load_yaml(data)
     except safeyaml.YamlError as exc:
-        collector.add(str(exc))
+        collector.add(str(exc), line=exc.line)
         return None
     if document is None:
         return {}
@@ -549,7 +557,7 @@ def _validate(
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        collector.add_validation(exc, model, item)
+        collector.add_validation(exc, model, item, raw)
         return None
 
 
@@ -583,17 +591,18 @@ def _resources(
     first_index: dict[str, int] = {}
     for index, raw in enumerate(raw_list, start=1):
         item = f"resource #{index}"
+        line = safeyaml.line_of(raw)
         if not isinstance(raw, dict):
             collector.add("must be a mapping with at least 'id' and 'kind'", item)
             continue
         rid = raw.get("id")
         if rid is None:
-            collector.add("missing key 'id'", item)
+            collector.add("missing key 'id'", item, line)
             continue
         try:
             validate_id(rid, "resource id")
         except InvalidId as exc:
-            collector.add(str(exc), item)
+            collector.add(str(exc), item, safeyaml.line_of(raw, "id"))
             continue
         item = f"resource {rid!r}"
         if rid in first_index:
@@ -601,22 +610,25 @@ def _resources(
                 f"duplicate id (resource #{first_index[rid]} has it too); resource ids must be"
                 " unique in a file",
                 item,
+                safeyaml.line_of(raw, "id"),
             )
             continue
         first_index[rid] = index
         kind = raw.get("kind")
         known = ", ".join(sorted(RESOURCE_SPECS))
         if kind is None:
-            collector.add(f"missing key 'kind' (known: {known})", item)
+            collector.add(f"missing key 'kind' (known: {known})", item, line)
             continue
         model = RESOURCE_SPECS.get(kind) if isinstance(kind, str) else None
         if model is None:
-            collector.add(f"unknown kind {kind!r} (known: {known})", item)
+            collector.add(
+                f"unknown kind {kind!r} (known: {known})", item, safeyaml.line_of(raw, "kind")
+            )
             continue
         spec = _validate(model, raw, collector, item)
         if spec is None:
             continue
-        resource = _resource(spec, tree, collector, item, owner)
+        resource = _resource(spec, tree, collector, item, raw, owner)
         if resource is not None:
             out.append(resource)
     if len(collector.problems) != before:
@@ -624,20 +636,25 @@ def _resources(
     return tuple(out)
 
 
-def _sealed(spec: SealedSpec, collector: _Collector, item: str) -> Sealed | None:
+def _sealed(
+    spec: SealedSpec, collector: _Collector, item: str, raw: Mapping[str, Any]
+) -> Sealed | None:
     try:
         return spec.value()
     except ValueError as exc:
-        collector.add(f"sealed: {exc}", item)
+        collector.add(f"sealed: {exc}", item, safeyaml.line_of(raw, "sealed"))
         return None
 
 
-def _setting(spec: SettingSpec, collector: _Collector, item: str, owner: _Owner) -> Resource | None:
+def _setting(
+    spec: SettingSpec, collector: _Collector, item: str, raw: Mapping[str, Any], owner: _Owner
+) -> Resource | None:
+    line = safeyaml.line_of(raw, "secret")
     if spec.sealed is not None:
         if spec.value is not None:
-            collector.add("give 'value' or 'sealed', not both", item)
+            collector.add("give 'value' or 'sealed', not both", item, safeyaml.line_of(raw))
             return None
-        value = _sealed(spec.sealed, collector, item)
+        value = _sealed(spec.sealed, collector, item, raw)
         return None if value is None else SettingResource(spec.id, spec.key, None, True, value)
     if spec.secret and owner.kind == "group":
         collector.add(
@@ -645,6 +662,7 @@ def _setting(spec: SettingSpec, collector: _Collector, item: str, owner: _Owner)
             f" group's bundle; seal it instead (`{owner.seal_hint(spec.id)} --from-stdin`,"
             " docs/secrets.md)",
             item,
+            line,
         )
         return None
     if spec.secret and not owner.allow_plaintext_secret:
@@ -653,16 +671,22 @@ def _setting(spec: SettingSpec, collector: _Collector, item: str, owner: _Owner)
             " --from-stdin`), or set 'allow_plaintext_secret: true' in fleet.yaml to accept"
             " plaintext secrets in device files",
             item,
+            line,
         )
         return None
     return SettingResource(spec.id, spec.key, spec.value, spec.secret)
 
 
 def _resource(
-    spec: Any, tree: Tree, collector: _Collector, item: str, owner: _Owner
+    spec: Any,
+    tree: Tree,
+    collector: _Collector,
+    item: str,
+    raw: Mapping[str, Any],
+    owner: _Owner,
 ) -> Resource | None:
     if isinstance(spec, SettingSpec):
-        return _setting(spec, collector, item, owner)
+        return _setting(spec, collector, item, raw, owner)
     if isinstance(spec, CommandSpec):
         return CommandResource(spec.id, spec.check, spec.apply, spec.timeout)
     assert isinstance(spec, FileSpec)
@@ -670,17 +694,22 @@ def _resource(
         bundles.validate_path(spec.path, "path")
     except SchemaError as exc:
         message = str(exc).removeprefix("path: ")
-        collector.add(f"{message}; a file resource's path is relative to the device root", item)
+        collector.add(
+            f"{message}; a file resource's path is relative to the device root",
+            item,
+            safeyaml.line_of(raw, "path"),
+        )
         return None
     if [spec.content, spec.source, spec.sealed].count(None) != 2:
         collector.add(
             "give exactly one of 'content' (the text inline), 'source' (a file in the"
             " repository) or 'sealed' (from `setpoint secrets seal`)",
             item,
+            safeyaml.line_of(raw),
         )
         return None
     if spec.sealed is not None:
-        value = _sealed(spec.sealed, collector, item)
+        value = _sealed(spec.sealed, collector, item, raw)
         # Sealed files are private unless the operator says otherwise.
         mode = 0o600 if spec.mode is None else spec.mode
         return None if value is None else FileResource(spec.id, spec.path, b"", mode, value)
@@ -691,6 +720,7 @@ def _resource(
             " group's bundle, which every device can read; seal it"
             f" (`{owner.seal_hint(spec.id)} --from-file FILE`) or move it to a device file",
             item,
+            safeyaml.line_of(raw, "mode"),
         )
     if spec.content is not None:
         return FileResource(spec.id, spec.path, spec.content.encode("utf-8"), mode)
@@ -699,13 +729,14 @@ def _resource(
         source = _source_path(spec.source)
         data = tree.read(source, MAX_SOURCE_BYTES)
     except (ValueError, TreeError) as exc:
-        collector.add(str(exc), item)
+        collector.add(str(exc), item, safeyaml.line_of(raw, "source"))
         return None
     if data is None:
         collector.add(
             f"source {spec.source!r} does not exist in the repository; add and commit it, or"
             " fix the path (relative to the repository root)",
             item,
+            safeyaml.line_of(raw, "source"),
         )
         return None
     return FileResource(spec.id, spec.path, data, mode)
@@ -799,7 +830,8 @@ def load(tree: Tree) -> Snapshot:
                 known = ", ".join(sorted(groups | dict.fromkeys(broken_groups))) or "none"
                 collector.add(
                     f"group {device.group!r} does not exist (groups: {known}); create"
-                    f" groups/{device.group}.yaml or fix the name"
+                    f" groups/{device.group}.yaml or fix the name",
+                    line=device.group_line,
                 )
                 device = None
             elif not _check_effective(device, groups[device.group], collector):
@@ -811,6 +843,9 @@ def load(tree: Tree) -> Snapshot:
         else:
             devices[did] = device
     warnings.extend(sealing_warnings(groups, devices))
+
+    if not (problems or groups or devices or broken_groups or broken_devices):
+        problems.extend(_empty_fleet(tree, settings))
 
     return Snapshot(
         settings=settings,
@@ -890,6 +925,35 @@ def sealing_warnings(groups: Mapping[str, Group], devices: Mapping[str, Device])
     return out
 
 
+def _empty_fleet(tree: Tree, settings: FleetSettings | None) -> list[Problem]:
+    """Nothing to publish: a mistake (wrong folder, files never committed, everything
+    deleted) unless ``fleet.yaml`` says the fleet is meant to be empty."""
+    if settings is not None and settings.allow_empty:
+        return []
+    try:
+        has_fleet_file = tree.read(FLEET_FILE, safeyaml.MAX_YAML_BYTES) is not None
+    except TreeError:
+        has_fleet_file = True  # its problem is already recorded
+    if has_fleet_file:
+        return [
+            Problem(
+                FLEET_FILE,
+                "the fleet has no groups and no devices, so the controller would remove every"
+                " retained bundle; add groups/<group>.yaml and devices/<device>.yaml, or set"
+                " 'allow_empty: true' in fleet.yaml if the fleet is meant to be empty",
+            )
+        ]
+    return [
+        Problem(
+            "",
+            f"no {FLEET_FILE}, {GROUPS_DIR}/ or {DEVICES_DIR}/ at the top of the repository:"
+            " this is not a fleet repository, or the fleet is in a subfolder (point at that"
+            " folder), or its files were never committed (`git add` and commit them);"
+            " `setpoint init DIR` creates an example fleet",
+        )
+    ]
+
+
 def _load_group(gid: str, path: str, tree: Tree, collector: _Collector) -> Group | None:
     document = _parse_document(tree, path, collector)
     if document is None:
@@ -927,4 +991,12 @@ def _load_device(
     resources = _resources(spec.resources, tree, collector, owner)
     if resources is None:
         return None
-    return Device(did, path, spec.group, dict(spec.vars), resources, spec.recipient)
+    return Device(
+        did,
+        path,
+        spec.group,
+        dict(spec.vars),
+        resources,
+        safeyaml.line_of(document, "group"),
+        recipient=spec.recipient,
+    )
