@@ -33,6 +33,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "rollout": ("rollout", "rollout status by group; pause and resume a group's rollout"),
     "promote": ("promote", "check a ring's gate, then merge FROM into TO locally"),
     "approve": ("approve", "approve content waiting at a ring's gate (signed)"),
+    "secrets": ("secrets", "seal secrets with age to the devices that may read them"),
     "conformance": ("conformance", "check a running device agent against proto/SPEC.md"),
     "wait": ("wait", "block until the fleet, a group or a device has converged"),
     "config": ("config", "operator contexts: broker, TLS files, prefix, state directory"),

@@ -46,6 +46,7 @@ from setpoint.proto.errors import (
     PayloadTooLarge,
     ProtocolError,
     RollbackError,
+    SealedError,
     WrongTargetError,
     refusal_reason,
 )
@@ -57,13 +58,14 @@ from . import applying, planning
 from .applying import ApplyContext, RootFS
 from .backoff import Backoff, RetryGate
 from .config import SETTINGS_FILE, ShimConfig
-from .errors import ApplyError, StateError
+from .errors import ApplyError, PermanentApplyError, StateError
 from .link import Link
 from .observing import Observer
 from .planning import Blocked, Observed, Step, Wait
 from .reporting import SHIM_VERSION, Reporter, resource_reports
 from .running import CommandRunner
 from .state import ShimState, StateStore
+from .unsealing import Unsealer
 from .watching import Change, Debounce, Watcher, WatchUnavailable
 
 log = logging.getLogger("setpoint.shim")
@@ -165,8 +167,14 @@ class Agent:
                 "SETPOINT_SETTINGS": os.path.join(self._root, SETTINGS_FILE),
             },
         )
+        self._unsealer = Unsealer(config.state_path)
         self.observer = Observer(
-            config.root, config.state_path, policy=config.policy, runner=self._runner, clock=clock
+            config.root,
+            config.state_path,
+            policy=config.policy,
+            runner=self._runner,
+            clock=clock,
+            unsealer=self._unsealer,
         )
         self._fs = RootFS(self._root)
         self._retry = Backoff(config.retry_base, config.retry_cap)
@@ -701,6 +709,7 @@ class Agent:
             policy=self.config.policy,
             runner=self._runner,
             settings_mode=0o600 if secret else 0o644,
+            unsealer=self._unsealer,
         )
 
     def _refresh(
@@ -734,6 +743,9 @@ class Agent:
         meta = {"label": label, "target": target.key, "kind": "apply"}
         try:
             result = applying.apply(steps, ctx, self.store, meta)
+        except SealedError as exc:
+            self._sealed_refused(target, exc, desired, now)
+            return
         except ApplyError as exc:
             self._failed(target, exc, desired, now)
             return
@@ -767,6 +779,7 @@ class Agent:
             self._failed(target, ApplyError(str(exc)), desired, now)
             return
         self.store.clear_journal()
+        self._record_sealed(desired, result.macs)
         self.state = new_state
         self.applied_group = dataclasses.replace(target.group, verdict=None)
         self.applied_device = dataclasses.replace(target.device, verdict=None)
@@ -782,6 +795,35 @@ class Agent:
         self._force_observe = True
         log.info("applied %s (commit %s)", label, target.group.bundle.commit[:12])
         self._event("applied", {"key": target.key, "label": label, "steps": result.done})
+
+    def _sealed_refused(
+        self, target: Target, exc: SealedError, desired: list[Resource], now: float
+    ) -> None:
+        """A sealed value this device cannot open: refuse the bundle that carries it.
+
+        Nothing was touched (values are opened before anything changes). A new bundle is
+        dropped and reported as refused (``not-a-recipient`` or ``sealed-invalid``), so the
+        device keeps what it runs; an applied one (an identity lost since) fails for good.
+        """
+        owner = target.group
+        if any(r.id == exc.resource_id for r in target.device.bundle.resources):
+            owner = target.device
+        if owner.verdict is None:
+            error = PermanentApplyError(str(exc), resource_id=exc.resource_id)
+            self._failed(target, error, desired, now)
+            return
+        self._candidates.pop((owner.bundle.kind, owner.bundle.target), None)
+        self._refuse(owner.bundle.kind, owner.bundle.target, owner.raw, exc, now)
+
+    def _record_sealed(self, desired: list[Resource], macs: Mapping[str, str]) -> None:
+        """Keep the keyed MACs of what was unsealed, for the sealed values still desired."""
+        keep = {v.digest() for r in desired if (v := getattr(r, "sealed", None)) is not None}
+        if not macs and not keep:
+            return
+        try:
+            self._unsealer.record(macs, keep)
+        except OSError as exc:
+            log.error("cannot save %s: %s (the next pass unseals again)", "sealed.json", exc)
 
     def _failed(self, target: Target, exc: ApplyError, desired: list[Resource], now: float) -> None:
         if self._stopping.is_set():
@@ -914,7 +956,7 @@ class Agent:
         meta = {"label": "heal", "target": self.applied_key, "kind": "heal"}
         try:
             result = applying.apply(heal_steps, ctx, self.store, meta)
-        except ApplyError as exc:
+        except (ApplyError, SealedError) as exc:
             if self._stopping.is_set():
                 return False
             self._heal_gate = RetryGate.after_failure(
@@ -937,6 +979,7 @@ class Agent:
             log.error("%s", exc)
             return False
         self.store.clear_journal()
+        self._record_sealed(desired, result.macs)
         self._heal_gate = None
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         for step in drift:

@@ -54,7 +54,8 @@ def _bundle(payload: bytes | None, kind: str, trusted: dict[str, Any] | None) ->
 
 def describe(resource: Resource) -> str:
     if isinstance(resource, FileResource):
-        return f"{resource.path} {resource.mode:04o} ({len(resource.content)} bytes)"
+        size = f"{len(resource.content)} bytes" if resource.sealed is None else "sealed"
+        return f"{resource.path} {resource.mode:04o} ({size})"
     if isinstance(resource, CommandResource):
         return f"check: {resource.check}"
     value = "<secret>" if getattr(resource, "secret", False) else json.dumps(resource.value)
