@@ -73,9 +73,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
-def config_template(name: str = "setpoint.conf") -> str:
-    """The text of a configuration shipped in this package."""
-    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+def config_template(name: str = "setpoint.conf", *, package: str | None = None) -> str:
+    """The text of a configuration shipped in this package (or in ``package``)."""
+    source = package or __package__ or "setpoint.mosquitto"
+    return resources.files(source).joinpath(name).read_text(encoding="utf-8")
 
 
 def render(template: str, values: Mapping[str, object]) -> str:

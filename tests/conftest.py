@@ -4,6 +4,10 @@
 ``broker_session`` is one broker for the whole run, for tests that only talk through it.
 Both come from ``setpoint.mosquitto.Broker``, started from ``mosquitto/setpoint.conf`` on a
 free loopback port, never the machine's own broker.
+
+``nats_cluster`` is one 3-node NATS cluster (JetStream + MQTT, ``engines/nats-cluster.conf``)
+for the whole run, for tests that only talk through it; ``nats_cluster_fresh`` is a cluster
+per test, for tests that kill, pause or restart nodes. Neither uses the machine's own NATS.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from setpoint.engines import NatsCluster
 from setpoint.mosquitto import Broker
 
 
@@ -27,6 +32,18 @@ def broker_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]
 def broker(tmp_path: Path) -> Iterator[Broker]:
     with Broker(tmp_path / "broker") as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    with NatsCluster(tmp_path_factory.mktemp("nats-session")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def nats_cluster_fresh(tmp_path: Path) -> Iterator[NatsCluster]:
+    with NatsCluster(tmp_path / "nats") as cluster:
+        yield cluster
 
 
 @pytest.fixture

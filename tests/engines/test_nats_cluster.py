@@ -1,0 +1,118 @@
+"""The 3-node NATS cluster harness: it starts on free loopback ports, carries retained
+messages across nodes over MQTT 3.1.1, keeps them through a node's kill -9, and refuses
+MQTT 5 (which is why every setpoint client falls back to 3.1.1)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from setpoint.engines import NatsCluster
+from setpoint.engines.cluster import config_template_of
+
+TIMEOUT = 30.0
+
+
+def _client(url: str, *, protocol: int = mqtt.MQTTv311) -> tuple[mqtt.Client, list[object]]:
+    host, port = url.removeprefix("mqtt://").split(":")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=protocol)  # type: ignore[arg-type]
+    connacks: list[object] = []
+    ready = threading.Event()
+
+    def on_connect(_c: object, _u: object, _f: object, reason: object, _p: object) -> None:
+        connacks.append(reason)
+        ready.set()
+
+    client.on_connect = on_connect
+    client.connect(host, int(port))
+    client.loop_start()
+    assert ready.wait(TIMEOUT), f"no CONNACK from {url}"
+    return client, connacks
+
+
+def _read_retained(url: str, topic: str, *, deadline: float = 120.0) -> bytes:
+    """Subscribe at QoS 1 until the retained message arrives. Right after a node dies the
+    engine refuses QoS 1 subscriptions (SUBACK 0x80) until JetStream has elected new
+    leaders, as a real client must, this one tries again."""
+    end = time.monotonic() + deadline
+    while True:
+        client, _ = _client(url)
+        got: list[bytes] = []
+        arrived = threading.Event()
+
+        def on_message(_c: object, _u: object, message: mqtt.MQTTMessage) -> None:
+            got.append(bytes(message.payload))
+            arrived.set()
+
+        client.on_message = on_message
+        client.subscribe(topic, qos=1)
+        try:
+            if arrived.wait(6.0):
+                return got[0]
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        assert time.monotonic() < end, f"retained {topic} never arrived from {url}"
+
+
+def _publish_retained(url: str, topic: str, payload: bytes) -> None:
+    client, _ = _client(url)
+    try:
+        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(TIMEOUT)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_three_nodes_on_free_loopback_ports_not_the_machines_nats(
+    nats_cluster: NatsCluster,
+) -> None:
+    ports = {n.mqtt_port for n in nats_cluster.nodes} | {n.client_port for n in nats_cluster.nodes}
+    assert len(nats_cluster.nodes) == 3
+    assert 4222 not in ports and 1883 not in ports
+    assert len(ports) == 6
+    assert nats_cluster.broker_list.count("mqtt://127.0.0.1:") == 3
+    assert all(node.healthy() for node in nats_cluster.nodes)
+
+
+def test_retained_message_published_on_one_node_is_read_on_another(
+    nats_cluster: NatsCluster, unique_prefix: str
+) -> None:
+    topic = f"{unique_prefix}/retained"
+    _publish_retained(nats_cluster.urls[0], topic, b"bundle-1")
+    assert _read_retained(nats_cluster.urls[2], topic) == b"bundle-1"
+
+
+def test_engine_refuses_mqtt5_so_clients_must_fall_back(nats_cluster: NatsCluster) -> None:
+    client, connacks = _client(nats_cluster.urls[1], protocol=mqtt.MQTTv5)
+    client.loop_stop()
+    assert getattr(connacks[0], "is_failure", True), connacks
+
+
+def test_shipped_config_is_tuned_for_connect_bursts() -> None:
+    text = config_template_of("nats-cluster.conf")
+    for setting in (
+        "stream_replicas: 3",
+        "consumer_replicas: 1",
+        "consumer_memory_storage: true",
+        'consumer_inactive_threshold: "30s"',
+    ):
+        assert setting in text
+
+
+@pytest.mark.timeout(240)
+def test_retained_message_survives_kill_9_of_the_node_it_was_published_on(
+    nats_cluster_fresh: NatsCluster, unique_prefix: str
+) -> None:
+    cluster = nats_cluster_fresh
+    topic = f"{unique_prefix}/desired"
+    _publish_retained(cluster.urls[0], topic, b"bundle-2")
+    cluster.nodes[0].kill()
+    assert _read_retained(cluster.urls[1], topic) == b"bundle-2"
+    cluster.nodes[0].start()
+    cluster.wait_ready()
+    assert _read_retained(cluster.urls[0], topic) == b"bundle-2"
