@@ -214,7 +214,7 @@ class NatsNode:
 
 
 def config_template_of(name: str) -> str:
-    return config_template(name, package=__package__ or "setpoint.engines")
+    return str(config_template(name, package=__package__ or "setpoint.engines"))
 
 
 class NatsCluster:

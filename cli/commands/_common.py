@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
@@ -72,7 +73,8 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument(
         "--broker",
-        help="mqtt://host:port or mqtts://host:port (env SETPOINT_BROKER, or the context's)",
+        help="mqtt://host:port or mqtts://host:port (env SETPOINT_BROKER, or the context's);"
+        " the nodes of a cluster comma-separated: mqtt://a:1883,mqtt://b:1883",
     )
     parser.add_argument(
         "--username",
@@ -100,13 +102,14 @@ def add_context_argument(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_settings=True)
 
 
-def broker_from_args(args: argparse.Namespace) -> BrokerURL:
+def brokers_from_args(args: argparse.Namespace) -> list[BrokerURL]:
+    """Every URL of ``--broker`` (comma-separated: the nodes of one cluster, tried in
+    turn), each with the credentials of the flags."""
     if not args.broker:
         raise CommandError(
             "no broker: pass --broker mqtt://host:port, set SETPOINT_BROKER, or make a"
             " context once: setpoint config set-context NAME --broker mqtt://host:port"
         )
-    url = parse_broker_url(args.broker)
     password = os.environ.get("SETPOINT_MQTT_PASSWORD")
     if args.password_file:
         try:
@@ -116,4 +119,15 @@ def broker_from_args(args: argparse.Namespace) -> BrokerURL:
             raise CommandError(
                 f"password file {args.password_file}: {exc.strerror or exc}"
             ) from None
-    return BrokerURL(url.scheme, url.host, url.port, url.tls, args.username, password)
+    urls = [parse_broker_url(part.strip()) for part in str(args.broker).split(",")]
+    return [dataclasses.replace(u, username=args.username, password=password) for u in urls]
+
+
+def broker_from_args(args: argparse.Namespace) -> BrokerURL:
+    """The one broker URL of ``--broker``, for commands that do not rotate over a list."""
+    urls = brokers_from_args(args)
+    if len(urls) > 1:
+        raise CommandError(
+            f"--broker {args.broker!r}: this command takes one broker URL, not a list"
+        )
+    return urls[0]

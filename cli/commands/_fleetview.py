@@ -1,4 +1,5 @@
-"""What the operator verbs (status, drift, diff) share: a paho reader of retained topics.
+"""What the operator verbs (status, drift, diff, wait, rollout, promote, approve) share: a
+paho reader of retained topics, on MQTT 5 or 3.1.1, over the nodes of ``--broker`` in turn.
 
 :class:`Reader` connects with the usual broker flags, subscribes (QoS 0: a retained flood is
 never cut by the broker's queue limit), and :meth:`Reader.snapshot` returns once a barrier
@@ -27,7 +28,7 @@ from typing import Any
 
 from setpoint.proto.topics import Topics
 
-from ._common import CommandError, broker_from_args
+from ._common import BrokerURL, CommandError, brokers_from_args
 
 TIMEOUT = 10.0
 STATE_COLOURS = {
@@ -59,8 +60,28 @@ def session_client_id(role: str, args: argparse.Namespace) -> str:
     return f"setpoint-{role}-{hashlib.sha256(seed.encode()).hexdigest()[:8]}-{os.getpid()}"
 
 
+PROTOCOLS = ("auto", "5", "3.1.1")
+_REFUSED_VERSION = 132  # CONNACK "unsupported protocol version" (3.1.1's code 1, as paho maps it)
+
+
+def add_protocol_argument(parser: argparse.ArgumentParser) -> None:
+    """``--mqtt-version``, for the operator verbs that read through :class:`Reader`."""
+    parser.add_argument(
+        "--mqtt-version",
+        choices=PROTOCOLS,
+        default="auto",
+        help="MQTT protocol: auto (default) tries 5, then 3.1.1 on an engine that refuses 5",
+    )
+
+
 class Reader:
     """One paho connection that reads retained topics, then (optionally) follows them.
+
+    It tries each URL of ``--broker`` in turn, and on each MQTT 5 then 3.1.1
+    (``--mqtt-version auto``; ``5`` or ``3.1.1`` try only that one). Nothing an operator
+    verb needs is MQTT-5-only; a :class:`Session` degrades on 3.1.1: the session is kept by
+    a clean-session-false connection, with no expiry the broker enforces (the broker's own
+    limit applies), and ``close(end_session=True)`` ends it with a clean reconnect.
 
     With a :class:`Session` it connects without a clean start, subscribes at QoS 1 and
     calls ``on_session(connects, session_present)`` on every connection, and
@@ -77,58 +98,89 @@ class Reader:
         on_session: Callable[[int, bool | None], None] | None = None,
         follow: Callable[[str, bytes], None] | None = None,
     ) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        url = broker_from_args(args)
+        self._args = args
         self.topics = Topics(args.prefix)
         self.client_id = session.client_id if session else f"setpoint-{role}-{secrets.token_hex(4)}"
         self._barrier = self.topics.barrier(self.client_id)
         self._filters = filters
         self._qos = 1 if session else 0
+        self._session = session
         self._on_session = on_session
         self.connects = 0
         self._cond = threading.Condition()
         self._marks: set[bytes] = set()
         # Set before connecting: a resumed session delivers its queue right after CONNACK.
         self._callback: Callable[[str, bytes], None] | None = follow
+        self.messages: dict[str, bytes] = {}
+        self._refused: str | None = None  # a SUBACK failure code, with its topic
+        self.url: BrokerURL | None = None
+        self.protocol = ""
+        wanted = getattr(args, "mqtt_version", "auto")
+        protocols = ["5", "3.1.1"] if wanted == "auto" else [wanted]
+        failures: list[str] = []
+        for url in brokers_from_args(args):
+            for protocol in protocols:
+                error = self._connect(url, protocol)
+                if error is None:
+                    return
+                failures.append(f"{url.scheme}://{url.host}:{url.port} (MQTT {protocol}): {error}")
+                if not error.startswith("Unsupported protocol version"):
+                    break
+        raise CommandError(f"cannot connect to {args.broker}: " + "; ".join(failures))
+
+    def _connect(self, url: BrokerURL, protocol: str) -> str | None:
+        """One attempt: None once connected, else why not."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        v5 = protocol == "5"
         self._connected = threading.Event()
         self._error: str | None = None
-        self.messages: dict[str, bytes] = {}
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else self._session is None,
         )
         client.reconnect_delay_set(1, 10)
         properties = None
-        if session is not None:
+        if self._session is not None and v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = session.expiry
+            properties.SessionExpiryInterval = self._session.expiry
         client.on_disconnect = self._on_disconnect
         if url.username:
             client.username_pw_set(url.username, url.password)
         if url.tls:
+            args = self._args
             client.tls_set(ca_certs=args.ca, certfile=args.cert, keyfile=args.client_key)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self._client = client
         try:
-            client.connect(
-                url.host,
-                url.port,
-                keepalive=30,
-                clean_start=session is None,
-                properties=properties,
-            )
+            if v5:
+                client.connect(
+                    url.host,
+                    url.port,
+                    keepalive=30,
+                    clean_start=self._session is None,
+                    properties=properties,
+                )
+            else:
+                client.connect(url.host, url.port, keepalive=30)
         except OSError as exc:
-            raise CommandError(f"cannot connect to {args.broker}: {exc}") from None
+            return str(exc)
         client.loop_start()
         if not self._connected.wait(TIMEOUT) or self._error:
-            self.close()
-            raise CommandError(f"cannot connect to {args.broker}: {self._error or 'timed out'}")
+            error = self._error or "timed out"
+            client.loop_stop()
+            client.disconnect()
+            return error
+        self.url = url
+        self.protocol = protocol
+        return None
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
@@ -148,6 +200,17 @@ class Reader:
             self._on_session(self.connects, None)
         with self._cond:
             self._cond.notify_all()
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: Any, reasons: Any, props: Any) -> None:
+        refused = [
+            f"{topic!r}: {reason}"
+            for topic, reason in zip([*self._filters, self._barrier], reasons, strict=False)
+            if reason.is_failure
+        ]
+        if refused:
+            with self._cond:
+                self._refused = "the broker refused the subscription to " + ", ".join(refused)
+                self._cond.notify_all()
 
     @property
     def error(self) -> str | None:
@@ -173,7 +236,10 @@ class Reader:
         mark = secrets.token_hex(8).encode()
         self._client.publish(self._barrier, mark, qos=1)
         with self._cond:
-            if not self._cond.wait_for(lambda: mark in self._marks, timeout):
+            arrived = self._cond.wait_for(lambda: mark in self._marks or self._refused, timeout)
+            if self._refused:
+                raise CommandError(f"{self._refused}; check the ACL, or try again later")
+            if not arrived:
                 raise CommandError(
                     "the broker did not echo our barrier message; check that this client may"
                     f" publish and subscribe to {self._barrier!r}"
@@ -191,6 +257,11 @@ class Reader:
     def close(self, *, end_session: bool = False) -> None:
         """Disconnect; with ``end_session`` also tell the broker to drop our persistent
         session now instead of keeping it (and queueing for it) until it expires."""
+        if end_session and self.protocol == "3.1.1":
+            self._client.loop_stop()
+            self._client.disconnect()
+            self._end_session_311()
+            return
         if end_session:
             from paho.mqtt.packettypes import PacketTypes
             from paho.mqtt.properties import Properties
@@ -202,6 +273,37 @@ class Reader:
             return
         self._client.loop_stop()
         self._client.disconnect()
+
+    def _end_session_311(self) -> None:
+        """MQTT 3.1.1 has no session expiry: connect once more with a clean session, which
+        makes the broker drop the stored one, and leave."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        url = self.url
+        if url is None:
+            return
+        done = threading.Event()
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
+        client.on_connect = lambda *_a: done.set()
+        if url.username:
+            client.username_pw_set(url.username, url.password)
+        if url.tls:
+            args = self._args
+            client.tls_set(ca_certs=args.ca, certfile=args.cert, keyfile=args.client_key)
+        try:
+            client.connect(url.host, url.port, keepalive=30)
+        except OSError:
+            return  # the broker's own limit ends the session
+        client.loop_start()
+        done.wait(TIMEOUT)
+        client.disconnect()
+        client.loop_stop()
 
 
 def printable(text: str) -> str:

@@ -13,6 +13,7 @@ import sys
 
 from . import _operating
 from ._common import CommandError, add_broker_arguments
+from ._fleetview import add_protocol_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", required=True, help="operator private key (PEM)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     add_broker_arguments(parser)
+    add_protocol_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from ._common import CommandError, add_broker_arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("device", help="the device id")
     add_broker_arguments(parser)
+    view.add_protocol_argument(parser)
     parser.add_argument(
         "--trust", type=Path, action="append", default=[], help="verify with this public key"
     )

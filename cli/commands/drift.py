@@ -39,6 +39,7 @@ from ._common import CommandError, add_broker_arguments
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_broker_arguments(parser)
+    view.add_protocol_argument(parser)
     parser.add_argument("--follow", "-f", action="store_true", help="stream drift events")
     parser.add_argument("--all", action="store_true", help="list in-sync devices too")
     parser.add_argument("--json", action="store_true", help="print JSON")

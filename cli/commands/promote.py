@@ -15,6 +15,7 @@ from typing import Any
 
 from . import _operating
 from ._common import CommandError, add_broker_arguments, require_controller
+from ._fleetview import add_protocol_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", default=".", help="the local fleet repository (default: .)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     add_broker_arguments(parser)
+    add_protocol_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

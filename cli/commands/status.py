@@ -32,6 +32,7 @@ from ._common import CommandError, add_broker_arguments
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_broker_arguments(parser)
+    view.add_protocol_argument(parser)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--watch", action="store_true", help="redraw on every change (Ctrl-C)")
     parser.add_argument("--no-color", action="store_true", help="no colour even on a terminal")

@@ -88,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
     add_broker_arguments(parser)
+    view.add_protocol_argument(parser)
 
 
 @dataclass(frozen=True)

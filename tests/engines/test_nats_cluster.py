@@ -39,15 +39,15 @@ def _read_retained(url: str, topic: str, *, deadline: float = 120.0) -> bytes:
     engine refuses QoS 1 subscriptions (SUBACK 0x80) until JetStream has elected new
     leaders, as a real client must, this one tries again."""
     end = time.monotonic() + deadline
+    got: list[bytes] = []
+    arrived = threading.Event()
+
+    def on_message(_c: object, _u: object, message: mqtt.MQTTMessage) -> None:
+        got.append(bytes(message.payload))
+        arrived.set()
+
     while True:
         client, _ = _client(url)
-        got: list[bytes] = []
-        arrived = threading.Event()
-
-        def on_message(_c: object, _u: object, message: mqtt.MQTTMessage) -> None:
-            got.append(bytes(message.payload))
-            arrived.set()
-
         client.on_message = on_message
         client.subscribe(topic, qos=1)
         try:
