@@ -34,7 +34,7 @@ from setpoint.proto import bundles, sealed
 from setpoint.proto.bundles import CommandResource, FileResource, Resource, SettingResource
 from setpoint.proto.errors import InvalidId, SchemaError
 from setpoint.proto.sealed import Sealed
-from setpoint.proto.topics import validate_id
+from setpoint.proto.topics import validate_id, validate_id_for_engine
 
 from . import gating, safeyaml
 from .errors import Problem
@@ -181,6 +181,9 @@ class FleetSettings(_Strict):
     bundle_ttl: Any = None
     rings: list[RingSpec] = []
     operators: list[OperatorSpec] = []
+    # The MQTT engine the fleet runs on: ids it cannot carry in a topic are refused per
+    # target (proto/SPEC.md section 2). "mqtt" is any standard broker.
+    engine: Literal["mqtt", "nats"] = "mqtt"
 
     @field_validator("bundle_ttl")
     @classmethod
@@ -768,6 +771,17 @@ def _target_files(tree: Tree, directory: str, what: str, problems: list[Problem]
     return files
 
 
+def _fits_engine(tid: str, path: str, what: str, engine: str, problems: list[Problem]) -> bool:
+    """False (with a problem) for a target whose id ``engine`` cannot carry in a topic: only
+    that target is refused, the rest of the fleet is published."""
+    try:
+        validate_id_for_engine(tid, engine, f"{what} id")
+    except InvalidId as exc:
+        problems.append(Problem(path, f"{exc}; rename the file"))
+        return False
+    return True
+
+
 def _check_effective(device: Device, group: Group, collector: _Collector) -> bool:
     """The merged resources of a device must not put two files on one path."""
     merged: dict[str, Resource] = {r.id: r for r in group.resources}
@@ -795,8 +809,9 @@ def _check_effective(device: Device, group: Group, collector: _Collector) -> boo
     return ok
 
 
-def load(tree: Tree) -> Snapshot:
-    """Read and validate one view of the fleet repository."""
+def load(tree: Tree, *, engine: str | None = None) -> Snapshot:
+    """Read and validate one view of the fleet repository; ``engine`` (else ``fleet.yaml``'s
+    ``engine:``) also refuses the ids that engine cannot carry in a topic."""
     problems: list[Problem] = []
     warnings: list[Problem] = []
 
@@ -804,10 +819,14 @@ def load(tree: Tree) -> Snapshot:
     document = _parse_document(tree, FLEET_FILE, collector)
     settings = None if document is None else _validate(FleetSettings, document, collector)
     problems.extend(collector.problems)
+    engine = engine or (settings.engine if settings else "mqtt")
 
     groups: dict[str, Group] = {}
     broken_groups: set[str] = set()
     for gid, path in _target_files(tree, GROUPS_DIR, "group", problems).items():
+        if not _fits_engine(gid, path, "group", engine, problems):
+            broken_groups.add(gid)
+            continue
         collector = _Collector(path)
         group = _load_group(gid, path, tree, collector)
         problems.extend(collector.problems)
@@ -821,6 +840,9 @@ def load(tree: Tree) -> Snapshot:
     broken_devices: set[str] = set()
     plaintext_ok = bool(settings and settings.allow_plaintext_secret)
     for did, path in _target_files(tree, DEVICES_DIR, "device", problems).items():
+        if not _fits_engine(did, path, "device", engine, problems):
+            broken_devices.add(did)
+            continue
         collector = _Collector(path)
         device = _load_device(did, path, tree, collector, plaintext_ok)
         if device is not None:

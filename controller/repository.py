@@ -253,8 +253,10 @@ class Repository:
         paths += [p for changed in found.staged.values() for p in changed]
         return sorted({p.decode("utf-8", "replace") if isinstance(p, bytes) else p for p in paths})
 
-    def load(self, commit_id: str) -> tuple[CommitInfo, fleet.Snapshot]:
-        """The commit and the validated fleet in its tree."""
+    def load(
+        self, commit_id: str, *, engine: str | None = None
+    ) -> tuple[CommitInfo, fleet.Snapshot]:
+        """The commit and the validated fleet in its tree (``engine``: see fleet.load)."""
         info = self.commit(commit_id)
         with _converted(f"reading the tree of {commit_id[:12]}"):
-            return info, fleet.load(self.tree(info))
+            return info, fleet.load(self.tree(info), engine=engine)

@@ -58,6 +58,30 @@ def validate_id(value: object, what: str = "id") -> str:
     return value
 
 
+ENGINES: Final = ("mqtt", "nats")
+# Characters of the id grammar that an engine cannot carry inside a topic level, and why.
+# NATS maps MQTT's '/' to its subject token separator '.', so a '.' inside a level would
+# split it: the engine drops the connection of whoever publishes there.
+_ENGINE_UNSAFE: Final = {"nats": (".", "NATS maps '.' in a topic to its own token separator")}
+
+
+def validate_id_for_engine(value: str, engine: str, what: str = "id") -> str:
+    """Return ``value`` if ``engine`` (one of :data:`ENGINES`) can carry it in a topic
+    level, else raise InvalidId naming the id, the engine and the fix. ``value`` already
+    matches the id grammar; ``mqtt`` (any standard broker) carries every such id."""
+    if engine not in ENGINES:
+        raise InvalidId(f"engine {engine!r} is not known (known: {', '.join(ENGINES)})")
+    unsafe, reason = _ENGINE_UNSAFE.get(engine, ("", ""))
+    found = sorted({c for c in value if c in unsafe})
+    if found:
+        shown = ", ".join(repr(c) for c in found)
+        raise InvalidId(
+            f"{what} {value!r} cannot be used on engine {engine}: {reason}; use '-' or '_'"
+            f" instead of {shown}"
+        )
+    return value
+
+
 def validate_prefix(prefix: str) -> str:
     """Return a topic prefix made of plain levels (no wildcards, no empty levels)."""
     if not isinstance(prefix, str):

@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rev", help="check this branch or commit id instead of the work tree")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--engine",
+        choices=("mqtt", "nats"),
+        help="also refuse ids this MQTT engine cannot carry in a topic ('.' on nats);"
+        " default: fleet.yaml's engine, else mqtt (any standard broker)",
+    )
 
 
 def _note_uncommitted(path: Path) -> None:
@@ -68,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.path.is_dir():
             print(f"setpoint validate: {args.path} is not a directory", file=sys.stderr)
             return 2
-        snapshot = fleet.load(trees.DirectoryTree(args.path))
+        snapshot = fleet.load(trees.DirectoryTree(args.path), engine=args.engine)
         where = f"work tree {args.path}"
         _note_uncommitted(args.path)
     else:
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                 repo = repository.Repository(str(args.path), Path(scratch))
                 try:
                     commit = repo.resolve(args.rev)
-                    info, snapshot = repo.load(commit)
+                    info, snapshot = repo.load(commit, engine=args.engine)
                 finally:
                     repo.close()
         except (errors.ConfigError, errors.RepositoryUnavailable) as exc:

@@ -400,3 +400,47 @@ def test_parse_duration(value: object, seconds: int) -> None:
 def test_parse_duration_refuses(value: object) -> None:
     with pytest.raises(ValueError):
         fleet.parse_duration(value)
+
+
+def test_engine_nats_refuses_only_the_dotted_device_and_keeps_the_rest(tmp_path: Path) -> None:
+    snap = load(
+        tmp_path,
+        {
+            "fleet.yaml": "engine: nats\n",
+            "groups/kiosks.yaml": KIOSK,
+            "devices/kiosk-01.yaml": "group: kiosks\n",
+            "devices/kiosk.02.yaml": "group: kiosks\n",
+        },
+    )
+    assert messages(snap) == [
+        "devices/kiosk.02.yaml: device id 'kiosk.02' cannot be used on engine nats: NATS maps"
+        " '.' in a topic to its own token separator; use '-' or '_' instead of '.'; rename"
+        " the file"
+    ]
+    assert sorted(snap.devices) == ["kiosk-01"]
+    assert snap.broken_devices == {"kiosk.02"}
+
+
+def test_engine_nats_refuses_a_dotted_group_and_its_devices_follow(tmp_path: Path) -> None:
+    snap = load(
+        tmp_path,
+        {
+            "groups/kiosks.eu.yaml": KIOSK,
+            "groups/gateways.yaml": KIOSK,
+            "devices/kiosk-01.yaml": "group: kiosks.eu\n",
+            "devices/gw-01.yaml": "group: gateways\n",
+        },
+    )
+    assert snap.ok  # a standard broker carries '.'
+    on_nats = fleet.load(DirectoryTree(tmp_path), engine="nats")
+    assert [p.file for p in on_nats.problems] == ["groups/kiosks.eu.yaml"]
+    assert on_nats.broken_groups == {"kiosks.eu"}
+    assert on_nats.broken_devices == {"kiosk-01"}
+    assert sorted(on_nats.devices) == ["gw-01"]
+
+
+def test_unknown_engine_in_fleet_yaml_names_the_known_ones(tmp_path: Path) -> None:
+    snap = load(tmp_path, {"fleet.yaml": "engine: kafka\n", "groups/kiosks.yaml": KIOSK})
+    [problem] = messages(snap)
+    assert problem.startswith("fleet.yaml")
+    assert "engine" in problem and "'mqtt'" in problem and "'nats'" in problem

@@ -103,6 +103,25 @@ def test_validate_rev_takes_short_ids_and_head_tilde(home: Path, tmp_path: Path)
     assert "no branch or commit 'nosuchbranch'" in done.stderr and "HEAD~N" in done.stderr
 
 
+def test_validate_engine_nats_refuses_a_dotted_device_id_with_the_fix(
+    home: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "fleet"
+    assert run(home, "init", str(repo), "--json").returncode == 0
+    (repo / "devices" / "kiosk.02.yaml").write_text("group: kiosks\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "a dotted kiosk")
+    assert run(home, "validate", str(repo)).returncode == 0  # any standard broker
+    for extra in ([], ["--rev", "HEAD"]):
+        done = run(home, "validate", str(repo), "--engine", "nats", *extra)
+        assert done.returncode == 1, done.stderr
+        assert (
+            "devices/kiosk.02.yaml: device id 'kiosk.02' cannot be used on engine nats: NATS"
+            " maps '.' in a topic to its own token separator; use '-' or '_' instead of '.';"
+            " rename the file"
+        ) in done.stderr
+
+
 def test_a_closed_pipe_is_not_a_traceback(home: Path) -> None:
     # The reader is gone before the first byte is written (`setpoint ... | head` once head
     # has had its lines): the command ends quietly with 141, like one killed by SIGPIPE.
