@@ -6,7 +6,9 @@ cannot change the answer. The rules, in order:
 
 1. never reported: ``offline`` if its presence says so, else ``unknown``;
 2. presence ``offline``: ``offline`` (the last known state is kept in ``reason`` and
-   ``last_seen``, so offline is never confused with failed);
+   ``last_seen``, so offline is never confused with failed); also when its last report is
+   older than ``silent_after`` (its heartbeat is overdue): a will is lost when the broker
+   node holding the device's session dies, so presence alone cannot be trusted;
 3. not in the fleet repository: ``unknown``;
 4. an apply of the current desired version failed: ``failed``;
 5. the current desired version was refused: ``rejected``;
@@ -40,6 +42,14 @@ from setpoint.proto.reports import Report
 from setpoint.proto.status import DRIFT_STATES, DriftState, DriftStatus, GroupStatus, ResourceDiff
 
 DEFAULT_GRACE: Final = 300.0
+# A device republishes its report at least once per heartbeat (the reference agent: 900 s)
+# and after every reconnect; three missed heartbeats mean it is gone.
+DEFAULT_SILENT_AFTER: Final = 3 * 900.0
+
+
+def is_silent(last_seen: float | None, now: float, silent_after: float | None) -> bool:
+    """True when the last report (at ``last_seen``) is older than ``silent_after``."""
+    return silent_after is not None and last_seen is not None and now - last_seen > silent_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +150,10 @@ def detect(
     previous: DriftStatus | None = None,
     reported_at: float | None = None,
     grace: float = DEFAULT_GRACE,
+    silent_after: float | None = DEFAULT_SILENT_AFTER,
 ) -> DriftStatus:
-    """The drift status of one device (see the module docstring for the rules)."""
+    """The drift status of one device (see the module docstring for the rules);
+    ``silent_after=None`` trusts presence alone."""
     name = desired.device if desired else report.device if report else device
     if name is None:
         raise ValueError("detect() needs a desired state, a report or a device id")
@@ -169,6 +181,15 @@ def detect(
             return status("offline", reason=previous.reason, last_seen=last_seen)
         note = f"; last known state {previous.state}" if previous is not None else ""
         return status("offline", reason=f"offline{note}", last_seen=last_seen)
+    if is_silent(last_seen, now, silent_after):
+        if previous is not None and previous.state == "offline":
+            return status("offline", reason=previous.reason, last_seen=last_seen)
+        note = f"; last known state {previous.state}" if previous is not None else ""
+        return status(
+            "offline",
+            reason=f"offline: no report for over {silent_after:.0f}s (heartbeat overdue){note}",
+            last_seen=last_seen,
+        )
     if desired is None:
         return status("unknown", reason="not in the fleet repository", last_seen=last_seen)
 

@@ -86,6 +86,7 @@ class DriftSettings:
     """How the engine runs (``setpoint controller`` flags)."""
 
     grace: float = detecting.DEFAULT_GRACE
+    silent_after: float | None = detecting.DEFAULT_SILENT_AFTER
     tick: float = DEFAULT_TICK
     share: str | None = None
     reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
@@ -607,11 +608,18 @@ class DriftEngine:
             previous=old,
             reported_at=reported_at,
             grace=self.settings.grace,
+            silent_after=self.settings.silent_after,
         )
         if dev.report is None and dev.report_error and new.state == "unknown":
             new = replace(new, reason=f"no readable report ({dev.report_error})")
         seq = dev.report.seq if dev.report is not None else None
         return replace(new, report_seq=seq)
+
+    def _gone_silent(self, status: DriftStatus, now: float) -> bool:
+        """Its heartbeat is overdue and it is not shown offline yet: the tick decides it."""
+        return status.state != "offline" and detecting.is_silent(
+            status.last_seen, now, self.settings.silent_after
+        )
 
     def _stale_here(self, dev: _Device) -> bool:
         """Shared mode: another engine decided from a newer report than ours."""
@@ -635,7 +643,11 @@ class DriftEngine:
                 n
                 for n, d in self._devices.items()
                 if d.status is not None
-                and (d.status.state == "pending" or self._wants_command(d, d.status))
+                and (
+                    d.status.state == "pending"
+                    or self._wants_command(d, d.status)
+                    or self._gone_silent(d.status, now)
+                )
             }
         outputs: list[Coroutine[Any, Any, None]] = []
         touched_groups: set[str] = set()

@@ -117,6 +117,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a device may take to apply a new version before it is overdue (default 300)",
     )
     drift.add_argument(
+        "--silent-after",
+        type=_seconds,
+        default=2700.0,
+        help="seconds without a report after which a device is offline even if no will came"
+        " (a broker node that dies loses its clients' wills; default 2700: three of the"
+        " reference shim's heartbeats; 0: trust presence alone)",
+    )
+    drift.add_argument(
         "--tick",
         type=_seconds,
         default=1.0,
@@ -224,6 +232,7 @@ def _extensions(args: argparse.Namespace) -> list[object]:
             raise CommandError(str(exc)) from None
     settings = drifting.DriftSettings(
         grace=args.grace,
+        silent_after=args.silent_after or None,
         tick=args.tick,
         share=args.share,
         reconcile_interval=args.reconcile_interval,

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from setpoint.controller import detecting
 from setpoint.controller.detecting import Desired, detect, summarise
 from setpoint.proto import bundles
 from setpoint.proto.bundles import FileResource, SettingResource
@@ -303,3 +304,31 @@ def test_released_device_follows_the_group_again() -> None:
     # Its batch released: the pin moved to v3, desired_for gives no pinned_from.
     status = detect(desired(published_at=NOW - 86_400), on_v2(), "online", NOW, grace=1.0)
     assert status.state == "pending" and status.reason.startswith("overdue: ")
+
+
+def test_an_overdue_heartbeat_is_offline_without_a_will() -> None:
+    # The node holding the device's session died: no will, presence still says online.
+    wanted, got = desired(published_at=900.0), report(time=1000)
+    alive = detect(wanted, got, "online", 1000.0 + 100, reported_at=1000.0)
+    assert alive.state == "in_sync"
+    gone = detect(wanted, got, "online", 1000.0 + 2701, reported_at=1000.0, previous=alive)
+    assert gone.state == "offline"
+    assert gone.reason == (
+        "offline: no report for over 2700s (heartbeat overdue); last known state in_sync"
+    )
+    assert gone.last_seen == 1000.0
+    # The reason stays put on later passes (nothing is republished every tick).
+    again = detect(wanted, got, "online", 1000.0 + 9999, reported_at=1000.0, previous=gone)
+    assert again == gone
+    # A new report brings it back; silent_after=None trusts presence alone.
+    back = detect(wanted, got, "online", 5000.0, reported_at=4999.0, previous=gone)
+    assert back.state == "in_sync"
+    trusting = detect(wanted, got, "online", 1000.0 + 9999, reported_at=1000.0, silent_after=None)
+    assert trusting.state == "in_sync"
+
+
+def test_is_silent_only_past_the_limit() -> None:
+    assert not detecting.is_silent(1000.0, 1000.0 + 2700, 2700)
+    assert detecting.is_silent(1000.0, 1000.0 + 2700.5, 2700)
+    assert not detecting.is_silent(None, 1e9, 2700)
+    assert not detecting.is_silent(0.0, 1e9, None)

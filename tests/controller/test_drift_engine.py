@@ -366,3 +366,17 @@ async def test_metrics_are_served_over_http(drift, watch, devices) -> None:  # t
         assert 'setpoint_publications_total{kind="group",reason="change"} 2.0' in body
         assert "setpoint_reports_received_total 4.0" in body
         assert "setpoint_detection_latency_seconds_bucket" in body
+
+
+async def test_a_device_whose_heartbeat_is_overdue_goes_offline_without_a_will(  # type: ignore[no-untyped-def]
+    drift, watch, devices
+) -> None:
+    # No will ever arrives (the broker node holding the sessions died): the tick notices.
+    async with drift(silent_after=5.0, tick=0.2) as (_controller, engine):
+        await all_in_sync(engine, devices, watch)
+        await watch.wait(lambda: watch.state("kiosk-01") == "offline", timeout=60)
+        status = watch.drift["kiosk-01"]
+        assert status.reason.startswith("offline: no report for over 5s (heartbeat overdue)")
+        # Its next report brings it back.
+        await devices.report(in_sync_report(engine._fleet.desired["kiosk-01"], seq=10))
+        await watch.wait(lambda: watch.state("kiosk-01") == "in_sync", timeout=60)
