@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEVICES ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: all demo test check bench bench-quick mosquitto venv clean
+.PHONY: all demo test check bench bench-quick mosquitto nats venv clean
 
 all: test
 
@@ -24,10 +24,13 @@ venv: $(STAMP)
 mosquitto:
 	@./scripts/bootstrap-mosquitto.sh
 
+nats:
+	@./scripts/bootstrap-nats.sh
+
 demo: venv mosquitto
 	$(BIN)/setpoint demo --devices $(DEVICES)
 
-test: venv mosquitto
+test: venv mosquitto nats
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 check: venv

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from setpoint.commands import keys
+from setpoint.engines import NatsCluster
 from setpoint.mosquitto import Broker
 from setpoint.proto.topics import Topics
 from setpoint.sim import fleetrepo, mqtt
@@ -242,8 +243,46 @@ def drift_of(topic: str, payload: bytes) -> dict[str, Any] | None:
 # --- A whole stack: broker, key, repository, controller -----------------------------------
 
 
+class ClusterBroker:
+    """A 3-node NATS cluster (``engines/nats-cluster.conf``) seen as one broker by the
+    benchmarks: the devices and the watchers use node 1, the controller node 2, so every
+    bundle and report crosses the cluster's routes."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, work: Path) -> None:
+        self.cluster = NatsCluster(work)
+
+    @property
+    def port(self) -> int:
+        return self.cluster.nodes[0].mqtt_port
+
+    @property
+    def url(self) -> str:
+        return self.cluster.urls[0]
+
+    @property
+    def controller_url(self) -> str:
+        return self.cluster.urls[1]
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.cluster.nodes[0].proc
+
+    def start(self) -> ClusterBroker:
+        self.cluster.start()
+        return self
+
+    def close(self) -> None:
+        self.cluster.close()
+
+
+ENGINES = ("mosquitto", "nats-cluster")
+
+
 class Stack:
-    """mosquitto + key + a repository of ``devices`` simulated devices + a controller."""
+    """mosquitto (or a NATS cluster) + key + a repository of ``devices`` simulated devices
+    + a controller."""
 
     def __init__(
         self,
@@ -253,13 +292,20 @@ class Stack:
         groups: int = 1,
         prefix: str = "setpoint/v1",
         autosave_changes: int = 100_000,
+        engine: str = "mosquitto",
     ) -> None:
         self.work, self.devices, self.groups = work, devices, groups
         self.prefix = prefix
         self.topics = Topics(prefix)
-        # Saving the retained database after every change (the default for safety) would
-        # make the broker write megabytes per message at this scale.
-        self.broker = Broker(work / "broker", autosave_changes=autosave_changes)
+        self.broker: Broker | ClusterBroker
+        if engine == "nats-cluster":
+            self.broker = ClusterBroker(work / "nats")
+            self.controller_url = self.broker.controller_url
+        else:
+            # Saving the retained database after every change (the default for safety)
+            # would make the broker write megabytes per message at this scale.
+            self.broker = Broker(work / "broker", autosave_changes=autosave_changes)
+            self.controller_url = self.broker.url
         self.controller: subprocess.Popen[bytes] | None = None
         self.repo = work / "repo"
         self.pub = work / "keys" / keys.PUBLIC_NAME
@@ -286,7 +332,7 @@ class Stack:
         )
         async with watcher:
             self.controller = subprocess.Popen(
-                [SETPOINT, "controller", "--repo", str(self.repo), "--broker", self.broker.url,
+                [SETPOINT, "controller", "--repo", str(self.repo), "--broker", self.controller_url,
                  "--key", str(self.work / "keys" / keys.PRIVATE_NAME), "--prefix", self.prefix,
                  "--state-dir", str(self.work / "state"), "--log-level", "WARNING", *extra],
                 stderr=open(self.work / "controller.log", "wb"),  # noqa: SIM115

@@ -1,7 +1,7 @@
 """Commit to converged: from ``git commit`` to the last device's ``in_sync``, against a bare
 reference measured on the same broker in the same run.
 
-    .venv/bin/python -m bench.converge [--devices 1000 10000] [--quick]
+    .venv/bin/python -m bench.converge [--devices 1000 10000] [--quick] [--engine nats-cluster]
 
 For each fleet size N:
 
@@ -34,7 +34,7 @@ from typing import Any
 from setpoint.proto.topics import Topics
 from setpoint.sim import fleetrepo, mqtt
 
-from .common import RESULTS, Stack, Watcher, record, rss_mb, spy_on, start_sim, table
+from .common import ENGINES, RESULTS, Stack, Watcher, record, rss_mb, spy_on, start_sim, table
 
 BUNDLE_SIZE = 700
 WAIT = 300.0  # bytes: about a signed group bundle of three resources
@@ -110,8 +110,8 @@ async def wait(watcher: Watcher, conv: Convergence, n: int, what: str) -> None:
         raise Stalled(f"{what}: {len(conv.done):,} of {n:,} in_sync after {WAIT:.0f} s") from None
 
 
-async def one(work: Path, n: int) -> dict[str, Any]:
-    with Stack(work, n) as stack:
+async def one(work: Path, n: int, engine: str = "mosquitto") -> dict[str, Any]:
+    with Stack(work, n, engine=engine) as stack:
         bare = await bare_reference(stack, n)
         setup = await stack.start_controller()
         assert stack.controller is not None
@@ -152,7 +152,10 @@ async def one(work: Path, n: int) -> dict[str, Any]:
                 noticed = (conv.published_at - t0) if conv.published_at else None
             finally:
                 counters = sim.stop()
-        (RESULTS.parent / f"converge-{n}.json").write_text(json.dumps({"n": n, "curve": curve}))
+        curve_name = (
+            f"converge-{n}.json" if engine == "mosquitto" else f"converge-{engine}-{n}.json"
+        )
+        (RESULTS.parent / curve_name).write_text(json.dumps({"n": n, "curve": curve}))
         return {
             "devices": n,
             "bare_s": round(bare, 3),
@@ -169,12 +172,14 @@ async def one(work: Path, n: int) -> dict[str, Any]:
         }
 
 
-async def main_async(sizes: list[int], quick: bool) -> list[dict[str, Any]]:
+async def main_async(
+    sizes: list[int], quick: bool, engine: str = "mosquitto"
+) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix=f"bench-converge-{n}-") as tmp:
             try:
-                row = await one(Path(tmp), n)
+                row = {"engine": engine, **await one(Path(tmp), n, engine)}
             except TimeoutError as exc:
                 # Recorded, not hidden: the fleet did not converge within the wait.
                 row = {"devices": n, "error": f"did not converge: {exc or 'timeout'}"}
@@ -188,7 +193,8 @@ async def main_async(sizes: list[int], quick: bool) -> list[dict[str, Any]]:
           r["controller_rss_mb"], r["broker_rss_mb"], r["sim_rss_mb"]]
          for r in rows if "error" not in r],
     )  # fmt: skip
-    record("converge", quick, {"runs": rows})
+    name = "converge" if engine == "mosquitto" else f"converge-{engine}"
+    record(name, quick, {"runs": rows})
     return rows
 
 
@@ -196,8 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="mosquitto",
+        help="mosquitto (benchmark settings), or a 3-node NATS cluster with the shipped"
+        " tuned config (engines/nats-cluster.conf)",
+    )
     args = parser.parse_args(argv)
-    asyncio.run(main_async(args.devices, args.quick))
+    asyncio.run(main_async(args.devices, args.quick, args.engine))
     return 0
 
 

@@ -79,6 +79,7 @@ def test_a_dead_first_node_is_skipped(broker: Broker) -> None:
         link.stop()
 
 
+@pytest.mark.engine
 @pytest.mark.timeout(300)
 def test_kill_9_of_the_node_in_use_moves_the_link_to_another(
     nats_cluster_fresh: NatsCluster, unique_prefix: str
@@ -114,6 +115,7 @@ authorization {{ users: [
 """
 
 
+@pytest.mark.engine
 def test_a_refused_subscription_is_logged_with_its_cause_and_retried(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from setpoint.engines import NatsCluster
 from setpoint.proto.topics import Topics
+
+pytestmark = pytest.mark.engine
 
 ENV = {
     **{k: v for k, v in os.environ.items() if not k.startswith("SETPOINT_")},

@@ -14,6 +14,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from setpoint.engines import NatsCluster
 from setpoint.engines.cluster import config_template_of
 
+pytestmark = pytest.mark.engine
+
 TIMEOUT = 30.0
 
 

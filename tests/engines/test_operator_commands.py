@@ -9,12 +9,15 @@ import subprocess
 import sys
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from setpoint.engines import NatsCluster
 from setpoint.mosquitto import free_port
 from setpoint.proto.repository import BranchStatus, RepositoryStatus
 from setpoint.proto.topics import Topics
+
+pytestmark = pytest.mark.engine
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
