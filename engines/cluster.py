@@ -33,14 +33,19 @@ from types import TracebackType
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from setpoint.mosquitto.broker import config_template, free_port, render
+from setpoint.mosquitto.broker import (
+    config_template,
+    end_process,
+    find_program,
+    free_port,
+    render,
+)
 
 INSTALL_HINT = (
     "nats-server is not installed. Install it with:\n"
     "    sudo apt-get install -y nats-server\n"
     "or point SETPOINT_NATS_SERVER at the binary."
 )
-SEARCH_PATH = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
 HOST = "127.0.0.1"
 
 
@@ -57,19 +62,7 @@ class EngineNotInstalled(EngineError):
 
 def find_nats_server() -> str:
     """The path of ``nats-server`` (``$SETPOINT_NATS_SERVER`` wins), or raise."""
-    explicit = os.environ.get("SETPOINT_NATS_SERVER")
-    if explicit:
-        if os.access(explicit, os.X_OK):
-            return explicit
-        raise EngineError(f"SETPOINT_NATS_SERVER={explicit} is not an executable file")
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    for directory in SEARCH_PATH:
-        candidate = os.path.join(directory, "nats-server")
-        if os.access(candidate, os.X_OK):
-            return candidate
-    raise EngineNotInstalled
+    return str(find_program("nats-server", "SETPOINT_NATS_SERVER", EngineNotInstalled, EngineError))
 
 
 class NatsNode:
@@ -100,7 +93,7 @@ class NatsNode:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def configure(self, peers: list[NatsNode]) -> None:
+    def configure(self, peers: list[NatsNode], template: str = "nats-cluster.conf") -> None:
         routes = ", ".join(f'"{peer.route}"' for peer in peers if peer is not self)
         values = {
             "NAME": self.name,
@@ -111,7 +104,7 @@ class NatsNode:
             "DATADIR": self.dir,
             "ROUTES": routes,
         }
-        text = render(config_template_of("nats-cluster.conf"), values)
+        text = render(config_template_of(template), values)
         self.conf.write_text(text, encoding="utf-8")
 
     def start(self) -> NatsNode:
@@ -129,25 +122,13 @@ class NatsNode:
 
     def kill(self) -> None:
         """SIGKILL: nothing flushed, as on a crash or a power cut."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._reap()
+        end_process(self.proc, hard=True)
+        self.proc = None
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it lingers."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reap()
+        end_process(self.proc, timeout=timeout, hard=False)
+        self.proc = None
 
     def pause(self) -> None:
         """SIGSTOP: the node holds its sockets but answers nothing (a network split, seen
@@ -158,11 +139,6 @@ class NatsNode:
     def resume(self) -> None:
         if self.running and self.proc is not None:
             self.proc.send_signal(signal.SIGCONT)
-
-    def _reap(self) -> None:
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
-        self.proc = None
 
     def healthy(self) -> bool:
         """The node's monitoring endpoint says JetStream is current (``/healthz``)."""
@@ -226,6 +202,7 @@ class NatsCluster:
         *,
         size: int = 3,
         startup_timeout: float = 60.0,
+        template: str = "nats-cluster.conf",
     ) -> None:
         self._own_dir = directory is None
         self.dir = Path(directory or tempfile.mkdtemp(prefix="setpoint-nats-"))
@@ -234,7 +211,7 @@ class NatsCluster:
         binary = find_nats_server()
         self.nodes = [NatsNode(f"n{i + 1}", self.dir / f"n{i + 1}", binary) for i in range(size)]
         for node in self.nodes:
-            node.configure(self.nodes)
+            node.configure(self.nodes, template)
 
     @property
     def urls(self) -> list[str]:

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -51,19 +51,49 @@ class BrokerNotInstalled(BrokerError):
 
 def find_mosquitto() -> str:
     """The path of the ``mosquitto`` binary (``$SETPOINT_MOSQUITTO`` wins), or raise."""
-    explicit = os.environ.get("SETPOINT_MOSQUITTO")
+    return find_program("mosquitto", "SETPOINT_MOSQUITTO", BrokerNotInstalled, BrokerError)
+
+
+def find_program(
+    name: str,
+    variable: str,
+    missing: Callable[[], Exception],
+    error: Callable[[str], Exception],
+) -> str:
+    """The path of the program ``name`` (``$variable`` wins, then ``PATH``, then the sbin
+    folders a Debian package uses), else raise ``missing()``."""
+    explicit = os.environ.get(variable)
     if explicit:
         if os.access(explicit, os.X_OK):
             return explicit
-        raise BrokerError(f"SETPOINT_MOSQUITTO={explicit} is not an executable file")
-    found = shutil.which("mosquitto")
+        raise error(f"{variable}={explicit} is not an executable file")
+    found = shutil.which(name)
     if found:
         return found
     for directory in SEARCH_PATH:
-        candidate = os.path.join(directory, "mosquitto")
+        candidate = os.path.join(directory, name)
         if os.access(candidate, os.X_OK):
             return candidate
-    raise BrokerNotInstalled
+    raise missing()
+
+
+def end_process(proc: subprocess.Popen[bytes] | None, *, timeout: float = 10.0, hard: bool) -> None:
+    """SIGKILL (``hard``) or SIGTERM then, after ``timeout``, SIGKILL; reap it and close
+    its stderr pipe."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        if hard:
+            proc.kill()
+        else:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -170,29 +200,12 @@ class Broker:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop cleanly (SIGTERM): mosquitto writes its database and exits."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reap()
+        end_process(self.proc, timeout=timeout, hard=False)
+        self.proc = None
 
     def kill(self) -> None:
         """Kill hard (SIGKILL): nothing is flushed, as on a crash or a power cut."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._reap()
-
-    def _reap(self) -> None:
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
+        end_process(self.proc, hard=True)
         self.proc = None
 
     def restart(self) -> Broker:
