@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[["Message"], None]
 SessionCallback = Callable[["Session"], Coroutine[Any, Any, None]]
+MAX_BARRIER_BYTES: Final = 64  # a nonce is 16; anything larger on the echo topic is junk
 _V5_REFUSED: Final = {1, 132}  # 3.1.1 "unacceptable protocol version"; 5 "unsupported"
 
 
@@ -182,7 +183,7 @@ class Link:
         self._on_session: list[tuple[str, SessionCallback]] = []
         self._session: Session | None = None
         self._sessions = 0
-        self._connected = asyncio.Event()
+        self._replaced = asyncio.Event()  # set (and renewed) whenever _session changes
         self._v5 = True
         self.failures = 0
         self.failed = asyncio.Event()  # set on every failure (to connect, or of a session)
@@ -243,11 +244,20 @@ class Link:
         return self._session is not None and not self._session.lost.is_set()
 
     async def wait_connected(self) -> Session:
+        """The live session, once there is one. A session that is lost but not yet
+        replaced is waited out, not polled: a loop on the old ``_connected`` event, which
+        stayed set between ``lost`` and the loop's clean-up, never yielded (a client-id
+        takeover storm once held the controller at 100% CPU that way)."""
         while True:
-            await self._connected.wait()
             session = self._session
             if session is not None and not session.lost.is_set():
                 return session
+            await self._replaced.wait()  # the next session (or the end of this one)
+
+    def _set_session(self, session: Session | None) -> None:
+        self._session = session
+        replaced, self._replaced = self._replaced, asyncio.Event()
+        replaced.set()
 
     # --- Publishing ---------------------------------------------------------------------
 
@@ -292,6 +302,8 @@ class Link:
             ) from exc
 
     def _barrier_arrived(self, message: Message) -> None:
+        if len(message.payload) > MAX_BARRIER_BYTES:
+            return  # not one of our nonces: nothing to look up
         arrived = self._barriers.get(message.payload)
         if arrived is not None and not arrived.done():
             arrived.set_result(None)
@@ -308,8 +320,8 @@ class Link:
                 self.failures += 1
                 self.failed.set()
             finally:
-                session, self._session = self._session, None
-                self._connected.clear()
+                session = self._session
+                self._set_session(None)
                 if session is not None:
                     session.lost.set()
                 for callback in self._on_disconnect:
@@ -359,8 +371,7 @@ class Link:
                 self._check_granted(granted)
                 ingest = await self._open_ingest()
                 self._ingest = ingest
-                self._session = session
-                self._connected.set()
+                self._set_session(session)
                 try:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._pump(client, session), name="mqtt-pump")

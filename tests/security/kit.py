@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,29 @@ class SecureFleet(Fleet):
         assert subscribed.wait(TIMEOUT)
 
 
+def commit(repo: Path, motd: str) -> None:
+    """Commit a fleet of one group (kiosk, a motd file) and one device (dev1) to ``repo``
+    on branch main (made on first use)."""
+    files = {
+        "groups/kiosk.yaml": (
+            "mode: enforce\nresources:\n  - id: motd\n    kind: file\n    path: etc/motd\n"
+            f'    mode: "0644"\n    content: "{motd}"\n'
+        ),
+        "devices/dev1.yaml": "group: kiosk\n",
+    }
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(repo)}
+    ident = ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    if not (repo / ".git").exists():
+        subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True, env=env)
+    subprocess.run(["git", *ident, "-C", str(repo), "add", "-A"], check=True, env=env)
+    subprocess.run(
+        ["git", *ident, "-C", str(repo), "commit", "-q", "-m", motd], check=True, env=env
+    )
+
+
 def shim_broker(broker: SecureBroker, creds: Credentials) -> BrokerSettings:
     return BrokerSettings(
         broker.host,
@@ -194,6 +218,7 @@ __all__ = [
     "SecureFleet",
     "Shims",
     "Topics",
+    "commit",
     "handshake",
     "shim_broker",
     "snapshot",

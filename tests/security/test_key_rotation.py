@@ -5,12 +5,10 @@ step)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
-from kit import Client, SecureFleet, Shims, shim_broker, snapshot
+from kit import Client, SecureFleet, Shims, commit, shim_broker, snapshot
 
 from setpoint.commands import keys
 from setpoint.controller.broker import Backoff, BrokerSettings
@@ -21,27 +19,6 @@ from setpoint.proto import codec, envelopes
 from setpoint.proto.bundles import FileResource
 
 pytestmark = pytest.mark.broker
-
-
-def commit(repo: Path, motd: str) -> None:
-    files = {
-        "groups/kiosk.yaml": (
-            "mode: enforce\nresources:\n  - id: motd\n    kind: file\n    path: etc/motd\n"
-            f'    mode: "0644"\n    content: "{motd}"\n'
-        ),
-        "devices/dev1.yaml": "group: kiosk\n",
-    }
-    for name, text in files.items():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / name).write_text(text)
-    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(repo)}
-    ident = ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
-    if not (repo / ".git").exists():
-        subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True, env=env)
-    subprocess.run(["git", *ident, "-C", str(repo), "add", "-A"], check=True, env=env)
-    subprocess.run(
-        ["git", *ident, "-C", str(repo), "commit", "-q", "-m", motd], check=True, env=env
-    )
 
 
 def publish(broker: SecureBroker, pki: Pki, repo: Path, state: Path, *key_files: Path) -> None:

@@ -1,0 +1,153 @@
+"""Taking over the controller's MQTT client id, against the real ``setpoint controller``
+command on the secure broker: mosquitto drops the session that held the id, so a storm of
+takeovers disconnects the controller again and again. It must come back once the storm
+ends, not spin (it once held a core at 100% and published nothing, for good)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kit import Client, commit
+
+from setpoint.commands import keys
+from setpoint.controller.pki import Pki
+from setpoint.mosquitto import SecureBroker
+from setpoint.proto import bundles, envelopes
+from setpoint.proto.topics import Topics
+
+pytestmark = pytest.mark.broker
+
+FIXED_ID = "setpoint-controller-main"
+
+
+def _controller(broker: SecureBroker, pki: Pki, repo: Path, tmp: Path) -> subprocess.Popen[str]:
+    keys.generate(tmp / "keys")
+    creds = pki.controller
+    log = (tmp / "controller.log").open("w")
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "setpoint", "controller", "--repo", str(repo),
+            "--broker", broker.url, "--ca", str(creds.ca), "--cert", str(creds.cert),
+            "--client-key", str(creds.key), "--key", str(tmp / "keys" / keys.PRIVATE_NAME),
+            "--state-dir", str(tmp / "state"), "--prefix", broker.prefix,
+            "--client-id", FIXED_ID, "--poll-interval", "0.2",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1"},
+    )  # fmt: skip
+
+
+def _motd(view: Client, topics: Topics) -> bytes | None:
+    retained = [p for t, p, _ in view.received(topics.group_desired("kiosk")) if p]
+    if not retained:
+        return None
+    bundle = bundles.decode(envelopes.decode(retained[-1]).payload)
+    return bundle.resources[0].content  # type: ignore[union-attr, no-any-return]
+
+
+def test_client_id_takeover_storm_does_not_wedge_the_controller(
+    secure_broker: SecureBroker, pki: Pki, tmp_path: Path
+) -> None:
+    topics = Topics(secure_broker.prefix)
+    repo = tmp_path / "repo"
+    commit(repo, "one")
+    spy = Client(secure_broker, pki.controller, "spy")  # reads bundles, like a device would
+    spy.subscribe(topics.group_desired("kiosk"))
+    controller = _controller(secure_broker, pki, repo, tmp_path)
+    try:
+        with spy._cond:
+            assert spy._cond.wait_for(lambda: _motd(spy, topics) == b"one", 60)
+        # A device certificate (dev2) takes the controller's fixed client id, over and over,
+        # while dev1 goes on and offline: the controller has drift statuses to publish when
+        # its session drops under it.
+        dev1 = Client(secure_broker, pki.device("dev1"), "setpoint-shim-dev1")
+        for i in range(200):
+            dev1.publish(topics.device_presence("dev1"), b"online" if i % 2 else b"offline")
+            thief = Client(secure_broker, pki.device("dev2"), FIXED_ID)
+            thief.close()
+        # The storm is over: the next commit must go out.
+        commit(repo, "two")
+        with spy._cond:
+            assert spy._cond.wait_for(lambda: _motd(spy, topics) == b"two", 60), (
+                tmp_path / "controller.log"
+            ).read_text()[-3000:]
+        assert controller.poll() is None
+    finally:
+        controller.terminate()
+        try:
+            controller.wait(15)
+        except subprocess.TimeoutExpired:
+            controller.kill()
+            controller.wait()
+
+
+
+_WAITER = """
+import asyncio, sys, time
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from setpoint.controller.broker import Backoff, BrokerSettings, Link
+from setpoint.proto.topics import Topics
+
+host, port, prefix, ca, cert, key, dev_cert, dev_key = sys.argv[1:]
+
+async def main():
+    link = Link(
+        BrokerSettings(host, int(port), tls=True, ca=ca, cert=cert, key=key,
+                       client_id="setpoint-controller-fixed"),
+        Topics(prefix), backoff=Backoff(initial=0.2, maximum=0.5),
+    )
+    runner = asyncio.create_task(link.run())
+    first = await link.wait_connected()
+    thief = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="setpoint-controller-fixed")
+    thief.tls_set(ca_certs=ca, certfile=dev_cert, keyfile=dev_key)
+    thief.connect(host, int(port))
+    thief.loop_start()
+    await first.lost.wait()
+    thief.disconnect()
+    thief.loop_stop()
+    # Right after the loss, before the link has cleaned up: wait for the next session.
+    ticks = 0
+    async def tick():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+    ticker = asyncio.create_task(tick())
+    second = await link.wait_connected()
+    assert second is not first and not second.lost.is_set()
+    assert ticks > 0, "the event loop never ran while waiting"
+    ticker.cancel()
+    runner.cancel()
+    print("reconnected", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_client_id_takeover_does_not_make_the_link_spin(
+    secure_broker: SecureBroker, pki: Pki, tmp_path: Path
+) -> None:
+    # The controller's Link waits for its next session the moment a takeover dropped the
+    # one it had (what the drift engine and the rollouts do after a failed publish). It
+    # used to spin without yielding right there: the event loop froze for good.
+    creds, dev = pki.controller, pki.device("dev2")
+    script = tmp_path / "waiter.py"
+    script.write_text(_WAITER)
+    try:
+        result = subprocess.run(
+            [
+                sys.executable, str(script), secure_broker.host, str(secure_broker.port),
+                secure_broker.prefix, str(creds.ca), str(creds.cert), str(creds.key),
+                str(dev.cert), str(dev.key),
+            ],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("the link spun after its session was taken over (no reconnect in 60 s)")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reconnected" in result.stdout
