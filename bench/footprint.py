@@ -66,7 +66,7 @@ async def main_async(idle: float, quick: bool) -> dict[str, Any]:
             shim = subprocess.Popen(
                 [SETPOINT, "shim", "--device", DEVICE, "--broker", stack.broker.url,
                  "--trust", str(stack.pub), "--root", str(Path(tmp) / "root"),
-                 "--log-level", "WARNING"],
+                 "--state-dir", str(Path(tmp) / "state"), "--log-level", "WARNING"],
             )  # fmt: skip
             try:
                 await watcher.until(lambda: version.get("group") == 1, 60)

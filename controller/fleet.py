@@ -204,11 +204,23 @@ class FileSpec(_Strict):
     content: str | None = None
     source: str | None = None
     mode: Any = 0o644
+    special_mode: bool = False  # the author means a setuid/setgid/sticky/world-writable mode
 
     @field_validator("mode")
     @classmethod
     def _mode(cls, value: Any) -> int:
         return parse_mode(value)
+
+    @model_validator(mode="after")
+    def _risky(self) -> FileSpec:
+        risky = bundles.risky_mode(self.mode)
+        if risky is not None and not self.special_mode:
+            raise ValueError(
+                f"mode: {self.mode:04o} is {risky}: devices refuse it unless their own policy"
+                " allows it (allow_special_modes); if it is meant, say so with"
+                " 'special_mode: true', else use a mode like 0755"
+            )
+        return self
 
 
 class SettingSpec(_Strict):
@@ -460,7 +472,7 @@ class _Collector:
                 self.add(f"missing key {name!r}", item)
             else:
                 message = str(error["msg"]).removeprefix("Value error, ")
-                self.add(f"{name}: {message}", item)
+                self.add(f"{name}: {message}" if name else message, item)
 
 
 @functools.lru_cache(maxsize=32768)

@@ -203,8 +203,11 @@ _BLOCKED_WHY: Mapping[str, str] = {
 
 
 def _plan_file(
-    resource: FileResource, fact: FileFact | None, managed: frozenset[str]
+    resource: FileResource, fact: FileFact | None, managed: frozenset[str], policy: DevicePolicy
 ) -> Step | None:
+    refusal = policy.refuses_mode(resource.mode)
+    if refusal is not None:
+        return Blocked(resource.id, refusal)
     if fact is None:
         return Blocked(resource.id, "path was not observed", permanent=False)
     if fact.condition in _BLOCKED_WHY:
@@ -292,7 +295,7 @@ def plan(
             else:
                 path_owner[real] = resource.id
                 desired_real.add(real)
-                step = _plan_file(resource, fact, observed.managed_files)
+                step = _plan_file(resource, fact, observed.managed_files, policy)
         elif isinstance(resource, SettingResource):
             if resource.key in key_owner:
                 step = Blocked(resource.id, f"same key as resource {key_owner[resource.key]!r}")

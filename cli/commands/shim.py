@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
         type=Path,
-        help="where the shim keeps its state (default ROOT/.setpoint/state)",
+        help="where the shim keeps its state, private to it and outside the root (default"
+        " /var/lib/setpoint/DEVICE as root, else ~/.local/state/setpoint/shim/DEVICE)",
     )
     parser.add_argument(
         "--config",

@@ -80,6 +80,7 @@ def run_shim(fleet: Fleet, broker: Any, tmp_path: Path) -> Iterator[Any]:
             "--prefix", fleet.topics.prefix,
             "--trust", str(fleet.pub),
             "--root", str(root),
+            "--state-dir", str(root / ".setpoint" / "state"),
             "--observe-interval", "0.2",
             "--reconnect-min", "0.1",
             "--reconnect-max", "0.5",

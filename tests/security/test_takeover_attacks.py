@@ -85,7 +85,6 @@ def test_client_id_takeover_storm_does_not_wedge_the_controller(
             controller.wait()
 
 
-
 _WAITER = """
 import asyncio, sys, time
 import paho.mqtt.client as mqtt
