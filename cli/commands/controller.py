@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--branch", help="the default branch (default: the branch HEAD names)")
     parser.add_argument(
+        "--config-branch",
+        help="the protected branch whose fleet.yaml gives rings, gates and operator keys"
+        " (default: the most protected ring, chosen once and remembered; docs/security.md)",
+    )
+    parser.add_argument(
         "--bundle-ttl",
         default=None,
         help="bundle lifetime, e.g. 7d or 3600 (fleet.yaml's bundle_ttl wins;"
@@ -190,6 +195,7 @@ def _config(args: argparse.Namespace) -> object:
         state_dir=args.state_dir or default_state_dir(),
         prefix=args.prefix,
         branch=args.branch,
+        config_branch=args.config_branch,
         bundle_ttl=ttl,
         follow=not args.once,
         watch=not args.no_watch,
