@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from setpoint.proto import status as wire
+from setpoint.proto import text
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.topics import Topics
 
@@ -35,14 +36,17 @@ def event_line(event: dict[str, Any], colour: bool) -> str:
     """One drift event as a readable line."""
     resources = event.get("resources") or []
     why = "; ".join(f"{r.get('id')}: {r.get('why')}" for r in resources) or event.get("reason", "")
-    previous = event.get("previous") or "-"
+    why = text.shown(str(why))
+    previous = text.shown(str(event.get("previous") or "-"))
     when = view.clock(float(event.get("time", 0.0)))
-    change = str(event.get("change", "?"))
+    change = text.shown(str(event.get("change", "?")))
     mark = {"opened": "31", "resolved": "32", "changed": "33"}.get(change, "")
+    device = text.shown(str(event.get("device")))
+    group = text.shown(str(event.get("group") or "-"))
     head = (
-        f"{when}  {view.paint(colour, mark, change.ljust(8))}  {event.get('device')}"
-        f" ({event.get('group') or '-'})  {view.state(colour, previous)} ->"
-        f" {view.state(colour, str(event.get('state')))}"
+        f"{when}  {view.paint(colour, mark, change.ljust(8))}  {device} ({group})"
+        f"  {view.state(colour, previous)} ->"
+        f" {view.state(colour, text.shown(str(event.get('state'))))}"
     )
     return f"{head}  {why}" if why else head
 
@@ -65,8 +69,8 @@ def current(args: argparse.Namespace, reader: view.Reader, colour: bool) -> int:
         return 0
     plain, rows = [], []
     for s in shown:
-        why = "; ".join(f"{r.id}: {r.why}" for r in s.resources) or s.reason
-        cells = [s.device, s.group or "-"]
+        why = text.shown("; ".join(f"{r.id}: {r.why}" for r in s.resources) or s.reason)
+        cells = [text.shown(s.device), text.shown(s.group or "-")]
         tail = [f"since {view.ago(s.since)}", why]
         plain.append([*cells, s.state, *tail])
         rows.append([*cells, view.state(colour, s.state), *tail])

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from setpoint.proto import status as wire
+from setpoint.proto import text
 from setpoint.proto.errors import ProtocolError
 
 from . import _fleetview as view
@@ -64,10 +65,10 @@ def render(groups: list[Any], devices: list[Any], colour: bool) -> list[str]:
     for g in groups:
         counts = [(s, n) for s, n in g.counts.items() if n]
         cells = [
-            g.group,
-            g.mode,
+            text.shown(g.group),
+            text.shown(g.mode),
             f"v{g.version}" if g.version is not None else "-",
-            (g.commit or "-")[:12],
+            text.shown((g.commit or "-")[:12]),
             str(g.devices),
             f"{g.converged_pct:.1f}%",
         ]
@@ -80,8 +81,8 @@ def render(groups: list[Any], devices: list[Any], colour: bool) -> list[str]:
         lines.append(view.paint(colour, "1", f"not in sync ({len(behind)}):"))
         plain, rows = [], []
         for d in sorted(behind, key=lambda d: (d.group or "", d.device)):
-            why = "; ".join(f"{r.id}: {r.why}" for r in d.resources) or d.reason
-            cells = [d.device, d.group or "-"]
+            why = text.shown("; ".join(f"{r.id}: {r.why}" for r in d.resources) or d.reason)
+            cells = [text.shown(d.device), text.shown(d.group or "-")]
             tail = [f"since {view.ago(d.since, now)}", why]
             plain.append([*cells, d.state, *tail])
             rows.append([*cells, view.state(colour, d.state), *tail])

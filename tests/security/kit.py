@@ -7,6 +7,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,50 @@ def commit(repo: Path, motd: str) -> None:
     )
 
 
+def run_controller(
+    broker: SecureBroker, pki: Any, repo: Path, tmp: Path, *extra: str
+) -> subprocess.Popen[str]:
+    """The real ``setpoint controller`` on ``repo``, over mutual TLS with the controller's
+    certificate, a fresh signing key in ``tmp/keys``; its log in ``tmp/controller.log``."""
+    from setpoint.commands import keys
+
+    keys.generate(tmp / "keys")
+    creds = pki.controller
+    log = (tmp / "controller.log").open("w")
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "setpoint", "controller", "--repo", str(repo),
+            "--broker", broker.url, "--ca", str(creds.ca), "--cert", str(creds.cert),
+            "--client-key", str(creds.key), "--key", str(tmp / "keys" / keys.PRIVATE_NAME),
+            "--state-dir", str(tmp / "state"), "--prefix", broker.prefix, *extra,
+        ],
+        stdout=log, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1"},
+    )  # fmt: skip
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def operator_cli(broker: SecureBroker, pki: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    """A ``setpoint`` verb run as the operator (its certificate), output captured."""
+    creds = pki.operator
+    return subprocess.run(
+        [
+            sys.executable, "-m", "setpoint", *args, "--broker", broker.url,
+            "--ca", str(creds.ca), "--cert", str(creds.cert), "--client-key", str(creds.key),
+            "--prefix", broker.prefix,
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
 def shim_broker(broker: SecureBroker, creds: Credentials) -> BrokerSettings:
     return BrokerSettings(
         broker.host,
@@ -220,6 +265,9 @@ __all__ = [
     "Topics",
     "commit",
     "handshake",
+    "operator_cli",
+    "run_controller",
     "shim_broker",
     "snapshot",
+    "stop",
 ]

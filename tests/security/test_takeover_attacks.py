@@ -5,15 +5,13 @@ ends, not spin (it once held a core at 100% and published nothing, for good)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from kit import Client, commit
+from kit import Client, commit, run_controller, stop
 
-from setpoint.commands import keys
 from setpoint.controller.pki import Pki
 from setpoint.mosquitto import SecureBroker
 from setpoint.proto import bundles, envelopes
@@ -22,23 +20,6 @@ from setpoint.proto.topics import Topics
 pytestmark = pytest.mark.broker
 
 FIXED_ID = "setpoint-controller-main"
-
-
-def _controller(broker: SecureBroker, pki: Pki, repo: Path, tmp: Path) -> subprocess.Popen[str]:
-    keys.generate(tmp / "keys")
-    creds = pki.controller
-    log = (tmp / "controller.log").open("w")
-    return subprocess.Popen(
-        [
-            sys.executable, "-m", "setpoint", "controller", "--repo", str(repo),
-            "--broker", broker.url, "--ca", str(creds.ca), "--cert", str(creds.cert),
-            "--client-key", str(creds.key), "--key", str(tmp / "keys" / keys.PRIVATE_NAME),
-            "--state-dir", str(tmp / "state"), "--prefix", broker.prefix,
-            "--client-id", FIXED_ID, "--poll-interval", "0.2",
-        ],
-        stdout=log, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1"},
-    )  # fmt: skip
 
 
 def _motd(view: Client, topics: Topics) -> bytes | None:
@@ -57,7 +38,9 @@ def test_client_id_takeover_storm_does_not_wedge_the_controller(
     commit(repo, "one")
     spy = Client(secure_broker, pki.controller, "spy")  # reads bundles, like a device would
     spy.subscribe(topics.group_desired("kiosk"))
-    controller = _controller(secure_broker, pki, repo, tmp_path)
+    controller = run_controller(
+        secure_broker, pki, repo, tmp_path, "--client-id", FIXED_ID, "--poll-interval", "0.2"
+    )
     try:
         with spy._cond:
             assert spy._cond.wait_for(lambda: _motd(spy, topics) == b"one", 60)
@@ -77,12 +60,7 @@ def test_client_id_takeover_storm_does_not_wedge_the_controller(
             ).read_text()[-3000:]
         assert controller.poll() is None
     finally:
-        controller.terminate()
-        try:
-            controller.wait(15)
-        except subprocess.TimeoutExpired:
-            controller.kill()
-            controller.wait()
+        stop(controller)
 
 
 _WAITER = """
