@@ -149,6 +149,12 @@ def test_recovery_from_a_compromised_key_that_pushed_the_floor_up(
     shim.wait_event("applied", after=mark)
     assert (root / motd).read_bytes() == b"evil"
     assert group_version(shim) == 10**15
+    # And a reconcile command with the highest sequence there is: every later one would be
+    # refused as a replay.
+    mark = shim.mark()
+    top = secure_fleet.command("dev1", 2**63 - 1, keys=[stolen])
+    secure_fleet.publish(secure_fleet.topics.device_command("dev1"), top, retain=False)
+    shim.wait_event("command", after=mark)
 
     # Recovery: a new key. The controller signs with it alone and restores what git says;
     # the device, told to trust only the new key, sees its trust anchors replaced and
@@ -160,6 +166,12 @@ def test_recovery_from_a_compromised_key_that_pushed_the_floor_up(
     shim.wait_event("applied")
     assert (root / motd).read_text() == "one"
     assert group_version(shim) < 10**15
+    # The command floor was reset with the version floors: a genuine command is obeyed.
+    mark = shim.mark()
+    fresh = envelopes.load_private_key(new_key.read_bytes())
+    genuine = secure_fleet.command("dev1", 1, keys=[fresh])
+    secure_fleet.publish(secure_fleet.topics.device_command("dev1"), genuine, retain=False)
+    assert shim.wait_event("command", after=mark)["seq"] == 1
 
     # The stolen key is worthless now: its bundles are refused.
     mark = shim.mark()
