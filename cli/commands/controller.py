@@ -270,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
     logs = require_controller("setpoint.controller.logs")
     errors = require_controller("setpoint.controller.errors")
     logs.setup(json_lines=args.log_json, level=args.log_level)
+    # Everything the controller writes (state, audit, the mirror's objects) is its own.
+    os.umask(0o077)
     try:
         config = _config(args)
         return asyncio.run(_main(args, config))

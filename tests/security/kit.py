@@ -202,7 +202,7 @@ def commit(repo: Path, motd: str) -> None:
 
 
 def run_controller(
-    broker: SecureBroker, pki: Any, repo: Path, tmp: Path, *extra: str
+    broker: SecureBroker, pki: Any, repo: Path | str, tmp: Path, *extra: str
 ) -> subprocess.Popen[str]:
     """The real ``setpoint controller`` on ``repo``, over mutual TLS with the controller's
     certificate, a fresh signing key in ``tmp/keys``; its log in ``tmp/controller.log``."""

@@ -4,6 +4,7 @@ checks that the device's applied state and trust state did not change."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -177,11 +178,17 @@ def test_operator_reads_drift_status_rollouts_events_and_nothing_else(
     }
     for topic in sorted(readable):
         converged.fleet.publish(topic, b'{"state": "in_sync"}')
+    # What `setpoint diff` reads (retained by the converged fleet): bundles and reports.
+    for_diff = {
+        topics.group_desired("kiosk"),
+        topics.device_desired("dev1"),
+        topics.device_reported("dev1"),
+    }
     operator.barrier(topics.barrier("operator-tool"))  # its tools' echo topic works
     seen = {t for t, _, _ in operator.received()}
-    assert readable <= seen, seen
-    assert seen <= readable | {topics.barrier("operator-tool")}, seen
-    for topic in (topics.group_desired("kiosk"), *sorted(readable)):
+    assert readable | for_diff <= seen, seen
+    assert seen <= readable | for_diff | {topics.barrier("operator-tool")}, seen
+    for topic in sorted(readable | for_diff):
         assert operator.publish(topic, b"x") == NOT_AUTHORIZED
     # Signed commands (approve, pause, resume) are the one thing it may send.
     assert (
@@ -207,7 +214,7 @@ def test_operator_cannot_learn_or_flood_other_clients_barrier_topics(
     operator.barrier(topics.barrier("operator-tool"))  # its own echo topic still works
     seen = {t for t, _, _ in operator.received()}
     assert topics.barrier("setpoint-controller-0badc0de") not in seen, seen
-    assert seen <= {topics.device_drift("dev1"), topics.barrier("operator-tool")}, seen
+    assert [t for t in seen if "/clients/" in t] == [topics.barrier("operator-tool")], seen
     # Nor may it write there (a 1 MiB message to the controller's echo topic, refused).
     big = b"x" * (1 << 20)
     assert operator.publish(topics.barrier("setpoint-controller-0badc0de"), big) == 0x87
@@ -245,3 +252,20 @@ def test_slow_reader_cannot_make_the_broker_hold_a_flood(
     finally:
         sender.close()
     assert grown < 110, f"mosquitto grew by {grown} MiB holding messages for a stalled client"
+
+
+def test_diff_runs_with_the_operator_identity(
+    converged: Converged, secure_broker: SecureBroker, pki: Pki
+) -> None:
+    # `setpoint diff` used to need the controller's certificate, which may write every
+    # topic; the operator's read-only identity is enough now.
+    from kit import operator_cli
+
+    shown = operator_cli(
+        secure_broker, pki, "diff", "dev1", "--trust", str(converged.fleet.pub), "--json"
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    body = json.loads(shown.stdout)
+    assert body["device"] == "dev1" and body["verified"] is True, body
+    assert {r["id"] for r in body["resources"]} == {"motd", "tz"}, body
+    converged.unchanged()
