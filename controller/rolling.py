@@ -15,7 +15,8 @@ every planning round the controller asks :meth:`Rollouts.hold_back` what may go 
    ``healthy_for`` timer runs out, an approval is verified), the controller is woken and
    the held content goes out by itself.
 2. **Windows.** Outside a group's maintenance window a new version waits (``pending``)
-   unless its commit subject says ``[urgent]``.
+   unless its commit subject says ``[urgent]`` *and* an operator approved that content for
+   its branch with a signed approval.
 3. **Batches.** A group with ``rollout:`` first pins every device bundle to the group
    version it runs (``group_version``), then publishes the new group bundle, then moves
    the pin of one batch at a time to the new version, after the previous batch completed
@@ -424,7 +425,7 @@ class Rollouts:
                 if info is None:
                     continue
                 tree = info.tree.decode("ascii")
-                decision = self._decide(branch, gate, tree, info.summary, now)
+                decision = self._decide(branch, gate, tree, now)
                 if source != branch and not decision.open:
                     decision = dataclasses.replace(
                         decision,
@@ -483,11 +484,13 @@ class Rollouts:
         return held, held_targets
 
     def _decide(
-        self, branch: str, gate: gating.Gate, tree: str, summary: str, now: float
+        self, branch: str, gate: gating.Gate, tree: str, now: float
     ) -> GateDecision:
         key = Ledger.key(branch, tree)
         evidence = self.ledger.evidence.get(key)
-        approved = key in self.ledger.approvals or "[approved]" in summary.lower()
+        # Only a verified, signed approval counts: "[approved]" in a commit subject is
+        # whatever its author typed, and a fast-forward carries it into any ring.
+        approved = key in self.ledger.approvals
         decision = gating.decide_gate(branch, gate, tree, evidence, approved=approved, now=now)
         if decision.state != "open" and tree in self._walk_back_tree(branch):
             decision = GateDecision("open", f"walking back to {tree[:12]} after a halt")
@@ -594,7 +597,13 @@ class Rollouts:
         digest = rendered.bundle.content_digest()
         ro = self.ledger.rollouts.get(gid)
         head = render.heads.get(rendered.branch)
-        urgent = head is not None and gating.is_urgent(head.summary)
+        # "[urgent]" says what the author wants; a signed approval of this content for this
+        # branch (setpoint approve BRANCH --tree T) is the authority that lets it skip windows.
+        urgent = (
+            head is not None
+            and gating.is_urgent(head.summary)
+            and Ledger.key(rendered.branch, head.tree.decode("ascii")) in self.ledger.approvals
+        )
 
         def hold(reason_state: str, reason: str) -> None:
             for t in (target, *devices):

@@ -277,11 +277,16 @@ def closed_window() -> str:
 
 
 async def test_outside_the_window_a_new_version_waits_unless_urgent(
-    make_repo: Any, start: Any, sims: Any
+    make_repo: Any, start: Any, sims: Any, send: Any, alice: Ed25519PrivateKey
 ) -> None:
     window = closed_window()
+    key = "".join(f"        {line}\n" for line in pem_public(alice).splitlines())
     repo = make_repo(
-        {"groups/kiosks.yaml": group("main", "v1", window), "devices/k-1.yaml": "group: kiosks\n"}
+        {
+            "fleet.yaml": f"operators:\n  - name: alice\n    key: |\n{key}",
+            "groups/kiosks.yaml": group("main", "v1", window),
+            "devices/k-1.yaml": "group: kiosks\n",
+        }
     )
     async with sims(["k-1"]) as sim, start(repo):
         await sim.wait(lambda: sim.motd("k-1") == "v1")  # a first publication does not wait
@@ -292,5 +297,15 @@ async def test_outside_the_window_a_new_version_waits_unless_urgent(
         assert [e["action"] for e in sim.of("window-wait")] == ["window-wait"]
         assert max(sim.groups["kiosks"]) == 1 and sim.motd("k-1") == "v1"
         repo.commit({"groups/kiosks.yaml": group("main", "v3", window)}, "[urgent] motd v3")
+        # "[urgent]" alone is anyone's word: it still waits for the window...
+        await sim.wait(lambda: len(sim.of("window-wait")) == 2)
+        assert sim.motd("k-1") == "v1"
+        # ...until an operator approves that content for its branch (a signed approval).
+        now = int(time.time())
+        tree = repo.git("rev-parse", "main^{tree}")
+        command = approvals.OperatorCommand(
+            "approve", secrets.token_hex(8), now, now + 300, ring="main", tree=tree
+        )
+        await send(approvals.sign(command, [alice]))
         await sim.wait(lambda: sim.motd("k-1") == "v3")
-        assert sim.rollout["kiosks"]["state"] != "pending"
+        await sim.wait(lambda: sim.rollout["kiosks"]["state"] != "pending")

@@ -168,3 +168,48 @@ async def test_default_branch_writer_drops_the_approval_and_adds_a_key(
         assert "an approval of" in sim.rollout["prod"]["reason"]
         assert sim.rollout["prod"]["state"] == "gated" and "prod" not in sim.groups
         assert (fleet.tmp / "state" / "config-branch").read_text().strip() == "production"
+
+
+async def test_approved_in_a_developers_commit_subject_opens_no_gate(
+    fleet: Fleet, broker: Broker
+) -> None:
+    repo = fleet.repo(fleet_yaml(fleet.alice, approval=True))
+    async with fleet.running(broker, repo) as sim:
+        await sim.wait(lambda: sim.motd("can-2") == "v1")
+        await sim.wait(lambda: "an approval of" in sim.rollout.get("prod", {}).get("reason", ""))
+        # Mallory's commit on main claims an approval; canary's and production's owners
+        # fast-forward it (a promotion), subject and all.
+        files = {f"groups/{g}.yaml": group(b, "v2") for g, b in
+                 (("qa", "main"), ("canaries", "canary"), ("prod", "production"))}  # fmt: skip
+        files["groups/canaries.yaml"] = group(
+            "canary", "v2", "rollout: {batch: 1, on_failure: revert}\n"
+        )
+        repo.commit(files, "[approved] motd v2", author=MALLORY)
+        repo.git("branch", "-f", "canary", "main")
+        await sim.wait(lambda: sim.motd("can-2") == "v2")
+        repo.git("branch", "-f", "production", "main")
+        tree = repo.git("rev-parse", "production^{tree}")
+        await sim.wait(lambda: sim.gates.get("production", {}).get("tree") == tree)
+        assert "an approval of" in sim.gates["production"]["reason"]
+        assert "prod" not in sim.groups and sim.motd("prod-1") is None
+
+
+async def test_urgent_in_a_developers_commit_subject_skips_no_window(
+    fleet: Fleet, broker: Broker
+) -> None:
+    start = (time.gmtime().tm_hour + 2) % 24  # a one-hour window, closed now
+    window = (
+        "window: {days: [mon, tue, wed, thu, fri, sat, sun],"
+        f' hours: "{start:02d}:00-{(start + 1) % 24:02d}:00", tz: UTC}}\n'
+    )
+    repo = fleet.repo(fleet_yaml(fleet.alice, approval=False))
+    repo.commit({"groups/qa.yaml": group("main", "v1", window)}, "qa has a window")
+    async with fleet.running(broker, repo) as sim:
+        await sim.wait(lambda: sim.motd("qa-1") == "v1")
+        repo.commit({"groups/qa.yaml": group("main", "now", window)}, "[urgent] now",
+                    author=MALLORY)  # fmt: skip
+        await sim.wait(
+            lambda: sim.rollout.get("qa", {}).get("state") == "pending" or sim.motd("qa-1") != "v1"
+        )
+        assert sim.motd("qa-1") == "v1", "an [urgent] subject skipped the window"
+        assert "outside the maintenance window" in sim.rollout["qa"]["reason"]
