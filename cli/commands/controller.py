@@ -26,8 +26,14 @@ log = logging.getLogger("setpoint.controller")
 def _listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{value!r}: use HOST:PORT, e.g. 0.0.0.0:8780")
-    return host.strip("[]") or "0.0.0.0", int(port)
+        raise argparse.ArgumentTypeError(f"{value!r}: use HOST:PORT, e.g. 127.0.0.1:8780")
+    if not host.strip("[]"):
+        # An empty host would mean every interface; say it, do not assume it.
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: name the address to listen on: 127.0.0.1:{port} (this machine only)"
+            f" or 0.0.0.0:{port} (every interface)"
+        )
+    return host.strip("[]"), int(port)
 
 
 def _seconds(value: str) -> float:
