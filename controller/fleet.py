@@ -171,7 +171,8 @@ class OperatorSpec(_Strict):
 
 
 class FleetSettings(_Strict):
-    """``fleet.yaml``: settings for the whole fleet (read from the default branch)."""
+    """``fleet.yaml``: settings for the whole fleet (read from the default branch; ``rings``
+    and ``operators`` from the protected branch, see ``protection``)."""
 
     description: str | None = None
     allow_empty: bool = False
