@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 AUTHOR: Final = "setpoint-rollouts"
 CLOCK_SKEW: Final = 60
 MAX_EVIDENCE_SHOWN: Final = 8
+# An operator command is a few hundred bytes; its envelope adds signatures (a handful).
+MAX_COMMAND_ENVELOPE: Final = approvals.MAX_OPERATOR_COMMAND_BYTES + 2048
 
 
 def _unpinned(bundle: Bundle) -> str:
@@ -179,7 +181,10 @@ class Rollouts:
         now = self._clock()
         try:
             payload = envelopes.verify(
-                message.payload, self._trusted_operators(), payload_type=envelopes.APPROVAL_TYPE
+                message.payload,
+                self._trusted_operators(),
+                payload_type=envelopes.APPROVAL_TYPE,
+                max_size=MAX_COMMAND_ENVELOPE,  # refused by its size before it is decoded
             )
             command = approvals.decode(payload)
             keyid = envelopes.decode(message.payload).signatures[0].keyid

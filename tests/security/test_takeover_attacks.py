@@ -128,3 +128,43 @@ def test_client_id_takeover_does_not_make_the_link_spin(
         pytest.fail("the link spun after its session was taken over (no reconnect in 60 s)")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reconnected" in result.stdout
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_operator_flood_does_not_grow_the_controller(
+    secure_broker: SecureBroker, pki: Pki, tmp_path: Path
+) -> None:
+    # The operator's one writable topic that the controller reads is operators/commands:
+    # 200 MiB of junk there, as fast as the broker takes it. The broker caps what it holds
+    # for the controller (secure.conf), the controller refuses each message by its size
+    # before decoding it, and takes the next only after that.
+    topics = Topics(secure_broker.prefix)
+    repo = tmp_path / "repo"
+    commit(repo, "one")
+    spy = Client(secure_broker, pki.controller, "spy")
+    spy.subscribe(topics.group_desired("kiosk"))
+    controller = run_controller(secure_broker, pki, repo, tmp_path)
+    try:
+        with spy._cond:
+            assert spy._cond.wait_for(lambda: _motd(spy, topics) == b"one", 60)
+        before = _rss_mib(controller.pid)
+        operator = Client(secure_broker, pki.operator, "flooder")
+        junk = b"\x00" * (1 << 20)
+        peak = before
+        for _ in range(200):
+            operator.client.publish(topics.operator_commands(), junk, qos=0)
+            peak = max(peak, _rss_mib(controller.pid))
+        operator.barrier(topics.barrier("flooder"))
+        peak = max(peak, _rss_mib(controller.pid))
+        assert peak - before < 100, f"the controller grew by {peak - before:.0f} MiB"
+        commit(repo, "two")  # and it still does its job
+        with spy._cond:
+            assert spy._cond.wait_for(lambda: _motd(spy, topics) == b"two", 60)
+    finally:
+        stop(controller)
