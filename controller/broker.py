@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[["Message"], None]
 SessionCallback = Callable[["Session"], Coroutine[Any, Any, None]]
+MAX_INBOX_BYTES: Final = 64 * 1024 * 1024  # what the main connection may hold unread
+DROP_LOG_INTERVAL: Final = 60.0
 MAX_BARRIER_BYTES: Final = 64  # a nonce is 16; anything larger on the echo topic is junk
 _V5_REFUSED: Final = {1, 132}  # 3.1.1 "unacceptable protocol version"; 5 "unsupported"
 
@@ -107,6 +109,46 @@ class Backoff:
 
 def new_client_id(role: str = "controller") -> str:
     return f"setpoint-{role}-{secrets.token_hex(4)}"
+
+
+class _Inbox(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's queue of incoming messages, with a byte budget: aiomqtt reads the socket
+    whatever the pump's pace, so a flood (an operator's 1 MiB messages on the one topic it
+    may write) would pile up here without end. Past ``MAX_INBOX_BYTES`` messages are
+    dropped and counted (logged once a minute); the broker's own per-client caps
+    (secure.conf) bound what waits on its side. A full retained read of a large fleet
+    (10,000 bundles of ~2 KiB) stays far below the budget."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self.held = 0
+        self.dropped = 0
+        self._logged = -DROP_LOG_INTERVAL
+
+    @staticmethod
+    def _size(message: aiomqtt.Message) -> int:
+        payload = message.payload
+        return len(payload) if isinstance(payload, bytes | bytearray | str) else 0
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        size = self._size(item)
+        if self.held + size > MAX_INBOX_BYTES:
+            self.dropped += 1
+            now = asyncio.get_running_loop().time()
+            if now - self._logged >= DROP_LOG_INTERVAL:
+                self._logged = now
+                log.warning(
+                    "dropping incoming messages: %d MiB wait unread (%d dropped so far; the"
+                    " latest on %s)", self.held >> 20, self.dropped, item.topic,
+                )  # fmt: skip
+            return
+        super().put_nowait(item)
+        self.held += size
+
+    def get_nowait(self) -> aiomqtt.Message:
+        item = super().get_nowait()
+        self.held -= self._size(item)
+        return item
 
 
 def _tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
@@ -343,6 +385,7 @@ class Link:
             keepalive=s.keepalive,
             timeout=s.connect_timeout,
             max_inflight_messages=100,
+            queue_type=_Inbox,
             # Small messages that wait for an answer: Nagle would add ~40 ms to each.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             logger=logging.getLogger("setpoint.controller.mqtt"),

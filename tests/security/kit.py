@@ -232,6 +232,46 @@ def stop(process: subprocess.Popen[str]) -> None:
         process.wait()
 
 
+class LiveController:
+    """The real controller on a fresh one-group repository (``commit``), and a reader of the
+    group bundle with the controller's certificate; ``close()`` stops it."""
+
+    def __init__(self, broker: SecureBroker, pki: Any, tmp: Path, *extra: str) -> None:
+        self.topics = Topics(broker.prefix)
+        self.repo = tmp / "repo"
+        self.log = tmp / "controller.log"
+        commit(self.repo, "one")
+        self.spy = Client(broker, pki.controller, "spy")
+        self.spy.subscribe(self.topics.group_desired("kiosk"))
+        self.proc = run_controller(broker, pki, self.repo, tmp, *extra)
+        self.wait_motd(b"one")
+
+    def bundle(self) -> Any:
+        """The group bundle the broker holds now (decoded, not verified), or None."""
+        from setpoint.proto import bundles
+
+        got = [p for _, p, _ in self.spy.received(self.topics.group_desired("kiosk")) if p]
+        return bundles.decode(envelopes.decode(got[-1]).payload) if got else None
+
+    def motd(self) -> bytes | None:
+        bundle = self.bundle()
+        return None if bundle is None else bundle.resources[0].content  # type: ignore[no-any-return]
+
+    def wait_motd(self, motd: bytes, timeout: float = 60) -> None:
+        with self.spy._cond:
+            ok = self.spy._cond.wait_for(lambda: self.motd() == motd, timeout)
+        assert ok, f"motd {motd!r} never published; log:\n{self.log.read_text()[-3000:]}"
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError(f"no VmRSS for {self.proc.pid}")
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
 def operator_cli(broker: SecureBroker, pki: Any, *args: str) -> subprocess.CompletedProcess[str]:
     """A ``setpoint`` verb run as the operator (its certificate), output captured."""
     creds = pki.operator
@@ -260,6 +300,7 @@ __all__ = [
     "NOT_AUTHORIZED",
     "Client",
     "Converged",
+    "LiveController",
     "SecureFleet",
     "Shims",
     "Topics",

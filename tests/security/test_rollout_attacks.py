@@ -18,13 +18,12 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "controller"))
 
 from gitkit import GitRepo
-from rolloutkit import SimDevices, group, ringed_files
+from rolloutkit import SimDevices, fleet_yaml, group, ringed_files
 
 from setpoint.commands import keys
 from setpoint.controller.broker import Backoff, BrokerSettings
@@ -38,31 +37,6 @@ pytestmark = pytest.mark.broker
 
 DEVICES = ["qa-1", "can-1", "can-2", "prod-1"]
 MALLORY = "Mallory Developer <mallory@example.com>"
-
-
-def _pem(key: Ed25519PrivateKey) -> str:
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-
-
-def fleet_yaml(operator: Ed25519PrivateKey, *, approval: bool, extra_key: str = "") -> str:
-    def entry(name: str, key: Ed25519PrivateKey | str) -> str:
-        pem = key if isinstance(key, str) else _pem(key)
-        body = "".join(f"        {line}\n" for line in pem.splitlines())
-        return f"  - name: {name}\n    key: |\n{body}"
-
-    operators = entry("alice", operator) + (entry("mallory", extra_key) if extra_key else "")
-    return (
-        "rings:\n  - branch: main\n  - branch: canary\n"
-        "    gate: {from: main, in_sync: 100%, healthy_for: 0}\n"
-        "  - branch: production\n"
-        "    gate: {from: canary, in_sync: 100%, healthy_for: 0,"
-        f" approval: {str(approval).lower()}}}\n"
-        f"operators:\n{operators}"
-    )
 
 
 class Fleet:
@@ -111,7 +85,7 @@ def _gated_from(sim: SimDevices, source: str) -> list[dict[str, Any]]:
 async def test_default_branch_writer_points_a_production_group_at_main(
     fleet: Fleet, broker: Broker
 ) -> None:
-    repo = fleet.repo(fleet_yaml(fleet.alice, approval=False))
+    repo = fleet.repo(fleet_yaml(False, alice=fleet.alice))
     async with fleet.running(broker, repo) as sim:
         await sim.wait(lambda: sim.motd("prod-1") == "v1")
         prod_version = max(sim.groups["prod"])
@@ -144,14 +118,14 @@ async def _send(broker: Broker, prefix: str, raw: bytes) -> None:
 async def test_default_branch_writer_drops_the_approval_and_adds_a_key(
     fleet: Fleet, broker: Broker
 ) -> None:
-    repo = fleet.repo(fleet_yaml(fleet.alice, approval=True))
+    repo = fleet.repo(fleet_yaml(True, alice=fleet.alice))
     mallory = Ed25519PrivateKey.generate()
     async with fleet.running(broker, repo) as sim:
         await sim.wait(lambda: sim.motd("can-2") == "v1")
         await sim.wait(lambda: "an approval of" in sim.rollout.get("prod", {}).get("reason", ""))
         # Mallory rewrites fleet.yaml on main: no approval, and her own operator key. The
         # same commit changes qualification, so we know when the controller has read it.
-        weakened = fleet_yaml(fleet.alice, approval=False, extra_key=_pem(mallory))
+        weakened = fleet_yaml(False, alice=fleet.alice, mallory=mallory)
         files = {"fleet.yaml": weakened, "groups/qa.yaml": group("main", "v1b")}
         repo.commit(files, "relax the production gate", author=MALLORY)
         await sim.wait(lambda: sim.motd("qa-1") == "v1b")
@@ -173,7 +147,7 @@ async def test_default_branch_writer_drops_the_approval_and_adds_a_key(
 async def test_approved_in_a_developers_commit_subject_opens_no_gate(
     fleet: Fleet, broker: Broker
 ) -> None:
-    repo = fleet.repo(fleet_yaml(fleet.alice, approval=True))
+    repo = fleet.repo(fleet_yaml(True, alice=fleet.alice))
     async with fleet.running(broker, repo) as sim:
         await sim.wait(lambda: sim.motd("can-2") == "v1")
         await sim.wait(lambda: "an approval of" in sim.rollout.get("prod", {}).get("reason", ""))
@@ -202,7 +176,7 @@ async def test_urgent_in_a_developers_commit_subject_skips_no_window(
         "window: {days: [mon, tue, wed, thu, fri, sat, sun],"
         f' hours: "{start:02d}:00-{(start + 1) % 24:02d}:00", tz: UTC}}\n'
     )
-    repo = fleet.repo(fleet_yaml(fleet.alice, approval=False))
+    repo = fleet.repo(fleet_yaml(False, alice=fleet.alice))
     repo.commit({"groups/qa.yaml": group("main", "v1", window)}, "qa has a window")
     async with fleet.running(broker, repo) as sim:
         await sim.wait(lambda: sim.motd("qa-1") == "v1")

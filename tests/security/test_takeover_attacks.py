@@ -7,60 +7,44 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kit import Client, commit, run_controller, stop
+from kit import Client, LiveController, commit
 
 from setpoint.controller.pki import Pki
 from setpoint.mosquitto import SecureBroker
-from setpoint.proto import bundles, envelopes
-from setpoint.proto.topics import Topics
 
 pytestmark = pytest.mark.broker
 
 FIXED_ID = "setpoint-controller-main"
 
 
-def _motd(view: Client, topics: Topics) -> bytes | None:
-    retained = [p for t, p, _ in view.received(topics.group_desired("kiosk")) if p]
-    if not retained:
-        return None
-    bundle = bundles.decode(envelopes.decode(retained[-1]).payload)
-    return bundle.resources[0].content  # type: ignore[union-attr, no-any-return]
+@pytest.fixture
+def live(secure_broker: SecureBroker, pki: Pki, tmp_path: Path) -> Iterator[LiveController]:
+    controller = LiveController(
+        secure_broker, pki, tmp_path, "--client-id", FIXED_ID, "--poll-interval", "0.2"
+    )
+    yield controller
+    controller.close()
 
 
 def test_client_id_takeover_storm_does_not_wedge_the_controller(
-    secure_broker: SecureBroker, pki: Pki, tmp_path: Path
+    live: LiveController, secure_broker: SecureBroker, pki: Pki
 ) -> None:
-    topics = Topics(secure_broker.prefix)
-    repo = tmp_path / "repo"
-    commit(repo, "one")
-    spy = Client(secure_broker, pki.controller, "spy")  # reads bundles, like a device would
-    spy.subscribe(topics.group_desired("kiosk"))
-    controller = run_controller(
-        secure_broker, pki, repo, tmp_path, "--client-id", FIXED_ID, "--poll-interval", "0.2"
-    )
-    try:
-        with spy._cond:
-            assert spy._cond.wait_for(lambda: _motd(spy, topics) == b"one", 60)
-        # A device certificate (dev2) takes the controller's fixed client id, over and over,
-        # while dev1 goes on and offline: the controller has drift statuses to publish when
-        # its session drops under it.
-        dev1 = Client(secure_broker, pki.device("dev1"), "setpoint-shim-dev1")
-        for i in range(200):
-            dev1.publish(topics.device_presence("dev1"), b"online" if i % 2 else b"offline")
-            thief = Client(secure_broker, pki.device("dev2"), FIXED_ID)
-            thief.close()
-        # The storm is over: the next commit must go out.
-        commit(repo, "two")
-        with spy._cond:
-            assert spy._cond.wait_for(lambda: _motd(spy, topics) == b"two", 60), (
-                tmp_path / "controller.log"
-            ).read_text()[-3000:]
-        assert controller.poll() is None
-    finally:
-        stop(controller)
+    # A device certificate (dev2) takes the controller's fixed client id, over and over,
+    # while dev1 goes on and offline: the controller has drift statuses to publish when
+    # its session drops under it.
+    dev1 = Client(secure_broker, pki.device("dev1"), "setpoint-shim-dev1")
+    for i in range(200):
+        dev1.publish(live.topics.device_presence("dev1"), b"online" if i % 2 else b"offline")
+        thief = Client(secure_broker, pki.device("dev2"), FIXED_ID)
+        thief.close()
+    # The storm is over: the next commit must go out.
+    commit(live.repo, "two")
+    live.wait_motd(b"two")
+    assert live.proc.poll() is None
 
 
 _WAITER = """
@@ -130,41 +114,21 @@ def test_client_id_takeover_does_not_make_the_link_spin(
     assert "reconnected" in result.stdout
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 def test_operator_flood_does_not_grow_the_controller(
-    secure_broker: SecureBroker, pki: Pki, tmp_path: Path
+    live: LiveController, secure_broker: SecureBroker, pki: Pki
 ) -> None:
     # The operator's one writable topic that the controller reads is operators/commands:
     # 200 MiB of junk there, as fast as the broker takes it. The broker caps what it holds
-    # for the controller (secure.conf), the controller refuses each message by its size
-    # before decoding it, and takes the next only after that.
-    topics = Topics(secure_broker.prefix)
-    repo = tmp_path / "repo"
-    commit(repo, "one")
-    spy = Client(secure_broker, pki.controller, "spy")
-    spy.subscribe(topics.group_desired("kiosk"))
-    controller = run_controller(secure_broker, pki, repo, tmp_path)
-    try:
-        with spy._cond:
-            assert spy._cond.wait_for(lambda: _motd(spy, topics) == b"one", 60)
-        before = _rss_mib(controller.pid)
-        operator = Client(secure_broker, pki.operator, "flooder")
-        junk = b"\x00" * (1 << 20)
-        peak = before
-        for _ in range(200):
-            operator.client.publish(topics.operator_commands(), junk, qos=0)
-            peak = max(peak, _rss_mib(controller.pid))
-        operator.barrier(topics.barrier("flooder"))
-        peak = max(peak, _rss_mib(controller.pid))
-        assert peak - before < 100, f"the controller grew by {peak - before:.0f} MiB"
-        commit(repo, "two")  # and it still does its job
-        with spy._cond:
-            assert spy._cond.wait_for(lambda: _motd(spy, topics) == b"two", 60)
-    finally:
-        stop(controller)
+    # for the controller (secure.conf), the controller holds at most 64 MiB unread
+    # (broker.MAX_INBOX_BYTES) and refuses each command by its size before decoding it.
+    before = peak = live.rss_mib()
+    operator = Client(secure_broker, pki.operator, "flooder")
+    junk = b"\x00" * (1 << 20)
+    for _ in range(200):
+        operator.client.publish(live.topics.operator_commands(), junk, qos=0)
+        peak = max(peak, live.rss_mib())
+    operator.barrier(live.topics.barrier("flooder"))
+    peak = max(peak, live.rss_mib())
+    assert peak - before < 150, f"the controller grew by {peak - before:.0f} MiB"
+    commit(live.repo, "two")  # and it still does its job
+    live.wait_motd(b"two")

@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from kit import Client, commit, operator_cli, run_controller, stop
+from kit import Client, LiveController, operator_cli
 
 from setpoint.controller.pki import Pki
 from setpoint.mosquitto import SecureBroker
-from setpoint.proto import bundles, envelopes, reports
-from setpoint.proto.topics import Topics
+from setpoint.proto import reports
 
 pytestmark = pytest.mark.broker
 
@@ -30,22 +29,12 @@ CONTROLS = ("\x1b", "\x07", "\x9b", "\r")
 def test_control_sequences_in_a_device_report_never_reach_the_terminal(
     secure_broker: SecureBroker, pki: Pki, tmp_path: Path
 ) -> None:
-    topics = Topics(secure_broker.prefix)
-    repo = tmp_path / "repo"
-    commit(repo, "one")
-    spy = Client(secure_broker, pki.controller, "spy")
-    spy.subscribe(topics.group_desired("kiosk"))
+    live = LiveController(secure_broker, pki, tmp_path)
+    topics = live.topics
     operator = Client(secure_broker, pki.operator, "operator-view")
     operator.subscribe(topics.device_drift("dev1"))
-    controller = run_controller(secure_broker, pki, repo, tmp_path)
     try:
-        with spy._cond:
-            assert spy._cond.wait_for(
-                lambda: any(p for _, p, _ in spy.received(topics.group_desired("kiosk"))), 60
-            )
-        bundle = bundles.decode(
-            envelopes.decode(spy.received(topics.group_desired("kiosk"))[-1][1]).payload
-        )
+        bundle = live.bundle()
         now = int(time.time())
         report = reports.Report(
             device="dev1", time=now, seq=1, shim_version="0.1.0", group="kiosk",
@@ -79,4 +68,4 @@ def test_control_sequences_in_a_device_report_never_reach_the_terminal(
                 line for line in shown.stdout.splitlines() if line.startswith("kiosk-99")
             ], shown.stdout
     finally:
-        stop(controller)
+        live.close()

@@ -14,46 +14,31 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kit import Client, commit, run_controller, stop
+from kit import LiveController, commit
 from shimkit import wait_for
 
 from setpoint.controller.pki import Pki
 from setpoint.mosquitto import SecureBroker, free_port
-from setpoint.proto import bundles, envelopes
-from setpoint.proto.topics import Topics
 
 pytestmark = pytest.mark.broker
 
 DECLARED = 4 * 1024 * 1024  # the body size each attacker connection announces
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-class Hook:
-    """The controller, with its webhook on a loopback port, settled on its first commit."""
+class Hook(LiveController):
+    """The controller with its webhook on a loopback port, settled on its first commit."""
 
     def __init__(self, broker: SecureBroker, pki: Pki, tmp: Path) -> None:
-        self.topics = Topics(broker.prefix)
-        self.repo = tmp / "repo"
-        commit(self.repo, "one")
         (tmp / "hook.secret").write_text("s3cret\n")
         self.port = free_port()
-        self.spy = Client(broker, pki.controller, "spy")
-        self.spy.subscribe(self.topics.group_desired("kiosk"))
-        self.proc = run_controller(
-            broker, pki, self.repo, tmp, "--webhook-listen", f"127.0.0.1:{self.port}",
+        super().__init__(
+            broker, pki, tmp, "--webhook-listen", f"127.0.0.1:{self.port}",
             "--webhook-secret-file", str(tmp / "hook.secret"),
         )  # fmt: skip
-        self.wait_motd(b"one")
         wait_for(self._listening, 30, "the webhook listening")
 
     def _listening(self) -> bool:
@@ -63,23 +48,12 @@ class Hook:
             return False
         return True
 
-    def motd(self) -> bytes | None:
-        got = [p for _, p, _ in self.spy.received(self.topics.group_desired("kiosk")) if p]
-        if not got:
-            return None
-        bundle = bundles.decode(envelopes.decode(got[-1]).payload)
-        return bundle.resources[0].content  # type: ignore[union-attr, no-any-return]
-
-    def wait_motd(self, motd: bytes) -> None:
-        with self.spy._cond:
-            assert self.spy._cond.wait_for(lambda: self.motd() == motd, 60)
-
 
 @pytest.fixture
 def hook(secure_broker: SecureBroker, pki: Pki, tmp_path: Path) -> Iterator[Hook]:
     h = Hook(secure_broker, pki, tmp_path)
     yield h
-    stop(h.proc)
+    h.close()
 
 
 def _open(port: int, count: int, head: bytes) -> list[socket.socket]:
@@ -119,7 +93,7 @@ def _turned_away(socks: list[socket.socket], timeout: float = 30) -> int:
 
 
 def test_webhook_connections_declaring_large_bodies_cost_no_memory(hook: Hook) -> None:
-    before = _rss_mib(hook.proc.pid)
+    before = hook.rss_mib()
     head = (
         f"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Length: {DECLARED}\r\n"
         "X-Hub-Signature-256: sha256=00\r\n\r\n"
@@ -133,7 +107,7 @@ def test_webhook_connections_declaring_large_bodies_cost_no_memory(hook: Hook) -
                     s.sendall(body)
             except OSError:
                 pass  # over the cap: answered 503 and closed
-        grown = _rss_mib(hook.proc.pid) - before
+        grown = hook.rss_mib() - before
     finally:
         for s in socks:
             s.close()
