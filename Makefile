@@ -32,7 +32,7 @@ test: venv mosquitto
 
 check: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check proto mosquitto
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict proto
 	./scripts/lint-imports.sh
 

@@ -5,7 +5,18 @@ dependencies are msgpack and cryptography. The protocol is written down in
 ``proto/SPEC.md``.
 """
 
-from . import approvals, bundles, codec, commands, envelopes, reports, status, topics, trust
+from . import (
+    approvals,
+    bundles,
+    codec,
+    commands,
+    envelopes,
+    reports,
+    repository,
+    status,
+    topics,
+    trust,
+)
 from .errors import (
     DecodeError,
     ExpiredError,
@@ -21,6 +32,7 @@ from .errors import (
     TrustError,
     VerificationError,
     WrongTargetError,
+    refusal_reason,
 )
 from .topics import Topics, validate_id
 
@@ -45,7 +57,9 @@ __all__ = [
     "codec",
     "commands",
     "envelopes",
+    "refusal_reason",
     "reports",
+    "repository",
     "status",
     "topics",
     "trust",

@@ -22,8 +22,10 @@ MAX_DETAIL: Final = 512
 PRESENCE_ONLINE: Final = b"online"
 PRESENCE_OFFLINE: Final = b"offline"
 
-ResourceState = Literal["ok", "drifted", "healed", "failed", "skipped", "pending"]
-RESOURCE_STATES: Final = ("ok", "drifted", "healed", "failed", "skipped", "pending")
+# ``blocked``: the device's own policy refuses the resource (for example a command where
+# commands are not allowed). Nobody changed anything, so it is not drift.
+ResourceState = Literal["ok", "drifted", "healed", "failed", "skipped", "pending", "blocked"]
+RESOURCE_STATES: Final = ("ok", "drifted", "healed", "failed", "skipped", "pending", "blocked")
 Presence = Literal["online", "offline"]
 
 

@@ -15,13 +15,17 @@ from . import codec
 from .errors import SchemaError
 
 MAX_STATUS_BYTES: Final = 256 * 1024
-DriftState = Literal["in_sync", "pending", "drifted", "failed", "rejected", "offline", "unknown"]
+# ``blocked``: the device's own policy refuses a resource; not drift, nobody changed anything.
+DriftState = Literal[
+    "in_sync", "pending", "drifted", "failed", "rejected", "blocked", "offline", "unknown"
+]
 DRIFT_STATES: Final[tuple[DriftState, ...]] = (
     "in_sync",
     "pending",
     "drifted",
     "failed",
     "rejected",
+    "blocked",
     "offline",
     "unknown",
 )

@@ -119,6 +119,10 @@ class Topics:
         """Retained JSON: a gated ring's gate and the evidence per content, by the controller."""
         return f"{self.prefix}/rings/{validate_id(ring, 'ring')}/gate"
 
+    def repository_status(self) -> str:
+        """Retained JSON: each tracked branch's head commit, accepted or refused, and why."""
+        return f"{self.prefix}/repository/status"
+
     def operator_commands(self) -> str:
         """Signed operator commands (approve, pause, resume) to the controller."""
         return f"{self.prefix}/operators/commands"

@@ -27,7 +27,7 @@ DRIFTED = DriftStatus(
 
 def test_drift_states_are_the_contract_states() -> None:
     assert set(DRIFT_STATES) == {
-        "in_sync", "pending", "drifted", "failed", "rejected", "offline", "unknown"
+        "in_sync", "pending", "drifted", "failed", "rejected", "blocked", "offline", "unknown"
     }  # fmt: skip
 
 
