@@ -488,9 +488,7 @@ class Rollouts:
                     )  # fmt: skip
         return held, held_targets
 
-    def _decide(
-        self, branch: str, gate: gating.Gate, tree: str, now: float
-    ) -> GateDecision:
+    def _decide(self, branch: str, gate: gating.Gate, tree: str, now: float) -> GateDecision:
         key = Ledger.key(branch, tree)
         evidence = self.ledger.evidence.get(key)
         # Only a verified, signed approval counts: "[approved]" in a commit subject is
