@@ -103,7 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="file holding the webhook secret (or env SETPOINT_WEBHOOK_SECRET)",
     )
-    parser.add_argument("--client-id", default=None, help="MQTT client id (default: random)")
+    parser.add_argument(
+        "--client-id",
+        default=None,
+        help="MQTT client id (default: random; a fixed one can be taken over by any client"
+        " that knows it, which disconnects the controller: docs/security.md)",
+    )
     parser.add_argument(
         "--once",
         action="store_true",
