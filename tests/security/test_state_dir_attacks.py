@@ -34,6 +34,8 @@ def test_state_dir_and_mirror_url_are_private(
         assert stat.S_IMODE((state / "mirror.url").stat().st_mode) & 0o077 == 0
         for path in (state / "mirror.git").rglob("*"):
             assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+        for path in state.rglob("*"):
+            assert not path.is_file() or b"hunter2" not in path.read_bytes(), path
     finally:
         stop(controller)
     assert "hunter2" not in (tmp_path / "controller.log").read_text()
