@@ -82,6 +82,11 @@ def _gated_from(sim: SimDevices, source: str) -> list[dict[str, Any]]:
     return [e for e in sim.of("gated") if e["ring"] == "production" and e.get("source") == source]
 
 
+async def _production_waits_for_an_approval(sim: SimDevices) -> None:
+    await sim.wait(lambda: sim.motd("can-2") == "v1")
+    await sim.wait(lambda: "an approval of" in sim.rollout.get("prod", {}).get("reason", ""))
+
+
 async def test_default_branch_writer_points_a_production_group_at_main(
     fleet: Fleet, broker: Broker
 ) -> None:
@@ -121,8 +126,7 @@ async def test_default_branch_writer_drops_the_approval_and_adds_a_key(
     repo = fleet.repo(fleet_yaml(True, alice=fleet.alice))
     mallory = Ed25519PrivateKey.generate()
     async with fleet.running(broker, repo) as sim:
-        await sim.wait(lambda: sim.motd("can-2") == "v1")
-        await sim.wait(lambda: "an approval of" in sim.rollout.get("prod", {}).get("reason", ""))
+        await _production_waits_for_an_approval(sim)
         # Mallory rewrites fleet.yaml on main: no approval, and her own operator key. The
         # same commit changes qualification, so we know when the controller has read it.
         weakened = fleet_yaml(False, alice=fleet.alice, mallory=mallory)
@@ -149,8 +153,7 @@ async def test_approved_in_a_developers_commit_subject_opens_no_gate(
 ) -> None:
     repo = fleet.repo(fleet_yaml(True, alice=fleet.alice))
     async with fleet.running(broker, repo) as sim:
-        await sim.wait(lambda: sim.motd("can-2") == "v1")
-        await sim.wait(lambda: "an approval of" in sim.rollout.get("prod", {}).get("reason", ""))
+        await _production_waits_for_an_approval(sim)
         # Mallory's commit on main claims an approval; canary's and production's owners
         # fast-forward it (a promotion), subject and all.
         files = {f"groups/{g}.yaml": group(b, "v2") for g, b in
