@@ -69,7 +69,7 @@ def compare(desired: list[Resource], report: reports.Report | None) -> list[dict
         got = seen.get(resource.id)
         if got is None:
             verdict = "not reported"
-        elif got.status in ("drifted", "failed", "skipped", "pending"):
+        elif got.status in ("drifted", "failed", "blocked", "skipped", "pending"):
             verdict = got.status
         elif got.kind != "command" and got.digest and got.digest != digest:
             verdict = "differs"
