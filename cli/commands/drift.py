@@ -16,7 +16,6 @@ import sys
 from typing import Any
 
 from setpoint.proto import status as wire
-from setpoint.proto import text
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.topics import Topics
 
@@ -36,17 +35,17 @@ def event_line(event: dict[str, Any], colour: bool) -> str:
     """One drift event as a readable line."""
     resources = event.get("resources") or []
     why = "; ".join(f"{r.get('id')}: {r.get('why')}" for r in resources) or event.get("reason", "")
-    why = text.shown(str(why))
-    previous = text.shown(str(event.get("previous") or "-"))
+    why = view.printable(str(why))
+    previous = view.printable(str(event.get("previous") or "-"))
     when = view.clock(float(event.get("time", 0.0)))
-    change = text.shown(str(event.get("change", "?")))
+    change = view.printable(str(event.get("change", "?")))
     mark = {"opened": "31", "resolved": "32", "changed": "33"}.get(change, "")
-    device = text.shown(str(event.get("device")))
-    group = text.shown(str(event.get("group") or "-"))
+    device = view.printable(str(event.get("device")))
+    group = view.printable(str(event.get("group") or "-"))
     head = (
         f"{when}  {view.paint(colour, mark, change.ljust(8))}  {device} ({group})"
         f"  {view.state(colour, previous)} ->"
-        f" {view.state(colour, text.shown(str(event.get('state'))))}"
+        f" {view.state(colour, view.printable(str(event.get('state'))))}"
     )
     return f"{head}  {why}" if why else head
 
@@ -69,8 +68,8 @@ def current(args: argparse.Namespace, reader: view.Reader, colour: bool) -> int:
         return 0
     plain, rows = [], []
     for s in shown:
-        why = text.shown("; ".join(f"{r.id}: {r.why}" for r in s.resources) or s.reason)
-        cells = [text.shown(s.device), text.shown(s.group or "-")]
+        why = view.printable("; ".join(f"{r.id}: {r.why}" for r in s.resources) or s.reason)
+        cells = [view.printable(s.device), view.printable(s.group or "-")]
         tail = [f"since {view.ago(s.since)}", why]
         plain.append([*cells, s.state, *tail])
         rows.append([*cells, view.state(colour, s.state), *tail])
