@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         "--engine",
         choices=ENGINES,
         default="mosquitto",
-        help="mosquitto (benchmark settings), or a 3-node NATS cluster with the shipped"
-        " tuned config (engines/nats-cluster.conf)",
+        help="mosquitto (benchmark settings), mosquitto-shipped (mosquitto/setpoint.conf as"
+        " shipped), or a 3-node NATS cluster (engines/nats-cluster-burst.conf)",
     )
     args = parser.parse_args(argv)
     asyncio.run(main_async(args.devices, args.quick, args.engine))

@@ -74,6 +74,10 @@ class DriftReader:
         with self._cond:
             assert self._cond.wait_for(predicate, timeout), f"{what}: {self.status}"
 
+    def reconnect(self) -> None:
+        """After its node restarted (paho's own retry may be waiting a while)."""
+        self._client.reconnect()
+
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
@@ -160,3 +164,61 @@ def test_kill_9_of_the_shims_node_with_a_commit_during_the_outage(loop: Any) -> 
     assert any(
         f"trying {url}" in shim_log or f"to {url} in" in shim_log for url in cluster.urls[1:]
     )
+
+
+@pytest.mark.timeout(480)
+def test_kill_9_of_all_nodes_with_a_commit_during_the_outage(loop: Any) -> None:
+    cluster, repo, reader, tmp_path = loop
+    head = git(repo, "rev-parse", "HEAD")
+    reader.wait("first convergence", in_sync_on(reader, head), 180)
+
+    for node in cluster.nodes:
+        node.kill()
+    motd = repo / "groups" / "kiosks.yaml"
+    motd.write_text(motd.read_text().replace("Welcome to the", "Back again at the"))
+    git(repo, "commit", "-qam", "motd while the whole cluster is down")
+    committed, head = time.monotonic(), git(repo, "rev-parse", "HEAD")
+    for node in cluster.nodes:
+        node.start()
+    cluster.wait_ready(timeout=120)
+    restarted = time.monotonic()
+    reader.reconnect()
+    try:
+        reader.wait("after the restart", in_sync_on(reader, head), 240)
+    except AssertionError:
+        print((tmp_path / "shim.log").read_text(errors="replace")[-4000:])
+        print((tmp_path / "controller.log").read_text(errors="replace")[-4000:])
+        raise
+    now = time.monotonic()
+    log.warning(
+        "kill -9 of all nodes: commit to in_sync in %.2fs (%.2fs after the cluster was ready)",
+        now - committed, now - restarted,
+    )  # fmt: skip
+    assert "Back again at the" in (tmp_path / "root" / "etc" / "motd").read_text()
+
+
+@pytest.mark.timeout(480)
+def test_rolling_restart_with_a_commit_while_the_shims_node_is_down(loop: Any) -> None:
+    cluster, repo, reader, tmp_path = loop
+    head = git(repo, "rev-parse", "HEAD")
+    reader.wait("first convergence", in_sync_on(reader, head), 180)
+
+    committed = 0.0
+    for n, node in enumerate(cluster.nodes):
+        node.stop()  # SIGTERM: an orderly restart, one node at a time
+        if n == 0:  # the shim's node is down: commit now
+            motd = repo / "groups" / "kiosks.yaml"
+            motd.write_text(motd.read_text().replace("Welcome to the", "Rolled at the"))
+            git(repo, "commit", "-qam", "motd during a rolling restart")
+            committed, head = time.monotonic(), git(repo, "rev-parse", "HEAD")
+        node.start()
+        cluster.wait_ready(timeout=120)
+    reader.reconnect()
+    try:
+        reader.wait("after the rolling restart", in_sync_on(reader, head), 240)
+    except AssertionError:
+        print((tmp_path / "shim.log").read_text(errors="replace")[-4000:])
+        print((tmp_path / "controller.log").read_text(errors="replace")[-4000:])
+        raise
+    log.warning("rolling restart: commit to in_sync in %.2fs", time.monotonic() - committed)
+    assert "Rolled at the" in (tmp_path / "root" / "etc" / "motd").read_text()
