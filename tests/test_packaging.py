@@ -46,6 +46,9 @@ def test_wheel_holds_every_package_and_its_data(wheel: Path) -> None:
         "setpoint/device_shim/agent.py",
         "setpoint/mosquitto/broker.py",
         "setpoint/mosquitto/setpoint.conf",
+        "setpoint/engines/cluster.py",
+        "setpoint/engines/nats-cluster.conf",
+        "setpoint/engines/nats-cluster-burst.conf",
         "setpoint/proto/SPEC.md",
         "setpoint/proto/vectors/vectors.json",
     ):
