@@ -351,14 +351,17 @@ class Dashboard:
     async def favicon(self, request: web.Request) -> web.Response:
         return web.Response(status=204)
 
-    def _login_response(self, request: web.Request, status: int, wrong: bool) -> web.Response:
+    def _login_response(
+        self, request: web.Request, status: int, wrong: bool, nxt: str | None = None
+    ) -> web.Response:
         if "text/html" not in request.headers.get("Accept", ""):
             return web.Response(
                 status=status,
                 text="401: this dashboard needs its token (Authorization: Bearer TOKEN)\n",
                 headers={"WWW-Authenticate": 'Bearer realm="setpoint"'},
             )
-        nxt = request.path_qs if request.path != "/login" else "/"
+        if nxt is None:
+            nxt = request.path_qs if request.path != "/login" else "/"
         return self.render(
             request, "login.html", status=status, page="login", title="Sign in", wrong=wrong,
             next=nxt,
@@ -374,7 +377,7 @@ class Dashboard:
         if not nxt.startswith("/") or nxt.startswith("//"):
             nxt = "/"  # only a path on this site: never an open redirect
         if self.settings.token is None or not access.token_matches(self.settings.token, given):
-            return self._login_response(request, 401, wrong=True)
+            return self._login_response(request, 401, wrong=True, nxt=nxt)
         response = web.HTTPSeeOther(nxt)
         response.set_cookie(
             access.COOKIE,
