@@ -34,7 +34,7 @@ FILES = {
     "fleet.yaml": "rings:\n  - branch: main\n  - branch: canary\n"
     "    gate: {from: main, in_sync: 100%, healthy_for: 3600}\n",
     "groups/kiosks.yaml": "mode: enforce\nresources:\n"
-    "  - {id: motd, kind: file, path: etc/motd, content: \"Welcome to ${site}\\n\"}\n"
+    '  - {id: motd, kind: file, path: etc/motd, content: "Welcome to ${site}\\n"}\n'
     "  - {id: log-level, kind: setting, key: log_level, value: info}\n",
     "groups/gateways.yaml": "mode: observe\nresources:\n"
     "  - {id: uplink-interval, kind: setting, key: uplink_interval_s, value: 30}\n"
@@ -57,9 +57,7 @@ def git(repo: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def start_dashboard(
-    stack: ExitStack, log: Path, broker_url: str, prefix: str, *extra: str
-) -> str:
+def start_dashboard(stack: ExitStack, log: Path, broker_url: str, prefix: str, *extra: str) -> str:
     """Start ``setpoint dashboard`` and return the URL it prints."""
     proc = stack.enter_context(
         process(

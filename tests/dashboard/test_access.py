@@ -29,13 +29,13 @@ def test_parse_listen(text: str, host: str, port: int, loopback: bool) -> None:
 
 @pytest.mark.parametrize("text", ["8080", ":8080", "host:", "host:99999", "host:http"])
 def test_bad_listen_says_the_form(text: str) -> None:
-    with pytest.raises(AccessError, match="use HOST:PORT, e.g. 127.0.0.1:8080"):
+    with pytest.raises(AccessError, match=r"use HOST:PORT, e\.g\. 127\.0\.0\.1:8080"):
         access.parse_listen(text)
 
 
 def test_off_loopback_needs_a_token_or_mutual_tls() -> None:
     public = Listen("0.0.0.0", 8080)
-    with pytest.raises(AccessError, match="not a loopback address.*--token-file"):
+    with pytest.raises(AccessError, match=r"not a loopback address.*--token-file"):
         access.check_listen(public, token=False, mutual_tls=False)
     access.check_listen(public, token=True, mutual_tls=False)
     access.check_listen(public, token=False, mutual_tls=True)
@@ -48,7 +48,7 @@ def test_token_file(tmp_path: Path) -> None:
     (tmp_path / "short").write_text("abc")
     with pytest.raises(AccessError, match="3 characters, use at least 16"):
         access.read_token(tmp_path / "short")
-    with pytest.raises(AccessError, match="--token-file .*missing"):
+    with pytest.raises(AccessError, match=r"--token-file .*missing"):
         access.read_token(tmp_path / "missing")
 
 

@@ -152,9 +152,7 @@ def test_a_refused_commit_shows_on_the_fleet_page(
     page.screenshot(path=str(screenshots / "dashboard-fleet.png"), full_page=True)
 
 
-def test_a_gated_ring_shows_what_is_missing(
-    fleet: LiveFleet, page: Any, screenshots: Path
-) -> None:
+def test_a_gated_ring_shows_what_is_missing(fleet: LiveFleet, page: Any, screenshots: Path) -> None:
     page.goto(fleet.url + "rollouts")
     missing = page.wait_for_selector("#ring-canary .gate .missing li", timeout=WAIT)
     # gw-01 drifted in an earlier test, so main is either not all in sync or not yet

@@ -72,8 +72,9 @@ def evil_dashboard(broker_session: Any, tmp_path: Path) -> Iterator[tuple[str, s
             )
         }
     )  # fmt: skip
-    rollout = {"type": "rollout-status", "group": "kiosks", "branch": "canary", "state": "gated",
-               "reason": f"waiting {EVIL}", "missing": [f"missing {EVIL}"], "batches": []}  # fmt: skip
+    rollout = {"type": "rollout-status", "group": "kiosks", "branch": "canary",
+               "state": "gated", "reason": f"waiting {EVIL}", "missing": [f"missing {EVIL}"],
+               "batches": []}  # fmt: skip
     gate = {"type": "rollout-status", "ring": "canary", "from": "main", "state": "waiting",
             "reason": EVIL, "missing": [f"gate {EVIL}"], "evidence": {}}  # fmt: skip
     import json
@@ -189,7 +190,7 @@ def test_off_loopback_the_token_is_required_and_a_wrong_one_gets_401(
         for path in ("", "devices", "stream?page=fleet", "devices/kiosk-01"):
             assert get(local + path)[0] == 401, path
             assert get(local + path, Authorization="Bearer wrong-" + token)[0] == 401, path
-        code, body, headers = get(local, Authorization="Bearer " + token[:-1])
+        code, _, headers = get(local, Authorization="Bearer " + token[:-1])
         assert code == 401 and headers["WWW-Authenticate"].startswith("Bearer")
         assert get(local + "devices", Authorization="Bearer " + token)[0] == 200
         # A browser gets the login form; a wrong token stays out, the right one gets in.
