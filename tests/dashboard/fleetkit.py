@@ -18,6 +18,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
 from setpoint.commands.demo import process
 
 SETPOINT = [sys.executable, "-m", "setpoint"]
@@ -57,6 +60,19 @@ def git(repo: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
+def publish(broker: Any, messages: list[tuple[str, bytes, bool]]) -> None:
+    """Publish ``(topic, payload, retain)`` messages at QoS 1, as any client could."""
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        for topic, payload, retain in messages:
+            client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def start_dashboard(stack: ExitStack, log: Path, broker_url: str, prefix: str, *extra: str) -> str:
     """Start ``setpoint dashboard`` and return the URL it prints."""
     proc = stack.enter_context(
@@ -80,7 +96,9 @@ def start_dashboard(stack: ExitStack, log: Path, broker_url: str, prefix: str, *
 class LiveFleet:
     """The repository, the processes and the dashboard's URL."""
 
-    def __init__(self, stack: ExitStack, work: Path, broker: Any, prefix: str) -> None:
+    def __init__(
+        self, stack: ExitStack, work: Path, broker: Any, prefix: str, *controller_args: str
+    ) -> None:
         self.work, self.broker, self.prefix = work, broker, prefix
         self.repo = work / "fleet"
         self.logs = work / "logs"
@@ -100,7 +118,7 @@ class LiveFleet:
                 [*SETPOINT, "controller", "--repo", str(self.repo), "--broker", broker.url,
                  "--prefix", prefix, "--key", str(work / "keys" / "signing.key"),
                  "--state-dir", str(work / "controller-state"), "--tick", "0.2",
-                 "--grace", "20", "--reconcile-interval", "5"],
+                 "--grace", "20", "--reconcile-interval", "5", *controller_args],
                 self.logs / "controller.log",
             )
         )  # fmt: skip

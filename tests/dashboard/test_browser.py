@@ -15,7 +15,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from fleetkit import SECRET_VALUE, LiveFleet
+from fleetkit import SECRET_VALUE, LiveFleet, publish
 from paho.mqtt.enums import CallbackAPIVersion
 
 from setpoint.proto.repository import BranchStatus, Problem, RepositoryStatus
@@ -35,17 +35,6 @@ def fleet(broker_session: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
         except BaseException:
             print(live.logs_text())
             raise
-
-
-def retained(broker: Any, topic: str, payload: bytes) -> None:
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
-        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def read_retained(broker: Any, topic: str, timeout: float = 5.0) -> bytes | None:
@@ -139,7 +128,7 @@ def test_a_refused_commit_shows_on_the_fleet_page(
                 )
             }
         )  # fmt: skip
-        retained(fleet.broker, topic, status.to_json())
+        publish(fleet.broker, [(topic, status.to_json(), True)])
     refused = page.wait_for_selector("#repository tr.refused", timeout=WAIT)
     assert head[:12] in refused.inner_text()
     assert "<script>window.__xss=1</script>" in refused.inner_text()  # shown as text

@@ -16,10 +16,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from fleetkit import ENV, SETPOINT, start_dashboard
-from paho.mqtt.enums import CallbackAPIVersion
+from fleetkit import ENV, SETPOINT, publish, start_dashboard
 
 from setpoint.proto import status
 from setpoint.proto.repository import BranchStatus, Problem, RepositoryStatus
@@ -31,18 +29,6 @@ WAIT = 30_000
 SCRIPT = "<script>window.__xss=1</script>"
 IMG = '"><img src=x onerror="window.__xss=2">'
 EVIL = f"{SCRIPT} {IMG}"
-
-
-def publish(broker: Any, messages: list[tuple[str, bytes, bool]]) -> None:
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
-        for topic, payload, retain in messages:
-            client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def get(url: str, **headers: str) -> tuple[int, str, dict[str, str]]:
