@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from setpoint.commands.demo import process
+from setpoint.commands.demo import process, start_dashboard
 
 SETPOINT = [sys.executable, "-m", "setpoint"]
 ENV = {
@@ -49,7 +47,6 @@ FILES = {
     "devices/lobby-01.yaml": "group: lobby\n",
 }
 RUNNING = ("kiosk-01", "gw-01")  # lobby-01 never runs: canary's gate has a device to wait on
-STARTUP = 60.0
 
 
 def git(repo: Path, *args: str) -> str:
@@ -71,26 +68,6 @@ def publish(broker: Any, messages: list[tuple[str, bytes, bool]]) -> None:
     finally:
         client.disconnect()
         client.loop_stop()
-
-
-def start_dashboard(stack: ExitStack, log: Path, broker_url: str, prefix: str, *extra: str) -> str:
-    """Start ``setpoint dashboard`` and return the URL it prints."""
-    proc = stack.enter_context(
-        process(
-            [*SETPOINT, "dashboard", "--broker", broker_url, "--prefix", prefix,
-             "--listen", "127.0.0.1:0", *extra],
-            log,
-        )
-    )  # fmt: skip
-    deadline = time.monotonic() + STARTUP
-    while time.monotonic() < deadline:
-        found = re.search(r"setpoint dashboard: (https?://\S+)", log.read_text(errors="replace"))
-        if found:
-            return found.group(1)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise AssertionError(f"the dashboard did not start:\n{log.read_text(errors='replace')}")
 
 
 class LiveFleet:
@@ -140,7 +117,7 @@ class LiveFleet:
                 )
             )  # fmt: skip
         self.url = start_dashboard(
-            stack, self.logs / "dashboard.log", broker.url, prefix,
+            stack, self.logs / "dashboard.log", broker.url, "--prefix", prefix,
             "--trust", str(work / "keys" / "signing.pub"),
             "--commit-url", "https://git.example/fleet/commit/{commit}",
         )  # fmt: skip

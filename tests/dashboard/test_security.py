@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleetkit import ENV, SETPOINT, publish, start_dashboard
+from fleetkit import ENV, SETPOINT, publish
 
+from setpoint.commands.demo import start_dashboard
 from setpoint.proto import status
 from setpoint.proto.repository import BranchStatus, Problem, RepositoryStatus
 from setpoint.proto.status import DriftStatus, GroupStatus, ResourceDiff
@@ -76,7 +77,9 @@ def evil_dashboard(broker_session: Any, tmp_path: Path) -> Iterator[tuple[str, s
         ],
     )
     with ExitStack() as stack:
-        url = start_dashboard(stack, tmp_path / "dashboard.log", broker_session.url, prefix)
+        url = start_dashboard(
+            stack, tmp_path / "dashboard.log", broker_session.url, "--prefix", prefix
+        )
         yield url, prefix
 
 
@@ -169,7 +172,7 @@ def test_off_loopback_the_token_is_required_and_a_wrong_one_gets_401(
     prefix = f"setpoint-test/{secrets.token_hex(4)}/v1"
     with ExitStack() as stack:
         url = start_dashboard(
-            stack, tmp_path / "dashboard.log", broker_session.url, prefix,
+            stack, tmp_path / "dashboard.log", broker_session.url, "--prefix", prefix,
             "--listen", "0.0.0.0:0", "--token-file", str(tmp_path / "token"),
         )  # fmt: skip
         local = url.replace("0.0.0.0", "127.0.0.1")  # only ever talk to loopback
