@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -123,6 +123,11 @@ class Fleet:
     events_kept: int = EVENTS_KEPT
     groups: dict[str, GroupStatus] = field(default_factory=dict)
     drift: dict[str, DriftStatus] = field(default_factory=dict)
+    # Lower-cased text each device is searched by, made once per status, not per request.
+    search: dict[str, str] = field(default_factory=dict)
+    # Device ids in order, remade only when a device comes or goes: a page then sorts by
+    # one plain key, stably, instead of building a tuple per device per request.
+    _order: list[str] | None = None
     rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)
     gates: dict[str, dict[str, Any]] = field(default_factory=dict)
     repository: RepositoryStatus | None = None
@@ -165,13 +170,17 @@ class Fleet:
             self._record(ref.name, group.converged_pct, group.time or now, now)
             return Change("group", ref.name)
         if ref.kind == "device-drift":
+            if ref.name not in self.drift or not payload:
+                self._order = None
             if not payload:
                 self.drift.pop(ref.name, None)
+                self.search.pop(ref.name, None)
             else:
                 drift = status.drift_from_json(payload)
                 if drift.device != ref.name:
                     raise ValueError(f"the status names device {drift.device!r}")
                 self.drift[ref.name] = drift
+                self.search[ref.name] = _haystack(drift)
             return Change("drift", ref.name, device=ref.name)
         if ref.kind == "event" and payload:
             event = status.event_from_json(payload)
@@ -207,14 +216,24 @@ class Fleet:
     def devices(self, query: DeviceQuery) -> Page:
         """The devices matching ``query``, sorted, one page of them."""
         text = query.text.lower()
-        rows: Iterable[DriftStatus] = self.drift.values()
+        if self._order is None:
+            self._order = sorted(self.drift)
+        drift = self.drift
+        rows: Iterable[DriftStatus] = (drift[name] for name in self._order)
         if query.state:
             rows = (d for d in rows if d.state == query.state)
         if query.group:
             rows = (d for d in rows if d.group == query.group)
         if text:
-            rows = (d for d in rows if text in _haystack(d))
-        matched = sorted(rows, key=_SORT_KEYS[query.sort], reverse=query.descending)
+            search = self.search
+            rows = (d for d in rows if text in search.get(d.device, ""))
+        key = _SORT_KEYS[query.sort]
+        if key is None:
+            matched = list(rows)
+            if query.descending:
+                matched.reverse()
+        else:  # stable: devices with the same key stay in id order
+            matched = sorted(rows, key=key, reverse=query.descending)
         pages = max(1, math.ceil(len(matched) / query.per_page))
         page = min(query.page, pages)
         start = (page - 1) * query.per_page
@@ -287,12 +306,12 @@ def _haystack(d: DriftStatus) -> str:
     return " ".join(parts).lower()
 
 
-_SORT_KEYS: Final = {
-    "device": lambda d: d.device,
-    "group": lambda d: (d.group or "", d.device),
-    "state": lambda d: (SEVERITY.get(d.state, 99), d.device),
-    "since": lambda d: (d.since, d.device),
-    "last_seen": lambda d: (d.last_seen or 0.0, d.device),
+_SORT_KEYS: Final[dict[str, Callable[[DriftStatus], Any] | None]] = {
+    "device": None,  # the id order itself
+    "group": lambda d: d.group or "",
+    "state": lambda d: SEVERITY.get(d.state, 99),
+    "since": lambda d: d.since,
+    "last_seen": lambda d: d.last_seen or 0.0,
 }
 
 

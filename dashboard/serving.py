@@ -227,7 +227,7 @@ class Dashboard:
             title="Devices",
             result=self.fleet.devices(query),
             query=query,
-            groups=sorted({d.group for d in self.fleet.drift.values() if d.group}),
+            groups=sorted(self.fleet.groups),
         )
 
     async def device_page(self, request: web.Request) -> web.Response:

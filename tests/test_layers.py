@@ -97,3 +97,11 @@ def test_the_checker_would_notice_a_leak() -> None:
     # The probe must be able to see a forbidden import, or the tests above prove nothing.
     _imported, top_level, _ours = probe("setpoint.proto", "yaml", "paho")
     assert {"yaml", "paho"} <= outside(top_level, PROTO_ALLOWED)
+
+
+def test_dashboard_sits_on_proto_alone() -> None:
+    imported, top_level, ours = probe("setpoint.dashboard")
+    assert "setpoint.dashboard.serving" in imported
+    assert not top_level & {"dulwich", "pydantic", "yaml", "prometheus_client"}
+    for layer in ("setpoint.controller", "setpoint.device_shim", "setpoint.commands"):
+        assert not [m for m in ours if m == layer or m.startswith(layer + ".")], layer
