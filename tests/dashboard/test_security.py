@@ -193,3 +193,30 @@ def test_off_loopback_the_token_is_required_and_a_wrong_one_gets_401(
         page.wait_for_selector("#devices", timeout=WAIT)
         assert page.url.endswith("/devices")
         assert token not in page.content()
+
+
+def test_https_and_client_certificates(broker_session: Any, tmp_path: Path) -> None:
+    import ssl
+
+    from setpoint.controller import pki
+
+    fleet_pki = pki.init(tmp_path / "pki")  # its server certificate is for 127.0.0.1
+    server, operator = fleet_pki.broker, fleet_pki.operator
+    tls = ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
+    # TLS alone proves the dashboard to the browser, not the browser to the dashboard.
+    done = dashboard_cli("--broker", broker_session.url, "--listen", "0.0.0.0:0", *tls)
+    assert done.returncode == 2 and "not a loopback address" in done.stderr
+    prefix = f"setpoint-test/{secrets.token_hex(4)}/v1"
+    with ExitStack() as stack:
+        url = start_dashboard(
+            stack, tmp_path / "dashboard.log", broker_session.url, "--prefix", prefix,
+            *tls, "--tls-client-ca", str(fleet_pki.ca),
+        )  # fmt: skip
+        assert url.startswith("https://127.0.0.1:")
+        with_cert = ssl.create_default_context(cafile=str(fleet_pki.ca))
+        with_cert.load_cert_chain(str(operator.cert), str(operator.key))
+        with urllib.request.urlopen(url + "devices", context=with_cert, timeout=30) as response:
+            assert response.status == 200
+        without = ssl.create_default_context(cafile=str(fleet_pki.ca))
+        with pytest.raises(OSError):  # the handshake, or the first read, is refused
+            urllib.request.urlopen(url + "devices", context=without, timeout=30).read()
