@@ -29,7 +29,7 @@ from aiohttp import web
 
 from setpoint.proto import diffs
 from setpoint.proto.errors import ProtocolError
-from setpoint.proto.status import DRIFT_STATES
+from setpoint.proto.status import DRIFT_STATES, ago
 from setpoint.proto.topics import Topics, validate_id
 
 from . import access
@@ -82,19 +82,6 @@ def commit_link(template: str | None, commit: str | None) -> str | None:
     if not template or not commit or _COMMIT.fullmatch(commit) is None:
         return None
     return template.replace("{commit}", commit)
-
-
-def ago(then: float | None, now: float | None = None) -> str:
-    if not then:
-        return "-"
-    seconds = max(0.0, (now or time.time()) - then)
-    if seconds < 60:
-        return f"{seconds:.0f}s ago"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m ago"
-    if seconds < 86400:
-        return f"{seconds / 3600:.1f}h ago"
-    return f"{seconds / 86400:.1f}d ago"
 
 
 def clock(then: float | None) -> str:
@@ -263,32 +250,15 @@ class Dashboard:
         )
 
     async def _diff(self, device: str) -> tuple[diffs.DeviceDiff | None, str]:
-        t = self.topics
         try:
             async with self._fetching:
                 found = await fetch_retained(
-                    self.settings.broker,
-                    t,
-                    [t.device_desired(device), t.device_reported(device), t.all_group_desired()],
+                    self.settings.broker, self.topics, diffs.topics_for(device, self.topics)
                 )
         except BrokerUnavailable as exc:
             return None, f"cannot read the bundles: {exc}"
-        groups = {}
-        for topic, payload in found.items():
-            try:
-                ref = t.parse(topic)
-            except ProtocolError:
-                continue
-            if ref.kind == "group-desired":
-                groups[ref.name] = payload
         try:
-            diff = diffs.device_diff(
-                device,
-                found.get(t.device_desired(device)),
-                groups,
-                found.get(t.device_reported(device)),
-                self.settings.trusted,
-            )
+            diff = diffs.from_retained(device, found, self.topics, self.settings.trusted)
         except diffs.Unavailable as exc:
             return None, (
                 f"{exc}; the broker may not let this identity read bundles and reports"

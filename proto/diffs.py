@@ -19,6 +19,8 @@ from typing import Any, Final
 
 from . import bundles, envelopes, reports
 from .bundles import Bundle, BundleKind, CommandResource, FileResource, Resource
+from .errors import InvalidId
+from .topics import Topics
 from .trust import PAYLOAD_TYPES
 
 SECRET: Final = "<secret>"
@@ -142,4 +144,39 @@ def device_diff(
     rows = compare(bundles.effective(group_bundle, device_bundle), report)
     return DeviceDiff(
         device, group, group_bundle, device_bundle, report, rows, verified=trusted is not None
+    )
+
+
+def topics_for(device: str, topics: Topics) -> list[str]:
+    """The retained topics a diff of ``device`` reads (its bundle, its report, every group's
+    bundle: the device bundle names the group)."""
+    return [
+        topics.device_desired(device),
+        topics.device_reported(device),
+        topics.all_group_desired(),
+    ]
+
+
+def from_retained(
+    device: str,
+    messages: Mapping[str, bytes],
+    topics: Topics,
+    trusted: Mapping[str, Any] | None = None,
+) -> DeviceDiff:
+    """:func:`device_diff` over the retained messages (topic to payload) read from
+    :func:`topics_for`; the same errors."""
+    groups = {}
+    for topic, payload in messages.items():
+        try:
+            ref = topics.parse(topic)
+        except InvalidId:
+            continue
+        if ref.kind == "group-desired":
+            groups[ref.name] = payload
+    return device_diff(
+        device,
+        messages.get(topics.device_desired(device)),
+        groups,
+        messages.get(topics.device_reported(device)),
+        trusted,
     )

@@ -7,7 +7,9 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 from urllib.parse import urlsplit
 
 CONTROLLER_EXTRA_HINT = (
@@ -84,6 +86,19 @@ def add_broker_arguments(parser: argparse.ArgumentParser, *, required: bool = Tr
     parser.add_argument(
         "--prefix", default=os.environ.get("SETPOINT_PREFIX", "setpoint/v1"), help="topic prefix"
     )
+
+
+def load_trust(paths: list[Path]) -> dict[str, Any] | None:
+    """The trusted keys of ``--trust PUBFILE`` flags (None for none), or a CommandError."""
+    if not paths:
+        return None
+    from setpoint.proto import envelopes
+    from setpoint.proto.errors import ProtocolError
+
+    try:
+        return envelopes.trusted_keys(envelopes.load_public_key(p.read_bytes()) for p in paths)
+    except (OSError, ProtocolError) as exc:
+        raise CommandError(f"--trust: {exc}") from None
 
 
 def broker_from_args(args: argparse.Namespace) -> BrokerURL:

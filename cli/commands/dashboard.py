@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ._common import CommandError, add_broker_arguments, broker_from_args
+from ._common import CommandError, add_broker_arguments, broker_from_args, load_trust
 
 DASHBOARD_EXTRA_HINT = "this verb needs pip install 'setpoint[dashboard]'"
 
@@ -94,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace) -> object:
     try:
         from setpoint import dashboard
-        from setpoint.proto import envelopes
         from setpoint.proto.errors import ProtocolError
     except ModuleNotFoundError as exc:
         raise CommandError(f"{DASHBOARD_EXTRA_HINT} (missing: {exc.name})") from None
@@ -125,14 +124,7 @@ def _settings(args: argparse.Namespace) -> object:
         )
     if args.refresh < 1:
         raise CommandError("--refresh: at least 1 second")
-    trusted = None
-    if args.trust:
-        try:
-            trusted = envelopes.trusted_keys(
-                envelopes.load_public_key(p.read_bytes()) for p in args.trust
-            )
-        except (OSError, ProtocolError) as exc:
-            raise CommandError(f"--trust: {exc}") from None
+    trusted = load_trust(args.trust)
     broker = dashboard.BrokerSettings(
         url.host, url.port, url.username, url.password, args.ca, args.cert, args.client_key,
         tls=url.tls,

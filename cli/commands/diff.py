@@ -20,12 +20,12 @@ import json
 import sys
 from pathlib import Path
 
-from setpoint.proto import diffs, envelopes
+from setpoint.proto import diffs
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.topics import Topics, validate_id
 
 from . import _fleetview as view
-from ._common import CommandError, add_broker_arguments
+from ._common import CommandError, add_broker_arguments, load_trust
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,37 +51,15 @@ def _run(args: argparse.Namespace) -> int:
         device = validate_id(args.device, "device id")
     except ProtocolError as exc:
         raise CommandError(str(exc)) from None
-    trusted = None
-    if args.trust:
-        try:
-            trusted = envelopes.trusted_keys(
-                envelopes.load_public_key(p.read_bytes()) for p in args.trust
-            )
-        except (OSError, ProtocolError) as exc:
-            raise CommandError(f"--trust: {exc}") from None
+    trusted = load_trust(args.trust)
     topics = Topics(args.prefix)
-    reader = view.Reader(
-        args,
-        [topics.device_desired(device), topics.device_reported(device), topics.all_group_desired()],
-        "diff",
-    )
+    reader = view.Reader(args, diffs.topics_for(device, topics), "diff")
     try:
         messages = reader.snapshot()
     finally:
         reader.close()
-    group_payloads = {
-        ref.name: payload
-        for topic, payload in messages.items()
-        if (ref := topics.parse(topic)).kind == "group-desired"
-    }
     try:
-        found = diffs.device_diff(
-            device,
-            messages.get(topics.device_desired(device)),
-            group_payloads,
-            messages.get(topics.device_reported(device)),
-            trusted,
-        )
+        found = diffs.from_retained(device, messages, topics, trusted)
     except diffs.Unavailable as exc:
         raise CommandError(str(exc)) from None
     except ProtocolError as exc:
