@@ -11,7 +11,9 @@ then the plots of ``docs/performance.md`` are redrawn. ``--only`` picks some of 
 * drift: report -> drift event p50/p99, idle and under 1/4 of the ingest rate, vs the
   broker's round trip (1,000 reports each; quick: 300);
 * footprint: shim RSS and CPU idle (60 s; quick: 10 s) and during an apply;
-* commit: git commit -> retained bundle at a subscriber (bench/commit_latency.py; 20 / 5).
+* commit: git commit -> retained bundle at a subscriber (bench/commit_latency.py; 20 / 5);
+* dashboard: devices page time per page and the dashboard's RSS (bench/dashboard.py; 10,000
+  devices, 30 requests per query; quick: 2,000 and 10).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import argparse
 import asyncio
 import time
 
-NAMES = ("ingest", "converge", "drift", "footprint", "commit")
+NAMES = ("ingest", "converge", "drift", "footprint", "commit", "dashboard")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +73,10 @@ def run(name: str, is_quick: bool, quick: list[str]) -> None:
         from . import commit_latency
 
         commit_latency.main(quick)
+    elif name == "dashboard":
+        from . import dashboard
+
+        dashboard.main(quick)
 
 
 if __name__ == "__main__":
