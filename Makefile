@@ -41,7 +41,7 @@ screenshots: venv mosquitto chromium
 
 check: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check proto mosquitto
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict proto
 	./scripts/lint-imports.sh
 

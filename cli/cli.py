@@ -33,6 +33,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "rollout": ("rollout", "rollout status by group; pause and resume a group's rollout"),
     "promote": ("promote", "check a ring's gate, then merge FROM into TO locally"),
     "approve": ("approve", "approve content waiting at a ring's gate (signed)"),
+    "conformance": ("conformance", "check a running device agent against proto/SPEC.md"),
 }
 
 

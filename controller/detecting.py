@@ -15,8 +15,12 @@ cannot change the answer. The rules, in order:
    the one published): ``pending``, waiting for its batch, never overdue (the pin is its
    desired group version: a failure or refusal of the pinned version still counts);
 8. not yet on the desired versions (or group): ``pending`` (``overdue`` after the grace);
-9. on the desired versions but resources differ: ``drifted``, with which and why;
-10. otherwise ``in_sync``.
+9. on the desired versions but resources differ: ``drifted``, with which and why (a
+   resource the device's policy refuses is listed too);
+10. nothing differs but the device's own policy refuses a resource (a command where
+    commands are not allowed): ``blocked``, with which and why. Not drift: nobody changed
+    anything, and nothing will change until the device's owner or the repository does;
+11. otherwise ``in_sync``.
 
 :func:`summarise` folds device states into a group's convergence summary.
 
@@ -93,20 +97,29 @@ def _status(
     )
 
 
-def _resource_diffs(desired: Desired, report: Report) -> list[ResourceDiff]:
+def _resource_diffs(
+    desired: Desired, report: Report
+) -> tuple[list[ResourceDiff], list[ResourceDiff]]:
+    """What differs, and what the device's own policy refuses (blocked), per resource."""
     wanted = desired.resource_digests
     seen = {r.id: r for r in report.resources}
     diffs: list[ResourceDiff] = []
+    blocked: list[ResourceDiff] = []
     for rid, digest in wanted.items():
         observed = seen.get(rid)
         if observed is None:
             diffs.append(ResourceDiff(rid, "not reported by the device"))
+        elif observed.status == "blocked":
+            why = observed.detail or "the device's policy refuses it"
+            blocked.append(ResourceDiff(rid, f"blocked: {why}"))
         elif observed.status == "drifted":
             why = observed.detail or "changed on the device"
             diffs.append(ResourceDiff(rid, f"drifted: {why}"))
         elif observed.status == "failed":
             diffs.append(ResourceDiff(rid, f"failed: {observed.detail or 'apply failed'}"))
         elif observed.status == "skipped":
+            # What agents said before ``blocked`` existed; counted as drift, as it always was
+            # (proto/SPEC.md 6.6).
             diffs.append(ResourceDiff(rid, f"skipped: {observed.detail or 'not allowed'}"))
         elif observed.status == "pending":
             diffs.append(ResourceDiff(rid, "pending on the device"))
@@ -114,7 +127,7 @@ def _resource_diffs(desired: Desired, report: Report) -> list[ResourceDiff]:
             diffs.append(ResourceDiff(rid, "content differs from desired"))
     for rid in sorted(set(seen) - set(wanted)):
         diffs.append(ResourceDiff(rid, "present on the device but not desired"))
-    return diffs
+    return diffs, blocked
 
 
 def detect(
@@ -216,11 +229,19 @@ def detect(
         prefix = "overdue: " if overdue else ""
         return status("pending", reason=prefix + "; ".join(behind), last_seen=last_seen)
 
-    diffs = _resource_diffs(desired, report)
+    diffs, blocked = _resource_diffs(desired, report)
     if diffs:
         healed = desired.mode == "enforce"
         note = "enforce mode: the device puts it back" if healed else "observe mode: left alone"
-        return status("drifted", resources=diffs, reason=note, last_seen=last_seen)
+        return status("drifted", resources=diffs + blocked, reason=note, last_seen=last_seen)
+    if blocked:
+        return status(
+            "blocked",
+            resources=blocked,
+            reason="the device's own policy refuses a resource: allow it on the device or"
+            " remove it from the repository",
+            last_seen=last_seen,
+        )
     return status("in_sync", last_seen=last_seen)
 
 

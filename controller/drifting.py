@@ -171,7 +171,7 @@ def change_of(previous: DriftStatus | None, new: DriftStatus) -> Change | None:
     if previous is None:
         return "changed" if new.state == "in_sync" else "opened"
     if previous.state == new.state:
-        if new.state == "drifted" and previous.resources != new.resources:
+        if new.state in ("drifted", "blocked") and previous.resources != new.resources:
             return "changed"
         return None
     if new.state == "in_sync":

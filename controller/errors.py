@@ -25,10 +25,22 @@ from setpoint.proto.errors import SetpointError, TransportError
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One thing wrong in the fleet repository: where it is and what to do about it."""
+    """One thing wrong in the fleet repository: where it is and what to do about it.
+
+    ``line`` (1-based) is set where the YAML loader knows it; ``str()`` stays the standard
+    ``file: item: message`` and :attr:`where` adds the line (``groups/kiosks.yaml:7``)."""
 
     file: str
     message: str
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        return self.file if self.line is None else f"{self.file}:{self.line}"
+
+    def located(self) -> str:
+        """``file:line: message`` (compiler style, for editors), or ``str(self)``."""
+        return f"{self.where}: {self.message}" if self.file else self.message
 
     def __str__(self) -> str:
         return f"{self.file}: {self.message}" if self.file else self.message

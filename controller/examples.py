@@ -1,9 +1,14 @@
-"""The example fleet that ``setpoint init`` commits: two groups, three devices, every kind.
+"""The example fleet that ``setpoint init`` commits: two groups, two devices, every kind.
 
 * ``kiosks`` (enforce): a file with inline content using a var, a file from
   ``files/kiosk/config.ini`` in the repository, a setting;
 * ``gateways`` (observe): a setting and a command (check/apply);
-* ``kiosk-01``, ``kiosk-02`` (which overrides the log level), ``gw-01``.
+* ``kiosk-01`` (in ``kiosks``), ``gw-01`` (in ``gateways``).
+
+One device per group, so the README's walk-through (one shim per device) brings the whole
+fleet to 100% in sync. A command runs only where the device's own policy allows it: the
+README starts ``gw-01``'s shim with a policy file that allows commands; a device without
+one reports the command ``blocked`` (``device policy forbids commands``), not drift.
 
 Writes files into a directory and commits them with dulwich.
 """
@@ -59,7 +64,8 @@ resources:
     value: 30
   - id: ready-marker
     kind: command
-    # Runs with the device root as the working directory, only where the device allows it.
+    # Runs with the device root as the working directory, only where the device's own
+    # policy file allows commands (allow_commands = true); elsewhere it is 'blocked'.
     check: test -f var/lib/gateway/ready
     apply: mkdir -p var/lib/gateway && touch var/lib/gateway/ready
     timeout: 30
@@ -68,17 +74,12 @@ resources:
 group: kiosks
 vars:
   site: lobby
-""",
-    "devices/kiosk-02.yaml": """\
-group: kiosks
-vars:
-  site: cafeteria
-resources:
-  # Replaces the group's resource with the same id, for this device only.
-  - id: log-level
-    kind: setting
-    key: log_level
-    value: debug
+# A device can replace a resource of its group, by id, for itself only:
+# resources:
+#   - id: log-level
+#     kind: setting
+#     key: log_level
+#     value: debug
 """,
     "devices/gw-01.yaml": """\
 group: gateways
@@ -112,7 +113,10 @@ def create(directory: Path) -> str:
     try:
         repo.refs.set_symbolic_ref(b"HEAD", b"refs/heads/" + DEFAULT_BRANCH.encode())
         write(directory)
-        porcelain.add(repo, paths=[str(directory / name) for name in FILES])
+        # dulwich's ``add`` reads paths relative to the repository, whatever the working
+        # directory is: give it repository-relative names, so `setpoint init fleet/` from
+        # anywhere commits the files it wrote.
+        porcelain.add(repo, paths=sorted(FILES))
         commit = porcelain.commit(
             repo,
             message=b"Example fleet (setpoint init)\n",

@@ -404,6 +404,7 @@ class Device:
     group: str
     vars: Mapping[str, SettingValue]
     resources: tuple[Resource, ...]
+    group_line: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,11 +438,16 @@ class _Collector:
         self.file = file
         self.problems: list[Problem] = []
 
-    def add(self, message: str, item: str | None = None) -> None:
-        self.problems.append(Problem(self.file, f"{item}: {message}" if item else message))
+    def add(self, message: str, item: str | None = None, line: int | None = None) -> None:
+        text = f"{item}: {message}" if item else message
+        self.problems.append(Problem(self.file, text, line))
 
     def add_validation(
-        self, exc: ValidationError, model: type[BaseModel], item: str | None
+        self,
+        exc: ValidationError,
+        model: type[BaseModel],
+        item: str | None,
+        raw: Mapping[str, Any] | None = None,
     ) -> None:
         known = ", ".join(sorted(model.model_fields))
         seen: set[tuple[Any, ...]] = set()
@@ -454,13 +460,14 @@ class _Collector:
             seen.add(key)
             name = ".".join(str(part) for part in loc)
             kind = error["type"]
+            line = safeyaml.line_of(raw, loc[0] if loc else None)
             if kind == "extra_forbidden":
-                self.add(f"unknown key {name!r} (known: {known})", item)
+                self.add(f"unknown key {name!r} (known: {known})", item, line)
             elif kind == "missing":
-                self.add(f"missing key {name!r}", item)
+                self.add(f"missing key {name!r}", item, line)
             else:
                 message = str(error["msg"]).removeprefix("Value error, ")
-                self.add(f"{name}: {message}", item)
+                self.add(f"{name}: {message}", item, line)
 
 
 @functools.lru_cache(maxsize=32768)
@@ -488,7 +495,7 @@ def _parse_document(tree: Tree, path: str, collector: _Collector) -> dict[str, A
     try:
         document = _load_yaml(data)
     except safeyaml.YamlError as exc:
-        collector.add(str(exc))
+        collector.add(str(exc), line=exc.line)
         return None
     if document is None:
         return {}
@@ -511,7 +518,7 @@ def _validate(
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        collector.add_validation(exc, model, item)
+        collector.add_validation(exc, model, item, raw)
         return None
 
 
@@ -533,17 +540,18 @@ def _resources(
     first_index: dict[str, int] = {}
     for index, raw in enumerate(raw_list, start=1):
         item = f"resource #{index}"
+        line = safeyaml.line_of(raw)
         if not isinstance(raw, dict):
             collector.add("must be a mapping with at least 'id' and 'kind'", item)
             continue
         rid = raw.get("id")
         if rid is None:
-            collector.add("missing key 'id'", item)
+            collector.add("missing key 'id'", item, line)
             continue
         try:
             validate_id(rid, "resource id")
         except InvalidId as exc:
-            collector.add(str(exc), item)
+            collector.add(str(exc), item, safeyaml.line_of(raw, "id"))
             continue
         item = f"resource {rid!r}"
         if rid in first_index:
@@ -551,22 +559,25 @@ def _resources(
                 f"duplicate id (resource #{first_index[rid]} has it too); resource ids must be"
                 " unique in a file",
                 item,
+                safeyaml.line_of(raw, "id"),
             )
             continue
         first_index[rid] = index
         kind = raw.get("kind")
         known = ", ".join(sorted(RESOURCE_SPECS))
         if kind is None:
-            collector.add(f"missing key 'kind' (known: {known})", item)
+            collector.add(f"missing key 'kind' (known: {known})", item, line)
             continue
         model = RESOURCE_SPECS.get(kind) if isinstance(kind, str) else None
         if model is None:
-            collector.add(f"unknown kind {kind!r} (known: {known})", item)
+            collector.add(
+                f"unknown kind {kind!r} (known: {known})", item, safeyaml.line_of(raw, "kind")
+            )
             continue
         spec = _validate(model, raw, collector, item)
         if spec is None:
             continue
-        resource = _resource(spec, tree, collector, item)
+        resource = _resource(spec, tree, collector, item, raw)
         if resource is not None:
             out.append(resource)
     if len(collector.problems) != before:
@@ -574,7 +585,9 @@ def _resources(
     return tuple(out)
 
 
-def _resource(spec: Any, tree: Tree, collector: _Collector, item: str) -> Resource | None:
+def _resource(
+    spec: Any, tree: Tree, collector: _Collector, item: str, raw: Mapping[str, Any]
+) -> Resource | None:
     if isinstance(spec, SettingSpec):
         return SettingResource(spec.id, spec.key, spec.value, spec.secret)
     if isinstance(spec, CommandSpec):
@@ -584,13 +597,18 @@ def _resource(spec: Any, tree: Tree, collector: _Collector, item: str) -> Resour
         bundles.validate_path(spec.path, "path")
     except SchemaError as exc:
         message = str(exc).removeprefix("path: ")
-        collector.add(f"{message}; a file resource's path is relative to the device root", item)
+        collector.add(
+            f"{message}; a file resource's path is relative to the device root",
+            item,
+            safeyaml.line_of(raw, "path"),
+        )
         return None
     if (spec.content is None) == (spec.source is None):
         collector.add(
             "give exactly one of 'content' (the text inline) or 'source' (a file in the"
             " repository)",
             item,
+            safeyaml.line_of(raw),
         )
         return None
     if spec.content is not None:
@@ -600,13 +618,14 @@ def _resource(spec: Any, tree: Tree, collector: _Collector, item: str) -> Resour
         source = _source_path(spec.source)
         data = tree.read(source, MAX_SOURCE_BYTES)
     except (ValueError, TreeError) as exc:
-        collector.add(str(exc), item)
+        collector.add(str(exc), item, safeyaml.line_of(raw, "source"))
         return None
     if data is None:
         collector.add(
             f"source {spec.source!r} does not exist in the repository; add and commit it, or"
             " fix the path (relative to the repository root)",
             item,
+            safeyaml.line_of(raw, "source"),
         )
         return None
     return FileResource(spec.id, spec.path, data, spec.mode)
@@ -697,7 +716,8 @@ def load(tree: Tree) -> Snapshot:
                 known = ", ".join(sorted(groups | dict.fromkeys(broken_groups))) or "none"
                 collector.add(
                     f"group {device.group!r} does not exist (groups: {known}); create"
-                    f" groups/{device.group}.yaml or fix the name"
+                    f" groups/{device.group}.yaml or fix the name",
+                    line=device.group_line,
                 )
                 device = None
             elif not _check_effective(device, groups[device.group], collector):
@@ -708,6 +728,9 @@ def load(tree: Tree) -> Snapshot:
         else:
             devices[did] = device
 
+    if not (problems or groups or devices or broken_groups or broken_devices):
+        problems.extend(_empty_fleet(tree, settings))
+
     return Snapshot(
         settings=settings,
         groups=groups,
@@ -716,6 +739,35 @@ def load(tree: Tree) -> Snapshot:
         broken_devices=frozenset(broken_devices),
         problems=tuple(problems),
     )
+
+
+def _empty_fleet(tree: Tree, settings: FleetSettings | None) -> list[Problem]:
+    """Nothing to publish: a mistake (wrong folder, files never committed, everything
+    deleted) unless ``fleet.yaml`` says the fleet is meant to be empty."""
+    if settings is not None and settings.allow_empty:
+        return []
+    try:
+        has_fleet_file = tree.read(FLEET_FILE, safeyaml.MAX_YAML_BYTES) is not None
+    except TreeError:
+        has_fleet_file = True  # its problem is already recorded
+    if has_fleet_file:
+        return [
+            Problem(
+                FLEET_FILE,
+                "the fleet has no groups and no devices, so the controller would remove every"
+                " retained bundle; add groups/<group>.yaml and devices/<device>.yaml, or set"
+                " 'allow_empty: true' in fleet.yaml if the fleet is meant to be empty",
+            )
+        ]
+    return [
+        Problem(
+            "",
+            f"no {FLEET_FILE}, {GROUPS_DIR}/ or {DEVICES_DIR}/ at the top of the repository:"
+            " this is not a fleet repository, or the fleet is in a subfolder (point at that"
+            " folder), or its files were never committed (`git add` and commit them);"
+            " `setpoint init DIR` creates an example fleet",
+        )
+    ]
 
 
 def _load_group(gid: str, path: str, tree: Tree, collector: _Collector) -> Group | None:
@@ -752,4 +804,6 @@ def _load_device(did: str, path: str, tree: Tree, collector: _Collector) -> Devi
     resources = _resources(spec.resources, tree, collector)
     if resources is None:
         return None
-    return Device(did, path, spec.group, dict(spec.vars), resources)
+    return Device(
+        did, path, spec.group, dict(spec.vars), resources, safeyaml.line_of(document, "group")
+    )

@@ -20,11 +20,13 @@ Pure; no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from setpoint.proto import bundles, envelopes
+from setpoint.proto import repository as verdicts
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.topics import Topics
 
@@ -350,3 +352,44 @@ def _unique(problems: Iterable[BranchProblem]) -> list[BranchProblem]:
             seen.add(problem)
             out.append(problem)
     return out
+
+
+def repository_status(
+    render: Render,
+    refusal: str | None,
+    now: float,
+    previous: verdicts.RepositoryStatus | None = None,
+) -> verdicts.RepositoryStatus:
+    """Each branch's head commit, accepted or refused, with every problem and its line.
+
+    ``refusal`` (the planner's: a commit that would remove everything) refuses the default
+    branch's head. A verdict keeps the ``checked_at`` of ``previous`` while the head and the
+    verdict are the same, so an unchanged status is not published again.
+    """
+    problems: dict[str, list[verdicts.Problem]] = {}
+    for found in render.problems:
+        problems.setdefault(found.branch, []).append(
+            verdicts.Problem(found.problem.file or None, found.problem.line, found.problem.message)
+        )
+    if refusal is not None and render.default_branch is not None:
+        problems.setdefault(render.default_branch, []).append(
+            verdicts.Problem("fleet.yaml", None, refusal)
+        )
+    branches: dict[str, verdicts.BranchStatus] = {}
+    for branch, info in sorted(render.heads.items()):
+        found_here = tuple(problems.get(branch, ()))
+        status = verdicts.BranchStatus(
+            branch=branch,
+            head=info.id,
+            accepted=not found_here,
+            checked_at=now,
+            subject=info.summary,
+            problems=found_here,
+        )
+        before = previous.branches.get(branch) if previous is not None else None
+        if before is not None and before == dataclasses.replace(
+            status, checked_at=before.checked_at
+        ):
+            status = before
+        branches[branch] = status
+    return verdicts.RepositoryStatus(branches)

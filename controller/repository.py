@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from dulwich import errors as git_errors
+from dulwich import porcelain
 from dulwich.client import HTTPProxyUnauthorized, HTTPUnauthorized, get_transport_and_path
 from dulwich.errors import NotGitRepository
 from dulwich.objects import ZERO_SHA, Commit
@@ -222,6 +223,17 @@ class Repository:
 
     def tree(self, info: CommitInfo) -> GitTree:
         return GitTree(self._repo.object_store, info.tree)
+
+    def uncommitted(self) -> list[str]:
+        """Paths in a local work tree that differ from HEAD (staged, changed or untracked);
+        empty for a bare repository or a mirror."""
+        if self.remote or self._repo.bare:
+            return []
+        with _converted("reading the work tree's status"):
+            found = porcelain.status(self._repo)
+        paths = [*found.unstaged, *found.untracked]
+        paths += [p for changed in found.staged.values() for p in changed]
+        return sorted({p.decode("utf-8", "replace") if isinstance(p, bytes) else p for p in paths})
 
     def load(self, commit_id: str) -> tuple[CommitInfo, fleet.Snapshot]:
         """The commit and the validated fleet in its tree."""

@@ -34,6 +34,7 @@ from typing import Any, Final, Literal, Protocol
 
 from setpoint.proto import status
 from setpoint.proto.bundles import Bundle
+from setpoint.proto.repository import RepositoryStatus
 from setpoint.proto.topics import DEFAULT_PREFIX, Topics
 
 from . import planning, rendering, watching, webhooks
@@ -43,10 +44,10 @@ from .errors import BrokerUnavailable, ConfigError, RepositoryUnavailable
 from .fleet import DEFAULT_BUNDLE_TTL
 from .planning import Adopt, Clear, Current, Plan, Publish, Retained
 from .rendering import BranchProblem, Render, Target, View
-from .repository import Repository, redact
+from .repository import Repository, is_remote, redact
 from .retained import RetainedView
 from .signing import Signer, load_signer
-from .state import StateStore
+from .state import FleetIdentity, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ class Controller:
         self._render: Render | None = None
         self._reported: dict[str, str] = {}
         self._refusal_reported: str | None = None
+        self._verdicts: RepositoryStatus | None = None
+        self._verdicts_published: bytes | None = None
         self._default_branch = config.branch
         self._repo_backoff = Backoff(initial=1.0, maximum=30.0)
         self._retry_at: float | None = None
@@ -201,6 +204,7 @@ class Controller:
         log.info("signing with key(s) %s", ", ".join(self.signer.key_ids))
         self._state.lock()
         try:
+            self._state.claim(identity(config))
             self._current, self._floors = self._state.load()
             for target, entry in self._current.items():
                 self._floors[target] = max(self._floors.get(target, 0), entry.version)
@@ -214,6 +218,7 @@ class Controller:
                 self.link.route(topic_filter, self.retained.handle)
             self.link.on_connect(self.retained.reset)
             self.link.on_disconnect(self.retained.reset)
+            self.link.on_connect(self._forget_verdicts)
             self.link.on_session("retained-sync", self._sync_retained)
             for extension in self._extensions:
                 extension.attach(self)
@@ -353,8 +358,10 @@ class Controller:
             log.warning("repository unavailable: %s (retrying in %.0fs)", exc, delay)
             render = self._render  # the last good reading, if any
         self.last_render = render
+        refusal: str | None = None
         for _ in range(MAX_PLAN_ROUNDS):
             plan = self._plan(render)
+            refusal = plan.refusal
             if plan.refusal is not None:
                 await self._report_refusal(render, plan.refusal)
             if not plan:
@@ -364,6 +371,7 @@ class Controller:
             log.warning("plan did not converge in %d rounds", MAX_PLAN_ROUNDS)
         if render is not None:
             await self._report_problems(render)
+            await self._publish_verdicts(render, refusal)
         return self._retry_at is None
 
     def _ttl(self, render: Render | None) -> int:
@@ -632,7 +640,11 @@ class Controller:
                 continue
             for p in problems:
                 log.error(
-                    "repository error on %s@%s (%s): %s", branch, commit[:12], p.author, p.problem
+                    "repository error on %s@%s (%s): %s",
+                    branch,
+                    commit[:12],
+                    p.author,
+                    p.problem.located(),
                 )
             await self._concurrently(
                 [
@@ -642,12 +654,30 @@ class Controller:
                         branch=p.branch,
                         author=p.author,
                         file=p.problem.file,
+                        line=p.problem.line,
                         message=p.problem.message,
                     )
                     for p in problems
                 ]
             )
             self._reported[branch] = commit
+
+    def repository_status(self) -> RepositoryStatus | None:
+        """Each branch's head and the controller's verdict on it, as last published."""
+        return self._verdicts
+
+    def _forget_verdicts(self) -> None:
+        self._verdicts_published = None  # a new broker session: publish the status again
+
+    async def _publish_verdicts(self, render: Render, refusal: str | None) -> None:
+        """Retain each branch's verdict on ``<prefix>/repository/status``, when it changed,
+        so a refused commit is visible to anyone who looks, not only in this log."""
+        verdicts = rendering.repository_status(render, refusal, self._clock(), self._verdicts)
+        payload = verdicts.to_json()
+        if payload == self._verdicts_published:
+            return
+        await self.link.publish(self.topics.repository_status(), payload, qos=1, retain=True)
+        self._verdicts, self._verdicts_published = verdicts, payload
 
     async def _report_refusal(self, render: Render | None, message: str) -> None:
         head = render.head if render else None
@@ -664,6 +694,17 @@ class Controller:
             message=message,
         )
         self._refusal_reported = key
+
+
+def identity(config: ControllerConfig) -> FleetIdentity:
+    """The fleet this controller serves: its state directory belongs to it alone."""
+    repo = config.repo
+    if is_remote(repo):
+        return FleetIdentity(redact(repo), config.broker.url(), config.prefix)
+    path = Path(repo).expanduser().resolve()
+    if path.name == ".git":
+        path = path.parent  # a work tree and its .git are one repository
+    return FleetIdentity(str(path), config.broker.url(), config.prefix)
 
 
 def describe(config: ControllerConfig) -> str:

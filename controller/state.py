@@ -3,6 +3,7 @@
 Layout::
 
     <state dir>/lock          held (flock) while a controller runs: one per state dir
+    <state dir>/fleet.json    the fleet the state belongs to: repository, broker, prefix
     <state dir>/state.json    per target: version, content digest, commit, author, times,
                               and the digest of its bundle payload; version floors of
                               removed targets
@@ -15,6 +16,12 @@ directory) after the payloads it names. A payload lost in a crash only costs the
 to restore that one bundle from here; its version floor is kept, and the retained bundle
 on the broker gives it back. Losing the whole directory is survivable too: the controller
 recovers versions and bundles from the broker's retained topics.
+
+A state directory belongs to one fleet: a fleet is its repository, its broker and its topic
+prefix (:class:`FleetIdentity`). The default directory is one per fleet
+(:func:`default_dir`), and a directory records its fleet in ``fleet.json`` on first use and
+refuses any other (two fleets sharing one would stamp each other's commits on bundles,
+share version floors and mix their audit logs).
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,7 +49,32 @@ log = logging.getLogger(__name__)
 STATE_FILE: Final = "state.json"
 BUNDLES_DIR: Final = "bundles"
 LOCK_FILE: Final = "lock"
+IDENTITY_FILE: Final = "fleet.json"
 SCHEMA: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class FleetIdentity:
+    """What makes a fleet: its repository (an absolute path, or a URL without password),
+    its broker (``mqtt://host:port``) and its topic prefix."""
+
+    repository: str
+    broker: str
+    prefix: str
+
+    def key(self) -> str:
+        """A directory name for this fleet: readable, and unique by its digest."""
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", self.repository.rstrip("/").rsplit("/", 1)[-1])
+        return f"{name.strip('.-')[:40] or 'fleet'}-{digest[:12]}"
+
+    def __str__(self) -> str:
+        return f"repository {self.repository}, broker {self.broker}, prefix {self.prefix}"
+
+
+def default_dir(base: Path, identity: FleetIdentity) -> Path:
+    """The default state directory of one fleet under ``base`` (one directory per fleet)."""
+    return base / identity.key()
 
 
 def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
@@ -91,6 +125,29 @@ class StateStore:
                 " controller its own --state-dir"
             ) from None
         self._lock_fd = fd
+
+    def claim(self, identity: FleetIdentity) -> None:
+        """Record ``identity`` in a new state directory, or refuse one of another fleet."""
+        path = self.directory / IDENTITY_FILE
+        try:
+            raw = json.loads(path.read_bytes())
+            recorded = FleetIdentity(**{k: str(raw[k]) for k in ("repository", "broker", "prefix")})
+        except FileNotFoundError:
+            write_atomic(path, json.dumps(asdict(identity), indent=1).encode("utf-8") + b"\n")
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"state directory {self.directory}: {IDENTITY_FILE} is unreadable ({exc});"
+                " give this controller its own --state-dir"
+            ) from exc
+        if recorded != identity:
+            raise ConfigError(
+                f"state directory {self.directory} belongs to another fleet ({recorded}), not"
+                f" this one ({identity}): give this controller its own --state-dir (without"
+                " --state-dir and SETPOINT_STATE_DIR each fleet gets its own directory). If"
+                " this is the same fleet at a new address, move"
+                f" {self.directory / IDENTITY_FILE} aside to keep its versions and history"
+            )
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

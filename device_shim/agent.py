@@ -40,16 +40,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from setpoint.proto import bundles, codec, commands, envelopes, reports
 from setpoint.proto.bundles import Bundle, BundleKind, Resource, SettingResource
 from setpoint.proto.errors import (
-    DecodeError,
     ExpiredError,
     InvalidId,
     PayloadTooLarge,
-    PayloadTypeError,
     ProtocolError,
     RollbackError,
-    SchemaError,
-    SignatureError,
     WrongTargetError,
+    refusal_reason,
 )
 from setpoint.proto.reports import Applied, Failure, Refusal, Report
 from setpoint.proto.topics import Topics
@@ -72,27 +69,8 @@ log = logging.getLogger("setpoint.shim")
 MAX_COMMAND_ENVELOPE: Final = 2 * commands.MAX_COMMAND_BYTES
 MAX_REFUSALS: Final = reports.MAX_REFUSALS
 _PER_TOPIC: Final = 4
-_REASONS: Final[tuple[tuple[type[Exception], str], ...]] = (
-    (PayloadTooLarge, "too-large"),
-    (PayloadTypeError, "payload-type"),
-    (SignatureError, "signature"),
-    (ExpiredError, "expired"),
-    (RollbackError, "rollback"),
-    (WrongTargetError, "wrong-target"),
-    (InvalidId, "schema"),
-    (DecodeError, "malformed"),
-    (SchemaError, "schema"),
-)
 
 EventHook = Callable[[str, Mapping[str, Any]], None]
-
-
-def refusal_reason(exc: Exception) -> str:
-    """A short, stable name for why a message was refused."""
-    for cls, name in _REASONS:
-        if isinstance(exc, cls):
-            return name
-    return "refused"
 
 
 def describe(step: Step) -> str:
@@ -272,7 +250,9 @@ class Agent:
             if note:
                 log.warning("%s", note)
                 self._event("recovered", {"note": note})
-            self.state, first = self.store.reserve_report_seq(self.state)
+            self.state, first = self.store.reserve_report_seq(
+                self.state, floor=int(self._clock() * 1000)
+            )
         except BaseException:
             self.store.close()
             raise

@@ -84,11 +84,14 @@ class DevicePolicy:
     def refuses_command(self, check: str, apply: str) -> str | None:
         """Why a command resource may not run here, or None if it may."""
         if not self.allow_commands:
-            return "commands are not allowed on this device (allow_commands = false)"
+            return (
+                "device policy forbids commands (allow them with allow_commands = true in the"
+                " shim's --config file)"
+            )
         if self.allowed_commands is not None:
             missing = [c for c in (check, apply) if c not in self.allowed_commands]
             if missing:
-                return "command not in this device's allowed_commands list"
+                return "device policy forbids this command (not in its allowed_commands list)"
         return None
 
     def timeout(self, asked: int) -> int:

@@ -4,8 +4,8 @@
 what :mod:`observing` found on the device and returns a list of :data:`Step`, a closed set
 of small frozen dataclasses. :mod:`applying` runs them, one executor per kind. The same
 steps tell :mod:`reporting` what differs (a resource with a step has drifted, a
-:class:`Skip` was skipped, a :class:`Blocked` failed), so the report and the apply can
-never disagree.
+:class:`Skip` is refused by the device's own policy and reported ``blocked``, a
+:class:`Blocked` failed), so the report and the apply can never disagree.
 
 Order of the steps: :class:`Blocked` first (an apply that cannot succeed stops before it
 touches anything), then files, deletions of files the shim created itself, settings, and

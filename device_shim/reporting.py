@@ -9,7 +9,8 @@ one status per resource, with the digest of what was observed (the same digest
 ``drifted`` it differs (observe mode leaves it; enforce mode reports this, then heals)
 ``healed``  it differed and the shim put it back (kept until the next version)
 ``failed``  it cannot be applied (path refused, apply or heal failed)
-``skipped`` the device does not permit it (a command where commands are not allowed)
+``blocked`` the device's own policy refuses it (a command where commands are not
+            allowed): not drift, nobody changed anything
 ``pending`` not known yet (a command whose check has not run)
 ==========  =================================================================
 
@@ -77,7 +78,7 @@ def resource_reports(
         if resource.id in failed:
             status, detail = "failed", failed[resource.id]
         elif isinstance(step, Skip):
-            status, detail = "skipped", step.why
+            status, detail = "blocked", step.why
         elif isinstance(step, Blocked):
             status, detail = "failed", step.why
         elif step is not None:

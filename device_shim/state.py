@@ -16,7 +16,9 @@ directory), so a power cut leaves either the old or the new file, never half of 
 is saved only after an apply succeeded, and only verified bundles ever reach it.
 
 Report sequence numbers are reserved in blocks (``SEQ_BLOCK`` at a time), so reports stay
-strictly increasing across restarts without a disk write per report.
+strictly increasing across restarts without a disk write per report; a shim that starts
+with no saved state begins at the clock in milliseconds, so they keep rising even after the
+state directory is lost (SPEC 6.6).
 """
 
 from __future__ import annotations
@@ -206,10 +208,14 @@ class StateStore:
         except OSError as exc:
             raise StateError(f"cannot save {self.state_path}: {exc.strerror}") from exc
 
-    def reserve_report_seq(self, state: ShimState) -> tuple[ShimState, int]:
-        """Reserve a block of report sequence numbers; return the new state and the first."""
-        first = state.report_seq + 1
-        updated = replace(state, report_seq=state.report_seq + SEQ_BLOCK)
+    def reserve_report_seq(self, state: ShimState, *, floor: int = 0) -> tuple[ShimState, int]:
+        """Reserve a block of report sequence numbers; return the new state and the first.
+
+        ``floor`` (the clock in milliseconds, at start) keeps reports rising after the state
+        directory was lost: a device that starts afresh continues above what it sent before.
+        """
+        first = max(state.report_seq + 1, floor)
+        updated = replace(state, report_seq=first - 1 + SEQ_BLOCK)
         self.save(updated)
         return updated, first
 

@@ -33,6 +33,7 @@ from .errors import (
     TrustError,
     VerificationError,
     WrongTargetError,
+    refusal_reason,
 )
 from .topics import Topics, validate_id
 
@@ -58,6 +59,7 @@ __all__ = [
     "commands",
     "diffs",
     "envelopes",
+    "refusal_reason",
     "reports",
     "repository",
     "status",

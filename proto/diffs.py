@@ -25,7 +25,7 @@ from .trust import PAYLOAD_TYPES
 
 SECRET: Final = "<secret>"
 # A reported status that is a verdict by itself, whatever the digests say.
-_STATUS_VERDICTS: Final = ("drifted", "failed", "skipped", "pending")
+_STATUS_VERDICTS: Final = ("drifted", "failed", "blocked", "skipped", "pending")
 
 
 class Unavailable(Exception):

@@ -79,3 +79,26 @@ class WrongTargetError(TrustError):
 
 class TransportError(SetpointError):
     """The broker or the link is unavailable; retry with backoff."""
+
+
+# The word a device reports for each refusal (SPEC §8, "Refusal words"), most specific
+# class first: PayloadTooLarge is a DecodeError, InvalidId is reported as a schema error.
+REFUSAL_REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (PayloadTooLarge, "too-large"),
+    (PayloadTypeError, "payload-type"),
+    (SignatureError, "signature"),
+    (ExpiredError, "expired"),
+    (RollbackError, "rollback"),
+    (WrongTargetError, "wrong-target"),
+    (InvalidId, "schema"),
+    (DecodeError, "malformed"),
+    (SchemaError, "schema"),
+)
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """The stable word a device reports for why it refused a message (``refused`` if none)."""
+    for cls, name in REFUSAL_REASONS:
+        if isinstance(exc, cls):
+            return name
+    return "refused"

@@ -36,16 +36,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from setpoint.proto import bundles, commands, envelopes, reports
 from setpoint.proto.bundles import Bundle, BundleKind, Resource
 from setpoint.proto.errors import (
-    DecodeError,
     ExpiredError,
-    InvalidId,
     PayloadTooLarge,
-    PayloadTypeError,
     ProtocolError,
     RollbackError,
     SchemaError,
-    SignatureError,
     WrongTargetError,
+    refusal_reason,
 )
 from setpoint.proto.reports import Applied, Failure, Refusal, Report, ResourceReport
 from setpoint.proto.topics import Topics
@@ -55,25 +52,6 @@ from . import mqtt
 
 SIM_VERSION: Final = "sim-1"
 MAX_COMMAND_ENVELOPE: Final = 2 * commands.MAX_COMMAND_BYTES
-_REASONS: Final[tuple[tuple[type[Exception], str], ...]] = (
-    (PayloadTooLarge, "too-large"),
-    (PayloadTypeError, "payload-type"),
-    (SignatureError, "signature"),
-    (ExpiredError, "expired"),
-    (RollbackError, "rollback"),
-    (WrongTargetError, "wrong-target"),
-    (InvalidId, "schema"),
-    (DecodeError, "malformed"),
-    (SchemaError, "schema"),
-)
-
-
-def refusal_reason(exc: Exception) -> str:
-    """The shim's stable word for why a message was refused."""
-    for cls, name in _REASONS:
-        if isinstance(exc, cls):
-            return name
-    return "refused"
 
 
 class SimulatedRefusal(ProtocolError):

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 
-# What a device installs (CONTRACT.md): paho-mqtt, msgpack, cryptography, and their own
+# What a device installs (README, proto/SPEC.md): paho-mqtt, msgpack, cryptography, and their own
 # dependencies (cryptography's cffi backend).
 SHIM_ALLOWED = {"setpoint", "paho", "msgpack", "cryptography", "cffi", "_cffi_backend"}
 PROTO_ALLOWED = {"setpoint", "msgpack", "cryptography", "cffi", "_cffi_backend"}
@@ -105,3 +105,13 @@ def test_dashboard_sits_on_proto_alone() -> None:
     assert not top_level & {"dulwich", "pydantic", "yaml", "prometheus_client"}
     for layer in ("setpoint.controller", "setpoint.device_shim", "setpoint.commands"):
         assert not [m for m in ours if m == layer or m.startswith(layer + ".")], layer
+
+
+def test_the_conformance_kit_judges_from_outside() -> None:
+    # It runs where only the device's dependencies are installed, and never imports the
+    # controller or the shim: it must judge any agent, ours included, over MQTT alone.
+    imported, top_level, ours = probe("setpoint.conformance")
+    assert "setpoint.conformance.running" in imported
+    assert not outside(top_level, SHIM_ALLOWED)
+    for layer in ("setpoint.controller", "setpoint.device_shim", "setpoint.commands"):
+        assert not [m for m in ours if m == layer or m.startswith(layer + ".")]

@@ -33,6 +33,7 @@ STATE_COLOURS = {
     "drifted": "31",
     "failed": "31;1",
     "rejected": "35",
+    "blocked": "36",
     "offline": "2",
     "unknown": "2",
 }
@@ -121,6 +122,14 @@ class Reader:
     def close(self) -> None:
         self._client.loop_stop()
         self._client.disconnect()
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: repository and device text is shown, never
+    obeyed (no terminal escape sequences from a commit message or a report)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def use_colour(args: argparse.Namespace) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from ._common import CommandError, add_broker_arguments, broker_from_args, require_controller
-from .history import default_state_dir
+from .history import explicit_state_dir, state_base
 
 log = logging.getLogger("setpoint.controller")
 
@@ -59,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--state-dir",
         type=Path,
         default=None,
-        help="versions, bundles, audit log, mirror (env SETPOINT_STATE_DIR;"
-        " default ~/.local/state/setpoint/controller)",
+        help="versions, bundles, audit log, mirror: one fleet's (env SETPOINT_STATE_DIR;"
+        " default ~/.local/state/setpoint/controller/<repository>-<hash of repository,"
+        " broker and prefix>)",
     )
     parser.add_argument("--branch", help="the default branch (default: the branch HEAD names)")
     parser.add_argument(
@@ -172,7 +174,7 @@ def _config(args: argparse.Namespace) -> object:
                 "--webhook-listen needs a secret: pass --webhook-secret-file"
                 " or set SETPOINT_WEBHOOK_SECRET"
             )
-    return service.ControllerConfig(
+    config = service.ControllerConfig(
         repo=args.repo,
         broker=broker_mod.BrokerSettings(
             host=url.host,
@@ -187,7 +189,7 @@ def _config(args: argparse.Namespace) -> object:
         ),
         key_path=args.key[0],
         extra_key_paths=tuple(args.key[1:]),
-        state_dir=args.state_dir or default_state_dir(),
+        state_dir=args.state_dir or explicit_state_dir() or Path(),
         prefix=args.prefix,
         branch=args.branch,
         bundle_ttl=ttl,
@@ -197,6 +199,12 @@ def _config(args: argparse.Namespace) -> object:
         webhook_listen=args.webhook_listen,
         webhook_secret=secret,
     )
+    if config.state_dir == Path():
+        # One directory per fleet, so two fleets on one host never share versions or history.
+        state = require_controller("setpoint.controller.state")
+        fleet_dir = state.default_dir(state_base(), service.identity(config))
+        config = dataclasses.replace(config, state_dir=fleet_dir)
+    return config
 
 
 def _extensions(args: argparse.Namespace) -> list[object]:
@@ -251,13 +259,24 @@ async def _main(args: argparse.Namespace, config: object) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            render = controller.last_render
-            if render is not None and render.problems:
-                return 1
-            return 0
+            return _verdict(controller)
         await stop.wait()
         log.info("stopping")
     return 0
+
+
+def _verdict(controller: object) -> int:
+    """``--once``'s exit status: 1, with a summary per refused branch, if any was refused."""
+    verdicts = controller.repository_status()  # type: ignore[attr-defined]
+    refused = verdicts.refused if verdicts is not None else ()
+    for branch in refused:
+        print(
+            f"setpoint controller: {branch.branch}@{branch.head[:12]} refused"
+            f" ({len(branch.problems)} problem(s), first: {branch.problems[0]}); fix it and"
+            " commit (check locally with `setpoint validate`)",
+            file=sys.stderr,
+        )
+    return 1 if refused else 0
 
 
 def run(args: argparse.Namespace) -> int:

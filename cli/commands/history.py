@@ -5,15 +5,45 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-from ._common import require_controller
+from ._common import CommandError, require_controller
+
+
+def state_base() -> Path:
+    """Where the controllers' default state directories live, one per fleet."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "setpoint" / "controller"
+
+
+def explicit_state_dir() -> Path | None:
+    value = os.environ.get("SETPOINT_STATE_DIR")
+    return Path(value) if value else None
 
 
 def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(os.environ.get("SETPOINT_STATE_DIR") or Path(base) / "setpoint" / "controller")
+    """``SETPOINT_STATE_DIR``, or the only fleet's directory under :func:`state_base`."""
+    explicit = explicit_state_dir()
+    if explicit is not None:
+        return explicit
+    base = state_base()
+    fleets = sorted(p.parent for p in base.glob("*/fleet.json"))
+    if len(fleets) > 1:
+        names = "\n".join(f"  {p}: {_fleet_of(p)}" for p in fleets)
+        raise CommandError(
+            f"several fleets have a state directory here; pass --state-dir:\n{names}"
+        )
+    return fleets[0] if fleets else base
+
+
+def _fleet_of(directory: Path) -> str:
+    try:
+        raw = json.loads((directory / "fleet.json").read_bytes())
+        return f"repository {raw['repository']}, broker {raw['broker']}, prefix {raw['prefix']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown fleet"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     audit = require_controller("setpoint.controller.audit")
-    state_dir = args.state_dir or default_state_dir()
+    try:
+        state_dir = args.state_dir or default_state_dir()
+    except CommandError as exc:
+        print(f"setpoint history: {exc}", file=sys.stderr)
+        return 2
     entries = list(audit.read(state_dir / audit.AUDIT_FILE, args.target))
     if args.limit > 0:
         entries = entries[-args.limit :]

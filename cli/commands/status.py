@@ -2,13 +2,16 @@
 
     setpoint status --broker mqtt://host:1883 [--prefix P] [--json] [--watch]
 
-Per group one line (mode, version and commit, devices, convergence, counts per state),
-then every device that is not in sync, with why and since when. ``--json`` prints
-``{"groups": [...], "devices": [...]}`` (the retained JSON as it is); ``--watch`` redraws
+First the controller's verdict on each branch's head commit (accepted, or refused with
+every problem and its file and line: ``branch main: HEAD 746209c5e1a2 refused:
+groups/kiosks.yaml:5: resource 'motd': unknown kind 'fiel' ...``), then per group one line
+(mode, version and commit, devices, convergence, counts per state), then every device that
+is not in sync, with why and since when. ``--json`` prints ``{"repository": {...},
+"groups": [...], "devices": [...]}`` (the retained JSON as it is); ``--watch`` redraws
 whenever something changes, until Ctrl-C. Colour only on a terminal. Exit 0.
 
-Reads only what the controller retains (``groups/+/status``, ``devices/+/drift``); needs
-nothing but paho-mqtt.
+Reads only what the controller retains (``repository/status``, ``groups/+/status``,
+``devices/+/drift``); needs nothing but paho-mqtt.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 import time
 from typing import Any
 
+from setpoint.proto import repository
 from setpoint.proto import status as wire
 from setpoint.proto.errors import ProtocolError
 
@@ -39,6 +43,8 @@ def collect(messages: dict[str, bytes], prefix: str) -> tuple[list[Any], list[An
     topics = Topics(prefix)
     groups, devices = [], []
     for topic, payload in sorted(messages.items()):
+        if topic == topics.repository_status():
+            continue
         try:
             ref = topics.parse(topic)
             if ref.kind == "group-status":
@@ -50,7 +56,41 @@ def collect(messages: dict[str, bytes], prefix: str) -> tuple[list[Any], list[An
     return groups, devices
 
 
-def render(groups: list[Any], devices: list[Any], colour: bool) -> list[str]:
+def verdicts(messages: dict[str, bytes], prefix: str) -> repository.RepositoryStatus | None:
+    """The controller's retained verdicts on each branch, if it published any."""
+    from setpoint.proto.topics import Topics
+
+    topic = Topics(prefix).repository_status()
+    payload = messages.get(topic)
+    if not payload:
+        return None
+    try:
+        return repository.from_json(payload)
+    except ProtocolError as exc:
+        print(f"setpoint status: ignoring {topic}: {exc}", file=sys.stderr)
+        return None
+
+
+def verdict_lines(verdicts: repository.RepositoryStatus | None, colour: bool) -> list[str]:
+    """``branch main: HEAD 746209c5e1a2 accepted``, or ``refused:`` and every problem."""
+    lines: list[str] = []
+    for name, branch in sorted((verdicts.branches if verdicts else {}).items()):
+        head = f"branch {view.printable(name)}: HEAD {view.printable(branch.head[:12])}"
+        if branch.accepted:
+            lines.append(f"{head} {view.paint(colour, '32', 'accepted')}")
+            continue
+        problems = [view.printable(str(p)) for p in branch.problems] or ["(no detail)"]
+        lines.append(f"{head} {view.paint(colour, '31;1', 'refused')}: {problems[0]}")
+        lines += [f"    {p}" for p in problems[1:]]
+    return lines
+
+
+def render(
+    groups: list[Any],
+    devices: list[Any],
+    colour: bool,
+    verdicts: repository.RepositoryStatus | None = None,
+) -> list[str]:
     now = time.time()
     total = len(devices)
     in_sync = sum(1 for d in devices if d.state == "in_sync")
@@ -59,6 +99,7 @@ def render(groups: list[Any], devices: list[Any], colour: bool) -> list[str]:
         view.paint(colour, "1", f"fleet: {total} devices in {len(groups)} groups,"
                    f" {in_sync} in sync ({pct:.1f}%)")
     ]  # fmt: skip
+    lines += verdict_lines(verdicts, colour)
     header = ["GROUP", "MODE", "VERSION", "COMMIT", "DEVICES", "CONVERGED", "STATES"]
     plain, rows = [header], [[view.paint(colour, "1", h) for h in header]]
     for g in groups:
@@ -91,9 +132,12 @@ def render(groups: list[Any], devices: list[Any], colour: bool) -> list[str]:
     return lines
 
 
-def as_json(groups: list[Any], devices: list[Any]) -> str:
+def as_json(
+    groups: list[Any], devices: list[Any], verdicts: repository.RepositoryStatus | None = None
+) -> str:
     return json.dumps(
         {
+            "repository": repository.to_dict(verdicts) if verdicts is not None else None,
             "groups": [json.loads(g.to_json()) for g in groups],
             "devices": [wire.drift_to_dict(d) for d in devices],
         },
@@ -104,8 +148,14 @@ def as_json(groups: list[Any], devices: list[Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        reader = view.Reader(args, [f"{args.prefix}/groups/+/status",
-                                    f"{args.prefix}/devices/+/drift"], "status")  # fmt: skip
+        from setpoint.proto.topics import Topics
+
+        topics = Topics(args.prefix)
+        reader = view.Reader(
+            args,
+            [topics.repository_status(), topics.all_group_status(), topics.all_drift()],
+            "status",
+        )
     except CommandError as exc:
         print(f"setpoint status: {exc}", file=sys.stderr)
         return 2
@@ -114,12 +164,13 @@ def run(args: argparse.Namespace) -> int:
         messages = reader.snapshot()
         while True:
             groups, devices = collect(messages, args.prefix)
+            found = verdicts(messages, args.prefix)
             if args.json:
-                print(as_json(groups, devices), flush=True)
+                print(as_json(groups, devices, found), flush=True)
             else:
                 if args.watch and sys.stdout.isatty():
                     print("\033[H\033[2J", end="")
-                print("\n".join(render(groups, devices, colour)), flush=True)
+                print("\n".join(render(groups, devices, colour, found)), flush=True)
             if not args.watch:
                 return 0
             reader.wait_change(None)

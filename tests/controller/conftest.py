@@ -18,13 +18,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from fleetkit import FLEET
 from mqttkit import Subscriber
 
 from setpoint.commands import keys
-from setpoint.controller import examples
 from setpoint.controller.broker import Backoff, BrokerSettings
 from setpoint.controller.service import Controller, ControllerConfig
-from setpoint.proto import bundles, envelopes, status
+from setpoint.proto import bundles, envelopes, repository, status
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.topics import Topics
 from setpoint.proto.trust import PAYLOAD_TYPES
@@ -99,9 +99,9 @@ class GitRepo:
 
 @pytest.fixture
 def example_repo(tmp_path: Path) -> GitRepo:
-    """A git repository holding the example fleet of ``setpoint init``, on ``main``."""
+    """A git repository holding the example fleet plus ``kiosk-02``, on ``main``."""
     repo = GitRepo(tmp_path / "fleet")
-    repo.commit(examples.FILES, "example fleet")
+    repo.commit(FLEET, "example fleet")
     return repo
 
 
@@ -179,15 +179,20 @@ class Observer(Subscriber):
         self.retained: dict[str, bytes] = {}
         self.arrivals: list[tuple[float, str, bytes]] = []
         self.events: list[dict[str, Any]] = []
+        self.repository: repository.RepositoryStatus | None = None
 
     def filters(self) -> list[tuple[str, int]]:
         return [
             (self.topics.all_group_desired(), 1),
             (self.topics.all_device_desired(), 1),
             (self.topics.all_events(), 1),
+            (self.topics.repository_status(), 1),
         ]
 
     async def handle(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.repository_status():
+            self.repository = repository.from_json(payload) if payload else None
+            return
         ref = self.topics.parse(topic)
         if ref.kind == "event":
             self.events.append(status.event_from_json(payload))
@@ -218,6 +223,10 @@ class Observer(Subscriber):
 
     def of_type(self, event_type: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["type"] == event_type]
+
+    def verdict(self, branch: str = "main") -> repository.BranchStatus | None:
+        """The controller's retained verdict on ``branch``'s head, if any."""
+        return None if self.repository is None else self.repository.branches.get(branch)
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fleetkit import FLEET
 
-from setpoint.controller import examples
 from setpoint.controller.rendering import Target
 
 pytestmark = pytest.mark.broker
@@ -221,7 +221,7 @@ async def test_alias_bomb_is_rejected_fast(
 async def test_deleting_everything_is_refused_unless_allowed(
     example_repo: Any, run_controller: Any, observe: Any
 ) -> None:
-    everything = {name: None for name in examples.FILES if name != "fleet.yaml"}
+    everything = {name: None for name in FLEET if name != "fleet.yaml"}
     async with observe() as seen, run_controller(example_repo) as controller:
         await controller.settle(10)
         example_repo.commit(everything, "delete it all")
@@ -424,7 +424,7 @@ async def test_empty_repository_publishes_nothing_until_the_first_commit(
     async with observe() as seen, run_controller(repo) as controller:
         await controller.settle(10)
         assert controller.desired() == {}
-        repo.commit(examples.FILES, "first fleet")
+        repo.commit(FLEET, "first fleet")
         await seen.wait(lambda: set(seen.retained) == ALL)
 
 
@@ -478,3 +478,51 @@ async def test_extensions_see_every_publication_and_the_desired_bundles(
         [removal] = recorder.batches[-1]
         assert removal.reason == "removed" and removal.bundle is None
         assert Target("device", "gw-01") not in controller.desired()
+
+
+async def test_refused_commit_is_retained_in_the_repository_status(
+    example_repo: Any, run_controller: Any, observe: Any
+) -> None:
+    async with observe() as seen, run_controller(example_repo) as controller:
+        await controller.settle(10)
+        first = example_repo.head()
+        await seen.wait(lambda: (v := seen.verdict()) is not None and v.head == first)
+        verdict = seen.verdict()
+        assert verdict is not None and verdict.accepted and not verdict.problems
+        assert verdict.subject == "example fleet"
+        kiosks = FLEET["groups/kiosks.yaml"].replace("kind: file", "kind: fiel", 1)
+        bad = example_repo.commit({"groups/kiosks.yaml": kiosks}, "typo")
+        await seen.wait(lambda: (v := seen.verdict()) is not None and v.head == bad)
+        refused = seen.verdict()
+        assert refused is not None and not refused.accepted
+        [problem] = refused.problems
+        assert (problem.file, problem.line) == ("groups/kiosks.yaml", 5)
+        assert str(problem) == (
+            "groups/kiosks.yaml:5: resource 'motd': unknown kind 'fiel'"
+            " (known: command, file, setting)"
+        )
+        fixed = example_repo.commit({"groups/kiosks.yaml": FLEET["groups/kiosks.yaml"]})
+        await seen.wait(lambda: (v := seen.verdict()) is not None and v.head == fixed)
+        assert seen.verdict().accepted  # type: ignore[union-attr]
+
+
+async def test_a_commit_with_an_empty_tree_is_a_loud_repository_error(
+    make_repo: Any, run_controller: Any, observe: Any, caplog: Any
+) -> None:
+    # `setpoint init` before its fix: the files were written but the commit's tree is empty.
+    repo = make_repo()
+    empty = repo.commit({}, "empty")
+    async with observe() as seen, run_controller(repo) as controller:
+        await controller.settle(10)
+        await seen.wait(lambda: (v := seen.verdict()) is not None and v.head == empty)
+    verdict = seen.verdict()
+    assert verdict is not None and not verdict.accepted
+    [problem] = verdict.problems
+    assert problem.file is None and problem.message.startswith(
+        "no fleet.yaml, groups/ or devices/ at the top of the repository"
+    )
+    [error] = seen.of_type("repository-error")
+    assert error["commit"] == empty
+    assert controller.last_render is not None and controller.last_render.problems
+    assert f"repository error on main@{empty[:12]}" in caplog.text
+    assert not seen.retained

@@ -151,6 +151,7 @@ def test_version_never_published_is_not_believed() -> None:
         (ResourceReport("motd", "file", "drifted", "x", "content changed"), "drifted"),
         (ResourceReport("motd", "file", "ok", "other-digest"), "content differs"),
         (ResourceReport("motd", "file", "failed", "", "EACCES"), "failed"),
+        # What agents sent before 'blocked' existed: drift, as it always was (SPEC 6.6).
         (ResourceReport("motd", "file", "skipped", "", "no"), "skipped"),
     ],
 )
@@ -159,6 +160,33 @@ def test_drifted_names_the_resource_and_why(observed: ResourceReport, why: str) 
     assert status.state == "drifted"
     assert [r.id for r in status.resources] == ["motd"]
     assert why in status.resources[0].why
+
+
+def test_a_resource_the_device_policy_refuses_is_blocked_not_drift() -> None:
+    refused = ResourceReport("motd", "file", "blocked", "", "device policy forbids commands")
+    status = detect(desired(), report(resources=(refused, ok(TZ))), "online", NOW)
+    assert status.state == "blocked"
+    assert [(r.id, r.why) for r in status.resources] == [
+        ("motd", "blocked: device policy forbids commands")
+    ]
+    assert "allow it on the device or remove it from the repository" in status.reason
+
+
+def test_real_drift_wins_over_blocked_and_lists_both() -> None:
+    refused = ResourceReport("motd", "file", "blocked", "", "device policy forbids commands")
+    changed = ResourceReport("tz", "setting", "drifted", "x", "value differs")
+    status = detect(desired(), report(resources=(refused, changed)), "online", NOW)
+    assert status.state == "drifted"
+    assert [r.id for r in status.resources] == ["tz", "motd"]
+
+
+def test_blocked_devices_are_counted_as_blocked_in_the_group() -> None:
+    refused = ResourceReport("motd", "file", "blocked", "", "device policy forbids commands")
+    blocked = detect(desired(), report(resources=(refused, ok(TZ))), "online", NOW)
+    fine = detect(desired(), report(resources=(ok(MOTD), ok(TZ))), "online", NOW)
+    summary = summarise("kiosks", [blocked, fine], version=3, commit="c", mode="enforce", now=NOW)
+    assert summary.counts["blocked"] == 1 and summary.counts["in_sync"] == 1
+    assert summary.converged_pct == 50.0
 
 
 def test_drifted_when_a_desired_resource_is_missing_from_the_report() -> None:

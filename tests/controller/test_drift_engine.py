@@ -304,10 +304,10 @@ def _fields(report: Any) -> dict[str, Any]:
 async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyped-def]
     broker, unique_prefix, make_repo, signing_key, tmp_path, watch, devices
 ) -> None:
-    from setpoint.controller import examples
+    from fleetkit import FLEET
 
     extra = {f"devices/kiosk-{n:02d}.yaml": "group: kiosks\nvars: {site: x}\n" for n in range(3, 9)}
-    repo = make_repo({**examples.FILES, **extra})
+    repo = make_repo({**FLEET, **extra})
     names = sorted(["gw-01", *(f"kiosk-{n:02d}" for n in range(1, 9))])
 
     def start(name: str):  # type: ignore[no-untyped-def]

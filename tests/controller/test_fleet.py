@@ -28,7 +28,7 @@ def test_example_fleet_validates(tmp_path: Path) -> None:
     snap = load(tmp_path, examples.FILES)
     assert snap.ok, messages(snap)
     assert sorted(snap.groups) == ["gateways", "kiosks"]
-    assert sorted(snap.devices) == ["gw-01", "kiosk-01", "kiosk-02"]
+    assert sorted(snap.devices) == ["gw-01", "kiosk-01"]
     kiosks = snap.groups["kiosks"]
     assert kiosks.mode == "enforce"
     config = next(r for r in kiosks.resources if r.id == "kiosk-config")
@@ -37,9 +37,49 @@ def test_example_fleet_validates(tmp_path: Path) -> None:
     assert snap.settings is not None and snap.settings.bundle_ttl == 7 * 86400
 
 
-def test_empty_repository_is_valid_and_empty(tmp_path: Path) -> None:
+def test_empty_tree_is_not_a_fleet_and_says_what_to_do(tmp_path: Path) -> None:
+    # An empty commit, the wrong folder, or files that were written but never committed.
     snap = fleet.load(DirectoryTree(tmp_path))
-    assert snap.ok and not snap.groups and not snap.devices
+    [problem] = snap.problems
+    assert problem.file == ""
+    assert str(problem).startswith(
+        "no fleet.yaml, groups/ or devices/ at the top of the repository: this is not a fleet"
+        " repository, or the fleet is in a subfolder (point at that folder)"
+    )
+    assert "`setpoint init DIR`" in str(problem)
+
+
+def test_fleet_without_groups_and_devices_is_refused_unless_allowed(tmp_path: Path) -> None:
+    # A commit that deletes every group and device: the controller would clear everything.
+    snap = load(tmp_path, {"fleet.yaml": "description: x\n"})
+    assert messages(snap) == [
+        "fleet.yaml: the fleet has no groups and no devices, so the controller would remove"
+        " every retained bundle; add groups/<group>.yaml and devices/<device>.yaml, or set"
+        " 'allow_empty: true' in fleet.yaml if the fleet is meant to be empty"
+    ]
+    allowed = load(tmp_path, {"fleet.yaml": "allow_empty: true\n"})
+    assert allowed.ok and not allowed.groups and not allowed.devices
+
+
+def test_problems_carry_the_line_where_the_loader_knows_it(tmp_path: Path) -> None:
+    snap = load(
+        tmp_path,
+        {
+            "groups/kiosks.yaml": "mode: enforce\nresources:\n  - id: motd\n    kind: fiel\n",
+            "devices/kiosk-09.yaml": "vars: {}\ngroup: kiosk\n",
+            "groups/bad.yaml": "mode: enforce\nmode: observe\n",
+        },
+    )
+    located = sorted(p.located() for p in snap.problems)
+    assert located == [
+        "devices/kiosk-09.yaml:2: group 'kiosk' does not exist (groups: bad, kiosks); create"
+        " groups/kiosk.yaml or fix the name",
+        "groups/bad.yaml:2: line 2: duplicate key 'mode'; keep one of them",
+        "groups/kiosks.yaml:4: resource 'motd': unknown kind 'fiel' (known: command, file,"
+        " setting)",
+    ]
+    # The standard message (file, item, fix) is unchanged; the line is extra.
+    assert any(m.startswith("groups/kiosks.yaml: resource 'motd': unknown") for m in messages(snap))
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:

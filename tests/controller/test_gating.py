@@ -25,7 +25,7 @@ RINGS = "rings:\n  - branch: main\n  - branch: canary\n    gate: {from: main}\n"
 
 
 def test_rings_validate(tmp_path: Path) -> None:
-    snap = load(tmp_path, {"fleet.yaml": RINGS})
+    snap = load(tmp_path, {"fleet.yaml": RINGS, "groups/kiosks.yaml": "mode: enforce\n"})
     assert snap.ok
     assert snap.settings is not None
     ring = snap.settings.ring_list().get("canary")

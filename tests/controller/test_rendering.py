@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fleetkit import FLEET
 
-from setpoint.controller import examples, fleet, rendering
+from setpoint.controller import fleet, rendering
 from setpoint.controller.rendering import Target, View
 from setpoint.controller.repository import CommitInfo
 from setpoint.controller.trees import DirectoryTree
@@ -37,7 +38,7 @@ def view(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_example_renders_one_bundle_per_group_and_device(view) -> None:  # type: ignore[no-untyped-def]
-    main = view(examples.FILES)
+    main = view(FLEET)
     out = rendering.render("main", {"main": main})
     assert sorted(map(str, out.desired)) == [
         "device/gw-01",
@@ -56,16 +57,16 @@ def test_example_renders_one_bundle_per_group_and_device(view) -> None:  # type:
 
 
 def test_rendering_is_deterministic(view) -> None:  # type: ignore[no-untyped-def]
-    a = rendering.render("main", {"main": view(examples.FILES)})
-    b = rendering.render("main", {"main": view(examples.FILES)})
+    a = rendering.render("main", {"main": view(FLEET)})
+    b = rendering.render("main", {"main": view(FLEET)})
     digests_a = {t: r.bundle.content_digest() for t, r in a.desired.items()}
     digests_b = {t: r.bundle.content_digest() for t, r in b.desired.items()}
     assert digests_a == digests_b
 
 
 def test_unchanged_target_keeps_its_digest_when_another_changes(view) -> None:  # type: ignore[no-untyped-def]
-    before = rendering.render("main", {"main": view(examples.FILES)})
-    changed = dict(examples.FILES)
+    before = rendering.render("main", {"main": view(FLEET)})
+    changed = dict(FLEET)
     changed["devices/kiosk-01.yaml"] = "group: kiosks\nvars:\n  site: hall\n"
     after = rendering.render("main", {"main": view(changed)})
     diff = {
@@ -82,7 +83,7 @@ def test_no_commit_on_default_branch_knows_nothing() -> None:
 
 
 def test_broken_group_breaks_its_devices_and_blocks_removals(view) -> None:  # type: ignore[no-untyped-def]
-    files = dict(examples.FILES)
+    files = dict(FLEET)
     files["groups/kiosks.yaml"] = "mode: nope\n"
     out = rendering.render("main", {"main": view(files)})
     assert Target("group", "kiosks") in out.broken
@@ -175,3 +176,23 @@ def test_oversized_bundle_is_a_problem(view) -> None:  # type: ignore[no-untyped
     out = rendering.render("main", {"main": view({"groups/g.yaml": "resources:\n" + resources})})
     assert Target("group", "g") in out.broken
     assert "over the" in out.problems[0].problem.message
+
+
+def test_repository_status_per_branch_with_lines_and_a_stable_time(view) -> None:  # type: ignore[no-untyped-def]
+    main = view(
+        {**FLEET, "groups/kiosks.yaml": "mode: enforce\nresources:\n  - {id: m, kind: fiel}\n"}
+    )
+    canary = view({**FLEET, "groups/kiosks.yaml": CANARY}, "canary")
+    out = rendering.render("main", {"main": main, "canary": canary})
+    first = rendering.repository_status(out, None, now=10.0)
+    refused, fine = first.branches["main"], first.branches["canary"]
+    assert (refused.head, refused.accepted, fine.accepted) == (main.commit.id, False, True)
+    [problem] = refused.problems
+    assert (problem.file, problem.line) == ("groups/kiosks.yaml", 3)
+    assert str(problem).startswith("groups/kiosks.yaml:3: resource 'm': unknown kind 'fiel'")
+    again = rendering.repository_status(out, None, now=99.0, previous=first)
+    assert again.to_json() == first.to_json()  # nothing changed: not published again
+    planner = rendering.repository_status(out, "this commit removes every group", 99.0, first)
+    assert planner.branches["main"].checked_at == 99.0
+    assert planner.branches["main"].problems[-1].message == "this commit removes every group"
+    assert planner.branches["canary"] == fine

@@ -11,7 +11,13 @@ from setpoint.controller import audit
 from setpoint.controller.errors import ConfigError
 from setpoint.controller.planning import Current
 from setpoint.controller.rendering import Target
-from setpoint.controller.state import BUNDLES_DIR, STATE_FILE, StateStore
+from setpoint.controller.state import (
+    BUNDLES_DIR,
+    STATE_FILE,
+    FleetIdentity,
+    StateStore,
+    default_dir,
+)
 from setpoint.proto.bundles import Bundle, SettingResource
 
 G = Target("group", "kiosks")
@@ -85,3 +91,25 @@ def test_audit_log_append_and_filter(tmp_path: Path) -> None:
     assert [e["id"] for e in audit.read(log.path, "k1")] == ["k1"]
     assert [e["id"] for e in audit.read(log.path, "group/kiosks")] == ["kiosks"]
     assert list(audit.read(tmp_path / "none.jsonl")) == []
+
+
+def test_a_state_directory_belongs_to_one_fleet(tmp_path: Path) -> None:
+    mine = FleetIdentity("/srv/fleet", "mqtt://127.0.0.1:1883", "setpoint/v1")
+    other_prefix = FleetIdentity("/srv/fleet", "mqtt://127.0.0.1:1883", "lab/v1")
+    assert default_dir(tmp_path, mine) != default_dir(tmp_path, other_prefix)
+    assert default_dir(tmp_path, mine).name.startswith("fleet-")
+    store = StateStore(tmp_path / "state")
+    store.lock()
+    try:
+        store.claim(mine)
+        store.claim(mine)  # the same fleet again: fine
+        with pytest.raises(ConfigError) as refused:
+            store.claim(other_prefix)
+    finally:
+        store.unlock()
+    message = str(refused.value)
+    assert "belongs to another fleet (repository /srv/fleet, broker mqtt://127.0.0.1:1883," in (
+        message
+    )
+    assert "prefix setpoint/v1), not this one (" in message and "prefix lab/v1)" in message
+    assert "give this controller its own --state-dir" in message

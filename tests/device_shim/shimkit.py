@@ -244,7 +244,7 @@ def on_versions(group: int, device: int) -> Callable[[Report], bool]:
             and report.applied_group.version == group
             and report.applied_device is not None
             and report.applied_device.version == device
-            and all(r.status in ("ok", "healed", "skipped") for r in report.resources)
+            and all(r.status in ("ok", "healed", "blocked") for r in report.resources)
         )
 
     return check

@@ -206,8 +206,10 @@ def test_command_resource_on_a_device_that_forbids_commands(converged: Converged
     cmd = CommandResource("restart", f"test -e {marker}", f"touch {marker}", 10)
     fleet.publish_bundle(fleet.group("kiosk", 3, [MOTD, TZ, cmd]))
     report = fleet.wait_report("dev1", on_versions(3, 2))
-    assert statuses(report)["restart"] == "skipped"
-    assert "not allowed" in next(r.detail for r in report.resources if r.id == "restart")
+    assert statuses(report)["restart"] == "blocked"
+    assert next(r.detail for r in report.resources if r.id == "restart").startswith(
+        "device policy forbids commands"
+    )
     assert not marker.exists()
     assert converged.shim.agent.observer.checks_run == 0  # not even its check ran
 
@@ -263,7 +265,7 @@ def test_policy_allow_list(fleet: Fleet, shims: Shims) -> None:
     )
     fleet.publish_bundle(fleet.device("dev1", 1, "kiosk"))
     report = fleet.wait_report("dev1", on_versions(1, 1))
-    assert statuses(report) == {"ok": "ok", "no": "skipped"}
+    assert statuses(report) == {"ok": "ok", "no": "blocked"}
     assert not marker.exists()
 
 

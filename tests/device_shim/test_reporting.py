@@ -41,7 +41,8 @@ def test_statuses_follow_the_steps() -> None:
     assert result["motd"].detail == "content differs"
     assert result["tz"].status == "drifted"
     assert result["tz"].digest == setting_digest("tz", "CET")
-    assert result["svc"].status == "skipped"
+    assert result["svc"].status == "blocked"  # the device's own policy: not drift
+    assert result["svc"].detail == "commands are not allowed"
     assert result["bad"].status == "failed"
     assert [r.id for r in resource_reports(desired, observed, steps)] == [
         "motd",

@@ -90,6 +90,23 @@ def test_report_seq_is_reserved_in_blocks(tmp_path: Path) -> None:
         assert first == SEQ_BLOCK + 1 and state.report_seq == 2 * SEQ_BLOCK
 
 
+def test_report_seq_keeps_rising_after_the_state_directory_is_lost(tmp_path: Path) -> None:
+    # SPEC 6.6: a shim with no saved state starts at the clock in milliseconds, so its
+    # reports continue above what it sent before the state was lost.
+    before = StateStore(tmp_path / "old")
+    with before.locked():
+        old, first_old = before.reserve_report_seq(ShimState(TrustState("dev1")), floor=1_000)
+    fresh = StateStore(tmp_path / "wiped")
+    with fresh.locked():
+        state, first = fresh.reserve_report_seq(ShimState(TrustState("dev1")), floor=2_000_000)
+    assert first_old == 1_000 and first == 2_000_000 > old.report_seq
+    assert state.report_seq == first - 1 + SEQ_BLOCK
+    # A saved sequence above the clock wins: the clock never makes numbers go down.
+    with fresh.locked():
+        _again, next_first = fresh.reserve_report_seq(fresh.load("dev1"), floor=5)
+    assert next_first == state.report_seq + 1
+
+
 def test_atomic_write_never_leaves_a_temp_file(tmp_path: Path) -> None:
     target = tmp_path / "f.json"
     atomic_write(target, b"one")

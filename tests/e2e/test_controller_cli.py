@@ -21,12 +21,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from setpoint.controller import examples
 from setpoint.proto import bundles, envelopes
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.topics import Topics
 from setpoint.proto.trust import PAYLOAD_TYPES
 
-ALL = {"group/kiosks", "group/gateways", "device/kiosk-01", "device/kiosk-02", "device/gw-01"}
+ALL = {"group/kiosks", "group/gateways", "device/kiosk-01", "device/gw-01"}
 ENV = {
     **os.environ,
     "GIT_AUTHOR_NAME": "Bob",
@@ -38,7 +39,7 @@ ENV = {
 
 
 def setpoint(
-    *args: str, check: bool = False, timeout: float = 60
+    *args: str, check: bool = False, timeout: float = 60, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-m", "setpoint", *args],
@@ -47,6 +48,7 @@ def setpoint(
         timeout=timeout,
         env=ENV,
         check=False,
+        cwd=cwd,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"setpoint {' '.join(args)}: {result.returncode}\n{result.stderr}")
@@ -136,6 +138,17 @@ def fleet(tmp_path: Path) -> dict[str, Path]:
     }
 
 
+def controller_once(
+    fleet: dict[str, Path], broker: Any, prefix: str, repo: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``setpoint controller --once`` on ``repo`` (default: the fleet's), its own state dir."""
+    return setpoint(
+        "controller", "--repo", str(repo or fleet["repo"]), "--broker", broker.url,
+        "--key", str(fleet["key"]), "--state-dir", str(fleet["state"]), "--prefix", prefix,
+        "--once", "--timeout", "30",
+    )  # fmt: skip
+
+
 def test_init_creates_a_committed_example_that_validates(tmp_path: Path) -> None:
     result = setpoint("init", str(tmp_path / "fleet"), check=True)
     assert "groups/kiosks.yaml" in result.stdout
@@ -144,9 +157,22 @@ def test_init_creates_a_committed_example_that_validates(tmp_path: Path) -> None
     )
     assert git(tmp_path / "fleet", "status", "--porcelain") == ""
     ok = setpoint("validate", str(tmp_path / "fleet"))
-    assert ok.returncode == 0 and "ok: 2 group(s), 3 device(s)" in ok.stdout
+    assert ok.returncode == 0 and "ok: 2 group(s), 2 device(s)" in ok.stdout
     again = setpoint("init", str(tmp_path / "fleet"))
     assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def test_init_with_a_relative_path_commits_the_files(tmp_path: Path) -> None:
+    # The README's exact command: a relative path, run from a directory that is not the
+    # repository (dulwich's `add` reads paths relative to the repository, not the cwd).
+    (tmp_path / "work").mkdir()
+    setpoint("init", "fleet/", check=True, cwd=tmp_path / "work")
+    repo = tmp_path / "work" / "fleet"
+    committed = git(repo, "ls-tree", "-r", "--name-only", "HEAD").splitlines()
+    assert sorted(committed) == sorted(examples.FILES)
+    assert git(repo, "status", "--porcelain") == ""
+    checked = setpoint("validate", "fleet", "--rev", "main", cwd=tmp_path / "work")
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_validate_reports_each_problem_and_exits_nonzero(fleet: dict[str, Path]) -> None:
@@ -158,13 +184,46 @@ def test_validate_reports_each_problem_and_exits_nonzero(fleet: dict[str, Path])
     bad = setpoint("validate", str(repo))
     assert bad.returncode == 1
     assert (
-        "groups/kiosks.yaml: resource 'motd': unknown kind 'fiel' (known: command, file, setting)"
+        "groups/kiosks.yaml:2: resource 'motd': unknown kind 'fiel' (known: command, file, setting)"
     ) in bad.stderr
-    assert "devices/kiosk-09.yaml: group 'kiosk' does not exist" in bad.stderr
+    assert "devices/kiosk-09.yaml:1: group 'kiosk' does not exist" in bad.stderr
     as_json = json.loads(setpoint("validate", str(repo), "--json").stdout)
     assert not as_json["ok"] and len(as_json["problems"]) == 2
+    assert {(p["file"], p["line"]) for p in as_json["problems"]} == {
+        ("groups/kiosks.yaml", 2),
+        ("devices/kiosk-09.yaml", 1),
+    }
     committed = setpoint("validate", str(repo), "--rev", "main")
     assert committed.returncode == 0, committed.stderr
+
+
+def test_validate_of_a_work_tree_names_what_is_not_committed(fleet: dict[str, Path]) -> None:
+    repo = fleet["repo"]
+    (repo / "devices" / "kiosk-03.yaml").write_text("group: kiosks\n")
+    checked = setpoint("validate", str(repo))
+    assert checked.returncode == 0  # the work tree is valid...
+    assert (
+        "note: not committed: devices/kiosk-03.yaml; the controller publishes commits only:"
+        f" commit them, or check what is committed with `setpoint validate {repo} --rev main`"
+    ) in checked.stderr  # ...but the controller does not see it yet
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "kiosk-03")
+    assert "not committed" not in setpoint("validate", str(repo)).stderr
+
+
+def test_validate_agrees_with_the_controller_on_an_empty_tree(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    empty = setpoint("validate", str(tmp_path / "empty"))
+    assert empty.returncode == 1 and "ok" not in empty.stdout
+    assert "no fleet.yaml, groups/ or devices/ at the top of the repository" in empty.stderr
+    setpoint("init", str(tmp_path / "fleet"), check=True)
+    repo = tmp_path / "fleet"
+    git(repo, "rm", "-rq", "groups", "devices")
+    git(repo, "commit", "-qm", "delete everything")
+    committed = setpoint("validate", str(repo), "--rev", "main")
+    assert committed.returncode == 1
+    assert "fleet.yaml: the fleet has no groups and no devices" in committed.stderr
+    assert "allow_empty: true" in committed.stderr
 
 
 @pytest.mark.broker
@@ -216,24 +275,88 @@ def test_controller_once_with_a_broken_commit_exits_1(
 ) -> None:
     (fleet["repo"] / "groups" / "kiosks.yaml").write_text("mode: sometimes\n")
     git(fleet["repo"], "commit", "-qam", "broken")
-    result = setpoint(
-        "controller",
-        "--repo",
-        str(fleet["repo"]),
-        "--broker",
-        broker.url,
-        "--key",
-        str(fleet["key"]),
-        "--state-dir",
-        str(fleet["state"]),
-        "--prefix",
-        unique_prefix,
-        "--once",
-        "--timeout",
-        "30",
-    )
+    result = controller_once(fleet, broker, unique_prefix)
     assert result.returncode == 1
-    assert "groups/kiosks.yaml: mode: Input should be 'enforce' or 'observe'" in result.stderr
+    assert "groups/kiosks.yaml:1: mode: Input should be 'enforce' or 'observe'" in result.stderr
+
+
+@pytest.mark.broker
+def test_controller_once_on_an_empty_commit_exits_1_naming_it(
+    tmp_path: Path, fleet: dict[str, Path], broker: Any, unique_prefix: str
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    git(empty, "init", "-q", "-b", "main")
+    git(empty, "commit", "-q", "--allow-empty", "-m", "nothing yet")
+    head = git(empty, "rev-parse", "HEAD")
+    result = controller_once(fleet, broker, unique_prefix, repo=empty)
+    assert result.returncode == 1, result.stderr
+    assert f"setpoint controller: main@{head[:12]} refused (1 problem(s), first: no fleet.yaml" in (
+        result.stderr
+    )
+
+
+@pytest.mark.broker
+def test_two_fleets_on_one_host_keep_their_own_state(
+    tmp_path: Path, fleet: dict[str, Path], broker: Any, unique_prefix: str
+) -> None:
+    # Identical content, two repositories, one broker, two prefixes, no --state-dir: each
+    # fleet gets its own commits, version floors and history.
+    home = {**ENV, "XDG_STATE_HOME": str(tmp_path / "xdg")}
+    home.pop("SETPOINT_STATE_DIR", None)
+    other = tmp_path / "other"
+    setpoint("init", str(other), check=True)
+    git(other, "commit", "-q", "--allow-empty", "-m", "same content, another commit")
+    runs = {
+        "a": (fleet["repo"], f"{unique_prefix}/a"),
+        "b": (other, f"{unique_prefix}/b"),
+    }
+
+    def controller(repo: Path, prefix: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "setpoint", "controller", "--repo", str(repo), "--broker",
+             broker.url, "--key", str(fleet["key"]), "--prefix", prefix, "--once",
+             "--timeout", "30", *extra],
+            capture_output=True, text=True, timeout=90, env=home, check=False,
+        )  # fmt: skip
+
+    for repo, prefix in runs.values():
+        done = controller(repo, prefix)
+        assert done.returncode == 0, done.stderr
+    base = tmp_path / "xdg" / "setpoint" / "controller"
+    dirs = sorted(p for p in base.iterdir())
+    assert len(dirs) == 2 and all(p.name.startswith(("fleet-", "other-")) for p in dirs)
+    for repo, prefix in runs.values():
+        seen = Subscriber(broker.host, broker.port, prefix, fleet["pub"].read_bytes())
+        try:
+            seen.wait(lambda seen=seen: set(seen.payloads) == ALL)  # type: ignore[misc]
+            head = git(repo, "rev-parse", "HEAD")
+            for target in ALL:
+                bundle = seen.bundle(target)
+                assert bundle is not None and bundle.version == 1 and bundle.commit == head
+        finally:
+            seen.close()
+    for state in dirs:
+        recorded = json.loads((state / "fleet.json").read_text())
+        repo, prefix = runs["a" if state.name.startswith("fleet-") else "b"]
+        assert recorded == {"repository": str(repo), "broker": broker.url, "prefix": prefix}
+        history = setpoint("history", "--json", "--state-dir", str(state), check=True).stdout
+        commits = {json.loads(line)["commit"] for line in history.splitlines()}
+        assert commits == {git(repo, "rev-parse", "HEAD")}
+    # A state directory of one fleet refuses another, naming both and the fix.
+    a_dir = next(p for p in dirs if p.name.startswith("fleet-"))
+    refused = controller(other, f"{unique_prefix}/b", "--state-dir", str(a_dir))
+    assert refused.returncode == 2
+    assert f"state directory {a_dir} belongs to another fleet (repository {fleet['repo']}" in (
+        refused.stderr
+    )
+    assert f"not this one (repository {other}, broker {broker.url}, prefix" in refused.stderr
+    assert "give this controller its own --state-dir" in refused.stderr
+    several = subprocess.run(
+        [sys.executable, "-m", "setpoint", "history"],
+        capture_output=True, text=True, env=home, check=False,
+    )  # fmt: skip
+    assert several.returncode == 2 and "several fleets have a state directory" in several.stderr
 
 
 def test_controller_without_a_key_says_how_to_make_one(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.broker
 
 SETPOINT = [sys.executable, "-m", "setpoint"]
 
+
 @pytest.fixture
 def fleet(broker: Any, unique_prefix: str, tmp_path: Path) -> Iterator[Fleet]:
     f = Fleet(broker.host, broker.port, unique_prefix, tmp_path / "fleet")

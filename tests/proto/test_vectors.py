@@ -57,6 +57,8 @@ def test_the_expected_cases_are_there() -> None:
         "group-bundle-two-keys",
     }
     assert len(VALID["group-bundle-two-keys"]["signatures"]) == 2
+    assert {s["name"] for s in DATA["sequences"]} >= {"move-and-back", "pinned-group"}
+    assert {c["name"] for c in DATA["invalid_commands"]} >= {"replayed", "expired"}
     names = {v["name"] for v in DATA["invalid"]}
     assert {"tampered-payload", "tampered-payload-type", "tampered-signature", "truncated",
             "no-signatures", "unknown-key", "right-keyid-wrong-key", "wrong-payload-type",
@@ -261,3 +263,124 @@ def test_openssl_reads_the_same_keys(key: dict[str, str]) -> None:
     # SPKI DER for Ed25519 is a fixed 12-byte header, then the 32-byte raw key.
     assert der.stdout[:12] == bytes.fromhex("302a300506032b6570032100")
     assert hashlib.sha256(der.stdout[12:]).hexdigest() == key["keyid"]
+
+
+# --- the vectors for what outside implementers had to guess ------------------------------------
+
+
+def untyped(value: dict[str, Any]) -> Any:
+    [(tag, raw)] = value.items()
+    return float(raw) if tag == "float" else raw
+
+
+@pytest.mark.parametrize("case", [c for c in DATA["codec"] if "canonical_hex" in c],
+                         ids=lambda c: c["name"])  # fmt: skip
+def test_codec_vector_reencodes_canonically(case: dict[str, Any]) -> None:
+    data = bytes.fromhex(case["input_hex"])
+    value = codec.unpack(data, max_size=len(data))
+    assert codec.pack(value).hex() == case["canonical_hex"]
+    assert codec.digest(value) == case["digest"]
+
+
+def test_codec_vectors_keep_what_libraries_lose() -> None:
+    cases = {c["name"]: c for c in DATA["codec"]}
+    assert cases["float-one"]["canonical_hex"] == "cb3ff0000000000000"
+    assert cases["float32-one"]["canonical_hex"] == cases["float-one"]["canonical_hex"]
+    assert cases["int-one"]["digest"] != cases["float-one"]["digest"]
+    assert cases["bom-kept"]["canonical_hex"].startswith("a8efbbbf")
+    keys = list(codec.unpack(bytes.fromhex(cases["key-order"]["canonical_hex"]), max_size=999))
+    assert keys == ["Z", "a", "aa", "b", "é", "\uff61", "\U0001f600"]
+    # UTF-16 code-unit order would differ: that is the trap the vector is for.
+    assert sorted(keys, key=lambda k: k.encode("utf-16-be")) != keys
+
+
+@pytest.mark.parametrize("case", [c for c in DATA["codec"] if "expected_error" in c],
+                         ids=lambda c: c["name"])  # fmt: skip
+def test_codec_vector_is_refused(case: dict[str, Any]) -> None:
+    data = bytes.fromhex(case["input_hex"])
+    with pytest.raises(proto.DecodeError) as info:
+        codec.unpack(data, max_size=1024)
+    assert proto.refusal_reason(info.value) == case["reason"] == "malformed"
+
+
+def test_substitution_vectors() -> None:
+    text, binary = DATA["substitution"]
+    variables = {k: untyped(v) for k, v in text["vars"].items()}
+    assert isinstance(variables["one"], float)
+    for case in text["cases"]:
+        resource = bundles.FileResource("f", "f", case["text"].encode(), 0o644)
+        rendered = bundles.render(resource, variables)
+        assert isinstance(rendered, bundles.FileResource)
+        assert rendered.content.decode() == case["result"], case
+    results = {c["text"]: c["result"] for c in text["cases"]}
+    assert results["$${site}"] == "$lobby"  # no escape (SPEC 6.3)
+    assert results["${half} ${one} ${tiny} ${small} ${limit}"] == "0.5 1.0 1e-07 1e-05 0.0001"
+    [case] = binary["cases"]
+    assert case["result_hex"] == case["content_hex"]
+
+
+def test_settings_file_vectors() -> None:
+    written, read = DATA["settings_file"]
+    values = {k: untyped(v) for k, v in written["values"].items()}
+    text = bytes.fromhex(written["file_hex"]).decode("ascii")
+    assert json.loads(text) == values
+    assert isinstance(json.loads(text)["screen.ratio"], float)
+    for key, value in values.items():
+        assert codec.digest({"key": key, "value": value}) == written["digests"][key]
+    digests = set()
+    for case in read["cases"]:
+        value = json.loads(case["file_text"])[case["key"]]
+        assert type(value) is type(untyped(case["value"])) and value == untyped(case["value"])
+        assert codec.digest({"key": case["key"], "value": value}) == case["digest"]
+        digests.add(case["digest"])
+    assert len(digests) == 4  # 1, 1.0 (= 1e0), 10**16, "1": int and float stay apart
+
+
+@pytest.mark.parametrize("case", DATA["report"], ids=lambda c: c["name"])
+def test_report_vector(case: dict[str, Any]) -> None:
+    data = bytes.fromhex(case["report_hex"])
+    report = proto.reports.decode(data)
+    assert proto.reports.encode(report) == data  # canonical, nothing lost
+    assert as_json(codec.unpack(data, max_size=len(data))) == case["decoded"]
+    group = VALID[case["applied"]["group"]]
+    device = VALID[case["applied"]["device"]]
+    assert report.applied_group is not None and report.applied_device is not None
+    assert report.applied_group.digest == group["content_digest"]
+    assert report.applied_device.digest == device["content_digest"]
+    assert report.seq > 2**32
+    for refusal in report.refusals:
+        assert isinstance(refusal.version, int) and isinstance(refusal.target, str)
+
+
+@pytest.mark.parametrize("vector", DATA["invalid"], ids=lambda v: v["name"])
+def test_invalid_vector_names_its_topic_and_word(vector: dict[str, Any]) -> None:
+    kind = {
+        envelopes.GROUP_BUNDLE_TYPE: "group",
+        envelopes.DEVICE_BUNDLE_TYPE: "device",
+    }[vector["verify"]["payloadType"]]
+    assert vector["topic"].split("/")[0] == {"group": "groups", "device": "devices"}[kind]
+    expected = getattr(proto, vector["expected_error"])
+    assert vector["reason"] == proto.refusal_reason(expected("x"))
+    refusal = vector["refusal"]
+    assert refusal["kind"] == kind and refusal["reason"] == vector["reason"]
+    assert isinstance(refusal["target"], str) and isinstance(refusal["version"], int)
+
+
+@pytest.mark.parametrize("vector", DATA["invalid_commands"], ids=lambda v: v["name"])
+def test_invalid_command_vector(vector: dict[str, Any]) -> None:
+    # SPEC 6.5, in its order: type and signatures, payload, device, expiry, sequence.
+    state = vector["state"]
+    data = bytes.fromhex(vector["envelope_hex"])
+    with pytest.raises(proto.ProtocolError) as info:
+        payload = envelopes.verify(
+            data, {k: KEYS[k] for k in vector["trusted"]}, payload_type=envelopes.COMMAND_TYPE
+        )
+        command = commands.decode(payload)
+        if command.device != state["device"]:
+            raise proto.WrongTargetError(command.device)
+        if state["now"] > command.expires_at + 300:
+            raise proto.ExpiredError(str(command.expires_at))
+        if command.seq <= state["last_seq"]:
+            raise proto.RollbackError(str(command.seq))
+    assert type(info.value).__name__ == vector["expected_error"]
+    assert proto.refusal_reason(info.value) == vector["reason"] == vector["refusal"]["reason"]
