@@ -116,8 +116,10 @@ def test_a_refused_commit_shows_on_the_fleet_page(
     while time.monotonic() < deadline:
         current = read_retained(fleet.broker, topic, timeout=2)
         if current is not None and head in current.decode(errors="replace"):
+            print("the controller published the repository status itself")
             break
     else:
+        print("the controller published no repository status: the test publishes it")
         status = RepositoryStatus(
             {
                 "main": BranchStatus(
