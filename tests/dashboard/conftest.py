@@ -40,7 +40,9 @@ def _missing_browser() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop running in this
+# thread while it is open, and the suites after ours call asyncio.run().
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     reason = _missing_browser()
     if reason is not None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from fleetkit import SECRET_VALUE, LiveFleet, publish
+from dashkit import SECRET_VALUE, LiveFleet, publish
 from paho.mqtt.enums import CallbackAPIVersion
 
 from setpoint.proto.repository import BranchStatus, Problem, RepositoryStatus

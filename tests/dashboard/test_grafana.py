@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleetkit import LiveFleet, publish
+from dashkit import LiveFleet, publish
 from prometheus_client.parser import text_string_to_metric_families
 
 from setpoint.proto.topics import Topics

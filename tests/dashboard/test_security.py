@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleetkit import ENV, SETPOINT, publish
+from dashkit import ENV, SETPOINT, publish
 
 from setpoint.commands.demo import start_dashboard
 from setpoint.proto import status
