@@ -381,12 +381,12 @@ async def serve(settings: Settings, ready: Callable[[str], None], stop: asyncio.
     context = dashboard.ssl_context()
     site = web.TCPSite(runner, settings.listen.host, settings.listen.port, ssl_context=context)
     try:
+        await site.start()  # before the task group: a port in use is a plain OSError
+        addresses = runner.addresses
+        port = int(addresses[0][1]) if addresses else settings.listen.port
+        ready(access.Listen(settings.listen.host, port).url(tls=context is not None))
         async with asyncio.TaskGroup() as tasks:
             watcher = tasks.create_task(dashboard.watcher.run(), name="dashboard-watcher")
-            await site.start()
-            addresses = runner.addresses
-            port = int(addresses[0][1]) if addresses else settings.listen.port
-            ready(access.Listen(settings.listen.host, port).url(tls=context is not None))
             await stop.wait()
             watcher.cancel()
     finally:

@@ -88,6 +88,13 @@ def add_broker_arguments(parser: argparse.ArgumentParser, *, required: bool = Tr
     )
 
 
+def add_trust_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--trust PUBFILE``, repeatable (read with :func:`load_trust`)."""
+    parser.add_argument(
+        "--trust", type=Path, action="append", default=[], metavar="PUBFILE", help=help_text
+    )
+
+
 def load_trust(paths: list[Path]) -> dict[str, Any] | None:
     """The trusted keys of ``--trust PUBFILE`` flags (None for none), or a CommandError."""
     if not paths:

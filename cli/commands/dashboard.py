@@ -20,7 +20,13 @@ import signal
 import sys
 from pathlib import Path
 
-from ._common import CommandError, add_broker_arguments, broker_from_args, load_trust
+from ._common import (
+    CommandError,
+    add_broker_arguments,
+    add_trust_argument,
+    broker_from_args,
+    load_trust,
+)
 
 DASHBOARD_EXTRA_HINT = "this verb needs pip install 'setpoint[dashboard]'"
 
@@ -46,13 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--commit-url",
         help="link commits: a URL with {commit}, e.g. https://git.example/fleet/commit/{commit}",
     )
-    parser.add_argument(
-        "--trust",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="PUBFILE",
-        help="verify bundles on the device page with this public key (repeatable)",
+    add_trust_argument(
+        parser, "verify bundles on the device page with this public key (repeatable)"
     )
     parser.add_argument(
         "--refresh", type=int, default=5, help="seconds between refreshes with JavaScript off"
@@ -91,6 +92,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Load the TLS files once here, so a bad one is named before anything starts."""
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise CommandError(f"--tls-cert {cert} / --tls-key {key}: {exc}") from None
+    if client_ca:
+        try:
+            context.load_verify_locations(client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise CommandError(f"--tls-client-ca {client_ca}: {exc}") from None
+
+
 def _settings(args: argparse.Namespace) -> object:
     try:
         from setpoint import dashboard
@@ -111,6 +128,8 @@ def _settings(args: argparse.Namespace) -> object:
             raise CommandError("--tls-cert and --tls-key go together: pass both, or neither")
         if args.tls_client_ca and not args.tls_cert:
             raise CommandError("--tls-client-ca needs --tls-cert and --tls-key")
+        if args.tls_cert:
+            _check_tls(args.tls_cert, args.tls_key, args.tls_client_ca)
         dashboard.access.check_listen(
             listen, token=token is not None, mutual_tls=bool(args.tls_client_ca)
         )

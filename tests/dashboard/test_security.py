@@ -146,6 +146,7 @@ def test_off_loopback_without_a_token_is_refused(broker_session: Any) -> None:
     [
         (["--listen", "nonsense"], "--listen 'nonsense': use HOST:PORT, e.g. 127.0.0.1:8080"),
         (["--tls-cert", "x.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-cert", "/no/cert.pem", "--tls-key", "/no/key.pem"], "--tls-cert /no/cert.pem"),
         (["--commit-url", "javascript:alert(1)"], "use an http(s) URL with {commit} in it"),
         (["--prefix", "a/+/b"], "--prefix: topic prefix 'a/+/b' is not valid"),
         (["--token-file", "/nonexistent/token"], "--token-file /nonexistent/token:"),
@@ -220,3 +221,15 @@ def test_https_and_client_certificates(broker_session: Any, tmp_path: Path) -> N
         without = ssl.create_default_context(cafile=str(fleet_pki.ca))
         with pytest.raises(OSError):  # the handshake, or the first read, is refused
             urllib.request.urlopen(url + "devices", context=without, timeout=30).read()
+
+
+def test_a_port_in_use_says_so(broker_session: Any) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = dashboard_cli("--broker", broker_session.url, "--listen", f"127.0.0.1:{port}")
+    assert done.returncode == 2
+    assert f"setpoint dashboard: cannot listen on 127.0.0.1:{port}:" in done.stderr
