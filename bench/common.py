@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "results.jsonl"
 BIN = Path(sys.executable).parent
 SETPOINT = str(BIN / "setpoint")
+# The shim's defaults before it watched with inotify: the "before" of bench.footprint and
+# bench.device_drift (``--poll``).
+SHIM_POLL_FLAGS = ("--no-watch", "--observe-interval", "5")
 
 
 def machine() -> dict[str, Any]:

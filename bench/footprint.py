@@ -1,9 +1,11 @@
 """Footprint: what the shim costs a device, idle and during an apply.
 
-    .venv/bin/python -m bench.footprint [--idle 60] [--quick]
+    .venv/bin/python -m bench.footprint [--idle 60] [--quick] [--poll]
 
 A private mosquitto, a controller and one real ``setpoint shim`` (a subprocess, the way a
-device runs it) on a device of an enforce group. Once the shim has applied and reported:
+device runs it, with its default flags; ``--poll``: the old defaults, ``--no-watch
+--observe-interval 5``) on a device of an enforce group. Once the shim has applied and
+reported:
 
 * **idle**: RSS and CPU (user + system, from ``/proc``) over ``--idle`` seconds (quick: 10);
 * **apply**: a commit changes the group; RSS peak (sampled every 10 ms) and CPU from the
@@ -28,7 +30,18 @@ from typing import Any
 from setpoint.proto import reports
 from setpoint.sim import fleetrepo
 
-from .common import SETPOINT, Stack, Watcher, cpu_seconds, record, rss_mb, sampling, stop, table
+from .common import (
+    SETPOINT,
+    SHIM_POLL_FLAGS,
+    Stack,
+    Watcher,
+    cpu_seconds,
+    record,
+    rss_mb,
+    sampling,
+    stop,
+    table,
+)
 
 DEVICE = "sim-00000"
 
@@ -43,7 +56,7 @@ def import_rss(code: str) -> float:
     return float(out.stdout.strip())
 
 
-async def main_async(idle: float, quick: bool) -> dict[str, Any]:
+async def main_async(idle: float, quick: bool, poll: bool = False) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="bench-footprint-") as tmp,
         Stack(Path(tmp), 1) as stack,
@@ -66,7 +79,7 @@ async def main_async(idle: float, quick: bool) -> dict[str, Any]:
             shim = subprocess.Popen(
                 [SETPOINT, "shim", "--device", DEVICE, "--broker", stack.broker.url,
                  "--trust", str(stack.pub), "--root", str(Path(tmp) / "root"),
-                 "--log-level", "WARNING"],
+                 "--log-level", "WARNING", *(SHIM_POLL_FLAGS if poll else ())],
             )  # fmt: skip
             try:
                 await watcher.until(lambda: version.get("group") == 1, 60)
@@ -88,6 +101,7 @@ async def main_async(idle: float, quick: bool) -> dict[str, Any]:
     bare = import_rss("pass")
     shim_imports = import_rss("import setpoint.commands.shim, setpoint.device_shim.agent")
     result = {
+        "shim_flags": " ".join(SHIM_POLL_FLAGS) if poll else "defaults",
         "idle_seconds": round(wall, 1),
         "shim_rss_idle_mb": round(rss_idle, 1),
         "shim_rss_start_mb": round(rss_start, 1),
@@ -99,7 +113,7 @@ async def main_async(idle: float, quick: bool) -> dict[str, Any]:
         "python_shim_imports_rss_mb": round(shim_imports, 1),
     }
     table(
-        "Footprint: one setpoint shim",
+        f"Footprint: one setpoint shim ({result['shim_flags']})",
         ["measure", "value"],
         [
             [f"idle RSS (after {wall:.0f} s)", f"{rss_idle:.1f} MB"],
@@ -114,7 +128,7 @@ async def main_async(idle: float, quick: bool) -> dict[str, Any]:
             ["python3 + the shim's imports", f"{shim_imports:.1f} MB"],
         ],
     )
-    record("footprint", quick, result)
+    record("footprint_poll" if poll else "footprint", quick, result)
     return result
 
 
@@ -122,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--idle", type=float, default=None, help="idle seconds (default 60)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--poll", action="store_true", help="the shim's old defaults: no inotify, 5 s polls"
+    )
     args = parser.parse_args(argv)
     idle = args.idle if args.idle is not None else (10.0 if args.quick else 60.0)
-    asyncio.run(main_async(idle, args.quick))
+    asyncio.run(main_async(idle, args.quick, args.poll))
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -33,8 +34,13 @@ VERBS: dict[str, tuple[str, str]] = {
     "rollout": ("rollout", "rollout status by group; pause and resume a group's rollout"),
     "promote": ("promote", "check a ring's gate, then merge FROM into TO locally"),
     "approve": ("approve", "approve content waiting at a ring's gate (signed)"),
+    "secrets": ("secrets", "seal secrets with age to the devices that may read them"),
     "conformance": ("conformance", "check a running device agent against proto/SPEC.md"),
+    "wait": ("wait", "block until the fleet, a group or a device has converged"),
+    "config": ("config", "operator contexts: broker, TLS files, prefix, state directory"),
+    "completion": ("completion", "print a shell completion script (bash, zsh, fish)"),
 }
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a command its reader left
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -59,13 +65,43 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
+    if words and not words[0].startswith("-") and words[0] not in VERBS:
+        return _unknown_verb(words[0])
     parser = build_parser(words[0] if words and words[0] in VERBS else None)
     args = parser.parse_args(words)
+    from .commands import _contexts
+    from .commands._common import CommandError
+
     try:
+        if getattr(args, "_settings", False):
+            _contexts.apply(args)
         result = args._module.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+    except CommandError as exc:
+        print(f"setpoint {args.verb}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`setpoint diff ... | head`): not an error of ours. Point
+        # stdout at /dev/null so the interpreter's own flush at exit does not complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return SIGPIPE_EXIT
     return int(result or 0)
+
+
+def _unknown_verb(word: str) -> int:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(VERBS), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    print(
+        f"setpoint: unknown verb {word!r}{hint} (verbs: {', '.join(VERBS)};"
+        " `setpoint --help` describes them)",
+        file=sys.stderr,
+    )
+    return 2
 
 
 if __name__ == "__main__":

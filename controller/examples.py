@@ -10,6 +10,9 @@ fleet to 100% in sync. A command runs only where the device's own policy allows 
 README starts ``gw-01``'s shim with a policy file that allows commands; a device without
 one reports the command ``blocked`` (``device policy forbids commands``), not drift.
 
+:data:`SEALED` names one sealed secret per group, for the demo to seal once its devices
+have identities.
+
 Writes files into a directory and commits them with dulwich.
 """
 
@@ -91,6 +94,16 @@ vars:
 fullscreen = true
 idle_timeout_s = 120
 """,
+}
+
+
+# One sealed secret per group (docs/secrets.md). Sealing needs each device's recipient,
+# which only exists once the device made its identity (`setpoint shim keygen`), so `init`
+# cannot commit them; the demo seals these once its devices have identities. Group -> the
+# resource `setpoint secrets seal --write` adds (a file is 0600; a setting is secret).
+SEALED: Final[dict[str, dict[str, str]]] = {
+    "kiosks": {"resource": "kiosk-api-key", "path": "etc/kiosk/api.key"},
+    "gateways": {"resource": "uplink-token", "key": "uplink_token"},
 }
 
 

@@ -30,9 +30,10 @@ from typing import Any, Final, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from setpoint.proto import bundles
+from setpoint.proto import bundles, sealed
 from setpoint.proto.bundles import CommandResource, FileResource, Resource, SettingResource
 from setpoint.proto.errors import InvalidId, SchemaError
+from setpoint.proto.sealed import Sealed
 from setpoint.proto.topics import validate_id
 
 from . import gating, safeyaml
@@ -175,6 +176,8 @@ class FleetSettings(_Strict):
 
     description: str | None = None
     allow_empty: bool = False
+    # Plaintext `secret: true` values in device files (group files never: see docs/secrets.md).
+    allow_plaintext_secret: bool = False
     bundle_ttl: Any = None
     rings: list[RingSpec] = []
     operators: list[OperatorSpec] = []
@@ -197,18 +200,34 @@ class FleetSettings(_Strict):
         )
 
 
+class SealedSpec(_Strict):
+    """``sealed:``: an age ciphertext (ASCII armour) and its recipients' key ids."""
+
+    age: str
+    recipients: list[str]
+
+    def value(self) -> Sealed:
+        try:
+            return sealed.from_map(
+                {"age": sealed.normal_armor(self.age), "recipients": self.recipients}, "sealed"
+            )
+        except SchemaError as exc:
+            raise ValueError(str(exc).removeprefix("sealed: ")) from None
+
+
 class FileSpec(_Strict):
     id: str
     kind: Literal["file"]
     path: str
     content: str | None = None
     source: str | None = None
-    mode: Any = 0o644
+    sealed: SealedSpec | None = None
+    mode: Any = None
 
     @field_validator("mode")
     @classmethod
-    def _mode(cls, value: Any) -> int:
-        return parse_mode(value)
+    def _mode(cls, value: Any) -> int | None:
+        return None if value is None else parse_mode(value)
 
 
 class SettingSpec(_Strict):
@@ -217,6 +236,7 @@ class SettingSpec(_Strict):
     key: str
     value: Any = None
     secret: bool = False
+    sealed: SealedSpec | None = None
 
     @field_validator("key")
     @classmethod
@@ -349,8 +369,19 @@ class DeviceSpec(_Strict):
 
     description: str | None = None
     group: str
+    recipient: str | None = None
     vars: dict[str, Any] = {}
     resources: list[Any] = []
+
+    @field_validator("recipient")
+    @classmethod
+    def _recipient(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                sealed.check_recipient(value, "recipient")
+            except SchemaError as exc:
+                raise ValueError(str(exc).removeprefix("recipient: ")) from None
+        return value
 
     @field_validator("group")
     @classmethod
@@ -405,6 +436,7 @@ class Device:
     vars: Mapping[str, SettingValue]
     resources: tuple[Resource, ...]
     group_line: int | None = field(default=None, compare=False)
+    recipient: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,6 +449,8 @@ class Snapshot:
     broken_groups: frozenset[str] = frozenset()
     broken_devices: frozenset[str] = frozenset()
     problems: tuple[Problem, ...] = ()
+    # Findings that do not stop a publication (a value not sealed for a device, ...).
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -437,10 +471,15 @@ class _Collector:
     def __init__(self, file: str) -> None:
         self.file = file
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
 
     def add(self, message: str, item: str | None = None, line: int | None = None) -> None:
         text = f"{item}: {message}" if item else message
         self.problems.append(Problem(self.file, text, line))
+
+    def warn(self, message: str, item: str | None = None, line: int | None = None) -> None:
+        text = f"{item}: {message}" if item else message
+        self.warnings.append(Problem(self.file, text, line))
 
     def add_validation(
         self,
@@ -531,8 +570,20 @@ def _source_path(value: str) -> str:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class _Owner:
+    """Whose file a resource list is in, and what that file may hold."""
+
+    kind: Literal["group", "device"]
+    id: str
+    allow_plaintext_secret: bool = False
+
+    def seal_hint(self, rid: str) -> str:
+        return f"setpoint secrets seal --{self.kind} {self.id} --resource {rid} --write"
+
+
 def _resources(
-    raw_list: Sequence[Any], tree: Tree, collector: _Collector
+    raw_list: Sequence[Any], tree: Tree, collector: _Collector, owner: _Owner
 ) -> tuple[Resource, ...] | None:
     """Validate a ``resources:`` list; None if any item is wrong (problems recorded)."""
     before = len(collector.problems)
@@ -577,7 +628,7 @@ def _resources(
         spec = _validate(model, raw, collector, item)
         if spec is None:
             continue
-        resource = _resource(spec, tree, collector, item, raw)
+        resource = _resource(spec, tree, collector, item, raw, owner)
         if resource is not None:
             out.append(resource)
     if len(collector.problems) != before:
@@ -585,11 +636,57 @@ def _resources(
     return tuple(out)
 
 
+def _sealed(
+    spec: SealedSpec, collector: _Collector, item: str, raw: Mapping[str, Any]
+) -> Sealed | None:
+    try:
+        return spec.value()
+    except ValueError as exc:
+        collector.add(f"sealed: {exc}", item, safeyaml.line_of(raw, "sealed"))
+        return None
+
+
+def _setting(
+    spec: SettingSpec, collector: _Collector, item: str, raw: Mapping[str, Any], owner: _Owner
+) -> Resource | None:
+    line = safeyaml.line_of(raw, "secret")
+    if spec.sealed is not None:
+        if spec.value is not None:
+            collector.add("give 'value' or 'sealed', not both", item, safeyaml.line_of(raw))
+            return None
+        value = _sealed(spec.sealed, collector, item, raw)
+        return None if value is None else SettingResource(spec.id, spec.key, None, True, value)
+    if spec.secret and owner.kind == "group":
+        collector.add(
+            "'secret: true' with a plaintext value in a group file: every device can read the"
+            f" group's bundle; seal it instead (`{owner.seal_hint(spec.id)} --from-stdin`,"
+            " docs/secrets.md)",
+            item,
+            line,
+        )
+        return None
+    if spec.secret and not owner.allow_plaintext_secret:
+        collector.add(
+            f"'secret: true' with a plaintext value: seal it (`{owner.seal_hint(spec.id)}"
+            " --from-stdin`), or set 'allow_plaintext_secret: true' in fleet.yaml to accept"
+            " plaintext secrets in device files",
+            item,
+            line,
+        )
+        return None
+    return SettingResource(spec.id, spec.key, spec.value, spec.secret)
+
+
 def _resource(
-    spec: Any, tree: Tree, collector: _Collector, item: str, raw: Mapping[str, Any]
+    spec: Any,
+    tree: Tree,
+    collector: _Collector,
+    item: str,
+    raw: Mapping[str, Any],
+    owner: _Owner,
 ) -> Resource | None:
     if isinstance(spec, SettingSpec):
-        return SettingResource(spec.id, spec.key, spec.value, spec.secret)
+        return _setting(spec, collector, item, raw, owner)
     if isinstance(spec, CommandSpec):
         return CommandResource(spec.id, spec.check, spec.apply, spec.timeout)
     assert isinstance(spec, FileSpec)
@@ -603,16 +700,30 @@ def _resource(
             safeyaml.line_of(raw, "path"),
         )
         return None
-    if (spec.content is None) == (spec.source is None):
+    if [spec.content, spec.source, spec.sealed].count(None) != 2:
         collector.add(
-            "give exactly one of 'content' (the text inline) or 'source' (a file in the"
-            " repository)",
+            "give exactly one of 'content' (the text inline), 'source' (a file in the"
+            " repository) or 'sealed' (from `setpoint secrets seal`)",
             item,
             safeyaml.line_of(raw),
         )
         return None
+    if spec.sealed is not None:
+        value = _sealed(spec.sealed, collector, item, raw)
+        # Sealed files are private unless the operator says otherwise.
+        mode = 0o600 if spec.mode is None else spec.mode
+        return None if value is None else FileResource(spec.id, spec.path, b"", mode, value)
+    mode = 0o644 if spec.mode is None else spec.mode
+    if owner.kind == "group" and mode & 0o077 == 0:
+        collector.warn(
+            f"mode {mode:04o} says this file is private, but its content is plaintext in the"
+            " group's bundle, which every device can read; seal it"
+            f" (`{owner.seal_hint(spec.id)} --from-file FILE`) or move it to a device file",
+            item,
+            safeyaml.line_of(raw, "mode"),
+        )
     if spec.content is not None:
-        return FileResource(spec.id, spec.path, spec.content.encode("utf-8"), spec.mode)
+        return FileResource(spec.id, spec.path, spec.content.encode("utf-8"), mode)
     assert spec.source is not None
     try:
         source = _source_path(spec.source)
@@ -628,7 +739,7 @@ def _resource(
             safeyaml.line_of(raw, "source"),
         )
         return None
-    return FileResource(spec.id, spec.path, data, spec.mode)
+    return FileResource(spec.id, spec.path, data, mode)
 
 
 def _target_files(tree: Tree, directory: str, what: str, problems: list[Problem]) -> dict[str, str]:
@@ -687,6 +798,7 @@ def _check_effective(device: Device, group: Group, collector: _Collector) -> boo
 def load(tree: Tree) -> Snapshot:
     """Read and validate one view of the fleet repository."""
     problems: list[Problem] = []
+    warnings: list[Problem] = []
 
     collector = _Collector(FLEET_FILE)
     document = _parse_document(tree, FLEET_FILE, collector)
@@ -699,6 +811,7 @@ def load(tree: Tree) -> Snapshot:
         collector = _Collector(path)
         group = _load_group(gid, path, tree, collector)
         problems.extend(collector.problems)
+        warnings.extend(collector.warnings)
         if group is None:
             broken_groups.add(gid)
         else:
@@ -706,9 +819,10 @@ def load(tree: Tree) -> Snapshot:
 
     devices: dict[str, Device] = {}
     broken_devices: set[str] = set()
+    plaintext_ok = bool(settings and settings.allow_plaintext_secret)
     for did, path in _target_files(tree, DEVICES_DIR, "device", problems).items():
         collector = _Collector(path)
-        device = _load_device(did, path, tree, collector)
+        device = _load_device(did, path, tree, collector, plaintext_ok)
         if device is not None:
             if device.group in broken_groups:
                 device = None  # its group's file carries the problem
@@ -723,10 +837,12 @@ def load(tree: Tree) -> Snapshot:
             elif not _check_effective(device, groups[device.group], collector):
                 device = None
         problems.extend(collector.problems)
+        warnings.extend(collector.warnings)
         if device is None:
             broken_devices.add(did)
         else:
             devices[did] = device
+    warnings.extend(sealing_warnings(groups, devices))
 
     if not (problems or groups or devices or broken_groups or broken_devices):
         problems.extend(_empty_fleet(tree, settings))
@@ -738,7 +854,75 @@ def load(tree: Tree) -> Snapshot:
         broken_groups=frozenset(broken_groups),
         broken_devices=frozenset(broken_devices),
         problems=tuple(problems),
+        warnings=tuple(warnings),
     )
+
+
+def sealing_warnings(groups: Mapping[str, Group], devices: Mapping[str, Device]) -> list[Problem]:
+    """Sealed values that a current device cannot open, or that a former one still can.
+
+    Uses the recipients' key ids kept beside each ciphertext: nothing is decrypted.
+    """
+    targets: list[Group | Device] = [*groups.values(), *devices.values()]
+    if not any(bundles.is_sealed(r) for t in targets for r in t.resources):
+        return []
+    missing: dict[tuple[str, str], list[str]] = {}
+    no_recipient: dict[str, list[str]] = {}
+    keyids: dict[str, set[str]] = {}
+    hints: dict[str, str] = {}
+    for device in sorted(devices.values(), key=lambda d: d.id):
+        group = groups.get(device.group)
+        merged: dict[str, tuple[Resource, str]] = {}
+        if group is not None:
+            merged.update((r.id, (r, group.file)) for r in group.resources)
+            hints[group.file] = f"--group {group.id}"
+        merged.update((r.id, (r, device.file)) for r in device.resources)
+        hints[device.file] = f"--device {device.id}"
+        mine = None if device.recipient is None else sealed.recipient_keyid(device.recipient)
+        if mine is not None:
+            keyids.setdefault(device.group, set()).add(mine)
+        for rid, (resource, file) in merged.items():
+            value = getattr(resource, "sealed", None)
+            if value is None:
+                continue
+            if mine is None:
+                no_recipient.setdefault(device.file, []).append(rid)
+            elif not value.sealed_for(mine):
+                missing.setdefault((file, rid), []).append(device.id)
+    out = [
+        Problem(
+            file,
+            f"resource {rid!r}: not sealed for device(s) {', '.join(ids)}, which will refuse"
+            f" the bundle (not-a-recipient) until it is resealed: setpoint secrets reseal"
+            f" {hints[file]} --resource {rid}",
+        )
+        for (file, rid), ids in sorted(missing.items())
+    ]
+    out.extend(
+        Problem(
+            file,
+            f"no 'recipient:', but sealed value(s) {', '.join(repr(r) for r in rids)} are"
+            " meant for this device: run `setpoint shim keygen` on the device, add the"
+            " printed age1... line here as 'recipient:', then reseal",
+        )
+        for file, rids in sorted(no_recipient.items())
+    )
+    for group in sorted(groups.values(), key=lambda g: g.id):
+        current = keyids.get(group.id, set())
+        for resource in group.resources:
+            value = getattr(resource, "sealed", None)
+            extra = set(value.recipients) - current if value is not None else set()
+            if extra:
+                out.append(
+                    Problem(
+                        group.file,
+                        f"resource {resource.id!r}: also sealed for {len(extra)} recipient(s)"
+                        " no longer in the group (they can read this ciphertext); rotate the"
+                        f" secret and reseal: setpoint secrets reseal --group {group.id}"
+                        f" --resource {resource.id}",
+                    )
+                )
+    return out
 
 
 def _empty_fleet(tree: Tree, settings: FleetSettings | None) -> list[Problem]:
@@ -777,7 +961,7 @@ def _load_group(gid: str, path: str, tree: Tree, collector: _Collector) -> Group
     spec = _validate(GroupSpec, document, collector)
     if spec is None:
         return None
-    resources = _resources(spec.resources, tree, collector)
+    resources = _resources(spec.resources, tree, collector, _Owner("group", gid))
     if resources is None:
         return None
     return Group(
@@ -791,7 +975,9 @@ def _load_group(gid: str, path: str, tree: Tree, collector: _Collector) -> Group
     )
 
 
-def _load_device(did: str, path: str, tree: Tree, collector: _Collector) -> Device | None:
+def _load_device(
+    did: str, path: str, tree: Tree, collector: _Collector, plaintext_ok: bool = False
+) -> Device | None:
     document = _parse_document(tree, path, collector)
     if document is None:
         return None
@@ -801,9 +987,16 @@ def _load_device(did: str, path: str, tree: Tree, collector: _Collector) -> Devi
     spec = _validate(DeviceSpec, document, collector)
     if spec is None:
         return None
-    resources = _resources(spec.resources, tree, collector)
+    owner = _Owner("device", did, allow_plaintext_secret=plaintext_ok)
+    resources = _resources(spec.resources, tree, collector, owner)
     if resources is None:
         return None
     return Device(
-        did, path, spec.group, dict(spec.vars), resources, safeyaml.line_of(document, "group")
+        did,
+        path,
+        spec.group,
+        dict(spec.vars),
+        resources,
+        safeyaml.line_of(document, "group"),
+        recipient=spec.recipient,
     )

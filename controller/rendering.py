@@ -30,6 +30,7 @@ from setpoint.proto import repository as verdicts
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.topics import Topics
 
+from . import fleet
 from .errors import Problem
 from .fleet import Device, FleetSettings, Group, Snapshot
 from .repository import CommitInfo
@@ -116,6 +117,9 @@ class Render:
     # For rollouts (see ``rolling``): each branch's head commit, and the group specs used.
     heads: Mapping[str, CommitInfo] = field(default_factory=dict)
     groups: Mapping[str, Group] = field(default_factory=dict)
+    # Findings that publish anyway (a sealed value a device of its group cannot open),
+    # checked on what is rendered: group content from its branch, members from the default.
+    warnings: tuple[BranchProblem, ...] = ()
 
     @property
     def allow_empty(self) -> bool:
@@ -171,6 +175,7 @@ class _Builder:
         self.broken: set[Target] = set()
         self.problems: list[BranchProblem] = []
         self.claims: dict[Target, str] = {}
+        self.devices: dict[str, tuple[Device, View]] = {}
 
     def problem(self, view: View, file: str, message: str) -> None:
         self.problems.append(
@@ -309,6 +314,7 @@ def render(default_branch: str | None, views: Mapping[str, View | None]) -> Rend
         if device is None or gid not in groups:
             continue  # deleted on the tracked branch, or its group was: removed
         b.add(target, _device_bundle(device, view.commit.id), view, device.file)
+        b.devices[did] = (device, view)
     b.broken.update(Target("device", d) for d in snap.broken_devices)
 
     # Devices that exist only on a tracked branch, in a group that branch owns.
@@ -326,6 +332,7 @@ def render(default_branch: str | None, views: Mapping[str, View | None]) -> Rend
                 b.broken.add(target)
                 continue
             b.add(target, _device_bundle(device, view.commit.id), view, device.file)
+            b.devices[did] = (device, view)
         for did in view.snapshot.broken_devices - snap.device_ids:
             b.broken.add(Target("device", did))
 
@@ -341,6 +348,22 @@ def render(default_branch: str | None, views: Mapping[str, View | None]) -> Rend
         head=default.commit,
         heads={k: v.commit for k, v in sorted(views.items()) if v is not None},
         groups={gid: group for gid, (group, _view) in sorted(groups.items())},
+        warnings=_sealing_warnings(groups, b.devices),
+    )
+
+
+def _sealing_warnings(
+    groups: Mapping[str, tuple[Group, View]], devices: Mapping[str, tuple[Device, View]]
+) -> tuple[BranchProblem, ...]:
+    """:func:`fleet.sealing_warnings` on the rendered fleet, each on the branch of its file."""
+    views = {g.file: v for g, v in groups.values()} | {d.file: v for d, v in devices.values()}
+    found = fleet.sealing_warnings(
+        {gid: g for gid, (g, _v) in groups.items()}, {did: d for did, (d, _v) in devices.items()}
+    )
+    return tuple(
+        BranchProblem(views[w.file].branch, views[w.file].commit.id, views[w.file].commit.author, w)
+        for w in found
+        if w.file in views
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from dulwich import errors as git_errors
-from dulwich import porcelain
+from dulwich import objectspec, porcelain
 from dulwich.client import HTTPProxyUnauthorized, HTTPUnauthorized, get_transport_and_path
 from dulwich.errors import NotGitRepository
 from dulwich.objects import ZERO_SHA, Commit
@@ -213,13 +213,31 @@ class Repository:
             )
 
     def resolve(self, rev: str) -> str:
-        """A branch name or a (full) commit id to a commit id."""
+        """A branch, tag, commit id (full or a unique prefix of 4+ digits) or an
+        expression git understands (``HEAD~1``, ``main^2``) to a commit id, by dulwich's
+        own revision parsing."""
         heads = self.heads()
         if rev in heads:
             return heads[rev]
         if re.fullmatch(r"[0-9a-f]{40}", rev):
             return rev
-        raise ConfigError(f"no branch {rev!r} in the repository (branches: {', '.join(heads)})")
+        spec = rev.encode("utf-8")
+        # dulwich splits the work: parse_commit knows short ids and tags, parse_object
+        # the ~ and ^ operators.
+        for parse in (objectspec.parse_commit, objectspec.parse_object):
+            try:
+                found = parse(self._repo, spec)
+                return str(objectspec.parse_commit(self._repo, found.id).id.decode("ascii"))
+            except objectspec.AmbiguousShortId:
+                raise ConfigError(
+                    f"{rev!r} is the start of more than one object id: give more digits"
+                ) from None
+            except (KeyError, ValueError, NotImplementedError, git_errors.NotCommitError):
+                continue
+        raise ConfigError(
+            f"no branch or commit {rev!r} in the repository (branches: {', '.join(heads)};"
+            " also a commit id, a unique prefix of one, a tag, or HEAD~N)"
+        )
 
     def tree(self, info: CommitInfo) -> GitTree:
         return GitTree(self._repo.object_store, info.tree)

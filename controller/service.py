@@ -142,6 +142,7 @@ class Controller:
         self._render: Render | None = None
         self._reported: dict[str, str] = {}
         self._refusal_reported: str | None = None
+        self._warned: tuple[tuple[str, str], ...] = ()
         self._verdicts: RepositoryStatus | None = None
         self._verdicts_published: bytes | None = None
         self._default_branch = config.branch
@@ -372,7 +373,16 @@ class Controller:
         if render is not None:
             await self._report_problems(render)
             await self._publish_verdicts(render, refusal)
+            self._log_warnings(render)
         return self._retry_at is None
+
+    def _log_warnings(self, render: Render) -> None:
+        """Log what publishes anyway but needs an operator (once per set of commits)."""
+        key = tuple(sorted(render.commits.items()))
+        if render.warnings and self._warned != key:
+            for w in render.warnings:
+                log.warning("on %s@%s: %s", w.branch, w.commit[:12], w.problem)
+        self._warned = key
 
     def _ttl(self, render: Render | None) -> int:
         return (render.bundle_ttl if render else None) or self.config.bundle_ttl

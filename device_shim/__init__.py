@@ -1,10 +1,12 @@
 """setpoint's device shim: verify signed bundles, apply them idempotently, report, heal.
 
-It runs on small Linux devices with paho-mqtt, msgpack and cryptography alone, and
-imports nothing from the controller. The layers, bottom up:
+It runs on small Linux devices with paho-mqtt, msgpack and cryptography alone (and
+inotify-simple, to notice hand edits at once), and imports nothing from the controller.
+The layers, bottom up:
 
 * :mod:`.planning` (pure): ``plan(desired, observed) -> steps``, a closed set of steps;
 * :mod:`.observing`: what is on the device (stat first, hash only when needed);
+* :mod:`.watching`: which managed paths changed, told by inotify (polling where it cannot);
 * :mod:`.applying`: one executor per step kind, all or nothing, journaled;
 * :mod:`.state`: what survives a restart (trust floors, applied bundles, what it manages);
 * :mod:`.reporting`: the report and when to send it; :mod:`.backoff`: retry timing;

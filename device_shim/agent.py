@@ -12,8 +12,9 @@ thread of its own and only queues messages and wakes the loop. Each pass of the 
    it names (subscribing to that group's topic, and leaving the old one, as needed);
 4. if the target differs from what is applied and the retry gate allows, plans and applies
    it (all or nothing), then records it in trust state and saves state atomically;
-5. re-observes the device when the observe interval is due (or a command asked): drift is
-   reported, and in ``enforce`` mode put back;
+5. observes the device: the resources the watcher saw change (inotify, debounced), or all
+   of them when the observe interval is due (the safety net; the only way where inotify is
+   unavailable) or a command asked: drift is reported, and in ``enforce`` mode put back;
 6. publishes the report if anything changed, or the heartbeat is due.
 
 Nothing in a pass depends on which message woke it: the loop re-reads what it has (the
@@ -45,6 +46,7 @@ from setpoint.proto.errors import (
     PayloadTooLarge,
     ProtocolError,
     RollbackError,
+    SealedError,
     WrongTargetError,
     refusal_reason,
 )
@@ -56,13 +58,15 @@ from . import applying, planning
 from .applying import ApplyContext, RootFS
 from .backoff import Backoff, RetryGate
 from .config import SETTINGS_FILE, ShimConfig
-from .errors import ApplyError, StateError
+from .errors import ApplyError, PermanentApplyError, StateError
 from .link import Link
 from .observing import Observer
 from .planning import Blocked, Observed, Step, Wait
 from .reporting import SHIM_VERSION, Reporter, resource_reports
 from .running import CommandRunner
 from .state import ShimState, StateStore
+from .unsealing import Unsealer
+from .watching import Change, Debounce, Watcher, WatchUnavailable
 
 log = logging.getLogger("setpoint.shim")
 
@@ -163,8 +167,14 @@ class Agent:
                 "SETPOINT_SETTINGS": os.path.join(self._root, SETTINGS_FILE),
             },
         )
+        self._unsealer = Unsealer(config.state_path)
         self.observer = Observer(
-            config.root, config.state_path, policy=config.policy, runner=self._runner, clock=clock
+            config.root,
+            config.state_path,
+            policy=config.policy,
+            runner=self._runner,
+            clock=clock,
+            unsealer=self._unsealer,
         )
         self._fs = RootFS(self._root)
         self._retry = Backoff(config.retry_base, config.retry_cap)
@@ -190,6 +200,12 @@ class Agent:
         self._wanted_group: str | None = None
         self._subscriptions: frozenset[str] = frozenset()
         self._desired_cache: tuple[str, list[Resource]] | None = None
+        self._observed: tuple[str, Observed] | None = None  # the last look, for its target
+        self._debounce = Debounce()  # guarded by self._cond (the watcher thread adds to it)
+        self._watch_failed: str | None = None  # set by the watcher thread
+        self._watcher: Watcher | None = None
+        self._watching: str | None = None  # the applied target the watches are for
+        self.observe_method = "poll"  # "inotify" once the watcher runs
         self.state: ShimState = ShimState(TrustState(config.device))
         self.applied_group: Held | None = None
         self.applied_device: Held | None = None
@@ -273,12 +289,16 @@ class Agent:
             self.store.dir,
             self.config.broker.url if self.config.broker else "no broker",
         )
+        self._start_watching()
         if self.link is not None:
             self.link.start()
 
     def close(self) -> None:
         if self.link is not None:
             self.link.stop()
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
         self.store.close()
         log.info("shim stopped")
 
@@ -332,9 +352,22 @@ class Agent:
             self._wake = True
             self._cond.notify_all()
 
+    def _on_watch(self, change: Change) -> None:
+        with self._cond:
+            settling = self._debounce.due() is not None  # the loop already waits for it
+            if change.failed is not None:
+                self._watch_failed = change.failed
+            self._debounce.add(change, time.monotonic())
+            if not settling or change.failed is not None:
+                self._wake = True
+                self._cond.notify_all()
+
     def _sleep(self) -> None:
         now = time.monotonic()
         deadlines = [self._last_observe + self.config.observe_interval]
+        with self._cond:
+            if (settled := self._debounce.due()) is not None:
+                deadlines.append(settled)
         if self.reporter is not None and (due := self.reporter.next_due()) is not None:
             deadlines.append(due)
         if self._report_retry is not None:
@@ -390,6 +423,7 @@ class Agent:
             self._set_waiting(target.why)
         else:
             self._set_waiting(None)
+        self._update_watches()
         mono = time.monotonic()
         if self._force_observe or mono - self._last_observe >= self.config.observe_interval:
             check = self._force_check or (
@@ -399,8 +433,69 @@ class Agent:
             self._last_observe = mono
             if check:
                 self._last_check = mono
+            with self._cond:
+                self._debounce.clear()  # this full look covers every change seen so far
             self._observe(now, check_commands=check)
+        else:
+            with self._cond:
+                change = self._debounce.take(mono)
+            if change is not None:
+                self._observe(now, check_commands=False, change=change)
         self._report(now)
+
+    # Watching (inotify), with polling as the safety net.
+
+    def _start_watching(self) -> None:
+        if not self.config.watch:
+            self._poll_instead("--no-watch was given")
+            return
+        watcher = Watcher(self._root, self._on_watch, max_watches=self.config.max_watches)
+        try:
+            watcher.start()
+        except WatchUnavailable as exc:
+            self._poll_instead(str(exc))
+            return
+        self._watcher = watcher
+        self.observe_method = "inotify"
+        log.info(
+            "observing with inotify; a full look every %gs as a safety net",
+            self.config.observe_interval,
+        )
+
+    def _poll_instead(self, why: str) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        self.observe_method = "poll"
+        self._force_observe = True
+        log.warning(
+            "observing by polling every %gs (--observe-interval): %s",
+            self.config.observe_interval,
+            why,
+        )
+        self._event("observe-method", {"method": "poll", "why": why})
+
+    def _update_watches(self) -> None:
+        """Watch what the applied bundles manage: their files and the settings file."""
+        with self._cond:
+            failed, self._watch_failed = self._watch_failed, None
+        if failed is not None and self._watcher is not None:
+            self._poll_instead(failed)
+        if self._watcher is None:
+            return
+        key = self.applied_key
+        if self._watching == key:
+            return
+        desired = self._desired()
+        paths = {r.path for r in desired if isinstance(r, bundles.FileResource)}
+        if self.state.managed_settings or any(isinstance(r, SettingResource) for r in desired):
+            paths.add(SETTINGS_FILE)
+        try:
+            self._watcher.watch(paths)
+        except WatchUnavailable as exc:
+            self._poll_instead(str(exc))
+            return
+        self._watching = key
 
     def _set_waiting(self, why: str | None) -> None:
         if why != self._waiting:
@@ -614,6 +709,18 @@ class Agent:
             policy=self.config.policy,
             runner=self._runner,
             settings_mode=0o600 if secret else 0o644,
+            unsealer=self._unsealer,
+        )
+
+    def _refresh(
+        self, previous: Observed, desired: list[Resource], changed: set[str] | frozenset[str]
+    ) -> Observed:
+        return self.observer.refresh(
+            previous,
+            desired,
+            changed,
+            managed_files=self.state.managed_files,
+            managed_settings=self.state.managed_settings,
         )
 
     def _observe_for(self, desired: list[Resource], *, check_commands: bool) -> Observed:
@@ -636,6 +743,9 @@ class Agent:
         meta = {"label": label, "target": target.key, "kind": "apply"}
         try:
             result = applying.apply(steps, ctx, self.store, meta)
+        except SealedError as exc:
+            self._sealed_refused(target, exc, desired, now)
+            return
         except ApplyError as exc:
             self._failed(target, exc, desired, now)
             return
@@ -669,6 +779,7 @@ class Agent:
             self._failed(target, ApplyError(str(exc)), desired, now)
             return
         self.store.clear_journal()
+        self._record_sealed(desired, result.macs)
         self.state = new_state
         self.applied_group = dataclasses.replace(target.group, verdict=None)
         self.applied_device = dataclasses.replace(target.device, verdict=None)
@@ -684,6 +795,35 @@ class Agent:
         self._force_observe = True
         log.info("applied %s (commit %s)", label, target.group.bundle.commit[:12])
         self._event("applied", {"key": target.key, "label": label, "steps": result.done})
+
+    def _sealed_refused(
+        self, target: Target, exc: SealedError, desired: list[Resource], now: float
+    ) -> None:
+        """A sealed value this device cannot open: refuse the bundle that carries it.
+
+        Nothing was touched (values are opened before anything changes). A new bundle is
+        dropped and reported as refused (``not-a-recipient`` or ``sealed-invalid``), so the
+        device keeps what it runs; an applied one (an identity lost since) fails for good.
+        """
+        owner = target.group
+        if any(r.id == exc.resource_id for r in target.device.bundle.resources):
+            owner = target.device
+        if owner.verdict is None:
+            error = PermanentApplyError(str(exc), resource_id=exc.resource_id)
+            self._failed(target, error, desired, now)
+            return
+        self._candidates.pop((owner.bundle.kind, owner.bundle.target), None)
+        self._refuse(owner.bundle.kind, owner.bundle.target, owner.raw, exc, now)
+
+    def _record_sealed(self, desired: list[Resource], macs: Mapping[str, str]) -> None:
+        """Keep the keyed MACs of what was unsealed, for the sealed values still desired."""
+        keep = {v.digest() for r in desired if (v := getattr(r, "sealed", None)) is not None}
+        if not macs and not keep:
+            return
+        try:
+            self._unsealer.record(macs, keep)
+        except OSError as exc:
+            log.error("cannot save %s: %s (the next pass unseals again)", "sealed.json", exc)
 
     def _failed(self, target: Target, exc: ApplyError, desired: list[Resource], now: float) -> None:
         if self._stopping.is_set():
@@ -750,19 +890,31 @@ class Agent:
             self._desired_cache = (key, resources)
         return self._desired_cache[1]
 
-    def _observe(self, now: float, *, check_commands: bool) -> None:
+    def _observe(self, now: float, *, check_commands: bool, change: Change | None = None) -> None:
         desired = self._desired()
         if not desired and not self.state.managed_files:
             self._statuses = ()
             return
-        observed = self._observe_for(desired, check_commands=check_commands)
+        previous = self._observed
+        if (
+            change is not None
+            and not change.everything
+            and previous is not None
+            and previous[0] == self.applied_key
+        ):
+            observed = self._refresh(previous[1], desired, change.paths)
+            looked_at: list[str] | None = sorted(change.paths)
+        else:
+            observed = self._observe_for(desired, check_commands=check_commands)
+            looked_at = None  # everything
+        self._observed = (self.applied_key, observed)
         steps = planning.plan(desired, observed, self.config.policy)
         drift = planning.changes(steps)
         drifted = {rid for s in drift if (rid := getattr(s, "resource_id", None))}
         for rid in drifted:
             self._healed.pop(rid, None)  # drifted again: no longer "healed"
         self._statuses = self._assess(desired, observed, steps)
-        self._event("observed", {"drift": len(drift)})
+        self._event("observed", {"drift": len(drift), "paths": looked_at})
         if drift:
             log.info(
                 "drift (%s mode): %s",
@@ -773,7 +925,15 @@ class Agent:
         if drift and self.mode == "enforce":
             self._report(now)  # the drift is seen before it is healed
             if self._heal(desired, steps, drift, now):
-                observed = self._observe_for(desired, check_commands=False)
+                touched = {
+                    r.path
+                    for r in desired
+                    if isinstance(r, bundles.FileResource) and r.id in drifted
+                }
+                if any(isinstance(s, planning.SetSetting | planning.RemoveSetting) for s in drift):
+                    touched.add(SETTINGS_FILE)
+                observed = self._refresh(observed, desired, touched)
+                self._observed = (self.applied_key, observed)
                 steps = planning.plan(desired, observed, self.config.policy)
                 self._statuses = self._assess(desired, observed, steps)
 
@@ -796,7 +956,7 @@ class Agent:
         meta = {"label": "heal", "target": self.applied_key, "kind": "heal"}
         try:
             result = applying.apply(heal_steps, ctx, self.store, meta)
-        except ApplyError as exc:
+        except (ApplyError, SealedError) as exc:
             if self._stopping.is_set():
                 return False
             self._heal_gate = RetryGate.after_failure(
@@ -819,6 +979,7 @@ class Agent:
             log.error("%s", exc)
             return False
         self.store.clear_journal()
+        self._record_sealed(desired, result.macs)
         self._heal_gate = None
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         for step in drift:
@@ -869,6 +1030,7 @@ class Agent:
             resources=self._statuses,
             refusals=tuple(self._refusals),
             failure=failure,
+            observe=self.observe_method,
         )
 
     def _report(self, now: float) -> None:

@@ -19,6 +19,12 @@ target, and the directory is fsync'ed.
 Settings live in one JSON object in ``<root>/.setpoint/settings.json`` (keys sorted,
 written atomically, mode 0600 when any desired setting is secret, else 0644).
 
+Sealed values are opened (decrypted) before anything is backed up or touched: a value this
+device cannot open (:class:`~setpoint.proto.errors.NotARecipient`, or
+:class:`~setpoint.proto.errors.SealedInvalid` for a tampered ciphertext) stops the apply
+with nothing changed. Each plaintext is written with its resource's mode, its keyed MAC
+goes into :attr:`Applied.macs` for the ledger, and no reference to it outlives the apply.
+
 Commands run last, only where the device's policy allows (checked again here), with the
 policy's timeout cap; a failing apply command, or a check that still fails after it,
 fails the apply (temporary: retried with backoff).
@@ -35,6 +41,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from setpoint.proto.errors import NotARecipient, SealedInvalid
+from setpoint.proto.sealed import Sealed
 
 from .config import SETTINGS_FILE, DevicePolicy
 from .errors import ApplyError, PermanentApplyError, StateError, TemporaryApplyError
@@ -55,6 +64,7 @@ from .planning import (
 )
 from .running import CommandRunner
 from .state import StateStore
+from .unsealing import Unsealer, setting_bytes
 
 JOURNAL_SCHEMA: Final = 1
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -252,6 +262,9 @@ class ApplyContext:
     checked: dict[str, CommandFact] = field(default_factory=dict)
     created_dirs: list[str] = field(default_factory=list)
     done: list[Step] = field(default_factory=list)
+    unsealer: Unsealer | None = None
+    opened: dict[str, bytes] = field(default_factory=dict, repr=False)
+    macs: dict[str, str] = field(default_factory=dict)
     _settings: dict[str, Any] | None = None
     _settings_dirty: bool = False
 
@@ -269,6 +282,26 @@ class ApplyContext:
 
     def mark_settings_dirty(self) -> None:
         self._settings_dirty = True
+
+    def open_sealed(self, steps: Sequence[Step]) -> None:
+        """Decrypt every sealed value the steps need, before anything is touched."""
+        for step in steps:
+            value = getattr(step, "sealed", None)
+            if value is None or value.digest() in self.opened:
+                continue
+            rid = getattr(step, "resource_id", None)
+            if self.unsealer is None:
+                raise NotARecipient("this shim has no age identity", rid)
+            plaintext = self.unsealer.open(value, rid)
+            if isinstance(step, SetSetting):
+                try:
+                    plaintext.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise SealedInvalid("a sealed setting must be UTF-8 text", rid) from None
+            self.opened[value.digest()] = plaintext
+
+    def plaintext(self, value: Sealed) -> bytes:
+        return self.opened[value.digest()]
 
     def check_path(self, rel: str) -> None:
         """Refuse a path that resolves anywhere but itself under the root, or is reserved."""
@@ -292,7 +325,10 @@ def read_settings(fs: RootFS) -> dict[str, Any]:
 
 def _write_file(step: WriteFile, ctx: ApplyContext) -> None:
     ctx.check_path(step.path)
-    ctx.fs.write_atomic(step.path, step.content, step.mode, created=ctx.created_dirs)
+    content = step.content if step.sealed is None else ctx.plaintext(step.sealed)
+    ctx.fs.write_atomic(step.path, content, step.mode, created=ctx.created_dirs)
+    if step.sealed is not None and ctx.unsealer is not None:
+        ctx.macs[step.sealed.digest()] = ctx.unsealer.mac_new(content)
 
 
 def _set_mode(step: SetMode, ctx: ApplyContext) -> None:
@@ -315,7 +351,11 @@ def _delete_managed(step: DeleteManaged, ctx: ApplyContext) -> None:
 
 
 def _set_setting(step: SetSetting, ctx: ApplyContext) -> None:
-    ctx.settings()[step.key] = step.value
+    value = step.value
+    if step.sealed is not None and ctx.unsealer is not None:
+        value = ctx.plaintext(step.sealed).decode("utf-8")
+        ctx.macs[step.sealed.digest()] = ctx.unsealer.mac_new(setting_bytes(value))
+    ctx.settings()[step.key] = value
     ctx.mark_settings_dirty()
 
 
@@ -448,6 +488,8 @@ class Applied:
     done: tuple[Step, ...]
     created_dirs: tuple[str, ...]
     checked: Mapping[str, CommandFact]
+    # Ciphertext digest -> keyed MAC of the plaintext written (for the ledger).
+    macs: Mapping[str, str] = field(default_factory=dict)
 
 
 def apply(
@@ -458,13 +500,24 @@ def apply(
 ) -> Applied:
     """Run ``steps`` all or nothing. On success the journal stays until the caller commits.
 
-    Raises ApplyError after putting back what was changed.
+    Raises ApplyError after putting back what was changed; SealedError (a sealed value
+    this device cannot open) before changing anything.
     """
     for step in steps:
         if isinstance(step, Blocked):
             _blocked(step, ctx)  # before anything is touched
     if not any(isinstance(s, (*CHANGES, RunCommand)) for s in steps):
         return Applied(tuple(steps), (), {})
+    try:
+        ctx.open_sealed(steps)  # before anything is touched, too
+        return _apply(steps, ctx, store, meta)
+    finally:
+        ctx.opened.clear()
+
+
+def _apply(
+    steps: Sequence[Step], ctx: ApplyContext, store: StateStore, meta: Mapping[str, Any]
+) -> Applied:
     try:
         journal = _prepare(steps, ctx, store, meta)
     except ApplyError:
@@ -497,7 +550,7 @@ def apply(
             ) from exc
         store.clear_journal()
         raise error from exc
-    return Applied(tuple(ctx.done), tuple(ctx.created_dirs), dict(ctx.checked))
+    return Applied(tuple(ctx.done), tuple(ctx.created_dirs), dict(ctx.checked), dict(ctx.macs))
 
 
 def recover(

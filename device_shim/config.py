@@ -217,7 +217,9 @@ class ShimConfig:
     policy: DevicePolicy = DEFAULT_POLICY
     threshold: int = 1
     heartbeat: float = 900.0
-    observe_interval: float = 5.0
+    observe_interval: float = 60.0  # the full look; changes are seen at once by inotify
+    watch: bool = True  # False: poll only (a root where inotify misses writes, e.g. NFS)
+    max_watches: int | None = None  # inotify watches at most (None: the kernel's limit)
     skew: float = 300.0
     prefix: str = topics.DEFAULT_PREFIX
     client_id: str | None = None

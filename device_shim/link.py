@@ -8,8 +8,9 @@ agent when the connection comes and goes.
   (``reconnect_on_failure=False``): after a lost or failed connection the thread waits
   :class:`~setpoint.device_shim.backoff.Backoff` delays (exponential, equal jitter), so a
   thousand devices that lose the broker together do not come back together. The attempt
-  counter resets only after a connection stayed up for ``STABLE_AFTER`` seconds, so a
-  broker that accepts and drops at once is not hammered either.
+  counter resets after a connection stayed up for ``STABLE_AFTER`` seconds (a broker
+  restart costs the first delay again, not a longer one each time), so only a broker that
+  accepts and drops at once keeps the delays growing.
 * **Clean start, then resubscribe.** Every connection starts clean and subscribes to the
   current topic set; retained bundles then arrive again, which is all the agent needs to
   converge (it is level-triggered).
@@ -65,6 +66,8 @@ class Link:
         max_queued: int = 16,
         rng: Random | None = None,
         mqtt311: bool = False,
+        stable_after: float = STABLE_AFTER,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._broker = broker
         self._client_id = client_id
@@ -81,11 +84,17 @@ class Link:
         self._subscribed: set[str] = set()
         self._outstanding: list[mqtt.MQTTMessageInfo] = []
         self._connected = False
-        self._connected_at: float | None = None
+        # When the current (or last) connection came up: set on CONNACK, read and cleared
+        # only by the network loop, which decides the backoff after the connection ends
+        # (the disconnect callback runs first and must not erase it).
+        self._up_since: float | None = None
+        self._stable_after = stable_after
+        self._clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client = self._make_client()
         self.connects = 0  # successful connections so far (tests, logs)
+        self.last_delay: float | None = None  # the last reconnect delay chosen (tests, logs)
 
     # Set up.
 
@@ -151,7 +160,7 @@ class Link:
                     else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                 )
             except (OSError, ValueError) as exc:
-                delay = self._backoff.delay(attempt, self._rng)
+                delay = self.last_delay = self._backoff.delay(attempt, self._rng)
                 attempt += 1
                 log.info(
                     "broker %s unreachable (%s); retrying in %.1fs", self._broker.url, exc, delay
@@ -162,22 +171,29 @@ class Link:
                 self._client.loop_forever()
             except (OSError, ValueError) as exc:  # pragma: no cover - paho handles most
                 log.info("connection to %s failed: %s", self._broker.url, exc)
-            was_up = self._connected_at
             self._mark_down()
             if self._stop.is_set():
                 break
-            if was_up is not None and time.monotonic() - was_up >= STABLE_AFTER:
-                attempt = 0
-            delay = self._backoff.delay(attempt, self._rng)
+            attempt = self.attempt_after_session(attempt)
+            delay = self.last_delay = self._backoff.delay(attempt, self._rng)
             attempt += 1
             log.info("disconnected from %s; reconnecting in %.1fs", self._broker.url, delay)
             self._stop.wait(delay)
+
+    def attempt_after_session(self, attempt: int) -> int:
+        """The backoff attempt to use after a connection ended: back to 0 when the
+        connection had stayed up ``stable_after`` seconds, else ``attempt`` (a broker that
+        accepts and drops at once keeps backing off)."""
+        with self._lock:
+            up_since, self._up_since = self._up_since, None
+        if up_since is not None and self._clock() - up_since >= self._stable_after:
+            return 0
+        return attempt
 
     def _mark_down(self) -> None:
         with self._lock:
             was = self._connected
             self._connected = False
-            self._connected_at = None
             self._subscribed.clear()
             self._outstanding.clear()
         if was:
@@ -200,7 +216,7 @@ class Link:
         self.connects += 1
         with self._lock:
             self._connected = True
-            self._connected_at = time.monotonic()
+            self._up_since = self._clock()
             wanted = sorted(self._wanted)
             self._subscribed = set(wanted)
         if wanted:

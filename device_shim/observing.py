@@ -10,6 +10,12 @@ root are followed, one that leads out makes the path ``escapes``; a path whose l
 component is a symlink is ``symlink``; paths inside ``<root>/.setpoint`` or the state
 directory are ``reserved``. Files larger than any bundle could ask for are never read.
 
+:meth:`Observer.refresh` looks again at the changed paths only (what the watcher reported)
+and keeps every other fact from the previous observation.
+
+The path of a sealed resource is never hashed without a key: the observer computes the
+keyed MAC of :mod:`unsealing` instead, and of a sealed setting's value likewise.
+
 Command checks run only when asked (a new version, a reconcile command, or the device's
 ``command_check_interval``); otherwise the last result is reused.
 
@@ -24,17 +30,24 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
 from setpoint.proto import bundles, codec
-from setpoint.proto.bundles import CommandResource, FileResource, Resource, SettingValue
+from setpoint.proto.bundles import (
+    CommandResource,
+    FileResource,
+    Resource,
+    SettingResource,
+    SettingValue,
+)
 
 from .config import DEFAULT_POLICY, RESERVED_DIR, SETTINGS_FILE, DevicePolicy
 from .planning import CommandFact, FileFact, Observed, SettingsFact
 from .running import CommandRunner
+from .unsealing import Unsealer, setting_bytes
 
 RACY_SECONDS: Final = 2.0
 MAX_SETTINGS_BYTES: Final = 1024 * 1024
@@ -107,8 +120,11 @@ class Observer:
         policy: DevicePolicy = DEFAULT_POLICY,
         runner: CommandRunner | None = None,
         clock: Callable[[], float] = time.time,
+        unsealer: Unsealer | None = None,
     ) -> None:
         self.resolver = Resolver(root, state_dir)
+        self._unsealer = unsealer
+        self._macs: dict[str, tuple[StatSignature, str]] = {}
         self._policy = policy
         self._runner = runner
         self._clock = clock
@@ -120,7 +136,7 @@ class Observer:
 
     # Files.
 
-    def file_fact(self, path: str) -> FileFact:
+    def file_fact(self, path: str, *, keyed: bool = False) -> FileFact:
         resolved = self.resolver.resolve(path)
         if resolved.condition != "ok" or resolved.absolute is None:
             return FileFact(path, resolved.condition, None, detail=resolved.detail)  # type: ignore[arg-type]
@@ -141,6 +157,8 @@ class Observer:
             return FileFact(path, "not-regular", real, detail="a directory or special file")
         mode = stat.S_IMODE(st.st_mode)
         sig = signature(st)
+        if keyed:
+            return self._keyed_fact(path, real, absolute, st, sig)
         cached = self._hashes.get(absolute)
         if cached is not None and cached[0] == sig:
             return FileFact(path, "regular", real, cached[1], mode, cached[2])
@@ -149,13 +167,9 @@ class Observer:
             return FileFact(
                 path, "regular", real, f"size:{st.st_size}", mode, "", "larger than any bundle"
             )
-        try:
-            content = self._read(absolute)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return FileFact(path, "symlink", real, detail="became a symlink")
-            return FileFact(path, "error", real, detail=f"read: {exc.strerror}")
-        self.hashed += 1
+        content = self._content(path, real, absolute)
+        if isinstance(content, FileFact):
+            return content
         sha = hashlib.sha256(content).hexdigest()
         digest = file_digest(content, mode)
         if self._clock() - st.st_mtime_ns / 1e9 > RACY_SECONDS:
@@ -163,6 +177,37 @@ class Observer:
         else:
             self._hashes.pop(absolute, None)
         return FileFact(path, "regular", real, sha, mode, digest)
+
+    def _keyed_fact(
+        self, path: str, real: str | None, absolute: str, st: os.stat_result, sig: StatSignature
+    ) -> FileFact:
+        """A sealed resource's file: its keyed MAC, never an unkeyed hash of the content."""
+        mode = stat.S_IMODE(st.st_mode)
+        cached = self._macs.get(absolute)
+        if cached is not None and cached[0] == sig:
+            return FileFact(path, "regular", real, mode=mode, mac=cached[1])
+        if st.st_size > MAX_FILE_BYTES or self._unsealer is None:
+            return FileFact(path, "regular", real, mode=mode)
+        content = self._content(path, real, absolute)
+        if isinstance(content, FileFact):
+            return content
+        mac = self._unsealer.mac(content)
+        if mac and self._clock() - st.st_mtime_ns / 1e9 > RACY_SECONDS:
+            self._macs[absolute] = (sig, mac)
+        else:
+            self._macs.pop(absolute, None)
+        return FileFact(path, "regular", real, mode=mode, mac=mac)
+
+    def _content(self, path: str, real: str | None, absolute: str) -> bytes | FileFact:
+        """The file's bytes, or the fact that says why they could not be read."""
+        try:
+            content = self._read(absolute)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return FileFact(path, "symlink", real, detail="became a symlink")
+            return FileFact(path, "error", real, detail=f"read: {exc.strerror}")
+        self.hashed += 1
+        return content
 
     @staticmethod
     def _read(absolute: str) -> bytes:
@@ -256,9 +301,13 @@ class Observer:
         files: dict[str, FileFact] = {}
         commands: dict[str, CommandFact] = {}
         wants_settings = bool(managed_settings)
+        sealed_macs: dict[str, str] = {}
         for resource in desired:
             if isinstance(resource, FileResource):
-                files[resource.path] = self.file_fact(resource.path)
+                keyed = resource.sealed is not None
+                files[resource.path] = self.file_fact(resource.path, keyed=keyed)
+                if keyed:
+                    sealed_macs[resource.id] = files[resource.path].mac
             elif isinstance(resource, CommandResource):
                 commands[resource.id] = self.command_fact(resource, check=check_commands)
             else:
@@ -269,10 +318,78 @@ class Observer:
         if len(self._hashes) > len(files):
             wanted = {os.path.join(self.resolver.root, f.real) for f in files.values() if f.real}
             self._hashes = {k: v for k, v in self._hashes.items() if k in wanted}
+        if len(self._macs) > len(sealed_macs):
+            keep = {os.path.join(self.resolver.root, f.real) for f in files.values() if f.real}
+            self._macs = {k: v for k, v in self._macs.items() if k in keep}
+        settings = self.settings_fact() if wants_settings else SettingsFact()
+        if self._unsealer is not None:
+            sealed_macs.update(self._setting_macs(desired, settings))
         return Observed(
             files=files,
-            settings=self.settings_fact() if wants_settings else SettingsFact(),
+            settings=settings,
             commands=commands,
             managed_files=frozenset(managed_files),
             managed_settings=frozenset(managed_settings),
+            sealed_macs=sealed_macs,
+            ledger=self._unsealer.ledger() if sealed_macs and self._unsealer else {},
         )
+
+    def refresh(
+        self,
+        previous: Observed,
+        desired: Sequence[Resource],
+        changed: Collection[str],
+        *,
+        managed_files: Iterable[str] = (),
+        managed_settings: Iterable[str] = (),
+    ) -> Observed:
+        """``previous``, with the files and settings file in ``changed`` looked at again.
+
+        ``previous`` must be an observation of the same ``desired``; paths it lacks are
+        looked at too. Command facts come from the cache (checks stay on their interval).
+        Sealed values are looked at through their keyed MAC, as :meth:`observe` does.
+        """
+        files: dict[str, FileFact] = {}
+        commands: dict[str, CommandFact] = {}
+        sealed_macs: dict[str, str] = {}
+        wants_settings = False
+        for resource in desired:
+            if isinstance(resource, FileResource):
+                keyed = resource.sealed is not None
+                fact = previous.files.get(resource.path)
+                if fact is None or resource.path in changed:
+                    fact = self.file_fact(resource.path, keyed=keyed)
+                files[resource.path] = fact
+                if keyed:
+                    sealed_macs[resource.id] = fact.mac
+            elif isinstance(resource, CommandResource):
+                commands[resource.id] = self.command_fact(resource, check=False)
+            elif isinstance(resource, SettingResource):
+                wants_settings = True
+        managed_settings = frozenset(managed_settings)
+        settings = previous.settings
+        if (wants_settings or managed_settings) and SETTINGS_FILE in changed:
+            settings = self.settings_fact()
+        if self._unsealer is not None:
+            sealed_macs.update(self._setting_macs(desired, settings))
+        return replace(
+            previous,
+            files=files,
+            settings=settings,
+            commands=commands,
+            managed_files=frozenset(managed_files),
+            managed_settings=managed_settings,
+            sealed_macs=sealed_macs,
+            ledger=self._unsealer.ledger() if sealed_macs and self._unsealer else {},
+        )
+
+    def _setting_macs(self, desired: Sequence[Resource], settings: SettingsFact) -> dict[str, str]:
+        """The keyed MAC of each sealed setting's current value ("" if absent or not text)."""
+        assert self._unsealer is not None
+        out: dict[str, str] = {}
+        for resource in desired:
+            if isinstance(resource, SettingResource) and resource.sealed is not None:
+                value = settings.values.get(resource.key)
+                ok = isinstance(value, str)
+                out[resource.id] = self._unsealer.mac(setting_bytes(value)) if ok else ""  # type: ignore[arg-type]
+        return out

@@ -33,6 +33,7 @@ from setpoint.proto.bundles import (
     SettingResource,
     SettingValue,
 )
+from setpoint.proto.sealed import Sealed
 
 from .config import DEFAULT_POLICY, DevicePolicy
 
@@ -53,7 +54,9 @@ class FileFact:
 
     ``real`` is the path relative to the real root after resolving directory symlinks that
     stay inside it; the shim writes and records that path. ``digest`` is what the device
-    reports: ``codec.digest({"content": ..., "mode": ...})`` of the file as it is.
+    reports: ``codec.digest({"content": ..., "mode": ...})`` of the file as it is. For the
+    path of a sealed resource ``sha256`` and ``digest`` stay empty (no unkeyed hash of a
+    secret is ever made) and ``mac`` holds the keyed MAC of the content instead.
     """
 
     path: str
@@ -63,6 +66,7 @@ class FileFact:
     mode: int | None = None
     digest: str = ""
     detail: str = ""
+    mac: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,16 @@ class Observed:
     commands: Mapping[str, CommandFact] = field(default_factory=dict)
     managed_files: frozenset[str] = frozenset()
     managed_settings: frozenset[str] = frozenset()
+    # Sealed resources: the keyed MAC of what is there now, by resource id, and the ledger
+    # of what was written (ciphertext digest -> MAC of its plaintext); see `unsealing`.
+    sealed_macs: Mapping[str, str] = field(default_factory=dict)
+    ledger: Mapping[str, str] = field(default_factory=dict)
+
+    def sealed_in_sync(self, resource: FileResource | SettingResource) -> bool:
+        """Is what the device holds for a sealed resource what its ciphertext opened to?"""
+        assert resource.sealed is not None
+        want = self.ledger.get(resource.sealed.digest())
+        return bool(want) and self.sealed_macs.get(resource.id) == want
 
 
 # The steps: a closed set. Each names the resource it serves (if any) and why it exists.
@@ -98,7 +112,10 @@ class Observed:
 
 @dataclass(frozen=True, slots=True)
 class WriteFile:
-    """Write ``content`` to ``path`` atomically with ``mode``; ``manage``: the shim owns it."""
+    """Write ``content`` to ``path`` atomically with ``mode``; ``manage``: the shim owns it.
+
+    With ``sealed``, the content is that value's plaintext, opened only when applying.
+    """
 
     resource_id: str
     path: str
@@ -106,6 +123,7 @@ class WriteFile:
     mode: int
     manage: bool
     why: str
+    sealed: Sealed | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +150,7 @@ class SetSetting:
     value: SettingValue = field(repr=False)  # may be secret: never in a repr or a log
     secret: bool
     why: str
+    sealed: Sealed | None = field(default=None, repr=False)  # the value, opened at apply
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,9 +221,7 @@ _BLOCKED_WHY: Mapping[str, str] = {
 }
 
 
-def _plan_file(
-    resource: FileResource, fact: FileFact | None, managed: frozenset[str]
-) -> Step | None:
+def _plan_file(resource: FileResource, fact: FileFact | None, observed: Observed) -> Step | None:
     if fact is None:
         return Blocked(resource.id, "path was not observed", permanent=False)
     if fact.condition in _BLOCKED_WHY:
@@ -212,16 +229,24 @@ def _plan_file(
         return Blocked(resource.id, _BLOCKED_WHY[fact.condition] + detail)
     if fact.condition == "error" or fact.real is None:
         return Blocked(resource.id, f"cannot observe: {fact.detail}", permanent=False)
+    value = resource.sealed
     if fact.condition == "missing":
-        return WriteFile(resource.id, fact.real, resource.content, resource.mode, True, "missing")
-    if fact.sha256 != content_sha256(resource.content):
+        return WriteFile(
+            resource.id, fact.real, resource.content, resource.mode, True, "missing", value
+        )
+    if (
+        not observed.sealed_in_sync(resource)
+        if value is not None
+        else fact.sha256 != content_sha256(resource.content)
+    ):
         return WriteFile(
             resource.id,
             fact.real,
             resource.content,
             resource.mode,
-            fact.real in managed,
+            fact.real in observed.managed_files,
             "content differs",
+            value,
         )
     if fact.mode != resource.mode:
         shown = "?" if fact.mode is None else f"{fact.mode:04o}"
@@ -237,19 +262,26 @@ def content_sha256(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
-def _plan_setting(resource: SettingResource, fact: SettingsFact) -> Step | None:
+def _plan_setting(resource: SettingResource, observed: Observed) -> Step | None:
+    fact = observed.settings
+    why = None
     if not fact.readable:
         why = (
             f"settings file unreadable ({fact.detail})" if fact.detail else "settings file missing"
         )
-        return SetSetting(resource.id, resource.key, resource.value, resource.secret, why)
-    if resource.key not in fact.values:
-        return SetSetting(resource.id, resource.key, resource.value, resource.secret, "missing")
-    if not same_value(fact.values[resource.key], resource.value):
-        return SetSetting(
-            resource.id, resource.key, resource.value, resource.secret, "value differs"
-        )
-    return None
+    elif resource.key not in fact.values:
+        why = "missing"
+    elif (
+        not observed.sealed_in_sync(resource)
+        if resource.sealed is not None
+        else not same_value(fact.values[resource.key], resource.value)
+    ):
+        why = "value differs"
+    if why is None:
+        return None
+    return SetSetting(
+        resource.id, resource.key, resource.value, resource.secret, why, resource.sealed
+    )
 
 
 def _plan_command(
@@ -292,14 +324,14 @@ def plan(
             else:
                 path_owner[real] = resource.id
                 desired_real.add(real)
-                step = _plan_file(resource, fact, observed.managed_files)
+                step = _plan_file(resource, fact, observed)
         elif isinstance(resource, SettingResource):
             if resource.key in key_owner:
                 step = Blocked(resource.id, f"same key as resource {key_owner[resource.key]!r}")
             else:
                 key_owner[resource.key] = resource.id
                 desired_keys.add(resource.key)
-                step = _plan_setting(resource, observed.settings)
+                step = _plan_setting(resource, observed)
         else:
             step = _plan_command(resource, observed.commands.get(resource.id), policy)
         if step is None:

@@ -41,7 +41,13 @@ SHIM_VERSION: Final[str] = getattr(setpoint, "__version__", "0+unknown")
 
 
 def observed_digest(resource: Resource, observed: Observed) -> str:
-    """The digest of what is on the device for ``resource`` ("" if nothing is there)."""
+    """The digest of what is on the device for ``resource`` ("" if nothing is there).
+
+    For a sealed resource: the desired digest (of the ciphertext) when the keyed MAC says
+    the device holds its plaintext, else "": nothing derived from a secret leaves the device.
+    """
+    if isinstance(resource, FileResource | SettingResource) and resource.sealed is not None:
+        return bundles.resource_digest(resource) if observed.sealed_in_sync(resource) else ""
     if isinstance(resource, FileResource):
         fact = observed.files.get(resource.path)
         return fact.digest if fact is not None else ""

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from importlib import resources
@@ -294,22 +295,26 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m setpoint.mosquitto.broker",
-        description="Run setpoint's private mosquitto in the foreground until Ctrl-C.",
+        description="Run setpoint's private mosquitto in the foreground until Ctrl-C or"
+        " SIGTERM (both stop mosquitto too).",
     )
     parser.add_argument("--port", type=int, default=None, help="default: a free port")
     parser.add_argument("--dir", type=Path, default=None, help="data directory (default: temp)")
     args = parser.parse_args(argv)
+    stop = threading.Event()
+    # mosquitto runs in a session of its own (no terminal signal reaches it), so this
+    # process must stop it on SIGTERM as it does on Ctrl-C.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
     try:
         broker = Broker(args.dir, port=args.port).start()
     except BrokerError as exc:
         print(exc, file=sys.stderr)
         return 2
-    print(broker.url, flush=True)
     try:
-        while broker.running:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        print(broker.url, flush=True)
+        while broker.running and not stop.wait(0.5):
+            pass
     finally:
         broker.close()
     return 0

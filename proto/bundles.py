@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
-from . import codec
+from . import codec, sealed
 from .errors import SchemaError
+from .sealed import Sealed
 from .topics import validate_id
 
 SCHEMA: Final = 1
@@ -34,23 +35,33 @@ SettingValue = str | int | float | bool | None
 
 @dataclass(frozen=True, slots=True)
 class FileResource:
-    """A file under the device root: exact content and permission bits."""
+    """A file under the device root: exact content and permission bits.
+
+    A sealed file carries ``sealed`` (the age ciphertext) and an empty ``content``: only
+    the device it was sealed for learns the content, when it applies it.
+    """
 
     id: str
     path: str
     content: bytes
     mode: int = 0o644
+    sealed: Sealed | None = None
     kind: Literal["file"] = "file"
 
 
 @dataclass(frozen=True, slots=True)
 class SettingResource:
-    """One key in the device's settings file; ``secret`` values are never logged."""
+    """One key in the device's settings file; ``secret`` values are never logged.
+
+    A sealed setting carries ``sealed`` (its value is the UTF-8 text of the age
+    plaintext), ``value`` None and ``secret`` True.
+    """
 
     id: str
     key: str
     value: SettingValue
     secret: bool = False
+    sealed: Sealed | None = None
     kind: Literal["setting"] = "setting"
 
 
@@ -110,6 +121,8 @@ class Bundle:
 
 
 def resource_to_map(resource: Resource) -> dict[str, Any]:
+    if isinstance(resource, FileResource | SettingResource) and resource.sealed is not None:
+        return _sealed_to_map(resource, resource.sealed)
     if isinstance(resource, FileResource):
         return {
             "id": resource.id,
@@ -135,8 +148,23 @@ def resource_to_map(resource: Resource) -> dict[str, Any]:
     }
 
 
+def _sealed_to_map(resource: FileResource | SettingResource, value: Sealed) -> dict[str, Any]:
+    if isinstance(resource, FileResource):
+        where = {"path": resource.path, "mode": resource.mode}
+    else:
+        where = {"key": resource.key, "secret": True}
+    return {"id": resource.id, "kind": resource.kind, **where, "sealed": value.to_map()}
+
+
 def resource_digest(resource: Resource) -> str:
-    """Digest of what a resource asks for; a device reports the same digest when in sync."""
+    """Digest of what a resource asks for; a device reports the same digest when in sync.
+
+    For a sealed resource it is derived from the ciphertext, never from the plaintext.
+    """
+    if isinstance(resource, FileResource) and resource.sealed is not None:
+        return codec.digest({"sealed": resource.sealed.digest(), "mode": resource.mode})
+    if isinstance(resource, SettingResource) and resource.sealed is not None:
+        return codec.digest({"key": resource.key, "sealed": resource.sealed.digest()})
     if isinstance(resource, FileResource):
         return codec.digest({"content": resource.content, "mode": resource.mode})
     if isinstance(resource, SettingResource):
@@ -192,18 +220,28 @@ def resource_from_map(raw: object, where: str) -> Resource:
     where = f"{where} {rid!r}"
     kind = _take(raw, "kind", str, where)
     if kind == "file":
-        _only(raw, {"id", "kind", "path", "content", "mode"}, where)
+        _only(raw, {"id", "kind", "path", "content", "mode", "sealed"}, where)
         mode = _take(raw, "mode", int, where)
         if not 0 <= mode <= 0o7777:
             raise SchemaError(f"{where}: mode {mode:o} out of range")
+        if "sealed" in raw:
+            if "content" in raw:
+                raise SchemaError(f"{where}: a file has 'content' or 'sealed', not both")
+            value = sealed.from_map(raw["sealed"], where)
+            return FileResource(rid, validate_path(raw.get("path"), where), b"", mode, value)
         return FileResource(
             rid, validate_path(raw.get("path"), where), _take(raw, "content", bytes, where), mode
         )
     if kind == "setting":
-        _only(raw, {"id", "kind", "key", "value", "secret"}, where)
+        _only(raw, {"id", "kind", "key", "value", "secret", "sealed"}, where)
         key = _take(raw, "key", str, where)
         if not key or len(key) > 256:
             raise SchemaError(f"{where}: key must be 1-256 characters")
+        if "sealed" in raw:
+            if "value" in raw:
+                raise SchemaError(f"{where}: a setting has 'value' or 'sealed', not both")
+            value = sealed.from_map(raw["sealed"], where)
+            return SettingResource(rid, key, None, True, value)
         return SettingResource(
             rid,
             key,
@@ -325,7 +363,7 @@ def render(resource: Resource, variables: Mapping[str, SettingValue]) -> Resourc
     unknown name, ``$name``, ``$$``) stays as it is. Paths, keys and commands are never
     substituted.
     """
-    if not variables:
+    if not variables or getattr(resource, "sealed", None) is not None:
         return resource
     if isinstance(resource, FileResource):
         try:
@@ -351,6 +389,11 @@ def effective(group: Bundle | None, device: Bundle | None) -> list[Resource]:
         merged.update((r.id, r) for r in device.resources)
         variables = device.vars
     return [render(r, variables) for r in merged.values()]
+
+
+def is_sealed(resource: Resource) -> bool:
+    """Does the resource carry a sealed value (decrypted only on the device, at apply)?"""
+    return getattr(resource, "sealed", None) is not None
 
 
 def resource_ids(resources: Sequence[Resource]) -> list[str]:

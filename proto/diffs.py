@@ -64,9 +64,11 @@ def decode_bundle(
 
 
 def describe(resource: Resource) -> str:
-    """What is desired, in a line for people; a secret setting's value is ``<secret>``."""
+    """What is desired, in a line for people; a secret setting's value is ``<secret>``, a
+    sealed file's content is only said to be sealed."""
     if isinstance(resource, FileResource):
-        return f"{resource.path} {resource.mode:04o} ({len(resource.content)} bytes)"
+        size = f"{len(resource.content)} bytes" if resource.sealed is None else "sealed"
+        return f"{resource.path} {resource.mode:04o} ({size})"
     if isinstance(resource, CommandResource):
         return f"check: {resource.check}"
     value = SECRET if resource.secret else json.dumps(resource.value)

@@ -17,6 +17,9 @@ and chained). Grouped by what the caller should do::
     │       ├── RollbackError
     │       ├── ExpiredError
     │       └── WrongTargetError
+    │   └── SealedError          signed, but a sealed value in it cannot be opened here
+    │       ├── NotARecipient    not sealed for this device (or it has no identity)
+    │       └── SealedInvalid    the ciphertext does not decrypt (tampered, truncated)
     └── TransportError           the broker or link is gone: retry with backoff
 
 Pure; no I/O.
@@ -77,6 +80,22 @@ class WrongTargetError(TrustError):
     """A bundle addressed to another device or group."""
 
 
+class SealedError(ProtocolError):
+    """A sealed value the device cannot open; ``resource_id`` names the resource."""
+
+    def __init__(self, message: str, resource_id: str | None = None) -> None:
+        super().__init__(message)
+        self.resource_id = resource_id
+
+
+class NotARecipient(SealedError):
+    """The value was not sealed for this device's identity (or the device has none)."""
+
+
+class SealedInvalid(SealedError):
+    """The ciphertext does not decrypt or authenticate: tampered, truncated or not age."""
+
+
 class TransportError(SetpointError):
     """The broker or the link is unavailable; retry with backoff."""
 
@@ -84,6 +103,8 @@ class TransportError(SetpointError):
 # The word a device reports for each refusal (SPEC §8, "Refusal words"), most specific
 # class first: PayloadTooLarge is a DecodeError, InvalidId is reported as a schema error.
 REFUSAL_REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (NotARecipient, "not-a-recipient"),
+    (SealedInvalid, "sealed-invalid"),
     (PayloadTooLarge, "too-large"),
     (PayloadTypeError, "payload-type"),
     (SignatureError, "signature"),

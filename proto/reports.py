@@ -19,6 +19,7 @@ SCHEMA: Final = 1
 MAX_REPORT_BYTES: Final = 256 * 1024
 MAX_REFUSALS: Final = 8
 MAX_DETAIL: Final = 512
+MAX_OBSERVE: Final = 16
 PRESENCE_ONLINE: Final = b"online"
 PRESENCE_OFFLINE: Final = b"offline"
 
@@ -86,6 +87,7 @@ class Report:
     resources: tuple[ResourceReport, ...] = ()
     refusals: tuple[Refusal, ...] = ()
     failure: Failure | None = None
+    observe: str = ""  # how the device notices changes: "inotify" or "poll" ("": not said)
     schema: int = SCHEMA
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -97,8 +99,9 @@ def _applied_map(a: Applied | None) -> dict[str, Any] | None:
 
 
 def encode(report: Report) -> bytes:
+    optional: dict[str, Any] = {"observe": report.observe[:MAX_OBSERVE]} if report.observe else {}
     return codec.pack(
-        {
+        optional | {
             "schema": report.schema,
             "device": report.device,
             "time": report.time,
@@ -209,6 +212,9 @@ def decode(data: bytes, *, max_size: int = MAX_REPORT_BYTES) -> Report:
             _get(failure_raw, "at", int, "failure"),
         )
     mode = _get(raw, "mode", str, "report")
+    observe = raw.get("observe", "")
+    if not isinstance(observe, str):
+        raise SchemaError("report: field 'observe' is not a string")
     return Report(
         device=device,
         time=_get(raw, "time", int, "report"),
@@ -221,6 +227,7 @@ def decode(data: bytes, *, max_size: int = MAX_REPORT_BYTES) -> Report:
         resources=tuple(resources),
         refusals=tuple(refusals),
         failure=failure,
+        observe=observe[:MAX_OBSERVE],
         schema=schema,
     )
 

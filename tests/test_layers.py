@@ -13,9 +13,11 @@ import subprocess
 import sys
 import textwrap
 
-# What a device installs (README, proto/SPEC.md): paho-mqtt, msgpack, cryptography, and their own
-# dependencies (cryptography's cffi backend).
-SHIM_ALLOWED = {"setpoint", "paho", "msgpack", "cryptography", "cffi", "_cffi_backend"}
+# What a device installs (README, proto/SPEC.md): paho-mqtt, msgpack, cryptography,
+# inotify-simple (on Linux), and their own dependencies (cryptography's cffi backend).
+SHIM_ALLOWED = {
+    "setpoint", "paho", "msgpack", "cryptography", "inotify_simple", "cffi", "_cffi_backend"
+}  # fmt: skip
 PROTO_ALLOWED = {"setpoint", "msgpack", "cryptography", "cffi", "_cffi_backend"}
 CONTROLLER_ONLY = {"aiomqtt", "pydantic", "pydantic_core", "dulwich", "yaml", "prometheus_client"}
 

@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
+DEFAULT_PREFIX = "setpoint/v1"
 CONTROLLER_EXTRA_HINT = (
     "this verb needs the controller's dependencies: pip install 'setpoint[controller]'"
 )
@@ -64,16 +65,19 @@ def parse_broker_url(url: str) -> BrokerURL:
     return BrokerURL(parts.scheme, parts.hostname, port, tls)
 
 
-def add_broker_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The broker flags every verb that talks to a broker takes.
+
+    The defaults are left empty here: :func:`setpoint.commands._contexts.apply` fills what
+    no flag gave from the environment, then from the operator's config file (the context),
+    then the built-in default, once the command line is parsed.
+    """
     parser.add_argument(
         "--broker",
-        required=required,
-        default=os.environ.get("SETPOINT_BROKER"),
-        help="mqtt://host:port or mqtts://host:port (env SETPOINT_BROKER)",
+        help="mqtt://host:port or mqtts://host:port (env SETPOINT_BROKER, or the context's)",
     )
     parser.add_argument(
         "--username",
-        default=os.environ.get("SETPOINT_MQTT_USERNAME"),
         help="MQTT user name (env SETPOINT_MQTT_USERNAME)",
     )
     parser.add_argument(
@@ -84,8 +88,18 @@ def add_broker_arguments(parser: argparse.ArgumentParser, *, required: bool = Tr
     parser.add_argument("--cert", help="client certificate for mqtts")
     parser.add_argument("--client-key", help="client certificate key for mqtts")
     parser.add_argument(
-        "--prefix", default=os.environ.get("SETPOINT_PREFIX", "setpoint/v1"), help="topic prefix"
+        "--prefix", help=f"topic prefix (env SETPOINT_PREFIX; default {DEFAULT_PREFIX})"
     )
+    add_context_argument(parser)
+
+
+def add_context_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--context",
+        help="use this context of the config file (env SETPOINT_CONTEXT;"
+        " default: the file's current-context; see `setpoint config`)",
+    )
+    parser.set_defaults(_settings=True)
 
 
 def add_trust_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -110,10 +124,18 @@ def load_trust(paths: list[Path]) -> dict[str, Any] | None:
 
 def broker_from_args(args: argparse.Namespace) -> BrokerURL:
     if not args.broker:
-        raise CommandError("no broker: pass --broker mqtt://host:port or set SETPOINT_BROKER")
+        raise CommandError(
+            "no broker: pass --broker mqtt://host:port, set SETPOINT_BROKER, or make a"
+            " context once: setpoint config set-context NAME --broker mqtt://host:port"
+        )
     url = parse_broker_url(args.broker)
     password = os.environ.get("SETPOINT_MQTT_PASSWORD")
     if args.password_file:
-        with open(args.password_file, encoding="utf-8") as fh:
-            password = fh.read().strip()
+        try:
+            with open(args.password_file, encoding="utf-8") as fh:
+                password = fh.read().strip()
+        except OSError as exc:
+            raise CommandError(
+                f"password file {args.password_file}: {exc.strerror or exc}"
+            ) from None
     return BrokerURL(url.scheme, url.host, url.port, url.tls, args.username, password)

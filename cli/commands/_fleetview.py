@@ -3,7 +3,9 @@
 :class:`Reader` connects with the usual broker flags, subscribes (QoS 0: a retained flood is
 never cut by the broker's queue limit), and :meth:`Reader.snapshot` returns once a barrier
 message it sent itself has come back, so every retained message has arrived: no guessing
-with quiet periods. :meth:`Reader.follow` hands every later message to a callback.
+with quiet periods. :meth:`Reader.follow` hands every later message to a callback. With a
+:class:`Session` (``drift --follow``) the connection is persistent instead: no clean start,
+a session expiry and QoS 1, so the broker queues what arrives while it reconnects.
 
 Also small helpers for printing: colour only on a terminal, times, state colours.
 """
@@ -11,12 +13,16 @@ Also small helpers for printing: colour only on a terminal, times, state colours
 from __future__ import annotations
 
 import argparse
+import getpass
+import hashlib
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from setpoint.proto.status import ago
@@ -39,21 +45,58 @@ STATE_COLOURS = {
 }
 
 
-class Reader:
-    """One paho connection that reads retained topics, then (optionally) follows them."""
+@dataclass(frozen=True)
+class Session:
+    """A persistent MQTT session: the broker keeps the subscription and queues QoS 1
+    messages for ``client_id`` while it is disconnected, up to ``expiry`` seconds."""
 
-    def __init__(self, args: argparse.Namespace, filters: list[str], role: str) -> None:
+    client_id: str
+    expiry: int
+
+
+def session_client_id(role: str, args: argparse.Namespace) -> str:
+    """A client id that stays the same for this process's life (so each reconnect finds
+    the session again) and differs between processes (two followers on one host must not
+    take each other's session): the user, host, broker and prefix, then the process id."""
+    seed = "\0".join([getpass.getuser(), socket.gethostname(), str(args.broker), args.prefix])
+    return f"setpoint-{role}-{hashlib.sha256(seed.encode()).hexdigest()[:8]}-{os.getpid()}"
+
+
+class Reader:
+    """One paho connection that reads retained topics, then (optionally) follows them.
+
+    With a :class:`Session` it connects without a clean start, subscribes at QoS 1 and
+    calls ``on_session(connects, session_present)`` on every connection, and
+    ``on_session(connects, None)`` when the connection is lost.
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        filters: list[str],
+        role: str,
+        *,
+        session: Session | None = None,
+        on_session: Callable[[int, bool | None], None] | None = None,
+        follow: Callable[[str, bytes], None] | None = None,
+    ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
 
         url = broker_from_args(args)
         self.topics = Topics(args.prefix)
-        self.client_id = f"setpoint-{role}-{secrets.token_hex(4)}"
+        self.client_id = session.client_id if session else f"setpoint-{role}-{secrets.token_hex(4)}"
         self._barrier = self.topics.barrier(self.client_id)
         self._filters = filters
+        self._qos = 1 if session else 0
+        self._on_session = on_session
+        self.connects = 0
         self._cond = threading.Condition()
         self._marks: set[bytes] = set()
-        self._callback: Callable[[str, bytes], None] | None = None
+        # Set before connecting: a resumed session delivers its queue right after CONNACK.
+        self._callback: Callable[[str, bytes], None] | None = follow
         self._connected = threading.Event()
         self._error: str | None = None
         self.messages: dict[str, bytes] = {}
@@ -62,6 +105,12 @@ class Reader:
             client_id=self.client_id,
             protocol=mqtt.MQTTv5,
         )
+        client.reconnect_delay_set(1, 10)
+        properties = None
+        if session is not None:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = session.expiry
+        client.on_disconnect = self._on_disconnect
         if url.username:
             client.username_pw_set(url.username, url.password)
         if url.tls:
@@ -70,7 +119,13 @@ class Reader:
         client.on_message = self._on_message
         self._client = client
         try:
-            client.connect(url.host, url.port, keepalive=30)
+            client.connect(
+                url.host,
+                url.port,
+                keepalive=30,
+                clean_start=session is None,
+                properties=properties,
+            )
         except OSError as exc:
             raise CommandError(f"cannot connect to {args.broker}: {exc}") from None
         client.loop_start()
@@ -82,8 +137,25 @@ class Reader:
         if reason.is_failure:
             self._error = str(reason)
         else:
-            client.subscribe([(f, 0) for f in self._filters] + [(self._barrier, 0)])
+            self.connects += 1
+            qos = self._qos
+            client.subscribe([(f, qos) for f in self._filters] + [(self._barrier, qos)])
+            if self._on_session is not None:
+                self._on_session(self.connects, bool(flags.session_present))
         self._connected.set()
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if self._on_session is not None and self._connected.is_set():
+            self._on_session(self.connects, None)
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def error(self) -> str | None:
+        """Why the broker refused a (re)connection (then a follower must stop), or None."""
+        return self._error
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         payload = bytes(message.payload)
@@ -119,7 +191,18 @@ class Reader:
         with self._cond:
             self._cond.wait(timeout)
 
-    def close(self) -> None:
+    def close(self, *, end_session: bool = False) -> None:
+        """Disconnect; with ``end_session`` also tell the broker to drop our persistent
+        session now instead of keeping it (and queueing for it) until it expires."""
+        if end_session:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 0
+            self._client.disconnect(properties=properties)
+            self._client.loop_stop()
+            return
         self._client.loop_stop()
         self._client.disconnect()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from . import _operating
 from ._common import CommandError, add_broker_arguments
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         command = _operating.new_command("approve", ring=args.ring, tree=tree)
         reply = _operating.send(args, command)
     except CommandError as exc:
-        print(f"setpoint approve: {exc}")
+        print(f"setpoint approve: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(reply, sort_keys=True))

@@ -313,6 +313,7 @@ def story(
     groups = sorted(p.stem for p in (repo / "groups").glob("*.yaml"))
     devices = sorted(p.stem for p in (repo / "devices").glob("*.yaml"))
     narrator.say(f"fleet repository {repo}: groups {groups}, devices {devices}")
+    seal_secrets(repo, work, devices, narrator)
     if tls:
         tls.issue(devices)
         narrator.say(f"issued a client certificate per device (CN = device id): {devices}")
@@ -346,7 +347,7 @@ def story(
                     "--root", str(roots[device]),
                     "--state-dir", str(work / "devices" / device / "state"),
                     "--config", str(device_config),
-                    "--observe-interval", "0.5", "--heartbeat", "60",
+                    "--heartbeat", "60",
                     *(tls.flags(device) if tls else ()),
                 ),
                 logs / f"shim-{device}.log",
@@ -371,6 +372,7 @@ def story(
 
     took = watcher.wait(all_in_sync(), "every device in_sync", timeout)
     narrator.good(f"fleet converged in {took:.2f}s: {watcher.states(devices)}")
+    show_sealed(roots, narrator)
 
     enforce_group, observe_group = "kiosks", "gateways"
     members = {
@@ -571,6 +573,50 @@ def hand_edit(root: Path, kiosk: bool) -> str:
     values["uplink_interval_s"] = 5
     settings.write_text(json.dumps(values))
     return "set uplink_interval_s to 5 in the settings file (the fleet says 30)"
+
+
+def seal_secrets(repo: Path, work: Path, devices: list[str], narrator: Narrator) -> None:
+    """Each device makes its age identity; one secret per group is sealed to its devices."""
+    from dulwich import porcelain
+
+    from setpoint.controller import examples
+
+    for device in devices:
+        state = work / "devices" / device / "state"
+        recipient = run_cli("shim", "keygen", "--state-dir", str(state)).strip()
+        with (repo / "devices" / f"{device}.yaml").open("a") as fh:
+            fh.write(f"recipient: {recipient}\n")
+    (work / "secrets").mkdir(mode=0o700)
+    for group, spec in sorted(examples.SEALED.items()):
+        plaintext = work / "secrets" / f"{group}.txt"
+        plaintext.write_text(f"demo-{group}-secret\n")
+        kind = ("--key", spec["key"]) if "key" in spec else ("--path", spec["path"])
+        run_cli("secrets", "seal", "--group", group, "--repo", str(repo), "--write",
+                "--resource", spec["resource"], *kind, "--from-file", str(plaintext))  # fmt: skip
+    porcelain.add(str(repo), paths=[str(p) for p in sorted(repo.glob("*/*.yaml"))])
+    porcelain.commit(
+        str(repo),
+        message=b"demo: device recipients, one sealed secret per group",
+        author=b"Demo Operator <ops@example.com>",
+        committer=b"Demo Operator <ops@example.com>",
+    )
+    narrator.say(
+        f"each device made its age identity; sealed {sorted(examples.SEALED)} for their"
+        " devices (git and the controller hold only ciphertext)"
+    )
+
+
+def show_sealed(roots: dict[str, Path], narrator: Narrator) -> None:
+    """The kiosks' sealed file, decrypted on each kiosk and nowhere else."""
+    from setpoint.controller import examples
+
+    rel = examples.SEALED["kiosks"]["path"]
+    for device, root in sorted(roots.items()):
+        if device.startswith("kiosk-"):
+            path = root / rel
+            if not path.exists() or path.stat().st_mode & 0o777 != 0o600:
+                raise DemoFailed(f"{device}: the sealed file {rel} is not there with mode 0600")
+            narrator.say(f"{device}: {rel} (0600) decrypted on the device, from the ciphertext")
 
 
 def resize_fleet(repo: Path, count: int) -> None:

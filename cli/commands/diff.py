@@ -10,7 +10,8 @@ the bundles' signatures are verified; without it they are decoded unverified and
 output says so. Secret setting values are never printed.
 
 Exit 0: the device reports exactly what is desired; 1: it differs (like ``diff``);
-2: cannot tell (no bundle, no report, broker unreachable, bad signature).
+2: cannot tell (no bundle, no report yet, broker unreachable, bad signature). A device
+that never reported still gets its desired side printed (and ``"reported": null``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from setpoint.proto import diffs
+from setpoint.proto import diffs, reports
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.topics import Topics, validate_id
 
@@ -90,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
                 sort_keys=True,
             )
         )  # fmt: skip
-        return 1 if differs else 0
+        return _verdict(report, differs)
     colour = view.use_colour(args)
     note = "" if trusted is not None else "  (signatures not verified: pass --trust signing.pub)"
     print(
@@ -121,4 +122,11 @@ def _run(args: argparse.Namespace) -> int:
         plain.append([*cells, r["verdict"]])
         lines.append([*cells, view.paint(colour, "32" if good else "31", r["verdict"])])
     print("\n".join(view.table(lines, plain)))
+    return _verdict(report, differs)
+
+
+def _verdict(report: reports.Report | None, differs: bool) -> int:
+    """2 when there is no report to compare with (cannot tell), else like ``diff``."""
+    if report is None:
+        return 2
     return 1 if differs else 0

@@ -1,15 +1,22 @@
-"""``setpoint history [TARGET]``: the controller's audit log of publications."""
+"""``setpoint history [TARGET]``: the controller's audit log of publications.
+
+Exit 0 with the entries (or "no publications recorded" for a state directory whose
+controller has published nothing yet); 1 when TARGET has no publication in the log (the
+targets that have are listed); 2 when the state directory does not exist (a typo, or the
+controller keeps its state elsewhere: pass ``--state-dir``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from ._common import CommandError, require_controller
+from ._common import CommandError, add_context_argument, require_controller
 
 
 def state_base() -> Path:
@@ -58,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--limit", type=int, default=0, help="only the last N entries")
+    add_context_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +75,26 @@ def run(args: argparse.Namespace) -> int:
     except CommandError as exc:
         print(f"setpoint history: {exc}", file=sys.stderr)
         return 2
+    if not state_dir.is_dir():
+        print(
+            f"setpoint history: no controller state directory {state_dir}: pass the"
+            " controller's --state-dir (or set SETPOINT_STATE_DIR)",
+            file=sys.stderr,
+        )
+        return 2
     entries = list(audit.read(state_dir / audit.AUDIT_FILE, args.target))
+    if args.target and not entries:
+        known = sorted({str(e.get("target")) for e in audit.read(state_dir / audit.AUDIT_FILE)})
+        ids = sorted({str(e.get("id")) for e in audit.read(state_dir / audit.AUDIT_FILE)})
+        close = difflib.get_close_matches(args.target, known + ids, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        more = f" and {len(known) - 10} more" if len(known) > 10 else ""
+        listing = f" (targets: {', '.join(known[:10])}{more})" if known else " (the log is empty)"
+        print(
+            f"setpoint history: no publication of {args.target!r} in {state_dir}{hint}{listing}",
+            file=sys.stderr,
+        )
+        return 1
     if args.limit > 0:
         entries = entries[-args.limit :]
     if args.json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from ._common import require_controller
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", type=Path, help="where to create the repository")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,6 +22,10 @@ def run(args: argparse.Namespace) -> int:
     except FileExistsError as exc:
         print(f"setpoint init: {exc}; choose a new directory", file=sys.stderr)
         return 1
+    if args.json:
+        print(json.dumps({"directory": str(args.directory), "branch": examples.DEFAULT_BRANCH,
+                          "commit": commit, "files": sorted(examples.FILES)}))  # fmt: skip
+        return 0
     print(
         f"created fleet repository {args.directory} (branch {examples.DEFAULT_BRANCH},"
         f" commit {commit[:12]})"

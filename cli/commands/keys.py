@@ -1,8 +1,14 @@
-"""``setpoint keys generate --out DIR``: a fleet signing key pair."""
+"""``setpoint keys generate --out DIR`` and ``setpoint keys id FILE``: the fleet signing key.
+
+``generate`` creates DIR itself when only DIR is missing (``--out keys/`` in a fresh
+folder), but refuses a missing parent: a typo in ``--out /etc/setpont/keys`` must not leave
+a private key in a new tree nobody looks at. Exit 0, or 2 with what to fix.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,8 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen = sub.add_parser("generate", help="new Ed25519 signing key (0600) and public key")
     gen.add_argument("--out", required=True, type=Path, help="directory for the two files")
     gen.add_argument("--force", action="store_true", help="overwrite an existing key")
+    gen.add_argument("--json", action="store_true", help="print JSON for scripts")
     show = sub.add_parser("id", help="print the key id of a public or private key file")
     show.add_argument("file", type=Path)
+    show.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+class KeyFileError(Exception):
+    """A key file that cannot be written or read; the message says what to fix."""
 
 
 def generate(out: Path, *, force: bool = False) -> str:
@@ -27,10 +39,20 @@ def generate(out: Path, *, force: bool = False) -> str:
 
     from setpoint.proto import envelopes
 
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.parent.is_dir():
+        raise KeyFileError(
+            f"--out {out}: the folder {out.parent} does not exist; create it first"
+            f" (mkdir -p {out.parent}) or choose another --out"
+        )
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise KeyFileError(f"--out {out}: {exc.strerror or exc}") from None
+    if not out.is_dir():
+        raise KeyFileError(f"--out {out} is not a folder")
     private_path, public_path = out / PRIVATE_NAME, out / PUBLIC_NAME
     if private_path.exists() and not force:
-        raise FileExistsError(f"{private_path} exists: pass --force to replace it")
+        raise KeyFileError(f"{private_path} exists: pass --force to replace it")
     key = Ed25519PrivateKey.generate()
     tmp = private_path.with_name(f".{PRIVATE_NAME}.tmp")
     if tmp.exists():
@@ -48,22 +70,34 @@ def generate(out: Path, *, force: bool = False) -> str:
 
 def key_id_of(path: Path) -> str:
     from setpoint.proto import envelopes
+    from setpoint.proto.errors import ProtocolError
 
-    data = path.read_bytes()
-    if b"PRIVATE KEY" in data:
-        return envelopes.key_id(envelopes.load_private_key(data))
-    return envelopes.key_id(envelopes.load_public_key(data))
+    try:
+        data = path.read_bytes()
+        if b"PRIVATE KEY" in data:
+            return envelopes.key_id(envelopes.load_private_key(data))
+        return envelopes.key_id(envelopes.load_public_key(data))
+    except OSError as exc:
+        raise KeyFileError(f"{path}: {exc.strerror or exc}") from None
+    except (ProtocolError, ValueError) as exc:
+        raise KeyFileError(f"{path}: not a PEM Ed25519 key ({exc})") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.keys_verb == "generate":
-        try:
+    try:
+        if args.keys_verb == "generate":
             keyid = generate(args.out, force=args.force)
-        except FileExistsError as exc:
-            print(f"setpoint keys: {exc}", file=sys.stderr)
-            return 1
-        print(f"wrote {args.out / PRIVATE_NAME} (mode 0600) and {args.out / PUBLIC_NAME}")
-        print(f"key id: {keyid}")
-        return 0
-    print(key_id_of(args.file))
+            private, public = args.out / PRIVATE_NAME, args.out / PUBLIC_NAME
+            if args.json:
+                print(json.dumps({"key_id": keyid, "private": str(private),
+                                  "public": str(public)}, sort_keys=True))  # fmt: skip
+            else:
+                print(f"wrote {private} (mode 0600) and {public}")
+                print(f"key id: {keyid}")
+            return 0
+        keyid = key_id_of(args.file)
+    except KeyFileError as exc:
+        print(f"setpoint keys: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"key_id": keyid, "file": str(args.file)}) if args.json else keyid)
     return 0

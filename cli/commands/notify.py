@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="read 'old new ref' lines from standard input (post-receive)",
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def read_secret(path: Path | None) -> bytes | None:
@@ -100,5 +101,8 @@ def run(args: argparse.Namespace) -> int:
         reason = getattr(exc, "reason", exc)
         print(f"setpoint notify: cannot reach {args.controller}: {reason}", file=sys.stderr)
         return 1
-    print(f"notified {args.controller} ({status})")
+    if args.json:
+        print(json.dumps({"controller": args.controller, "status": status, "refs": refs}))
+    else:
+        print(f"notified {args.controller} ({status})")
     return 0

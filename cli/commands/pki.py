@@ -62,13 +62,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     listing = sub.add_parser("list", help="every certificate issued")
     listing.add_argument("--pki", type=Path, default=default_pki, help="PKI directory")
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    for action in (init, issue, revoke, crl, listing):
+        action.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def _open(pki_mod: object, args: argparse.Namespace) -> object:
     if args.pki is None:
         raise pki_mod.PkiError("no PKI directory: pass --pki DIR or set SETPOINT_PKI")  # type: ignore[attr-defined]
     return pki_mod.Pki(args.pki)  # type: ignore[attr-defined]
+
+
+def _creds(creds: object) -> dict[str, str | None]:
+    return {
+        name: None if getattr(creds, name) is None else str(getattr(creds, name))
+        for name in ("ca", "cert", "key")
+    }
+
+
+def _json(body: dict[str, object]) -> int:
+    print(json.dumps(body, sort_keys=True))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
         if args.pki_command == "init":
             hosts = tuple(args.host or pki_mod.DEFAULT_HOSTS)
             pki = pki_mod.init(args.dir, hosts=hosts, days=args.days)
+            if args.json:
+                return _json({"root": str(pki.root), "ca": str(pki.root / "ca.pem"),
+                              "crl": str(pki.root / "crl.pem"), "hosts": list(hosts),
+                              "broker": _creds(pki.broker), "controller": _creds(pki.controller),
+                              "operator": _creds(pki.operator)})  # fmt: skip
             print(f"PKI in {pki.root}: device CA ca.pem, CRL crl.pem")
             print(f"  broker      {pki.broker.cert} (hosts: {', '.join(hosts)})")
             print(f"  controller  {pki.controller.cert} (CN {pki_mod.CONTROLLER_IDENTITY})")
@@ -95,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
                 except OSError as exc:
                     raise pki_mod.PkiError(f"--csr {args.csr}: {exc.strerror}") from None
             creds = pki.issue_device(args.device, csr=csr, days=args.days, force=args.force)  # type: ignore[attr-defined]
+            if args.json:
+                return _json({"device": args.device, **_creds(creds)})
             print(f"{args.device}: certificate {creds.cert}")
             if creds.key is not None:
                 print(
@@ -104,11 +124,17 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.pki_command == "revoke":
             serials = pki.revoke(args.identity)  # type: ignore[attr-defined]
+            if args.json:
+                crl_path = str(pki.crl)  # type: ignore[attr-defined]
+                return _json({"identity": args.identity, "crl": crl_path,
+                              "serials": [f"{s:x}" for s in serials]})  # fmt: skip
             print(f"revoked {args.identity}: serial(s) {', '.join(f'{s:x}' for s in serials)}")
             print(f"CRL {pki.crl} rewritten; tell the broker: kill -HUP <mosquitto pid>")  # type: ignore[attr-defined]
             return 0
         if args.pki_command == "crl":
             path = pki.write_crl(args.days)  # type: ignore[attr-defined]
+            if args.json:
+                return _json({"crl": str(path), "days": args.days})
             print(f"CRL {path} re-signed, valid {args.days} days; reload the broker (SIGHUP)")
             return 0
         if args.pki_command == "list":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from . import _operating
 from ._common import CommandError, add_broker_arguments
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"rollout {args.action} needs a GROUP and --key OPERATOR_KEY")
         reply = _operating.send(args, _operating.new_command(args.action, group=args.group))
     except CommandError as exc:
-        print(f"setpoint rollout: {exc}")
+        print(f"setpoint rollout: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(reply, sort_keys=True))

@@ -2,8 +2,13 @@
 
     setpoint shim --device ID --broker URL --trust PUBFILE [--trust PUBFILE ...] --root DIR
                   [--state-dir DIR] [--config FILE] [--threshold N] [--heartbeat S]
-                  [--observe-interval S] [--skew S] [--username U] [--password-file F]
-                  [--prefix P] [--log-json] [--reset-floors]
+                  [--observe-interval S] [--no-watch] [--skew S] [--username U]
+                  [--password-file F] [--prefix P] [--log-json] [--reset-floors]
+    setpoint shim keygen (--state-dir DIR | --root DIR)
+
+``keygen`` makes the device's age identity for sealed secrets (0600, in the state
+directory, kept if it exists) and prints its recipient (``age1...``) for the operator to
+commit as ``recipient:`` in the device's file (docs/secrets.md).
 
 The password comes from ``SETPOINT_MQTT_PASSWORD`` or ``--password-file``, never from the
 command line. A clean stop publishes ``offline`` presence and exits 0; a bad setting exits 2
@@ -24,14 +29,24 @@ from typing import Any
 
 from ._common import CommandError, add_broker_arguments, broker_from_args
 
+_RUN_NEEDS = ("device", "broker", "trust", "root")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", required=True, help="this device's id")
+    parser.add_argument(
+        "action",
+        nargs="?",
+        choices=("run", "keygen"),
+        default="run",
+        help="run the agent (default), or keygen: make this device's age identity for sealed"
+        " secrets and print its recipient",
+    )
+    # Required for `run` (checked in run(): `keygen` needs none of them).
+    parser.add_argument("--device", help="this device's id")
     add_broker_arguments(parser)
     parser.add_argument(
         "--trust",
         action="append",
-        required=True,
         type=Path,
         metavar="PUBFILE",
         help="a trusted fleet public key (PEM); repeat to trust several (key rotation)",
@@ -39,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threshold", type=int, default=1, help="valid signatures needed (default 1)"
     )
-    parser.add_argument("--root", required=True, type=Path, help="the device root to manage")
+    parser.add_argument("--root", type=Path, help="the device root to manage")
     parser.add_argument(
         "--state-dir",
         type=Path,
@@ -56,8 +71,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--observe-interval",
         type=float,
-        default=5.0,
-        help="seconds between looks at the device's files and settings (drift detection)",
+        default=60.0,
+        help="seconds between full looks at the device's files and settings (default 60);"
+        " inotify reports a change at once, this is the safety net, and the only way where"
+        " inotify is unavailable",
+    )
+    parser.add_argument(
+        "--no-watch",
+        dest="watch",
+        action="store_false",
+        help="do not use inotify; poll every --observe-interval (a root on a network file"
+        " system, where inotify misses other hosts' writes)",
     )
     parser.add_argument(
         "--skew", type=float, default=300.0, help="clock skew tolerated on expiry (seconds)"
@@ -117,7 +141,72 @@ def _setup_logging(as_json: bool, level: str) -> None:
     logging.getLogger("paho").setLevel(logging.WARNING)
 
 
+def defer_urllib_request() -> None:
+    """Import ``urllib.request`` when it is first used, not when paho imports it.
+
+    paho imports it for one purpose, finding an ``mqtt_proxy`` when PySocks is installed;
+    with it come ``http.client`` and ``email``: about 2 MB of a device's memory, for nothing
+    on most devices. A placeholder module stands in for it until an attribute is asked for,
+    then the real module replaces it (``importlib.util.LazyLoader`` cannot do this: the
+    ``import`` statement itself makes it load). Only in the shim's own process; a module
+    already imported is left as it is.
+    """
+    import importlib
+    import importlib.util
+    import types
+
+    name = "urllib.request"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+
+    class Deferred(types.ModuleType):
+        def __getattr__(self, attr: str) -> Any:
+            if sys.modules.get(name) is self:
+                del sys.modules[name]
+            return getattr(importlib.import_module(name), attr)
+
+    placeholder = Deferred(name)
+    placeholder.__spec__ = spec
+    sys.modules[name] = placeholder
+    import urllib
+
+    urllib.request = placeholder  # type: ignore[attr-defined]
+
+
+def keygen(args: argparse.Namespace) -> int:
+    """Make (or keep) the device's age identity; print its recipient on stdout."""
+    from setpoint.device_shim import ConfigError, unsealing
+    from setpoint.device_shim.config import DEFAULT_STATE_DIR
+
+    if args.state_dir is None and args.root is None:
+        print("setpoint shim keygen: pass --state-dir DIR (or --root DIR)", file=sys.stderr)
+        return 2
+    state_dir = args.state_dir if args.state_dir is not None else args.root / DEFAULT_STATE_DIR
+    try:
+        recipient, created = unsealing.generate(state_dir)
+    except (OSError, ConfigError) as exc:
+        print(f"setpoint shim keygen: {exc}", file=sys.stderr)
+        return 1
+    path = state_dir / unsealing.IDENTITY_FILE
+    if created:
+        print(f"wrote {path} (mode 0600, never leaves this device)", file=sys.stderr)
+    else:
+        print(f"{path} exists: kept it (its recipient follows)", file=sys.stderr)
+    print("commit the recipient as 'recipient:' in the device's file:", file=sys.stderr)
+    print(recipient)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.action == "keygen":
+        return keygen(args)
+    defer_urllib_request()
+    missing = [f"--{name}" for name in _RUN_NEEDS if not getattr(args, name)]
+    if missing:
+        print(f"setpoint shim: the following arguments are required: {', '.join(missing)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     from setpoint.device_shim import (
         Agent,
         BrokerSettings,
@@ -150,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             heartbeat=args.heartbeat,
             observe_interval=args.observe_interval,
+            watch=args.watch,
             skew=args.skew,
             prefix=args.prefix,
             client_id=args.client_id,

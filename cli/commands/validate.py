@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         where = f"{args.rev} ({info.id[:12]})"
     problems = [p.located() for p in snapshot.problems]
+    warnings = [w.located() for w in snapshot.warnings]
     if args.json:
         print(
             json.dumps(
@@ -96,13 +97,20 @@ def run(args: argparse.Namespace) -> int:
                         {"file": p.file, "line": p.line, "message": p.message}
                         for p in snapshot.problems
                     ],
+                    "warnings": [
+                        {"file": w.file, "line": w.line, "message": w.message}
+                        for w in snapshot.warnings
+                    ],
                     "groups": sorted(snapshot.groups),
                     "devices": sorted(snapshot.devices),
                 },
                 indent=2,
             )
         )
-    elif problems:
+        return 1 if problems else 0
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if problems:
         for line in problems:
             print(line, file=sys.stderr)
         print(f"{len(problems)} problem(s) in {where}", file=sys.stderr)

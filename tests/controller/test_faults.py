@@ -122,6 +122,7 @@ async def test_remote_repository_with_webhook_and_notify(
             ref=[],
             hook=False,
             timeout=5.0,
+            json=False,
         )
         monkeypatch.setenv("SETPOINT_WEBHOOK_SECRET", "wrong")
         assert await asyncio.to_thread(notify.run, args) == 1

@@ -196,3 +196,32 @@ def test_repository_status_per_branch_with_lines_and_a_stable_time(view) -> None
     assert planner.branches["main"].checked_at == 99.0
     assert planner.branches["main"].problems[-1].message == "this commit removes every group"
     assert planner.branches["canary"] == fine
+
+
+def test_sealing_warnings_are_reported_on_the_branch_whose_file_holds_the_value(
+    view,  # type: ignore[no-untyped-def]
+) -> None:
+    import pyrage
+
+    from setpoint.controller import sealing
+
+    r1, r2 = (str(pyrage.x25519.Identity.generate().to_public()) for _ in range(2))
+    sealed_for_k1 = sealing.place(
+        "branch: canary\nresources: []\n",
+        "token",
+        sealing.seal(b"s", {"k1": r1}),
+        new={"kind": "setting", "key": "token"},
+    )
+    devices = {
+        "devices/k1.yaml": f"group: kiosks\nrecipient: {r1}\n",
+        "devices/k2.yaml": f"group: kiosks\nrecipient: {r2}\n",
+    }
+    main = view({"groups/kiosks.yaml": "branch: canary\nresources: []\n", **devices})
+    canary = view({"groups/kiosks.yaml": sealed_for_k1, **devices}, "canary")
+    out = rendering.render("main", {"main": main, "canary": canary})
+    assert not out.problems and Target("device", "k2") in out.desired  # published anyway
+    [warning] = out.warnings
+    assert (warning.branch, warning.commit) == ("canary", canary.commit.id)
+    assert str(warning.problem).startswith(
+        "groups/kiosks.yaml: resource 'token': not sealed for device(s) k2"
+    )

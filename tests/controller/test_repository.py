@@ -84,7 +84,9 @@ def test_resolve_branch_or_commit(example_repo, tmp_path: Path) -> None:
     repo = Repository(str(example_repo.path), tmp_path / "state")
     assert repo.resolve("main") == example_repo.head()
     assert repo.resolve(example_repo.head()) == example_repo.head()
-    with pytest.raises(ConfigError, match="no branch 'nope'"):
+    assert repo.resolve(example_repo.head()[:7]) == example_repo.head()
+    assert repo.resolve("HEAD~0") == example_repo.head()
+    with pytest.raises(ConfigError, match="no branch or commit 'nope'"):
         repo.resolve("nope")
     repo.close()
 

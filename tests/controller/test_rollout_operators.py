@@ -261,7 +261,7 @@ async def test_a_paused_group_releases_no_batch_until_resumed(
         assert await asyncio.to_thread(
             main, ["rollout", "pause", "canaries", *cli_flags(broker, unique_prefix)]
         ) == 2  # fmt: skip
-        assert "needs a GROUP and --key" in capsys.readouterr().out
+        assert "needs a GROUP and --key" in capsys.readouterr().err
 
 
 # --- Maintenance windows --------------------------------------------------------------------

@@ -130,6 +130,7 @@ async def test_notify_posts_a_signed_request(monkeypatch: pytest.MonkeyPatch) ->
             ref=["refs/heads/main"],
             hook=False,
             timeout=5.0,
+            json=False,
         )
         assert await asyncio.to_thread(notify.run, args) == 0
         monkeypatch.setenv("SETPOINT_WEBHOOK_SECRET", "wrong")

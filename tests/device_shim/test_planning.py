@@ -26,6 +26,7 @@ from setpoint.device_shim.planning import (
     same_value,
 )
 from setpoint.proto.bundles import CommandResource, FileResource, SettingResource
+from setpoint.proto.sealed import Sealed
 
 ALLOW = DevicePolicy(allow_commands=True, command_timeout_cap=30)
 
@@ -308,3 +309,52 @@ def test_plan_does_not_touch_its_inputs() -> None:
     desired = [MOTD]
     plan(desired, observed)
     assert desired == [MOTD] and observed.managed_files == {"x"}
+
+
+# Sealed values: compared by keyed MAC against the ledger, never by content.
+
+SEALED = Sealed("-----BEGIN AGE ENCRYPTED FILE-----\nYWdl\n-----END AGE ENCRYPTED FILE-----\n")
+SEALED_FILE = FileResource("token", "etc/token", b"", 0o600, SEALED)
+SEALED_SETTING = SettingResource("api", "api_token", None, True, SEALED)
+
+
+def keyed(path: str, mac: str, mode: int = 0o600) -> FileFact:
+    return FileFact(path, "regular", path, mode=mode, mac=mac)
+
+
+def test_a_sealed_file_never_opened_here_is_written_from_its_ciphertext() -> None:
+    observed = Observed(files={"etc/token": keyed("etc/token", "")}, sealed_macs={"token": ""})
+    [step] = plan([SEALED_FILE], observed)
+    assert isinstance(step, WriteFile) and step.sealed == SEALED and step.content == b""
+    assert step.why == "content differs" and step.mode == 0o600
+
+
+@pytest.mark.parametrize(("mac", "drifted"), [("m1", False), ("m2", True)])
+def test_a_sealed_file_drifts_when_its_mac_is_not_the_ledgers(mac: str, drifted: bool) -> None:
+    observed = Observed(
+        files={"etc/token": keyed("etc/token", mac)},
+        sealed_macs={"token": mac},
+        ledger={SEALED.digest(): "m1"},
+    )
+    steps = plan([SEALED_FILE], observed)
+    assert [type(s) for s in steps] == ([WriteFile] if drifted else [])
+
+
+def test_a_sealed_file_with_its_content_but_another_mode_only_gets_its_mode() -> None:
+    observed = Observed(
+        files={"etc/token": keyed("etc/token", "m1", 0o644)},
+        sealed_macs={"token": "m1"},
+        ledger={SEALED.digest(): "m1"},
+    )
+    [step] = plan([SEALED_FILE], observed)
+    assert isinstance(step, SetMode) and step.mode == 0o600
+
+
+def test_a_sealed_setting_compares_macs_and_its_step_carries_no_value() -> None:
+    settings = SettingsFact({"api_token": "guessed"})
+    same = Observed(settings=settings, sealed_macs={"api": "m1"}, ledger={SEALED.digest(): "m1"})
+    assert plan([SEALED_SETTING], same) == []
+    other = Observed(settings=settings, sealed_macs={"api": "m9"}, ledger={SEALED.digest(): "m1"})
+    [step] = plan([SEALED_SETTING], other)
+    assert isinstance(step, SetSetting) and step.sealed == SEALED and step.value is None
+    assert "guessed" not in repr(step) and "YWdl" not in repr(step)

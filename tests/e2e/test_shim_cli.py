@@ -81,7 +81,6 @@ def run_shim(fleet: Fleet, broker: Any, tmp_path: Path) -> Iterator[Any]:
             "--prefix", fleet.topics.prefix,
             "--trust", str(fleet.pub),
             "--root", str(root),
-            "--observe-interval", "0.2",
             "--reconnect-min", "0.1",
             "--reconnect-max", "0.5",
             *extra,
@@ -116,7 +115,27 @@ def test_converges_heals_and_stops_cleanly(fleet: Fleet, run_shim: Any, tmp_path
     lines = [json.loads(line) for line in shim.text().splitlines() if line.strip()]
     assert any("applied group kiosk v1" in line["msg"] for line in lines)
     assert any("healed" in line["msg"] for line in lines)
+    # With the defaults the edit was seen by inotify, not at the next full look in 60 s.
+    assert "observing with inotify; a full look every 60s as a safety net" in [
+        line["msg"] for line in lines
+    ]
     assert "hunter2" not in shim.text()
+
+
+def test_the_shim_defers_what_paho_imports_only_for_proxies() -> None:
+    probe = (
+        "import sys\n"
+        "from setpoint.commands import shim\n"
+        "shim.defer_urllib_request()\n"
+        "import setpoint.device_shim.agent\n"
+        "assert 'http.client' not in sys.modules and 'email' not in sys.modules\n"
+        "import urllib.request\n"
+        "from urllib.request import getproxies\n"
+        "assert isinstance(getproxies(), dict) and 'http.client' in sys.modules\n"
+        "assert type(sys.modules['urllib.request']).__name__ == 'module'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_bad_device_id_is_refused_at_start(fleet: Fleet, run_shim: Any) -> None:

@@ -65,6 +65,20 @@ def test_fields_on_the_wire() -> None:
     }  # fmt: skip
 
 
+def test_how_the_device_observes_is_an_optional_field() -> None:
+    for method in ("inotify", "poll"):
+        with_method = Report("kiosk-01", 1, 0, "0.1.0", observe=method)
+        data = reports.encode(with_method)
+        assert codec.unpack(data, max_size=reports.MAX_REPORT_BYTES)["observe"] == method
+        assert reports.decode(data) == with_method
+    # Not said: not on the wire, so a report from an older agent reads as before.
+    assert "observe" not in codec.unpack(reports.encode(FULL), max_size=reports.MAX_REPORT_BYTES)
+    assert reports.decode(reports.encode(FULL)).observe == ""
+    # A newer agent's method is kept, cut short; a wrong type is refused.
+    assert reports.decode(edited(observe="fanotify" * 10)).observe == ("fanotify" * 10)[:16]
+    refused(SchemaError, edited(observe=1))
+
+
 def test_long_texts_are_cut_on_encode_and_decode() -> None:
     long = Report(
         "kiosk-01", 1, 0, "0.1.0",
