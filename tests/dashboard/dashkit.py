@@ -32,18 +32,20 @@ ENV = {
 }
 SECRET_VALUE = "s3cr3t-value-never-shown-42"
 FILES = {
-    "fleet.yaml": "rings:\n  - branch: main\n  - branch: canary\n"
+    "fleet.yaml": "allow_plaintext_secret: true\nrings:\n  - branch: main\n  - branch: canary\n"
     "    gate: {from: main, in_sync: 100%, healthy_for: 3600}\n",
     "groups/kiosks.yaml": "mode: enforce\nresources:\n"
     '  - {id: motd, kind: file, path: etc/motd, content: "Welcome to ${site}\\n"}\n'
     "  - {id: log-level, kind: setting, key: log_level, value: info}\n",
     "groups/gateways.yaml": "mode: observe\nresources:\n"
-    "  - {id: uplink-interval, kind: setting, key: uplink_interval_s, value: 30}\n"
-    f"  - {{id: api-token, kind: setting, key: api_token, value: {SECRET_VALUE}, secret: true}}\n",
+    "  - {id: uplink-interval, kind: setting, key: uplink_interval_s, value: 30}\n",
     "groups/lobby.yaml": "branch: canary\nmode: enforce\nresources:\n"
     "  - {id: motd, kind: file, path: etc/motd, content: lobby}\n",
     "devices/kiosk-01.yaml": "group: kiosks\nvars: {site: hall}\n",
-    "devices/gw-01.yaml": "group: gateways\n",
+    # A plaintext secret: only in a device's own file, and only with allow_plaintext_secret
+    # (sealing needs the device's age key; the page must hide the value either way).
+    "devices/gw-01.yaml": "group: gateways\nresources:\n"
+    f"  - {{id: api-token, kind: setting, key: api_token, value: {SECRET_VALUE}, secret: true}}\n",
     "devices/lobby-01.yaml": "group: lobby\n",
 }
 RUNNING = ("kiosk-01", "gw-01")  # lobby-01 never runs: canary's gate has a device to wait on
