@@ -9,9 +9,9 @@ an operator does by hand: edit a file on a device, commit to the repository.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -21,15 +21,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from setpoint.commands.demo import process, start_dashboard
 
-SETPOINT = [sys.executable, "-m", "setpoint"]
-ENV = {
-    **{k: v for k, v in os.environ.items() if not k.startswith("SETPOINT_")},
-    "GIT_AUTHOR_NAME": "Dana Operator",
-    "GIT_AUTHOR_EMAIL": "dana@example.com",
-    "GIT_COMMITTER_NAME": "Dana Operator",
-    "GIT_COMMITTER_EMAIL": "dana@example.com",
-    "GIT_CONFIG_NOSYSTEM": "1",
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from clikit import SETPOINT, environment
+
+# Every CLI run sees a clean environment: no SETPOINT_* variables, no operator config file.
+ENV = environment(
+    Path(tempfile.mkdtemp(prefix="setpoint-dashboard-config-")),
+    {"GIT_AUTHOR_NAME": "Dana Operator", "GIT_AUTHOR_EMAIL": "dana@example.com",
+     "GIT_COMMITTER_NAME": "Dana Operator", "GIT_COMMITTER_EMAIL": "dana@example.com"},
+)  # fmt: skip
 SECRET_VALUE = "s3cr3t-value-never-shown-42"
 FILES = {
     "fleet.yaml": "allow_plaintext_secret: true\nrings:\n  - branch: main\n  - branch: canary\n"
