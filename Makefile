@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEVICES ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: all demo test test-cluster check bench bench-quick mosquitto nats venv clean
+.PHONY: all demo test test-cluster check bench bench-quick mosquitto nats chromium screenshots venv clean
 
 all: test
 
@@ -27,16 +27,25 @@ mosquitto:
 nats:
 	@./scripts/bootstrap-nats.sh
 
+# Debian's chromium for the dashboard's browser tests (they skip, loudly, without it).
+chromium:
+	@./scripts/bootstrap-chromium.sh
+
 demo: venv mosquitto
 	$(BIN)/setpoint demo --devices $(DEVICES)
 
-test: venv mosquitto nats
+test: venv mosquitto nats chromium
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The fault tests on a 3-node NATS cluster (kill -9 of nodes, rolling restart): slower, and
 # the engine itself is not reliable under load yet (docs/scale-out.md).
 test-cluster: venv mosquitto nats
 	SETPOINT_CLUSTER_FAULTS=1 $(BIN)/pytest tests/engines tests/device_shim/test_link_failover.py $(PYTEST_ARGS)
+
+# Retake the dashboard screenshots in docs/img/ (the browser tests take them; a plain
+# `make test` writes them to a temporary directory so the tree stays clean).
+screenshots: venv mosquitto chromium
+	SETPOINT_SCREENSHOTS=docs $(BIN)/pytest tests/dashboard/test_browser.py
 
 check: venv
 	$(BIN)/ruff check .
