@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from typing import Any
 from setpoint.commands import keys
 from setpoint.engines import NatsCluster
 from setpoint.mosquitto import Broker
+from setpoint.mosquitto.broker import end_process
 from setpoint.proto.topics import Topics
 from setpoint.sim import fleetrepo, mqtt
 
@@ -149,14 +149,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def stop(proc: subprocess.Popen[Any] | None, timeout: float = 20.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    end_process(proc, timeout=timeout, hard=False)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 INSTALL_HINT = (
     "mosquitto is not installed. Install it with:\n"
@@ -77,7 +78,7 @@ def find_program(
     raise missing()
 
 
-def end_process(proc: subprocess.Popen[bytes] | None, *, timeout: float = 10.0, hard: bool) -> None:
+def end_process(proc: subprocess.Popen[Any] | None, *, timeout: float = 10.0, hard: bool) -> None:
     """SIGKILL (``hard``) or SIGTERM then, after ``timeout``, SIGKILL; reap it and close
     its stderr pipe."""
     if proc is None:

@@ -39,25 +39,11 @@ pytestmark = [
         " on a loaded machine the engine sometimes never delivers the new bundle (scale-out.md)",
     ),
 ]
+sys.path.insert(0, str(Path(__file__).parent))
+
+from enginekit import ENV, SETPOINT, git  # noqa: E402
 
 log = logging.getLogger(__name__)
-ENV = {
-    **{k: v for k, v in os.environ.items() if not k.startswith("SETPOINT_")},
-    "GIT_AUTHOR_NAME": "Bob",
-    "GIT_AUTHOR_EMAIL": "bob@example.com",
-    "GIT_COMMITTER_NAME": "Bob",
-    "GIT_COMMITTER_EMAIL": "bob@example.com",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-}
-SETPOINT = [sys.executable, "-m", "setpoint"]
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "commit.gpgsign=false", *args],
-        cwd=repo, env=ENV, check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
 
 
 class DriftReader:

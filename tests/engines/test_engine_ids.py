@@ -4,8 +4,6 @@ and still publishes every other target."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -19,31 +17,9 @@ from setpoint.engines import NatsCluster
 from setpoint.proto.topics import Topics
 
 pytestmark = pytest.mark.engine
+sys.path.insert(0, str(Path(__file__).parent))
 
-ENV = {
-    **{k: v for k, v in os.environ.items() if not k.startswith("SETPOINT_")},
-    "GIT_AUTHOR_NAME": "Bob",
-    "GIT_AUTHOR_EMAIL": "bob@example.com",
-    "GIT_COMMITTER_NAME": "Bob",
-    "GIT_COMMITTER_EMAIL": "bob@example.com",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-}
-
-
-def setpoint(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "setpoint", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=ENV,
-        check=False,
-    )
-
-
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "commit.gpgsign=false", *args], cwd=repo, env=ENV, check=True)
+from enginekit import git, setpoint  # noqa: E402
 
 
 def retained_desired(url: str, prefix: str, want: str, timeout: float = 60) -> set[str]:

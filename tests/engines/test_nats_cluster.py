@@ -4,8 +4,10 @@ MQTT 5 (which is why every setpoint client falls back to 3.1.1)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -15,6 +17,9 @@ from setpoint.engines import NatsCluster
 from setpoint.engines.cluster import config_template_of
 
 pytestmark = pytest.mark.engine
+sys.path.insert(0, str(Path(__file__).parent))
+
+from enginekit import publish_retained  # noqa: E402
 
 TIMEOUT = 30.0
 
@@ -61,15 +66,6 @@ def _read_retained(url: str, topic: str, *, deadline: float = 120.0) -> bytes:
         assert time.monotonic() < end, f"retained {topic} never arrived from {url}"
 
 
-def _publish_retained(url: str, topic: str, payload: bytes) -> None:
-    client, _ = _client(url)
-    try:
-        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(TIMEOUT)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
 def test_three_nodes_on_free_loopback_ports_not_the_machines_nats(
     nats_cluster: NatsCluster,
 ) -> None:
@@ -88,7 +84,7 @@ def test_retained_message_published_on_one_node_is_read_on_another(
     nats_cluster: NatsCluster, unique_prefix: str
 ) -> None:
     topic = f"{unique_prefix}/retained"
-    _publish_retained(nats_cluster.urls[0], topic, b"bundle-1")
+    publish_retained(nats_cluster.urls[0], topic, b"bundle-1")
     assert _read_retained(nats_cluster.urls[2], topic) == b"bundle-1"
 
 
@@ -113,7 +109,7 @@ def test_retained_message_survives_kill_9_of_the_node_it_was_published_on(
 ) -> None:
     cluster = nats_cluster_fresh
     topic = f"{unique_prefix}/desired"
-    _publish_retained(cluster.urls[0], topic, b"bundle-2")
+    publish_retained(cluster.urls[0], topic, b"bundle-2")
     cluster.nodes[0].kill()
     assert _read_retained(cluster.urls[1], topic) == b"bundle-2"
     cluster.nodes[0].start()

@@ -4,13 +4,10 @@ dead node."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
+from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from setpoint.engines import NatsCluster
 from setpoint.mosquitto import free_port
@@ -18,44 +15,23 @@ from setpoint.proto.repository import BranchStatus, RepositoryStatus
 from setpoint.proto.topics import Topics
 
 pytestmark = pytest.mark.engine
+sys.path.insert(0, str(Path(__file__).parent))
 
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SETPOINT_")}
-    return subprocess.run(
-        [sys.executable, "-m", "setpoint", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
-
-
-def retain_311(url: str, topic: str, payload: bytes) -> None:
-    host, port = url.removeprefix("mqtt://").split(":")
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    client.connect(host, int(port))
-    client.loop_start()
-    try:
-        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(30)
-    finally:
-        client.disconnect()
-        client.loop_stop()
+from enginekit import publish_retained, setpoint  # noqa: E402
 
 
 def test_status_on_a_nats_cluster_falls_back_to_311_and_skips_a_dead_node(
     nats_cluster: NatsCluster, unique_prefix: str
 ) -> None:
     accepted = BranchStatus("main", "ab" * 20, True, 1.0, "kiosks: new motd")
-    retain_311(
+    publish_retained(
         nats_cluster.urls[1],
         Topics(unique_prefix).repository_status(),
         RepositoryStatus({"main": accepted}).to_json(),
     )
     dead = f"mqtt://127.0.0.1:{free_port()}"
     brokers = ",".join([dead, nats_cluster.urls[2], nats_cluster.urls[0]])
-    shown = cli("status", "--broker", brokers, "--prefix", unique_prefix)
+    shown = setpoint("status", "--broker", brokers, "--prefix", unique_prefix)
     assert shown.returncode == 0, shown.stderr
     assert "branch main: HEAD abababababab accepted" in shown.stdout
 
@@ -64,7 +40,7 @@ def test_status_with_mqtt_5_only_names_the_refusal(
     nats_cluster: NatsCluster, unique_prefix: str
 ) -> None:
     url = nats_cluster.urls[0]
-    shown = cli("status", "--broker", url, "--prefix", unique_prefix, "--mqtt-version", "5")
+    shown = setpoint("status", "--broker", url, "--prefix", unique_prefix, "--mqtt-version", "5")
     assert shown.returncode != 0
     assert f"cannot connect to {url}: {url} (MQTT 5): Unsupported protocol version" in (
         shown.stderr
@@ -73,7 +49,7 @@ def test_status_with_mqtt_5_only_names_the_refusal(
 
 def test_a_list_of_dead_brokers_names_each(unique_prefix: str) -> None:
     dead = [f"mqtt://127.0.0.1:{free_port()}" for _ in range(2)]
-    shown = cli("status", "--broker", ",".join(dead), "--prefix", unique_prefix)
+    shown = setpoint("status", "--broker", ",".join(dead), "--prefix", unique_prefix)
     assert shown.returncode != 0
     for url in dead:
         assert f"{url} (MQTT 5): [Errno 111] Connection refused" in shown.stderr
