@@ -39,6 +39,7 @@ from setpoint.mosquitto.broker import (
     find_program,
     free_port,
     render,
+    stop_on_signals,
 )
 
 INSTALL_HINT = (
@@ -283,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dir", type=Path, default=None, help="data directory (default: temp)")
     args = parser.parse_args(argv)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda _signum, _frame: stop.set())
+    stop = stop_on_signals()
     try:
         cluster = NatsCluster(args.dir).start()
     except EngineError as exc:

@@ -305,6 +305,16 @@ class SecureBroker(Broker):
         self.proc.send_signal(signal.SIGHUP)
 
 
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM, SIGINT or SIGHUP. The servers these harnesses start run in
+    sessions of their own (no terminal signal reaches them), so the foreground process must
+    stop them on SIGTERM as it does on Ctrl-C."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
+    return stop
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -316,11 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="default: a free port")
     parser.add_argument("--dir", type=Path, default=None, help="data directory (default: temp)")
     args = parser.parse_args(argv)
-    stop = threading.Event()
-    # mosquitto runs in a session of its own (no terminal signal reaches it), so this
-    # process must stop it on SIGTERM as it does on Ctrl-C.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda _signum, _frame: stop.set())
+    stop = stop_on_signals()
     try:
         broker = Broker(args.dir, port=args.port).start()
     except BrokerError as exc:
