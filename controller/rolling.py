@@ -177,15 +177,16 @@ class Rollouts:
     def _on_command(self, message: Message) -> None:
         now = self._clock()
         try:
-            payload = envelopes.verify(
+            verified = envelopes.verify_signed(
                 message.payload, self._trusted_operators(), payload_type=envelopes.APPROVAL_TYPE
             )
-            command = approvals.decode(payload)
-            keyid = envelopes.decode(message.payload).signatures[0].keyid
+            command = approvals.decode(verified.payload)
         except ProtocolError as exc:
             self._event("rollout", action="refused", reason=f"operator command refused: {exc}")
             return
-        who = self._who(message.payload)
+        # Named after the key whose signature verified, never after an entry merely present.
+        keyid = verified.keyids[0]
+        who = self._operators[keyid][0]
         if command.expires_at + CLOCK_SKEW < now or command.issued_at - CLOCK_SKEW > now:
             self._event("rollout", action="refused", nonce=command.nonce, reason="expired")
             return
@@ -214,16 +215,6 @@ class Rollouts:
 
     def _trusted_operators(self) -> dict[str, Any]:
         return {k: key for k, (_name, key) in self._operators.items()}
-
-    def _who(self, envelope: bytes) -> str:
-        try:
-            sigs = envelopes.decode(envelope).signatures
-        except ProtocolError:
-            return "?"
-        for sig in sigs:
-            if sig.keyid in self._operators:
-                return self._operators[sig.keyid][0]
-        return "?"
 
     def _learn_operators(self, render: Render) -> None:
         settings = render.settings
