@@ -9,7 +9,8 @@ cannot change the answer. The rules, in order:
    ``last_seen``, so offline is never confused with failed);
 3. not in the fleet repository: ``unknown``;
 4. an apply of the current desired version failed: ``failed``;
-5. the current desired version was refused: ``rejected``;
+5. the current desired version was refused: ``rejected`` (unless the device applied that
+   version since: the refused envelope was another one claiming the same version);
 6. a version newer than anything published is claimed: ``unknown`` (not believed);
 7. held back by a batched rollout (its device bundle pins an older group version than
    the one published): ``pending``, waiting for its batch, never overdue (the pin is its
@@ -186,16 +187,22 @@ def detect(
                     reason=f"apply of {target} v{version} failed ({kind}): {failure.error}",
                     last_seen=last_seen,
                 )
+    applied_now = {"group": report.applied_group, "device": report.applied_device}
     for refusal in reversed(report.refusals):
-        if (refusal.kind, refusal.target) in targets and refusal.version == targets[
-            (refusal.kind, refusal.target)
-        ][0]:
-            return status(
-                "rejected",
-                reason=f"{refusal.kind} bundle {refusal.target} v{refusal.version} refused:"
-                f" {refusal.reason}: {refusal.error}",
-                last_seen=last_seen,
-            )
+        wanted = targets.get((refusal.kind, refusal.target))
+        if wanted is None or refusal.version != wanted[0]:
+            continue
+        got = applied_now.get(refusal.kind)
+        if got is not None and got.target == refusal.target and got.version == refusal.version:
+            # That version is applied since: what was refused was another envelope claiming
+            # the same version (a forged or badly signed one), not the genuine bundle.
+            continue
+        return status(
+            "rejected",
+            reason=f"{refusal.kind} bundle {refusal.target} v{refusal.version} refused:"
+            f" {refusal.reason}: {refusal.error}",
+            last_seen=last_seen,
+        )
 
     if desired.pinned_from is not None:
         got = report.applied_group

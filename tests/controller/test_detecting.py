@@ -303,3 +303,13 @@ def test_released_device_follows_the_group_again() -> None:
     # Its batch released: the pin moved to v3, desired_for gives no pinned_from.
     status = detect(desired(published_at=NOW - 86_400), on_v2(), "online", NOW, grace=1.0)
     assert status.state == "pending" and status.reason.startswith("overdue: ")
+
+
+def test_a_refused_forgery_of_the_desired_version_is_forgotten_once_it_is_applied() -> None:
+    # A badly signed "v3" was refused; then the genuine v3 came and was applied.
+    forged = Refusal("kiosks", "group", 3, "signature", "0 valid signature(s)", int(NOW - 5))
+    status = detect(desired(), report(refusals=(forged,)), "online", NOW)
+    assert status.state == "in_sync", status.reason
+    # Still applied on the old version: the refusal is what the device has to say.
+    waiting = report(applied_group=Applied("kiosks", 2, "old", "g2"), refusals=(forged,))
+    assert detect(desired(), waiting, "online", NOW).state == "rejected"
