@@ -17,7 +17,9 @@ cannot change the answer. The rules, in order:
    desired group version: a failure or refusal of the pinned version still counts);
 8. not yet on the desired versions (or group): ``pending`` (``overdue`` after the grace);
 9. on the desired versions but resources differ: ``drifted``, with which and why (a
-   resource the device's policy refuses is listed too);
+   resource the device's policy refuses is listed too; in enforce mode, a refusal of the
+   reconcile command sent to it, e.g. signed by keys it does not trust, is named in the
+   reason);
 10. nothing differs but the device's own policy refuses a resource (a command where
     commands are not allowed): ``blocked``, with which and why. Not drift: nobody changed
     anything, and nothing will change until the device's owner or the repository does;
@@ -37,7 +39,7 @@ from typing import Final
 
 from setpoint.proto import bundles
 from setpoint.proto.bundles import Resource
-from setpoint.proto.reports import Report
+from setpoint.proto.reports import Refusal, Report
 from setpoint.proto.status import DRIFT_STATES, DriftState, DriftStatus, GroupStatus, ResourceDiff
 
 DEFAULT_GRACE: Final = 300.0
@@ -141,6 +143,7 @@ def detect(
     previous: DriftStatus | None = None,
     reported_at: float | None = None,
     grace: float = DEFAULT_GRACE,
+    command_seq: int | None = None,
 ) -> DriftStatus:
     """The drift status of one device (see the module docstring for the rules)."""
     name = desired.device if desired else report.device if report else device
@@ -240,6 +243,13 @@ def detect(
     if diffs:
         healed = desired.mode == "enforce"
         note = "enforce mode: the device puts it back" if healed else "observe mode: left alone"
+        refused = _refused_command(report, name, desired, command_seq) if healed else None
+        if refused is not None:
+            note = (
+                f"enforce mode, but the device refused reconcile command seq {refused.version}:"
+                f" {refused.reason}: {refused.error} (does the device trust the controller's"
+                " signing keys, and enough of them for its threshold?)"
+            )
         return status("drifted", resources=diffs + blocked, reason=note, last_seen=last_seen)
     if blocked:
         return status(
@@ -250,6 +260,23 @@ def detect(
             last_seen=last_seen,
         )
     return status("in_sync", last_seen=last_seen)
+
+
+def _refused_command(
+    report: Report, device: str, desired: Desired, command_seq: int | None
+) -> Refusal | None:
+    """The device's refusal of the latest reconcile command sent to it, if it refused it:
+    the one with ``command_seq`` when the caller knows what it sent, else any command
+    refused since the desired state was published."""
+    for refusal in reversed(report.refusals):
+        if refusal.kind != "command" or refusal.target != device:
+            continue
+        if command_seq is not None:
+            if refusal.version == command_seq:
+                return refusal
+        elif refusal.at >= desired.published_at:
+            return refusal
+    return None
 
 
 def summarise(

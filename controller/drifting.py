@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import aiomqtt
 
-from setpoint.proto import bundles, commands, envelopes, reports, status
+from setpoint.proto import bundles, commands, reports, status
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.reports import Report
@@ -284,7 +284,6 @@ class DriftEngine:
         self._fleet = _Fleet()
         self._fleet_stale = True
         self._refused_logged: dict[str, str] = {}
-        self._key: Any = None
         self._controller: Controller | None = None
         self._status_listeners: list[StatusListener] = []
         self.ready = asyncio.Event()
@@ -299,7 +298,6 @@ class DriftEngine:
         self._controller = controller
         link, topics = controller.link, controller.topics
         self._topics = topics
-        self._key = envelopes.load_private_key(controller.config.key_path.read_bytes())
         reported = topics.all_reported()
         # Reports and presence come in floods: through the link's lean ingest connection.
         if self.settings.share:
@@ -607,6 +605,7 @@ class DriftEngine:
             previous=old,
             reported_at=reported_at,
             grace=self.settings.grace,
+            command_seq=dev.command_seq or None,
         )
         if dev.report is None and dev.report_error and new.state == "unknown":
             new = replace(new, reason=f"no readable report ({dev.report_error})")
@@ -793,9 +792,10 @@ class DriftEngine:
         command = commands.Command(
             dev.name, "reconcile", seq, int(now), int(now) + self.settings.command_ttl, why[:256]
         )
+        assert self._controller is not None and self._controller.signer is not None
         await self._publish(
             self._topics.device_command(dev.name),
-            commands.sign(command, [self._key]),
+            self._controller.signer.sign_command(command),
             retain=False,
         )
         dev.command_seq = seq

@@ -366,3 +366,36 @@ async def test_metrics_are_served_over_http(drift, watch, devices) -> None:  # t
         assert 'setpoint_publications_total{kind="group",reason="change"} 2.0' in body
         assert "setpoint_reports_received_total 4.0" in body
         assert "setpoint_detection_latency_seconds_bucket" in body
+
+
+async def test_reconcile_commands_carry_every_key_and_a_refused_one_shows_in_status(
+    drift, watch, devices, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from setpoint.commands import keys
+    from setpoint.proto.reports import Refusal
+
+    keys.generate(tmp_path / "new-keys")
+    new_key = tmp_path / "new-keys" / keys.PRIVATE_NAME
+    async with drift(reconcile_interval=3600, extra_keys=(new_key,)) as (controller, engine):
+        await all_in_sync(engine, devices, watch)
+        desired = engine._fleet.desired["kiosk-01"]
+        await devices.report(drifted_report(desired, 20, "motd"))
+        await watch.wait(lambda: len(watch.commands) >= 1)
+        _device, envelope = watch.commands[0]
+        # A device with threshold 2 (or one that trusts only the new key) accepts it.
+        both = controller.signer.trusted
+        assert len(both) == 2
+        command = commands.decode(
+            envelopes.verify(envelope, both, payload_type=envelopes.COMMAND_TYPE, threshold=2)
+        )
+        assert command.device == "kiosk-01"
+        # The device refuses it anyway (say it trusts other keys): the status says so.
+        refusal = Refusal("kiosk-01", "command", command.seq, "signature", "0 valid", 1)
+        refused = replace(drifted_report(desired, 21, "motd"), refusals=(refusal,))
+        await devices.report(refused)
+        await watch.wait(
+            lambda: f"refused reconcile command seq {command.seq}" in watch.drift["kiosk-01"].reason
+        )
+        assert watch.state("kiosk-01") == "drifted"
