@@ -462,7 +462,11 @@ class DriftEngine:
         assert self._controller is not None
         await self._controller.link.barrier()
         if self.settings.share:
-            await self._read_retained_reports()
+            try:
+                await self._read_retained_reports()
+            except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+                # Like any broker trouble: this session ends and the link reconnects.
+                raise BrokerUnavailable(f"reading the retained reports: {exc}") from exc
         self._sessions_synced += 1
         if self._sessions_synced > 1:
             self._restore = True  # the broker may have lost what we published

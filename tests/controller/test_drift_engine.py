@@ -399,3 +399,38 @@ async def test_reconcile_commands_carry_every_key_and_a_refused_one_shows_in_sta
             lambda: f"refused reconcile command seq {command.seq}" in watch.drift["kiosk-01"].reason
         )
         assert watch.state("kiosk-01") == "drifted"
+
+
+async def test_an_mqtt_error_in_the_shared_retained_read_reconnects_instead_of_stopping(
+    tmp_path, unique_prefix, example_repo, signing_key
+) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from setpoint.controller.broker import Backoff, BrokerSettings
+    from setpoint.controller.drifting import DriftSettings
+    from setpoint.controller.service import Controller, ControllerConfig
+    from setpoint.mosquitto import Broker
+
+    # Room for the link's two connections, not for the third that reads retained reports
+    # (mosquitto 2.0 lets max_connections + 1 clients in).
+    limited = Broker(tmp_path / "limited")
+    conf = limited.conf.read_text()
+    limited.conf.write_text(conf + "max_connections 1\n")
+    with limited:
+        config = ControllerConfig(
+            repo=str(example_repo.path),
+            broker=BrokerSettings(limited.host, limited.port, connect_timeout=2.0),
+            key_path=signing_key,
+            state_dir=tmp_path / "state",
+            prefix=unique_prefix,
+            backoff=Backoff(initial=0.05, maximum=0.3),
+            publish_timeout=5.0,
+        )
+        engine = DriftEngine(DriftSettings(share="drift", tick=0.2))
+        async with Controller(config, extensions=[engine]) as controller:
+            async with asyncio.timeout(30):
+                await controller.link.failed.wait()  # the session ended; the controller runs on
+            limited.conf.write_text(conf)
+            await asyncio.to_thread(limited.restart)
+            async with asyncio.timeout(30):
+                await engine.ready.wait()
