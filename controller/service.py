@@ -47,7 +47,7 @@ from .rendering import BranchProblem, Render, Target, View
 from .repository import Repository, is_remote, redact
 from .retained import RetainedView
 from .signing import Signer, load_signer
-from .state import FleetIdentity, StateStore
+from .state import FleetIdentity, Intent, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class Controller:
         self._current: dict[Target, Current] = {}
         self._floors: dict[Target, int] = {}
         self._attempted: dict[Target, Bundle] = {}
+        self._intents: dict[Target, Intent] = {}  # publications under way (write-ahead)
         self._snapshots: OrderedDict[str, View] = OrderedDict()
         self._render_key: tuple[Any, ...] | None = None
         self._render: Render | None = None
@@ -207,6 +208,7 @@ class Controller:
         try:
             self._state.claim(identity(config))
             self._current, self._floors = self._state.load()
+            self._intents = self._state.intents()
             for target, entry in self._current.items():
                 self._floors[target] = max(self._floors.get(target, 0), entry.version)
             self.repository = await asyncio.to_thread(Repository, config.repo, config.state_dir)
@@ -455,6 +457,14 @@ class Controller:
                 if isinstance(action, Adopt):
                     self._adopt(action, done)
             publishes = [a for a in plan.actions if isinstance(a, Publish)]
+            changes = {
+                a.target: Intent(a.bundle.version, a.bundle.content_digest(), a.author, a.branch)
+                for a in publishes
+                if a.reason == "change"
+            }
+            if changes:
+                self._intents.update(changes)
+                await asyncio.to_thread(self._state.intend, dict(self._intents))
             clears = [a for a in plan.actions if isinstance(a, Clear)]
             semaphore = asyncio.Semaphore(PUBLISH_CONCURRENCY)
             for batch in (
@@ -473,6 +483,7 @@ class Controller:
         finally:
             if done:
                 await asyncio.to_thread(self._persist, done)
+                self._intents.clear()  # saving recorded them (or they are moot)
                 for listener in self._listeners:
                     listener(tuple(done))
         await self._emit_events(done, render)
@@ -489,13 +500,47 @@ class Controller:
 
     def _adopt(self, action: Adopt, done: list[Publication]) -> None:
         bundle = action.bundle
-        self._current[action.target] = Current(bundle, action.author, action.branch, self._clock())
-        self._floors[action.target] = max(self._floors.get(action.target, 0), bundle.version)
-        log.info(
-            "adopted %s v%d from the broker (no publication needed)", action.target, bundle.version
+        intent = self._intents.pop(action.target, None)
+        # Our own publication, acknowledged by the broker but not recorded before this
+        # controller stopped (killed between PUBACK and saving): announced as published now.
+        ours = (
+            intent is not None
+            and intent.version == bundle.version
+            and intent.content_digest == bundle.content_digest()
         )
+        author, branch = (
+            (intent.author, intent.branch)
+            if intent and ours
+            else (
+                action.author,
+                action.branch,
+            )
+        )
+        self._current[action.target] = Current(bundle, author, branch, self._clock())
+        self._floors[action.target] = max(self._floors.get(action.target, 0), bundle.version)
+        if ours:
+            log.info(
+                "published %s v%d (change, recorded after a restart) from %s@%s",
+                action.target,
+                bundle.version,
+                branch or "?",
+                bundle.commit[:12],
+            )
+        else:
+            log.info(
+                "adopted %s v%d from the broker (no publication needed)",
+                action.target,
+                bundle.version,
+            )
         done.append(
-            self._publication(action.target, "adopted", bundle, None, action.author, action.branch)
+            self._publication(
+                action.target,
+                "change" if ours else "adopted",
+                bundle,
+                action.digest or None,
+                author,
+                branch,
+            )
         )
 
     async def _publish(

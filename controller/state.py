@@ -47,6 +47,7 @@ from .rendering import Target
 log = logging.getLogger(__name__)
 
 STATE_FILE: Final = "state.json"
+INTENT_FILE: Final = "publishing.json"
 BUNDLES_DIR: Final = "bundles"
 LOCK_FILE: Final = "lock"
 IDENTITY_FILE: Final = "fleet.json"
@@ -97,6 +98,16 @@ def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """A publication about to be made (see :meth:`StateStore.intend`)."""
+
+    version: int
+    content_digest: str
+    author: str
+    branch: str | None
 
 
 class StateStore:
@@ -205,6 +216,40 @@ class StateStore:
             float(entry.get("published_at", 0.0)),
         )
 
+    # --- Write-ahead of publications --------------------------------------------------
+
+    def intend(self, intents: Mapping[Target, Intent]) -> None:
+        """Record the publications about to be made, before the first PUBLISH: a
+        controller killed between the broker's PUBACK and :meth:`save` finds them at its
+        next start, and announces what it adopts from the broker as published (event and
+        audit) instead of as a silent take-over."""
+        document = {
+            str(t): {
+                "version": i.version,
+                "content_digest": i.content_digest,
+                "author": i.author,
+                "branch": i.branch,
+            }
+            for t, i in sorted(intents.items())
+        }
+        write_atomic(self.directory / INTENT_FILE, json.dumps(document, sort_keys=True).encode())
+
+    def intents(self) -> dict[Target, Intent]:
+        """The publications recorded by :meth:`intend` and not yet saved (none if unreadable)."""
+        try:
+            raw = json.loads((self.directory / INTENT_FILE).read_bytes())
+            return {
+                Target.parse(k): Intent(
+                    int(v["version"]), str(v["content_digest"]), str(v["author"]), v["branch"]
+                )
+                for k, v in raw.items()
+            }
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("%s is unreadable (%s); ignored", INTENT_FILE, exc)
+            return {}
+
     def save(self, current: Mapping[Target, Current], floors: Mapping[Target, int]) -> None:
         """Write the payloads, then ``state.json`` atomically; drop unreferenced payloads."""
         bundles_dir = self.directory / BUNDLES_DIR
@@ -239,3 +284,4 @@ class StateStore:
         for stale in bundles_dir.iterdir():
             if stale.name not in keep and not stale.name.startswith("."):
                 stale.unlink(missing_ok=True)
+        (self.directory / INTENT_FILE).unlink(missing_ok=True)  # all of it is recorded now

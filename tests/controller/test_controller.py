@@ -526,3 +526,42 @@ async def test_a_commit_with_an_empty_tree_is_a_loud_repository_error(
     assert controller.last_render is not None and controller.last_render.problems
     assert f"repository error on main@{empty[:12]}" in caplog.text
     assert not seen.retained
+
+
+async def test_a_publication_acknowledged_but_not_recorded_is_announced_after_a_restart(
+    example_repo: Any, run_controller: Any, observe: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    from setpoint.controller.service import Controller
+
+    async with run_controller(example_repo) as controller:
+        await controller.settle(10)
+    # The controller dies after the broker acknowledged kiosk-01 v2 and before it saved its
+    # state and audit line: that saving is what never happens.
+    real_persist = Controller._persist
+    monkeypatch.setattr(Controller, "_persist", lambda self, done: None)
+    async with observe() as seen, run_controller(example_repo) as controller:
+        example_repo.commit({"devices/kiosk-01.yaml": KIOSK_01_HALL}, "kiosk-01 to the hall")
+        await seen.wait(lambda: seen.version("device/kiosk-01") == 2)
+        await controller.settle(10)
+    monkeypatch.setattr(Controller, "_persist", real_persist)
+    audit = tmp_path / "state" / "audit.jsonl"
+    async with observe() as seen, run_controller(example_repo) as controller:
+        await controller.settle(10)
+        await seen.wait(lambda: bool(seen.of_type("published")))
+        [event] = seen.of_type("published")
+        assert (event["target"], event["version"], event["reason"]) == ("kiosk-01", 2, "change")
+        assert event["digest"] and event["author"]
+    lines = [json.loads(x) for x in audit.open()]
+    [entry] = [e for e in lines if e["target"] == "device/kiosk-01" and e["version"] == 2]
+    assert entry["reason"] == "change" and entry["digest"] == event["digest"]
+
+
+async def test_an_adopted_bundle_is_audited_with_its_digest(
+    example_repo: Any, run_controller: Any, tmp_path: Path
+) -> None:
+    async with run_controller(example_repo, state_dir=tmp_path / "s1") as controller:
+        await controller.settle(10)
+    async with run_controller(example_repo, state_dir=tmp_path / "s2") as controller:
+        await controller.settle(10)
+    adopted = [json.loads(x) for x in (tmp_path / "s2" / "audit.jsonl").open()]
+    assert adopted and all(e["reason"] == "adopted" and e["digest"] for e in adopted)
