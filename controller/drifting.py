@@ -280,6 +280,12 @@ class DriftEngine:
         self._groups_delivered: set[str] = set()
         self._wake = asyncio.Event()
         self._synced = asyncio.Event()
+        # Set once this connection's retained statuses, reports and presence have all
+        # arrived; cleared on every connect. No pass runs in between: a pass deciding on a
+        # half-read picture (presence read, the retained drift status not yet) publishes a
+        # change that the late retained status then undoes, and the next pass repeats it
+        # (two identical events) or leaves the engine believing what the broker no longer holds.
+        self._session_synced = asyncio.Event()
         self._sessions_synced = 0
         self._fleet = _Fleet()
         self._fleet_stale = True
@@ -454,6 +460,7 @@ class DriftEngine:
         self._wake.set()
 
     def _connected(self) -> None:
+        self._session_synced.clear()
         self._drift_delivered.clear()
         self._groups_delivered.clear()
 
@@ -472,6 +479,7 @@ class DriftEngine:
             self._restore = True  # the broker may have lost what we published
             self._full = True
         self._synced.set()
+        self._session_synced.set()
         self._wake.set()
 
     async def _read_retained_reports(self) -> None:
@@ -520,6 +528,7 @@ class DriftEngine:
             if ticking:
                 next_tick = time.monotonic() + tick
             await link.wait_connected()
+            await self._session_synced.wait()
             try:
                 await self.step(tick=ticking)
             except BrokerUnavailable as exc:

@@ -434,3 +434,59 @@ async def test_an_mqtt_error_in_the_shared_retained_read_reconnects_instead_of_s
             await asyncio.to_thread(limited.restart)
             async with asyncio.timeout(30):
                 await engine.ready.wait()
+
+
+async def test_after_a_broker_restart_each_change_makes_one_event(
+    broker, unique_prefix, example_repo, signing_key, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Presence read after a reconnect is judged against the retained statuses of the same
+    connection, all of them: no pass runs on a half-read picture (which published each
+    change twice, 9 ms apart, and could leave a device offline while it was online)."""
+    import asyncio
+    from dataclasses import replace
+
+    from setpoint.controller.broker import Backoff, BrokerSettings
+    from setpoint.controller.drifting import DriftSettings
+    from setpoint.controller.service import Controller, ControllerConfig
+    from setpoint.proto.reports import Applied, Report
+
+    names = [f"zz-{n:03d}" for n in range(300)]  # not in the repository: state "unknown"
+    config = ControllerConfig(
+        repo=str(example_repo.path),
+        broker=BrokerSettings(broker.host, broker.port),
+        key_path=signing_key,
+        state_dir=tmp_path / "state",
+        prefix=unique_prefix,
+        # Slow to come back: the devices' news is retained on the broker before it is.
+        backoff=Backoff(initial=2.0, maximum=2.0),
+        publish_timeout=5.0,
+    )
+    engine = DriftEngine(DriftSettings(tick=0.2))
+    async with Controller(config, extensions=[engine]) as controller:
+        async with asyncio.timeout(30):
+            await engine.ready.wait()
+        async with Devices(broker.host, broker.port, unique_prefix) as devices:
+            base = Report(
+                device="", time=1_800_000_000, seq=1, shim_version="t", group="kiosks",
+                applied_group=Applied("kiosks", 1, "c", "d"), applied_device=None,
+                resources=(),
+            )  # fmt: skip
+            for name in names:
+                await devices.report(replace(base, device=name))
+                await devices.presence(name, reports.PRESENCE_ONLINE)
+        async with DriftWatch(broker.host, broker.port, unique_prefix) as watch:
+            await watch.wait(lambda: all(watch.state(n) == "unknown" for n in names), timeout=30)
+        failures = controller.link.failures
+        await asyncio.to_thread(broker.restart)
+        async with DriftWatch(broker.host, broker.port, unique_prefix) as watch:
+            async with Devices(broker.host, broker.port, unique_prefix) as devices:
+                for name in names:
+                    await devices.presence(name, reports.PRESENCE_OFFLINE)
+            await engine.wait_for(lambda: controller.link.failures > failures, timeout=30)
+            await watch.wait(lambda: all(watch.state(n) == "offline" for n in names), timeout=30)
+            await watch.wait(lambda: all(watch.drift_events(n) for n in names), timeout=30)
+            passes = engine.passes  # a few more passes (ticks): nothing more may come
+            await engine.wait_for(lambda: engine.passes > passes + 3, timeout=30)
+            await watch.barrier()
+            counts = {n: len(watch.drift_events(n)) for n in names}
+            assert {n: c for n, c in counts.items() if c != 1} == {}
