@@ -20,7 +20,7 @@ from .errors import (
     RepositoryUnavailable,
 )
 from .rendering import Render, Rendered, Target
-from .service import Controller, ControllerConfig, Extension, Publication
+from .service import Controller, ControllerConfig, Publication
 
 __all__ = [
     "Backoff",
@@ -30,7 +30,6 @@ __all__ = [
     "Controller",
     "ControllerConfig",
     "ControllerError",
-    "Extension",
     "FleetError",
     "Link",
     "Problem",

@@ -1,7 +1,7 @@
 """The drift engine: devices' reports and presence in, drift status, group status and events out.
 
-:class:`DriftEngine` is a controller extension (see :class:`~setpoint.controller.service.
-Extension`). It rides on the controller's one MQTT connection:
+:class:`DriftEngine` runs inside a controller built with ``Controller(config,
+drift=DriftSettings(...))``. It rides on the controller's one MQTT connection:
 
 * **Ingest.** Routes (QoS 0, so a retained flood is never cut by the broker's queue limit)
   on ``devices/+/reported``, ``devices/+/presence``, and on ``devices/+/drift`` and
@@ -11,11 +11,12 @@ Extension`). It rides on the controller's one MQTT connection:
   message, and only the latest report of each device is ever decoded (coalescing). A
   report whose body names another device is not believed.
 * **Detection.** A worker wakes on every new report or presence, on every batch of
-  publications (a controller listener: every device is re-evaluated against the new
-  desired state), and on a periodic tick (pending devices becoming overdue, reconcile
-  retries). It calls the pure :func:`~setpoint.controller.detecting.detect` for each
-  device it has to look at and compares with what is retained: level-triggered, so a lost
-  or duplicated message changes nothing.
+  publications (the controller calls :meth:`DriftEngine.published`: every device is
+  re-evaluated against the new desired state), and on a periodic tick (pending devices
+  becoming overdue, reconcile retries). It calls the pure
+  :func:`~setpoint.controller.detecting.detect` for each device it has to look at and
+  compares with what is retained: level-triggered, so a lost or duplicated message
+  changes nothing.
 * **Output, only on change.** Retained JSON drift status per device, a retained group
   summary per group, and a non-retained ``drift`` event (``opened``, ``changed``,
   ``resolved``) with the previous state and when it began.
@@ -77,7 +78,8 @@ MAX_DEVICES: Final = 100_000
 PUBLISH_CONCURRENCY: Final = 64
 SETTLE_TIMEOUT: Final = 30.0
 Change = Literal["opened", "changed", "resolved"]
-# Told every device status this engine publishes or reads (None: cleared); see add_status_listener.
+# Told every device status this engine publishes or reads (None: cleared): the controller's
+# rollouts, which see them all without a second subscription (no_local hides our own).
 StatusListener = Callable[[str, DriftStatus | None], None]
 
 
@@ -250,7 +252,7 @@ def desired_for(published: dict[Any, Any]) -> _Fleet:
 
 
 class DriftEngine:
-    """The drift engine, as a controller extension (``name``, ``attach``, ``run``)."""
+    """The drift engine of one controller (``attach`` before connecting, ``run`` as a task)."""
 
     name = "drift"
 
@@ -260,6 +262,7 @@ class DriftEngine:
         *,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        on_status: StatusListener | None = None,
     ) -> None:
         self.settings = settings or DriftSettings()
         self.metrics = metrics or Metrics()
@@ -291,7 +294,7 @@ class DriftEngine:
         self._fleet_stale = True
         self._refused_logged: dict[str, str] = {}
         self._controller: Controller | None = None
-        self._status_listeners: list[StatusListener] = []
+        self._on_status = on_status
         self.ready = asyncio.Event()
         self.passes = 0
         self._stepped = asyncio.Condition()
@@ -315,18 +318,10 @@ class DriftEngine:
         link.route(topics.all_group_status(), self._on_group_status, no_local=True)
         link.on_connect(self._connected)
         link.on_session("drift-sync", self._sync)
-        controller.add_listener(self._published)
-
-    def add_status_listener(self, listener: StatusListener) -> None:
-        """Call ``listener(device, status)`` with every status this engine publishes and
-        every other engine's it reads (``None``: cleared), so that an extension of the same
-        controller (rollouts) sees them all without a second subscription: its own
-        publications do not come back to it (``no_local``)."""
-        self._status_listeners.append(listener)
 
     def _tell(self, device: str, found: DriftStatus | None) -> None:
-        for listener in self._status_listeners:
-            listener(device, found)
+        if self._on_status is not None:
+            self._on_status(device, found)
 
     async def run(self) -> None:
         listen = self.settings.metrics_listen
@@ -452,7 +447,7 @@ class DriftEngine:
         self._dirty.add(name)
         self._wake.set()
 
-    def _published(self, batch: Sequence[Publication]) -> None:
+    def published(self, batch: Sequence[Publication]) -> None:
         for p in batch:
             self.metrics.publications.labels(p.target.kind, p.reason).inc()
         self._fleet_stale = True

@@ -1,7 +1,7 @@
 """Rollouts inside the controller: gates between rings, batches, windows, halts, reverts.
 
-:class:`Rollouts` is a controller extension. It reads the devices' drift statuses from
-the drift engine of the same controller when it runs one (``Rollouts(drift=engine)``),
+:class:`Rollouts` is part of every controller. It reads the devices' drift statuses from
+the drift engine of the same controller when it runs one (it calls :meth:`take_status`),
 otherwise from their retained ``.../devices/<id>/drift`` topics (the drift engine's
 public output; a normal QoS 0 subscription, so the retained ones arrive on every
 connect), verified
@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from setpoint.proto import approvals, envelopes, status
+from setpoint.proto import approvals, envelopes, rollout_status, status
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.status import DriftStatus
@@ -58,7 +58,6 @@ from .rollouts import Ledger, Rollout
 
 if TYPE_CHECKING:
     from .broker import Message, Session
-    from .drifting import DriftEngine
     from .service import Controller
 
 log = logging.getLogger(__name__)
@@ -79,15 +78,12 @@ def _differs(rendered: Rendered | None, current: Current | None) -> bool:
 
 
 class Rollouts:
-    """The rollout extension; see the module docstring."""
+    """The rollouts of one controller; see the module docstring."""
 
     name = "rollouts"
 
-    def __init__(
-        self, *, drift: DriftEngine | None = None, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._drift = drift
         self.statuses: dict[str, DriftStatus] = {}
         self.synced = False
         self.ledger = Ledger()
@@ -115,17 +111,14 @@ class Rollouts:
         self._state_dir = controller.config.state_dir
         self.ledger = Ledger.load(self._state_dir)
         link = controller.link
-        if self._drift is not None:
-            # The engine of this controller tells every status, its own included: MQTT
-            # does not bring them back (it subscribes with no_local), and a second
-            # subscription to the same filter would replace the engine's.
-            self._drift.add_status_listener(self._take_status)
-        else:
+        if controller.drift is None:
+            # Without a drift engine in this controller, statuses come from the retained
+            # topics (another controller's engine); with one, it tells them all
+            # (:meth:`take_status`): MQTT does not bring its own back (no_local).
             link.route(self.topics.all_drift(), self._on_drift)
         link.route(self.topics.operator_commands(), self._on_command, qos=1)
         link.on_connect(self._on_connect)
         link.on_session("rollouts-sync", self._sync)
-        controller.hold_back_with(self.hold_back)
 
     def _on_connect(self) -> None:
         self.synced = False
@@ -154,7 +147,7 @@ class Rollouts:
         if ref.kind != "device-drift":
             return
         if not message.payload:
-            self._take_status(ref.name, None)
+            self.take_status(ref.name, None)
             return
         try:
             drift = status.drift_from_json(message.payload)
@@ -163,9 +156,9 @@ class Rollouts:
             return
         if drift.device != ref.name:
             return  # a status must be about the device its topic names
-        self._take_status(ref.name, drift)
+        self.take_status(ref.name, drift)
 
-    def _take_status(self, device: str, drift: DriftStatus | None) -> None:
+    def take_status(self, device: str, drift: DriftStatus | None) -> None:
         if drift is None:
             if self.statuses.pop(device, None) is not None and self._statuses_matter:
                 self._wake()
@@ -825,7 +818,7 @@ class Rollouts:
         for topic, view in list(self.views.items()):
             if self._published_views.get(topic) == view:
                 continue
-            body = status.event("rollout-status", self._clock(), **view)
+            body = _encode_view(self.topics.parse(topic).kind, view, self._clock())
             await link.publish(topic, body, qos=1, retain=True)
             self._published_views[topic] = view
 
@@ -863,6 +856,14 @@ class Rollouts:
                 log.error("revert for %s failed: %s", halt_id, job["error"])
                 self._event("rollout", action="revert-failed", group=job["group"],
                             halt=halt_id, reason=job["error"])  # fmt: skip
+
+
+def _encode_view(kind: str, view: dict[str, Any], now: float) -> bytes:
+    """A view as its typed retained status (proto/SPEC.md 7.5, 7.6): what the codecs
+    cannot read back is a bug here, and stops the controller loudly."""
+    if kind == "ring-gate":
+        return rollout_status.gate_to_json(rollout_status.gate_from_dict({**view, "time": now}))
+    return rollout_status.rollout_to_json(rollout_status.rollout_from_dict({**view, "time": now}))
 
 
 def _append_audit(path: Path, lines: list[dict[str, Any]]) -> None:

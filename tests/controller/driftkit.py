@@ -56,8 +56,9 @@ async def run_drift(
         backoff=Backoff(initial=0.05, maximum=0.3),
         publish_timeout=5.0,
     )
-    engine = DriftEngine(DriftSettings(**settings))
-    async with Controller(config, extensions=[engine]) as controller:
+    async with Controller(config, drift=DriftSettings(**settings)) as controller:
+        engine = controller.drift
+        assert engine is not None
         async with asyncio.timeout(TIMEOUT):
             await engine.ready.wait()
         yield controller, engine

@@ -338,7 +338,7 @@ async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyp
         events = len(watch.events)
         passes = (a.passes, b.passes)
         for engine in (a, b):
-            engine._published([])
+            engine.published([])
         await a.wait_for(lambda: a.passes > passes[0])
         await b.wait_for(lambda: b.passes > passes[1])
         await watch.barrier()
@@ -426,8 +426,9 @@ async def test_an_mqtt_error_in_the_shared_retained_read_reconnects_instead_of_s
             backoff=Backoff(initial=0.05, maximum=0.3),
             publish_timeout=5.0,
         )
-        engine = DriftEngine(DriftSettings(share="drift", tick=0.2))
-        async with Controller(config, extensions=[engine]) as controller:
+        async with Controller(config, drift=DriftSettings(share="drift", tick=0.2)) as controller:
+            engine = controller.drift
+            assert engine is not None
             async with asyncio.timeout(30):
                 await controller.link.failed.wait()  # the session ended; the controller runs on
             limited.conf.write_text(conf)
@@ -461,8 +462,9 @@ async def test_after_a_broker_restart_each_change_makes_one_event(
         backoff=Backoff(initial=2.0, maximum=2.0),
         publish_timeout=5.0,
     )
-    engine = DriftEngine(DriftSettings(tick=0.2))
-    async with Controller(config, extensions=[engine]) as controller:
+    async with Controller(config, drift=DriftSettings(tick=0.2)) as controller:
+        engine = controller.drift
+        assert engine is not None
         async with asyncio.timeout(30):
             await engine.ready.wait()
         async with Devices(broker.host, broker.port, unique_prefix) as devices:
