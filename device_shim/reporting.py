@@ -144,6 +144,11 @@ class Reporter:
             self._limit = self._reserve()
         return dataclasses.replace(report, seq=self._seq + 1, time=int(wall))
 
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last report handed to the broker."""
+        return self._seq
+
     def sent(self, report: Report, now: float) -> None:
         """Record that ``report`` (as stamped) was handed to the broker."""
         self._seq = report.seq
