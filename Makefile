@@ -33,7 +33,7 @@ test: venv mosquitto
 check: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict proto
+	$(BIN)/mypy --strict proto kit
 	./scripts/lint-imports.sh
 
 bench: venv mosquitto

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,7 +46,7 @@ from setpoint.proto.errors import ProtocolError
 from setpoint.proto.status import DriftStatus
 
 from . import gating, rollouts
-from .audit import AUDIT_FILE
+from .audit import AuditLog, Entry
 from .errors import BrokerUnavailable
 from .fleet import Group
 from .gating import GateDecision, Rings
@@ -90,7 +88,7 @@ class Rollouts:
         self.views: dict[str, dict[str, Any]] = {}  # topic -> retained JSON body
         self._published_views: dict[str, dict[str, Any]] = {}
         self._events: list[tuple[str, dict[str, Any]]] = []
-        self._audit: list[dict[str, Any]] = []
+        self._audit: list[Entry] = []
         self._noted: dict[str, Any] = {}
         self._kick = asyncio.Event()
         self._deadline: float | None = None
@@ -235,20 +233,20 @@ class Rollouts:
         kind = "group" if not target.startswith("ring:") else "ring"
         ident = target.removeprefix("ring:")
         self._audit.append(
-            {
-                "time": self._clock(),
-                "target": f"{kind}/{ident}",
-                "kind": kind,
-                "id": ident,
-                "version": fields.pop("version", None),
-                "commit": fields.pop("commit", None),
-                "author": AUTHOR,
-                "digest": fields.pop("digest", None),
-                "reason": what,
-                "branch": fields.pop("branch", None),
-                "content_digest": fields.pop("tree", None),
-                "detail": fields,
-            }
+            Entry(
+                time=self._clock(),
+                target=f"{kind}/{ident}",
+                kind=kind,
+                id=ident,
+                version=fields.pop("version", None),
+                commit=fields.pop("commit", None),
+                author=AUTHOR,
+                digest=fields.pop("digest", None),
+                reason=what,
+                branch=fields.pop("branch", None),
+                content_digest=fields.pop("tree", None),
+                detail=fields,
+            )
         )
         self._kick.set()
 
@@ -807,7 +805,7 @@ class Rollouts:
         assert self._controller is not None
         if self._audit:
             lines, self._audit = self._audit, []
-            await asyncio.to_thread(_append_audit, self._state_dir / AUDIT_FILE, lines)
+            await asyncio.to_thread(AuditLog(self._state_dir).append, lines)
         link = self._controller.link
         while self._events:
             event_type, fields = self._events[0]
@@ -864,12 +862,3 @@ def _encode_view(kind: str, view: dict[str, Any], now: float) -> bytes:
     if kind == "ring-gate":
         return rollout_status.gate_to_json(rollout_status.gate_from_dict({**view, "time": now}))
     return rollout_status.rollout_to_json(rollout_status.rollout_from_dict({**view, "time": now}))
-
-
-def _append_audit(path: Path, lines: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(line, sort_keys=True, separators=(",", ":")) + "\n" for line in lines)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
