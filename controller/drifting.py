@@ -292,6 +292,8 @@ class DriftEngine:
         self._sessions_synced = 0
         self._fleet = _Fleet()
         self._fleet_stale = True
+        self._reeval: set[str] = set()  # to decide again though no message came (not triggered)
+        self._groups_touched = False
         self._refused_logged: dict[str, str] = {}
         self._controller: Controller | None = None
         self._on_status = on_status
@@ -299,6 +301,7 @@ class DriftEngine:
         self.passes = 0
         self._stepped = asyncio.Condition()
         self.decoded = 0
+        self.evaluations = 0  # devices decided (detect calls), for tests and benchmarks
         self.events_published = 0
 
     # --- Wiring ----------------------------------------------------------------------------
@@ -450,8 +453,7 @@ class DriftEngine:
     def published(self, batch: Sequence[Publication]) -> None:
         for p in batch:
             self.metrics.publications.labels(p.target.kind, p.reason).inc()
-        self._fleet_stale = True
-        self._full = True
+        self._fleet_stale = True  # the next pass re-detects the devices whose desired changed
         self._wake.set()
 
     def _connected(self) -> None:
@@ -535,9 +537,15 @@ class DriftEngine:
     def _refresh_fleet(self) -> None:
         if self._fleet_stale:
             assert self._controller is not None
+            before = self._fleet
             self._fleet = desired_for(self._controller.published())
             self._fleet_stale = False
             self._rebuild_tallies()
+            # Work proportional to what changed: only the devices whose desired state moved
+            # are decided again (and every group summary is looked at: as many as groups).
+            old, new = before.desired, self._fleet.desired
+            self._reeval |= {n for n in old.keys() | new.keys() if old.get(n) != new.get(n)}
+            self._groups_touched = True
 
     def _rebuild_tallies(self) -> None:
         """Recount every group's summary from scratch (after the desired side changed)."""
@@ -597,6 +605,7 @@ class DriftEngine:
         dev.report, dev.reported_at, dev.report_error = report, dev.raw_at, ""
 
     def _evaluate(self, dev: _Device, now: float) -> DriftStatus | None:
+        self.evaluations += 1
         desired = self._fleet.desired.get(dev.name)
         if desired is None and dev.report is None and dev.presence is None and not dev.report_error:
             return None  # nothing to say about it: its status is cleared
@@ -634,7 +643,9 @@ class DriftEngine:
         triggered, self._dirty = self._dirty, set()
         full, self._full = self._full, False
         restore, self._restore = self._restore, False
-        names: set[str] = set(triggered)
+        reeval, self._reeval = self._reeval, set()
+        groups_touched, self._groups_touched = self._groups_touched, False
+        names: set[str] = set(triggered) | reeval
         if full:
             names |= set(self._devices) | set(self._fleet.desired)
         elif tick:
@@ -653,7 +664,7 @@ class DriftEngine:
             for coro in outputs:
                 coro.close()
             raise
-        if full or restore:
+        if full or restore or groups_touched:
             touched_groups |= set(self._fleet.groups) | set(self._group_status)
         await self._gather(outputs)
         await self._publish_groups(touched_groups, now, restore)

@@ -332,13 +332,14 @@ async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyp
         assert a.metrics.reports._value.get() > 0
         assert b.metrics.reports._value.get() > 0
         await watch.wait(lambda: watch.groups["kiosks"].counts["drifted"] == 4)
-        # A publication makes both engines re-evaluate every device: the one holding an older
-        # report for a device must leave it to the other, so nothing flips back.
+        # A full re-evaluation (as after a reconnect): the engine holding an older report
+        # for a device must leave it to the other, so nothing flips back.
         await watch.barrier()
         events = len(watch.events)
         passes = (a.passes, b.passes)
         for engine in (a, b):
-            engine.published([])
+            engine._full = True
+            engine._wake.set()
         await a.wait_for(lambda: a.passes > passes[0])
         await b.wait_for(lambda: b.passes > passes[1])
         await watch.barrier()
@@ -492,3 +493,21 @@ async def test_after_a_broker_restart_each_change_makes_one_event(
             await watch.barrier()
             counts = {n: len(watch.drift_events(n)) for n in names}
             assert {n: c for n, c in counts.items() if c != 1} == {}
+
+
+async def test_a_commit_re_decides_only_the_devices_whose_desired_state_changed(
+    drift, watch, devices, example_repo
+) -> None:  # type: ignore[no-untyped-def]
+    from fleetkit import FLEET
+
+    async with drift(tick=3600) as (controller, engine):
+        await all_in_sync(engine, devices, watch)
+        before = engine.evaluations
+        gateways = FLEET["groups/gateways.yaml"].replace("value: 30", "value: 45")
+        example_repo.commit({"groups/gateways.yaml": gateways}, "gateways: uplink 45 s")
+        await watch.wait(lambda: watch.state("gw-01") == "pending")
+        await controller.settle(10)
+        await engine.wait_for(lambda: not engine._fleet_stale and not engine._reeval)
+        # gw-01 is the only member of gateways: the kiosks are not decided again.
+        assert engine.evaluations - before == 1
+        assert watch.state("kiosk-01") == "in_sync" and watch.state("kiosk-02") == "in_sync"
