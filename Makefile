@@ -33,7 +33,7 @@ test: venv mosquitto
 check: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict proto kit
+	$(BIN)/mypy --strict proto sharedkit
 	./scripts/lint-imports.sh
 
 bench: venv mosquitto

@@ -81,6 +81,7 @@ async def main_async(edits: int, quick: bool, poll: bool) -> dict[str, Any]:
                 args = [
                     SETPOINT, "shim", "--device", device, "--broker", stack.broker.url,
                     "--trust", str(stack.pub), "--root", str(roots[device]),
+                    "--state-dir", str(Path(tmp) / f"{device}-state"),
                     "--log-level", "WARNING", *flags,
                 ]  # fmt: skip
                 shims.append(subprocess.Popen(args))

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[["Message"], None]
 SessionCallback = Callable[["Session"], Coroutine[Any, Any, None]]
+MAX_INBOX_BYTES: Final = 64 * 1024 * 1024  # what the main connection may hold unread
+DROP_LOG_INTERVAL: Final = 60.0
+MAX_BARRIER_BYTES: Final = 64  # a nonce is 16; anything larger on the echo topic is junk
 _V5_REFUSED: Final = {1, 132}  # 3.1.1 "unacceptable protocol version"; 5 "unsupported"
 
 
@@ -106,6 +109,46 @@ class Backoff:
 
 def new_client_id(role: str = "controller") -> str:
     return f"setpoint-{role}-{secrets.token_hex(4)}"
+
+
+class _Inbox(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's queue of incoming messages, with a byte budget: aiomqtt reads the socket
+    whatever the pump's pace, so a flood (an operator's 1 MiB messages on the one topic it
+    may write) would pile up here without end. Past ``MAX_INBOX_BYTES`` messages are
+    dropped and counted (logged once a minute); the broker's own per-client caps
+    (secure.conf) bound what waits on its side. A full retained read of a large fleet
+    (10,000 bundles of ~2 KiB) stays far below the budget."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self.held = 0
+        self.dropped = 0
+        self._logged = -DROP_LOG_INTERVAL
+
+    @staticmethod
+    def _size(message: aiomqtt.Message) -> int:
+        payload = message.payload
+        return len(payload) if isinstance(payload, bytes | bytearray | str) else 0
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        size = self._size(item)
+        if self.held + size > MAX_INBOX_BYTES:
+            self.dropped += 1
+            now = asyncio.get_running_loop().time()
+            if now - self._logged >= DROP_LOG_INTERVAL:
+                self._logged = now
+                log.warning(
+                    "dropping incoming messages: %d MiB wait unread (%d dropped so far; the"
+                    " latest on %s)", self.held >> 20, self.dropped, item.topic,
+                )  # fmt: skip
+            return
+        super().put_nowait(item)
+        self.held += size
+
+    def get_nowait(self) -> aiomqtt.Message:
+        item = super().get_nowait()
+        self.held -= self._size(item)
+        return item
 
 
 def _tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
@@ -182,7 +225,7 @@ class Link:
         self._on_session: list[tuple[str, SessionCallback]] = []
         self._session: Session | None = None
         self._sessions = 0
-        self._connected = asyncio.Event()
+        self._replaced = asyncio.Event()  # set (and renewed) whenever _session changes
         self._v5 = True
         self.failures = 0
         self.failed = asyncio.Event()  # set on every failure (to connect, or of a session)
@@ -243,11 +286,20 @@ class Link:
         return self._session is not None and not self._session.lost.is_set()
 
     async def wait_connected(self) -> Session:
+        """The live session, once there is one. A session that is lost but not yet
+        replaced is waited out, not polled: a loop on the old ``_connected`` event, which
+        stayed set between ``lost`` and the loop's clean-up, never yielded (a client-id
+        takeover storm once held the controller at 100% CPU that way)."""
         while True:
-            await self._connected.wait()
             session = self._session
             if session is not None and not session.lost.is_set():
                 return session
+            await self._replaced.wait()  # the next session (or the end of this one)
+
+    def _set_session(self, session: Session | None) -> None:
+        self._session = session
+        replaced, self._replaced = self._replaced, asyncio.Event()
+        replaced.set()
 
     # --- Publishing ---------------------------------------------------------------------
 
@@ -292,6 +344,8 @@ class Link:
             ) from exc
 
     def _barrier_arrived(self, message: Message) -> None:
+        if len(message.payload) > MAX_BARRIER_BYTES:
+            return  # not one of our nonces: nothing to look up
         arrived = self._barriers.get(message.payload)
         if arrived is not None and not arrived.done():
             arrived.set_result(None)
@@ -308,8 +362,8 @@ class Link:
                 self.failures += 1
                 self.failed.set()
             finally:
-                session, self._session = self._session, None
-                self._connected.clear()
+                session = self._session
+                self._set_session(None)
                 if session is not None:
                     session.lost.set()
                 for callback in self._on_disconnect:
@@ -331,6 +385,7 @@ class Link:
             keepalive=s.keepalive,
             timeout=s.connect_timeout,
             max_inflight_messages=100,
+            queue_type=_Inbox,
             # Small messages that wait for an answer: Nagle would add ~40 ms to each.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             logger=logging.getLogger("setpoint.controller.mqtt"),
@@ -359,8 +414,7 @@ class Link:
                 self._check_granted(granted)
                 ingest = await self._open_ingest()
                 self._ingest = ingest
-                self._session = session
-                self._connected.set()
+                self._set_session(session)
                 try:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._pump(client, session), name="mqtt-pump")

@@ -172,7 +172,8 @@ class OperatorSpec(_Strict):
 
 
 class FleetSettings(_Strict):
-    """``fleet.yaml``: settings for the whole fleet (read from the default branch)."""
+    """``fleet.yaml``: settings for the whole fleet (read from the default branch; ``rings``
+    and ``operators`` from the protected branch, see ``protection``)."""
 
     description: str | None = None
     allow_empty: bool = False
@@ -223,11 +224,23 @@ class FileSpec(_Strict):
     source: str | None = None
     sealed: SealedSpec | None = None
     mode: Any = None
+    special_mode: bool = False  # the author means a setuid/setgid/sticky/world-writable mode
 
     @field_validator("mode")
     @classmethod
     def _mode(cls, value: Any) -> int | None:
         return None if value is None else parse_mode(value)
+
+    @model_validator(mode="after")
+    def _risky(self) -> FileSpec:
+        risky = None if self.mode is None else bundles.risky_mode(self.mode)
+        if risky is not None and not self.special_mode:
+            raise ValueError(
+                f"mode: {self.mode:04o} is {risky}: devices refuse it unless their own policy"
+                " allows it (allow_special_modes); if it is meant, say so with"
+                " 'special_mode: true', else use a mode like 0755"
+            )
+        return self
 
 
 class SettingSpec(_Strict):
@@ -506,7 +519,7 @@ class _Collector:
                 self.add(f"missing key {name!r}", item, line)
             else:
                 message = str(error["msg"]).removeprefix("Value error, ")
-                self.add(f"{name}: {message}", item, line)
+                self.add(f"{name}: {message}" if name else message, item, line)
 
 
 @functools.lru_cache(maxsize=32768)

@@ -126,13 +126,16 @@ class Repository:
         with _converted("opening the mirror"):
             if path.exists():
                 recorded = url_file.read_text("utf-8").strip() if url_file.exists() else None
-                if recorded == self.location:
+                if recorded == redact(self.location):
                     return Repo(str(path))
                 log.warning("mirror in %s is of another repository; starting it afresh", path)
                 shutil.rmtree(path)
             path.mkdir(parents=True)
             repo = Repo.init_bare(str(path))
-            url_file.write_text(self.location + "\n", "utf-8")
+            from .state import write_atomic  # (state imports rendering, which imports us)
+
+            # Never the credentials: the file only tells which repository the mirror is of.
+            write_atomic(url_file, (redact(self.location) + "\n").encode("utf-8"))
             return repo
 
     def refresh(self) -> bool:

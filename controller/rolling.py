@@ -15,7 +15,8 @@ every planning round the controller asks :meth:`Rollouts.hold_back` what may go 
    ``healthy_for`` timer runs out, an approval is verified), the controller is woken and
    the held content goes out by itself.
 2. **Windows.** Outside a group's maintenance window a new version waits (``pending``)
-   unless its commit subject says ``[urgent]``.
+   unless its commit subject says ``[urgent]`` *and* an operator approved that content for
+   its branch with a signed approval.
 3. **Batches.** A group with ``rollout:`` first pins every device bundle to the group
    version it runs (``group_version``), then publishes the new group bundle, then moves
    the pin of one batch at a time to the new version, after the previous batch completed
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 AUTHOR: Final = "setpoint-rollouts"
 CLOCK_SKEW: Final = 60
 MAX_EVIDENCE_SHOWN: Final = 8
+# An operator command is a few hundred bytes; its envelope adds signatures (a handful).
+MAX_COMMAND_ENVELOPE: Final = approvals.MAX_OPERATOR_COMMAND_BYTES + 2048
 
 
 def _unpinned(bundle: Bundle) -> str:
@@ -169,7 +172,10 @@ class Rollouts:
         now = self._clock()
         try:
             verified = envelopes.verify_signed(
-                message.payload, self._trusted_operators(), payload_type=envelopes.APPROVAL_TYPE
+                message.payload,
+                self._trusted_operators(),
+                payload_type=envelopes.APPROVAL_TYPE,
+                max_size=MAX_COMMAND_ENVELOPE,  # refused by its size before it is decoded
             )
             command = approvals.decode(verified.payload)
         except ProtocolError as exc:
@@ -284,8 +290,12 @@ class Rollouts:
 
         if self.synced:
             self._track_evidence(rings, published, now)
-        held_rings = self._gates(rings, render, desired, broken, published, views, deadlines, now)
-        self._groups(render, desired, broken, published, held_rings, views, deadlines, now)
+        held_rings, held_targets = self._gates(
+            rings, render, desired, broken, published, views, deadlines, now
+        )
+        self._groups(
+            render, desired, broken, published, held_rings, held_targets, views, deadlines, now
+        )
 
         if self.ledger.to_json() != before:
             self._save()
@@ -366,60 +376,110 @@ class Rollouts:
         views: dict[str, dict[str, Any]],
         deadlines: list[float],
         now: float,
-    ) -> dict[str, GateDecision]:
+    ) -> tuple[dict[str, GateDecision], dict[Target, GateDecision]]:
+        """Gate by *target*: a target that is (or was last published) on gated ring B
+        changes only with content that passed B's gate, whichever branch that content now
+        comes from. Otherwise a writer of the default branch, which decides what each group
+        tracks and which group each device is in, could point a production group at
+        ``main`` and skip every gate (the content's tree is what is judged, so a group
+        moved to ``main`` waits until main's tree passed production's gate)."""
         held: dict[str, GateDecision] = {}
+        held_targets: dict[Target, GateDecision] = {}
         for ring in rings.gated():
             gate = ring.gate
             assert gate is not None
             branch = ring.branch
-            head = render.heads.get(branch)
-            if head is None:
-                continue
-            tree = head.tree.decode("ascii")
             targets = {t for t, r in desired.items() if r.branch == branch}
             targets |= {t for t, c in published.items() if c.branch == branch}
-            waiting = [t for t in targets if _differs(desired.get(t), published.get(t))]
-            key = Ledger.key(branch, tree)
-            evidence = self.ledger.evidence.get(key)
-            approved = key in self.ledger.approvals or "[approved]" in head.summary.lower()
-            decision = gating.decide_gate(branch, gate, tree, evidence, approved=approved, now=now)
-            if decision.state != "open" and tree in self._walk_back_tree(branch):
-                decision = GateDecision("open", f"walking back to {tree[:12]} after a halt")
-            shown = decision if waiting else GateDecision("open", "nothing waiting")
-            views[self.topics.ring_gate(branch)] = self._gate_view(
-                branch, gate, head.id, tree, shown, now
-            )
-            if not waiting:
+            waiting = [
+                t
+                for t in targets
+                if t not in held_targets and _differs(desired.get(t), published.get(t))
+            ]
+            # The content each waiting target would get, by the branch it comes from (a
+            # removal is the default branch's doing).
+            by_source: dict[str, list[Target]] = {}
+            for t in waiting:
+                r = desired.get(t)
+                source = r.branch if r is not None else (render.default_branch or branch)
+                by_source.setdefault(source, []).append(t)
+            head = render.heads.get(branch)
+            if head is None and not by_source:
                 continue
-            if decision.until is not None:
-                deadlines.append(decision.until)
-            if decision.open:
-                if self._note_once(f"gate:{branch}", (tree, "open")):
+            decisions: dict[str, tuple[Any, GateDecision]] = {}
+            for source in sorted({branch, *by_source} if head is not None else by_source):
+                info = render.heads.get(source)
+                if info is None:
+                    continue
+                tree = info.tree.decode("ascii")
+                decision = self._decide(branch, gate, tree, now)
+                if source != branch and not decision.open:
+                    decision = dataclasses.replace(
+                        decision,
+                        reason=f"{', '.join(sorted(str(t) for t in by_source[source]))} ran on"
+                        f" {branch} and would now take content from {source}: " + decision.reason,
+                    )
+                decisions[source] = (info, decision)
+            shown_source = branch if branch in decisions else next(iter(decisions), None)
+            for source, (_info, decision) in decisions.items():
+                if not decision.open and source in by_source:
+                    shown_source = source
+            if shown_source is None:
+                continue
+            shown_head, shown_decision = decisions[shown_source]
+            shown = shown_decision if waiting else GateDecision("open", "nothing waiting")
+            views[self.topics.ring_gate(branch)] = self._gate_view(
+                branch, gate, shown_head.id, shown_head.tree.decode("ascii"), shown, now
+            )
+            for source, targets_from in sorted(by_source.items()):
+                if source not in decisions:
+                    continue  # its head is unknown: render marked the targets broken
+                info, decision = decisions[source]
+                tree = info.tree.decode("ascii")
+                if decision.until is not None:
+                    deadlines.append(decision.until)
+                if decision.open:
+                    if self._note_once(f"gate:{branch}:{source}", (tree, "open")):
+                        self._event(
+                            "rollout", action="gate-opened", ring=branch, tree=tree,
+                            commit=info.id, reason=decision.reason,
+                        )  # fmt: skip
+                        self._audit_line(
+                            "gate-opened", f"ring:{branch}", tree=tree, commit=info.id,
+                            reason=decision.reason,
+                        )  # fmt: skip
+                    continue
+                if source == branch:
+                    held[branch] = decision
+                for target in targets_from:
+                    desired.pop(target, None)
+                    broken.add(target)
+                    held_targets[target] = decision
+                if self._note_once(f"gate:{branch}:{source}", (tree, decision.state)):
+                    log.info("ring %s gated at %s: %s", branch, info.id[:12], decision.reason)
                     self._event(
-                        "rollout", action="gate-opened", ring=branch, tree=tree, commit=head.id,
-                        reason=decision.reason,
+                        "gated", ring=branch, state=decision.state, reason=decision.reason,
+                        missing=list(decision.missing), commit=info.id, tree=tree,
+                        source=source,
+                        groups=sorted(t.id for t in targets_from if t.kind == "group"),
+                        devices=sorted(t.id for t in targets_from if t.kind == "device"),
                     )  # fmt: skip
                     self._audit_line(
-                        "gate-opened", f"ring:{branch}", tree=tree, commit=head.id,
-                        reason=decision.reason,
+                        f"gate-{decision.state}", f"ring:{branch}", tree=tree, commit=info.id,
+                        reason=decision.reason, source=source,
                     )  # fmt: skip
-                continue
-            held[branch] = decision
-            for target in waiting:
-                desired.pop(target, None)
-                broken.add(target)
-            if self._note_once(f"gate:{branch}", (tree, decision.state)):
-                log.info("ring %s gated at %s: %s", branch, head.id[:12], decision.reason)
-                self._event(
-                    "gated", ring=branch, state=decision.state, reason=decision.reason,
-                    missing=list(decision.missing), commit=head.id, tree=tree,
-                    groups=sorted(t.id for t in waiting if t.kind == "group"),
-                )  # fmt: skip
-                self._audit_line(
-                    f"gate-{decision.state}", f"ring:{branch}", tree=tree, commit=head.id,
-                    reason=decision.reason,
-                )  # fmt: skip
-        return held
+        return held, held_targets
+
+    def _decide(self, branch: str, gate: gating.Gate, tree: str, now: float) -> GateDecision:
+        key = Ledger.key(branch, tree)
+        evidence = self.ledger.evidence.get(key)
+        # Only a verified, signed approval counts: "[approved]" in a commit subject is
+        # whatever its author typed, and a fast-forward carries it into any ring.
+        approved = key in self.ledger.approvals
+        decision = gating.decide_gate(branch, gate, tree, evidence, approved=approved, now=now)
+        if decision.state != "open" and tree in self._walk_back_tree(branch):
+            decision = GateDecision("open", f"walking back to {tree[:12]} after a halt")
+        return decision
 
     def _gate_view(
         self, branch: str, gate: gating.Gate, commit: str, tree: str, d: GateDecision, now: float
@@ -457,6 +517,7 @@ class Rollouts:
         broken: set[Target],
         published: Mapping[Target, Current],
         held_rings: Mapping[str, GateDecision],
+        held_targets: Mapping[Target, GateDecision],
         views: dict[str, dict[str, Any]],
         deadlines: list[float],
         now: float,
@@ -483,8 +544,8 @@ class Rollouts:
                 "batches": [],
             }
             views[self.topics.group_rollout(gid)] = view
-            if branch in held_rings:
-                decision = held_rings[branch]
+            if branch in held_rings or target in held_targets:
+                decision = held_targets.get(target) or held_rings[branch]
                 view.update(
                     state="gated" if decision.state == "waiting" else "refused",
                     reason=decision.reason,
@@ -521,7 +582,13 @@ class Rollouts:
         digest = rendered.bundle.content_digest()
         ro = self.ledger.rollouts.get(gid)
         head = render.heads.get(rendered.branch)
-        urgent = head is not None and gating.is_urgent(head.summary)
+        # "[urgent]" says what the author wants; a signed approval of this content for this
+        # branch (setpoint approve BRANCH --tree T) is the authority that lets it skip windows.
+        urgent = (
+            head is not None
+            and gating.is_urgent(head.summary)
+            and Ledger.key(rendered.branch, head.tree.decode("ascii")) in self.ledger.approvals
+        )
 
         def hold(reason_state: str, reason: str) -> None:
             for t in (target, *devices):

@@ -38,7 +38,7 @@ from setpoint.proto.bundles import Bundle
 from setpoint.proto.repository import RepositoryStatus
 from setpoint.proto.topics import DEFAULT_PREFIX, Topics
 
-from . import planning, rendering, watching, webhooks
+from . import planning, protection, rendering, watching, webhooks
 from .audit import AuditLog, Entry
 from .broker import Backoff, BrokerSettings, Link, Session
 from .drifting import DriftEngine, DriftSettings
@@ -71,6 +71,7 @@ class ControllerConfig:
     extra_key_paths: tuple[Path, ...] = ()  # also sign with these (key rotation overlap)
     prefix: str = DEFAULT_PREFIX
     branch: str | None = None
+    config_branch: str | None = None  # rings, gates, operators (see controller.protection)
     bundle_ttl: int = DEFAULT_BUNDLE_TTL
     follow: bool = True
     watch: bool = True
@@ -135,6 +136,7 @@ class Controller:
         self._verdicts: RepositoryStatus | None = None
         self._verdicts_published: bytes | None = None
         self._default_branch = config.branch
+        self._protection = protection.Memory(config.state_dir, config.config_branch)
         self._repo_backoff = Backoff(initial=1.0, maximum=30.0)
         self._retry_at: float | None = None
         self._warned_empty = False
@@ -409,9 +411,16 @@ class Controller:
         views: dict[str, View | None] = {}
         for branch in rendering.branches_needed(default_view.snapshot, default):
             views[branch] = self._view(branch, heads[branch]) if branch in heads else None
-        key = tuple((b, v.commit.id if v else None) for b, v in views.items())
+        rules = self._protection.branch(default_view.snapshot.settings, default)
+        protected = self._view(rules, heads[rules]) if rules in heads else None
+        if rules is not None and protected is None:
+            log.error("the protected branch %r (rings, gates, operators) does not exist", rules)
+        key = (
+            *((b, v.commit.id if v else None) for b, v in views.items()),
+            (rules, protected.commit.id if protected else None),
+        )
         if key != self._render_key or self._render is None:
-            self._render = rendering.render(default, views)
+            self._render = protection.apply(rendering.render(default, views), protected)
             self._render_key = key
         return self._render
 

@@ -102,6 +102,9 @@ class StateStore:
         """Create the directory (0700) and take its lock, or refuse if another holds it."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # A directory made by someone else (systemd's StateDirectory= makes it 0755)
+            # would show the mirror and the published bundles to every local account.
+            self.directory.chmod(0o700)
             (self.directory / BUNDLES_DIR).mkdir(exist_ok=True, mode=0o700)
             fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:

@@ -14,6 +14,11 @@ The body is not trusted for anything: any accepted request (a push of any branch
 looks at every branch itself. So a forged payload cannot steer it, and a lost or repeated
 delivery does not matter.
 
+Nobody unauthenticated may cost the controller much: at most ``MAX_CONNECTIONS`` requests
+are served at once (one more is answered 503 and closed at once, so held connections never
+use up the controller's file descriptors), the body is hashed as it streams in and never
+kept (``CHUNK_BYTES`` at a time), and a request must arrive whole within ``READ_TIMEOUT``.
+
 Pure verification (:func:`verify`), plus the server (:func:`serve`).
 """
 
@@ -34,7 +39,10 @@ log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES: Final = 16 * 1024
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024
+CHUNK_BYTES: Final = 64 * 1024
+MAX_CONNECTIONS: Final = 32
 READ_TIMEOUT: Final = 10.0
+OVERLOAD_LOG_INTERVAL: Final = 60.0
 _HMAC_HEADERS: Final = ("x-hub-signature-256", "x-gitea-signature", "x-gogs-signature")
 
 
@@ -43,20 +51,37 @@ def signature(secret: bytes, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
+class Verifier:
+    """The signature check of one request, fed the body piece by piece (nothing is kept)."""
+
+    def __init__(self, headers: Mapping[str, str], secret: bytes) -> None:
+        self._secret = secret
+        self._mac = hmac.new(secret, b"", hashlib.sha256)
+        self._headers = headers
+
+    def update(self, chunk: bytes) -> None:
+        self._mac.update(chunk)
+
+    def ok(self) -> bool:
+        if not self._secret:
+            return False
+        expected = self._mac.hexdigest()
+        for name in _HMAC_HEADERS:
+            value = self._headers.get(name)
+            if value is not None:
+                given = value.strip().removeprefix("sha256=").lower()
+                return hmac.compare_digest(given.encode("ascii", "replace"), expected.encode())
+        token = self._headers.get("x-gitlab-token")
+        if token is not None:
+            return hmac.compare_digest(token.strip().encode("utf-8", "replace"), self._secret)
+        return False
+
+
 def verify(headers: Mapping[str, str], body: bytes, secret: bytes) -> bool:
     """True if the request carries a valid signature (or token) made with ``secret``."""
-    if not secret:
-        return False
-    expected = hmac.new(secret, body, hashlib.sha256).hexdigest()
-    for name in _HMAC_HEADERS:
-        value = headers.get(name)
-        if value is not None:
-            given = value.strip().removeprefix("sha256=").lower()
-            return hmac.compare_digest(given.encode("ascii", "replace"), expected.encode())
-    token = headers.get("x-gitlab-token")
-    if token is not None:
-        return hmac.compare_digest(token.strip().encode("utf-8", "replace"), secret)
-    return False
+    verifier = Verifier(headers, secret)
+    verifier.update(body)
+    return verifier.ok()
 
 
 def describe(headers: Mapping[str, str], body: bytes) -> str:
@@ -87,6 +112,12 @@ async def _respond(writer: asyncio.StreamWriter, status: int, reason: str, text:
         await writer.drain()
 
 
+_BUSY: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 5\r\n"
+    b"Connection: close\r\n\r\n"
+)
+
+
 class _Refused(Exception):
     def __init__(self, status: int, text: str) -> None:
         super().__init__(text)
@@ -94,8 +125,11 @@ class _Refused(Exception):
         self.text = text
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
-    """``(path, headers, body)`` of one POST; :class:`_Refused` with the status otherwise."""
+async def _read_request(
+    reader: asyncio.StreamReader, secret: bytes
+) -> tuple[str, dict[str, str], bool]:
+    """``(path, headers, signed)`` of one POST, the body hashed as it arrives and dropped;
+    :class:`_Refused` with the status otherwise."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.LimitOverrunError:
@@ -124,11 +158,15 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, dict[str, st
         raise _Refused(400, "bad Content-Length") from None
     if length < 0 or length > MAX_BODY_BYTES:
         raise _Refused(413, "body too large")
-    try:
-        body = await reader.readexactly(length)
-    except asyncio.IncompleteReadError:
-        raise _Refused(400, "incomplete body") from None
-    return parts[1], headers, body
+    verifier = Verifier(headers, secret)
+    left = length
+    while left:
+        chunk = await reader.read(min(left, CHUNK_BYTES))
+        if not chunk:
+            raise _Refused(400, "incomplete body")
+        verifier.update(chunk)
+        left -= len(chunk)
+    return parts[1], headers, verifier.ok()
 
 
 async def serve(
@@ -140,20 +178,38 @@ async def serve(
     started: Callable[[int], None] | None = None,
 ) -> None:
     """Serve until cancelled; every accepted delivery calls ``wake``."""
+    active = 0
+    overloaded_logged = -OVERLOAD_LOG_INTERVAL
+    refused_since_log = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal active, overloaded_logged, refused_since_log
+        if active >= MAX_CONNECTIONS:
+            # Busy: answer at once and let the descriptor go. Logged once per interval.
+            refused_since_log += 1
+            now = asyncio.get_running_loop().time()
+            if now - overloaded_logged >= OVERLOAD_LOG_INTERVAL:
+                log.warning(
+                    "webhook: %d request(s) refused with 503, %d already being served",
+                    refused_since_log, MAX_CONNECTIONS,
+                )  # fmt: skip
+                overloaded_logged, refused_since_log = now, 0
+            writer.write(_BUSY)
+            writer.close()  # sends what was written, then lets the descriptor go
+            return
+        active += 1
         try:
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
-                    path, headers, body = await _read_request(reader)
+                    path, headers, signed = await _read_request(reader, secret)
             except _Refused as refused:
                 await _respond(writer, refused.status, "Error", refused.text)
                 return
-            if not verify(headers, body, secret):
+            if not signed:
                 log.warning("webhook: refused a request to %s without a valid signature", path)
                 await _respond(writer, 401, "Unauthorized", "missing or bad signature")
                 return
-            log.info("webhook: %s", describe(headers, body))
+            log.info("webhook: %s", describe(headers, b""))
             wake("webhook")
             await _respond(writer, 202, "Accepted", "fetching")
         except TimeoutError:
@@ -161,6 +217,7 @@ async def serve(
         except ConnectionError:
             pass
         finally:
+            active -= 1
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()

@@ -256,7 +256,8 @@ class Agent:
                 # against bundles no trusted key will ever sign again (TUF resets them the
                 # same way when the root keys rotate).
                 log.warning("trust anchors replaced: version floors reset")
-                state = replace(state, trust=state.trust.reset_floors())
+                # The reconcile-command floor too: a stolen key may have pushed it to 2^63-1.
+                state = replace(state, trust=state.trust.reset_floors(), command_seq=0)
             state = replace(state, trusted_keyids=keyids)
             self.applied_group = _load_held(state.applied_group, "group")
             self.applied_device = _load_held(state.applied_device, "device")

@@ -36,6 +36,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -63,10 +64,11 @@ from .planning import (
     WriteFile,
 )
 from .running import CommandRunner
-from .state import StateStore
+from .state import BACKUP_DIR, StateStore
 from .unsealing import Unsealer, setting_bytes
 
 JOURNAL_SCHEMA: Final = 1
+_BACKUP_NAME: Final = re.compile(r"[0-9]{1,6}\.bak")
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -461,6 +463,12 @@ def _prepare(
     return journal
 
 
+def _read_backup(store: StateStore, name: str) -> bytes:
+    fd = os.open(store.backup_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
+
+
 def rollback(journal: Mapping[str, Any], fs: RootFS, store: StateStore) -> list[str]:
     """Put back everything the journal names; return the errors (empty when complete)."""
     errors: list[str] = []
@@ -468,13 +476,16 @@ def rollback(journal: Mapping[str, Any], fs: RootFS, store: StateStore) -> list[
         rel = entry["path"]
         try:
             if entry["existed"]:
-                content = (store.backup_dir / entry["backup"]).read_bytes()
+                name = str(entry["backup"])
+                if not _BACKUP_NAME.fullmatch(name):
+                    raise StateError(f"journal names backup {name!r}, outside {BACKUP_DIR}/")
+                content = _read_backup(store, name)
                 fs.write_atomic(
                     rel, content, int(entry["mode"]), owner=(int(entry["uid"]), int(entry["gid"]))
                 )
             else:
                 fs.unlink(rel)
-        except (OSError, ApplyError) as exc:
+        except (OSError, ApplyError, StateError) as exc:
             errors.append(f"{rel}: {exc}")
     for d in reversed(journal.get("dirs", [])):
         fs.rmdir(d)

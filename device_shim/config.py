@@ -33,6 +33,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,17 +41,23 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from setpoint.proto import envelopes, topics
+from setpoint.proto import bundles, envelopes, topics
 from setpoint.proto.errors import InvalidId, SchemaError
 
 from .errors import ConfigError
 
 RESERVED_DIR: Final = ".setpoint"
 SETTINGS_FILE: Final = ".setpoint/settings.json"
-DEFAULT_STATE_DIR: Final = ".setpoint/state"
+SYSTEM_STATE_DIR: Final = Path("/var/lib/setpoint")
 MAX_TIMEOUT_CAP: Final = 3600
 _POLICY_KEYS: Final = frozenset(
-    {"allow_commands", "command_timeout_cap", "allowed_commands", "command_check_interval"}
+    {
+        "allow_commands",
+        "command_timeout_cap",
+        "allowed_commands",
+        "command_check_interval",
+        "allow_special_modes",
+    }
 )
 
 
@@ -80,6 +87,17 @@ class DevicePolicy:
     command_timeout_cap: int = 300
     allowed_commands: frozenset[str] | None = None
     command_check_interval: float = 300.0
+    allow_special_modes: bool = False  # setuid, setgid, sticky, world-writable files
+
+    def refuses_mode(self, mode: int) -> str | None:
+        """Why a file with ``mode`` may not be installed here, or None if it may."""
+        risky = bundles.risky_mode(mode)
+        if risky is None or self.allow_special_modes:
+            return None
+        return (
+            f"mode {mode:04o} is {risky}; this device installs such files only with"
+            " allow_special_modes = true in its own configuration"
+        )
 
     def refuses_command(self, check: str, apply: str) -> str | None:
         """Why a command resource may not run here, or None if it may."""
@@ -153,6 +171,9 @@ def policy_from_mapping(raw: Mapping[str, Any], where: str) -> DevicePolicy:
             1,
             7 * 86400,
         ),
+        allow_special_modes=_bool(
+            raw.get("allow_special_modes", False), f"{where}: allow_special_modes"
+        ),
     )
 
 
@@ -205,6 +226,17 @@ def load_trusted_keys(files: Sequence[Path]) -> dict[str, Ed25519PublicKey]:
     return envelopes.trusted_keys(keys)
 
 
+def default_state_dir(device: str) -> Path:
+    """Where a shim keeps its state unless told: never under the device root, which an
+    application's account may own (it could plant an apply journal there). As root
+    ``/var/lib/setpoint/DEVICE``; otherwise ``$XDG_STATE_HOME/setpoint/shim/DEVICE``
+    (``~/.local/state/...``)."""
+    if os.geteuid() == 0:
+        return SYSTEM_STATE_DIR / device
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "setpoint" / "shim" / device
+
+
 @dataclass(frozen=True, slots=True)
 class ShimConfig:
     """Everything one shim needs to run. Intervals are seconds."""
@@ -234,7 +266,7 @@ class ShimConfig:
 
     @property
     def state_path(self) -> Path:
-        return self.state_dir if self.state_dir is not None else self.root / DEFAULT_STATE_DIR
+        return self.state_dir if self.state_dir is not None else default_state_dir(self.device)
 
     @property
     def mqtt_client_id(self) -> str:

@@ -221,7 +221,12 @@ _BLOCKED_WHY: Mapping[str, str] = {
 }
 
 
-def _plan_file(resource: FileResource, fact: FileFact | None, observed: Observed) -> Step | None:
+def _plan_file(
+    resource: FileResource, fact: FileFact | None, observed: Observed, policy: DevicePolicy
+) -> Step | None:
+    refusal = policy.refuses_mode(resource.mode)
+    if refusal is not None:
+        return Blocked(resource.id, refusal)
     if fact is None:
         return Blocked(resource.id, "path was not observed", permanent=False)
     if fact.condition in _BLOCKED_WHY:
@@ -324,7 +329,7 @@ def plan(
             else:
                 path_owner[real] = resource.id
                 desired_real.add(real)
-                step = _plan_file(resource, fact, observed)
+                step = _plan_file(resource, fact, observed, policy)
         elif isinstance(resource, SettingResource):
             if resource.key in key_owner:
                 step = Blocked(resource.id, f"same key as resource {key_owner[resource.key]!r}")

@@ -7,9 +7,16 @@ Files in the state directory (mode 0700; every file 0600)::
                    last reconcile-command sequence, the retry gate of a failed apply, and
                    the reserved block of report sequence numbers
     journal.json   present only while an apply is in progress: what it will touch and
-                   where the originals were backed up
+                   where the originals were backed up, with an HMAC-SHA256 by journal.key
+    journal.key    a device-local random key: a journal without its MAC is refused
     backup/        the originals named in the journal
     lock           flock'ed by the running shim, so two shims never share a directory
+
+The directory must be private to the shim: :meth:`StateStore.open` refuses one that is
+owned by another user or writable by group or others, or one below a directory another
+user (not root) owns or may write (without the sticky bit): that account could swap the
+state directory and plant a journal, whose rollback a root shim carries out with the
+journal's modes and owners. A directory readable by others is made 0700.
 
 Every write is atomic (temp file in the same directory, fsync, ``os.replace``, fsync of the
 directory), so a power cut leaves either the old or the new file, never half of one. State
@@ -26,9 +33,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import shutil
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,6 +59,41 @@ STATE_FILE: Final = "state.json"
 JOURNAL_FILE: Final = "journal.json"
 BACKUP_DIR: Final = "backup"
 LOCK_FILE: Final = "lock"
+JOURNAL_KEY_FILE: Final = "journal.key"
+
+
+def check_private(directory: Path) -> None:
+    """Raise StateError unless ``directory`` and every directory above it are safe from
+    other accounts (see the module docstring); make ``directory`` 0700 if it is readable."""
+    euid = os.geteuid()
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateError(f"state directory {directory} is not a directory (a symlink?)")
+    if st.st_uid != euid:
+        raise StateError(
+            f"state directory {directory} is owned by uid {st.st_uid}, not by this shim"
+            f" (uid {euid}); give the shim a directory of its own"
+        )
+    if st.st_mode & 0o022:
+        raise StateError(
+            f"state directory {directory} is writable by group or others (mode"
+            f" {stat.S_IMODE(st.st_mode):04o}); chmod 0700 it after checking its content"
+        )
+    if st.st_mode & 0o077:
+        os.chmod(directory, 0o700)
+    for parent in Path(os.path.abspath(directory)).parents:
+        pst = os.stat(parent)
+        if pst.st_uid not in (0, euid):
+            raise StateError(
+                f"state directory {directory} is inside {parent}, owned by uid {pst.st_uid}:"
+                " that account could replace it; keep the state directory outside the device"
+                " root (the default: /var/lib/setpoint/DEVICE)"
+            )
+        if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
+            raise StateError(
+                f"state directory {directory} is inside {parent}, writable by group or"
+                f" others (mode {stat.S_IMODE(pst.st_mode):04o}); choose another place"
+            )
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -134,10 +180,14 @@ class StateStore:
         return self.dir / BACKUP_DIR
 
     def open(self) -> None:
-        """Create the directory (0700) and take the lock; raise StateError if held."""
+        """Create the directory (0700), check that it is private, take the lock; raise
+        StateError if it is not private or the lock is held."""
         try:
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            check_private(self.dir)
+            fd = os.open(
+                self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
         except OSError as exc:
             raise StateError(f"state directory {self.dir}: {exc.strerror}") from exc
         try:
@@ -197,22 +247,52 @@ class StateStore:
 
     # The apply journal.
 
+    def _journal_key(self) -> bytes:
+        path = self.dir / JOURNAL_KEY_FILE
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            atomic_write(path, secrets.token_bytes(32))
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            key = fh.read(64)
+        if len(key) != 32:
+            raise StateError(f"{path} is not a 32-byte key; delete it (and any journal.json)")
+        return key
+
+    def _mac(self, body: bytes) -> str:
+        return hmac.new(self._journal_key(), body, hashlib.sha256).hexdigest()
+
     def read_journal(self) -> dict[str, Any] | None:
+        """The journal of an apply in progress, once its MAC is checked (None if none)."""
         try:
             data = self.journal_path.read_bytes()
         except FileNotFoundError:
             return None
+        refused = (
+            f"{self.journal_path} was not written by this shim (no valid MAC by"
+            f" {JOURNAL_KEY_FILE}); the shim will not act on it: inspect it, then delete it"
+            f" and {BACKUP_DIR}/ to go on"
+        )
         try:
-            journal = json.loads(data)
+            outer = json.loads(data)
         except ValueError as exc:
             # Journals are written atomically, so this is not a torn write: someone edited it.
             raise StateError(f"{self.journal_path} is corrupt: {exc}") from exc
+        if not isinstance(outer, dict) or not isinstance(outer.get("body"), str):
+            raise StateError(refused)
+        body = outer["body"].encode("utf-8")
+        if not hmac.compare_digest(str(outer.get("mac", "")), self._mac(body)):
+            raise StateError(refused)
+        journal = json.loads(body)
         if not isinstance(journal, dict):
             raise StateError(f"{self.journal_path} is corrupt: not an object")
         return journal
 
     def write_journal(self, journal: Mapping[str, Any]) -> None:
-        atomic_write(self.journal_path, json.dumps(journal, sort_keys=True).encode())
+        body = json.dumps(journal, sort_keys=True)
+        outer = {"body": body, "mac": self._mac(body.encode("utf-8"))}
+        atomic_write(self.journal_path, json.dumps(outer, sort_keys=True).encode())
 
     def clear_journal(self) -> None:
         """The commit point of an apply: drop the journal, then the backups."""

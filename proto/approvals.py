@@ -3,9 +3,9 @@
 An operator holds an Ed25519 key whose public half is listed under ``operators:`` in the
 fleet repository's ``fleet.yaml``. ``setpoint approve`` and ``setpoint rollout
 pause|resume`` sign an :class:`OperatorCommand` (payloadType ``APPROVAL_TYPE``) with it;
-the controller verifies the envelope against the operator keys of the default branch,
-refuses an expired command or one whose ``issued_at``/``nonce`` it has already seen, and
-acts. An unsigned or foreign message changes nothing.
+the controller verifies the envelope against the operator keys of the protected branch
+(``controller.protection``), refuses an expired command or one whose ``issued_at``/``nonce``
+it has already seen, and acts. An unsigned or foreign message changes nothing.
 
 Pure; no I/O.
 """

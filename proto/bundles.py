@@ -49,6 +49,20 @@ class FileResource:
     kind: Literal["file"] = "file"
 
 
+def risky_mode(mode: int) -> str | None:
+    """What makes a file mode dangerous to install from a repository (setuid, setgid,
+    sticky, writable by anyone), or None. A root device writes files as root: a setuid
+    mode from the repository would be a root shell for every local account."""
+    bits = [
+        name
+        for bit, name in ((0o4000, "setuid"), (0o2000, "setgid"), (0o1000, "sticky"))
+        if mode & bit
+    ]
+    if mode & 0o002:
+        bits.append("world-writable")
+    return " and ".join(bits) or None
+
+
 @dataclass(frozen=True, slots=True)
 class SettingResource:
     """One key in the device's settings file; ``secret`` values are never logged.

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from . import codec
+from . import codec, text
 from .errors import DecodeError, SchemaError
 from .topics import validate_id
 
@@ -143,6 +143,12 @@ def _get(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], where: st
     return value
 
 
+def _text(raw: dict[str, Any], key: str, where: str, limit: int | None = None) -> str:
+    """A string the device wrote, cut to ``limit`` and without control characters: it ends
+    up in drift statuses that operators' terminals show (proto.text)."""
+    return text.clean(_get(raw, key, str, where)[:limit])
+
+
 def _applied(raw: object, where: str) -> Applied | None:
     if raw is None:
         return None
@@ -178,11 +184,11 @@ def decode(data: bytes, *, max_size: int = MAX_REPORT_BYTES) -> Report:
             raise SchemaError(f"report resource status {status!r} is unknown")
         resources.append(
             ResourceReport(
-                _get(item, "id", str, "report resource"),
-                _get(item, "kind", str, "report resource"),
+                _text(item, "id", "report resource"),
+                _text(item, "kind", "report resource"),
                 status,
-                _get(item, "digest", str, "report resource"),
-                _get(item, "detail", str, "report resource")[:MAX_DETAIL],
+                _text(item, "digest", "report resource"),
+                _text(item, "detail", "report resource", MAX_DETAIL),
             )
         )
     refusals = []
@@ -191,11 +197,11 @@ def decode(data: bytes, *, max_size: int = MAX_REPORT_BYTES) -> Report:
             raise SchemaError("report refusal is not a map")
         refusals.append(
             Refusal(
-                _get(item, "target", str, "refusal"),
-                _get(item, "kind", str, "refusal"),
+                _text(item, "target", "refusal"),
+                _text(item, "kind", "refusal"),
                 _get(item, "version", int, "refusal"),
-                _get(item, "reason", str, "refusal"),
-                _get(item, "error", str, "refusal")[:MAX_DETAIL],
+                _text(item, "reason", "refusal"),
+                _text(item, "error", "refusal", MAX_DETAIL),
                 _get(item, "at", int, "refusal"),
             )
         )
@@ -205,21 +211,22 @@ def decode(data: bytes, *, max_size: int = MAX_REPORT_BYTES) -> Report:
         if not isinstance(failure_raw, dict):
             raise SchemaError("report failure is not a map")
         failure = Failure(
-            _get(failure_raw, "target", str, "failure"),
+            _text(failure_raw, "target", "failure"),
             _get(failure_raw, "version", int, "failure"),
-            _get(failure_raw, "error", str, "failure")[:MAX_DETAIL],
+            _text(failure_raw, "error", "failure", MAX_DETAIL),
             _get(failure_raw, "permanent", bool, "failure"),
             _get(failure_raw, "at", int, "failure"),
         )
-    mode = _get(raw, "mode", str, "report")
+    mode = _text(raw, "mode", "report")
     observe = raw.get("observe", "")
     if not isinstance(observe, str):
         raise SchemaError("report: field 'observe' is not a string")
+    observe = text.clean(observe)
     return Report(
         device=device,
         time=_get(raw, "time", int, "report"),
         seq=_get(raw, "seq", int, "report"),
-        shim_version=_get(raw, "shim_version", str, "report")[:64],
+        shim_version=_text(raw, "shim_version", "report", 64),
         mode=mode,
         group=group,
         applied_group=_applied(applied.get("group"), "report applied.group"),

@@ -27,8 +27,14 @@ log = logging.getLogger("setpoint.controller")
 def _listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{value!r}: use HOST:PORT, e.g. 0.0.0.0:8780")
-    return host.strip("[]") or "0.0.0.0", int(port)
+        raise argparse.ArgumentTypeError(f"{value!r}: use HOST:PORT, e.g. 127.0.0.1:8780")
+    if not host.strip("[]"):
+        # An empty host would mean every interface; say it, do not assume it.
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: name the address to listen on: 127.0.0.1:{port} (this machine only)"
+            f" or 0.0.0.0:{port} (every interface)"
+        )
+    return host.strip("[]"), int(port)
 
 
 def _seconds(value: str) -> float:
@@ -66,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--branch", help="the default branch (default: the branch HEAD names)")
     parser.add_argument(
+        "--config-branch",
+        help="the protected branch whose fleet.yaml gives rings, gates and operator keys"
+        " (default: the most protected ring, chosen once and remembered; docs/security.md)",
+    )
+    parser.add_argument(
         "--bundle-ttl",
         default=None,
         help="bundle lifetime, e.g. 7d or 3600 (fleet.yaml's bundle_ttl wins;"
@@ -94,7 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="file holding the webhook secret (or env SETPOINT_WEBHOOK_SECRET)",
     )
-    parser.add_argument("--client-id", default=None, help="MQTT client id (default: random)")
+    parser.add_argument(
+        "--client-id",
+        default=None,
+        help="MQTT client id (default: random; a fixed one can be taken over by any client"
+        " that knows it, which disconnects the controller: docs/security.md)",
+    )
     parser.add_argument(
         "--once",
         action="store_true",
@@ -192,6 +208,7 @@ def _config(args: argparse.Namespace) -> object:
         state_dir=args.state_dir or explicit_state_dir() or Path(),
         prefix=args.prefix,
         branch=args.branch,
+        config_branch=args.config_branch,
         bundle_ttl=ttl,
         follow=not args.once,
         watch=not args.no_watch,
@@ -280,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
     logs = require_controller("setpoint.controller.logs")
     errors = require_controller("setpoint.controller.errors")
     logs.setup(json_lines=args.log_json, level=args.log_level)
+    # Everything the controller writes (state, audit, the mirror's objects) is its own.
+    os.umask(0o077)
     try:
         config = _config(args)
         return asyncio.run(_main(args, config))

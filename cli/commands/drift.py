@@ -63,15 +63,16 @@ def event_line(event: dict[str, Any], colour: bool) -> str:
     resources = event.get("resources") or []
     why = "; ".join(f"{r.get('id')}: {r.get('why')}" for r in resources) or event.get("reason", "")
     why = view.printable(str(why))  # text from devices: never terminal escapes
-    previous = event.get("previous") or "-"
+    previous = view.printable(str(event.get("previous") or "-"))
     when = view.clock(float(event.get("time", 0.0)))
-    change = str(event.get("change", "?"))
+    change = view.printable(str(event.get("change", "?")))
     mark = {"opened": "31", "resolved": "32", "changed": "33"}.get(change, "")
+    device = view.printable(str(event.get("device")))
+    group = view.printable(str(event.get("group") or "-"))
     head = (
-        f"{when}  {view.paint(colour, mark, change.ljust(8))}"
-        f"  {view.printable(str(event.get('device')))}"
-        f" ({view.printable(str(event.get('group') or '-'))})  {view.state(colour, previous)} ->"
-        f" {view.state(colour, str(event.get('state')))}"
+        f"{when}  {view.paint(colour, mark, change.ljust(8))}  {device} ({group})"
+        f"  {view.state(colour, previous)} ->"
+        f" {view.state(colour, view.printable(str(event.get('state'))))}"
     )
     return f"{head}  {why}" if why else head
 
@@ -94,9 +95,9 @@ def current(args: argparse.Namespace, reader: view.Reader, colour: bool) -> int:
         return 0
     plain, rows = [], []
     for s in shown:
-        why = "; ".join(f"{r.id}: {r.why}" for r in s.resources) or s.reason
-        cells = [s.device, s.group or "-"]
-        tail = [f"since {view.ago(s.since)}", view.printable(why)]
+        why = view.printable("; ".join(f"{r.id}: {r.why}" for r in s.resources) or s.reason)
+        cells = [view.printable(s.device), view.printable(s.group or "-")]
+        tail = [f"since {view.ago(s.since)}", why]
         plain.append([*cells, s.state, *tail])
         rows.append([*cells, view.state(colour, s.state), *tail])
     print("\n".join(view.table(rows, plain)))

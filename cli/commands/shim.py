@@ -4,7 +4,7 @@
                   [--state-dir DIR] [--config FILE] [--threshold N] [--heartbeat S]
                   [--observe-interval S] [--no-watch] [--skew S] [--username U]
                   [--password-file F] [--prefix P] [--log-json] [--reset-floors]
-    setpoint shim keygen (--state-dir DIR | --root DIR)
+    setpoint shim keygen (--state-dir DIR | --device ID)
 
 ``keygen`` makes the device's age identity for sealed secrets (0600, in the state
 directory, kept if it exists) and prints its recipient (``age1...``) for the operator to
@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
         type=Path,
-        help="where the shim keeps its state (default ROOT/.setpoint/state)",
+        help="where the shim keeps its state, private to it and outside the root (default"
+        " /var/lib/setpoint/DEVICE as root, else ~/.local/state/setpoint/shim/DEVICE)",
     )
     parser.add_argument(
         "--config",
@@ -165,12 +166,16 @@ def defer_urllib_request() -> None:
 def keygen(args: argparse.Namespace) -> int:
     """Make (or keep) the device's age identity; print its recipient on stdout."""
     from setpoint.device_shim import ConfigError, unsealing
-    from setpoint.device_shim.config import DEFAULT_STATE_DIR
+    from setpoint.device_shim.config import default_state_dir
 
-    if args.state_dir is None and args.root is None:
-        print("setpoint shim keygen: pass --state-dir DIR (or --root DIR)", file=sys.stderr)
+    if args.state_dir is None and args.device is None:
+        print(
+            "setpoint shim keygen: pass --state-dir DIR, or --device ID for the default"
+            " state directory (never under the root)",
+            file=sys.stderr,
+        )
         return 2
-    state_dir = args.state_dir if args.state_dir is not None else args.root / DEFAULT_STATE_DIR
+    state_dir = args.state_dir if args.state_dir is not None else default_state_dir(args.device)
     try:
         recipient, created = unsealing.generate(state_dir)
     except (OSError, ConfigError) as exc:

@@ -105,10 +105,10 @@ def render(
     for g in groups:
         counts = [(s, n) for s, n in g.counts.items() if n]
         cells = [
-            g.group,
-            g.mode,
+            view.printable(g.group),
+            view.printable(g.mode),
             f"v{g.version}" if g.version is not None else "-",
-            (g.commit or "-")[:12],
+            view.printable((g.commit or "-")[:12]),
             str(g.devices),
             f"{g.converged_pct:.1f}%",
         ]
@@ -121,8 +121,8 @@ def render(
         lines.append(view.paint(colour, "1", f"not in sync ({len(behind)}):"))
         plain, rows = [], []
         for d in sorted(behind, key=lambda d: (d.group or "", d.device)):
-            why = "; ".join(f"{r.id}: {r.why}" for r in d.resources) or d.reason
-            cells = [d.device, d.group or "-"]
+            why = view.printable("; ".join(f"{r.id}: {r.why}" for r in d.resources) or d.reason)
+            cells = [view.printable(d.device), view.printable(d.group or "-")]
             tail = [f"since {view.ago(d.since, now)}", why]
             plain.append([*cells, d.state, *tail])
             rows.append([*cells, view.state(colour, d.state), *tail])

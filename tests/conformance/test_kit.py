@@ -80,6 +80,10 @@ def start_agent(
             str(keys[1]),
             "--root",
             str(root),
+            # Both agents here are setpoint's shim, whose default state directory is
+            # machine-wide (/var/lib/setpoint/DEVICE as root): give each test its own.
+            "--state-dir",
+            str(tmp_path / f"state-{device}"),
         ]
         agent = Agent([*program, *args], root, tmp_path / f"{device}.log")
         started.append(agent)

@@ -36,6 +36,7 @@ class Replay:
         config = ShimConfig(
             device=device,
             root=root,
+            state_dir=root.parent / f"{root.name}-state",  # the default is machine-wide
             trust_files=tuple(KEY_FILES[k] for k in trusted),
             policy=DevicePolicy(allow_commands=False),
         )

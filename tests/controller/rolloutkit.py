@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mqttkit import Subscriber
 
 from setpoint.proto import bundles, codec, envelopes, status
@@ -31,6 +33,34 @@ rings:
   - branch: production
     gate: {from: canary, in_sync: 100%%, healthy_for: %s}
 """
+
+
+def pem_public(key: Ed25519PrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def operators_yaml(**keys: Ed25519PrivateKey) -> str:
+    """``operators:`` of fleet.yaml, one entry per ``name=key``."""
+    out = "operators:\n"
+    for name, key in keys.items():
+        body = "".join(f"        {line}\n" for line in pem_public(key).splitlines())
+        out += f"  - name: {name}\n    key: |\n{body}"
+    return out
+
+
+def fleet_yaml(approval: bool, **operators: Ed25519PrivateKey) -> str:
+    """Rings main -> canary -> production (approval on production as asked) and operators."""
+    return (
+        "rings:\n  - branch: main\n  - branch: canary\n"
+        "    gate: {from: main, in_sync: 100%, healthy_for: 0}\n"
+        "  - branch: production\n"
+        "    gate: {from: canary, in_sync: 100%, healthy_for: 0,"
+        f" approval: {str(approval).lower()}}}\n" + operators_yaml(**operators)
+    )
 
 
 def group(branch: str, motd: str, extra: str = "") -> str:

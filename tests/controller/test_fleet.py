@@ -272,6 +272,25 @@ def test_bad_file_mode(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [("'4755'", "setuid"), ("'2755'", "setgid"), ("'1777'", "sticky and world-writable"),
+     ("'0666'", "world-writable"), ("'6755'", "setuid and setgid")],
+)  # fmt: skip
+def test_special_file_modes_are_refused_unless_meant(tmp_path: Path, text: str, what: str) -> None:
+    resource = f"  - {{id: f, kind: file, path: a, content: x, mode: {text}}}\n"
+    snap = load(tmp_path, {"groups/g.yaml": "resources:\n" + resource})
+    [message] = messages(snap)
+    mode = text.strip("'")
+    assert message == (
+        f"groups/g.yaml: resource 'f': mode: {mode} is {what}: devices refuse it unless their"
+        " own policy allows it (allow_special_modes); if it is meant, say so with"
+        " 'special_mode: true', else use a mode like 0755"
+    )
+    meant = resource.replace("}", ", special_mode: true}")
+    assert load(tmp_path / "2", {"groups/g.yaml": "resources:\n" + meant}).ok
+
+
 def test_setting_value_must_be_scalar(tmp_path: Path) -> None:
     snap = load(
         tmp_path,

@@ -30,19 +30,11 @@ from setpoint.controller.service import Controller, ControllerConfig
 from setpoint.proto import approvals, envelopes
 from setpoint.proto.topics import Topics
 
-from .rolloutkit import SimDevices, group, motd_change, ringed_files
+from .rolloutkit import SimDevices, fleet_yaml, group, motd_change, operators_yaml, ringed_files
 
 pytestmark = pytest.mark.broker
 
 DEVICES = ["qa-1", "can-1", "can-2", "prod-1"]
-
-
-def pem_public(key: Ed25519PrivateKey) -> str:
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
 
 
 def pem_private(key: Ed25519PrivateKey, path: Path) -> Path:
@@ -55,18 +47,6 @@ def pem_private(key: Ed25519PrivateKey, path: Path) -> Path:
     )
     path.chmod(0o600)
     return path
-
-
-def fleet_yaml(alice: Ed25519PrivateKey, approval: bool) -> str:
-    key = "".join(f"        {line}\n" for line in pem_public(alice).splitlines())
-    return (
-        "rings:\n  - branch: main\n  - branch: canary\n"
-        "    gate: {from: main, in_sync: 100%, healthy_for: 0}\n"
-        "  - branch: production\n"
-        "    gate: {from: canary, in_sync: 100%, healthy_for: 0,"
-        f" approval: {str(approval).lower()}}}\n"
-        f"operators:\n  - name: alice\n    key: |\n{key}"
-    )
 
 
 @pytest.fixture
@@ -137,7 +117,7 @@ async def test_approval_gate_opens_only_on_a_valid_signed_approval(
     make_repo: Any, start: Any, sims: Any, send: Any, alice: Ed25519PrivateKey,
     signing_key: Path, broker: Any, unique_prefix: str, tmp_path: Path, capsys: Any,
 ) -> None:  # fmt: skip
-    repo = ringed_repo(make_repo, fleet_yaml(alice, approval=True))
+    repo = ringed_repo(make_repo, fleet_yaml(True, alice=alice))
     tree = repo.git("rev-parse", "production^{tree}")
     mallory = Ed25519PrivateKey.generate()
     async with sims() as sim, start(repo) as rollouts:
@@ -225,7 +205,7 @@ async def test_a_paused_group_releases_no_batch_until_resumed(
     make_repo: Any, start: Any, sims: Any, alice: Ed25519PrivateKey,
     broker: Any, unique_prefix: str, tmp_path: Path, capsys: Any,
 ) -> None:  # fmt: skip
-    repo = ringed_repo(make_repo, fleet_yaml(alice, approval=False))
+    repo = ringed_repo(make_repo, fleet_yaml(False, alice=alice))
     key = str(pem_private(alice, tmp_path / "alice.key"))
 
     async def rollout(action: str) -> int:
@@ -276,11 +256,15 @@ def closed_window() -> str:
 
 
 async def test_outside_the_window_a_new_version_waits_unless_urgent(
-    make_repo: Any, start: Any, sims: Any
+    make_repo: Any, start: Any, sims: Any, send: Any, alice: Ed25519PrivateKey
 ) -> None:
     window = closed_window()
     repo = make_repo(
-        {"groups/kiosks.yaml": group("main", "v1", window), "devices/k-1.yaml": "group: kiosks\n"}
+        {
+            "fleet.yaml": operators_yaml(alice=alice),
+            "groups/kiosks.yaml": group("main", "v1", window),
+            "devices/k-1.yaml": "group: kiosks\n",
+        }
     )
     async with sims(["k-1"]) as sim, start(repo):
         await sim.wait(lambda: sim.motd("k-1") == "v1")  # a first publication does not wait
@@ -291,5 +275,15 @@ async def test_outside_the_window_a_new_version_waits_unless_urgent(
         assert [e["action"] for e in sim.of("window-wait")] == ["window-wait"]
         assert max(sim.groups["kiosks"]) == 1 and sim.motd("k-1") == "v1"
         repo.commit({"groups/kiosks.yaml": group("main", "v3", window)}, "[urgent] motd v3")
+        # "[urgent]" alone is anyone's word: it still waits for the window...
+        await sim.wait(lambda: len(sim.of("window-wait")) == 2)
+        assert sim.motd("k-1") == "v1"
+        # ...until an operator approves that content for its branch (a signed approval).
+        now = int(time.time())
+        tree = repo.git("rev-parse", "main^{tree}")
+        command = approvals.OperatorCommand(
+            "approve", secrets.token_hex(8), now, now + 300, ring="main", tree=tree
+        )
+        await send(approvals.sign(command, [alice]))
         await sim.wait(lambda: sim.motd("k-1") == "v3")
-        assert sim.rollout["kiosks"]["state"] != "pending"
+        await sim.wait(lambda: sim.rollout["kiosks"]["state"] != "pending")

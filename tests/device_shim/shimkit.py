@@ -316,6 +316,8 @@ class Shims:
         base: dict[str, Any] = {
             "device": device,
             "root": root,
+            # Tests keep the state next to the root they own (the default is outside it).
+            "state_dir": root / ".setpoint" / "state",
             "trust_files": (self.fleet.pub,),
             "broker": BrokerSettings(self.fleet.host, self.fleet.port),
             "prefix": self.fleet.topics.prefix,

@@ -28,7 +28,10 @@ def config(tmp_path: Path, pub: Path, **kw: object) -> ShimConfig:
 def test_valid_config_returns_the_trusted_keys(tmp_path: Path, pub: Path) -> None:
     trusted = config(tmp_path, pub).check()
     assert len(trusted) == 1
-    assert config(tmp_path, pub).state_path == tmp_path / ".setpoint" / "state"
+    # Never under the root (an application's account may own it): docs/security.md.
+    state = config(tmp_path, pub).state_path
+    assert tmp_path not in state.parents
+    assert state.name == "dev1"
 
 
 @pytest.mark.parametrize("device", ["Dev1", "dev/1", "", "-dev", "x" * 65, "dev 1", "dev+"])

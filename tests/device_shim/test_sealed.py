@@ -184,6 +184,7 @@ def test_the_shim_loads_pyrage_only_once_a_bundle_carries_a_sealed_value(
         sys.executable, "-m", "setpoint", "shim", "--device", "dev1",
         "--broker", f"mqtt://{fleet.host}:{fleet.port}", "--prefix", fleet.topics.prefix,
         "--trust", str(fleet.pub), "--root", str(config.root), "--observe-interval", "0.2",
+        "--state-dir", str(config.state_path),
     ]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

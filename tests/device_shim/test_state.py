@@ -120,6 +120,7 @@ def test_journal_round_trip_and_clear(tmp_path: Path) -> None:
         assert store.read_journal() is None
         store.fresh_backup_dir()
         store.write_journal({"kind": "apply", "files": []})
-        assert json.loads(store.journal_path.read_text())["kind"] == "apply"
+        assert store.read_journal() == {"kind": "apply", "files": []}
+        assert "mac" in json.loads(store.journal_path.read_text())  # authenticated on disk
         store.clear_journal()
         assert store.read_journal() is None and not store.backup_dir.exists()

@@ -35,8 +35,8 @@ def test_keygen_writes_a_private_identity_once_and_prints_its_recipient(tmp_path
     secret = [x for x in identity.read_text().splitlines() if x.startswith("AGE-SECRET-KEY-1")]
     assert str(pyrage.x25519.Identity.from_str(secret[0]).to_public()) == recipient
     assert secret[0] not in first.stdout + first.stderr
-    again = setpoint("shim", "keygen", "--root", str(tmp_path / "root"))
-    assert (tmp_path / "root" / ".setpoint" / "state" / "age-identity").exists()
+    again = setpoint("shim", "keygen", "--state-dir", str(tmp_path / "other"))
+    assert (tmp_path / "other" / "age-identity").exists()
     kept = setpoint("shim", "keygen", "--state-dir", str(tmp_path / "state"))
     assert kept.stdout.strip() == recipient and "exists: kept it" in kept.stderr
     assert again.stdout.strip() != recipient
@@ -45,7 +45,10 @@ def test_keygen_writes_a_private_identity_once_and_prints_its_recipient(tmp_path
 def test_keygen_and_the_shim_say_what_they_need(tmp_path: Path) -> None:
     bare = setpoint("shim", "keygen")
     assert bare.returncode == 2
-    assert bare.stderr == "setpoint shim keygen: pass --state-dir DIR (or --root DIR)\n"
+    assert bare.stderr == (
+        "setpoint shim keygen: pass --state-dir DIR, or --device ID for the default state"
+        " directory (never under the root)\n"
+    )
     run = setpoint("shim", "--root", str(tmp_path))
     assert run.returncode == 2
     assert run.stderr == (

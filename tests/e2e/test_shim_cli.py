@@ -81,6 +81,7 @@ def run_shim(fleet: Fleet, broker: Any, tmp_path: Path) -> Iterator[Any]:
             "--prefix", fleet.topics.prefix,
             "--trust", str(fleet.pub),
             "--root", str(root),
+            "--state-dir", str(root / ".setpoint" / "state"),
             "--reconnect-min", "0.1",
             "--reconnect-max", "0.5",
             *extra,

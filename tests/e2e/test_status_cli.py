@@ -146,6 +146,8 @@ def test_a_command_the_device_policy_forbids_is_blocked_not_drift(
                 str(tmp_path / "keys" / "signing.pub"),
                 "--root",
                 str(tmp_path / "gw-01"),
+                "--state-dir",
+                str(tmp_path / "gw-01-state"),
             ],
         )
     ]

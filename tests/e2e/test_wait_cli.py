@@ -80,7 +80,8 @@ def fleet(broker: Any, unique_prefix: str, tmp_path: Path) -> Iterator[Fleet]:
         root = tmp_path / device
         root.mkdir()
         f.start(device, "shim", "--device", device, "--trust", str(keys / "signing.pub"),
-                "--root", str(root), "--observe-interval", "0.5")  # fmt: skip
+                "--root", str(root), "--state-dir", str(tmp_path / f"{device}-state"),
+                "--observe-interval", "0.5")  # fmt: skip
     try:
         yield f
     finally:

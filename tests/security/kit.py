@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -176,6 +178,113 @@ class SecureFleet(Fleet):
         assert subscribed.wait(TIMEOUT)
 
 
+def commit(repo: Path, motd: str) -> None:
+    """Commit a fleet of one group (kiosk, a motd file) and one device (dev1) to ``repo``
+    on branch main (made on first use)."""
+    files = {
+        "groups/kiosk.yaml": (
+            "mode: enforce\nresources:\n  - id: motd\n    kind: file\n    path: etc/motd\n"
+            f'    mode: "0644"\n    content: "{motd}"\n'
+        ),
+        "devices/dev1.yaml": "group: kiosk\n",
+    }
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(repo)}
+    ident = ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    if not (repo / ".git").exists():
+        subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True, env=env)
+    subprocess.run(["git", *ident, "-C", str(repo), "add", "-A"], check=True, env=env)
+    subprocess.run(
+        ["git", *ident, "-C", str(repo), "commit", "-q", "-m", motd], check=True, env=env
+    )
+
+
+def run_controller(
+    broker: SecureBroker, pki: Any, repo: Path | str, tmp: Path, *extra: str
+) -> subprocess.Popen[str]:
+    """The real ``setpoint controller`` on ``repo``, over mutual TLS with the controller's
+    certificate, a fresh signing key in ``tmp/keys``; its log in ``tmp/controller.log``."""
+    from setpoint.commands import keys
+
+    keys.generate(tmp / "keys")
+    creds = pki.controller
+    log = (tmp / "controller.log").open("w")
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "setpoint", "controller", "--repo", str(repo),
+            "--broker", broker.url, "--ca", str(creds.ca), "--cert", str(creds.cert),
+            "--client-key", str(creds.key), "--key", str(tmp / "keys" / keys.PRIVATE_NAME),
+            "--state-dir", str(tmp / "state"), "--prefix", broker.prefix, *extra,
+        ],
+        stdout=log, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1"},
+    )  # fmt: skip
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class LiveController:
+    """The real controller on a fresh one-group repository (``commit``), and a reader of the
+    group bundle with the controller's certificate; ``close()`` stops it."""
+
+    def __init__(self, broker: SecureBroker, pki: Any, tmp: Path, *extra: str) -> None:
+        self.topics = Topics(broker.prefix)
+        self.repo = tmp / "repo"
+        self.log = tmp / "controller.log"
+        commit(self.repo, "one")
+        self.spy = Client(broker, pki.controller, "spy")
+        self.spy.subscribe(self.topics.group_desired("kiosk"))
+        self.proc = run_controller(broker, pki, self.repo, tmp, *extra)
+        self.wait_motd(b"one")
+
+    def bundle(self) -> Any:
+        """The group bundle the broker holds now (decoded, not verified), or None."""
+        from setpoint.proto import bundles
+
+        got = [p for _, p, _ in self.spy.received(self.topics.group_desired("kiosk")) if p]
+        return bundles.decode(envelopes.decode(got[-1]).payload) if got else None
+
+    def motd(self) -> bytes | None:
+        bundle = self.bundle()
+        return None if bundle is None else bundle.resources[0].content  # type: ignore[no-any-return]
+
+    def wait_motd(self, motd: bytes, timeout: float = 60) -> None:
+        with self.spy._cond:
+            ok = self.spy._cond.wait_for(lambda: self.motd() == motd, timeout)
+        assert ok, f"motd {motd!r} never published; log:\n{self.log.read_text()[-3000:]}"
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError(f"no VmRSS for {self.proc.pid}")
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+def operator_cli(broker: SecureBroker, pki: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    """A ``setpoint`` verb run as the operator (its certificate), output captured."""
+    creds = pki.operator
+    return subprocess.run(
+        [
+            sys.executable, "-m", "setpoint", *args, "--broker", broker.url,
+            "--ca", str(creds.ca), "--cert", str(creds.cert), "--client-key", str(creds.key),
+            "--prefix", broker.prefix,
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
 def shim_broker(broker: SecureBroker, creds: Credentials) -> BrokerSettings:
     return BrokerSettings(
         broker.host,
@@ -191,10 +300,15 @@ __all__ = [
     "NOT_AUTHORIZED",
     "Client",
     "Converged",
+    "LiveController",
     "SecureFleet",
     "Shims",
     "Topics",
+    "commit",
     "handshake",
+    "operator_cli",
+    "run_controller",
     "shim_broker",
     "snapshot",
+    "stop",
 ]

@@ -4,6 +4,7 @@ checks that the device's applied state and trust state did not change."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -177,11 +178,17 @@ def test_operator_reads_drift_status_rollouts_events_and_nothing_else(
     }
     for topic in sorted(readable):
         converged.fleet.publish(topic, b'{"state": "in_sync"}')
+    # What `setpoint diff` reads (retained by the converged fleet): bundles and reports.
+    for_diff = {
+        topics.group_desired("kiosk"),
+        topics.device_desired("dev1"),
+        topics.device_reported("dev1"),
+    }
     operator.barrier(topics.barrier("operator-tool"))  # its tools' echo topic works
     seen = {t for t, _, _ in operator.received()}
-    assert readable <= seen, seen
-    assert seen <= readable | {topics.barrier("operator-tool")}, seen
-    for topic in (topics.group_desired("kiosk"), *sorted(readable)):
+    assert readable | for_diff <= seen, seen
+    assert seen <= readable | for_diff | {topics.barrier("operator-tool")}, seen
+    for topic in sorted(readable | for_diff):
         assert operator.publish(topic, b"x") == NOT_AUTHORIZED
     # Signed commands (approve, pause, resume) are the one thing it may send.
     assert (
@@ -190,4 +197,75 @@ def test_operator_reads_drift_status_rollouts_events_and_nothing_else(
     )
     device = Client(secure_broker, pki.device("dev2"), "dev2")
     assert device.publish(topics.operator_commands(), b"forged", retain=False) == NOT_AUTHORIZED
+    converged.unchanged()
+
+
+def test_operator_cannot_learn_or_flood_other_clients_barrier_topics(
+    converged: Converged, secure_broker: SecureBroker, pki: Pki
+) -> None:
+    # The controller's client ids used to be readable on clients/+/barrier (take one over,
+    # and mosquitto drops the controller's session). Each client now has only its own.
+    topics = converged.fleet.topics
+    victim = Client(secure_broker, pki.controller, "setpoint-controller-0badc0de")
+    operator = Client(secure_broker, pki.operator, "operator-tool")
+    operator.subscribe(f"{topics.prefix}/clients/+/barrier", f"{topics.prefix}/#")
+    victim.barrier(topics.barrier("setpoint-controller-0badc0de"))
+    converged.fleet.publish(topics.device_drift("dev1"), b'{"state": "in_sync"}')
+    operator.barrier(topics.barrier("operator-tool"))  # its own echo topic still works
+    seen = {t for t, _, _ in operator.received()}
+    assert topics.barrier("setpoint-controller-0badc0de") not in seen, seen
+    assert [t for t in seen if "/clients/" in t] == [topics.barrier("operator-tool")], seen
+    # Nor may it write there (a 1 MiB message to the controller's echo topic, refused).
+    big = b"x" * (1 << 20)
+    assert operator.publish(topics.barrier("setpoint-controller-0badc0de"), big) == 0x87
+    device = Client(secure_broker, pki.device("dev2"), "dev2")
+    assert device.publish(topics.barrier("setpoint-controller-0badc0de"), big) == 0x87
+    assert not [p for t, p, _ in victim.received() if p == big]
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_slow_reader_cannot_make_the_broker_hold_a_flood(
+    secure_broker: SecureBroker, pki: Pki, unique_prefix: str
+) -> None:
+    # An operator's tool subscribes to the events and stops reading (its socket stays
+    # open); 160 MiB of events then go out. The broker keeps at most max_inflight_bytes +
+    # max_queued_bytes for the stalled client (secure.conf), not the whole flood.
+    topics = Topics(unique_prefix)
+    assert secure_broker.proc is not None
+    pid = secure_broker.proc.pid
+    stalled = Client(secure_broker, pki.operator, "stalled-tool")
+    stalled.subscribe(topics.all_events())
+    stalled.client.loop_stop()
+    before = _rss_kib(pid)
+    sender = Client(secure_broker, pki.controller, "flooder")
+    chunk = b"\x00" * (1 << 20)
+    try:
+        for _ in range(160):
+            assert sender.publish(topics.event("flood"), chunk, retain=False) == 0
+        grown = (_rss_kib(pid) - before) // 1024
+    finally:
+        sender.close()
+    assert grown < 110, f"mosquitto grew by {grown} MiB holding messages for a stalled client"
+
+
+def test_diff_runs_with_the_operator_identity(
+    converged: Converged, secure_broker: SecureBroker, pki: Pki
+) -> None:
+    # `setpoint diff` used to need the controller's certificate, which may write every
+    # topic; the operator's read-only identity is enough now.
+    from kit import operator_cli
+
+    shown = operator_cli(
+        secure_broker, pki, "diff", "dev1", "--trust", str(converged.fleet.pub), "--json"
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    body = json.loads(shown.stdout)
+    assert body["device"] == "dev1" and body["verified"] is True, body
+    assert {r["id"] for r in body["resources"]} == {"motd", "tz"}, body
     converged.unchanged()

@@ -5,12 +5,10 @@ step)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
-from kit import Client, SecureFleet, Shims, shim_broker, snapshot
+from kit import Client, SecureFleet, Shims, commit, shim_broker, snapshot
 
 from setpoint.commands import keys
 from setpoint.controller.broker import Backoff, BrokerSettings
@@ -21,27 +19,6 @@ from setpoint.proto import codec, envelopes
 from setpoint.proto.bundles import FileResource
 
 pytestmark = pytest.mark.broker
-
-
-def commit(repo: Path, motd: str) -> None:
-    files = {
-        "groups/kiosk.yaml": (
-            "mode: enforce\nresources:\n  - id: motd\n    kind: file\n    path: etc/motd\n"
-            f'    mode: "0644"\n    content: "{motd}"\n'
-        ),
-        "devices/dev1.yaml": "group: kiosk\n",
-    }
-    for name, text in files.items():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / name).write_text(text)
-    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(repo)}
-    ident = ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
-    if not (repo / ".git").exists():
-        subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True, env=env)
-    subprocess.run(["git", *ident, "-C", str(repo), "add", "-A"], check=True, env=env)
-    subprocess.run(
-        ["git", *ident, "-C", str(repo), "commit", "-q", "-m", motd], check=True, env=env
-    )
 
 
 def publish(broker: SecureBroker, pki: Pki, repo: Path, state: Path, *key_files: Path) -> None:
@@ -172,6 +149,12 @@ def test_recovery_from_a_compromised_key_that_pushed_the_floor_up(
     shim.wait_event("applied", after=mark)
     assert (root / motd).read_bytes() == b"evil"
     assert group_version(shim) == 10**15
+    # And a reconcile command with the highest sequence there is: every later one would be
+    # refused as a replay.
+    mark = shim.mark()
+    top = secure_fleet.command("dev1", 2**63 - 1, keys=[stolen])
+    secure_fleet.publish(secure_fleet.topics.device_command("dev1"), top, retain=False)
+    shim.wait_event("command", after=mark)
 
     # Recovery: a new key. The controller signs with it alone and restores what git says;
     # the device, told to trust only the new key, sees its trust anchors replaced and
@@ -183,6 +166,12 @@ def test_recovery_from_a_compromised_key_that_pushed_the_floor_up(
     shim.wait_event("applied")
     assert (root / motd).read_text() == "one"
     assert group_version(shim) < 10**15
+    # The command floor was reset with the version floors: a genuine command is obeyed.
+    mark = shim.mark()
+    fresh = envelopes.load_private_key(new_key.read_bytes())
+    genuine = secure_fleet.command("dev1", 1, keys=[fresh])
+    secure_fleet.publish(secure_fleet.topics.device_command("dev1"), genuine, retain=False)
+    assert shim.wait_event("command", after=mark)["seq"] == 1
 
     # The stolen key is worthless now: its bundles are refused.
     mark = shim.mark()
