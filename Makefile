@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEVICES ?= 3
 PYTEST_ARGS ?=
 
-.PHONY: all demo test check bench bench-quick mosquitto venv clean
+.PHONY: all demo test check bench bench-quick mosquitto chromium screenshots venv clean
 
 all: test
 
@@ -24,11 +24,20 @@ venv: $(STAMP)
 mosquitto:
 	@./scripts/bootstrap-mosquitto.sh
 
+# Debian's chromium for the dashboard's browser tests (they skip, loudly, without it).
+chromium:
+	@./scripts/bootstrap-chromium.sh
+
 demo: venv mosquitto
 	$(BIN)/setpoint demo --devices $(DEVICES)
 
-test: venv mosquitto
+test: venv mosquitto chromium
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Retake the dashboard screenshots in docs/img/ (the browser tests take them; a plain
+# `make test` writes them to a temporary directory so the tree stays clean).
+screenshots: venv mosquitto chromium
+	SETPOINT_SCREENSHOTS=docs $(BIN)/pytest tests/dashboard/test_browser.py
 
 check: venv
 	$(BIN)/ruff check .

@@ -12,7 +12,9 @@ then the plots of ``docs/performance.md`` are redrawn. ``--only`` picks some of 
   broker's round trip (1,000 reports each; quick: 300);
 * footprint: shim RSS and CPU idle (60 s; quick: 10 s) and during an apply;
 * commit: git commit -> retained bundle at a subscriber (bench/commit_latency.py; 20 / 5);
-* device: hand edit on a device -> drift event, -> healed (bench/device_drift.py; 100 / 20).
+* device: hand edit on a device -> drift event, -> healed (bench/device_drift.py; 100 / 20);
+* dashboard: devices page time per page and the dashboard's RSS (bench/dashboard.py; 10,000
+  devices, 30 requests per query; quick: 2,000 and 10).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import argparse
 import asyncio
 import time
 
-NAMES = ("ingest", "converge", "drift", "footprint", "commit", "device")
+NAMES = ("ingest", "converge", "drift", "footprint", "commit", "device", "dashboard")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +78,10 @@ def run(name: str, is_quick: bool, quick: list[str]) -> None:
         from . import device_drift
 
         device_drift.main(quick)
+    elif name == "dashboard":
+        from . import dashboard
+
+        dashboard.main(quick)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "history": ("history", "the controller's audit log of publications"),
     "notify": ("notify", "tell a controller a repository changed (post-receive hook)"),
     "sim": ("sim", "simulated devices for load and demos"),
+    "dashboard": ("dashboard", "the read-only web dashboard: fleet, devices, rollouts, events"),
     "demo": ("demo", "the end-to-end demo on a private broker"),
     "rollout": ("rollout", "rollout status by group; pause and resume a group's rollout"),
     "promote": ("promote", "check a ring's gate, then merge FROM into TO locally"),

@@ -8,6 +8,7 @@ Pure; no I/O.
 
 from __future__ import annotations
 
+import time as _time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal
 
@@ -139,6 +140,21 @@ def group_status_from_json(data: bytes) -> GroupStatus:
         return GroupStatus(**raw)
     except TypeError as exc:
         raise SchemaError(f"group status is malformed: {exc}") from exc
+
+
+def ago(then: float | None, now: float | None = None) -> str:
+    """How long ago ``then`` was, for people (``12s ago``, ``5m ago``, ``1.5h ago``); ``-``
+    for no time. What ``setpoint status`` and the dashboard show for ``since``."""
+    if not then:
+        return "-"
+    seconds = max(0.0, (now if now is not None else _time.time()) - then)
+    if seconds < 60:
+        return f"{seconds:.0f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h ago"
+    return f"{seconds / 86400:.1f}d ago"
 
 
 def event(event_type: str, time: float, **fields: Any) -> bytes:

@@ -101,6 +101,14 @@ def test_the_checker_would_notice_a_leak() -> None:
     assert {"yaml", "paho"} <= outside(top_level, PROTO_ALLOWED)
 
 
+def test_dashboard_sits_on_proto_alone() -> None:
+    imported, top_level, ours = probe("setpoint.dashboard")
+    assert "setpoint.dashboard.serving" in imported
+    assert not top_level & {"dulwich", "pydantic", "yaml", "prometheus_client"}
+    for layer in ("setpoint.controller", "setpoint.device_shim", "setpoint.commands"):
+        assert not [m for m in ours if m == layer or m.startswith(layer + ".")], layer
+
+
 def test_the_conformance_kit_judges_from_outside() -> None:
     # It runs where only the device's dependencies are installed, and never imports the
     # controller or the shim: it must judge any agent, ours included, over MQTT alone.

@@ -7,7 +7,9 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 from urllib.parse import urlsplit
 
 DEFAULT_PREFIX = "setpoint/v1"
@@ -98,6 +100,26 @@ def add_context_argument(parser: argparse.ArgumentParser) -> None:
         " default: the file's current-context; see `setpoint config`)",
     )
     parser.set_defaults(_settings=True)
+
+
+def add_trust_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--trust PUBFILE``, repeatable (read with :func:`load_trust`)."""
+    parser.add_argument(
+        "--trust", type=Path, action="append", default=[], metavar="PUBFILE", help=help_text
+    )
+
+
+def load_trust(paths: list[Path]) -> dict[str, Any] | None:
+    """The trusted keys of ``--trust PUBFILE`` flags (None for none), or a CommandError."""
+    if not paths:
+        return None
+    from setpoint.proto import envelopes
+    from setpoint.proto.errors import ProtocolError
+
+    try:
+        return envelopes.trusted_keys(envelopes.load_public_key(p.read_bytes()) for p in paths)
+    except (OSError, ProtocolError) as exc:
+        raise CommandError(f"--trust: {exc}") from None
 
 
 def broker_from_args(args: argparse.Namespace) -> BrokerURL:

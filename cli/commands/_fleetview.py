@@ -25,9 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from setpoint.proto.status import ago
 from setpoint.proto.topics import Topics
 
 from ._common import CommandError, broker_from_args
+
+__all__ = ["Reader", "ago", "clock", "paint", "state", "table", "use_colour"]
 
 TIMEOUT = 10.0
 STATE_COLOURS = {
@@ -223,19 +226,6 @@ def paint(colour: bool, code: str, text: str) -> str:
 
 def state(colour: bool, name: str, width: int = 0) -> str:
     return paint(colour, STATE_COLOURS.get(name, ""), name.ljust(width))
-
-
-def ago(then: float | None, now: float | None = None) -> str:
-    if not then:
-        return "-"
-    seconds = max(0.0, (now or time.time()) - then)
-    if seconds < 60:
-        return f"{seconds:.0f}s ago"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m ago"
-    if seconds < 86400:
-        return f"{seconds / 3600:.1f}h ago"
-    return f"{seconds / 86400:.1f}d ago"
 
 
 def clock(then: float) -> str:

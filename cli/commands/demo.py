@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=3,
         help="how many device shims to run (at least 2: one per group; default 3)",
+    )
+    parser.add_argument(
+        "--hold",
+        action="store_true",
+        help="after the story, keep the fleet and the dashboard running until Ctrl-C",
     )
     parser.add_argument(
         "--secure",
@@ -241,7 +247,10 @@ def run(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         work = workspace(stack, args.keep)
         try:
-            story(stack, work, narrator, args.timeout, args.devices, secure=args.secure)
+            story(
+                stack, work, narrator, args.timeout, args.devices, secure=args.secure,
+                hold=args.hold,
+            )  # fmt: skip
         except DemoFailed as exc:
             tell_failure(narrator, exc, work, keep=bool(args.keep))
             return 1
@@ -278,6 +287,7 @@ def story(
     count: int,
     *,
     secure: bool = False,
+    hold: bool = False,
 ) -> None:
     from setpoint.mosquitto import Broker
 
@@ -344,6 +354,9 @@ def story(
             )
         )  # fmt: skip
     narrator.say(f"started the controller and {len(devices)} shims")
+    url = demo_dashboard(stack, broker.url, logs, narrator, tls.flags("operator") if tls else ())
+    if url:
+        narrator.good(f"dashboard (read-only, operator identity): {url}  <- open it to watch")
 
     def all_in_sync(version_of: Callable[[str], int | None] | None = None) -> Callable[[], bool]:
         def check() -> bool:
@@ -468,7 +481,44 @@ def story(
     narrator.step("Done")
     narrator.say(f"final drift states: {watcher.states(devices)}")
     watcher.close()
+    if hold:
+        narrator.say(f"holding: the fleet and {url or 'no dashboard'} keep running; Ctrl-C stops")
+        with suppress(KeyboardInterrupt):
+            threading.Event().wait()
     narrator.say("stopping every process the demo started")
+
+
+def start_dashboard(
+    stack: ExitStack, log: Path, broker_url: str, *args: str, timeout: float = 60.0
+) -> str:
+    """Start ``setpoint dashboard`` on a free loopback port; return the URL it prints."""
+    proc = stack.enter_context(
+        process(
+            setpoint_cmd(
+                "dashboard", "--broker", broker_url, "--listen", "127.0.0.1:0", *args
+            ),
+            log,
+        )
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = re.search(r"setpoint dashboard: (https?://\S+)", log.read_text(errors="replace"))
+        if found:
+            return found.group(1)
+        time.sleep(0.05)
+    raise DemoFailed(f"the dashboard did not start:\n{log.read_text(errors='replace')}")
+
+
+def demo_dashboard(
+    stack: ExitStack, broker_url: str, logs: Path, narrator: Narrator, tls: tuple[str, ...]
+) -> str | None:
+    """The dashboard for the demo, or None (said) when its extra is not installed."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is None for m in ("aiohttp", "jinja2")):
+        narrator.warn("no dashboard: pip install 'setpoint[dashboard]' to watch in a browser")
+        return None
+    return start_dashboard(stack, logs / "dashboard.log", broker_url, *tls)
 
 
 class Tls:

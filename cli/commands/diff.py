@@ -20,16 +20,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-from setpoint.proto import bundles, envelopes, reports
-from setpoint.proto.bundles import Bundle, CommandResource, FileResource, Resource
+from setpoint.proto import diffs, reports
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.topics import Topics, validate_id
-from setpoint.proto.trust import PAYLOAD_TYPES
 
 from . import _fleetview as view
-from ._common import CommandError, add_broker_arguments
+from ._common import CommandError, add_broker_arguments, load_trust
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,71 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--no-color", action="store_true", help="no colour even on a terminal")
-
-
-def _bundle(payload: bytes | None, kind: str, trusted: dict[str, Any] | None) -> Bundle | None:
-    if not payload:
-        return None
-    if trusted is not None:
-        data = envelopes.verify(payload, trusted, payload_type=PAYLOAD_TYPES[kind])
-    else:
-        data = envelopes.decode(payload).payload
-    return bundles.decode(data)
-
-
-def describe(resource: Resource) -> str:
-    if isinstance(resource, FileResource):
-        size = f"{len(resource.content)} bytes" if resource.sealed is None else "sealed"
-        return f"{resource.path} {resource.mode:04o} ({size})"
-    if isinstance(resource, CommandResource):
-        return f"check: {resource.check}"
-    value = "<secret>" if getattr(resource, "secret", False) else json.dumps(resource.value)
-    return f"{resource.key} = {value}"
-
-
-def compare(desired: list[Resource], report: reports.Report | None) -> list[dict[str, Any]]:
-    """One row per resource, desired ones first, then those only the device reports. Pure."""
-    seen = {r.id: r for r in report.resources} if report is not None else {}
-    rows = []
-    for resource in desired:
-        digest = bundles.resource_digest(resource)
-        got = seen.get(resource.id)
-        if got is None:
-            verdict = "not reported"
-        elif got.status in ("drifted", "failed", "blocked", "skipped", "pending"):
-            verdict = got.status
-        elif got.kind != "command" and got.digest and got.digest != digest:
-            verdict = "differs"
-        else:
-            verdict = "same"
-        rows.append(
-            {
-                "id": resource.id,
-                "kind": resource.kind,
-                "desired": describe(resource),
-                "desired_digest": digest,
-                "reported_status": got.status if got else None,
-                "reported_digest": got.digest if got else None,
-                "detail": got.detail if got else "",
-                "verdict": verdict,
-            }
-        )
-    wanted = {r.id for r in desired}
-    for rid, got in sorted(seen.items()):
-        if rid not in wanted:
-            rows.append(
-                {
-                    "id": rid,
-                    "kind": got.kind,
-                    "desired": None,
-                    "desired_digest": None,
-                    "reported_status": got.status,
-                    "reported_digest": got.digest,
-                    "detail": got.detail,
-                    "verdict": "not desired",
-                }
-            )
-    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,42 +52,21 @@ def _run(args: argparse.Namespace) -> int:
         device = validate_id(args.device, "device id")
     except ProtocolError as exc:
         raise CommandError(str(exc)) from None
-    trusted = None
-    if args.trust:
-        try:
-            trusted = envelopes.trusted_keys(
-                envelopes.load_public_key(p.read_bytes()) for p in args.trust
-            )
-        except (OSError, ProtocolError) as exc:
-            raise CommandError(f"--trust: {exc}") from None
+    trusted = load_trust(args.trust)
     topics = Topics(args.prefix)
-    reader = view.Reader(
-        args,
-        [topics.device_desired(device), topics.device_reported(device), topics.all_group_desired()],
-        "diff",
-    )
+    reader = view.Reader(args, diffs.topics_for(device, topics), "diff")
     try:
         messages = reader.snapshot()
     finally:
         reader.close()
     try:
-        device_bundle = _bundle(messages.get(topics.device_desired(device)), "device", trusted)
-        if device_bundle is None:
-            raise CommandError(f"no bundle is retained for device {device!r} (is it in the fleet?)")
-        group_id = device_bundle.group or ""
-        group_topic = topics.group_desired(group_id)
-        group_bundle = _bundle(messages.get(group_topic), "group", trusted)
-        raw_report = messages.get(topics.device_reported(device))
-        report = reports.decode(raw_report) if raw_report else None
+        found = diffs.from_retained(device, messages, topics, trusted)
+    except diffs.Unavailable as exc:
+        raise CommandError(str(exc)) from None
     except ProtocolError as exc:
         raise CommandError(f"{device}: {exc}") from None
-    if group_bundle is None:
-        raise CommandError(f"no bundle is retained for group {group_id!r}")
-    if report is not None and report.device != device:
-        raise CommandError(f"the report on {device}'s topic claims to be from {report.device!r}")
-    desired = bundles.effective(group_bundle, device_bundle)
-    rows = compare(desired, report)
-    differs = any(r["verdict"] != "same" for r in rows) or report is None
+    group_id, group_bundle, device_bundle = found.group, found.group_bundle, found.device_bundle
+    report, rows, differs = found.report, found.rows, found.differs
     applied_g = report.applied_group if report else None
     applied_d = report.applied_device if report else None
     if args.json:

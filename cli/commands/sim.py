@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from ._common import CommandError, add_broker_arguments, broker_from_args
+from ._common import (
+    CommandError,
+    add_broker_arguments,
+    add_trust_argument,
+    broker_from_args,
+)
 
 
 def _rate(value: str) -> float:
@@ -42,13 +46,8 @@ def _count(value: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_broker_arguments(parser)
     parser.add_argument("--devices", type=_count, required=True, help="how many devices")
-    parser.add_argument(
-        "--trust",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="PUBFILE",
-        help="the fleet's public key (PEM); repeat for several (needed unless --echo)",
+    add_trust_argument(
+        parser, "the fleet's public key (PEM); repeat for several (needed unless --echo)"
     )
     parser.add_argument("--id-prefix", default="sim-", help="device ids: PREFIX + index")
     parser.add_argument("--first", type=int, default=0, help="index of the first device")

@@ -9,13 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from clikit import SETPOINT, environment, run
+from clikit import SETPOINT, environment, retain, run
 
 from setpoint.proto.status import GroupStatus
 from setpoint.proto.topics import Topics
@@ -27,17 +25,6 @@ NOWHERE = "mqtt://127.0.0.1:1"  # nothing listens on port 1
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     return tmp_path / "config"
-
-
-def retain(broker: Any, topic: str, payload: bytes) -> None:
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
-        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def write_config(home: Path, text: str) -> Path:

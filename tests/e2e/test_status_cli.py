@@ -16,6 +16,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from clikit import retain
+
 from setpoint.proto.repository import BranchStatus, Problem, RepositoryStatus
 from setpoint.proto.status import DriftStatus, drift_from_json
 from setpoint.proto.topics import Topics
@@ -33,17 +37,6 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
         env=env,
         check=False,
     )
-
-
-def retain(broker: Any, topic: str, payload: bytes) -> None:
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
-        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def test_status_shows_a_refused_head_with_file_and_line(broker: Any, unique_prefix: str) -> None:

@@ -175,6 +175,7 @@ def test_operator_reads_drift_status_rollouts_events_and_nothing_else(
         topics.group_status("kiosk"),
         topics.group_rollout("kiosk"),
         topics.ring_gate("production"),
+        topics.repository_status(),
     }
     for topic in sorted(readable):
         converged.fleet.publish(topic, b'{"state": "in_sync"}')

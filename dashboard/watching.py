@@ -1,0 +1,157 @@
+"""The dashboard's MQTT side: it subscribes and never publishes anything but its own barrier.
+
+:class:`Watcher` keeps one connection (reconnecting with a backoff) subscribed to the
+retained operator topics (group status, drift, rollout, ring gates, repository status) and
+the events, feeds each message to :class:`~setpoint.dashboard.fleet.Fleet` and wakes the
+pages' live streams through :class:`Changes`. :func:`fetch_retained` reads a few retained
+topics once (the device page's bundles and report), over a short connection of its own,
+and returns when a barrier message it sent has come back: every retained message is then in.
+
+aiomqtt's exceptions stop here: above this module there is only :class:`BrokerUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import aiomqtt
+
+from setpoint.proto.topics import Topics
+
+from .fleet import Change, Fleet
+
+FETCH_TIMEOUT = 5.0
+BACKOFF = (0.2, 5.0)
+
+
+class BrokerUnavailable(Exception):
+    """The broker could not be reached or did not answer in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    tls: bool = False
+
+    def client(self, identifier: str) -> aiomqtt.Client:
+        tls = (
+            aiomqtt.TLSParameters(ca_certs=self.ca, certfile=self.cert, keyfile=self.key)
+            if self.tls
+            else None
+        )
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=identifier,
+            username=self.username,
+            password=self.password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            tls_params=tls,
+            timeout=FETCH_TIMEOUT,
+        )
+
+
+class Changes:
+    """Wakes every live stream when the fleet changed; each stream decides if it cares."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Queue[Change]] = set()
+
+    def publish(self, change: Change) -> None:
+        for queue in self._waiters:
+            if queue.qsize() < 1000:  # a stalled browser must not make us hoard memory
+                queue.put_nowait(change)
+
+    @contextlib.contextmanager
+    def listen(self) -> Iterator[asyncio.Queue[Change]]:
+        queue: asyncio.Queue[Change] = asyncio.Queue()
+        self._waiters.add(queue)
+        try:
+            yield queue
+        finally:
+            self._waiters.discard(queue)
+
+    @property
+    def listeners(self) -> int:
+        return len(self._waiters)
+
+
+class Watcher:
+    """One subscribing connection feeding ``fleet``; :meth:`run` until cancelled."""
+
+    def __init__(self, broker: BrokerSettings, fleet: Fleet, changes: Changes) -> None:
+        self.broker = broker
+        self.fleet = fleet
+        self.changes = changes
+        self.connected = asyncio.Event()
+        self.error = ""
+        self.topics = fleet.topics
+
+    def filters(self) -> list[tuple[str, int]]:
+        t = self.topics
+        return [
+            (t.all_group_status(), 0),
+            (t.all_drift(), 0),
+            (t.all_group_rollout(), 0),
+            (t.all_ring_gates(), 0),
+            (t.repository_status(), 0),
+            (t.all_events(), 1),
+        ]
+
+    async def run(self, clock: Callable[[], float] = time.time) -> None:
+        delay = BACKOFF[0]
+        while True:
+            identifier = f"setpoint-dashboard-{secrets.token_hex(4)}"
+            try:
+                async with self.broker.client(identifier) as client:
+                    await client.subscribe(self.filters())
+                    self.connected.set()
+                    self.error = ""
+                    delay = BACKOFF[0]
+                    async for message in client.messages:
+                        payload = message.payload
+                        data = payload if isinstance(payload, bytes) else str(payload).encode()
+                        change = self.fleet.take(message.topic.value, data, clock())
+                        if change is not None:
+                            self.changes.publish(change)
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                self.error = str(exc) or type(exc).__name__
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF[1])
+
+
+async def fetch_retained(
+    broker: BrokerSettings, topics: Topics, filters: list[str], timeout: float = FETCH_TIMEOUT
+) -> dict[str, bytes]:
+    """Every retained message under ``filters``, once all of them have arrived."""
+    identifier = f"setpoint-dashboard-fetch-{secrets.token_hex(4)}"
+    barrier = topics.barrier(identifier)
+    mark = secrets.token_hex(8).encode()
+    found: dict[str, bytes] = {}
+    try:
+        async with asyncio.timeout(timeout), broker.client(identifier) as client:
+            await client.subscribe([(f, 0) for f in filters] + [(barrier, 0)])
+            await client.publish(barrier, mark, qos=0)
+            async for message in client.messages:
+                payload = message.payload
+                data = payload if isinstance(payload, bytes) else b""
+                if message.topic.value == barrier:
+                    if data == mark:
+                        return found
+                elif data:
+                    found[message.topic.value] = data
+    except (aiomqtt.MqttError, TimeoutError) as exc:
+        raise BrokerUnavailable(f"reading {', '.join(filters)}: {exc or 'timed out'}") from None
+    raise BrokerUnavailable("the broker closed the connection")
