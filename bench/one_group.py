@@ -40,17 +40,23 @@ def _event(topic: str, payload: bytes) -> Any:
     return json.loads(payload) if payload else None
 
 
-async def _quiet(pid: int, timeout: float = 300.0) -> float:
-    """Wait until ``pid`` used no CPU for QUIET seconds (beyond its idle tick); its CPU then."""
+async def _quiet(pid: int, idle_rate: float | None = None, timeout: float = 600.0) -> float:
+    """Wait until ``pid`` is back to its idle pace (the drift engine's tick): a window of
+    QUIET seconds using at most the idle rate (plus 20 ms), or, before the idle rate is
+    known, two windows in a row within 20 ms of each other. Its CPU seconds then."""
     deadline = time.monotonic() + timeout
     last = cpu_seconds(pid)
+    previous: float | None = None
     while time.monotonic() < deadline:
         await asyncio.sleep(QUIET)
         now = cpu_seconds(pid)
-        if now - last <= 0.02 * QUIET:  # a tick or two of the drift engine
+        used = now - last
+        if idle_rate is not None and used <= idle_rate * QUIET + 0.02:
             return now
-        last = now
-    raise TimeoutError("the controller did not go quiet")
+        if idle_rate is None and previous is not None and abs(used - previous) <= 0.02:
+            return now
+        last, previous = now, used
+    raise TimeoutError("the controller did not go back to idle")
 
 
 async def measure(devices: int, commits: int) -> dict[str, Any]:
@@ -85,7 +91,7 @@ async def measure(devices: int, commits: int) -> dict[str, Any]:
                             a[2] and a[2].get("commit") == c for a in watcher.arrivals[s:]
                         )
                     )
-                    after_cpu = await _quiet(pid)
+                    after_cpu = await _quiet(pid, idle_rate)
                     took = time.monotonic() - before
                     costs.append(max(0.0, after_cpu - before_cpu - idle_rate * took))
     return {
