@@ -43,7 +43,8 @@ def _event(topic: str, payload: bytes) -> Any:
 async def _quiet(pid: int, idle_rate: float | None = None, timeout: float = 600.0) -> float:
     """Wait until ``pid`` is back to its idle pace (the drift engine's tick): a window of
     QUIET seconds using at most the idle rate (plus 20 ms), or, before the idle rate is
-    known, two windows in a row within 20 ms of each other. Its CPU seconds then."""
+    known, two windows in a row within 20 ms of each other, under a quarter of a core.
+    Its CPU seconds then."""
     deadline = time.monotonic() + timeout
     last = cpu_seconds(pid)
     previous: float | None = None
@@ -53,7 +54,8 @@ async def _quiet(pid: int, idle_rate: float | None = None, timeout: float = 600.
         used = now - last
         if idle_rate is not None and used <= idle_rate * QUIET + 0.02:
             return now
-        if idle_rate is None and previous is not None and abs(used - previous) <= 0.02:
+        steady = previous is not None and abs(used - previous) <= 0.02
+        if idle_rate is None and steady and used <= 0.25 * QUIET:  # idle: a few % of a core
             return now
         last, previous = now, used
     raise TimeoutError("the controller did not go back to idle")
