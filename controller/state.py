@@ -39,6 +39,7 @@ from typing import Any, Final
 
 from setpoint.kit.files import write_atomic
 from setpoint.proto import bundles
+from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
 
 from .errors import ConfigError
@@ -95,6 +96,9 @@ class StateStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._lock_fd: int | None = None
+        # Per bundle object saved, the digest of its stored payload (the object is kept, so
+        # its id is not reused): a save encodes only the bundles that changed since.
+        self._stored: dict[int, tuple[Bundle, str]] = {}
 
     # --- Lock -----------------------------------------------------------------------
 
@@ -237,15 +241,21 @@ class StateStore:
         bundles_dir = self.directory / BUNDLES_DIR
         targets: dict[str, Any] = {}
         keep: set[str] = set()
+        stored: dict[int, tuple[Bundle, str]] = {}
         for target in sorted(current):
             entry = current[target]
-            payload = bundles.encode(entry.bundle)
-            digest = hashlib.sha256(payload).hexdigest()
-            keep.add(digest)
-            path = bundles_dir / digest
-            if not path.exists():
-                write_atomic(path, payload, sync=False)
             bundle = entry.bundle
+            known = self._stored.get(id(bundle))
+            if known is not None and known[0] is bundle:
+                digest = known[1]
+            else:
+                payload = bundles.encode(bundle)
+                digest = hashlib.sha256(payload).hexdigest()
+                path = bundles_dir / digest
+                if not path.exists():
+                    write_atomic(path, payload, sync=False)
+            stored[id(bundle)] = (bundle, digest)
+            keep.add(digest)
             targets[str(target)] = {
                 "version": bundle.version,
                 "content_digest": entry.content_digest,
@@ -263,6 +273,7 @@ class StateStore:
             self.directory / STATE_FILE,
             json.dumps(document, indent=1, sort_keys=True).encode("utf-8"),
         )
+        self._stored = stored
         for stale in bundles_dir.iterdir():
             if stale.name not in keep and not stale.name.startswith("."):
                 stale.unlink(missing_ok=True)
