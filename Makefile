@@ -50,7 +50,7 @@ screenshots: venv mosquitto chromium
 check: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict proto
+	$(BIN)/mypy --strict proto sharedkit
 	./scripts/lint-imports.sh
 
 bench: venv mosquitto

@@ -68,8 +68,10 @@ async def measure(work: Path, rounds: int) -> list[float]:
             state_dir=work / "state",
             prefix=PREFIX,
         )
-        engine = DriftEngine(DriftSettings(tick=1.0, reconcile_interval=3600))
-        async with Controller(config, extensions=[engine]):
+        settings = DriftSettings(tick=1.0, reconcile_interval=3600)
+        async with Controller(config, drift=settings) as controller:
+            engine = controller.drift
+            assert engine is not None
             await asyncio.wait_for(engine.ready.wait(), 30)
             devices = sorted(engine._fleet.desired)
             arrived: asyncio.Queue[tuple[float, dict[str, object]]] = asyncio.Queue()

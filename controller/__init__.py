@@ -10,33 +10,33 @@ Layers, bottom up: :mod:`safeyaml` and :mod:`fleet` (validating the repository's
 Needs the ``setpoint[controller]`` extra.
 """
 
-from .broker import Backoff, BrokerSettings, Link
-from .errors import (
-    BrokerUnavailable,
-    ConfigError,
-    ControllerError,
-    FleetError,
-    Problem,
-    RepositoryUnavailable,
-)
-from .rendering import Render, Rendered, Target
-from .service import Controller, ControllerConfig, Extension, Publication
+import importlib
+from typing import Any
 
-__all__ = [
-    "Backoff",
-    "BrokerSettings",
-    "BrokerUnavailable",
-    "ConfigError",
-    "Controller",
-    "ControllerConfig",
-    "ControllerError",
-    "Extension",
-    "FleetError",
-    "Link",
-    "Problem",
-    "Publication",
-    "Render",
-    "Rendered",
-    "RepositoryUnavailable",
-    "Target",
-]
+# Nothing is imported eagerly: importing a pure module (``setpoint.controller.planning``)
+# runs this file first, and must not load MQTT, git or asyncio with it.
+_WHERE = {
+    "Backoff": "broker",
+    "BrokerSettings": "broker",
+    "Link": "broker",
+    "BrokerUnavailable": "errors",
+    "ConfigError": "errors",
+    "ControllerError": "errors",
+    "FleetError": "errors",
+    "Problem": "errors",
+    "RepositoryUnavailable": "errors",
+    "Render": "rendering",
+    "Rendered": "rendering",
+    "Target": "rendering",
+    "Controller": "service",
+    "ControllerConfig": "service",
+    "Publication": "service",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -2,8 +2,10 @@
 
 Each line says when, which target, which version, from which commit and author, the
 SHA-256 of the exact envelope published, and why (``change``, ``restore``, ``refresh``,
-``adopted``, ``removed``). Lines are appended after the broker acknowledged, in batches,
-with one fsync per batch. ``setpoint history`` reads it back.
+``adopted``, ``removed``, or a rollout's decision: ``approved``, ``batch-released``,
+``rollout-halted``, ... with its particulars in ``detail``). One schema, one writer.
+Lines are appended after the broker acknowledged, in batches, with one fsync per batch.
+``setpoint history`` reads it back.
 
 Appends to and reads one file.
 """
@@ -11,11 +13,12 @@ Appends to and reads one file.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
+
+from setpoint.kit.files import append_lines
 
 AUDIT_FILE: Final = "audit.jsonl"
 
@@ -33,9 +36,13 @@ class Entry:
     reason: str
     branch: str | None = None
     content_digest: str | None = None
+    detail: Mapping[str, Any] | None = None  # a rollout decision's particulars
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        body = asdict(self)
+        if self.detail is None:
+            del body["detail"]
+        return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 
 class AuditLog:
@@ -43,14 +50,7 @@ class AuditLog:
         self.path = state_dir / AUDIT_FILE
 
     def append(self, entries: Iterable[Entry]) -> None:
-        lines = "".join(entry.to_json() + "\n" for entry in entries)
-        if not lines:
-            return
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a", encoding="utf-8") as fh:
-            fh.write(lines)
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_lines(self.path, [entry.to_json() for entry in entries])
 
 
 def read(path: Path, target: str | None = None) -> Iterator[dict[str, Any]]:

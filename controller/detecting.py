@@ -11,14 +11,17 @@ cannot change the answer. The rules, in order:
    node holding the device's session dies, so presence alone cannot be trusted;
 3. not in the fleet repository: ``unknown``;
 4. an apply of the current desired version failed: ``failed``;
-5. the current desired version was refused: ``rejected``;
+5. the current desired version was refused: ``rejected`` (unless the device applied that
+   version since: the refused envelope was another one claiming the same version);
 6. a version newer than anything published is claimed: ``unknown`` (not believed);
 7. held back by a batched rollout (its device bundle pins an older group version than
    the one published): ``pending``, waiting for its batch, never overdue (the pin is its
    desired group version: a failure or refusal of the pinned version still counts);
 8. not yet on the desired versions (or group): ``pending`` (``overdue`` after the grace);
 9. on the desired versions but resources differ: ``drifted``, with which and why (a
-   resource the device's policy refuses is listed too);
+   resource the device's policy refuses is listed too; in enforce mode, a refusal of the
+   reconcile command sent to it, e.g. signed by keys it does not trust, is named in the
+   reason);
 10. nothing differs but the device's own policy refuses a resource (a command where
     commands are not allowed): ``blocked``, with which and why. Not drift: nobody changed
     anything, and nothing will change until the device's owner or the repository does;
@@ -38,7 +41,7 @@ from typing import Final
 
 from setpoint.proto import bundles
 from setpoint.proto.bundles import Resource
-from setpoint.proto.reports import Report
+from setpoint.proto.reports import Refusal, Report
 from setpoint.proto.status import DRIFT_STATES, DriftState, DriftStatus, GroupStatus, ResourceDiff
 
 DEFAULT_GRACE: Final = 300.0
@@ -151,6 +154,7 @@ def detect(
     reported_at: float | None = None,
     grace: float = DEFAULT_GRACE,
     silent_after: float | None = DEFAULT_SILENT_AFTER,
+    command_seq: int | None = None,
 ) -> DriftStatus:
     """The drift status of one device (see the module docstring for the rules);
     ``silent_after=None`` trusts presence alone."""
@@ -207,16 +211,22 @@ def detect(
                     reason=f"apply of {target} v{version} failed ({kind}): {failure.error}",
                     last_seen=last_seen,
                 )
+    applied_now = {"group": report.applied_group, "device": report.applied_device}
     for refusal in reversed(report.refusals):
-        if (refusal.kind, refusal.target) in targets and refusal.version == targets[
-            (refusal.kind, refusal.target)
-        ][0]:
-            return status(
-                "rejected",
-                reason=f"{refusal.kind} bundle {refusal.target} v{refusal.version} refused:"
-                f" {refusal.reason}: {refusal.error}",
-                last_seen=last_seen,
-            )
+        wanted = targets.get((refusal.kind, refusal.target))
+        if wanted is None or refusal.version != wanted[0]:
+            continue
+        got = applied_now.get(refusal.kind)
+        if got is not None and got.target == refusal.target and got.version == refusal.version:
+            # That version is applied since: what was refused was another envelope claiming
+            # the same version (a forged or badly signed one), not the genuine bundle.
+            continue
+        return status(
+            "rejected",
+            reason=f"{refusal.kind} bundle {refusal.target} v{refusal.version} refused:"
+            f" {refusal.reason}: {refusal.error}",
+            last_seen=last_seen,
+        )
 
     if desired.pinned_from is not None:
         got = report.applied_group
@@ -254,6 +264,13 @@ def detect(
     if diffs:
         healed = desired.mode == "enforce"
         note = "enforce mode: the device puts it back" if healed else "observe mode: left alone"
+        refused = _refused_command(report, name, desired, command_seq) if healed else None
+        if refused is not None:
+            note = (
+                f"enforce mode, but the device refused reconcile command seq {refused.version}:"
+                f" {refused.reason}: {refused.error} (does the device trust the controller's"
+                " signing keys, and enough of them for its threshold?)"
+            )
         return status("drifted", resources=diffs + blocked, reason=note, last_seen=last_seen)
     if blocked:
         return status(
@@ -264,6 +281,23 @@ def detect(
             last_seen=last_seen,
         )
     return status("in_sync", last_seen=last_seen)
+
+
+def _refused_command(
+    report: Report, device: str, desired: Desired, command_seq: int | None
+) -> Refusal | None:
+    """The device's refusal of the latest reconcile command sent to it, if it refused it:
+    the one with ``command_seq`` when the caller knows what it sent, else any command
+    refused since the desired state was published."""
+    for refusal in reversed(report.refusals):
+        if refusal.kind != "command" or refusal.target != device:
+            continue
+        if command_seq is not None:
+            if refusal.version == command_seq:
+                return refusal
+        elif refusal.at >= desired.published_at:
+            return refusal
+    return None
 
 
 def summarise(

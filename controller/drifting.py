@@ -1,7 +1,7 @@
 """The drift engine: devices' reports and presence in, drift status, group status and events out.
 
-:class:`DriftEngine` is a controller extension (see :class:`~setpoint.controller.service.
-Extension`). It rides on the controller's one MQTT connection:
+:class:`DriftEngine` runs inside a controller built with ``Controller(config,
+drift=DriftSettings(...))``. It rides on the controller's one MQTT connection:
 
 * **Ingest.** Routes (QoS 0, so a retained flood is never cut by the broker's queue limit)
   on ``devices/+/reported``, ``devices/+/presence``, and on ``devices/+/drift`` and
@@ -11,11 +11,12 @@ Extension`). It rides on the controller's one MQTT connection:
   message, and only the latest report of each device is ever decoded (coalescing). A
   report whose body names another device is not believed.
 * **Detection.** A worker wakes on every new report or presence, on every batch of
-  publications (a controller listener: every device is re-evaluated against the new
-  desired state), and on a periodic tick (pending devices becoming overdue, reconcile
-  retries). It calls the pure :func:`~setpoint.controller.detecting.detect` for each
-  device it has to look at and compares with what is retained: level-triggered, so a lost
-  or duplicated message changes nothing.
+  publications (the controller calls :meth:`DriftEngine.published`: every device is
+  re-evaluated against the new desired state), and on a periodic tick (pending devices
+  becoming overdue, reconcile retries). It calls the pure
+  :func:`~setpoint.controller.detecting.detect` for each device it has to look at and
+  compares with what is retained: level-triggered, so a lost or duplicated message
+  changes nothing.
 * **Output, only on change.** Retained JSON drift status per device, a retained group
   summary per group, and a non-retained ``drift`` event (``opened``, ``changed``,
   ``resolved``) with the previous state and when it began.
@@ -53,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import aiomqtt
 
-from setpoint.proto import bundles, commands, envelopes, reports, status
+from setpoint.proto import bundles, commands, reports, status
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.reports import Report
@@ -77,7 +78,8 @@ MAX_DEVICES: Final = 100_000
 PUBLISH_CONCURRENCY: Final = 64
 SETTLE_TIMEOUT: Final = 30.0
 Change = Literal["opened", "changed", "resolved"]
-# Told every device status this engine publishes or reads (None: cleared); see add_status_listener.
+# Told every device status this engine publishes or reads (None: cleared): the controller's
+# rollouts, which see them all without a second subscription (no_local hides our own).
 StatusListener = Callable[[str, DriftStatus | None], None]
 
 
@@ -251,7 +253,7 @@ def desired_for(published: dict[Any, Any]) -> _Fleet:
 
 
 class DriftEngine:
-    """The drift engine, as a controller extension (``name``, ``attach``, ``run``)."""
+    """The drift engine of one controller (``attach`` before connecting, ``run`` as a task)."""
 
     name = "drift"
 
@@ -261,6 +263,7 @@ class DriftEngine:
         *,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        on_status: StatusListener | None = None,
     ) -> None:
         self.settings = settings or DriftSettings()
         self.metrics = metrics or Metrics()
@@ -281,17 +284,25 @@ class DriftEngine:
         self._groups_delivered: set[str] = set()
         self._wake = asyncio.Event()
         self._synced = asyncio.Event()
+        # Set once this connection's retained statuses, reports and presence have all
+        # arrived; cleared on every connect. No pass runs in between: a pass deciding on a
+        # half-read picture (presence read, the retained drift status not yet) publishes a
+        # change that the late retained status then undoes, and the next pass repeats it
+        # (two identical events) or leaves the engine believing what the broker no longer holds.
+        self._session_synced = asyncio.Event()
         self._sessions_synced = 0
         self._fleet = _Fleet()
         self._fleet_stale = True
+        self._reeval: set[str] = set()  # to decide again though no message came (not triggered)
+        self._groups_touched = False
         self._refused_logged: dict[str, str] = {}
-        self._key: Any = None
         self._controller: Controller | None = None
-        self._status_listeners: list[StatusListener] = []
+        self._on_status = on_status
         self.ready = asyncio.Event()
         self.passes = 0
         self._stepped = asyncio.Condition()
         self.decoded = 0
+        self.evaluations = 0  # devices decided (detect calls), for tests and benchmarks
         self.events_published = 0
 
     # --- Wiring ----------------------------------------------------------------------------
@@ -300,7 +311,6 @@ class DriftEngine:
         self._controller = controller
         link, topics = controller.link, controller.topics
         self._topics = topics
-        self._key = envelopes.load_private_key(controller.config.key_path.read_bytes())
         reported = topics.all_reported()
         # Reports and presence come in floods: through the link's lean ingest connection.
         if self.settings.share:
@@ -312,18 +322,10 @@ class DriftEngine:
         link.route(topics.all_group_status(), self._on_group_status, no_local=True)
         link.on_connect(self._connected)
         link.on_session("drift-sync", self._sync)
-        controller.add_listener(self._published)
-
-    def add_status_listener(self, listener: StatusListener) -> None:
-        """Call ``listener(device, status)`` with every status this engine publishes and
-        every other engine's it reads (``None``: cleared), so that an extension of the same
-        controller (rollouts) sees them all without a second subscription: its own
-        publications do not come back to it (``no_local``)."""
-        self._status_listeners.append(listener)
 
     def _tell(self, device: str, found: DriftStatus | None) -> None:
-        for listener in self._status_listeners:
-            listener(device, found)
+        if self._on_status is not None:
+            self._on_status(device, found)
 
     async def run(self) -> None:
         listen = self.settings.metrics_listen
@@ -449,14 +451,14 @@ class DriftEngine:
         self._dirty.add(name)
         self._wake.set()
 
-    def _published(self, batch: Sequence[Publication]) -> None:
+    def published(self, batch: Sequence[Publication]) -> None:
         for p in batch:
             self.metrics.publications.labels(p.target.kind, p.reason).inc()
-        self._fleet_stale = True
-        self._full = True
+        self._fleet_stale = True  # the next pass re-detects the devices whose desired changed
         self._wake.set()
 
     def _connected(self) -> None:
+        self._session_synced.clear()
         self._drift_delivered.clear()
         self._groups_delivered.clear()
 
@@ -465,12 +467,17 @@ class DriftEngine:
         assert self._controller is not None
         await self._controller.link.barrier()
         if self.settings.share:
-            await self._read_retained_reports()
+            try:
+                await self._read_retained_reports()
+            except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+                # Like any broker trouble: this session ends and the link reconnects.
+                raise BrokerUnavailable(f"reading the retained reports: {exc}") from exc
         self._sessions_synced += 1
         if self._sessions_synced > 1:
             self._restore = True  # the broker may have lost what we published
             self._full = True
         self._synced.set()
+        self._session_synced.set()
         self._wake.set()
 
     async def _read_retained_reports(self) -> None:
@@ -519,6 +526,7 @@ class DriftEngine:
             if ticking:
                 next_tick = time.monotonic() + tick
             await link.wait_connected()
+            await self._session_synced.wait()
             try:
                 await self.step(tick=ticking)
             except BrokerUnavailable as exc:
@@ -530,9 +538,15 @@ class DriftEngine:
     def _refresh_fleet(self) -> None:
         if self._fleet_stale:
             assert self._controller is not None
+            before = self._fleet
             self._fleet = desired_for(self._controller.published())
             self._fleet_stale = False
             self._rebuild_tallies()
+            # Work proportional to what changed: only the devices whose desired state moved
+            # are decided again (and every group summary is looked at: as many as groups).
+            old, new = before.desired, self._fleet.desired
+            self._reeval |= {n for n in old.keys() | new.keys() if old.get(n) != new.get(n)}
+            self._groups_touched = True
 
     def _rebuild_tallies(self) -> None:
         """Recount every group's summary from scratch (after the desired side changed)."""
@@ -592,6 +606,7 @@ class DriftEngine:
         dev.report, dev.reported_at, dev.report_error = report, dev.raw_at, ""
 
     def _evaluate(self, dev: _Device, now: float) -> DriftStatus | None:
+        self.evaluations += 1
         desired = self._fleet.desired.get(dev.name)
         if desired is None and dev.report is None and dev.presence is None and not dev.report_error:
             return None  # nothing to say about it: its status is cleared
@@ -609,6 +624,7 @@ class DriftEngine:
             reported_at=reported_at,
             grace=self.settings.grace,
             silent_after=self.settings.silent_after,
+            command_seq=dev.command_seq or None,
         )
         if dev.report is None and dev.report_error and new.state == "unknown":
             new = replace(new, reason=f"no readable report ({dev.report_error})")
@@ -635,7 +651,9 @@ class DriftEngine:
         triggered, self._dirty = self._dirty, set()
         full, self._full = self._full, False
         restore, self._restore = self._restore, False
-        names: set[str] = set(triggered)
+        reeval, self._reeval = self._reeval, set()
+        groups_touched, self._groups_touched = self._groups_touched, False
+        names: set[str] = set(triggered) | reeval
         if full:
             names |= set(self._devices) | set(self._fleet.desired)
         elif tick:
@@ -658,7 +676,7 @@ class DriftEngine:
             for coro in outputs:
                 coro.close()
             raise
-        if full or restore:
+        if full or restore or groups_touched:
             touched_groups |= set(self._fleet.groups) | set(self._group_status)
         await self._gather(outputs)
         await self._publish_groups(touched_groups, now, restore)
@@ -805,9 +823,10 @@ class DriftEngine:
         command = commands.Command(
             dev.name, "reconcile", seq, int(now), int(now) + self.settings.command_ttl, why[:256]
         )
+        assert self._controller is not None and self._controller.signer is not None
         await self._publish(
             self._topics.device_command(dev.name),
-            commands.sign(command, [self._key]),
+            self._controller.signer.sign_command(command),
             retain=False,
         )
         dev.command_seq = seq

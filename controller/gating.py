@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
+from setpoint.proto.rollout_status import GateRule
 from setpoint.proto.status import DriftStatus
 
 DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -71,15 +72,9 @@ def parse_share(value: Any) -> float:
 # --- Rings and gates ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Gate:
-    """What content must have done on ring ``source`` before it may run on this ring."""
-
-    source: str
-    in_sync: float = 1.0
-    healthy_for: int = 0
-    max_unhealthy: int = 0
-    approval: bool = False
+# What content must have done on ring ``source`` before it may run on this ring: the
+# declared gate, as the gate status shows it (one type for both).
+Gate = GateRule
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,27 +7,13 @@ only decides the format.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
-from typing import Any, Final
+from typing import Final
+
+from setpoint.kit.logjson import JsonFormatter
 
 PLAIN_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        body: dict[str, Any] = {
-            "time": round(record.created, 3),
-            "iso": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            body["exception"] = self.formatException(record.exc_info)
-        return json.dumps(body, sort_keys=True)
 
 
 def setup(*, json_lines: bool = False, level: str = "INFO") -> None:

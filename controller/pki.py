@@ -29,7 +29,6 @@ import ipaddress
 import json
 import os
 import secrets
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from setpoint.kit.files import write_atomic
 from setpoint.proto.topics import validate_id
 
 from .errors import ConfigError
@@ -97,17 +97,7 @@ def _name(common_name: str) -> x509.Name:
 
 def _write(path: Path, data: bytes, mode: int) -> None:
     """Write atomically with ``mode`` from the start (a key is never readable by others)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, data, mode=mode)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -92,6 +92,7 @@ class Adopt:
     bundle: Bundle
     author: str = ""
     branch: str | None = None
+    digest: str = ""  # of the retained envelope taken over (for the audit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +124,11 @@ def _keep(
 ) -> list[Action]:
     """Keep the last good bundle retained and fresh."""
     ret = retained.bundle if retained is not None else None
+    held = retained.digest if retained is not None else ""
     if current is None:
-        return [Adopt(target, ret)] if ret is not None else []
+        return [Adopt(target, ret, digest=held)] if ret is not None else []
     if ret is not None and ret.version > current.version:
-        return [Adopt(target, ret)]
+        return [Adopt(target, ret, digest=held)]
     bundle = current.bundle
     due = refresh_due(bundle, now)
     if due:
@@ -167,7 +169,8 @@ def _want(
         and ret.content_digest() == digest
         and (current is None or ret.version >= current.version)
     ):
-        return [Adopt(target, ret, rendered.author, rendered.branch)]
+        assert retained is not None
+        return [Adopt(target, ret, rendered.author, rendered.branch, retained.digest)]
     floor = max(floor, current.version if current else 0, ret.version if ret else 0)
     if attempted is not None and attempted.version > floor:
         # A publication the broker never acknowledged may still have reached devices: its

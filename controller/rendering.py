@@ -31,9 +31,9 @@ from setpoint.proto.bundles import Bundle
 from setpoint.proto.topics import Topics
 
 from . import fleet
+from .commits import CommitInfo
 from .errors import Problem
 from .fleet import Device, FleetSettings, Group, Snapshot
-from .repository import CommitInfo
 
 TargetKind = Literal["group", "device"]
 # Room for the envelope around a bundle: framing, one key id and one signature.

@@ -19,7 +19,6 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -31,6 +30,7 @@ from dulwich.objects import ZERO_SHA, Commit
 from dulwich.repo import Repo
 
 from . import fleet
+from .commits import CommitInfo
 from .errors import ConfigError, RepositoryUnavailable
 from .trees import GitTree
 
@@ -41,17 +41,6 @@ _URL: Final = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _SCP: Final = re.compile(r"^[^/@:]+@[^/:]+:")
 MIRROR_DIR: Final = "mirror.git"
 _MIRROR_URL_FILE: Final = "mirror.url"
-
-
-@dataclass(frozen=True, slots=True)
-class CommitInfo:
-    """One commit: its id, who wrote it, and the tree it records."""
-
-    id: str
-    author: str
-    time: int
-    summary: str
-    tree: bytes
 
 
 def is_remote(location: str) -> bool:

@@ -1,7 +1,7 @@
 """Rollouts inside the controller: gates between rings, batches, windows, halts, reverts.
 
-:class:`Rollouts` is a controller extension. It reads the devices' drift statuses from
-the drift engine of the same controller when it runs one (``Rollouts(drift=engine)``),
+:class:`Rollouts` is part of every controller. It reads the devices' drift statuses from
+the drift engine of the same controller when it runs one (it calls :meth:`take_status`),
 otherwise from their retained ``.../devices/<id>/drift`` topics (the drift engine's
 public output; a normal QoS 0 subscription, so the retained ones arrive on every
 connect), verified
@@ -34,22 +34,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from setpoint.proto import approvals, envelopes, status
+from setpoint.proto import approvals, envelopes, rollout_status, status
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.status import DriftStatus
 
 from . import gating, rollouts
-from .audit import AUDIT_FILE
+from .audit import AuditLog, Entry
 from .errors import BrokerUnavailable
 from .fleet import Group
 from .gating import GateDecision, Rings
@@ -59,7 +57,6 @@ from .rollouts import Ledger, Rollout
 
 if TYPE_CHECKING:
     from .broker import Message, Session
-    from .drifting import DriftEngine
     from .service import Controller
 
 log = logging.getLogger(__name__)
@@ -82,22 +79,19 @@ def _differs(rendered: Rendered | None, current: Current | None) -> bool:
 
 
 class Rollouts:
-    """The rollout extension; see the module docstring."""
+    """The rollouts of one controller; see the module docstring."""
 
     name = "rollouts"
 
-    def __init__(
-        self, *, drift: DriftEngine | None = None, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._drift = drift
         self.statuses: dict[str, DriftStatus] = {}
         self.synced = False
         self.ledger = Ledger()
         self.views: dict[str, dict[str, Any]] = {}  # topic -> retained JSON body
         self._published_views: dict[str, dict[str, Any]] = {}
         self._events: list[tuple[str, dict[str, Any]]] = []
-        self._audit: list[dict[str, Any]] = []
+        self._audit: list[Entry] = []
         self._noted: dict[str, Any] = {}
         self._kick = asyncio.Event()
         self._deadline: float | None = None
@@ -118,17 +112,14 @@ class Rollouts:
         self._state_dir = controller.config.state_dir
         self.ledger = Ledger.load(self._state_dir)
         link = controller.link
-        if self._drift is not None:
-            # The engine of this controller tells every status, its own included: MQTT
-            # does not bring them back (it subscribes with no_local), and a second
-            # subscription to the same filter would replace the engine's.
-            self._drift.add_status_listener(self._take_status)
-        else:
+        if controller.drift is None:
+            # Without a drift engine in this controller, statuses come from the retained
+            # topics (another controller's engine); with one, it tells them all
+            # (:meth:`take_status`): MQTT does not bring its own back (no_local).
             link.route(self.topics.all_drift(), self._on_drift)
         link.route(self.topics.operator_commands(), self._on_command, qos=1)
         link.on_connect(self._on_connect)
         link.on_session("rollouts-sync", self._sync)
-        controller.hold_back_with(self.hold_back)
 
     def _on_connect(self) -> None:
         self.synced = False
@@ -157,7 +148,7 @@ class Rollouts:
         if ref.kind != "device-drift":
             return
         if not message.payload:
-            self._take_status(ref.name, None)
+            self.take_status(ref.name, None)
             return
         try:
             drift = status.drift_from_json(message.payload)
@@ -166,9 +157,9 @@ class Rollouts:
             return
         if drift.device != ref.name:
             return  # a status must be about the device its topic names
-        self._take_status(ref.name, drift)
+        self.take_status(ref.name, drift)
 
-    def _take_status(self, device: str, drift: DriftStatus | None) -> None:
+    def take_status(self, device: str, drift: DriftStatus | None) -> None:
         if drift is None:
             if self.statuses.pop(device, None) is not None and self._statuses_matter:
                 self._wake()
@@ -180,18 +171,19 @@ class Rollouts:
     def _on_command(self, message: Message) -> None:
         now = self._clock()
         try:
-            payload = envelopes.verify(
+            verified = envelopes.verify_signed(
                 message.payload,
                 self._trusted_operators(),
                 payload_type=envelopes.APPROVAL_TYPE,
                 max_size=MAX_COMMAND_ENVELOPE,  # refused by its size before it is decoded
             )
-            command = approvals.decode(payload)
-            keyid = envelopes.decode(message.payload).signatures[0].keyid
+            command = approvals.decode(verified.payload)
         except ProtocolError as exc:
             self._event("rollout", action="refused", reason=f"operator command refused: {exc}")
             return
-        who = self._who(message.payload)
+        # Named after the key whose signature verified, never after an entry merely present.
+        keyid = verified.keyids[0]
+        who = self._operators[keyid][0]
         if command.expires_at + CLOCK_SKEW < now or command.issued_at - CLOCK_SKEW > now:
             self._event("rollout", action="refused", nonce=command.nonce, reason="expired")
             return
@@ -221,16 +213,6 @@ class Rollouts:
     def _trusted_operators(self) -> dict[str, Any]:
         return {k: key for k, (_name, key) in self._operators.items()}
 
-    def _who(self, envelope: bytes) -> str:
-        try:
-            sigs = envelopes.decode(envelope).signatures
-        except ProtocolError:
-            return "?"
-        for sig in sigs:
-            if sig.keyid in self._operators:
-                return self._operators[sig.keyid][0]
-        return "?"
-
     def _learn_operators(self, render: Render) -> None:
         settings = render.settings
         source = tuple((o.name, o.key) for o in settings.operators) if settings else ()
@@ -257,20 +239,20 @@ class Rollouts:
         kind = "group" if not target.startswith("ring:") else "ring"
         ident = target.removeprefix("ring:")
         self._audit.append(
-            {
-                "time": self._clock(),
-                "target": f"{kind}/{ident}",
-                "kind": kind,
-                "id": ident,
-                "version": fields.pop("version", None),
-                "commit": fields.pop("commit", None),
-                "author": AUTHOR,
-                "digest": fields.pop("digest", None),
-                "reason": what,
-                "branch": fields.pop("branch", None),
-                "content_digest": fields.pop("tree", None),
-                "detail": fields,
-            }
+            Entry(
+                time=self._clock(),
+                target=f"{kind}/{ident}",
+                kind=kind,
+                id=ident,
+                version=fields.pop("version", None),
+                commit=fields.pop("commit", None),
+                author=AUTHOR,
+                digest=fields.pop("digest", None),
+                reason=what,
+                branch=fields.pop("branch", None),
+                content_digest=fields.pop("tree", None),
+                detail=fields,
+            )
         )
         self._kick.set()
 
@@ -890,7 +872,7 @@ class Rollouts:
         assert self._controller is not None
         if self._audit:
             lines, self._audit = self._audit, []
-            await asyncio.to_thread(_append_audit, self._state_dir / AUDIT_FILE, lines)
+            await asyncio.to_thread(AuditLog(self._state_dir).append, lines)
         link = self._controller.link
         while self._events:
             event_type, fields = self._events[0]
@@ -901,7 +883,7 @@ class Rollouts:
         for topic, view in list(self.views.items()):
             if self._published_views.get(topic) == view:
                 continue
-            body = status.event("rollout-status", self._clock(), **view)
+            body = _encode_view(self.topics.parse(topic).kind, view, self._clock())
             await link.publish(topic, body, qos=1, retain=True)
             self._published_views[topic] = view
 
@@ -941,10 +923,9 @@ class Rollouts:
                             halt=halt_id, reason=job["error"])  # fmt: skip
 
 
-def _append_audit(path: Path, lines: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(line, sort_keys=True, separators=(",", ":")) + "\n" for line in lines)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+def _encode_view(kind: str, view: dict[str, Any], now: float) -> bytes:
+    """A view as its typed retained status (proto/SPEC.md 7.5, 7.6): what the codecs
+    cannot read back is a bug here, and stops the controller loudly."""
+    if kind == "ring-gate":
+        return rollout_status.gate_to_json(rollout_status.gate_from_dict({**view, "time": now}))
+    return rollout_status.rollout_to_json(rollout_status.rollout_from_dict({**view, "time": now}))

@@ -28,8 +28,9 @@ from dulwich.merge import three_way_merge
 from dulwich.objects import Commit
 from dulwich.repo import Repo
 
+from setpoint.kit.files import write_atomic
+
 from .gating import Evidence
-from .state import write_atomic
 
 log = logging.getLogger(__name__)
 

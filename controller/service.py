@@ -14,11 +14,12 @@ named tasks:
 Exceptions propagate: a bug stops the controller loudly, while expected trouble (broker
 gone, repository unreachable, a broken commit) is logged, reported as an event and retried.
 
-Hooks for what is built on top (the drift engine): :meth:`Controller.desired` (the bundles
-currently published, per target), :meth:`Controller.add_listener` (called with every batch
-of publications), :attr:`Controller.link` (route more topics, publish, barrier) and
-``extensions`` (objects whose ``attach(controller)`` runs before connecting and whose
-``run()`` runs as a task of the controller's group).
+Gating is part of the controller, not an option: every controller owns a
+:class:`~setpoint.controller.rolling.Rollouts` and asks it, before every planning round,
+what may go out (rings, gates, windows, batches). With ``drift=DriftSettings(...)`` it
+also owns the drift engine (:class:`~setpoint.controller.drifting.DriftEngine`), which is
+told every batch of publications and tells the rollouts every device status. Both run as
+tasks of the controller's group; nothing registers hooks on the controller.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal
 
 from setpoint.proto import status
 from setpoint.proto.bundles import Bundle
@@ -40,14 +41,16 @@ from setpoint.proto.topics import DEFAULT_PREFIX, Topics
 from . import planning, protection, rendering, watching, webhooks
 from .audit import AuditLog, Entry
 from .broker import Backoff, BrokerSettings, Link, Session
+from .drifting import DriftEngine, DriftSettings
 from .errors import BrokerUnavailable, ConfigError, RepositoryUnavailable
 from .fleet import DEFAULT_BUNDLE_TTL
 from .planning import Adopt, Clear, Current, Plan, Publish, Retained
 from .rendering import BranchProblem, Render, Target, View
 from .repository import Repository, is_remote, redact
 from .retained import RetainedView
+from .rolling import Rollouts
 from .signing import Signer, load_signer
-from .state import FleetIdentity, StateStore
+from .state import FleetIdentity, Intent, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -94,37 +97,22 @@ class Publication:
     commit: str | None
 
 
-Listener = Callable[[Sequence[Publication]], None]
-# Given what the repository says, what may be published now (see :meth:`Controller.hold_back_with`).
-HoldBack = Callable[[Render], Render]
-
-
-class Extension(Protocol):
-    """Something that runs inside the controller (e.g. the drift engine)."""
-
-    name: str
-
-    def attach(self, controller: Controller) -> None:
-        """Register routes and listeners; called before the broker is connected."""
-
-    async def run(self) -> None:
-        """Run until cancelled, as a task of the controller's group."""
-
-
 class Controller:
     def __init__(
         self,
         config: ControllerConfig,
         *,
-        extensions: Sequence[Extension] = (),
+        drift: DriftSettings | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.topics = Topics(config.prefix)
         self._clock = clock
-        self._extensions = tuple(extensions)
-        self._listeners: list[Listener] = []
-        self._hold_back: HoldBack | None = None
+        # The rollouts' decisions (gates, windows, batches) are part of every plan.
+        self.rollouts = Rollouts(clock=clock)
+        self.drift: DriftEngine | None = None
+        if drift is not None:
+            self.drift = DriftEngine(drift, clock=clock, on_status=self.rollouts.take_status)
         self._wake = asyncio.Event()
         self._reasons: set[str] = set()
         self._generation = 0
@@ -138,6 +126,7 @@ class Controller:
         self._current: dict[Target, Current] = {}
         self._floors: dict[Target, int] = {}
         self._attempted: dict[Target, Bundle] = {}
+        self._intents: dict[Target, Intent] = {}  # publications under way (write-ahead)
         self._snapshots: OrderedDict[str, View] = OrderedDict()
         self._render_key: tuple[Any, ...] | None = None
         self._render: Render | None = None
@@ -164,7 +153,7 @@ class Controller:
         self.last_render: Render | None = None
         self.last_error: str | None = None
 
-    # --- Hooks for extensions ------------------------------------------------------------
+    # --- What the parts built on it read ---------------------------------------------------
 
     def desired(self) -> dict[Target, Bundle]:
         """The bundles currently published (or kept), per target."""
@@ -173,16 +162,6 @@ class Controller:
     def published(self) -> dict[Target, Current]:
         """Like :meth:`desired`, with who made each change and when it was published."""
         return dict(sorted(self._current.items()))
-
-    def add_listener(self, listener: Listener) -> None:
-        """Call ``listener`` with every batch of acknowledged publications and removals."""
-        self._listeners.append(listener)
-
-    def hold_back_with(self, hold_back: HoldBack) -> None:
-        """Let an extension (rollouts) decide what may go out: before every planning round,
-        ``hold_back(render)`` returns the render to plan from, with held targets moved to
-        ``broken`` (their last bundles are kept) and device bundles possibly pinned."""
-        self._hold_back = hold_back
 
     def wake(self, reason: str = "manual") -> None:
         """Ask the reconcile loop for a pass (cheap; any number of calls coalesce)."""
@@ -209,6 +188,7 @@ class Controller:
         try:
             self._state.claim(identity(config))
             self._current, self._floors = self._state.load()
+            self._intents = self._state.intents()
             for target, entry in self._current.items():
                 self._floors[target] = max(self._floors.get(target, 0), entry.version)
             self.repository = await asyncio.to_thread(Repository, config.repo, config.state_dir)
@@ -223,8 +203,9 @@ class Controller:
             self.link.on_disconnect(self.retained.reset)
             self.link.on_connect(self._forget_verdicts)
             self.link.on_session("retained-sync", self._sync_retained)
-            for extension in self._extensions:
-                extension.attach(self)
+            if self.drift is not None:
+                self.drift.attach(self)
+            self.rollouts.attach(self)
             self._tg = asyncio.TaskGroup()
             await self._tg.__aenter__()
         except BaseException:
@@ -234,8 +215,9 @@ class Controller:
         self._spawn(self._reconciling(), "reconcile")
         if config.follow:
             self._start_watchers()
-        for extension in self._extensions:
-            self._spawn(extension.run(), f"extension-{extension.name}")
+        if self.drift is not None:
+            self._spawn(self.drift.run(), "drift")
+        self._spawn(self.rollouts.run(), "rollouts")
         self.wake("start")
         return self
 
@@ -391,8 +373,8 @@ class Controller:
 
     def _plan(self, render: Render | None) -> Plan:
         assert self.retained is not None
-        if render is not None and render.head and self._hold_back is not None:
-            render = self._hold_back(render)
+        if render is not None and render.head:
+            render = self.rollouts.hold_back(render)
         return planning.plan(
             desired=render.desired if render and render.head else None,
             broken=render.broken if render else frozenset(),
@@ -464,6 +446,14 @@ class Controller:
                 if isinstance(action, Adopt):
                     self._adopt(action, done)
             publishes = [a for a in plan.actions if isinstance(a, Publish)]
+            changes = {
+                a.target: Intent(a.bundle.version, a.bundle.content_digest(), a.author, a.branch)
+                for a in publishes
+                if a.reason == "change"
+            }
+            if changes:
+                self._intents.update(changes)
+                await asyncio.to_thread(self._state.intend, dict(self._intents))
             clears = [a for a in plan.actions if isinstance(a, Clear)]
             semaphore = asyncio.Semaphore(PUBLISH_CONCURRENCY)
             for batch in (
@@ -482,8 +472,9 @@ class Controller:
         finally:
             if done:
                 await asyncio.to_thread(self._persist, done)
-                for listener in self._listeners:
-                    listener(tuple(done))
+                self._intents.clear()  # saving recorded them (or they are moot)
+                if self.drift is not None:
+                    self.drift.published(tuple(done))
         await self._emit_events(done, render)
 
     async def _concurrently(self, coros: list[Any]) -> None:
@@ -498,13 +489,47 @@ class Controller:
 
     def _adopt(self, action: Adopt, done: list[Publication]) -> None:
         bundle = action.bundle
-        self._current[action.target] = Current(bundle, action.author, action.branch, self._clock())
-        self._floors[action.target] = max(self._floors.get(action.target, 0), bundle.version)
-        log.info(
-            "adopted %s v%d from the broker (no publication needed)", action.target, bundle.version
+        intent = self._intents.pop(action.target, None)
+        # Our own publication, acknowledged by the broker but not recorded before this
+        # controller stopped (killed between PUBACK and saving): announced as published now.
+        ours = (
+            intent is not None
+            and intent.version == bundle.version
+            and intent.content_digest == bundle.content_digest()
         )
+        author, branch = (
+            (intent.author, intent.branch)
+            if intent and ours
+            else (
+                action.author,
+                action.branch,
+            )
+        )
+        self._current[action.target] = Current(bundle, author, branch, self._clock())
+        self._floors[action.target] = max(self._floors.get(action.target, 0), bundle.version)
+        if ours:
+            log.info(
+                "published %s v%d (change, recorded after a restart) from %s@%s",
+                action.target,
+                bundle.version,
+                branch or "?",
+                bundle.commit[:12],
+            )
+        else:
+            log.info(
+                "adopted %s v%d from the broker (no publication needed)",
+                action.target,
+                bundle.version,
+            )
         done.append(
-            self._publication(action.target, "adopted", bundle, None, action.author, action.branch)
+            self._publication(
+                action.target,
+                "change" if ours else "adopted",
+                bundle,
+                action.digest or None,
+                author,
+                branch,
+            )
         )
 
     async def _publish(

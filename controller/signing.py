@@ -1,4 +1,6 @@
-"""The fleet signing key: loading it carefully, and signing bundles with it.
+"""The fleet signing key: loading it carefully, and signing bundles and commands with it.
+
+Every signed message the controller emits goes through its one :class:`Signer`.
 
 The key file is read once at start. If its permissions let the group or others read it, a
 loud warning is logged (the file is still used: refusing would take a fleet down over a
@@ -18,8 +20,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from setpoint.proto import bundles, envelopes
+from setpoint.proto import bundles, commands, envelopes
 from setpoint.proto.bundles import Bundle
+from setpoint.proto.commands import Command
 from setpoint.proto.errors import SchemaError
 from setpoint.proto.trust import PAYLOAD_TYPES
 
@@ -64,6 +67,11 @@ class Signer:
     def sign(self, bundle: Bundle) -> Signed:
         payload = bundles.encode(bundle)
         return Signed(bundle, envelopes.sign(PAYLOAD_TYPES[bundle.kind], payload, self._keys))
+
+    def sign_command(self, command: Command) -> bytes:
+        """The envelope of a device command, signed with every key like a bundle (a device
+        with ``threshold: 2``, or one that trusts only the new key mid-rotation, accepts it)."""
+        return commands.sign(command, list(self._keys))
 
 
 def load_signer(path: Path, *more: Path) -> Signer:

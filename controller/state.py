@@ -37,7 +37,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from setpoint.kit.files import write_atomic
 from setpoint.proto import bundles
+from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
 
 from .errors import ConfigError
@@ -47,6 +49,7 @@ from .rendering import Target
 log = logging.getLogger(__name__)
 
 STATE_FILE: Final = "state.json"
+INTENT_FILE: Final = "publishing.json"
 BUNDLES_DIR: Final = "bundles"
 LOCK_FILE: Final = "lock"
 IDENTITY_FILE: Final = "fleet.json"
@@ -77,26 +80,14 @@ def default_dir(base: Path, identity: FleetIdentity) -> Path:
     return base / identity.key()
 
 
-def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
-    """Replace ``path`` with ``data`` so that a reader sees the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if sync:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if sync:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """A publication about to be made (see :meth:`StateStore.intend`)."""
+
+    version: int
+    content_digest: str
+    author: str
+    branch: str | None
 
 
 class StateStore:
@@ -105,6 +96,9 @@ class StateStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._lock_fd: int | None = None
+        # Per bundle object saved, the digest of its stored payload (the object is kept, so
+        # its id is not reused): a save encodes only the bundles that changed since.
+        self._stored: dict[int, tuple[Bundle, str]] = {}
 
     # --- Lock -----------------------------------------------------------------------
 
@@ -208,20 +202,60 @@ class StateStore:
             float(entry.get("published_at", 0.0)),
         )
 
+    # --- Write-ahead of publications --------------------------------------------------
+
+    def intend(self, intents: Mapping[Target, Intent]) -> None:
+        """Record the publications about to be made, before the first PUBLISH: a
+        controller killed between the broker's PUBACK and :meth:`save` finds them at its
+        next start, and announces what it adopts from the broker as published (event and
+        audit) instead of as a silent take-over."""
+        document = {
+            str(t): {
+                "version": i.version,
+                "content_digest": i.content_digest,
+                "author": i.author,
+                "branch": i.branch,
+            }
+            for t, i in sorted(intents.items())
+        }
+        write_atomic(self.directory / INTENT_FILE, json.dumps(document, sort_keys=True).encode())
+
+    def intents(self) -> dict[Target, Intent]:
+        """The publications recorded by :meth:`intend` and not yet saved (none if unreadable)."""
+        try:
+            raw = json.loads((self.directory / INTENT_FILE).read_bytes())
+            return {
+                Target.parse(k): Intent(
+                    int(v["version"]), str(v["content_digest"]), str(v["author"]), v["branch"]
+                )
+                for k, v in raw.items()
+            }
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("%s is unreadable (%s); ignored", INTENT_FILE, exc)
+            return {}
+
     def save(self, current: Mapping[Target, Current], floors: Mapping[Target, int]) -> None:
         """Write the payloads, then ``state.json`` atomically; drop unreferenced payloads."""
         bundles_dir = self.directory / BUNDLES_DIR
         targets: dict[str, Any] = {}
         keep: set[str] = set()
+        stored: dict[int, tuple[Bundle, str]] = {}
         for target in sorted(current):
             entry = current[target]
-            payload = bundles.encode(entry.bundle)
-            digest = hashlib.sha256(payload).hexdigest()
-            keep.add(digest)
-            path = bundles_dir / digest
-            if not path.exists():
-                write_atomic(path, payload, sync=False)
             bundle = entry.bundle
+            known = self._stored.get(id(bundle))
+            if known is not None and known[0] is bundle:
+                digest = known[1]
+            else:
+                payload = bundles.encode(bundle)
+                digest = hashlib.sha256(payload).hexdigest()
+                path = bundles_dir / digest
+                if not path.exists():
+                    write_atomic(path, payload, sync=False)
+            stored[id(bundle)] = (bundle, digest)
+            keep.add(digest)
             targets[str(target)] = {
                 "version": bundle.version,
                 "content_digest": entry.content_digest,
@@ -239,6 +273,8 @@ class StateStore:
             self.directory / STATE_FILE,
             json.dumps(document, indent=1, sort_keys=True).encode("utf-8"),
         )
+        self._stored = stored
         for stale in bundles_dir.iterdir():
             if stale.name not in keep and not stale.name.startswith("."):
                 stale.unlink(missing_ok=True)
+        (self.directory / INTENT_FILE).unlink(missing_ok=True)  # all of it is recorded now

@@ -153,7 +153,7 @@ class Unsealer:
             if not create:
                 return None
             data = secrets.token_bytes(32)
-            atomic_write(path, data, 0o600)
+            atomic_write(path, data, mode=0o600)
         if len(data) != 32:
             raise ConfigError(f"{path} is not a 32-byte key; remove it to make a new one")
         self._mac_key = data
@@ -186,7 +186,9 @@ class Unsealer:
         current = dict(self.ledger())
         merged = {k: v for k, v in {**current, **macs}.items() if k in keep}
         if merged != current:
-            atomic_write(self.dir / LEDGER_FILE, json.dumps(merged, sort_keys=True).encode(), 0o600)
+            atomic_write(
+                self.dir / LEDGER_FILE, json.dumps(merged, sort_keys=True).encode(), mode=0o600
+            )
             self._ledger = merged
 
 

@@ -109,6 +109,9 @@ class Bundle:
     vars: Mapping[str, SettingValue] = field(default_factory=dict)
     group_version: int | None = None
     schema: int = SCHEMA
+    # :meth:`content_digest`, computed once per bundle (not an init field: ``replace``
+    # makes a new bundle, which computes its own).
+    _content_digest: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def content(self) -> dict[str, Any]:
         """The fields that define what the device should be, without version or times."""
@@ -128,7 +131,11 @@ class Bundle:
 
     def content_digest(self) -> str:
         """Digest of :meth:`content`: equal for bundles that ask the same of a device."""
-        return codec.digest(self.content())
+        digest = self._content_digest
+        if digest is None:
+            digest = codec.digest(self.content())
+            object.__setattr__(self, "_content_digest", digest)
+        return digest
 
     def with_version(self, version: int, issued_at: int, expires_at: int) -> Bundle:
         return replace(self, version=version, issued_at=issued_at, expires_at=expires_at)

@@ -6,7 +6,10 @@ the lowercase hex SHA-256 of the signer's 32-byte raw public key.
 
 :func:`verify` checks the framing, pins the payloadType, and counts valid signatures by
 distinct trusted keys against a threshold *before* the payload is interpreted in any way;
-it returns exactly the bytes that were verified. Nothing here decides whether a verified
+it returns exactly the bytes that were verified. :func:`verify_signed` returns them with the
+key ids whose signatures actually verified (:class:`Verified`): whoever names a signer
+(an approval's operator, an audit line) must use those, never an entry merely present in
+the envelope. Nothing here decides whether a verified
 bundle is acceptable (version order, expiry, target): that is trust state's job.
 
 Pure; no I/O.
@@ -47,6 +50,15 @@ class Envelope:
     payload_type: str
     payload: bytes
     signatures: tuple[Signature, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A verified payload and the distinct trusted key ids whose signatures verified over it,
+    in the order they appear in the envelope."""
+
+    payload: bytes
+    keyids: tuple[str, ...]
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -147,14 +159,15 @@ def decode(data: bytes, *, max_size: int = MAX_ENVELOPE_BYTES) -> Envelope:
     return Envelope(payload_type, payload, tuple(parsed))
 
 
-def verify_envelope(
+def verify_envelope_signed(
     envelope: Envelope,
     trusted: Mapping[str, Ed25519PublicKey],
     *,
     payload_type: str,
     threshold: int = 1,
-) -> bytes:
-    """Check type and signatures of a parsed envelope; return the verified payload bytes."""
+) -> Verified:
+    """Check type and signatures of a parsed envelope; return the payload and the key ids
+    that verified it (an entry naming a trusted key with a bad signature is not among them)."""
     if threshold < 1:
         raise ValueError("threshold must be at least 1")
     if envelope.payload_type != payload_type:
@@ -162,7 +175,7 @@ def verify_envelope(
             f"payloadType {envelope.payload_type!r} where {payload_type!r} is required"
         )
     message = pae(envelope.payload_type, envelope.payload)
-    good: set[str] = set()
+    good: list[str] = []
     for signature in envelope.signatures:
         key = trusted.get(signature.keyid)
         if key is None or signature.keyid in good or len(signature.sig) != _SIG_LEN:
@@ -171,14 +184,42 @@ def verify_envelope(
             key.verify(signature.sig, message)
         except InvalidSignature:
             continue
-        good.add(signature.keyid)
+        good.append(signature.keyid)
     if len(good) < threshold:
         known = [s.keyid[:12] for s in envelope.signatures if s.keyid in trusted]
         detail = f"signed by trusted key(s) {known}" if known else "no signature by a trusted key"
         raise SignatureError(
             f"{len(good)} valid signature(s) by trusted keys, {threshold} needed ({detail})"
         )
-    return envelope.payload
+    return Verified(envelope.payload, tuple(good))
+
+
+def verify_envelope(
+    envelope: Envelope,
+    trusted: Mapping[str, Ed25519PublicKey],
+    *,
+    payload_type: str,
+    threshold: int = 1,
+) -> bytes:
+    """Check type and signatures of a parsed envelope; return the verified payload bytes."""
+    return verify_envelope_signed(
+        envelope, trusted, payload_type=payload_type, threshold=threshold
+    ).payload
+
+
+def verify_signed(
+    data: bytes,
+    trusted: Mapping[str, Ed25519PublicKey],
+    *,
+    payload_type: str,
+    threshold: int = 1,
+    max_size: int = MAX_ENVELOPE_BYTES,
+) -> Verified:
+    """Decode the framing of ``data`` and verify it; return the verified payload and the
+    key ids whose signatures verified it."""
+    return verify_envelope_signed(
+        decode(data, max_size=max_size), trusted, payload_type=payload_type, threshold=threshold
+    )
 
 
 def verify(
@@ -190,9 +231,9 @@ def verify(
     max_size: int = MAX_ENVELOPE_BYTES,
 ) -> bytes:
     """Decode the framing of ``data`` and verify it; return exactly the verified payload."""
-    return verify_envelope(
-        decode(data, max_size=max_size), trusted, payload_type=payload_type, threshold=threshold
-    )
+    return verify_signed(
+        data, trusted, payload_type=payload_type, threshold=threshold, max_size=max_size
+    ).payload
 
 
 def trusted_keys(keys: Iterable[Ed25519PublicKey]) -> dict[str, Ed25519PublicKey]:

@@ -36,6 +36,8 @@ _PREFIX_LEVEL: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TopicKind = Literal[
     "group-desired",
     "group-status",
+    "group-rollout",
+    "ring-gate",
     "device-desired",
     "device-reported",
     "device-presence",
@@ -211,9 +213,11 @@ class Topics:
             return TopicRef("event", rest[1])
         if len(rest) == 3:
             section, name, leaf = rest
-            if section == "groups" and leaf in ("desired", "status"):
-                kind: TopicKind = "group-desired" if leaf == "desired" else "group-status"
+            if section == "groups" and leaf in ("desired", "status", "rollout"):
+                kind: TopicKind = _GROUP_KINDS[leaf]
                 return TopicRef(kind, validate_id(name, "group id"))
+            if section == "rings" and leaf == "gate":
+                return TopicRef("ring-gate", validate_id(name, "ring"))
             if section == "devices" and leaf in (
                 "desired",
                 "reported",
@@ -225,6 +229,11 @@ class Topics:
         raise InvalidId(f"topic {topic!r} is not a setpoint topic")
 
 
+_GROUP_KINDS: Final[dict[str, TopicKind]] = {
+    "desired": "group-desired",
+    "status": "group-status",
+    "rollout": "group-rollout",
+}
 _DEVICE_KINDS: Final[dict[str, TopicKind]] = {
     "desired": "device-desired",
     "reported": "device-reported",

@@ -117,3 +117,22 @@ def test_the_conformance_kit_judges_from_outside() -> None:
     assert not outside(top_level, SHIM_ALLOWED)
     for layer in ("setpoint.controller", "setpoint.device_shim", "setpoint.commands"):
         assert not [m for m in ours if m == layer or m.startswith(layer + ".")]
+
+
+def test_the_controllers_decisions_load_no_io_library() -> None:
+    # What import-linter's contract says about the import statements, measured: the pure
+    # modules (and ``setpoint.controller`` itself, which imports nothing eagerly) load no
+    # MQTT, git, HTTP server, metrics or event loop.
+    code = (
+        "import sys, json\n"
+        "import setpoint.controller.rendering, setpoint.controller.planning\n"
+        "import setpoint.controller.detecting, setpoint.controller.gating\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert "setpoint" in loaded and "pydantic" in loaded  # it did load the fleet's models
+    assert not loaded & {"aiomqtt", "paho", "dulwich", "asyncio", "prometheus_client"}

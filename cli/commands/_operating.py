@@ -4,23 +4,27 @@ signed operator commands (see ``setpoint.proto.approvals``)."""
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from setpoint.proto import approvals, envelopes, status
+from setpoint.proto import approvals, envelopes, rollout_status, status
 
 from ._common import CommandError
-from ._fleetview import Reader
+from ._fleetview import Reader, printable
 
 REPLY_TIMEOUT = 10.0
 
 
-def views(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The retained rollout status per group and gate status per ring."""
+def views(
+    args: argparse.Namespace,
+) -> tuple[dict[str, rollout_status.RolloutStatus], dict[str, rollout_status.GateStatus]]:
+    """The retained rollout status per group and gate status per ring, read through their
+    codecs (proto/SPEC.md 7.5, 7.6); one that does not decode is named and skipped."""
+    from setpoint.proto.errors import ProtocolError
     from setpoint.proto.topics import Topics
 
     topics = Topics(args.prefix)
@@ -29,14 +33,21 @@ def views(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         messages = reader.snapshot()
     finally:
         reader.close()
-    groups: dict[str, Any] = {}
-    rings: dict[str, Any] = {}
+    groups: dict[str, rollout_status.RolloutStatus] = {}
+    rings: dict[str, rollout_status.GateStatus] = {}
     for topic, payload in messages.items():
-        body = json.loads(payload)
-        if topic.endswith("/rollout"):
-            groups[body["group"]] = body
-        else:
-            rings[body["ring"]] = body
+        try:
+            ref = topics.parse(topic)
+            if ref.kind == "group-rollout":
+                group = rollout_status.rollout_from_json(payload)
+                if group.group == ref.name:  # a status is about the group its topic names
+                    groups[group.group] = group
+            elif ref.kind == "ring-gate":
+                ring = rollout_status.gate_from_json(payload)
+                if ring.ring == ref.name:
+                    rings[ring.ring] = ring
+        except ProtocolError as exc:
+            print(f"setpoint: ignoring {printable(topic)}: {exc}", file=sys.stderr)
     return groups, rings
 
 

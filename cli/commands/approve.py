@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
             _groups, rings = _operating.views(args)
             if args.ring not in rings:
                 raise CommandError(f"ring {args.ring!r} has no gate status (is it gated?)")
-            tree = rings[args.ring]["tree"]
+            tree = rings[args.ring].tree
         command = _operating.new_command("approve", ring=args.ring, tree=tree)
         reply = _operating.send(args, command)
     except CommandError as exc:

@@ -232,12 +232,11 @@ def _config(args: argparse.Namespace) -> object:
     return config
 
 
-def _extensions(args: argparse.Namespace) -> list[object]:
-    # Rollouts always run, --once included: without them a gated ring's content would go
-    # out ungated. With no rings, rollout: or window: in the repository they hold nothing.
-    rolling = require_controller("setpoint.controller.rolling")
+def _drift(args: argparse.Namespace) -> object | None:
+    """The drift engine's settings, or None without one (--no-drift, --once). Rollouts
+    (gates, windows, batches) are part of every controller, --once included."""
     if args.no_drift or args.once:
-        return [rolling.Rollouts()]
+        return None
     drifting = require_controller("setpoint.controller.drifting")
     if args.share is not None:
         from setpoint.proto.errors import InvalidId
@@ -247,7 +246,7 @@ def _extensions(args: argparse.Namespace) -> list[object]:
             validate_id(args.share, "--share name")
         except InvalidId as exc:
             raise CommandError(str(exc)) from None
-    settings = drifting.DriftSettings(
+    return drifting.DriftSettings(
         grace=args.grace,
         silent_after=args.silent_after or None,
         tick=args.tick,
@@ -255,8 +254,6 @@ def _extensions(args: argparse.Namespace) -> list[object]:
         reconcile_interval=args.reconcile_interval,
         metrics_listen=args.metrics_listen,
     )
-    engine = drifting.DriftEngine(settings)
-    return [engine, rolling.Rollouts(drift=engine)]
 
 
 async def _main(args: argparse.Namespace, config: object) -> int:
@@ -266,7 +263,7 @@ async def _main(args: argparse.Namespace, config: object) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     log.info("starting: %s", service.describe(config))
-    async with service.Controller(config, extensions=_extensions(args)) as controller:
+    async with service.Controller(config, drift=_drift(args)) as controller:
         if args.once:
             settling = asyncio.ensure_future(controller.settle())
             stopping = asyncio.ensure_future(stop.wait())

@@ -18,7 +18,6 @@ Cleans up every process it started; exits 0, or 1 if a step did not happen in ti
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -184,9 +183,10 @@ class Watcher:
     def __init__(self, host: str, port: int, prefix: str, narrator: Narrator) -> None:
         import paho.mqtt.client as mqtt
 
-        from setpoint.proto import status, topics
+        from setpoint.proto import rollout_status, status, topics
 
         self._status = status
+        self._rollout_status = rollout_status
         self.topics = topics.Topics(prefix)
         self.narrator = narrator
         self.drift: dict[str, Any] = {}
@@ -221,14 +221,16 @@ class Watcher:
         try:
             topic = message.topic
             with self.cond:
-                if topic.endswith("/rollout") and "/events/" not in topic:
-                    body = json.loads(message.payload)
-                    self.groups[body["group"]] = body
-                elif topic.endswith("/gate"):
-                    body = json.loads(message.payload)
-                    self.gates[body["ring"]] = body
+                ref = self.topics.parse(topic)
+                if ref.kind == "group-rollout":
+                    codecs = self._rollout_status
+                    group = codecs.rollout_from_json(message.payload)
+                    self.groups[group.group] = codecs.rollout_to_dict(group)
+                elif ref.kind == "ring-gate":
+                    codecs = self._rollout_status
+                    gate = codecs.gate_from_json(message.payload)
+                    self.gates[gate.ring] = codecs.gate_to_dict(gate)
                 else:
-                    ref = self.topics.parse(topic)
                     if ref.kind == "device-drift":
                         self.drift[ref.name] = self._status.drift_from_json(message.payload)
                     elif ref.kind == "event":

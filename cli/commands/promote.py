@@ -66,16 +66,16 @@ def promote(args: argparse.Namespace) -> dict[str, Any]:
         gate = rings.get(args.target)
         if gate is None:
             raise CommandError(f"ring {args.target!r} has no gate status; is it a gated ring?")
-        if gate["from"] != args.source:
-            raise CommandError(f"ring {args.target!r} promotes from {gate['from']!r}")
-        if tree not in gate["passed"]:
-            evidence = gate["evidence"].get(tree)
+        if gate.source != args.source:
+            raise CommandError(f"ring {args.target!r} promotes from {gate.source!r}")
+        if tree not in gate.passed:
+            evidence = (gate.evidence or {}).get(tree)
             why = "it never ran there" if evidence is None else (
-                f"{evidence['in_sync']}/{evidence['devices']} in sync,"
-                f" {len(evidence['unhealthy'])} unhealthy, not healthy long enough yet"
+                f"{evidence.in_sync}/{evidence.devices} in sync,"
+                f" {len(evidence.unhealthy)} unhealthy, not healthy long enough yet"
             )  # fmt: skip
             raise CommandError(f"content {tree[:12]} has not passed on {args.source}: {why}")
-        if gate["gate"]["approval"] and tree not in gate["approved"]:
+        if gate.gate.approval and tree not in gate.approved:
             raise CommandError(
                 f"content {tree[:12]} needs an approval: setpoint approve {args.target}"
             )

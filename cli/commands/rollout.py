@@ -11,9 +11,11 @@ import argparse
 import json
 import sys
 
+from setpoint.proto import rollout_status
+
 from . import _operating
 from ._common import CommandError, add_broker_arguments
-from ._fleetview import add_protocol_argument
+from ._fleetview import add_protocol_argument, printable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +51,29 @@ def _status(args: argparse.Namespace) -> int:
             raise CommandError(f"no rollout status for group {args.group!r}")
         groups = {args.group: groups[args.group]}
     if args.json:
-        print(json.dumps({"groups": groups, "rings": rings}, sort_keys=True))
+        body = {
+            "groups": {g: rollout_status.rollout_to_dict(v) for g, v in groups.items()},
+            "rings": {r: rollout_status.gate_to_dict(v) for r, v in rings.items()},
+        }
+        print(json.dumps(body, sort_keys=True))
         return 0
+    for ring, gate in sorted(rings.items()):
+        print(
+            f"ring {printable(ring)} (from {printable(gate.source)}): {gate.state}:"
+            f" {printable(gate.reason)}"
+        )
+    for gid, group in sorted(groups.items()):
+        head = f"group {printable(gid)} [{printable(group.branch)}] v{group.version}: {group.state}"
+        print(f"{head}{': ' + printable(group.reason) if group.reason else ''}")
+        for batch in group.batches:
+            released = "released" if batch.released_at else "not released (pending)"
+            print(
+                f"  batch {batch.batch}: {printable(', '.join(batch.devices))}: {released};"
+                f" in sync {len(batch.in_sync)}/{len(batch.devices)}"
+                + (f"; failed {printable(', '.join(batch.failed))}" if batch.failed else "")
+                + (f"; offline {printable(', '.join(batch.offline))}" if batch.offline else "")
+            )
+    return 0
     for ring, gate in sorted(rings.items()):
         print(f"ring {ring} (from {gate['from']}): {gate['state']}: {gate['reason']}")
     for gid, body in sorted(groups.items()):

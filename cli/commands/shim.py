@@ -18,7 +18,6 @@ with a message that says what to fix. Imports only the shim's side.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -115,22 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        body: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            body["exc"] = self.formatException(record.exc_info)
-        return json.dumps(body, sort_keys=True)
-
-
 def _setup_logging(as_json: bool, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if as_json:
+        from setpoint.kit.logjson import JsonFormatter
+
         handler.setFormatter(JsonFormatter())
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -40,6 +40,7 @@ async def run_drift(
     state_dir: Path,
     *,
     client_id: str = "",
+    extra_keys: tuple[Path, ...] = (),
     **settings: Any,
 ) -> AsyncIterator[tuple[Controller, DriftEngine]]:
     """A real controller with the drift engine, ready (retained state read, desired settled)."""
@@ -49,13 +50,15 @@ async def run_drift(
         repo=str(getattr(repo, "path", repo)),
         broker=BrokerSettings(broker.host, broker.port, client_id=client_id),
         key_path=key,
+        extra_key_paths=extra_keys,
         state_dir=state_dir,
         prefix=prefix,
         backoff=Backoff(initial=0.05, maximum=0.3),
         publish_timeout=5.0,
     )
-    engine = DriftEngine(DriftSettings(**settings))
-    async with Controller(config, extensions=[engine]) as controller:
+    async with Controller(config, drift=DriftSettings(**settings)) as controller:
+        engine = controller.drift
+        assert engine is not None
         async with asyncio.timeout(TIMEOUT):
             await engine.ready.wait()
         yield controller, engine

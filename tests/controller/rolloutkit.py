@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mqttkit import Subscriber
 
-from setpoint.proto import bundles, codec, envelopes, status
+from setpoint.proto import bundles, envelopes, rollout_status, status
 from setpoint.proto.bundles import Bundle, FileResource
 from setpoint.proto.status import DriftStatus
 from setpoint.proto.topics import Topics
@@ -124,15 +124,16 @@ class SimDevices(Subscriber):
         await self._publish_statuses()
 
     def _take(self, topic: str, payload: bytes) -> None:
-        if "/events/" not in topic and topic.endswith(("/rollout", "/gate")):
-            if payload:
-                body = codec.loads_json(payload, max_size=1 << 20)
-                if topic.endswith("/rollout"):
-                    self.rollout[body["group"]] = body
-                else:
-                    self.gates[body["ring"]] = body
-            return
         ref = self.topics.parse(topic)
+        if ref.kind in ("group-rollout", "ring-gate"):
+            # Through the codecs, as any reader: what the controller publishes must decode.
+            if payload and ref.kind == "group-rollout":
+                group = rollout_status.rollout_from_json(payload)
+                self.rollout[group.group] = rollout_status.rollout_to_dict(group)
+            elif payload:
+                gate = rollout_status.gate_from_json(payload)
+                self.gates[gate.ring] = rollout_status.gate_to_dict(gate)
+            return
         if ref.kind == "event":
             self.events.append(status.event_from_json(payload))
             return

@@ -428,36 +428,16 @@ async def test_empty_repository_publishes_nothing_until_the_first_commit(
         await seen.wait(lambda: set(seen.retained) == ALL)
 
 
-class Recorder:
-    """A minimal extension, shaped like the drift engine will be."""
-
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.batches: list[Any] = []
-        self.started = asyncio.Event()
-        self.controller: Any = None
-
-    def attach(self, controller: Any) -> None:
-        self.controller = controller
-        controller.add_listener(self.batches.append)
-
-    async def run(self) -> None:
-        self.started.set()
-        await asyncio.Event().wait()
-
-
-async def test_extensions_see_every_publication_and_the_desired_bundles(
+async def test_the_drift_engine_sees_every_publication_and_the_desired_bundles(
     example_repo: Any,
-    run_controller: Any,
     broker: Any,
     signing_key: Path,
     unique_prefix: str,
     tmp_path: Path,
 ) -> None:
     from setpoint.controller import BrokerSettings, Controller, ControllerConfig
+    from setpoint.controller.drifting import DriftSettings
 
-    recorder = Recorder()
     config = ControllerConfig(
         repo=str(example_repo.path),
         broker=BrokerSettings(broker.host, broker.port),
@@ -465,18 +445,23 @@ async def test_extensions_see_every_publication_and_the_desired_bundles(
         state_dir=tmp_path / "state",
         prefix=unique_prefix,
     )
-    async with Controller(config, extensions=[recorder]) as controller:
-        await asyncio.wait_for(recorder.started.wait(), 5)
+    async with Controller(config, drift=DriftSettings(tick=0.2)) as controller:
+        engine = controller.drift
+        assert engine is not None
+        await asyncio.wait_for(engine.ready.wait(), 10)
         await controller.settle(10)
-        published = [p for batch in recorder.batches for p in batch]
-        assert {str(p.target) for p in published} == ALL
-        assert all(p.reason == "change" and p.version == 1 for p in published)
+        counted = engine.metrics.publications
+        assert counted.labels("device", "change")._value.get() == 3
+        assert counted.labels("group", "change")._value.get() == 2
+        await engine.wait_for(
+            lambda: set(engine._fleet.desired) == {"kiosk-01", "kiosk-02", "gw-01"}
+        )
         desired = controller.desired()
         assert desired[Target("device", "kiosk-02")].vars == {"site": "cafeteria"}
         example_repo.commit({"devices/gw-01.yaml": None})
         await controller.settle(10)
-        [removal] = recorder.batches[-1]
-        assert removal.reason == "removed" and removal.bundle is None
+        await engine.wait_for(lambda: "gw-01" not in engine._fleet.desired)
+        assert counted.labels("device", "removed")._value.get() == 1
         assert Target("device", "gw-01") not in controller.desired()
 
 
@@ -526,3 +511,62 @@ async def test_a_commit_with_an_empty_tree_is_a_loud_repository_error(
     assert controller.last_render is not None and controller.last_render.problems
     assert f"repository error on main@{empty[:12]}" in caplog.text
     assert not seen.retained
+
+
+async def test_a_publication_acknowledged_but_not_recorded_is_announced_after_a_restart(
+    example_repo: Any, run_controller: Any, observe: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    from setpoint.controller.service import Controller
+
+    async with run_controller(example_repo) as controller:
+        await controller.settle(10)
+    # The controller dies after the broker acknowledged kiosk-01 v2 and before it saved its
+    # state and audit line: that saving is what never happens.
+    real_persist = Controller._persist
+    monkeypatch.setattr(Controller, "_persist", lambda self, done: None)
+    async with observe() as seen, run_controller(example_repo) as controller:
+        example_repo.commit({"devices/kiosk-01.yaml": KIOSK_01_HALL}, "kiosk-01 to the hall")
+        await seen.wait(lambda: seen.version("device/kiosk-01") == 2)
+        await controller.settle(10)
+    monkeypatch.setattr(Controller, "_persist", real_persist)
+    audit = tmp_path / "state" / "audit.jsonl"
+    async with observe() as seen, run_controller(example_repo) as controller:
+        await controller.settle(10)
+        await seen.wait(lambda: bool(seen.of_type("published")))
+        [event] = seen.of_type("published")
+        assert (event["target"], event["version"], event["reason"]) == ("kiosk-01", 2, "change")
+        assert event["digest"] and event["author"]
+    lines = [json.loads(x) for x in audit.open()]
+    [entry] = [e for e in lines if e["target"] == "device/kiosk-01" and e["version"] == 2]
+    assert entry["reason"] == "change" and entry["digest"] == event["digest"]
+
+
+async def test_an_adopted_bundle_is_audited_with_its_digest(
+    example_repo: Any, run_controller: Any, tmp_path: Path
+) -> None:
+    async with run_controller(example_repo, state_dir=tmp_path / "s1") as controller:
+        await controller.settle(10)
+    async with run_controller(example_repo, state_dir=tmp_path / "s2") as controller:
+        await controller.settle(10)
+    adopted = [json.loads(x) for x in (tmp_path / "s2" / "audit.jsonl").open()]
+    assert adopted and all(e["reason"] == "adopted" and e["digest"] for e in adopted)
+
+
+async def test_gating_is_part_of_every_controller(
+    make_repo: Any, run_controller: Any, observe: Any
+) -> None:
+    """``Controller(config)``, nothing else wired in: a gated ring's content still waits."""
+    from rolloutkit import ringed_files
+
+    repo = make_repo(ringed_files())
+    repo.git("branch", "canary")
+    repo.git("branch", "production")
+    async with observe() as seen, run_controller(repo) as controller:
+        await controller.settle(10)
+        # Groups go out before devices, in order on one connection: once qa-1's bundle is
+        # here, any group bundle published with it would be too.
+        await seen.wait(lambda: "device/qa-1" in seen.retained)
+        assert "group/qa" in seen.retained
+        assert "group/canaries" not in seen.retained
+        assert "group/prod" not in seen.retained
+        assert controller.rollouts.views  # the gates' statuses are published

@@ -332,3 +332,26 @@ def test_is_silent_only_past_the_limit() -> None:
     assert detecting.is_silent(1000.0, 1000.0 + 2700.5, 2700)
     assert not detecting.is_silent(None, 1e9, 2700)
     assert not detecting.is_silent(0.0, 1e9, None)
+
+
+def test_a_refused_forgery_of_the_desired_version_is_forgotten_once_it_is_applied() -> None:
+    # A badly signed "v3" was refused; then the genuine v3 came and was applied.
+    forged = Refusal("kiosks", "group", 3, "signature", "0 valid signature(s)", int(NOW - 5))
+    status = detect(desired(), report(refusals=(forged,)), "online", NOW)
+    assert status.state == "in_sync", status.reason
+    # Still applied on the old version: the refusal is what the device has to say.
+    waiting = report(applied_group=Applied("kiosks", 2, "old", "g2"), refusals=(forged,))
+    assert detect(desired(), waiting, "online", NOW).state == "rejected"
+
+
+def test_a_refused_reconcile_command_is_named_in_the_drifted_reason() -> None:
+    drifted = ResourceReport("motd", "file", "drifted", "0" * 64, "edited")
+    refusal = Refusal("kiosk-01", "command", 42, "signature", "1 valid, 2 needed", int(NOW))
+    seen = report(resources=(drifted, ok(TZ)), refusals=(refusal,))
+    status = detect(desired(), seen, "online", NOW, command_seq=42)
+    assert status.state == "drifted"
+    assert "refused reconcile command seq 42: signature" in status.reason
+    # Another seq was sent since: that old refusal says nothing about it.
+    assert "refused" not in detect(desired(), seen, "online", NOW, command_seq=43).reason
+    # Observe mode sends no commands.
+    assert "refused" not in detect(desired(mode="observe"), seen, "online", NOW).reason

@@ -332,13 +332,14 @@ async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyp
         assert a.metrics.reports._value.get() > 0
         assert b.metrics.reports._value.get() > 0
         await watch.wait(lambda: watch.groups["kiosks"].counts["drifted"] == 4)
-        # A publication makes both engines re-evaluate every device: the one holding an older
-        # report for a device must leave it to the other, so nothing flips back.
+        # A full re-evaluation (as after a reconnect): the engine holding an older report
+        # for a device must leave it to the other, so nothing flips back.
         await watch.barrier()
         events = len(watch.events)
         passes = (a.passes, b.passes)
         for engine in (a, b):
-            engine._published([])
+            engine._full = True
+            engine._wake.set()
         await a.wait_for(lambda: a.passes > passes[0])
         await b.wait_for(lambda: b.passes > passes[1])
         await watch.barrier()
@@ -380,3 +381,147 @@ async def test_a_device_whose_heartbeat_is_overdue_goes_offline_without_a_will( 
         # Its next report brings it back.
         await devices.report(in_sync_report(engine._fleet.desired["kiosk-01"], seq=10))
         await watch.wait(lambda: watch.state("kiosk-01") == "in_sync", timeout=60)
+
+
+async def test_reconcile_commands_carry_every_key_and_a_refused_one_shows_in_status(
+    drift, watch, devices, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from setpoint.commands import keys
+    from setpoint.proto.reports import Refusal
+
+    keys.generate(tmp_path / "new-keys")
+    new_key = tmp_path / "new-keys" / keys.PRIVATE_NAME
+    async with drift(reconcile_interval=3600, extra_keys=(new_key,)) as (controller, engine):
+        await all_in_sync(engine, devices, watch)
+        desired = engine._fleet.desired["kiosk-01"]
+        await devices.report(drifted_report(desired, 20, "motd"))
+        await watch.wait(lambda: len(watch.commands) >= 1)
+        _device, envelope = watch.commands[0]
+        # A device with threshold 2 (or one that trusts only the new key) accepts it.
+        both = controller.signer.trusted
+        assert len(both) == 2
+        command = commands.decode(
+            envelopes.verify(envelope, both, payload_type=envelopes.COMMAND_TYPE, threshold=2)
+        )
+        assert command.device == "kiosk-01"
+        # The device refuses it anyway (say it trusts other keys): the status says so.
+        refusal = Refusal("kiosk-01", "command", command.seq, "signature", "0 valid", 1)
+        refused = replace(drifted_report(desired, 21, "motd"), refusals=(refusal,))
+        await devices.report(refused)
+        await watch.wait(
+            lambda: f"refused reconcile command seq {command.seq}" in watch.drift["kiosk-01"].reason
+        )
+        assert watch.state("kiosk-01") == "drifted"
+
+
+async def test_an_mqtt_error_in_the_shared_retained_read_reconnects_instead_of_stopping(
+    tmp_path, unique_prefix, example_repo, signing_key
+) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from setpoint.controller.broker import Backoff, BrokerSettings
+    from setpoint.controller.drifting import DriftSettings
+    from setpoint.controller.service import Controller, ControllerConfig
+    from setpoint.mosquitto import Broker
+
+    # Room for the link's two connections, not for the third that reads retained reports
+    # (mosquitto 2.0 lets max_connections + 1 clients in).
+    limited = Broker(tmp_path / "limited")
+    conf = limited.conf.read_text()
+    limited.conf.write_text(conf + "max_connections 1\n")
+    with limited:
+        config = ControllerConfig(
+            repo=str(example_repo.path),
+            broker=BrokerSettings(limited.host, limited.port, connect_timeout=2.0),
+            key_path=signing_key,
+            state_dir=tmp_path / "state",
+            prefix=unique_prefix,
+            backoff=Backoff(initial=0.05, maximum=0.3),
+            publish_timeout=5.0,
+        )
+        async with Controller(config, drift=DriftSettings(share="drift", tick=0.2)) as controller:
+            engine = controller.drift
+            assert engine is not None
+            async with asyncio.timeout(30):
+                await controller.link.failed.wait()  # the session ended; the controller runs on
+            limited.conf.write_text(conf)
+            await asyncio.to_thread(limited.restart)
+            async with asyncio.timeout(30):
+                await engine.ready.wait()
+
+
+async def test_after_a_broker_restart_each_change_makes_one_event(
+    broker, unique_prefix, example_repo, signing_key, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Presence read after a reconnect is judged against the retained statuses of the same
+    connection, all of them: no pass runs on a half-read picture (which published each
+    change twice, 9 ms apart, and could leave a device offline while it was online)."""
+    import asyncio
+    from dataclasses import replace
+
+    from setpoint.controller.broker import Backoff, BrokerSettings
+    from setpoint.controller.drifting import DriftSettings
+    from setpoint.controller.service import Controller, ControllerConfig
+    from setpoint.proto.reports import Applied, Report
+
+    names = [f"zz-{n:03d}" for n in range(300)]  # not in the repository: state "unknown"
+    config = ControllerConfig(
+        repo=str(example_repo.path),
+        broker=BrokerSettings(broker.host, broker.port),
+        key_path=signing_key,
+        state_dir=tmp_path / "state",
+        prefix=unique_prefix,
+        # Slow to come back: the devices' news is retained on the broker before it is.
+        backoff=Backoff(initial=2.0, maximum=2.0),
+        publish_timeout=5.0,
+    )
+    async with Controller(config, drift=DriftSettings(tick=0.2)) as controller:
+        engine = controller.drift
+        assert engine is not None
+        async with asyncio.timeout(30):
+            await engine.ready.wait()
+        async with Devices(broker.host, broker.port, unique_prefix) as devices:
+            base = Report(
+                device="", time=1_800_000_000, seq=1, shim_version="t", group="kiosks",
+                applied_group=Applied("kiosks", 1, "c", "d"), applied_device=None,
+                resources=(),
+            )  # fmt: skip
+            for name in names:
+                await devices.report(replace(base, device=name))
+                await devices.presence(name, reports.PRESENCE_ONLINE)
+        async with DriftWatch(broker.host, broker.port, unique_prefix) as watch:
+            await watch.wait(lambda: all(watch.state(n) == "unknown" for n in names), timeout=30)
+        failures = controller.link.failures
+        await asyncio.to_thread(broker.restart)
+        async with DriftWatch(broker.host, broker.port, unique_prefix) as watch:
+            async with Devices(broker.host, broker.port, unique_prefix) as devices:
+                for name in names:
+                    await devices.presence(name, reports.PRESENCE_OFFLINE)
+            await engine.wait_for(lambda: controller.link.failures > failures, timeout=30)
+            await watch.wait(lambda: all(watch.state(n) == "offline" for n in names), timeout=30)
+            await watch.wait(lambda: all(watch.drift_events(n) for n in names), timeout=30)
+            passes = engine.passes  # a few more passes (ticks): nothing more may come
+            await engine.wait_for(lambda: engine.passes > passes + 3, timeout=30)
+            await watch.barrier()
+            counts = {n: len(watch.drift_events(n)) for n in names}
+            assert {n: c for n, c in counts.items() if c != 1} == {}
+
+
+async def test_a_commit_re_decides_only_the_devices_whose_desired_state_changed(
+    drift, watch, devices, example_repo
+) -> None:  # type: ignore[no-untyped-def]
+    from fleetkit import FLEET
+
+    async with drift(tick=3600) as (controller, engine):
+        await all_in_sync(engine, devices, watch)
+        before = engine.evaluations
+        gateways = FLEET["groups/gateways.yaml"].replace("value: 30", "value: 45")
+        example_repo.commit({"groups/gateways.yaml": gateways}, "gateways: uplink 45 s")
+        await watch.wait(lambda: watch.state("gw-01") == "pending")
+        await controller.settle(10)
+        await engine.wait_for(lambda: not engine._fleet_stale and not engine._reeval)
+        # gw-01 is the only member of gateways: the kiosks are not decided again.
+        assert engine.evaluations - before == 1
+        assert watch.state("kiosk-01") == "in_sync" and watch.state("kiosk-02") == "in_sync"

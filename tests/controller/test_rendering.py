@@ -8,8 +8,8 @@ import pytest
 from fleetkit import FLEET
 
 from setpoint.controller import fleet, rendering
+from setpoint.controller.commits import CommitInfo
 from setpoint.controller.rendering import Target, View
-from setpoint.controller.repository import CommitInfo
 from setpoint.controller.trees import DirectoryTree
 
 KIOSKS = "mode: enforce\nresources:\n  - {id: motd, kind: file, path: etc/motd, content: hi}\n"

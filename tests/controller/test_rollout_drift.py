@@ -87,12 +87,12 @@ async def controller(
     )
     # A grace far below the test's length: a held device that were judged against the
     # published version would turn overdue at the first tick.
-    engine = DriftEngine(DriftSettings(grace=0.01, tick=0.05))
-    rollouts = Rollouts(drift=engine)
-    async with Controller(config, extensions=[engine, rollouts]):
+    async with Controller(config, drift=DriftSettings(grace=0.01, tick=0.05)) as running:
+        engine = running.drift
+        assert engine is not None
         async with asyncio.timeout(10):
             await engine.ready.wait()
-        yield engine, rollouts
+        yield engine, running.rollouts
 
 
 async def test_held_devices_wait_for_their_batch_and_the_engine_releases_the_next(

@@ -34,9 +34,8 @@ def start(broker: Any, unique_prefix: str, signing_key: Path, tmp_path: Path):  
             backoff=Backoff(initial=0.05, maximum=0.3),
             publish_timeout=5.0,
         )
-        rollouts = Rollouts()
-        async with Controller(config, extensions=[rollouts]) as controller:
-            yield controller, rollouts
+        async with Controller(config) as controller:
+            yield controller, controller.rollouts
 
     return run
 

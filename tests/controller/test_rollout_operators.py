@@ -67,9 +67,8 @@ def start(broker: Any, unique_prefix: str, signing_key: Path, tmp_path: Path):  
             backoff=Backoff(initial=0.05, maximum=0.3),
             publish_timeout=5.0,
         )
-        rollouts = Rollouts()
-        async with Controller(config, extensions=[rollouts]):
-            yield rollouts
+        async with Controller(config) as controller:
+            yield controller.rollouts
 
     return run
 

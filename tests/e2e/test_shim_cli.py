@@ -114,11 +114,11 @@ def test_converges_heals_and_stops_cleanly(fleet: Fleet, run_shim: Any, tmp_path
     assert shim.stop(signal.SIGTERM) == 0
     fleet.wait_presence("dev1", b"offline")
     lines = [json.loads(line) for line in shim.text().splitlines() if line.strip()]
-    assert any("applied group kiosk v1" in line["msg"] for line in lines)
-    assert any("healed" in line["msg"] for line in lines)
+    assert any("applied group kiosk v1" in line["message"] for line in lines)
+    assert any("healed" in line["message"] for line in lines)
     # With the defaults the edit was seen by inotify, not at the next full look in 60 s.
     assert "observing with inotify; a full look every 60s as a safety net" in [
-        line["msg"] for line in lines
+        line["message"] for line in lines
     ]
     assert "hunter2" not in shim.text()
 

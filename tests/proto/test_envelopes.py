@@ -337,3 +337,20 @@ def test_verify_envelope_checks_the_type_before_the_signatures(
     envelope = envelopes.decode(signed)
     with pytest.raises(PayloadTypeError):
         envelopes.verify_envelope(envelope, {}, payload_type=DEVICE_BUNDLE_TYPE)
+
+
+def test_verify_signed_names_only_the_keys_whose_signatures_verified() -> None:
+    alice, bob, carol = (Ed25519PrivateKey.generate() for _ in range(3))
+    trusted = envelopes.trusted_keys([alice.public_key(), bob.public_key(), carol.public_key()])
+    envelope = raw(envelopes.sign(GROUP_BUNDLE_TYPE, PAYLOAD, [alice, carol]))
+    # A bogus entry with bob's key id in front: present, trusted, but not a valid signature.
+    envelope["signatures"].insert(0, {"keyid": envelopes.key_id(bob), "sig": b"\0" * 64})
+    verified = envelopes.verify_signed(
+        codec.pack(envelope), trusted, payload_type=GROUP_BUNDLE_TYPE
+    )
+    assert verified.payload == PAYLOAD
+    assert verified.keyids == (envelopes.key_id(alice), envelopes.key_id(carol))
+    # verify() still returns the bare payload, for callers that only need the bytes.
+    assert (
+        envelopes.verify(codec.pack(envelope), trusted, payload_type=GROUP_BUNDLE_TYPE) == PAYLOAD
+    )

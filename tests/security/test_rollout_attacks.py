@@ -27,7 +27,6 @@ from rolloutkit import SimDevices, fleet_yaml, group, ringed_files
 
 from setpoint.commands import keys
 from setpoint.controller.broker import Backoff, BrokerSettings
-from setpoint.controller.rolling import Rollouts
 from setpoint.controller.service import Controller, ControllerConfig
 from setpoint.mosquitto import Broker
 from setpoint.proto import approvals, envelopes
@@ -69,7 +68,7 @@ class Fleet:
             publish_timeout=5.0,
         )
         sim = SimDevices(broker.host, broker.port, self.prefix, self.trusted, DEVICES)
-        async with sim, Controller(config, extensions=[Rollouts()]):
+        async with sim, Controller(config):  # rollouts are part of every controller
             yield sim
 
 

@@ -1,0 +1,9 @@
+"""setpoint's kit: small dependency-free helpers shared by every side (stdlib only).
+
+* :mod:`files`: atomic file replacement (``O_NOFOLLOW``, fsync of file and directory) and
+  durable appends of whole lines;
+* :mod:`logjson`: the one JSON log line format.
+
+Below the controller, the shim and the CLI, beside :mod:`setpoint.proto`; imports nothing
+of setpoint's and nothing outside the standard library (import-linter checks it).
+"""
