@@ -109,7 +109,6 @@ class Link:
         self._connect_timeout = connect_timeout
         self._resubscribe = resubscribe
         self._pending: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its topics
-        self._early: dict[int, list[Any]] = {}  # SUBACK reasons that beat their mid here
         self._refused: set[str] = set()  # topics a SUBACK refused on this connection
         self._refusals = 0  # SUBACK refusals in a row on this connection
         self._resubscribe_at: float | None = None
@@ -259,21 +258,13 @@ class Link:
             self._subscribe(self._client, topics)
 
     def _subscribe(self, client: mqtt.Client, topics: list[str]) -> None:
-        # Never hold our lock across a paho call: paho may take its callback lock inside
-        # it, and the network thread takes ours inside a callback (a deadlock, seen as a
-        # shim that connected and never received a bundle). A SUBACK that comes back
-        # before the mid is recorded here waits in _early for it.
-        result = client.subscribe([(topic, 1) for topic in topics])
-        mid = result[1] if result else None
-        if mid is None:
-            return
+        # Held across the call: the SUBACK (handled in the network thread) must find the
+        # topics of its mid even when the agent's thread subscribes.
         with self._lock:
-            early = self._early.pop(mid, None)
-            if early is None:
+            result = client.subscribe([(topic, 1) for topic in topics])
+            mid = result[1] if result else None
+            if mid is not None:
                 self._pending[mid] = topics
-                return
-            refused = self._judge(topics, early)
-        self._log_refused(refused)
 
     def attempt_after_session(self, attempt: int) -> int:
         """The backoff attempt to use after a connection ended: back to 0 when the
@@ -292,7 +283,6 @@ class Link:
             self._subscribed.clear()
             self._outstanding.clear()
             self._pending.clear()
-            self._early.clear()
             self._refused.clear()
             self._refusals = 0
             self._resubscribe_at = None
@@ -336,31 +326,20 @@ class Link:
         self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
     ) -> None:
         with self._lock:
-            topics = self._pending.pop(mid, None)
-            if topics is None:
-                self._early[mid] = list(reasons)
+            topics = self._pending.pop(mid, [])
+            refused = [
+                (topic, reason)
+                for topic, reason in zip(topics, reasons, strict=False)
+                if getattr(reason, "is_failure", False)
+            ]
+            if not refused:
+                if topics:
+                    self._refusals = 0
                 return
-            refused = self._judge(topics, reasons)
-        self._log_refused(refused)
-
-    def _judge(self, topics: list[str], reasons: Any) -> tuple[list[tuple[str, Any]], float]:
-        """Record a SUBACK's refusals (called with the lock held); return them and the delay."""
-        refused = [
-            (topic, reason)
-            for topic, reason in zip(topics, reasons, strict=False)
-            if getattr(reason, "is_failure", False)
-        ]
-        if not refused:
-            self._refusals = 0
-            return [], 0.0
-        self._refused.update(topic for topic, _ in refused)
-        delay = self._resubscribe.delay(self._refusals, self._rng)
-        self._refusals += 1
-        self._resubscribe_at = time.monotonic() + delay
-        return refused, delay
-
-    def _log_refused(self, judged: tuple[list[tuple[str, Any]], float]) -> None:
-        refused, delay = judged
+            self._refused.update(topic for topic, _ in refused)
+            delay = self._resubscribe.delay(self._refusals, self._rng)
+            self._refusals += 1
+            self._resubscribe_at = time.monotonic() + delay
         for topic, reason in refused:
             log.warning(
                 "broker %s refused the subscription to %s: %s (not authorized: check the"
