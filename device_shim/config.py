@@ -73,21 +73,10 @@ class BrokerSettings:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
-    # The other nodes of the same cluster (same TLS and credentials), tried in turn when
-    # the current one fails.
-    alternates: tuple[tuple[str, int], ...] = ()
 
     @property
     def url(self) -> str:
-        return self.url_of(self.host, self.port)
-
-    @property
-    def endpoints(self) -> tuple[tuple[str, int], ...]:
-        """Every node to try, in order: ``host:port`` first, then the alternates."""
-        return ((self.host, self.port), *self.alternates)
-
-    def url_of(self, host: str, port: int) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +257,7 @@ class ShimConfig:
     client_id: str | None = None
     keepalive: int = 60
     reconnect_min: float = 1.0
-    reconnect_max: float = 30.0
+    reconnect_max: float = 120.0
     retry_base: float = 10.0
     retry_cap: float = 3600.0
     max_queued: int = 16

@@ -11,15 +11,6 @@ agent when the connection comes and goes.
   counter resets after a connection stayed up for ``STABLE_AFTER`` seconds (a broker
   restart costs the first delay again, not a longer one each time), so only a broker that
   accepts and drops at once keeps the delays growing.
-* **Several nodes.** With :attr:`BrokerSettings.alternates` (``--broker`` with a list), a
-  failed or lost connection moves to the next node; the backoff exponent grows once per
-  round of the list, so the first tries on the other nodes come quickly. A connection that
-  gets no CONNACK within ``connect_timeout`` (above a clustered engine's election stall:
-  NATS held CONNACKs for ~11 s after a node died, here) counts as failed.
-* **Refusals are checked.** A CONNACK or SUBACK failure code is logged with its cause
-  (``Not authorized``, ``Unspecified error``: an engine that cannot create the
-  subscription yet) and retried with backoff: refused subscriptions are tried again on the
-  same connection (``resubscribe`` delays), a refused connection on the next node.
 * **Clean start, then resubscribe.** Every connection starts clean and subscribes to the
   current topic set; retained bundles then arrive again, which is all the agent needs to
   converge (it is level-triggered).
@@ -55,9 +46,7 @@ from .config import BrokerSettings
 log = logging.getLogger("setpoint.shim.link")
 
 STABLE_AFTER: Final = 30.0
-DEFAULT_BACKOFF: Final = Backoff(1.0, 30.0)
-RESUBSCRIBE_BACKOFF: Final = Backoff(0.5, 10.0)
-CONNECT_TIMEOUT: Final = 15.0
+DEFAULT_BACKOFF: Final = Backoff(1.0, 120.0)
 _BAD_PROTOCOL: Final = (0x84, 1)  # MQTT 5 "unsupported protocol version"; 3.1.1 CONNACK 1
 
 
@@ -79,8 +68,6 @@ class Link:
         mqtt311: bool = False,
         stable_after: float = STABLE_AFTER,
         clock: Callable[[], float] = time.monotonic,
-        connect_timeout: float = CONNECT_TIMEOUT,
-        resubscribe: Backoff = RESUBSCRIBE_BACKOFF,
     ) -> None:
         self._broker = broker
         self._client_id = client_id
@@ -105,14 +92,6 @@ class Link:
         self._clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._endpoint = 0  # index into broker.endpoints of the node in use
-        self._connect_timeout = connect_timeout
-        self._resubscribe = resubscribe
-        self._pending: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its topics
-        self._refused: set[str] = set()  # topics a SUBACK refused on this connection
-        self._refusals = 0  # SUBACK refusals in a row on this connection
-        self._resubscribe_at: float | None = None
-        self._refused_connect = False  # the last CONNACK was a failure
         self._client = self._make_client()
         self.connects = 0  # successful connections so far (tests, logs)
         self.last_delay: float | None = None  # the last reconnect delay chosen (tests, logs)
@@ -138,8 +117,6 @@ class Link:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
-        client.connect_timeout = self._connect_timeout
         return client
 
     @property
@@ -170,101 +147,38 @@ class Link:
 
     # The network thread.
 
-    @property
-    def current_url(self) -> str:
-        """The URL of the node in use (or tried next)."""
-        return self._broker.url_of(*self._broker.endpoints[self._endpoint])
-
-    def rotation_delay(self, attempt: int) -> float:
-        """The wait before failed attempt number ``attempt`` is followed by the next: the
-        backoff exponent grows once per round of the node list, so a dead node is left for
-        the next one quickly, and a cluster that is down altogether is not hammered."""
-        rounds = attempt // len(self._broker.endpoints)
-        return self._backoff.delay(rounds, self._rng)
-
-    def _rotate(self) -> None:
-        self._endpoint = (self._endpoint + 1) % len(self._broker.endpoints)
-
     def _run(self) -> None:
         attempt = 0
         while not self._stop.is_set():
-            url = self.current_url
-            host, port = self._broker.endpoints[self._endpoint]
-            self._refused_connect = False
             try:
                 self._client.connect(
-                    host,
-                    port,
+                    self._broker.host,
+                    self._broker.port,
                     self._keepalive,
                     clean_start=True
                     if self._protocol == MQTTProtocolVersion.MQTTv5
                     else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                 )
             except (OSError, ValueError) as exc:
-                delay = self.last_delay = self.rotation_delay(attempt)
+                delay = self.last_delay = self._backoff.delay(attempt, self._rng)
                 attempt += 1
-                self._rotate()
                 log.info(
-                    "broker %s unreachable (%s); trying %s in %.1fs",
-                    url, exc, self.current_url, delay,
-                )  # fmt: skip
+                    "broker %s unreachable (%s); retrying in %.1fs", self._broker.url, exc, delay
+                )
                 self._stop.wait(delay)
                 continue
-            self._serve(url)
+            try:
+                self._client.loop_forever()
+            except (OSError, ValueError) as exc:  # pragma: no cover - paho handles most
+                log.info("connection to %s failed: %s", self._broker.url, exc)
             self._mark_down()
             if self._stop.is_set():
                 break
             attempt = self.attempt_after_session(attempt)
-            if attempt > 0 or self._refused_connect:
-                self._rotate()  # a node that refuses or drops at once: try the next
-            delay = self.last_delay = self.rotation_delay(attempt)
+            delay = self.last_delay = self._backoff.delay(attempt, self._rng)
             attempt += 1
-            log.info(
-                "disconnected from %s; reconnecting to %s in %.1fs", url, self.current_url, delay
-            )
+            log.info("disconnected from %s; reconnecting in %.1fs", self._broker.url, delay)
             self._stop.wait(delay)
-
-    def _serve(self, url: str) -> None:
-        """Run paho's network loop until the connection ends; give up on a CONNACK that
-        does not come within ``connect_timeout``; resubscribe refused topics when due."""
-        started = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                rc = self._client.loop(timeout=0.5)
-            except (OSError, ValueError) as exc:  # pragma: no cover - paho handles most
-                log.info("connection to %s failed: %s", url, exc)
-                return
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                return
-            if not self._connected and time.monotonic() - started > self._connect_timeout:
-                log.warning(
-                    "broker %s accepted TCP but sent no CONNACK within %.0fs; trying the next",
-                    url, self._connect_timeout,
-                )  # fmt: skip
-                self._refused_connect = True
-                self._client.disconnect()
-                return
-            self._resubscribe_if_due()
-
-    def _resubscribe_if_due(self) -> None:
-        with self._lock:
-            due = self._resubscribe_at is not None and time.monotonic() >= self._resubscribe_at
-            if not due or not self._connected:
-                return
-            self._resubscribe_at = None
-            topics = sorted(self._refused & self._wanted)
-            self._refused.clear()
-        if topics:
-            self._subscribe(self._client, topics)
-
-    def _subscribe(self, client: mqtt.Client, topics: list[str]) -> None:
-        # Held across the call: the SUBACK (handled in the network thread) must find the
-        # topics of its mid even when the agent's thread subscribes.
-        with self._lock:
-            result = client.subscribe([(topic, 1) for topic in topics])
-            mid = result[1] if result else None
-            if mid is not None:
-                self._pending[mid] = topics
 
     def attempt_after_session(self, attempt: int) -> int:
         """The backoff attempt to use after a connection ended: back to 0 when the
@@ -282,10 +196,6 @@ class Link:
             self._connected = False
             self._subscribed.clear()
             self._outstanding.clear()
-            self._pending.clear()
-            self._refused.clear()
-            self._refusals = 0
-            self._resubscribe_at = None
         if was:
             self._on_connection(False)
 
@@ -301,8 +211,7 @@ class Link:
                 self._protocol = MQTTProtocolVersion.MQTTv311
                 self._client = self._make_client()
             else:
-                self._refused_connect = True
-                log.warning("broker %s refused the connection: %s", self.current_url, reason)
+                log.warning("broker %s refused the connection: %s", self._broker.url, reason)
             return
         self.connects += 1
         with self._lock:
@@ -311,9 +220,9 @@ class Link:
             wanted = sorted(self._wanted)
             self._subscribed = set(wanted)
         if wanted:
-            self._subscribe(client, wanted)
+            client.subscribe([(topic, 1) for topic in wanted])
         client.publish(self._presence, reports.PRESENCE_ONLINE, qos=1, retain=True)
-        log.info("connected to %s", self.current_url)
+        log.info("connected to %s", self._broker.url)
         self._on_connection(True)
 
     def _on_disconnect(
@@ -321,32 +230,6 @@ class Link:
     ) -> None:
         log.debug("disconnect: %s", reason)
         self._mark_down()
-
-    def _on_subscribe(
-        self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
-    ) -> None:
-        with self._lock:
-            topics = self._pending.pop(mid, [])
-            refused = [
-                (topic, reason)
-                for topic, reason in zip(topics, reasons, strict=False)
-                if getattr(reason, "is_failure", False)
-            ]
-            if not refused:
-                if topics:
-                    self._refusals = 0
-                return
-            self._refused.update(topic for topic, _ in refused)
-            delay = self._resubscribe.delay(self._refusals, self._rng)
-            self._refusals += 1
-            self._resubscribe_at = time.monotonic() + delay
-        for topic, reason in refused:
-            log.warning(
-                "broker %s refused the subscription to %s: %s (not authorized: check the"
-                " broker's ACL; unspecified error: the engine could not create it yet);"
-                " retrying in %.1fs",
-                self.current_url, topic, reason, delay,
-            )  # fmt: skip
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._on_message_cb(message.topic, bytes(message.payload))
@@ -367,7 +250,7 @@ class Link:
             if remove:
                 self._client.unsubscribe(remove)
             if add:
-                self._subscribe(self._client, add)
+                self._client.subscribe([(topic, 1) for topic in add])
         except (ValueError, OSError) as exc:
             log.info("subscription change failed (%s); redone on reconnect", exc)
 

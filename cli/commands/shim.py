@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ._common import CommandError, add_broker_arguments, brokers_from_args
+from ._common import CommandError, add_broker_arguments, broker_from_args
 
 _RUN_NEEDS = ("device", "broker", "trust", "root")
 
@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reconnect-min", type=float, default=1.0, help="first reconnect delay (seconds)"
     )
     parser.add_argument(
-        "--reconnect-max", type=float, default=30.0, help="longest reconnect delay (seconds)"
+        "--reconnect-max", type=float, default=120.0, help="longest reconnect delay (seconds)"
     )
     parser.add_argument(
         "--retry-base",
@@ -211,9 +211,7 @@ def run(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_json, args.log_level)
     try:
-        url, *others = brokers_from_args(args)
-        if any(other.tls != url.tls for other in others):
-            raise CommandError(f"--broker {args.broker!r}: use mqtts:// for every node or none")
+        url = broker_from_args(args)
         policy = load_policy(args.config) if args.config else DevicePolicy()
         config = ShimConfig(
             device=args.device,
@@ -228,7 +226,6 @@ def run(args: argparse.Namespace) -> int:
                 ca=args.ca,
                 cert=args.cert,
                 key=args.client_key,
-                alternates=tuple((other.host, other.port) for other in others),
             ),
             state_dir=args.state_dir,
             policy=policy,
