@@ -21,6 +21,13 @@ agent when the connection comes and goes.
   and the agent publishes its newest report later (reports are state: only the last counts).
 * **MQTT 5, or 3.1.1.** The link speaks MQTT 5 and falls back to 3.1.1 for good when the
   broker refuses the protocol version.
+* **One thread on the socket.** Only the link's thread reads or writes the socket. paho
+  writes a packet from the *calling* thread when no loop thread of its own is registered
+  (``loop_start``), and two threads on one TLS connection corrupt OpenSSL's state (seen as
+  heap corruption in a shim under mutual TLS). So the link drives paho with ``loop()``
+  (which gives it the wake-up socket pair) and registers a no-op
+  ``on_socket_register_write``: a publish or subscribe from the agent's thread only queues
+  the packet and wakes the loop, which writes it.
 
 paho's exceptions stop here: connection errors are logged and retried, publish errors
 become a False return.
@@ -117,6 +124,8 @@ class Link:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        # The loop thread writes; other threads only queue (see the module's docstring).
+        client.on_socket_register_write = _loop_thread_writes
         return client
 
     @property
@@ -150,8 +159,9 @@ class Link:
     def _run(self) -> None:
         attempt = 0
         while not self._stop.is_set():
+            client = self._client  # _on_connect may replace it (protocol fallback)
             try:
-                self._client.connect(
+                client.connect(
                     self._broker.host,
                     self._broker.port,
                     self._keepalive,
@@ -168,7 +178,7 @@ class Link:
                 self._stop.wait(delay)
                 continue
             try:
-                self._client.loop_forever()
+                self._drive(client)
             except (OSError, ValueError) as exc:  # pragma: no cover - paho handles most
                 log.info("connection to %s failed: %s", self._broker.url, exc)
             self._mark_down()
@@ -179,6 +189,12 @@ class Link:
             attempt += 1
             log.info("disconnected from %s; reconnecting in %.1fs", self._broker.url, delay)
             self._stop.wait(delay)
+
+    @staticmethod
+    def _drive(client: mqtt.Client) -> None:
+        """Run paho's network loop on this thread until the connection ends."""
+        while client.loop(timeout=1.0) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            pass
 
     def attempt_after_session(self, attempt: int) -> int:
         """The backoff attempt to use after a connection ended: back to 0 when the
@@ -275,3 +291,8 @@ class Link:
     def outstanding(self) -> int:
         with self._lock:
             return sum(1 for i in self._outstanding if not i.is_published())
+
+
+def _loop_thread_writes(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """paho's "the socket has something to write" hook: nothing to do, the loop thread
+    selects on the socket for writing whenever paho has packets queued."""

@@ -121,3 +121,52 @@ def test_reconnect_stays_quick_after_several_broker_restarts(tmp_path: Path) -> 
             assert delays == [backoff.nominal(0)] * 5, delays
         finally:
             link.stop()
+
+
+@pytest.mark.broker
+def test_only_the_link_thread_writes_to_the_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paho writes from the calling thread unless told otherwise; two threads on one TLS
+    socket corrupted OpenSSL's memory in a shim. Publishes and subscription changes made
+    from the agent's thread must be written by the link's thread, and still arrive."""
+    import paho.mqtt.client as mqtt
+
+    writers: set[str] = set()
+    real_loop_write = mqtt.Client.loop_write
+
+    def recording_loop_write(self: mqtt.Client) -> Any:
+        writers.add(threading.current_thread().name)
+        return real_loop_write(self)
+
+    monkeypatch.setattr(mqtt.Client, "loop_write", recording_loop_write)
+    ups = threading.Semaphore(0)
+    got: list[bytes] = []
+    arrived = threading.Event()
+
+    def on_message(topic: str, payload: bytes) -> None:
+        got.append(payload)
+        if len(got) == 20:
+            arrived.set()
+
+    with Broker(tmp_path / "broker") as broker:
+        link = Link(
+            BrokerSettings(broker.host, broker.port),
+            client_id="test-link-writer",
+            presence_topic="setpoint-test/link-writer/presence",
+            on_message=on_message,
+            on_connection=lambda up: ups.release() if up else None,
+        )
+        link.start()
+        try:
+            assert ups.acquire(timeout=30), "the link never connected"
+            link.subscribe_to(["setpoint-test/link-writer/echo"])
+            sent = 0
+            deadline = threading.Event()
+            while sent < 20 and not deadline.wait(0.01):
+                if link.publish("setpoint-test/link-writer/echo", b"%d" % sent, retain=False):
+                    sent += 1
+            assert arrived.wait(30), f"only {len(got)} of 20 came back"
+        finally:
+            link.stop()
+    assert writers == {"setpoint-link"}, writers
