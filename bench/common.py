@@ -35,7 +35,8 @@ from setpoint.proto.topics import Topics
 from setpoint.sim import fleetrepo, mqtt
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "results.jsonl"
+# BENCH_RESULTS=DIR puts every result file elsewhere (the tests do, to keep the tree clean).
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or ROOT / "bench" / "results") / "results.jsonl"
 BIN = Path(sys.executable).parent
 SETPOINT = str(BIN / "setpoint")
 # The shim's defaults before it watched with inotify: the "before" of bench.footprint and

@@ -16,8 +16,9 @@ For each fleet size N:
    ``in_sync`` on the new version. The arrival time of every device's ``in_sync`` is the
    convergence curve (``bench/results/converge-N.json``, plotted by ``bench.plots``).
 
-Also recorded: when the controller noticed the commit (its ``published`` event), the RSS of
-the controller, the broker and the simulator at N devices.
+Also recorded: when the controller noticed the commit (its ``published`` event), the
+controller's CPU seconds from the commit to the last ``in_sync``, the RSS of the controller,
+the broker and the simulator at N devices.
 """
 
 from __future__ import annotations
@@ -34,7 +35,18 @@ from typing import Any
 from setpoint.proto.topics import Topics
 from setpoint.sim import fleetrepo, mqtt
 
-from .common import ENGINES, RESULTS, Stack, Watcher, record, rss_mb, spy_on, start_sim, table
+from .common import (
+    ENGINES,
+    RESULTS,
+    Stack,
+    Watcher,
+    cpu_seconds,
+    record,
+    rss_mb,
+    spy_on,
+    start_sim,
+    table,
+)
 
 BUNDLE_SIZE = 700
 WAIT = 300.0  # bytes: about a signed group bundle of three resources
@@ -133,10 +145,12 @@ async def one(work: Path, n: int, engine: str = "mosquitto") -> dict[str, Any]:
                 first = time.time() - started
                 conv.reset(2)
                 spies = profile(stack, sim)
+                cpu0 = cpu_seconds(stack.controller.pid)
                 t0 = time.time()
                 fleetrepo.bump(stack.repo, group=0, revision=2)
                 committed = time.time() - t0
                 await wait(watcher, conv, n, "after the commit")
+                cpu = cpu_seconds(stack.controller.pid) - cpu0
                 for spy in spies:
                     spy.send_signal(2)
                     spy.wait()
@@ -155,6 +169,7 @@ async def one(work: Path, n: int, engine: str = "mosquitto") -> dict[str, Any]:
         curve_name = (
             f"converge-{n}.json" if engine == "mosquitto" else f"converge-{engine}-{n}.json"
         )
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
         (RESULTS.parent / curve_name).write_text(json.dumps({"n": n, "curve": curve}))
         return {
             "devices": n,
@@ -166,7 +181,9 @@ async def one(work: Path, n: int, engine: str = "mosquitto") -> dict[str, Any]:
             "p50_s": round(curve[len(curve) // 2], 3),
             "first_convergence_s": round(first, 3),
             "controller_setup_s": round(setup, 3),
+            "controller_cpu_s": round(cpu, 3),
             "sim_connect_rate": sim.ready["connect_rate"],
+            "sim_processes": sim.ready.get("processes", 1),
             "reports": counters.get("reports"),
             **footprint,
         }
