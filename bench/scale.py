@@ -8,7 +8,7 @@ in place of the first it cannot, and it says which and why it stopped):
 * **commit → all in sync** and the **bare retained round** beside it, when the controller
   noticed the commit, the controller's CPU seconds from the commit to the last ``in_sync``,
   and the RSS of the controller, the broker and the simulator (``bench.converge``);
-* **ingest rate**: the controller's full ingest of 2×N reports over N device topics, against
+* **ingest rate**: the controller's full ingest of 2 x N reports over N device topics, against
   ``mosquitto_sub`` on the same stream (``bench.ingest``).
 
 What limits the size: the broker holds one file descriptor per device. This process raises
@@ -142,7 +142,9 @@ async def main_async(sizes: list[int], with_ingest: bool, quick: bool) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scale", description=__doc__.splitlines()[0]
+    )
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=list(SIZES),
         help="fleet sizes (default: 1,000 3,000 10,000 30,000 100,000)",
