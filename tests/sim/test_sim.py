@@ -300,3 +300,34 @@ def test_cli_refuses_a_bad_rate_and_an_unreachable_broker(
     url = f"mqtt://127.0.0.1:{free_port()}"
     assert main(["sim", "--broker", url, "--devices", "2", "--echo", "--duration", "1"]) == 1
     assert "cannot connect" in capsys.readouterr().err
+
+
+async def test_a_batched_rollout_releases_simulated_devices_batch_by_batch(
+    broker: Broker, tmp_path: Path, unique_prefix: str
+) -> None:
+    keys.generate(tmp_path / "keys")
+    fleetrepo.create(tmp_path / "repo", 20, rollout="{batch: 5, pause: 1h}")
+    async with (
+        Reports(broker, unique_prefix) as seen,
+        controller(broker, tmp_path, unique_prefix),
+        swarm(broker, tmp_path, unique_prefix, 20) as sim,
+    ):
+        await seen.until(
+            lambda: all(versions(seen.latest.get(d.id)) == (1, 1) for d in sim.devices)
+        )
+        fleetrepo.bump(tmp_path / "repo", group=0, revision=2)
+
+        def holding(d: object) -> int | None:
+            want = d.want_group  # type: ignore[attr-defined]
+            return None if want is None else want.bundle.version
+
+        # Every device has the new group bundle; one batch is released, the pause is long.
+        await seen.until(
+            lambda: (
+                all(holding(d) == 2 for d in sim.devices)
+                and sum(versions(seen.latest.get(d.id)) == (2, 3) for d in sim.devices) == 5
+            )
+        )
+        running = [versions(seen.latest.get(d.id)) for d in sim.devices]
+        assert sorted(running) == [(1, 2)] * 15 + [(2, 3)] * 5  # the rest hold v2, pinned
+        assert sim.fleet.counters.refused == 0
