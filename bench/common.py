@@ -275,8 +275,9 @@ class ClusterBroker:
 
 # mosquitto: benchmark settings (the retained database saved every 100,000 changes);
 # mosquitto-shipped: the project's mosquitto/setpoint.conf as shipped (saved after every
-# change, so a kill -9 loses nothing acknowledged).
-ENGINES = ("mosquitto", "mosquitto-shipped", "nats-cluster")
+# change, so a kill -9 loses nothing acknowledged); mosquitto-large-fleet:
+# mosquitto/large-fleet.conf as shipped (saved once a second).
+ENGINES = ("mosquitto", "mosquitto-shipped", "mosquitto-large-fleet", "nats-cluster")
 
 
 class Stack:
@@ -302,6 +303,9 @@ class Stack:
             self.controller_url = self.broker.controller_url
         elif engine == "mosquitto-shipped":
             self.broker = Broker(work / "broker")
+            self.controller_url = self.broker.url
+        elif engine == "mosquitto-large-fleet":
+            self.broker = Broker(work / "broker", template="large-fleet.conf")
             self.controller_url = self.broker.url
         else:
             # Saving the retained database after every change (the default for safety)
