@@ -33,7 +33,7 @@ from typing import Any
 from setpoint.sim.running import raise_fd_limit
 
 from . import converge, ingest
-from .common import RESULTS, machine, record, table
+from .common import ENGINES, RESULTS, machine, record, table
 
 SIZES = (1_000, 3_000, 10_000, 30_000, 100_000)
 BROKER_MARGIN = 200  # descriptors besides the devices: controller, watchers, files, listeners
@@ -75,9 +75,9 @@ def plan(sizes: list[int], capacity: Capacity) -> tuple[list[tuple[int, bool]], 
     return out, ""
 
 
-async def one(n: int, with_ingest: bool) -> dict[str, Any]:
+async def one(n: int, with_ingest: bool, engine: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-scale-{n}-") as tmp:
-        row = await converge.one(Path(tmp), n)
+        row = await converge.one(Path(tmp), n, engine)
     if with_ingest:
         runs, _ = await ingest.measure(n, 2 * n, [])
         reference, controller = runs[0], runs[-1]
@@ -94,7 +94,9 @@ def load_average() -> list[float]:
     return [round(float(v), 2) for v in Path("/proc/loadavg").read_text().split()[:3]]
 
 
-async def main_async(sizes: list[int], with_ingest: bool, quick: bool) -> dict[str, Any]:
+async def main_async(
+    sizes: list[int], with_ingest: bool, quick: bool, engine: str = "mosquitto"
+) -> dict[str, Any]:
     capacity = Capacity.here(max(sizes))
     runs, stopped = plan(sizes, capacity)
     if stopped:
@@ -103,7 +105,7 @@ async def main_async(sizes: list[int], with_ingest: bool, quick: bool) -> dict[s
     for n, stand_in in runs:
         before = load_average()
         try:
-            row = await one(n, with_ingest)
+            row = await one(n, with_ingest, engine)
         except (TimeoutError, RuntimeError, ConnectionError) as exc:
             row = {"devices": n, "error": f"{type(exc).__name__}: {exc}"}
             stopped = stopped or f"{n:,} devices failed: {row['error']}"
@@ -125,6 +127,7 @@ async def main_async(sizes: list[int], with_ingest: bool, quick: bool) -> dict[s
         print(f"stopped: {stopped}", flush=True)
     result = {
         "sizes_asked": sorted(set(sizes)),
+        "engine": engine,
         "largest": ok[-1]["devices"] if ok else None,
         "stopped": stopped,
         "capacity": {"devices": capacity.devices, "why": capacity.why},
@@ -150,11 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         help="fleet sizes (default: 1,000 3,000 10,000 30,000 100,000)",
     )  # fmt: skip
     parser.add_argument("--no-ingest", action="store_true", help="skip the ingest runs")
+    parser.add_argument(
+        "--engine", choices=ENGINES, default="mosquitto",
+        help="the broker of the convergence runs (bench.converge --engine; default: mosquitto"
+        " with the benchmark settings, saving every 100,000 changes)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="recorded as a quick run")
     args = parser.parse_args(argv)
     if min(args.sizes) < 1:
         parser.error("--sizes: every size must be at least 1 device")
-    asyncio.run(main_async(args.sizes, not args.no_ingest, args.quick))
+    asyncio.run(main_async(args.sizes, not args.no_ingest, args.quick, args.engine))
     return 0
 
 
