@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +127,11 @@ def scale(out: Path = OUT) -> Path | None:
     time_ax.set_title("Time against fleet size")
     mem_ax.set_title("Memory against fleet size")
     if data.get("stopped"):
-        fig.text(0.01, 0.01, f"stopped: {data['stopped']}"[:150], fontsize=7)
+        note = textwrap.fill(f"stopped: {data['stopped']}", 170)
+        fig.text(0.01, 0.01, note, fontsize=7)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "scale.png"
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(target, dpi=110)
     plt.close(fig)
     return target
