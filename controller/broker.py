@@ -484,7 +484,10 @@ class Link:
             if value >= 0x80:
                 raise BrokerUnavailable(
                     f"the broker refused the subscription to {route.topic_filter!r}"
-                    f" (code {value:#x}); check the broker's ACL for this client"
+                    f" (code {value:#x}): the broker's ACL does not allow it to this client,"
+                    " or a clustered engine cannot serve it yet (NATS refuses QoS 1"
+                    " subscriptions while it elects stream leaders after a node died);"
+                    " reconnecting to try again"
                 )
 
     async def _pump(self, client: aiomqtt.Client, session: Session) -> None:
