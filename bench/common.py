@@ -293,8 +293,10 @@ class Stack:
         prefix: str = "setpoint/v1",
         autosave_changes: int = 100_000,
         engine: str = "mosquitto",
+        rollout: str | None = None,
     ) -> None:
         self.work, self.devices, self.groups = work, devices, groups
+        self.rollout = rollout  # the groups' ``rollout:`` (batches), YAML flow text
         self.prefix = prefix
         self.topics = Topics(prefix)
         self.broker: Broker | ClusterBroker
@@ -319,7 +321,7 @@ class Stack:
     def __enter__(self) -> Stack:
         keys.generate(self.work / "keys")
         if self.devices:
-            fleetrepo.create(self.repo, self.devices, groups=self.groups)
+            fleetrepo.create(self.repo, self.devices, groups=self.groups, rollout=self.rollout)
         self.broker.start()
         return self
 

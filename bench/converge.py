@@ -2,6 +2,7 @@
 reference measured on the same broker in the same run.
 
     .venv/bin/python -m bench.converge [--devices 1000 10000] [--quick] [--engine nats-cluster]
+        [--rollout '{batch: 10%}']
 
 For each fleet size N:
 
@@ -122,8 +123,10 @@ async def wait(watcher: Watcher, conv: Convergence, n: int, what: str) -> None:
         raise Stalled(f"{what}: {len(conv.done):,} of {n:,} in_sync after {WAIT:.0f} s") from None
 
 
-async def one(work: Path, n: int, engine: str = "mosquitto") -> dict[str, Any]:
-    with Stack(work, n, engine=engine) as stack:
+async def one(
+    work: Path, n: int, engine: str = "mosquitto", rollout: str | None = None
+) -> dict[str, Any]:
+    with Stack(work, n, engine=engine, rollout=rollout) as stack:
         bare = await bare_reference(stack, n)
         setup = await stack.start_controller()
         assert stack.controller is not None
@@ -166,13 +169,13 @@ async def one(work: Path, n: int, engine: str = "mosquitto") -> dict[str, Any]:
                 noticed = (conv.published_at - t0) if conv.published_at else None
             finally:
                 counters = sim.stop()
-        curve_name = (
-            f"converge-{n}.json" if engine == "mosquitto" else f"converge-{engine}-{n}.json"
-        )
+        kind = engine if rollout is None else f"{engine}-rollout"
+        curve_name = f"converge-{n}.json" if kind == "mosquitto" else f"converge-{kind}-{n}.json"
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         (RESULTS.parent / curve_name).write_text(json.dumps({"n": n, "curve": curve}))
         return {
             "devices": n,
+            **({} if rollout is None else {"rollout": rollout}),
             "bare_s": round(bare, 3),
             "converged_s": round(took, 3),
             "ratio": round(took / bare, 2),
@@ -190,13 +193,13 @@ async def one(work: Path, n: int, engine: str = "mosquitto") -> dict[str, Any]:
 
 
 async def main_async(
-    sizes: list[int], quick: bool, engine: str = "mosquitto"
+    sizes: list[int], quick: bool, engine: str = "mosquitto", rollout: str | None = None
 ) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix=f"bench-converge-{n}-") as tmp:
             try:
-                row = {"engine": engine, **await one(Path(tmp), n, engine)}
+                row = {"engine": engine, **await one(Path(tmp), n, engine, rollout)}
             except TimeoutError as exc:
                 # Recorded, not hidden: the fleet did not converge within the wait.
                 row = {"devices": n, "error": f"did not converge: {exc or 'timeout'}"}
@@ -211,7 +214,7 @@ async def main_async(
          for r in rows if "error" not in r],
     )  # fmt: skip
     name = "converge" if engine == "mosquitto" else f"converge-{engine}"
-    record(name, quick, {"runs": rows})
+    record(name if rollout is None else f"{name}-rollout", quick, {"runs": rows})
     return rows
 
 
@@ -226,8 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         help="mosquitto (benchmark settings), mosquitto-shipped (mosquitto/setpoint.conf as"
         " shipped), or a 3-node NATS cluster (engines/nats-cluster-burst.conf)",
     )
+    parser.add_argument(
+        "--rollout",
+        metavar="YAML",
+        default=None,
+        help="roll the commit out in batches: the group's rollout: as YAML flow text, e.g."
+        " '{batch: 10%%}' (docs/rollouts.md; no pause); the simulated devices follow their"
+        " pins as shims do",
+    )
     args = parser.parse_args(argv)
-    asyncio.run(main_async(args.devices, args.quick, args.engine))
+    asyncio.run(main_async(args.devices, args.quick, args.engine, args.rollout))
     return 0
 
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,3 +42,19 @@ def test_scale_refuses_a_size_below_one() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 2 and "at least 1 device" in result.stderr
+
+
+def test_the_curve_runs_the_largest_reachable_size_in_place_of_the_first_out_of_reach(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.scale import Capacity, plan
+
+    capacity = Capacity(19_800, "RLIMIT_NOFILE stops at 20,000 here")
+    runs, stopped = plan([1_000, 3_000, 10_000, 30_000, 100_000], capacity)
+    assert runs == [(1_000, False), (3_000, False), (10_000, False), (19_000, True)]
+    assert stopped.startswith("30,000 devices are out of reach") and "20,000" in stopped
+    assert plan([1_000, 3_000], capacity) == ([(1_000, False), (3_000, False)], "")
+    # Nothing larger than what already ran: no stand-in, still a reason.
+    runs, stopped = plan([19_000, 25_000], capacity)
+    assert runs == [(19_000, False)] and "25,000" in stopped
