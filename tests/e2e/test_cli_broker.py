@@ -157,3 +157,13 @@ def test_diff_into_a_closed_pipe_ends_quietly(published: list[str], home: Path) 
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_context_keeps_the_broker_list_of_a_cluster(home: Path) -> None:
+    nodes = "mqtt://127.0.0.1:1,mqtt://127.0.0.1:2"
+    done = run(home, "config", "set-context", "cluster", "--broker", nodes)
+    assert done.returncode == 0, done.stderr
+    view = json.loads(run(home, "config", "view", "--json").stdout)
+    assert view["contexts"]["cluster"]["broker"] == nodes
+    done = run(home, "config", "set-context", "cluster", "--broker", f"{nodes},http://x")
+    assert done.returncode == 2 and "'http://x': use mqtt://host:port" in done.stderr
