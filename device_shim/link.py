@@ -56,6 +56,7 @@ become a False return.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -268,7 +269,8 @@ class Link:
 
         Between two ``loop()`` calls: give up on a CONNACK that has not come within
         ``connect_timeout``, subscribe again to refused topics when their retry is due, and
-        leave a few seconds after :meth:`stop` for ``offline`` and DISCONNECT to go out.
+        leave a few seconds after :meth:`stop` for ``offline`` and DISCONNECT (which
+        :meth:`stop` queues) to go out.
         """
         connect_by = time.monotonic() + self._connect_timeout
         stop_by: float | None = None
@@ -291,8 +293,11 @@ class Link:
                 return
             now = time.monotonic()
             if self._stop.is_set():
-                stop_by = now + 3.0 if stop_by is None else stop_by
-                if not self._connected or now >= stop_by:
+                stop_by = now + 5.0 if stop_by is None else stop_by
+                if not self._connected:
+                    _close(client)  # still waiting for a CONNACK: nothing to say first
+                    return
+                if now >= stop_by:
                     return
             if self._connack is None and now >= connect_by:
                 self._failure = (
@@ -491,10 +496,11 @@ def _loop_thread_writes(client: mqtt.Client, userdata: Any, sock: Any) -> None:
 def _close(client: mqtt.Client) -> None:
     """End a connection that never got its CONNACK, from the network thread: DISCONNECT is
     queued and written by ``loop()``, which then closes the socket."""
-    client.disconnect()
-    for _ in range(3):
-        if client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            return
+    with contextlib.suppress(OSError, ValueError):
+        client.disconnect()
+        for _ in range(3):
+            if client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
 
 
 def _cause(exc: BaseException) -> str:

@@ -313,8 +313,7 @@ def dynsec_broker(directory: Path) -> Broker:
     }))  # fmt: skip
     broker = Broker(directory)
     broker.conf.write_text(
-        broker.conf.read_text()
-        + f"plugin {dynsec_plugin()}\nplugin_opt_config_file {config}\n"
+        broker.conf.read_text() + f"plugin {dynsec_plugin()}\nplugin_opt_config_file {config}\n"
     )
     return broker
 
