@@ -38,6 +38,13 @@ _RUN_NEEDS = ("device", "broker", "trust", "root")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Several --broker URLs are the nodes of one cluster: the shim tries them in turn,"
+        " moving on from a node that is unreachable, refuses the connection, drops it before"
+        " 30 s or sends no CONNACK within --connect-timeout; the delay grows once per round"
+        " of the list, up to --reconnect-max. A subscription the broker refuses is logged"
+        " with its cause and retried on the same connection. See docs/scale-out.md."
+    )
     parser.add_argument(
         "action",
         nargs="?",
