@@ -167,3 +167,12 @@ def test_a_context_keeps_the_broker_list_of_a_cluster(home: Path) -> None:
     assert view["contexts"]["cluster"]["broker"] == nodes
     done = run(home, "config", "set-context", "cluster", "--broker", f"{nodes},http://x")
     assert done.returncode == 2 and "'http://x': use mqtt://host:port" in done.stderr
+
+
+def test_a_dead_broker_is_named_once_with_where_to_fix_it(home: Path) -> None:
+    done = run(home, "status", "--broker", NOWHERE)
+    assert done.returncode == 2, done.stderr
+    # The URL heads the message and is not repeated for each protocol tried.
+    assert done.stderr.count(NOWHERE) == 1, done.stderr
+    assert "(MQTT 5): [Errno 111] Connection refused" in done.stderr
+    assert "--broker, SETPOINT_BROKER or the context" in done.stderr
