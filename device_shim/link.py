@@ -439,7 +439,11 @@ class Link:
             with self._lock:
                 up_since = self._up_since
             lasted = self._clock() - up_since if up_since is not None else 0.0
-            self._failure = f"connection to {self.current_url} lost after {lasted:.1f}s ({reason})"
+            if getattr(flags, "is_disconnect_packet_from_server", False):
+                cause = f"the broker sent DISCONNECT: {reason}"
+            else:  # paho says only "Unspecified error" for a socket that closed or failed
+                cause = "the socket closed without a DISCONNECT: the node stopped, or the network"
+            self._failure = f"connection to {self.current_url} lost after {lasted:.1f}s ({cause})"
         self._mark_down()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:

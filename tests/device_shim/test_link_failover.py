@@ -203,6 +203,7 @@ def test_kill_9_of_the_node_in_use_moves_the_link_to_the_next(
             wait_connected_to(link, ups, two.url)
             assert link.connects == 2
             link_log.wait_for(f"connection to {one.url} lost after")
+            link_log.wait_for("(the socket closed without a DISCONNECT: the node stopped")
             link_log.wait_for(f"trying {two.url}")
         finally:
             link.stop()
