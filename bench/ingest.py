@@ -250,7 +250,9 @@ def _row(name: str, count: int, t0: float, last: float, sent: float, acked: floa
     }
 
 
-async def main_async(devices: int, total: int, clients: list[str], quick: bool) -> dict[str, Any]:
+async def main_async(
+    devices: int, total: int, clients: list[str], quick: bool, controller: bool = True
+) -> dict[str, Any]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         stack = Stack(
@@ -266,7 +268,8 @@ async def main_async(devices: int, total: int, clients: list[str], quick: bool) 
             rows.append(show(run_reference(stack, devices, total)))
             for client in clients:
                 rows.append(show(run_bare(stack, client, devices, total)))
-            rows.append(show(await run_controller(stack, devices, total)))
+            if controller:
+                rows.append(show(await run_controller(stack, devices, total)))
             broker_rss = rss_mb(stack.broker.proc.pid) if stack.broker.proc else None
     reference = rows[0]["rate"]
     for row in rows:
@@ -288,8 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--clients", nargs="*", default=list(BARE))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--no-controller", action="store_true", help="bare subscribers only (compare libraries)"
+    )
     args = parser.parse_args(argv)
-    asyncio.run(main_async(args.devices, args.reports, args.clients, args.quick))
+    asyncio.run(
+        main_async(
+            args.devices, args.reports, args.clients, args.quick, not args.no_controller
+        )
+    )
     return 0
 
 

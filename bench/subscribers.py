@@ -114,6 +114,101 @@ async def run_lean(host: str, port: int, topic_filter: str, n: int, decode: bool
     conn.disconnect()
 
 
+async def _until(finished: asyncio.Event, state: dict[str, float]) -> None:
+    deadline = time.time() + 120
+    while not finished.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finished.wait(), 0.5)
+        now = time.time()
+        if (state["count"] and now - state["last"] > IDLE) or now > deadline:
+            break
+    done(int(state["count"]), state["first"], state["last"] or time.time())
+
+
+async def run_gmqtt(host: str, port: int, topic_filter: str, n: int, v311: bool) -> None:
+    import gmqtt
+    from gmqtt.mqtt.constants import MQTTv50, MQTTv311
+
+    state = {"count": 0, "first": 0.0, "last": 0.0}
+    finished = asyncio.Event()
+    subscribed = asyncio.Event()
+
+    def on_message(client: object, topic: str, payload: bytes, qos: int, props: object) -> int:
+        state["count"] += 1
+        state["last"] = time.time()
+        if state["count"] == 1:
+            state["first"] = state["last"]
+        if state["count"] >= n:
+            finished.set()
+        return 0
+
+    client = gmqtt.Client("bench-gmqtt")
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: subscribed.set()
+    await client.connect(host, port, version=MQTTv311 if v311 else MQTTv50)
+    client.subscribe(topic_filter, qos=0)
+    await subscribed.wait()
+    print("subscribed", flush=True)
+    await _until(finished, state)
+    await client.disconnect()
+
+
+async def run_mqtt5(host: str, port: int, topic_filter: str, n: int) -> None:
+    import mqtt5
+
+    state = {"count": 0, "first": 0.0, "last": 0.0}
+    finished = asyncio.Event()
+    ready = asyncio.Event()
+    read = mqtt5.read
+
+    class P(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.buf = bytearray()
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t = transport
+            transport.write(mqtt5.ConnectPacket("bench-mqtt5", clean_start=True).write())  # type: ignore[attr-defined]
+
+        def data_received(self, data: bytes) -> None:
+            buf = self.buf
+            buf += data
+            view = memoryview(buf)
+            pos = 0
+            acks = []
+            while True:
+                try:
+                    packet, used = read(view[pos:])
+                except IndexError:
+                    break
+                pos += used
+                if isinstance(packet, mqtt5.PublishPacket):
+                    if packet.packet_id is not None:
+                        acks.append(mqtt5.PubAckPacket(packet.packet_id).write())
+                    state["count"] += 1
+                    state["last"] = time.time()
+                    if state["count"] == 1:
+                        state["first"] = state["last"]
+                    if state["count"] >= n:
+                        finished.set()
+                else:
+                    ready.set()
+            view.release()
+            del buf[:pos]
+            if acks:
+                self.t.write(b"".join(acks))  # type: ignore[attr-defined]
+
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_connection(P, host, port)
+    await ready.wait()
+    ready.clear()
+    sub = mqtt5.SubscribePacket(1, [mqtt5.TopicFilter(topic_filter, max_qos=mqtt5.QoS.AT_MOST_ONCE)])
+    transport.write(sub.write())
+    await ready.wait()
+    print("subscribed", flush=True)
+    await _until(finished, state)
+    transport.close()
+
+
 def main(argv: list[str]) -> int:
     client, host, port, topic_filter, n = argv[0], argv[1], int(argv[2]), argv[3], int(argv[4])
     if client in ("aiomqtt", "aiomqtt-v5"):
@@ -122,6 +217,10 @@ def main(argv: list[str]) -> int:
         run_paho(host, port, topic_filter, n)
     elif client in ("lean", "lean-decode"):
         asyncio.run(run_lean(host, port, topic_filter, n, client == "lean-decode"))
+    elif client in ("gmqtt", "gmqtt-311"):
+        asyncio.run(run_gmqtt(host, port, topic_filter, n, client == "gmqtt-311"))
+    elif client == "mqtt5":
+        asyncio.run(run_mqtt5(host, port, topic_filter, n))
     else:
         print(f"unknown client {client!r}", file=sys.stderr)
         return 2
