@@ -4,8 +4,11 @@
 
 ``CLIENT`` is ``aiomqtt`` (MQTT 3.1.1), ``aiomqtt-v5`` (MQTT 5, as the controller's link
 connects), ``paho`` (its network loop in a thread, as the shim runs it),
-``lean`` (``setpoint.sim.mqtt``: one asyncio protocol, a small codec) or ``lean-decode``
-(the same, decoding every report with ``setpoint.proto.reports``). Each prints
+``lean`` (``setpoint.sim.mqtt``: one asyncio protocol, a small codec), ``lean-decode``
+(the same, decoding every report with ``setpoint.proto.reports``), ``mqtt5`` (the Rust
+sans-I/O MQTT 5 codec under a minimal asyncio protocol), ``gmqtt`` / ``gmqtt-311`` (gmqtt's
+client, MQTT 5 / 3.1.1) or ``transport`` / ``transport-311`` (``setpoint.transport`` on
+gmqtt, MQTT 5 / 3.1.1; decision 0008). Each prints
 ``subscribed`` once its SUBSCRIBE is acknowledged, then, after COUNT messages (or 120 s),
 one JSON line: ``{"count", "first", "last"}`` with ``time.time()`` stamps. A subscriber
 that gets fewer (the broker drops QoS 0 messages for a client that falls too far behind)
@@ -209,6 +212,32 @@ async def run_mqtt5(host: str, port: int, topic_filter: str, n: int) -> None:
     transport.close()
 
 
+async def run_transport(host: str, port: int, topic_filter: str, n: int, protocol: str) -> None:
+    from setpoint.transport import Session, Settings, Subscription
+
+    state = {"count": 0, "first": 0.0, "last": 0.0}
+    session = await Session.open(
+        Settings(host, port, "bench-transport", protocol=protocol)  # type: ignore[arg-type]
+    )
+    await session.subscribe([Subscription(topic_filter, 0)])
+    print("subscribed", flush=True)
+    deadline = time.time() + 120
+    while state["count"] < n:
+        try:
+            async with asyncio.timeout(120 if not state["count"] else IDLE):
+                batch = await session.take(1024)
+        except TimeoutError:
+            break
+        state["count"] += len(batch)
+        state["last"] = time.time()
+        if not state["first"]:
+            state["first"] = state["last"]
+        if time.time() > deadline:
+            break
+    done(int(state["count"]), state["first"], state["last"] or time.time())
+    session.close()
+
+
 def main(argv: list[str]) -> int:
     client, host, port, topic_filter, n = argv[0], argv[1], int(argv[2]), argv[3], int(argv[4])
     if client in ("aiomqtt", "aiomqtt-v5"):
@@ -219,6 +248,9 @@ def main(argv: list[str]) -> int:
         asyncio.run(run_lean(host, port, topic_filter, n, client == "lean-decode"))
     elif client in ("gmqtt", "gmqtt-311"):
         asyncio.run(run_gmqtt(host, port, topic_filter, n, client == "gmqtt-311"))
+    elif client in ("transport", "transport-311"):
+        protocol = "3.1.1" if client == "transport-311" else "5"
+        asyncio.run(run_transport(host, port, topic_filter, n, protocol))
     elif client == "mqtt5":
         asyncio.run(run_mqtt5(host, port, topic_filter, n))
     else:

@@ -14,8 +14,9 @@ this module adds what setpoint needs on top, the same for every user:
 * **Inbound backpressure.** Messages wait in a queue bounded by bytes
   (``max_inbound_bytes``); past it the socket is not read (``pause_reading``), so the
   kernel and the broker hold the backlog. Reading resumes when :meth:`Session.take` has
-  emptied the queue to a quarter of the bound. What was already read when the bound was
-  reached still arrives (at most gmqtt's read buffer, 192 KiB, beyond the bound).
+  emptied the queue to a quarter of the bound (``max_inbound_messages`` bounds it in
+  messages too). What gmqtt had already read when the bound was reached still arrives:
+  its read chunk and its stream buffer, at most about 256 KiB beyond the bound.
 * **Outbound backpressure and pipelining.** QoS 1 publishes are pipelined: at most
   ``max_inflight`` wait for their PUBACK (matched by packet id), :meth:`Session.publish`
   waits for room and returns a future of the acknowledgement. Any publish waits while the
@@ -96,6 +97,7 @@ class Settings:
     connect_timeout: float = 10.0
     will: Will | None = None
     max_inbound_bytes: int = MAX_INBOUND_BYTES
+    max_inbound_messages: int | None = None  # a second bound, in messages (None: bytes only)
     max_inflight: int = MAX_INFLIGHT
     # MQTT 5 CONNECT properties (e.g. session_expiry_interval); ignored on 3.1.1.
     connect_properties: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +109,10 @@ class Settings:
             )
         if self.max_inbound_bytes < 1 or self.max_inflight < 1:
             raise ValueError("max_inbound_bytes and max_inflight must be at least 1")
+        if self.max_inbound_messages is not None and self.max_inbound_messages < 1:
+            raise ValueError(
+                f"max_inbound_messages must be at least 1, got {self.max_inbound_messages}"
+            )
         if not 0 <= self.keepalive <= 0xFFFF:
             raise ValueError(f"keepalive must be 0-65535 seconds, got {self.keepalive}")
 
@@ -142,8 +148,7 @@ class _Gmqtt(gmqtt.Client):  # type: ignore[misc]
             try:
                 handle(cmd, packet)
             except Exception as exc:
-                session._violation(f"packet type {cmd >> 4} it could not read ({exc!r})")
-                raise
+                session._violation(f"a packet of type {cmd >> 4} that cannot be read ({exc!r})")
 
         handler._handle_packet = strict
 
@@ -170,6 +175,9 @@ class Session:
         self._inbound: collections.deque[Message] = collections.deque()
         self._inbound_bytes = 0
         self._paused = False
+        self._max_messages = settings.max_inbound_messages or 1 << 62
+        self.pauses = 0  # times reading was paused because the queue was full
+        self.high_water = 0  # the most messages that ever waited at once
         self._arrived = asyncio.Event()
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._subacks: dict[int, asyncio.Future[Sequence[int]]] = {}
@@ -257,9 +265,15 @@ class Session:
     # -- receiving -------------------------------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes, qos: int, properties: dict[str, Any]) -> int:
-        self._inbound.append(Message(topic, payload, bool(properties["retain"]), qos))
+        inbound = self._inbound
+        inbound.append(Message(topic, payload, bool(properties["retain"]), qos))
         self._inbound_bytes += len(payload) + len(topic)
-        if self._inbound_bytes >= self.settings.max_inbound_bytes and not self._paused:
+        if len(inbound) > self.high_water:
+            self.high_water = len(inbound)
+        if not self._paused and (
+            self._inbound_bytes >= self.settings.max_inbound_bytes
+            or len(inbound) >= self._max_messages
+        ):
             self._pause()
         self._arrived.set()
         return 0
@@ -276,6 +290,7 @@ class Session:
         if transport is None or transport.is_closing():
             return
         transport.pause_reading()
+        self.pauses += 1
         # The stream reader under gmqtt resumes the transport when *it* paused it; it must
         # not undo this pause, so it is told it did not.
         protocol._stream_reader._paused = False
@@ -305,7 +320,11 @@ class Session:
         n = min(limit, len(inbound))
         out = [inbound.popleft() for _ in range(n)]
         self._inbound_bytes -= sum(len(m.payload) + len(m.topic) for m in out)
-        if self._paused and self._inbound_bytes <= self.settings.max_inbound_bytes // 4:
+        if (
+            self._paused
+            and self._inbound_bytes <= self.settings.max_inbound_bytes // 4
+            and len(inbound) <= self._max_messages // 4
+        ):
             self._resume()
         return out
 
@@ -464,8 +483,8 @@ class Session:
         if transport is not None:
             transport.abort()
 
-    async def close(self) -> None:
-        """DISCONNECT (the broker drops the will) and close."""
+    def close(self) -> None:
+        """DISCONNECT (the broker drops the will) and close; at once, nothing to await."""
         self._closing = True
         if self._watch is not None:
             self._watch.cancel()
@@ -509,15 +528,15 @@ class Client:
             try:
                 await on_session(session)
                 self.attempt = 0
-                await session.close()
+                session.close()
                 return
             except TransportError as exc:
                 opened = self.attempt
                 self.attempt = 0 if not isinstance(exc, SubscriptionRefused) else opened
-                await session.close()
+                session.close()
                 await self._wait(exc)
             except BaseException:
-                await session.close()
+                session.close()
                 raise
             finally:
                 self.session = None

@@ -73,7 +73,7 @@ async def test_malformed_bytes_end_the_session_with_a_typed_error(seed: int) -> 
             except TransportError as exc:
                 assert str(exc)
             finally:
-                await session.close()
+                session.close()
 
 
 async def test_a_broker_that_closes_mid_packet_gives_connection_lost() -> None:
@@ -128,7 +128,7 @@ async def test_a_refused_subscription_names_the_filter_and_the_code() -> None:
             assert caught.value.code == 0x87
             assert "devices/+/reported" in str(caught.value) and "0x87" in str(caught.value)
         finally:
-            await session.close()
+            session.close()
 
 
 async def test_a_broker_that_refuses_mqtt5_gets_3_1_1_in_auto() -> None:
@@ -149,7 +149,7 @@ async def test_a_broker_that_refuses_mqtt5_gets_3_1_1_in_auto() -> None:
             session = await Session.open(Settings("127.0.0.1", broker.port, "old"))
         assert session.protocol == "3.1.1"
         assert versions == [5, 4]
-        await session.close()
+        session.close()
         with pytest.raises(ConnectRefused, match="unacceptable protocol version"):
             async with asyncio.timeout(20):
                 await Session.open(Settings("127.0.0.1", broker.port, "old", protocol="5"))
@@ -168,7 +168,7 @@ async def test_a_broker_that_drops_an_mqtt5_connect_gets_3_1_1_in_auto() -> None
         async with asyncio.timeout(20):
             session = await Session.open(Settings("127.0.0.1", broker.port, "nats-like"))
         assert session.protocol == "3.1.1"
-        await session.close()
+        session.close()
 
 
 async def test_bad_credentials_are_refused_with_a_hint() -> None:

@@ -37,7 +37,7 @@ async def test_connects_with_the_version_asked(
             [message] = await session.take()
         assert (message.topic, message.payload, message.retain) == (topic, b"x", False)
     finally:
-        await session.close()
+        session.close()
 
 
 def test_an_unknown_protocol_is_refused_naming_the_choices() -> None:
@@ -61,7 +61,7 @@ async def test_pipelined_qos1_publishes_are_all_acknowledged_by_packet_id(
         for i in range(500):  # clear the retained messages
             await session.publish(f"{unique_prefix}/p/{i}", b"", qos=0, retain=True)
     finally:
-        await session.close()
+        session.close()
 
 
 async def test_inbound_backpressure_pauses_reading_and_loses_nothing(
@@ -84,8 +84,8 @@ async def test_inbound_backpressure_pauses_reading_and_loses_nothing(
         assert got == [payload + b"%d" % i for i in range(2000)]
         assert not reader.paused
     finally:
-        await writer.close()
-        await reader.close()
+        writer.close()
+        reader.close()
 
 
 async def test_a_lost_session_raises_connection_lost_from_take(broker: Broker) -> None:
