@@ -3,9 +3,7 @@
     python -m bench.subscribers CLIENT HOST PORT FILTER COUNT
 
 ``CLIENT`` is ``aiomqtt`` (MQTT 3.1.1), ``aiomqtt-v5`` (MQTT 5, as the controller's link
-connects), ``paho`` (its network loop in a thread, as the shim runs it),
-``lean`` (``setpoint.sim.mqtt``: one asyncio protocol, a small codec), ``lean-decode``
-(the same, decoding every report with ``setpoint.proto.reports``), ``mqtt5`` (the Rust
+connects), ``paho`` (its network loop in a thread, as the shim runs it), ``mqtt5`` (the Rust
 sans-I/O MQTT 5 codec under a minimal asyncio protocol), ``gmqtt`` / ``gmqtt-311`` (gmqtt's
 client, MQTT 5 / 3.1.1) or ``transport`` / ``transport-311`` (``setpoint.transport`` on
 gmqtt, MQTT 5 / 3.1.1; decision 0008). Each prints
@@ -84,37 +82,6 @@ def run_paho(host: str, port: int, topic_filter: str, n: int) -> None:
             break
     done(int(state["count"]), state["first"], state["last"] or time.time())
     client.loop_stop()
-
-
-async def run_lean(host: str, port: int, topic_filter: str, n: int, decode: bool) -> None:
-    from setpoint.proto import reports
-    from setpoint.sim import mqtt
-
-    state = {"count": 0, "first": 0.0, "last": 0.0}
-    finished = asyncio.Event()
-
-    def on_message(topic: str, payload: bytes, retain: bool) -> None:
-        if decode:
-            reports.decode(payload)
-        state["count"] += 1
-        state["last"] = time.time()
-        if state["count"] == 1:
-            state["first"] = state["last"]
-        if state["count"] >= n:
-            finished.set()
-
-    conn = await mqtt.open_connection(host, port, "bench-lean", on_message=on_message)
-    await conn.subscribe([(topic_filter, 0)])
-    print("subscribed", flush=True)
-    deadline = time.time() + 120
-    while not finished.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(finished.wait(), 0.5)
-        now = time.time()
-        if (state["count"] and now - state["last"] > IDLE) or now > deadline:
-            break
-    done(int(state["count"]), state["first"], state["last"] or time.time())
-    conn.disconnect()
 
 
 async def _until(finished: asyncio.Event, state: dict[str, float]) -> None:
@@ -201,10 +168,12 @@ async def run_mqtt5(host: str, port: int, topic_filter: str, n: int) -> None:
                 self.t.write(b"".join(acks))  # type: ignore[attr-defined]
 
     loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_connection(P, host, port)
+    transport, _proto = await loop.create_connection(P, host, port)
     await ready.wait()
     ready.clear()
-    sub = mqtt5.SubscribePacket(1, [mqtt5.TopicFilter(topic_filter, max_qos=mqtt5.QoS.AT_MOST_ONCE)])
+    sub = mqtt5.SubscribePacket(
+        1, [mqtt5.TopicFilter(topic_filter, max_qos=mqtt5.QoS.AT_MOST_ONCE)]
+    )
     transport.write(sub.write())
     await ready.wait()
     print("subscribed", flush=True)
@@ -244,8 +213,6 @@ def main(argv: list[str]) -> int:
         asyncio.run(run_aiomqtt(host, port, topic_filter, n, client == "aiomqtt-v5"))
     elif client == "paho":
         run_paho(host, port, topic_filter, n)
-    elif client in ("lean", "lean-decode"):
-        asyncio.run(run_lean(host, port, topic_filter, n, client == "lean-decode"))
     elif client in ("gmqtt", "gmqtt-311"):
         asyncio.run(run_gmqtt(host, port, topic_filter, n, client == "gmqtt-311"))
     elif client in ("transport", "transport-311"):

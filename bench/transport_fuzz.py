@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "transport"))
 
-from test_fuzz import test_malformed_bytes_end_the_session_with_a_typed_error as one_case  # noqa: E402
+from test_fuzz import test_malformed_bytes_end_the_session_with_a_typed_error as one_case
 
 
 async def run(first: int, cases: int) -> int:

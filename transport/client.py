@@ -167,8 +167,11 @@ class _Gmqtt(gmqtt.Client):  # type: ignore[misc]
 class Session:
     """One MQTT connection: subscribe, publish (QoS 0/1, pipelined), take messages."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, on_message: Callable[[str, bytes, bool], None] | None = None
+    ) -> None:
         self.settings = settings
+        self.on_message = on_message
         self.protocol: str = ""
         loop = asyncio.get_running_loop()
         self.lost: asyncio.Future[TransportError] = loop.create_future()
@@ -182,6 +185,8 @@ class Session:
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._subacks: dict[int, asyncio.Future[Sequence[int]]] = {}
         self._room = asyncio.Semaphore(settings.max_inflight)
+        self._unmetered: set[int] = set()  # packet ids of publish_nowait (no room taken)
+        self._ids = 0xFFFF - 2  # packet ids usable at once (the broker's receive maximum)
         self._closing = False
         self._client: _Gmqtt | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -189,12 +194,19 @@ class Session:
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, settings: Settings) -> Session:
-        """Connect (MQTT 5, then 3.1.1 if refused, as ``settings.protocol`` says)."""
+    async def open(
+        cls, settings: Settings, on_message: Callable[[str, bytes, bool], None] | None = None
+    ) -> Session:
+        """Connect (MQTT 5, then 3.1.1 if refused, as ``settings.protocol`` says).
+
+        With ``on_message(topic, payload, retain)`` every message goes straight to it, from
+        the network callback (no queue, no backpressure: for callers that do little per
+        message, such as ten thousand simulated devices); without it, :meth:`take`.
+        """
         versions = {"auto": (MQTTv50, MQTTv311), "5": (MQTTv50,), "3.1.1": (MQTTv311,)}
         first: TransportError | None = None
         for version in versions[settings.protocol]:
-            session = cls(settings)
+            session = cls(settings, on_message)
             try:
                 await session._connect(version)
                 return session
@@ -224,15 +236,19 @@ class Session:
         if s.username is not None:
             client.set_auth_credentials(s.username, s.password)
         handler = client._package_handler
-        handler.on_message = self._on_message
+        handler.on_message = self._on_message if self.on_message is None else self._deliver
         handler.on_subscribe = self._on_subscribe
         handler.on_disconnect = self._on_disconnect
         where = f"{s.host}:{s.port}"
         connecting = asyncio.ensure_future(
             client.connect(
-                s.host, s.port, ssl=s.ssl_context or False, keepalive=s.keepalive,
-                version=version, raise_exc=True,
-            )  # fmt: skip
+                s.host,
+                s.port,
+                ssl=s.ssl_context or False,
+                keepalive=s.keepalive,
+                version=version,
+                raise_exc=True,
+            )
         )
         try:
             async with asyncio.timeout(s.connect_timeout):
@@ -258,8 +274,8 @@ class Session:
         self.protocol = _VERSION_NAMES[version]
         # gmqtt's packet ids are bounded by the broker's receive maximum (MQTT 5 CONNACK);
         # keep one free for SUBSCRIBE.
-        ids = client._package_handler.id_generator._max - 2
-        self._room = asyncio.Semaphore(max(1, min(s.max_inflight, ids)))
+        self._ids = max(1, client._package_handler.id_generator._max - 2)
+        self._room = asyncio.Semaphore(min(s.max_inflight, self._ids))
         self._watch = asyncio.ensure_future(self._watch_reader())
 
     # -- receiving -------------------------------------------------------------------------
@@ -276,6 +292,10 @@ class Session:
         ):
             self._pause()
         self._arrived.set()
+        return 0
+
+    def _deliver(self, topic: str, payload: bytes, qos: int, properties: dict[str, Any]) -> int:
+        self.on_message(topic, payload, bool(properties["retain"]))  # type: ignore[misc]
         return 0
 
     def _reader(self) -> tuple[asyncio.Transport | None, Any]:
@@ -389,10 +409,55 @@ class Session:
             done.set_result(None)
         return done
 
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        properties: dict[str, Any] | None = None,
+    ) -> asyncio.Future[None]:
+        """:meth:`publish` without waiting: for callers that bound their own rate (a
+        simulated device publishes a few messages at a time). Not counted against
+        ``max_inflight``."""
+        if qos not in (0, 1):
+            raise ValueError(f"the transport publishes at QoS 0 or 1, not {qos}")
+        connection = self._live()
+        if qos and len(self._acks) >= self._ids:
+            raise TransportError(
+                f"{len(self._acks)} QoS 1 publishes already wait for their PUBACK (the"
+                f" broker's receive maximum); use publish(), which waits for room"
+            )
+        message = gmqtt.Message(topic, payload, qos=qos, retain=retain, **(properties or {}))
+        mid, _ = connection.publish(message)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if qos:
+            self._unmetered.add(mid)
+            self._acks[mid] = done
+        else:
+            done.set_result(None)
+        return done
+
+    def unsubscribe(self, topic_filters: Sequence[str]) -> None:
+        """Send an UNSUBSCRIBE (its UNSUBACK is not awaited)."""
+        self._live().unsubscribe(list(topic_filters))
+
+    def ping(self) -> None:
+        """Send a PINGREQ now (gmqtt also keeps the connection alive by itself)."""
+        self._live()._send_ping_request()
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and bool(self.protocol) and not self.lost.done()
+
     def _acked(self, mid: int) -> None:
         future = self._acks.pop(mid, None)
         if future is not None:
-            self._room.release()
+            if mid in self._unmetered:
+                self._unmetered.discard(mid)
+            else:
+                self._room.release()
             if not future.done():
                 future.set_result(None)
 
@@ -411,9 +476,7 @@ class Session:
             return []
         connection = await self._writable()
         assert self._client is not None
-        wanted = [
-            gmqtt.Subscription(s.topic_filter, qos=s.qos, no_local=s.no_local) for s in subs
-        ]
+        wanted = [gmqtt.Subscription(s.topic_filter, qos=s.qos, no_local=s.no_local) for s in subs]
         future: asyncio.Future[Sequence[int]] = asyncio.get_running_loop().create_future()
         mid = connection.subscribe(wanted)
         self._subacks[mid] = future

@@ -179,7 +179,7 @@ async def test_bad_credentials_are_refused_with_a_hint() -> None:
         await asyncio.sleep(60)
 
     async with FakeBroker(script) as broker:
-        with pytest.raises(ConnectRefused, match="bad user name or password.*check"):
+        with pytest.raises(ConnectRefused, match=r"bad user name or password.*check"):
             async with asyncio.timeout(20):
                 await Session.open(
                     Settings("127.0.0.1", broker.port, "who", username="u", password="p")
