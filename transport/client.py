@@ -134,6 +134,10 @@ class Subscription:
     no_local: bool = False
 
 
+_NONE: collections.deque[Message] = collections.deque()  # never appended to
+_NEVER = asyncio.Event()  # stands for _arrived where nothing waits on it
+
+
 class _Gmqtt(gmqtt.Client):  # type: ignore[misc]
     """gmqtt's client with its own reconnect off and the hooks a :class:`Session` needs."""
 
@@ -175,13 +179,16 @@ class Session:
         self.protocol: str = ""
         loop = asyncio.get_running_loop()
         self.lost: asyncio.Future[TransportError] = loop.create_future()
-        self._inbound: collections.deque[Message] = collections.deque()
+        # Only a session without on_message queues (and waits on _arrived): an empty deque
+        # and an event are ~1.3 KB, which ten thousand simulated devices do not need.
+        queued = on_message is None
+        self._inbound: collections.deque[Message] = collections.deque() if queued else _NONE
         self._inbound_bytes = 0
         self._paused = False
         self._max_messages = settings.max_inbound_messages or 1 << 62
         self.pauses = 0  # times reading was paused because the queue was full
         self.high_water = 0  # the most messages that ever waited at once
-        self._arrived = asyncio.Event()
+        self._arrived = asyncio.Event() if queued else _NEVER
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._subacks: dict[int, asyncio.Future[Sequence[int]]] = {}
         self._room = asyncio.Semaphore(settings.max_inflight)
@@ -189,7 +196,6 @@ class Session:
         self._ids = 0xFFFF - 2  # packet ids usable at once (the broker's receive maximum)
         self._closing = False
         self._client: _Gmqtt | None = None
-        self._watch: asyncio.Task[None] | None = None
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -272,11 +278,20 @@ class Session:
         if self.lost.done():
             raise self.lost.result()
         self.protocol = _VERSION_NAMES[version]
+        # gmqtt 0.8 makes two queues and an event per connection that it never uses
+        # (MQTTConnection._buff, MQTTProtocol._queue and _disconnect): ~4 KB of ~24.
+        connection = client._connection
+        connection._buff = connection._protocol._queue = connection._protocol._disconnect = None
         # gmqtt's packet ids are bounded by the broker's receive maximum (MQTT 5 CONNACK);
         # keep one free for SUBSCRIBE.
         self._ids = max(1, client._package_handler.id_generator._max - 2)
         self._room = asyncio.Semaphore(min(s.max_inflight, self._ids))
-        self._watch = asyncio.ensure_future(self._watch_reader())
+        # gmqtt's read loop stops on an impossible remaining length and leaves the socket
+        # open: that is a violation, not a quiet connection (a callback, not a task: one
+        # task fewer per connection for the simulator's ten thousand).
+        read_loop = getattr(self._reader()[1], "_read_loop_future", None)
+        if read_loop is not None:
+            read_loop.add_done_callback(self._read_loop_ended)
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -327,6 +342,8 @@ class Session:
 
         Raises the session's :class:`TransportError` once it is lost and nothing waits.
         """
+        if self.on_message is not None:
+            raise RuntimeError("this session hands its messages to on_message, not take()")
         inbound = self._inbound
         while not inbound:
             if self.lost.done():
@@ -525,23 +542,13 @@ class Session:
         self._subacks.clear()
         self._arrived.set()
 
-    async def _watch_reader(self) -> None:
-        # gmqtt's read loop stops on an impossible remaining length and leaves the socket
-        # open: that is a violation, not a quiet connection.
-        _, protocol = self._reader()
-        loop_future = getattr(protocol, "_read_loop_future", None)
-        if loop_future is None:
-            return
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({loop_future, self.lost}, return_when=asyncio.FIRST_COMPLETED)
-        if not self.lost.done():
+    def _read_loop_ended(self, _future: asyncio.Future[None]) -> None:
+        if not self.lost.done() and not self._closing:
             self._violation("a remaining length longer than MQTT allows")
 
     def _drop(self) -> None:
         self._closing = True
         self._gone(None)
-        if self._watch is not None:
-            self._watch.cancel()
         transport, _ = self._reader()
         if transport is not None:
             transport.abort()
@@ -549,8 +556,6 @@ class Session:
     def close(self) -> None:
         """DISCONNECT (the broker drops the will) and close; at once, nothing to await."""
         self._closing = True
-        if self._watch is not None:
-            self._watch.cancel()
         client, transport = self._client, self._reader()[0]
         if client is not None and transport is not None and not transport.is_closing():
             with contextlib.suppress(Exception):
