@@ -61,7 +61,7 @@ from setpoint.proto.reports import Report
 from setpoint.proto.status import DRIFT_STATES, DriftStatus, GroupStatus, ResourceDiff
 
 from . import detecting
-from .broker import Message, Session, _tls_context
+from .broker import Message, Session, tls_context
 from .detecting import Desired
 from .errors import BrokerUnavailable
 from .metrics import Metrics
@@ -492,7 +492,7 @@ class DriftEngine:
             identifier=ident,
             username=s.username,
             password=s.password,
-            tls_context=_tls_context(s),
+            tls_context=tls_context(s),
             timeout=s.connect_timeout,
         ) as client:
             await client.subscribe([(self._topics.all_reported(), 0), (marker, 0)])

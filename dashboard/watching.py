@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import aiomqtt
@@ -33,8 +33,15 @@ class BrokerUnavailable(Exception):
     """The broker could not be reached or did not answer in time."""
 
 
+_REFUSED_VERSION = frozenset({1, 132})  # CONNACK: 3.1.1's "unacceptable version"; 5's "unsupported"
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
+    """The broker: ``host``/``port`` and, for a cluster, the ``others`` nodes tried in turn;
+    ``protocol`` is ``auto`` (MQTT 5, then 3.1.1 on an engine that refuses 5), ``5`` or
+    ``3.1.1``."""
+
     host: str
     port: int
     username: str | None = None
@@ -43,23 +50,52 @@ class BrokerSettings:
     cert: str | None = None
     key: str | None = None
     tls: bool = False
+    protocol: str = "auto"
+    others: tuple[tuple[str, int], ...] = ()
 
-    def client(self, identifier: str) -> aiomqtt.Client:
+    def client(self, identifier: str, host: str, port: int, protocol: str) -> aiomqtt.Client:
         tls = (
             aiomqtt.TLSParameters(ca_certs=self.ca, certfile=self.cert, keyfile=self.key)
             if self.tls
             else None
         )
         return aiomqtt.Client(
-            self.host,
-            self.port,
+            host,
+            port,
             identifier=identifier,
             username=self.username,
             password=self.password,
-            protocol=aiomqtt.ProtocolVersion.V5,
+            protocol=aiomqtt.ProtocolVersion.V5
+            if protocol == "5"
+            else aiomqtt.ProtocolVersion.V311,
             tls_params=tls,
             timeout=FETCH_TIMEOUT,
         )
+
+    @contextlib.asynccontextmanager
+    async def connected(self, identifier: str) -> AsyncIterator[aiomqtt.Client]:
+        """A connected client: each node in turn, each with MQTT 5 then 3.1.1 (``auto``);
+        BrokerUnavailable naming every failure if none answers."""
+        protocols = ("5", "3.1.1") if self.protocol == "auto" else (self.protocol,)
+        failures: list[str] = []
+        for host, port in ((self.host, self.port), *self.others):
+            for protocol in protocols:
+                client = self.client(identifier, host, port, protocol)
+                try:
+                    await client.__aenter__()
+                except aiomqtt.MqttError as exc:
+                    failures.append(f"{host}:{port} (MQTT {protocol}): {exc}")
+                    code = getattr(exc, "rc", None)
+                    if int(getattr(code, "value", code) or 0) in _REFUSED_VERSION:
+                        continue  # try the older protocol on the same node
+                    break
+                try:
+                    yield client
+                finally:
+                    with contextlib.suppress(aiomqtt.MqttError):
+                        await client.__aexit__(None, None, None)
+                return
+        raise BrokerUnavailable("; ".join(failures))
 
 
 class Changes:
@@ -114,7 +150,7 @@ class Watcher:
         while True:
             identifier = f"setpoint-dashboard-{secrets.token_hex(4)}"
             try:
-                async with self.broker.client(identifier) as client:
+                async with self.broker.connected(identifier) as client:
                     await client.subscribe(self.filters())
                     self.connected.set()
                     self.error = ""
@@ -125,7 +161,7 @@ class Watcher:
                         change = self.fleet.take(message.topic.value, data, clock())
                         if change is not None:
                             self.changes.publish(change)
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, BrokerUnavailable) as exc:
                 self.connected.clear()
                 self.error = str(exc) or type(exc).__name__
             await asyncio.sleep(delay)
@@ -141,7 +177,7 @@ async def fetch_retained(
     mark = secrets.token_hex(8).encode()
     found: dict[str, bytes] = {}
     try:
-        async with asyncio.timeout(timeout), broker.client(identifier) as client:
+        async with asyncio.timeout(timeout), broker.connected(identifier) as client:
             await client.subscribe([(f, 0) for f in filters] + [(barrier, 0)])
             await client.publish(barrier, mark, qos=0)
             async for message in client.messages:
