@@ -45,10 +45,11 @@ from setpoint.proto import approvals, envelopes, rollout_status, status
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.status import DriftStatus
+from setpoint.proto.topics import Topics
 
 from . import gating, rollouts
-from .audit import AuditLog, Entry
-from .errors import BrokerUnavailable
+from .audit import Entry
+from .broker import Subscription
 from .fleet import Group
 from .gating import GateDecision, Rings
 from .planning import Current
@@ -56,8 +57,8 @@ from .rendering import Render, Rendered, Target
 from .rollouts import Ledger, Rollout
 
 if TYPE_CHECKING:
-    from .broker import Message, Session
-    from .service import Controller
+    from .broker import Message
+    from .executing import Executor
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,15 @@ class Rollouts:
 
     name = "rollouts"
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        topics: Topics | None = None,
+        state_dir: Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._clock = clock
+        self.topics = topics or Topics()
         self.statuses: dict[str, DriftStatus] = {}
         self.synced = False
         self.ledger = Ledger()
@@ -93,12 +101,10 @@ class Rollouts:
         self._events: list[tuple[str, dict[str, Any]]] = []
         self._audit: list[Entry] = []
         self._noted: dict[str, Any] = {}
-        self._kick = asyncio.Event()
-        self._deadline: float | None = None
+        self.deadline: float | None = None  # when a decision falls due (a timer, a window)
         self._operators: dict[str, tuple[str, Any]] = {}
         self._operator_source: Any = None
-        self._controller: Controller | None = None
-        self._state_dir = Path(".")
+        self._state_dir = state_dir or Path(".")
         # False once a planning round found no rings, rollouts, windows or ledger entries:
         # a drift status then decides nothing, and waking the controller for each one
         # would plan the whole fleet per status change (see docs/decisions/0005).
@@ -106,69 +112,58 @@ class Rollouts:
 
     # --- Wiring ------------------------------------------------------------------------
 
-    def attach(self, controller: Controller) -> None:
-        self._controller = controller
-        self.topics = controller.topics
-        self._state_dir = controller.config.state_dir
+    def load(self) -> None:
+        """Read the ledger (gate evidence, approvals, batches, reverts) from the state dir."""
         self.ledger = Ledger.load(self._state_dir)
-        link = controller.link
-        if controller.drift is None:
-            # Without a drift engine in this controller, statuses come from the retained
-            # topics (another controller's engine); with one, it tells them all
-            # (:meth:`take_status`): MQTT does not bring its own back (no_local).
-            link.route(self.topics.all_drift(), self._on_drift)
-        link.route(self.topics.operator_commands(), self._on_command, qos=1)
-        link.on_connect(self._on_connect)
-        link.on_session("rollouts-sync", self._sync)
 
-    def _on_connect(self) -> None:
+    def subscriptions(self, *, drift_statuses: bool) -> list[Subscription]:
+        """What the rollouts take in: verified operator commands, and the retained drift
+        statuses when no drift engine in this controller tells them (``drift_statuses``)."""
+        wanted = [Subscription(self.topics.operator_commands(), qos=1)]
+        if drift_statuses:
+            wanted.append(Subscription(self.topics.all_drift()))
+        return wanted
+
+    def connected(self) -> None:
+        """A new connection: statuses are read again, views published again."""
         self.synced = False
         self._published_views.clear()  # a wiped broker gets the statuses again
-
-    async def _sync(self, session: Session) -> None:
-        assert self._controller is not None
-        await self._controller.link.barrier()
-        self.synced = True
-        self._controller.wake("rollouts")
-
-    def _wake(self) -> None:
-        if self._controller is not None:
-            self._controller.wake("rollouts")
 
     def _save(self) -> None:
         self.ledger.save(self._state_dir)
 
     # --- Inputs --------------------------------------------------------------------------
 
-    def _on_drift(self, message: Message) -> None:
+    def take_drift(self, message: Message) -> bool:
+        """A retained drift status (from another controller's engine); True if it matters."""
         try:
             ref = self.topics.parse(message.topic)
         except ProtocolError:
-            return
+            return False
         if ref.kind != "device-drift":
-            return
+            return False
         if not message.payload:
-            self.take_status(ref.name, None)
-            return
+            return self.take_status(ref.name, None)
         try:
             drift = status.drift_from_json(message.payload)
         except ProtocolError as exc:
             log.warning("ignoring a malformed drift status of %s: %s", ref.name, exc)
-            return
+            return False
         if drift.device != ref.name:
-            return  # a status must be about the device its topic names
-        self.take_status(ref.name, drift)
+            return False  # a status must be about the device its topic names
+        return self.take_status(ref.name, drift)
 
-    def take_status(self, device: str, drift: DriftStatus | None) -> None:
+    def take_status(self, device: str, drift: DriftStatus | None) -> bool:
+        """A device's drift status; True if the next plan may decide otherwise for it."""
         if drift is None:
-            if self.statuses.pop(device, None) is not None and self._statuses_matter:
-                self._wake()
-        elif self.statuses.get(device) != drift:
+            return self.statuses.pop(device, None) is not None and self._statuses_matter
+        if self.statuses.get(device) != drift:
             self.statuses[device] = drift
-            if self._statuses_matter:
-                self._wake()
+            return self._statuses_matter
+        return False
 
-    def _on_command(self, message: Message) -> None:
+    def take_command(self, message: Message) -> None:
+        """An operator command (approve, pause, resume): verified, recorded, evented."""
         now = self._clock()
         try:
             verified = envelopes.verify_signed(
@@ -208,7 +203,6 @@ class Rollouts:
             self._event("rollout", action="resumed", group=command.group, **fields)
             self._audit_line("resumed", command.group, by=who)
         self._save()
-        self._wake()
 
     def _trusted_operators(self) -> dict[str, Any]:
         return {k: key for k, (_name, key) in self._operators.items()}
@@ -229,11 +223,10 @@ class Rollouts:
             operators[envelopes.key_id(key)] = (name, key)
         self._operators = operators
 
-    # --- Outputs (queued here, sent by run) ------------------------------------------------
+    # --- Outputs (queued here, carried out by the executor: see flush) ---------------------
 
     def _event(self, event_type: str, **fields: Any) -> None:
         self._events.append((event_type, fields))
-        self._kick.set()
 
     def _audit_line(self, what: str, target: str, **fields: Any) -> None:
         kind = "group" if not target.startswith("ring:") else "ring"
@@ -254,7 +247,6 @@ class Rollouts:
                 detail=fields,
             )
         )
-        self._kick.set()
 
     def _note_once(self, key: str, value: Any) -> bool:
         """True the first time ``value`` is noted under ``key`` (events only on change)."""
@@ -265,9 +257,9 @@ class Rollouts:
 
     # --- The decisions -----------------------------------------------------------------
 
-    def hold_back(self, render: Render) -> Render:
-        """What may be published now; see the module docstring."""
-        assert self._controller is not None
+    def hold_back(self, render: Render, published: Mapping[Target, Current]) -> Render:
+        """What may be published now, given what is (``published``); see the module
+        docstring."""
         now = self._clock()
         self._learn_operators(render)
         settings = render.settings
@@ -279,7 +271,6 @@ class Rollouts:
                 self._statuses_matter = False
                 return render
         self._statuses_matter = True
-        published = self._controller.published()
         for info in render.heads.values():
             self.ledger.learn_tree(info.id, info.tree.decode("ascii"))
         before = self.ledger.to_json()
@@ -301,8 +292,7 @@ class Rollouts:
             self._save()
         self.views = views
         future = [d for d in deadlines if d > now]
-        self._deadline = min(future) if future else None
-        self._kick.set()
+        self.deadline = min(future) if future else None
         if desired == render.desired and broken == render.broken:
             return render
         return dataclasses.replace(render, desired=desired, broken=frozenset(broken))
@@ -845,61 +835,40 @@ class Rollouts:
         if revert is not None:
             view["revert"] = revert
 
-    # --- Running: publish what was decided, write reverts, keep timers ---------------------------
+    # --- Carrying out what was decided (through the controller's executor) ----------------
 
-    async def run(self) -> None:
-        assert self._controller is not None
-        while True:
-            timeout = None
-            if self._deadline is not None:
-                timeout = max(0.05, self._deadline - self._clock())
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._kick.wait()
-            except TimeoutError:
-                self._deadline = None
-                self._controller.wake("rollout-timer")
-                continue
-            self._kick.clear()
-            await self._reverts()
-            try:
-                await self._flush()
-            except BrokerUnavailable:
-                await self._controller.link.wait_connected()
-                self._kick.set()
-
-    async def _flush(self) -> None:
-        assert self._controller is not None
+    async def flush(self, executor: Executor, repo: str | None) -> bool:
+        """Write reverts (``repo``: the local repository, None if remote), then audit,
+        events and changed views; True if a revert was written (the repository moved).
+        What the broker did not acknowledge stays queued for the next flush."""
+        reverted = await self._reverts(repo)
         if self._audit:
             lines, self._audit = self._audit, []
-            await asyncio.to_thread(AuditLog(self._state_dir).append, lines)
-        link = self._controller.link
+            await executor.audit(lines)
         while self._events:
             event_type, fields = self._events[0]
-            await link.publish(
-                self.topics.event(event_type), status.event(event_type, self._clock(), **fields)
-            )
+            await executor.event(event_type, **fields)
             self._events.pop(0)
         for topic, view in list(self.views.items()):
             if self._published_views.get(topic) == view:
                 continue
             body = _encode_view(self.topics.parse(topic).kind, view, self._clock())
-            await link.publish(topic, body, qos=1, retain=True)
+            await executor.publish(topic, body, retain=True)
             self._published_views[topic] = view
+        return reverted
 
-    async def _reverts(self) -> None:
-        assert self._controller is not None
-        controller = self._controller
+    async def _reverts(self, repo: str | None) -> bool:
+        reverted = False
         for halt_id, job in list(self.ledger.reverts.items()):
             if job.get("revert") or job.get("error"):
                 continue
-            if controller.repository is None or controller.repository.remote:
+            if repo is None:
                 job["error"] = "the repository is remote: the controller cannot push a revert"
             else:
                 try:
                     sha = await asyncio.to_thread(
                         rollouts.revert,
-                        controller.config.repo,
+                        repo,
                         job["branch"],
                         job["commit"],
                         halt_id,
@@ -916,11 +885,12 @@ class Rollouts:
                     "reverted", job["group"], commit=job["revert"], branch=job["branch"],
                     reverted=job["commit"], halt=halt_id,
                 )  # fmt: skip
-                controller.wake("revert")
+                reverted = True
             else:
                 log.error("revert for %s failed: %s", halt_id, job["error"])
                 self._event("rollout", action="revert-failed", group=job["group"],
                             halt=halt_id, reason=job["error"])  # fmt: skip
+        return reverted
 
 
 def _encode_view(kind: str, view: dict[str, Any], now: float) -> bytes:

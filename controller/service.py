@@ -33,16 +33,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from setpoint.proto import status
 from setpoint.proto.bundles import Bundle
+from setpoint.proto.errors import ProtocolError
 from setpoint.proto.repository import RepositoryStatus
+from setpoint.proto.status import DriftStatus
 from setpoint.proto.topics import DEFAULT_PREFIX, Topics
 
-from . import planning, protection, rendering, watching, webhooks
+from . import broker, drifting, planning, protection, rendering, watching, webhooks
 from .audit import AuditLog, Entry
-from .broker import Backoff, BrokerSettings, Link, Session
+from .broker import (
+    Backoff,
+    BrokerSettings,
+    Connected,
+    Disconnected,
+    Fact,
+    Link,
+    Message,
+    Session,
+    Subscription,
+)
 from .drifting import DriftEngine, DriftSettings
 from .errors import BrokerUnavailable, ConfigError, RepositoryUnavailable
+from .executing import Executor
 from .fleet import DEFAULT_BUNDLE_TTL
 from .planning import Adopt, Clear, Current, Plan, Publish, Retained
 from .rendering import BranchProblem, Render, Target, View
@@ -108,11 +120,6 @@ class Controller:
         self.config = config
         self.topics = Topics(config.prefix)
         self._clock = clock
-        # The rollouts' decisions (gates, windows, batches) are part of every plan.
-        self.rollouts = Rollouts(clock=clock)
-        self.drift: DriftEngine | None = None
-        if drift is not None:
-            self.drift = DriftEngine(drift, clock=clock, on_status=self.rollouts.take_status)
         self._wake = asyncio.Event()
         self._reasons: set[str] = set()
         self._generation = 0
@@ -120,6 +127,7 @@ class Controller:
         self._settled = asyncio.Condition()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._syncs: set[asyncio.Task[None]] = set()  # one per connection, while it syncs
         self._tg: asyncio.TaskGroup | None = None
         self._state = StateStore(config.state_dir)
         self._audit = AuditLog(config.state_dir)
@@ -142,13 +150,28 @@ class Controller:
         self._warned_empty = False
         self.repository: Repository | None = None
         self.signer: Signer | None = None
+        # The rollouts' decisions (gates, windows, batches) are part of every plan.
+        self.rollouts = Rollouts(topics=self.topics, state_dir=config.state_dir, clock=clock)
+        self.retained: RetainedView | None = None
         self.link = Link(
             config.broker,
             self.topics,
+            self._subscriptions(drift),
+            self._take,
             backoff=config.backoff,
             publish_timeout=config.publish_timeout,
         )
-        self.retained: RetainedView | None = None
+        # The one door out: signing, publishing, clearing, audit, events.
+        self.executor = Executor(self.link, self.topics, self._audit, clock)
+        self.drift: DriftEngine | None = None
+        if drift is not None:
+            self.drift = DriftEngine(
+                drift,
+                executor=self.executor,
+                topics=self.topics,
+                clock=clock,
+                on_status=self._drift_status,
+            )
         self.webhook_port: int | None = None
         self.last_render: Render | None = None
         self.last_error: str | None = None
@@ -183,6 +206,7 @@ class Controller:
         if config.follow and config.webhook_listen is not None and not config.webhook_secret:
             raise ConfigError("a webhook needs a secret: pass --webhook-secret-file")
         self.signer = load_signer(config.key_path, *config.extra_key_paths)
+        self.executor.signer = self.signer
         log.info("signing with key(s) %s", ", ".join(self.signer.key_ids))
         self._state.lock()
         try:
@@ -197,15 +221,9 @@ class Controller:
                 if self._default_branch is None:
                     raise ConfigError(f"{config.repo}: HEAD does not name a branch; pass --branch")
             self.retained = RetainedView(self.topics, self.signer.trusted, self._retained_changed)
-            for topic_filter in self.retained.filters():
-                self.link.route(topic_filter, self.retained.handle)
-            self.link.on_connect(self.retained.reset)
-            self.link.on_disconnect(self.retained.reset)
-            self.link.on_connect(self._forget_verdicts)
-            self.link.on_session("retained-sync", self._sync_retained)
+            self.rollouts.load()
             if self.drift is not None:
-                self.drift.attach(self)
-            self.rollouts.attach(self)
+                self.drift.published((), self.published())
             self._tg = asyncio.TaskGroup()
             await self._tg.__aenter__()
         except BaseException:
@@ -216,14 +234,13 @@ class Controller:
         if config.follow:
             self._start_watchers()
         if self.drift is not None:
-            self._spawn(self.drift.run(), "drift")
-        self._spawn(self.rollouts.run(), "rollouts")
+            self._spawn(self.drift.run(self.settle), "drift")
         self.wake("start")
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         self._stop.set()
-        for task in self._tasks:
+        for task in (*self._tasks, *self._syncs):
             task.cancel()
         error = exc_info[1]
         try:
@@ -280,13 +297,102 @@ class Controller:
             )
             await watching.poll(1.0, self.wake)
 
-    # --- Broker view ---------------------------------------------------------------------------
+    # --- Facts in: the broker's messages and connection changes -----------------------------
 
-    async def _sync_retained(self, session: Session) -> None:
-        await self.link.barrier()
+    def _subscriptions(self, drift: DriftSettings | None) -> list[Subscription]:
+        topics = self.topics
+        wanted = [
+            Subscription(topics.all_group_desired()),
+            Subscription(topics.all_device_desired()),
+        ]
+        if drift is not None:
+            wanted += drifting.subscriptions(topics, drift)
+        # Without a drift engine in this controller, the rollouts read the retained drift
+        # statuses (another controller's engine); with one, it tells them every status it
+        # publishes or reads (MQTT does not bring our own back: no_local).
+        wanted += self.rollouts.subscriptions(drift_statuses=drift is None)
+        return wanted
+
+    def _take(self, fact: Fact) -> None:
+        """Every fact the link delivers, in order (called in its pump: must not block)."""
+        if isinstance(fact, Message):
+            self._message(fact)
+        elif isinstance(fact, Connected):
+            self._connected(fact.session)
+        elif isinstance(fact, Disconnected) and self.retained is not None:
+            self.retained.reset()
+
+    def _message(self, message: Message) -> None:
+        if message.topic == self.topics.operator_commands():
+            self.rollouts.take_command(message)
+            self.wake("rollouts")
+            return
+        try:
+            kind = self.topics.parse(message.topic).kind
+        except ProtocolError:
+            if self.drift is not None:
+                self.drift.take_report(message)  # counted as a bad topic
+            return
+        drift = self.drift
+        if kind in ("group-desired", "device-desired"):
+            assert self.retained is not None
+            self.retained.handle(message)
+        elif drift is not None:
+            if kind == "device-reported":
+                drift.take_report(message)
+            elif kind == "device-presence":
+                drift.take_presence(message)
+            elif kind == "device-drift":
+                drift.take_drift(message)
+            elif kind == "group-status":
+                drift.take_group_status(message)
+        elif kind == "device-drift" and self.rollouts.take_drift(message):
+            self.wake("rollouts")
+
+    def _drift_status(self, device: str, found: DriftStatus | None) -> None:
+        """Every status the drift engine publishes or reads: the rollouts decide on them."""
+        if self.rollouts.take_status(device, found):
+            self.wake("rollouts")
+
+    def _connected(self, session: Session) -> None:
+        # Nothing this connection brings has been delivered yet: every view starts over.
+        assert self.retained is not None
+        self.retained.reset()
+        self._verdicts_published = None  # a new broker session: publish the status again
+        self.rollouts.connected()
+        if self.drift is not None:
+            self.drift.connected()
+        assert self._tg is not None
+        task = self._tg.create_task(self._sync(session), name=f"sync-{session.number}")
+        self._syncs.add(task)
+        task.add_done_callback(self._syncs.discard)
+
+    async def _sync(self, session: Session) -> None:
+        """Once per connection: every retained message has arrived (a barrier came back),
+        then each view is whole. Broker trouble ends the session (the link reconnects)."""
+        try:
+            await self.link.barrier()
+            reports: list[Message] = []
+            if self.drift is not None and self.drift.settings.share:
+                reports = await broker.read_retained(
+                    self.config.broker,
+                    self.topics,
+                    self.link.client_id,
+                    self.topics.all_reported(),
+                    max(30.0, self.config.publish_timeout),
+                )
+        except BrokerUnavailable as exc:
+            session.fail(exc)
+            return
+        if session.lost.is_set():
+            return  # a later connection syncs again
         assert self.retained is not None
         log.info("retained bundles on the broker: %d", len(self.retained.entries))
         self.retained.mark_synced()
+        if self.drift is not None:
+            self.drift.synced(reports)
+        self.rollouts.synced = True
+        self.wake("rollouts")
 
     def _retained_changed(self) -> None:
         self.wake("retained")
@@ -296,7 +402,10 @@ class Controller:
     def _next_deadline(self) -> float | None:
         if self.retained is None or not self.retained.synced:
             return None  # nothing can be done before the broker is back; its sync wakes us
-        times = [t for t in (planning.next_refresh(self._current), self._retry_at) if t]
+        rollout = self.rollouts.deadline
+        if rollout is not None and rollout <= self._clock():
+            rollout = None  # fell due: the pass it woke has decided again
+        times = [t for t in (planning.next_refresh(self._current), self._retry_at, rollout) if t]
         return min(times) if times else None
 
     async def _reconciling(self) -> None:
@@ -349,9 +458,11 @@ class Controller:
             refusal = plan.refusal
             if plan.refusal is not None:
                 await self._report_refusal(render, plan.refusal)
+            if plan:
+                await self._execute(plan, render)
+            await self._flush_rollouts()  # what the rollouts decided in this round
             if not plan:
                 break
-            await self._execute(plan, render)
         else:
             log.warning("plan did not converge in %d rounds", MAX_PLAN_ROUNDS)
         if render is not None:
@@ -359,6 +470,12 @@ class Controller:
             await self._publish_verdicts(render, refusal)
             self._log_warnings(render)
         return self._retry_at is None
+
+    async def _flush_rollouts(self) -> None:
+        assert self.repository is not None
+        repo = None if self.repository.remote else self.config.repo
+        if await self.rollouts.flush(self.executor, repo):
+            self.wake("revert")  # a revert commit: the next pass publishes it
 
     def _log_warnings(self, render: Render) -> None:
         """Log what publishes anyway but needs an operator (once per set of commits)."""
@@ -374,7 +491,7 @@ class Controller:
     def _plan(self, render: Render | None) -> Plan:
         assert self.retained is not None
         if render is not None and render.head:
-            render = self.rollouts.hold_back(render)
+            render = self.rollouts.hold_back(render, self._current)
         return planning.plan(
             desired=render.desired if render and render.head else None,
             broken=render.broken if render else frozenset(),
@@ -474,7 +591,7 @@ class Controller:
                 await asyncio.to_thread(self._persist, done)
                 self._intents.clear()  # saving recorded them (or they are moot)
                 if self.drift is not None:
-                    self.drift.published(tuple(done))
+                    self.drift.published(tuple(done), self.published())
         await self._emit_events(done, render)
 
     async def _concurrently(self, coros: list[Any]) -> None:
@@ -535,14 +652,14 @@ class Controller:
     async def _publish(
         self, action: Publish, semaphore: asyncio.Semaphore, done: list[Publication]
     ) -> None:
-        assert self.signer is not None and self.retained is not None
+        assert self.retained is not None
         target, bundle = action.target, action.bundle
-        signed = self.signer.sign(bundle)
+        signed = self.executor.sign(bundle)
         if action.reason == "change":
             self._attempted[target] = bundle
         mark = self.retained.mark(target)
         async with semaphore:
-            await self.link.publish(target.topic(self.topics), signed.envelope, qos=1, retain=True)
+            await self.executor.publish(target.topic(self.topics), signed.envelope, retain=True)
         self._attempted.pop(target, None)
         before = self._current.get(target)
         # A restore or refresh re-signs the same version: it was published when it changed.
@@ -580,7 +697,7 @@ class Controller:
         target = action.target
         mark = self.retained.mark(target)
         async with semaphore:
-            await self.link.publish(target.topic(self.topics), b"", qos=1, retain=True)
+            await self.executor.clear(target.topic(self.topics))
         self._current.pop(target, None)
         self.retained.note(target, None, mark)
         head = render.head if render else None
@@ -627,28 +744,29 @@ class Controller:
 
     def _persist(self, done: Sequence[Publication]) -> None:
         self._state.save(self._current, self._floors)
-        self._audit.append(
-            Entry(
-                time=p.time,
-                target=str(p.target),
-                kind=p.target.kind,
-                id=p.target.id,
-                version=p.version,
-                commit=p.commit,
-                author=p.author,
-                digest=p.digest,
-                reason=p.reason,
-                branch=p.branch,
-                content_digest=p.bundle.content_digest() if p.bundle else None,
-            )
-            for p in done
+        self.executor.audit_now(
+            [
+                Entry(
+                    time=p.time,
+                    target=str(p.target),
+                    kind=p.target.kind,
+                    id=p.target.id,
+                    version=p.version,
+                    commit=p.commit,
+                    author=p.author,
+                    digest=p.digest,
+                    reason=p.reason,
+                    branch=p.branch,
+                    content_digest=p.bundle.content_digest() if p.bundle else None,
+                )
+                for p in done
+            ]
         )
 
     # --- Events --------------------------------------------------------------------------------
 
     async def _event(self, event_type: str, **fields: Any) -> None:
-        payload = status.event(event_type, self._clock(), **fields)
-        await self.link.publish(self.topics.event(event_type), payload, qos=1)
+        await self.executor.event(event_type, **fields)
 
     async def _emit_events(self, done: Sequence[Publication], render: Render | None) -> None:
         coros = []
@@ -710,9 +828,6 @@ class Controller:
         """Each branch's head and the controller's verdict on it, as last published."""
         return self._verdicts
 
-    def _forget_verdicts(self) -> None:
-        self._verdicts_published = None  # a new broker session: publish the status again
-
     async def _publish_verdicts(self, render: Render, refusal: str | None) -> None:
         """Retain each branch's verdict on ``<prefix>/repository/status``, when it changed,
         so a refused commit is visible to anyone who looks, not only in this log."""
@@ -720,7 +835,7 @@ class Controller:
         payload = verdicts.to_json()
         if payload == self._verdicts_published:
             return
-        await self.link.publish(self.topics.repository_status(), payload, qos=1, retain=True)
+        await self.executor.publish(self.topics.repository_status(), payload, retain=True)
         self._verdicts, self._verdicts_published = verdicts, payload
 
     async def _report_refusal(self, render: Render | None, message: str) -> None:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from driftkit import Devices, DriftWatch, drifted_report, in_sync_report, run_drift
 
 from setpoint import mqttwire
-from setpoint.controller.broker import Backoff, BrokerSettings, Link
+from setpoint.controller.broker import Backoff, BrokerSettings, Fact, Link, Message, Subscription
 from setpoint.controller.drifting import PUBLISH_CONCURRENCY, DriftEngine
 from setpoint.controller.errors import BrokerUnavailable
 from setpoint.controller.ingesting import IngestProtocol, IngestStats, Routes
@@ -239,10 +239,9 @@ def test_routes_dispatch_on_the_last_level_and_match_only_when_needed() -> None:
         ("$share//p/devices/+/reported", {}, "malformed shared"),
     ],
 )
-def test_bad_bulk_routes_are_refused(topic_filter: str, kwargs: Any, message: str) -> None:
-    link = Link(BrokerSettings("localhost"), Topics("p/v1"))
+def test_bad_bulk_subscriptions_are_refused(topic_filter: str, kwargs: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        link.route(topic_filter, lambda m: None, bulk=True, **kwargs)
+        Subscription(topic_filter, bulk=True, **kwargs)
 
 
 def test_a_bad_queue_bound_is_refused() -> None:
@@ -268,14 +267,22 @@ async def test_bulk_routes_get_a_flood_in_order_bounded_and_the_barrier_covers_t
     broker: Any, unique_prefix: str
 ) -> None:
     topics = Topics(unique_prefix)
-    link = Link(BrokerSettings(broker.host, broker.port), topics)
-    link.ingest_max_waiting = 64
     reported: list[tuple[str, bytes, bool]] = []
     presence: list[str] = []
-    link.route(
-        topics.all_reported(), lambda m: reported.append((m.topic, m.payload, m.retain)), bulk=True
-    )
-    link.route(topics.all_presence(), lambda m: presence.append(m.topic), bulk=True)
+
+    def take(fact: Fact) -> None:
+        if isinstance(fact, Message):
+            if topics.parse(fact.topic).kind == "device-presence":
+                presence.append(fact.topic)
+            else:
+                reported.append((fact.topic, fact.payload, fact.retain))
+
+    subscriptions = [
+        Subscription(topics.all_reported(), bulk=True),
+        Subscription(topics.all_presence(), bulk=True),
+    ]
+    link = Link(BrokerSettings(broker.host, broker.port), topics, subscriptions, take)
+    link.ingest_max_waiting = 64
     # Retained before the controller connects: they come with the SUBSCRIBE.
     publisher = await sim_mqtt.open_connection(broker.host, broker.port, "ingest-test-pub")
     for i in range(50):
@@ -314,9 +321,14 @@ def flood_on(topics: Topics, count: int) -> bytes:
 @pytest.mark.broker
 async def test_ingest_reconnects_after_the_broker_restarts(broker: Any, unique_prefix: str) -> None:
     topics = Topics(unique_prefix)
-    link = Link(BrokerSettings(broker.host, broker.port), topics, backoff=Backoff(0.05, 0.3))
     seen: list[bytes] = []
-    link.route(topics.all_reported(), lambda m: seen.append(m.payload), bulk=True)
+    link = Link(
+        BrokerSettings(broker.host, broker.port),
+        topics,
+        [Subscription(topics.all_reported(), bulk=True)],
+        lambda fact: seen.append(fact.payload) if isinstance(fact, Message) else None,
+        backoff=Backoff(0.05, 0.3),
+    )
     task = await serve_link(link)
     try:
         broker.restart()

@@ -38,7 +38,7 @@ def test_an_approval_is_credited_to_the_operator_whose_signature_verified(
     envelope = codec.unpack(approvals.sign(command, [alice]), max_size=1 << 20)
     # Signed by alice; a bogus entry naming bob's key comes first.
     envelope["signatures"].insert(0, {"keyid": envelopes.key_id(bob), "sig": b"\1" * 64})
-    rollouts._on_command(Message("x/operators/commands", codec.pack(envelope), False))
+    rollouts.take_command(Message("x/operators/commands", codec.pack(envelope), False))
     approval = rollouts.ledger.approvals["production|" + "a" * 40]
     assert approval["by"] == "alice"
     (_type, fields), *_ = [e for e in rollouts._events if e[1].get("action") == "approved"]
