@@ -28,48 +28,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import secrets
 import socket
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from setpoint.kit.backoff import Backoff, Retry
+from setpoint.kit.brokers import BrokerSettings
 from setpoint.proto.topics import Topics
 
 from . import ingesting
 from .errors import BrokerUnavailable
 from .ingesting import IngestConnection, IngestStats, Routes
 
+__all__ = ["Backoff", "BrokerSettings"]  # the kit's, named where the controller wires them
+
 log = logging.getLogger(__name__)
 
 MAX_INBOX_BYTES: Final = 64 * 1024 * 1024  # what the main connection may hold unread
 DROP_LOG_INTERVAL: Final = 60.0
 MAX_BARRIER_BYTES: Final = 64  # a nonce is 16; anything larger on the echo topic is junk
+DEFAULT_BACKOFF: Final = Backoff(0.1, 10.0)
 _V5_REFUSED: Final = {1, 132}  # 3.1.1 "unacceptable protocol version"; 5 "unsupported"
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    host: str
-    port: int = 1883
-    tls: bool = False
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    client_id: str = ""
-    keepalive: int = 30
-    connect_timeout: float = 10.0
-
-    def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,30 +65,6 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
-
-
-class Backoff:
-    """Exponential backoff with jitter; :meth:`reset` after a success."""
-
-    def __init__(
-        self,
-        initial: float = 0.1,
-        maximum: float = 10.0,
-        factor: float = 2.0,
-        jitter: float = 0.2,
-        rng: Callable[[], float] = random.random,
-    ) -> None:
-        self.initial, self.maximum, self.factor, self.jitter = initial, maximum, factor, jitter
-        self._rng = rng
-        self._next = initial
-
-    def next(self) -> float:
-        base = self._next
-        self._next = min(self.maximum, self._next * self.factor)
-        return base * (1 + self.jitter * (2 * self._rng() - 1))
-
-    def reset(self) -> None:
-        self._next = self.initial
 
 
 def new_client_id(role: str = "controller") -> str:
@@ -274,7 +236,7 @@ class Link:
         self.client_id = settings.client_id or new_client_id()
         self.topics = topics
         self.publish_timeout = publish_timeout
-        self._backoff = backoff or Backoff()
+        self._backoff = Retry(backoff or DEFAULT_BACKOFF)
         self._deliver = deliver
         self._barrier_topic = topics.barrier(self.client_id)
         self._wanted = (Subscription(self._barrier_topic), *subscriptions)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from setpoint.kit.backoff import Retry
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.repository import RepositoryStatus
@@ -145,7 +146,7 @@ class Controller:
         self._verdicts_published: bytes | None = None
         self._default_branch = config.branch
         self._protection = protection.Memory(config.state_dir, config.config_branch)
-        self._repo_backoff = Backoff(initial=1.0, maximum=30.0)
+        self._repo_backoff = Retry(Backoff(1.0, 30.0))
         self._retry_at: float | None = None
         self._warned_empty = False
         self.repository: Repository | None = None

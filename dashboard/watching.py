@@ -17,49 +17,41 @@ import contextlib
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import Final
 
 import aiomqtt
 
+from setpoint.kit.backoff import Backoff, Retry
+from setpoint.kit.brokers import BrokerSettings
 from setpoint.proto.topics import Topics
 
 from .fleet import Change, Fleet
 
 FETCH_TIMEOUT = 5.0
-BACKOFF = (0.2, 5.0)
+BACKOFF: Final = Backoff(0.2, 5.0)
 
 
 class BrokerUnavailable(Exception):
     """The broker could not be reached or did not answer in time."""
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    tls: bool = False
-
-    def client(self, identifier: str) -> aiomqtt.Client:
-        tls = (
-            aiomqtt.TLSParameters(ca_certs=self.ca, certfile=self.cert, keyfile=self.key)
-            if self.tls
-            else None
-        )
-        return aiomqtt.Client(
-            self.host,
-            self.port,
-            identifier=identifier,
-            username=self.username,
-            password=self.password,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            tls_params=tls,
-            timeout=FETCH_TIMEOUT,
-        )
+def client(broker: BrokerSettings, identifier: str) -> aiomqtt.Client:
+    """An MQTT 5 client of ``broker`` (not connected yet)."""
+    tls = (
+        aiomqtt.TLSParameters(ca_certs=broker.ca, certfile=broker.cert, keyfile=broker.key)
+        if broker.tls
+        else None
+    )
+    return aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=identifier,
+        username=broker.username,
+        password=broker.password,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        tls_params=tls,
+        timeout=FETCH_TIMEOUT,
+    )
 
 
 class Changes:
@@ -110,16 +102,16 @@ class Watcher:
         ]
 
     async def run(self, clock: Callable[[], float] = time.time) -> None:
-        delay = BACKOFF[0]
+        retry = Retry(BACKOFF)
         while True:
             identifier = f"setpoint-dashboard-{secrets.token_hex(4)}"
             try:
-                async with self.broker.client(identifier) as client:
-                    await client.subscribe(self.filters())
+                async with client(self.broker, identifier) as connection:
+                    await connection.subscribe(self.filters())
                     self.connected.set()
                     self.error = ""
-                    delay = BACKOFF[0]
-                    async for message in client.messages:
+                    retry.reset()
+                    async for message in connection.messages:
                         payload = message.payload
                         data = payload if isinstance(payload, bytes) else str(payload).encode()
                         change = self.fleet.take(message.topic.value, data, clock())
@@ -128,8 +120,7 @@ class Watcher:
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
                 self.error = str(exc) or type(exc).__name__
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF[1])
+            await asyncio.sleep(retry.next())
 
 
 async def fetch_retained(
@@ -141,10 +132,10 @@ async def fetch_retained(
     mark = secrets.token_hex(8).encode()
     found: dict[str, bytes] = {}
     try:
-        async with asyncio.timeout(timeout), broker.client(identifier) as client:
-            await client.subscribe([(f, 0) for f in filters] + [(barrier, 0)])
-            await client.publish(barrier, mark, qos=0)
-            async for message in client.messages:
+        async with asyncio.timeout(timeout), client(broker, identifier) as connection:
+            await connection.subscribe([(f, 0) for f in filters] + [(barrier, 0)])
+            await connection.publish(barrier, mark, qos=0)
+            async for message in connection.messages:
                 payload = message.payload
                 data = payload if isinstance(payload, bytes) else b""
                 if message.topic.value == barrier:

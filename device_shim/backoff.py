@@ -1,9 +1,8 @@
-"""Exponential backoff with jitter, and the gate that keeps a failed version from looping.
+"""Backoff, and the gate that keeps a failed version from looping.
 
-:class:`Backoff` gives the delay before attempt *n*: ``x = min(cap, base * 2**n)``, then
-"equal jitter" (``x/2 + uniform(0, x/2)``), so a thousand devices that lose the broker at
-the same instant come back spread over time instead of in one storm, yet none retries
-sooner than half the nominal delay.
+:class:`Backoff` is the kit's one policy (:mod:`setpoint.kit.backoff`: exponential,
+"equal jitter"), so a thousand devices that lose the broker at the same instant come back
+spread over time instead of in one storm.
 
 :class:`RetryGate` remembers the last failed apply: which target it was (a key made of the
 versions and digests of the bundles), whether the error was permanent, how many attempts
@@ -16,34 +15,12 @@ Pure; no I/O. Clocks and randomness are passed in, so tests drive them by hand.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from setpoint.kit.backoff import Backoff, Random
 
-class Random(Protocol):
-    def random(self) -> float: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    base: float = 1.0
-    cap: float = 120.0
-    factor: float = 2.0
-
-    def nominal(self, attempt: int) -> float:
-        """The delay before jitter: ``min(cap, base * factor**attempt)``."""
-        if attempt < 0:
-            raise ValueError("attempt must be >= 0")
-        # Cap the exponent first: factor**attempt overflows a float long before it matters.
-        exponent = min(attempt, 64)
-        return float(min(self.cap, self.base * self.factor**exponent))
-
-    def delay(self, attempt: int, rng: Random | None = None) -> float:
-        """Jittered delay before retry number ``attempt`` (0 for the first retry)."""
-        nominal = self.nominal(attempt)
-        draw = (rng or random).random()
-        return nominal / 2 + draw * nominal / 2
+__all__ = ["Backoff", "Random", "RetryGate"]
 
 
 @dataclass(frozen=True, slots=True)

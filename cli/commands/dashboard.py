@@ -145,8 +145,8 @@ def _settings(args: argparse.Namespace) -> object:
         raise CommandError("--refresh: at least 1 second")
     trusted = load_trust(args.trust)
     broker = dashboard.BrokerSettings(
-        url.host, url.port, url.username, url.password, args.ca, args.cert, args.client_key,
-        tls=url.tls,
+        url.host, url.port, tls=url.tls, username=url.username, password=url.password,
+        ca=args.ca, cert=args.cert, key=args.client_key,
     )  # fmt: skip
     return dashboard.Settings(
         broker=broker,

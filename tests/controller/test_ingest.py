@@ -327,7 +327,7 @@ async def test_ingest_reconnects_after_the_broker_restarts(broker: Any, unique_p
         topics,
         [Subscription(topics.all_reported(), bulk=True)],
         lambda fact: seen.append(fact.payload) if isinstance(fact, Message) else None,
-        backoff=Backoff(0.05, 0.3),
+        backoff=Backoff(base=0.05, cap=0.3),
     )
     task = await serve_link(link)
     try:

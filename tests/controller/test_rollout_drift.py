@@ -82,7 +82,7 @@ async def controller(
         key_path=key,
         state_dir=state,
         prefix=prefix,
-        backoff=Backoff(initial=0.05, maximum=0.3),
+        backoff=Backoff(base=0.05, cap=0.3),
         publish_timeout=5.0,
     )
     # A grace far below the test's length: a held device that were judged against the
