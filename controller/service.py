@@ -40,7 +40,7 @@ from setpoint.proto.repository import RepositoryStatus
 from setpoint.proto.status import DriftStatus
 from setpoint.proto.topics import DEFAULT_PREFIX, Topics
 
-from . import broker, drifting, planning, protection, rendering, watching, webhooks
+from . import broker, drifting, fleet, planning, protection, rendering, watching, webhooks
 from .audit import AuditLog, Entry
 from .broker import (
     Backoff,
@@ -137,6 +137,7 @@ class Controller:
         self._attempted: dict[Target, Bundle] = {}
         self._intents: dict[Target, Intent] = {}  # publications under way (write-ahead)
         self._snapshots: OrderedDict[str, View] = OrderedDict()
+        self._memo = fleet.Memo()  # device files read before, by content
         self._render_key: tuple[Any, ...] | None = None
         self._render: Render | None = None
         self._reported: dict[str, str] = {}
@@ -538,7 +539,8 @@ class Controller:
             (rules, protected.commit.id if protected else None),
         )
         if key != self._render_key or self._render is None:
-            self._render = protection.apply(rendering.render(default, views), protected)
+            rendered = rendering.render(default, views, self._render)
+            self._render = protection.apply(rendered, protected)
             self._render_key = key
         return self._render
 
@@ -548,7 +550,7 @@ class Controller:
             self._snapshots.move_to_end(commit_id)
             return cached
         assert self.repository is not None
-        info, snapshot = self.repository.load(commit_id)
+        info, snapshot = self.repository.load(commit_id, memo=self._memo)
         view = View(branch, info, snapshot)
         self._snapshots[commit_id] = view
         while len(self._snapshots) > 16:
