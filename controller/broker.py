@@ -1,11 +1,13 @@
-"""The controller's one MQTT connection, kept alive: connect, subscribe, pump, reconnect.
+r"""The controller's one MQTT connection, kept alive: connect, subscribe, pump, reconnect.
 
 aiomqtt does not reconnect by itself, so :class:`Link` runs the loop: connect (MQTT 5,
-falling back to 3.1.1 if the broker refuses it), subscribe every registered route in one
-SUBSCRIBE, start the per-session callbacks, and hand each incoming message to the
-handlers whose filter matches. When the connection breaks, every waiting publish fails at
-once with :class:`BrokerUnavailable`, and after a backoff (exponential, jittered, reset by
-a successful connect) it starts over.
+falling back to 3.1.1 if the broker refuses it), subscribe its :class:`Subscription`\ s in
+one SUBSCRIBE, and deliver what happens as facts to its one ``deliver`` function, in
+order: :class:`Connected` (the session is live, nothing of it delivered yet), each
+:class:`Message`, :class:`Disconnected`. Work a session's owner starts for it (the
+controller's sync) ends the session with :meth:`Session.fail`. When the connection
+breaks, every waiting publish fails at once with :class:`BrokerUnavailable`, and after a
+backoff (the kit's policy, reset by a successful connect) it starts over.
 
 :meth:`Link.barrier` proves that everything the broker sent before has been handled: it
 publishes a nonce to the client's private topic and waits for it to come back. MQTT keeps
@@ -14,7 +16,7 @@ SUBSCRIBE released has been dispatched too. No guessing with quiet periods. (Rou
 subscribed at QoS 0 by default, the barrier too, so that a burst of thousands of retained
 messages is not cut by the broker's per-client queue limit for QoS 1.)
 
-Routes marked ``bulk`` (device reports and presence: floods) are not taken in through
+Subscriptions marked ``bulk`` (device reports and presence: floods) are not taken in through
 aiomqtt but through a lean MQTT 3.1.1 receive connection of the same session
 (:mod:`.ingesting`, with backpressure), opened after the main one subscribed; a session
 ends, and both reconnect, when either breaks. The barrier covers both: a nonce goes out

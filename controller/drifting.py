@@ -125,6 +125,8 @@ class _Fleet:
     groups: dict[str, Bundle] = field(default_factory=dict)
     commits: dict[str, str] = field(default_factory=dict)
     members: dict[str, list[str]] = field(default_factory=dict)
+    # Per device, the published entries its Desired was worked out from (see desired_for).
+    inputs: dict[str, tuple[Any, Any, Desired]] = field(default_factory=dict)
 
 
 class _Tally:
@@ -214,8 +216,11 @@ def healed_since(before: Report | None, after: Report) -> tuple[ResourceDiff, ..
     )
 
 
-def desired_for(published: Mapping[Any, Any]) -> _Fleet:
-    """Per device, its :class:`Desired`, from the controller's published bundles. Pure."""
+def desired_for(published: Mapping[Any, Any], previous: _Fleet | None = None) -> _Fleet:
+    """Per device, its :class:`Desired`, from the controller's published bundles. Pure.
+
+    With the ``previous`` fleet, a device whose published entries (its own and its
+    group's) are the very objects they were is not worked out again."""
     groups: dict[str, Any] = {}
     devices: dict[str, Any] = {}
     for target, current in published.items():
@@ -230,6 +235,13 @@ def desired_for(published: Mapping[Any, Any]) -> _Fleet:
         if group_id is None or group_id not in groups:
             continue
         group_current = groups[group_id]
+        if previous is not None:
+            before = previous.inputs.get(device)
+            if before is not None and before[0] is current and before[1] is group_current:
+                fleet.desired[device] = before[2]
+                fleet.inputs[device] = before
+                fleet.members.setdefault(group_id, []).append(device)
+                continue
         group: Bundle = group_current.bundle
         newest = max((group_current, current), key=lambda c: c.published_at or 0.0)
         # A batched rollout pins the device to the group version it runs until its batch
@@ -249,6 +261,7 @@ def desired_for(published: Mapping[Any, Any]) -> _Fleet:
             published_at=max(group_current.published_at or 0.0, current.published_at or 0.0),
             pinned_from=group.version if held else None,
         )
+        fleet.inputs[device] = (current, group_current, fleet.desired[device])
         fleet.members.setdefault(group_id, []).append(device)
     return fleet
 
@@ -514,13 +527,17 @@ class DriftEngine:
     def _refresh_fleet(self) -> None:
         if self._fleet_stale:
             before = self._fleet
-            self._fleet = desired_for(self._published)
+            self._fleet = desired_for(self._published, before)
             self._fleet_stale = False
             self._rebuild_tallies()
             # Work proportional to what changed: only the devices whose desired state moved
             # are decided again (and every group summary is looked at: as many as groups).
             old, new = before.desired, self._fleet.desired
-            self._reeval |= {n for n in old.keys() | new.keys() if old.get(n) != new.get(n)}
+            self._reeval |= {
+                n
+                for n in old.keys() | new.keys()
+                if old.get(n) is not new.get(n) and old.get(n) != new.get(n)
+            }
             self._groups_touched = True
 
     def _rebuild_tallies(self) -> None:

@@ -1,11 +1,11 @@
 """Rollouts inside the controller: gates between rings, batches, windows, halts, reverts.
 
 :class:`Rollouts` is part of every controller. It reads the devices' drift statuses from
-the drift engine of the same controller when it runs one (it calls :meth:`take_status`),
-otherwise from their retained ``.../devices/<id>/drift`` topics (the drift engine's
-public output; a normal QoS 0 subscription, so the retained ones arrive on every
-connect), verified
-operator commands from ``.../operators/commands``, and the repository's render; before
+the drift engine of the same controller when it runs one (the controller hands them to
+:meth:`take_status`), otherwise from their retained ``.../devices/<id>/drift`` topics
+(:meth:`take_drift`; the drift engine's public output, a normal QoS 0 subscription, so
+the retained ones arrive on every connect), verified operator commands from
+``.../operators/commands`` (:meth:`take_command`), and the repository's render; before
 every planning round the controller asks :meth:`Rollouts.hold_back` what may go out:
 
 1. **Gates.** A gated ring's targets whose content (the git tree of the ring's head)
@@ -25,9 +25,11 @@ every planning round the controller asks :meth:`Rollouts.hold_back` what may go 
    ``git revert`` commit written once by :func:`rollouts.revert`. The reverted content
    then walks back to every device at once.
 
-Decisions are made in :meth:`hold_back` (synchronous, no I/O but the ledger file);
-:meth:`run` publishes what they produced: events, retained ``groups/<g>/rollout`` and
-``rings/<ring>/gate`` statuses, audit lines, and reverts.
+Decisions are made in :meth:`hold_back` (synchronous, no I/O but the ledger file); they
+are queued here, and the controller's reconcile loop carries them out after each planning
+round through its executor (:meth:`flush`): events, retained ``groups/<g>/rollout`` and
+``rings/<ring>/gate`` statuses, audit lines, and reverts. :attr:`deadline` (a timer, a
+window) is part of the loop's next wake-up.
 """
 
 from __future__ import annotations
@@ -111,6 +113,12 @@ class Rollouts:
         self._statuses_matter = True
 
     # --- Wiring ------------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """False while the last planning round found no rings, rollouts, windows or ledger
+        entries: then nothing the rollouts see changes a plan."""
+        return self._statuses_matter
 
     def load(self) -> None:
         """Read the ledger (gate evidence, approvals, batches, reverts) from the state dir."""

@@ -4,7 +4,9 @@
 named tasks:
 
 * ``mqtt-link``: the broker connection (:class:`~setpoint.controller.broker.Link`), which
-  reconnects with backoff and re-syncs the view of the retained bundles on every connect;
+  reconnects with backoff and delivers every message and connection change as a fact to
+  :meth:`Controller._take` (one door in); a ``sync-<n>`` task per connection waits until
+  its retained picture is whole;
 * ``reconcile``: the level-triggered loop. Anything (a watched ref, a webhook, a poll, a
   retained topic that changed under us, a refresh falling due, a reconnect) only wakes
   it; each pass re-reads every branch, renders, :func:`~planning.plan`\\ s against what was
@@ -16,10 +18,12 @@ gone, repository unreachable, a broken commit) is logged, reported as an event a
 
 Gating is part of the controller, not an option: every controller owns a
 :class:`~setpoint.controller.rolling.Rollouts` and asks it, before every planning round,
-what may go out (rings, gates, windows, batches). With ``drift=DriftSettings(...)`` it
-also owns the drift engine (:class:`~setpoint.controller.drifting.DriftEngine`), which is
-told every batch of publications and tells the rollouts every device status. Both run as
-tasks of the controller's group; nothing registers hooks on the controller.
+what may go out (rings, gates, windows, batches), and carries out what it decided after
+each round. With ``drift=DriftSettings(...)`` it also owns the drift engine
+(:class:`~setpoint.controller.drifting.DriftEngine`, a task of the controller's group),
+which is told every batch of publications; the statuses it publishes or reads go to the
+rollouts. Everything that goes out goes through one
+:class:`~setpoint.controller.executing.Executor` (sign, publish, clear, event, audit).
 """
 
 from __future__ import annotations
@@ -135,6 +139,8 @@ class Controller:
         self._current: dict[Target, Current] = {}
         self._floors: dict[Target, int] = {}
         self._attempted: dict[Target, Bundle] = {}
+        self._changes = 0  # counts every change of what was published, floors, attempts
+        self._settled_on: tuple[Any, ...] | None = None  # the inputs of the last empty plan
         self._intents: dict[Target, Intent] = {}  # publications under way (write-ahead)
         self._snapshots: OrderedDict[str, View] = OrderedDict()
         self._memo = fleet.Memo()  # device files read before, by content
@@ -455,8 +461,10 @@ class Controller:
             render = self._render  # the last good reading, if any
         self.last_render = render
         refusal: str | None = None
+        only: set[Target] | None = None
+        self.retained.take_changed()
         for _ in range(MAX_PLAN_ROUNDS):
-            plan = self._plan(render)
+            plan = self._plan(render, only)
             refusal = plan.refusal
             if plan.refusal is not None:
                 await self._report_refusal(render, plan.refusal)
@@ -465,6 +473,13 @@ class Controller:
             await self._flush_rollouts()  # what the rollouts decided in this round
             if not plan:
                 break
+            # Work proportional to what changed: without rollout policies, the next round
+            # looks only at the targets this one acted on and those a message changed.
+            changed = self.retained.take_changed()
+            if self.rollouts.active or changed is None:
+                only = None
+            else:
+                only = {a.target for a in plan.actions} | changed
         else:
             log.warning("plan did not converge in %d rounds", MAX_PLAN_ROUNDS)
         if render is not None:
@@ -490,11 +505,27 @@ class Controller:
     def _ttl(self, render: Render | None) -> int:
         return (render.bundle_ttl if render else None) or self.config.bundle_ttl
 
-    def _plan(self, render: Render | None) -> Plan:
+    def _plan(self, render: Render | None, only: set[Target] | None = None) -> Plan:
+        """The plan for ``render`` (``only``: see planning.plan); work proportional to what
+        changed: when nothing it depends on moved since a plan that left nothing to do (the
+        same render, the same retained bundles and publications, no refresh due, no rollout
+        policy at all), that is the answer again without looking at every target."""
         assert self.retained is not None
         if render is not None and render.head:
             render = self.rollouts.hold_back(render, self._current)
+        inputs = (render, self.retained.version, self._changes)
+        refresh = planning.next_refresh(self._current)
+        quiet = not self.rollouts.active and (refresh is None or self._clock() < refresh)
+        if quiet and only is None and self._settled_on == inputs:
+            return Plan()
+        plan = self._full_plan(render, only)
+        self._settled_on = inputs if quiet and not plan and plan.refusal is None else None
+        return plan
+
+    def _full_plan(self, render: Render | None, only: set[Target] | None) -> Plan:
+        assert self.retained is not None
         return planning.plan(
+            only=only,
             desired=render.desired if render and render.head else None,
             broken=render.broken if render else frozenset(),
             removals_allowed=bool(render and render.removals_allowed),
@@ -594,7 +625,7 @@ class Controller:
                 await asyncio.to_thread(self._persist, done)
                 self._intents.clear()  # saving recorded them (or they are moot)
                 if self.drift is not None:
-                    self.drift.published(tuple(done), self.published())
+                    self.drift.published(tuple(done), dict(self._current))
         await self._emit_events(done, render)
 
     async def _concurrently(self, coros: list[Any]) -> None:
@@ -625,6 +656,7 @@ class Controller:
                 action.branch,
             )
         )
+        self._changes += 1
         self._current[action.target] = Current(bundle, author, branch, self._clock())
         self._floors[action.target] = max(self._floors.get(action.target, 0), bundle.version)
         if ours:
@@ -658,6 +690,7 @@ class Controller:
         assert self.retained is not None
         target, bundle = action.target, action.bundle
         signed = self.executor.sign(bundle)
+        self._changes += 1
         if action.reason == "change":
             self._attempted[target] = bundle
         mark = self.retained.mark(target)
@@ -701,6 +734,7 @@ class Controller:
         mark = self.retained.mark(target)
         async with semaphore:
             await self.executor.clear(target.topic(self.topics))
+        self._changes += 1
         self._current.pop(target, None)
         self.retained.note(target, None, mark)
         head = render.head if render else None
