@@ -40,12 +40,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from setpoint.proto import approvals, envelopes, rollout_status, status
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
+from setpoint.proto.rollout_status import GateStatus, RolloutStatus
 from setpoint.proto.status import DriftStatus
 from setpoint.proto.topics import Topics
 
@@ -60,7 +62,6 @@ from .rollouts import Ledger, Rollout
 
 if TYPE_CHECKING:
     from .broker import Message
-    from .executing import Executor
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,39 @@ def _differs(rendered: Rendered | None, current: Current | None) -> bool:
     if rendered is None or current is None:
         return (rendered is None) != (current is None)
     return _unpinned(rendered.bundle) != _unpinned(current.bundle)
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """Send an event (``events/<type>``)."""
+
+    type: str
+    fields: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Write a line of the audit log (its one schema)."""
+
+    entry: Entry
+
+
+@dataclass(frozen=True, slots=True)
+class Show:
+    """Retain a rollout or gate status on ``topic``."""
+
+    topic: str
+    status: RolloutStatus | GateStatus
+    view: Mapping[str, Any] = field(compare=False, repr=False)
+
+    def payload(self) -> bytes:
+        if isinstance(self.status, GateStatus):
+            return rollout_status.gate_to_json(self.status)
+        return rollout_status.rollout_to_json(self.status)
+
+
+# What the rollouts decide, carried out by the controller's executor: a closed set.
+Action = Emit | Record | Show
 
 
 class Rollouts:
@@ -100,8 +134,8 @@ class Rollouts:
         self.ledger = Ledger()
         self.views: dict[str, dict[str, Any]] = {}  # topic -> retained JSON body
         self._published_views: dict[str, dict[str, Any]] = {}
-        self._events: list[tuple[str, dict[str, Any]]] = []
-        self._audit: list[Entry] = []
+        self._events: list[Emit] = []
+        self._audit: list[Record] = []
         self._noted: dict[str, Any] = {}
         self.deadline: float | None = None  # when a decision falls due (a timer, a window)
         self._operators: dict[str, tuple[str, Any]] = {}
@@ -234,13 +268,13 @@ class Rollouts:
     # --- Outputs (queued here, carried out by the executor: see flush) ---------------------
 
     def _event(self, event_type: str, **fields: Any) -> None:
-        self._events.append((event_type, fields))
+        self._events.append(Emit(event_type, fields))
 
     def _audit_line(self, what: str, target: str, **fields: Any) -> None:
         kind = "group" if not target.startswith("ring:") else "ring"
         ident = target.removeprefix("ring:")
         self._audit.append(
-            Entry(
+            Record(Entry(
                 time=self._clock(),
                 target=f"{kind}/{ident}",
                 kind=kind,
@@ -253,8 +287,8 @@ class Rollouts:
                 branch=fields.pop("branch", None),
                 content_digest=fields.pop("tree", None),
                 detail=fields,
-            )
-        )
+            ))
+        )  # fmt: skip
 
     def _note_once(self, key: str, value: Any) -> bool:
         """True the first time ``value`` is noted under ``key`` (events only on change)."""
@@ -845,25 +879,31 @@ class Rollouts:
 
     # --- Carrying out what was decided (through the controller's executor) ----------------
 
-    async def flush(self, executor: Executor, repo: str | None) -> bool:
-        """Write reverts (``repo``: the local repository, None if remote), then audit,
-        events and changed views; True if a revert was written (the repository moved).
-        What the broker did not acknowledge stays queued for the next flush."""
-        reverted = await self._reverts(repo)
-        if self._audit:
-            lines, self._audit = self._audit, []
-            await executor.audit(lines)
-        while self._events:
-            event_type, fields = self._events[0]
-            await executor.event(event_type, **fields)
-            self._events.pop(0)
-        for topic, view in list(self.views.items()):
-            if self._published_views.get(topic) == view:
-                continue
-            body = _encode_view(self.topics.parse(topic).kind, view, self._clock())
-            await executor.publish(topic, body, retain=True)
-            self._published_views[topic] = view
-        return reverted
+    def actions(self) -> list[Action]:
+        """What was decided and is not carried out yet, in the order to carry it out:
+        audit lines, events, then the rollout and gate statuses that changed (typed,
+        through the proto codecs). Each is queued until :meth:`done` says it was."""
+        now = self._clock()
+        shows: list[Action] = [
+            Show(topic, _typed_view(self.topics.parse(topic).kind, view, now), view)
+            for topic, view in self.views.items()
+            if self._published_views.get(topic) != view
+        ]
+        return [*self._audit, *self._events, *shows]
+
+    def done(self, action: Action) -> None:
+        """``action`` (from :meth:`actions`) was carried out."""
+        if isinstance(action, Record):
+            self._audit.remove(action)
+        elif isinstance(action, Emit):
+            self._events.remove(action)
+        else:
+            self._published_views[action.topic] = dict(action.view)
+
+    async def write_reverts(self, repo: str | None) -> bool:
+        """Write the reverts halted rollouts asked for (``repo``: the local repository,
+        None if remote); True if one was written (the repository moved)."""
+        return await self._reverts(repo)
 
     async def _reverts(self, repo: str | None) -> bool:
         reverted = False
@@ -901,9 +941,9 @@ class Rollouts:
         return reverted
 
 
-def _encode_view(kind: str, view: dict[str, Any], now: float) -> bytes:
+def _typed_view(kind: str, view: Mapping[str, Any], now: float) -> RolloutStatus | GateStatus:
     """A view as its typed retained status (proto/SPEC.md 7.5, 7.6): what the codecs
     cannot read back is a bug here, and stops the controller loudly."""
     if kind == "ring-gate":
-        return rollout_status.gate_to_json(rollout_status.gate_from_dict({**view, "time": now}))
-    return rollout_status.rollout_to_json(rollout_status.rollout_from_dict({**view, "time": now}))
+        return rollout_status.gate_from_dict({**view, "time": now})
+    return rollout_status.rollout_from_dict({**view, "time": now})

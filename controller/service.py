@@ -65,7 +65,7 @@ from .planning import Adopt, Clear, Current, Plan, Publish, Retained
 from .rendering import BranchProblem, Render, Target, View
 from .repository import Repository, is_remote, redact
 from .retained import RetainedView
-from .rolling import Rollouts
+from .rolling import Emit, Record, Rollouts
 from .signing import Signer, load_signer
 from .state import FleetIdentity, Intent, StateStore
 
@@ -489,10 +489,19 @@ class Controller:
         return self._retry_at is None
 
     async def _flush_rollouts(self) -> None:
+        """Carry out what the rollouts decided; what the broker did not take stays queued."""
         assert self.repository is not None
         repo = None if self.repository.remote else self.config.repo
-        if await self.rollouts.flush(self.executor, repo):
+        if await self.rollouts.write_reverts(repo):
             self.wake("revert")  # a revert commit: the next pass publishes it
+        for action in self.rollouts.actions():
+            if isinstance(action, Record):
+                await self.executor.audit([action.entry])
+            elif isinstance(action, Emit):
+                await self.executor.event(action.type, **action.fields)
+            else:
+                await self.executor.publish(action.topic, action.payload(), retain=True)
+            self.rollouts.done(action)
 
     def _log_warnings(self, render: Render) -> None:
         """Log what publishes anyway but needs an operator (once per set of commits)."""
