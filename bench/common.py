@@ -5,9 +5,9 @@
 * :class:`Stack` starts a private mosquitto, a signing key, a fleet repository of simulated
   devices and a real controller (``setpoint controller``, drift engine included), and waits
   until every bundle is retained.
-* :class:`Watcher` is one lean MQTT connection (``setpoint.sim.mqtt``) that records what
-  arrives on the topics it is given, with arrival times, and lets a benchmark wait for a
-  condition without sleeping.
+* :class:`Watcher` is one MQTT connection (``setpoint.sim.mqtt``, on the transport) that
+  records what arrives on the topics it is given, with arrival times, and lets a benchmark
+  wait for a condition without sleeping.
 * :func:`start_sim` runs ``setpoint sim`` and waits for its ``ready`` line.
 """
 

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from setpoint.proto.topics import Topics
-from setpoint.sim import fleetrepo, mqtt
+from setpoint.sim import fleetrepo
+from setpoint.transport import Session, Settings
 
 from .common import ENGINES, RESULTS, Stack, Watcher, record, rss_mb, spy_on, start_sim, table
 
@@ -49,15 +50,17 @@ async def bare_reference(stack: Stack, n: int) -> float:
             stack.broker.host, stack.broker.port, [topics.all_reported()], keep_arrivals=False
         )
         async with watcher:
-            pub = await mqtt.open_connection(stack.broker.host, stack.broker.port, "bench-bare")
+            pub = await Session.open(
+                Settings(stack.broker.host, stack.broker.port, "bench-bare", protocol="3.1.1")
+            )
             payload = b"\x01" * BUNDLE_SIZE
             names = [f"sim-{i:05d}" for i in range(n)]
             started = time.time()
-            for name in names:
-                pub.publish(topics.device_desired(name), payload, qos=1, retain=True)
+            for name in names:  # pipelined: up to the transport's in-flight window
+                await pub.publish(topics.device_desired(name), payload, qos=1, retain=True)
             await watcher.until(lambda: len(watcher.latest) >= n)
             took = time.time() - started
-            pub.disconnect()
+            pub.close()
         return took
     finally:
         sim.stop()

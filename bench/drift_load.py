@@ -38,6 +38,7 @@ from setpoint.proto import reports
 from setpoint.proto.reports import Report
 from setpoint.proto.topics import Topics
 from setpoint.sim import mqtt
+from setpoint.transport import raw
 
 from . import drift_latency
 from .common import RESULTS, percentile, record, table
@@ -73,12 +74,10 @@ def _load(host: str, port: int, rate: float, stop: Any, sent: Any) -> None:
     for i in range(LOAD_DEVICES):
         name = f"load-{i:05d}"
         payload = reports.encode(Report(device=name, time=now, seq=1, shim_version="load"))
-        packets.append(
-            mqtt.publish(topics.device_reported(name), payload, qos=1, retain=True, packet_id=1)
-        )
+        packets.append(raw.publishes([(topics.device_reported(name), payload, 1, True)]))
     sock = socket.create_connection((host, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(mqtt.connect(f"bench-load-{os.getpid()}", keepalive=300))
+    sock.sendall(raw.connect(f"bench-load-{os.getpid()}", keepalive=300))
     sock.recv(4)
 
     def drain() -> None:

@@ -13,8 +13,9 @@ own speed bounds it. Every subscriber gets the same stream (under its own topic 
 after the other on the same broker, in the same run:
 
 * ``mosquitto_sub`` (the C client; the reference);
-* bare subscribers: ``aiomqtt``, ``paho`` in a thread, ``lean`` (``setpoint.sim.mqtt``),
-  ``lean-decode`` (lean + ``reports.decode`` of every message);
+* bare subscribers (``bench/subscribers.py``): ``aiomqtt``, ``paho`` in a thread,
+  ``gmqtt``, ``mqtt5`` (the Rust MQTT 5 codec), ``transport`` / ``transport-311``
+  (``setpoint.transport``, MQTT 5 / 3.1.1; decision 0008);
 * the controller, full ingest: ``setpoint controller`` with its drift engine (decode,
   detect, publish status changes), timed to the last device's ``unknown`` drift status.
 
@@ -42,12 +43,12 @@ from typing import Any
 from setpoint.proto import reports
 from setpoint.proto.reports import Applied, Report
 from setpoint.proto.topics import Topics
-from setpoint.sim import mqtt
 from setpoint.sim.running import device_id
+from setpoint.transport import raw
 
 from .common import Stack, Watcher, record, rss_mb, spy_on, stop, table
 
-BARE = ("aiomqtt", "aiomqtt-v5", "paho", "lean", "lean-decode")
+BARE = ("aiomqtt", "aiomqtt-v5", "paho", "mqtt5", "gmqtt", "transport", "transport-311")
 
 
 def build_stream(prefix: str, devices: int, total: int) -> bytes:
@@ -64,14 +65,12 @@ def build_stream(prefix: str, devices: int, total: int) -> bytes:
         claim = Applied("sim-g0", 999_999, "0" * 40, "0" * 64)
         final.append(reports.encode(Report(**{**_fields(base), "seq": 2,
                                               "applied_group": claim})))  # fmt: skip
-    out = bytearray()
-    packet_id = 0
-    for r in range(rounds):
-        payloads = final if r == rounds - 1 else pending
-        for topic, payload in zip(names, payloads, strict=True):
-            packet_id = packet_id % 0xFFFF + 1
-            out += mqtt.publish(topic, payload, qos=1, retain=True, packet_id=packet_id)
-    return bytes(out)
+    messages = (
+        (topic, payload, 1, True)
+        for r in range(rounds)
+        for topic, payload in zip(names, final if r == rounds - 1 else pending, strict=True)
+    )
+    return raw.publishes(messages)
 
 
 def _fields(report: Report) -> dict[str, Any]:
@@ -81,7 +80,7 @@ def _fields(report: Report) -> dict[str, Any]:
 def _blast(host: str, port: int, stream: bytes, count: int, go: Any, out: Any) -> None:
     sock = socket.create_connection((host, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(mqtt.connect(f"bench-blast-{os.getpid()}", keepalive=300))
+    sock.sendall(raw.connect(f"bench-blast-{os.getpid()}", keepalive=300))
     connack = sock.recv(4)
     if connack[:1] != b"\x20":
         out.send(("error", f"no CONNACK: {connack!r}"))
@@ -104,7 +103,7 @@ def _blast(host: str, port: int, stream: bytes, count: int, go: Any, out: Any) -
     sent = time.time()
     acked.wait(300)
     out.send(("ok", (t0, sent, time.time())))
-    sock.sendall(mqtt.DISCONNECT_PACKET)
+    sock.sendall(raw.disconnect())
     sock.close()
 
 
@@ -250,7 +249,9 @@ def _row(name: str, count: int, t0: float, last: float, sent: float, acked: floa
     }
 
 
-async def main_async(devices: int, total: int, clients: list[str], quick: bool) -> dict[str, Any]:
+async def main_async(
+    devices: int, total: int, clients: list[str], quick: bool, controller: bool = True
+) -> dict[str, Any]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         stack = Stack(
@@ -266,7 +267,8 @@ async def main_async(devices: int, total: int, clients: list[str], quick: bool) 
             rows.append(show(run_reference(stack, devices, total)))
             for client in clients:
                 rows.append(show(run_bare(stack, client, devices, total)))
-            rows.append(show(await run_controller(stack, devices, total)))
+            if controller:
+                rows.append(show(await run_controller(stack, devices, total)))
             broker_rss = rss_mb(stack.broker.proc.pid) if stack.broker.proc else None
     reference = rows[0]["rate"]
     for row in rows:
@@ -288,8 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--clients", nargs="*", default=list(BARE))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--no-controller", action="store_true", help="bare subscribers only (compare libraries)"
+    )
     args = parser.parse_args(argv)
-    asyncio.run(main_async(args.devices, args.reports, args.clients, args.quick))
+    asyncio.run(
+        main_async(args.devices, args.reports, args.clients, args.quick, not args.no_controller)
+    )
     return 0
 
 

@@ -113,7 +113,7 @@ class _Inbox(asyncio.Queue[aiomqtt.Message]):
         return item
 
 
-def _tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
+def tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
     if not settings.tls:
         return None
     context = ssl.create_default_context(cafile=settings.ca)
@@ -354,7 +354,7 @@ class Link:
             protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
             username=s.username,
             password=s.password,
-            tls_context=_tls_context(s),
+            tls_context=tls_context(s),
             keepalive=s.keepalive,
             timeout=s.connect_timeout,
             max_inflight_messages=100,
@@ -432,7 +432,7 @@ class Link:
             keepalive=s.keepalive,
             username=s.username,
             password=s.password,
-            ssl_context=_tls_context(s),
+            ssl_context=tls_context(s),
             timeout=s.connect_timeout,
             **extra,
         )
@@ -455,7 +455,10 @@ class Link:
             if value >= 0x80:
                 raise BrokerUnavailable(
                     f"the broker refused the subscription to {route.topic_filter!r}"
-                    f" (code {value:#x}); check the broker's ACL for this client"
+                    f" (code {value:#x}): the broker's ACL does not allow it to this client,"
+                    " or a clustered engine cannot serve it yet (NATS refuses QoS 1"
+                    " subscriptions while it elects stream leaders after a node died);"
+                    " reconnecting to try again"
                 )
 
     async def _pump(self, client: aiomqtt.Client, session: Session) -> None:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from setpoint.proto import bundles, commands, envelopes
+from setpoint.proto import bundles, commands, envelopes, leader
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.commands import Command
 from setpoint.proto.errors import SchemaError
+from setpoint.proto.leader import LeaderRecord
 from setpoint.proto.trust import PAYLOAD_TYPES
 
 from .errors import ConfigError
@@ -72,6 +73,10 @@ class Signer:
         """The envelope of a device command, signed with every key like a bundle (a device
         with ``threshold: 2``, or one that trusts only the new key mid-rotation, accepts it)."""
         return commands.sign(command, list(self._keys))
+
+    def sign_leader(self, record: LeaderRecord) -> bytes:
+        """The envelope of a controller replica's leader record (``proto.leader``)."""
+        return leader.sign(record, list(self._keys))
 
 
 def load_signer(path: Path, *more: Path) -> Signer:

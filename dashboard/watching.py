@@ -16,42 +16,86 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from typing import Final
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 
 import aiomqtt
 
-from setpoint.kit.backoff import Backoff, Retry
-from setpoint.kit.brokers import BrokerSettings
 from setpoint.proto.topics import Topics
 
 from .fleet import Change, Fleet
 
 FETCH_TIMEOUT = 5.0
-BACKOFF: Final = Backoff(0.2, 5.0)
+BACKOFF = (0.2, 5.0)
 
 
 class BrokerUnavailable(Exception):
     """The broker could not be reached or did not answer in time."""
 
 
-def client(broker: BrokerSettings, identifier: str) -> aiomqtt.Client:
-    """An MQTT 5 client of ``broker`` (not connected yet)."""
-    tls = (
-        aiomqtt.TLSParameters(ca_certs=broker.ca, certfile=broker.cert, keyfile=broker.key)
-        if broker.tls
-        else None
-    )
-    return aiomqtt.Client(
-        broker.host,
-        broker.port,
-        identifier=identifier,
-        username=broker.username,
-        password=broker.password,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        tls_params=tls,
-        timeout=FETCH_TIMEOUT,
-    )
+_REFUSED_VERSION = frozenset({1, 132})  # CONNACK: 3.1.1's "unacceptable version"; 5's "unsupported"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """The broker: ``host``/``port`` and, for a cluster, the ``others`` nodes tried in turn;
+    ``protocol`` is ``auto`` (MQTT 5, then 3.1.1 on an engine that refuses 5), ``5`` or
+    ``3.1.1``."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    tls: bool = False
+    protocol: str = "auto"
+    others: tuple[tuple[str, int], ...] = ()
+
+    def client(self, identifier: str, host: str, port: int, protocol: str) -> aiomqtt.Client:
+        tls = (
+            aiomqtt.TLSParameters(ca_certs=self.ca, certfile=self.cert, keyfile=self.key)
+            if self.tls
+            else None
+        )
+        return aiomqtt.Client(
+            host,
+            port,
+            identifier=identifier,
+            username=self.username,
+            password=self.password,
+            protocol=aiomqtt.ProtocolVersion.V5
+            if protocol == "5"
+            else aiomqtt.ProtocolVersion.V311,
+            tls_params=tls,
+            timeout=FETCH_TIMEOUT,
+        )
+
+    @contextlib.asynccontextmanager
+    async def connected(self, identifier: str) -> AsyncIterator[aiomqtt.Client]:
+        """A connected client: each node in turn, each with MQTT 5 then 3.1.1 (``auto``);
+        BrokerUnavailable naming every failure if none answers."""
+        protocols = ("5", "3.1.1") if self.protocol == "auto" else (self.protocol,)
+        failures: list[str] = []
+        for host, port in ((self.host, self.port), *self.others):
+            for protocol in protocols:
+                client = self.client(identifier, host, port, protocol)
+                try:
+                    await client.__aenter__()
+                except aiomqtt.MqttError as exc:
+                    failures.append(f"{host}:{port} (MQTT {protocol}): {exc}")
+                    code = getattr(exc, "rc", None)
+                    if int(getattr(code, "value", code) or 0) in _REFUSED_VERSION:
+                        continue  # try the older protocol on the same node
+                    break
+                try:
+                    yield client
+                finally:
+                    with contextlib.suppress(aiomqtt.MqttError):
+                        await client.__aexit__(None, None, None)
+                return
+        raise BrokerUnavailable("; ".join(failures))
 
 
 class Changes:
@@ -102,25 +146,26 @@ class Watcher:
         ]
 
     async def run(self, clock: Callable[[], float] = time.time) -> None:
-        retry = Retry(BACKOFF)
+        delay = BACKOFF[0]
         while True:
             identifier = f"setpoint-dashboard-{secrets.token_hex(4)}"
             try:
-                async with client(self.broker, identifier) as connection:
-                    await connection.subscribe(self.filters())
+                async with self.broker.connected(identifier) as client:
+                    await client.subscribe(self.filters())
                     self.connected.set()
                     self.error = ""
-                    retry.reset()
-                    async for message in connection.messages:
+                    delay = BACKOFF[0]
+                    async for message in client.messages:
                         payload = message.payload
                         data = payload if isinstance(payload, bytes) else str(payload).encode()
                         change = self.fleet.take(message.topic.value, data, clock())
                         if change is not None:
                             self.changes.publish(change)
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, BrokerUnavailable) as exc:
                 self.connected.clear()
                 self.error = str(exc) or type(exc).__name__
-            await asyncio.sleep(retry.next())
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF[1])
 
 
 async def fetch_retained(
@@ -132,10 +177,10 @@ async def fetch_retained(
     mark = secrets.token_hex(8).encode()
     found: dict[str, bytes] = {}
     try:
-        async with asyncio.timeout(timeout), client(broker, identifier) as connection:
-            await connection.subscribe([(f, 0) for f in filters] + [(barrier, 0)])
-            await connection.publish(barrier, mark, qos=0)
-            async for message in connection.messages:
+        async with asyncio.timeout(timeout), broker.connected(identifier) as client:
+            await client.subscribe([(f, 0) for f in filters] + [(barrier, 0)])
+            await client.publish(barrier, mark, qos=0)
+            async for message in client.messages:
                 payload = message.payload
                 data = payload if isinstance(payload, bytes) else b""
                 if message.topic.value == barrier:

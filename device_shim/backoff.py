@@ -1,8 +1,7 @@
-"""Backoff, and the gate that keeps a failed version from looping.
+"""The gate that keeps a failed version from looping, on the kit's backoff.
 
-:class:`Backoff` is the kit's one policy (:mod:`setpoint.kit.backoff`: exponential,
-"equal jitter"), so a thousand devices that lose the broker at the same instant come back
-spread over time instead of in one storm.
+:class:`Backoff` (exponential, jittered) lives in :mod:`setpoint.kit.backoff` and is
+re-exported here.
 
 :class:`RetryGate` remembers the last failed apply: which target it was (a key made of the
 versions and digests of the bundles), whether the error was permanent, how many attempts

@@ -33,6 +33,7 @@ GROUP_BUNDLE_TYPE: Final = "application/vnd.setpoint.bundle.group+msgpack"
 DEVICE_BUNDLE_TYPE: Final = "application/vnd.setpoint.bundle.device+msgpack"
 COMMAND_TYPE: Final = "application/vnd.setpoint.command+msgpack"
 APPROVAL_TYPE: Final = "application/vnd.setpoint.approval+msgpack"
+LEADER_TYPE: Final = "application/vnd.setpoint.leader+msgpack"
 
 MAX_ENVELOPE_BYTES: Final = 1024 * 1024
 MAX_SIGNATURES: Final = 16

@@ -149,6 +149,10 @@ class Topics:
         """Retained JSON: each tracked branch's head commit, accepted or refused, and why."""
         return f"{self.prefix}/repository/status"
 
+    def controller_leader(self) -> str:
+        """Retained, signed: which controller replica leads (``proto.leader``)."""
+        return f"{self.prefix}/controllers/leader"
+
     def operator_commands(self) -> str:
         """Signed operator commands (approve, pause, resume) to the controller."""
         return f"{self.prefix}/operators/commands"

@@ -4,7 +4,8 @@
 then ``x/2 + uniform(0, x/2)``, so a thousand clients that lose the broker at the same
 instant come back spread over time instead of in one storm, yet none retries sooner than
 half the nominal delay. :class:`Retry` counts the attempts of one loop (``next``, and
-``reset`` after a success).
+``reset`` after a success). Used by the shim (``setpoint.device_shim.backoff``), the MQTT
+transport (``setpoint.transport``) and the controller's link, repository and lease loops.
 
 Pure; randomness is passed in, so tests drive it by hand.
 """

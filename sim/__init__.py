@@ -1,7 +1,7 @@
 """The fleet simulator: thousands of simulated devices that behave like shims on the wire.
 
 ``setpoint sim`` runs it; the benchmarks in ``bench/`` and ``make demo DEVICES=N`` use it.
-Each device has its own MQTT connection (a lean MQTT 3.1.1 client, :mod:`.mqtt`), verifies
+Each device has its own MQTT connection (:mod:`.mqtt`, on :mod:`setpoint.transport`), verifies
 bundles for real with ``setpoint.proto``, applies them to memory and reports in the
 shim's format (:mod:`.devices`); :mod:`.running` paces the connections and spreads a large
 fleet over several processes.

@@ -255,7 +255,7 @@ class SimDevice:
             wanted.append((self.group_topic, 1))
         return wanted
 
-    def connected(self, conn: mqtt.Connection) -> asyncio.Future[bytes]:
+    def connected(self, conn: mqtt.Connection) -> asyncio.Future[list[int]]:
         """A new session: subscribe, say online, and report where we are."""
         self.conn = conn
         subscribed = conn.subscribe(self.subscriptions())

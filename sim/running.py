@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
+from setpoint.kit.backoff import Backoff
 from setpoint.proto import envelopes
 from setpoint.proto.topics import Topics
 
@@ -38,6 +39,7 @@ from .devices import Counters, Faults, Fleet, SimDevice, Verifier
 
 FD_MARGIN: Final = 64  # descriptors kept for the loop, logs, pipes
 TICK: Final = 0.1
+SUBSCRIBE_BACKOFF: Final = Backoff(0.5, 30.0)  # between refused subscriptions of a device
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +109,7 @@ class EchoDevice:
     def will(self) -> None:
         return None
 
-    def connected(self, conn: mqtt.Connection) -> asyncio.Future[bytes]:
+    def connected(self, conn: mqtt.Connection) -> asyncio.Future[list[int]]:
         self.conn = conn
         return conn.subscribe([(self.topic_desired, 1)])
 
@@ -134,6 +136,7 @@ class Swarm:
         self.ready = 0
         self.connected = 0
         self.failures = 0
+        self.refusals = 0  # SUBACKs that refused a subscription (asked again after a backoff)
         self.stopping = False
         self._all_ready = asyncio.Event()
         self._window = asyncio.Semaphore(config.window)
@@ -144,46 +147,63 @@ class Swarm:
     # --- Connecting ----------------------------------------------------------------------
 
     async def _connect(self, device: Any, first: bool) -> None:
-        loop = asyncio.get_running_loop()
         config = self.config
-        will = device.will()
-
-        def ready() -> None:
-            subscribed = device.connected(conn)
-            if first and subscribed is not None:
-                subscribed.add_done_callback(self._subscribed)
-
-        conn = mqtt.Connection(
-            device.id,
-            mqtt.connect(
-                device.id,
-                keepalive=config.keepalive,
-                will=will,
-                username=config.username,
-                password=config.password,
-            ),
-            on_message=device.on_message,
-            on_ready=ready,
-            on_lost=lambda exc: self._lost(device, conn, exc),
-        )
         async with self._window:
             try:
-                await loop.create_connection(lambda: conn, config.host, config.port)
-            except OSError as exc:
+                conn = await mqtt.open_connection(
+                    config.host,
+                    config.port,
+                    device.id,
+                    keepalive=config.keepalive,
+                    will=device.will(),
+                    username=config.username,
+                    password=config.password,
+                    on_message=device.on_message,
+                    on_lost=lambda conn, exc: self._lost(device, conn, exc),
+                )
+            except (OSError, mqtt.TransportError) as exc:
                 self.failures += 1
                 if first:
                     raise ConnectionError(
                         f"{device.id}: cannot connect to {config.host}:{config.port}: {exc}"
                     ) from exc
                 self._later(device)
+                return
+        self._subscribe(device, conn, first, 0)
 
-    def _subscribed(self, future: asyncio.Future[bytes]) -> None:
-        if future.cancelled() or future.exception() is not None:
+    def _subscribe(self, device: Any, conn: mqtt.Connection, first: bool, attempt: int) -> None:
+        subscribed = device.connected(conn)
+        if subscribed is not None:
+            subscribed.add_done_callback(
+                lambda future: self._subscribed(device, conn, first, attempt, future)
+            )
+
+    def _subscribed(
+        self, device: Any, conn: mqtt.Connection, first: bool, attempt: int, future: Any
+    ) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if isinstance(error, mqtt.SubscriptionRefused):
+            # A clustered broker refuses while it creates the subscription (NATS: SUBACK
+            # 0x80 under a burst of connects); ask again after the kit's backoff.
+            if not self.stopping and conn.connected:
+                self.refusals += 1
+                delay = SUBSCRIBE_BACKOFF.delay(attempt, self.rng)
+                asyncio.get_running_loop().call_later(
+                    delay, self._resubscribe, device, conn, first, attempt + 1
+                )
+            return
+        if error is not None or not first:
             return
         self.ready += 1
         if self.ready == len(self.devices):
             self._ready_at = time.monotonic()
             self._all_ready.set()
+
+    def _resubscribe(self, device: Any, conn: mqtt.Connection, first: bool, attempt: int) -> None:
+        if not self.stopping and device.conn is conn and conn.connected:
+            self._subscribe(device, conn, first, attempt)
 
     def _lost(self, device: Any, conn: mqtt.Connection, exc: Exception | None) -> None:
         if device.conn is conn:

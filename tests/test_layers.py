@@ -19,7 +19,9 @@ SHIM_ALLOWED = {
     "setpoint", "paho", "msgpack", "cryptography", "inotify_simple", "cffi", "_cffi_backend"
 }  # fmt: skip
 PROTO_ALLOWED = {"setpoint", "msgpack", "cryptography", "cffi", "_cffi_backend"}
-CONTROLLER_ONLY = {"aiomqtt", "pydantic", "pydantic_core", "dulwich", "yaml", "prometheus_client"}
+CONTROLLER_ONLY = {
+    "aiomqtt", "gmqtt", "pydantic", "pydantic_core", "dulwich", "yaml", "prometheus_client"
+}  # fmt: skip
 
 _PROBE = textwrap.dedent(
     """
@@ -135,4 +137,15 @@ def test_the_controllers_decisions_load_no_io_library() -> None:
     assert result.returncode == 0, result.stderr
     loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
     assert "setpoint" in loaded and "pydantic" in loaded  # it did load the fleet's models
-    assert not loaded & {"aiomqtt", "paho", "dulwich", "asyncio", "prometheus_client"}
+    assert not loaded & {"aiomqtt", "paho", "gmqtt", "dulwich", "asyncio", "prometheus_client"}
+
+
+def test_the_transport_is_io_below_the_sides() -> None:
+    # setpoint.transport is what the controller and the simulator speak MQTT with: it
+    # loads gmqtt and the kit, and nothing of the controller, the simulator or the shim.
+    imported, top_level, ours = probe("setpoint.transport")
+    assert "setpoint.transport.client" in imported and "gmqtt" in top_level
+    assert not top_level & {"aiomqtt", "paho", "dulwich", "pydantic", "yaml"}
+    for layer in ("setpoint.controller", "setpoint.sim", "setpoint.device_shim",
+                  "setpoint.commands", "setpoint.proto"):  # fmt: skip
+        assert not [m for m in ours if m == layer or m.startswith(layer + ".")], layer

@@ -121,15 +121,23 @@ class Reader:
         wanted = getattr(args, "mqtt_version", "auto")
         protocols = ["5", "3.1.1"] if wanted == "auto" else [wanted]
         failures: list[str] = []
-        for url in brokers_from_args(args):
+        urls = brokers_from_args(args)
+        for url in urls:
             for protocol in protocols:
                 error = self._connect(url, protocol)
                 if error is None:
                     return
-                failures.append(f"{url.scheme}://{url.host}:{url.port} (MQTT {protocol}): {error}")
+                # One node: its URL is already at the head of the message.
+                where = "" if len(urls) == 1 else f"{url.scheme}://{url.host}:{url.port} "
+                failures.append(f"{where}(MQTT {protocol}): {error}")
                 if not error.startswith("Unsupported protocol version"):
                     break
-        raise CommandError(f"cannot connect to {args.broker}: " + "; ".join(failures))
+        raise CommandError(
+            f"cannot connect to {args.broker}: "
+            + "; ".join(failures)
+            + "; check that the broker runs there, and --broker, SETPOINT_BROKER or the"
+            " context (setpoint config view)"
+        )
 
     def _connect(self, url: BrokerURL, protocol: str) -> str | None:
         """One attempt: None once connected, else why not."""

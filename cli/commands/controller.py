@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import re
 import signal
+import socket
 import sys
 from pathlib import Path
+from typing import Any
+
+from setpoint.proto.topics import Topics
 
 from ._common import CommandError, add_broker_arguments, broker_from_args, require_controller
 from .history import explicit_state_dir, state_base
@@ -122,6 +128,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=60.0,
         help="with --once: give up after this many seconds (default 60)",
     )
+    replicas = parser.add_argument_group("replicas (docs/scale-out.md)")
+    replicas.add_argument(
+        "--lease",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="run as one of several replicas of this fleet's controller: only the one holding"
+        " the lead (a signed, retained record renewed every third of SECONDS) publishes; the"
+        " others take over when it has not renewed for SECONDS (e.g. 6)",
+    )
+    replicas.add_argument(
+        "--replica-id",
+        default=None,
+        help="this replica's name in the leader record (default: host name and process id)",
+    )
     drift = parser.add_argument_group("drift engine (docs/drift.md)")
     drift.add_argument(
         "--no-drift", action="store_true", help="do not run the drift engine (bundles only)"
@@ -176,6 +197,10 @@ def _config(args: argparse.Namespace) -> object:
     broker_mod = require_controller("setpoint.controller.broker")
     fleet = require_controller("setpoint.controller.fleet")
     url = broker_from_args(args)
+    if args.lease is not None and args.once:
+        raise CommandError("--lease runs a replica until stopped; it cannot be used with --once")
+    if args.lease is not None and args.lease < 1:
+        raise CommandError("--lease: a lease shorter than 1s would expire between renewals")
     ttl = fleet.DEFAULT_BUNDLE_TTL
     if args.bundle_ttl is not None:
         try:
@@ -228,8 +253,24 @@ def _config(args: argparse.Namespace) -> object:
         # One directory per fleet, so two fleets on one host never share versions or history.
         state = require_controller("setpoint.controller.state")
         fleet_dir = state.default_dir(state_base(), service.identity(config))
+        if args.lease is not None:  # and one per replica: each holds its state dir's lock
+            fleet_dir = fleet_dir.with_name(f"{fleet_dir.name}-replica-{_replica_id(args)}")
         config = dataclasses.replace(config, state_dir=fleet_dir)
     return config
+
+
+def _replica_id(args: argparse.Namespace) -> str:
+    """``--replica-id``, checked, or one made of the host name and the process id."""
+    from setpoint.proto.errors import InvalidId
+    from setpoint.proto.topics import validate_id
+
+    if args.replica_id is None:
+        host = re.sub(r"[^a-z0-9_-]+", "-", socket.gethostname().lower()).strip("-_")
+        args.replica_id = f"{host[:48] or 'controller'}-{os.getpid()}"
+    try:
+        return validate_id(args.replica_id, "--replica-id")
+    except InvalidId as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _drift(args: argparse.Namespace) -> object | None:
@@ -263,6 +304,8 @@ async def _main(args: argparse.Namespace, config: object) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     log.info("starting: %s", service.describe(config))
+    if args.lease is not None:
+        return await _replica(args, config, stop)
     async with service.Controller(config, drift=_drift(args)) as controller:
         if args.once:
             settling = asyncio.ensure_future(controller.settle())
@@ -285,6 +328,38 @@ async def _main(args: argparse.Namespace, config: object) -> int:
             return _verdict(controller)
         await stop.wait()
         log.info("stopping")
+    return 0
+
+
+async def _replica(args: argparse.Namespace, config: Any, stop: asyncio.Event) -> int:
+    """Run as a replica: the controller runs only while this replica holds the lead."""
+    replica_mod = require_controller("setpoint.controller.replica")
+    service = require_controller("setpoint.controller.service")
+    signing = require_controller("setpoint.controller.signing")
+    drift = _drift(args)
+
+    async def lead() -> None:
+        async with service.Controller(config, drift=drift):
+            await asyncio.Event().wait()  # until the lease says to step down
+
+    replica = replica_mod.Replica(
+        config.broker,
+        Topics(config.prefix),
+        signing.load_signer(config.key_path, *config.extra_key_paths),
+        replica_mod.ReplicaSettings(_replica_id(args), args.lease),
+        lead,
+    )
+    running = asyncio.ensure_future(replica.run())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (running, stopping):
+            task.cancel()
+        await asyncio.gather(stopping, return_exceptions=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    log.info("stopping")
     return 0
 
 

@@ -24,15 +24,17 @@ from ._common import (
     CommandError,
     add_broker_arguments,
     add_trust_argument,
-    broker_from_args,
+    brokers_from_args,
     load_trust,
 )
+from ._fleetview import add_protocol_argument
 
 DASHBOARD_EXTRA_HINT = "this verb needs pip install 'setpoint[dashboard]'"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_broker_arguments(parser)
+    add_protocol_argument(parser)
     parser.add_argument(
         "--listen",
         default="127.0.0.1:8080",
@@ -114,7 +116,8 @@ def _settings(args: argparse.Namespace) -> object:
         from setpoint.proto.errors import ProtocolError
     except ModuleNotFoundError as exc:
         raise CommandError(f"{DASHBOARD_EXTRA_HINT} (missing: {exc.name})") from None
-    url = broker_from_args(args)
+    urls = brokers_from_args(args)
+    url = urls[0]
     try:
         from setpoint.proto.topics import validate_prefix
 
@@ -144,9 +147,10 @@ def _settings(args: argparse.Namespace) -> object:
     if args.refresh < 1:
         raise CommandError("--refresh: at least 1 second")
     trusted = load_trust(args.trust)
+    others = tuple((u.host, u.port) for u in urls[1:])
     broker = dashboard.BrokerSettings(
-        url.host, url.port, tls=url.tls, username=url.username, password=url.password,
-        ca=args.ca, cert=args.cert, key=args.client_key,
+        url.host, url.port, url.username, url.password, args.ca, args.cert, args.client_key,
+        tls=url.tls, protocol=args.mqtt_version, others=others,
     )  # fmt: skip
     return dashboard.Settings(
         broker=broker,

@@ -350,7 +350,7 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float) -> d
                     "--trust", str(work / "keys" / "signing.pub"),
                     "--root", str(roots[device]),
                     "--state-dir", str(work / "devices" / device / "state"),
-                    "--observe-interval", "0.5", "--heartbeat", "60",
+                    "--heartbeat", "60",
                 ),
                 logs / f"shim-{device}.log",
             )

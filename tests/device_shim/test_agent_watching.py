@@ -138,6 +138,9 @@ def test_a_burst_of_a_thousand_writes_is_one_observation_not_a_thousand_reports(
     fleet.wait_report(
         "dev1", lambda r: any(x.id == "motd" and x.digest == final for x in r.resources)
     )
+    # The shim records its "reported" event after the publish returns: the broker may
+    # deliver the report to the test first.
+    shim.wait_event("reported", after=mark)
     looks = sum(1 for n, _ in shim.events[mark:] if n == "observed")
     reports = sum(1 for n, _ in shim.events[mark:] if n == "reported")
     # Typically one of each; a loaded machine may pause the writer past the 20 ms settle

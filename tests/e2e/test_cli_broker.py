@@ -157,3 +157,12 @@ def test_diff_into_a_closed_pipe_ends_quietly(published: list[str], home: Path) 
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_dead_broker_is_named_once_with_where_to_fix_it(home: Path) -> None:
+    done = run(home, "status", "--broker", NOWHERE)
+    assert done.returncode == 2, done.stderr
+    # The URL heads the message and is not repeated for each protocol tried.
+    assert done.stderr.count(NOWHERE) == 1, done.stderr
+    assert "(MQTT 5): [Errno 111] Connection refused" in done.stderr
+    assert "--broker, SETPOINT_BROKER or the context" in done.stderr

@@ -1,0 +1,192 @@
+"""Controller replicas: run the controller only while this replica holds the lead.
+
+``setpoint controller --lease SECONDS`` starts a replica. It keeps one small MQTT
+connection of its own for the retained leader record (``proto.leader``) and feeds what it
+receives, and the passing time, into :class:`~setpoint.controller.leadership.Lease`, which
+decides; this module only carries the decisions out: it publishes the records the lease
+asks for (signed by the controller's :class:`~setpoint.controller.signing.Signer`), starts
+the whole controller when the replica takes the lead and cancels it the moment the lease
+says to step down. A follower publishes nothing at all.
+
+The controller that starts on a takeover begins as every controller does after a restart:
+it reads the retained bundles on the broker (the previous leader's publications among
+them), so versions keep rising from what the fleet actually holds.
+
+The lease's connection is not on a hot path (a record every third of a lease), so it is a
+plain aiomqtt client speaking MQTT 3.1.1, which every engine carries. aiomqtt's exceptions
+stop here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+
+from setpoint.proto import envelopes, leader
+from setpoint.proto.errors import ProtocolError
+from setpoint.proto.topics import Topics
+
+from .broker import Backoff, BrokerSettings, tls_context
+from .leadership import Lead, Lease, Publish, StepDown
+from .signing import Signer
+
+log = logging.getLogger("setpoint.controller.replica")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSettings:
+    replica_id: str
+    lease: float
+
+
+class Replica:
+    """One replica: follows the leader record, and runs ``lead()`` while it leads."""
+
+    def __init__(
+        self,
+        broker: BrokerSettings,
+        topics: Topics,
+        signer: Signer,
+        settings: ReplicaSettings,
+        lead: Callable[[], Coroutine[Any, Any, None]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._broker = broker
+        self._topic = topics.controller_leader()
+        self._signer = signer
+        self._settings = settings
+        self._lead = lead
+        self._clock = clock
+        self.lease = Lease(settings.replica_id, settings.lease, clock())
+        self._client: aiomqtt.Client | None = None
+        self._leading: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._failed: asyncio.Future[None] | None = None
+        self.terms_led: list[int] = []  # for tests and logs
+
+    async def run(self) -> None:
+        """Follow, claim and lead until cancelled."""
+        log.info(
+            "replica %s: following the leader record on %s (lease %gs)",
+            self._settings.replica_id,
+            self._topic,
+            self._settings.lease,
+        )
+        self._failed = asyncio.get_running_loop().create_future()
+        ticking = asyncio.create_task(self._tick_forever(), name="setpoint-lease-ticks")
+        connecting = asyncio.create_task(self._connect_forever(), name="setpoint-lease-link")
+        try:
+            await asyncio.wait({connecting, self._failed}, return_when=asyncio.FIRST_COMPLETED)
+            if self._failed.done():
+                self._failed.result()  # the controller's own error, raised here
+        finally:
+            for task in (ticking, connecting):
+                task.cancel()
+            await self._stop_leading("shutting down")
+            await asyncio.gather(ticking, connecting, return_exceptions=True)
+
+    async def _connect_forever(self) -> None:
+        backoff = Backoff(0.2, 5.0)
+        s = self._broker
+        while True:
+            client = aiomqtt.Client(
+                s.host,
+                s.port,
+                identifier=f"setpoint-replica-{self._settings.replica_id}",
+                protocol=aiomqtt.ProtocolVersion.V311,
+                username=s.username,
+                password=s.password,
+                tls_context=tls_context(s),
+                keepalive=max(2, int(self._settings.lease / 2)),
+                timeout=s.connect_timeout,
+                logger=logging.getLogger("setpoint.controller.mqtt"),
+            )
+            try:
+                async with client:
+                    backoff.reset()
+                    self._client = client
+                    await client.subscribe(self._topic, qos=1)
+                    async for message in client.messages:
+                        self._take(bytes(message.payload))
+            except aiomqtt.MqttError as exc:
+                log.warning("replica: leader record connection to %s: %s", s.url(), exc)
+            finally:
+                self._client = None
+            await asyncio.sleep(backoff.next())
+
+    def _take(self, payload: bytes) -> None:
+        if not payload:
+            return  # cleared: nothing to follow
+        try:
+            verified = envelopes.verify_signed(
+                payload, self._signer.trusted, payload_type=envelopes.LEADER_TYPE
+            )
+            record = leader.decode(verified.payload)
+        except ProtocolError as exc:
+            log.warning("replica: ignored a leader record that is not ours: %s", exc)
+            return
+        self._carry_out(self.lease.received(record, self._clock()))
+
+    async def _tick_forever(self) -> None:
+        while True:
+            self._carry_out(self.lease.tick(self._clock()))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.lease.due_in(self._clock()))
+
+    def _carry_out(self, actions: list[Publish | Lead | StepDown]) -> None:
+        for action in actions:
+            if isinstance(action, Publish):
+                self._publish(action.record)
+            elif isinstance(action, Lead):
+                log.info("replica %s leads (term %d)", self._settings.replica_id, action.term)
+                self.terms_led.append(action.term)
+                self._leading = asyncio.create_task(self._lead(), name="setpoint-leader")
+                self._leading.add_done_callback(self._leader_ended)
+            else:
+                log.warning("replica %s steps down: %s", self._settings.replica_id, action.reason)
+                task, self._leading = self._leading, None
+                if task is not None:
+                    task.cancel()
+        self._wake.set()
+
+    def _publish(self, record: leader.LeaderRecord) -> None:
+        client = self._client
+        if client is None:
+            return  # not connected: the renewal is not confirmed, the lease runs out
+        payload = self._signer.sign_leader(record)
+
+        async def send() -> None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(self._topic, payload, qos=1, retain=True)
+
+        asyncio.get_running_loop().create_task(send())
+
+    def _leader_ended(self, task: asyncio.Task[None]) -> None:
+        """The controller ended without being told to: the replica stops with its error
+        (a replica that kept renewing the lead without a controller would hold the fleet)."""
+        if task.cancelled() or self._failed is None or self._failed.done():
+            return
+        error = task.exception() or RuntimeError("the controller stopped by itself")
+        self._failed.set_exception(error)
+
+    async def _stop_leading(self, reason: str) -> None:
+        task, self._leading = self._leading, None
+        if task is None:
+            return
+        log.info("replica %s stops leading: %s", self._settings.replica_id, reason)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def wait_leading(self) -> None:
+        """Return once this replica leads (tests)."""
+        while self._leading is None:
+            await asyncio.sleep(0.05)

@@ -1,0 +1,41 @@
+"""Two controller replicas on a 3-node NATS cluster, each on its own node, watched from the
+third: the leader is killed with SIGKILL, a commit lands meanwhile, and the other replica
+takes over and publishes it once, with the next version. The leader record travels through
+the engine's replicated retained messages over MQTT 3.1.1."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from setpoint.engines import NatsCluster
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "e2e"))
+
+from replicakit import kill_the_leader_and_commit
+from test_controller_cli import git, setpoint
+
+pytestmark = pytest.mark.engine
+
+
+def test_the_leader_replica_is_killed_and_the_one_on_another_node_takes_over(
+    nats_cluster: NatsCluster, tmp_path: Path, unique_prefix: str
+) -> None:
+    repo = tmp_path / "fleet"
+    setpoint("init", str(repo), check=True)
+    setpoint("keys", "generate", "--out", str(tmp_path / "keys"), check=True)
+    (repo / "fleet.yaml").write_text((repo / "fleet.yaml").read_text() + "engine: nats\n")
+    git(repo, "commit", "-qam", "on nats")
+    fleet = {
+        "repo": repo,
+        "key": tmp_path / "keys" / "signing.key",
+        "pub": tmp_path / "keys" / "signing.pub",
+        "state": tmp_path / "state",
+    }
+    urls = nats_cluster.urls
+    took = kill_the_leader_and_commit(
+        fleet, {"ctl-a": urls[0], "ctl-b": urls[1]}, urls[2], unique_prefix
+    )
+    print(f"handover and publication on NATS: {took:.2f}s after SIGKILL")

@@ -1,0 +1,120 @@
+"""The transport against a real mosquitto: versions, subscriptions, pipelining, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from setpoint.kit.backoff import Backoff
+from setpoint.mosquitto import Broker
+from setpoint.transport import (
+    Client,
+    ConnectionLost,
+    Session,
+    Settings,
+    Subscription,
+)
+
+
+def settings(broker: Broker, client_id: str, **kw: object) -> Settings:
+    return Settings(broker.host, broker.port, client_id, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("protocol", "expected"), [("auto", "5"), ("5", "5"), ("3.1.1", "3.1.1")])
+async def test_connects_with_the_version_asked(
+    broker_session: Broker, unique_prefix: str, protocol: str, expected: str
+) -> None:
+    session = await Session.open(settings(broker_session, f"t-{protocol}", protocol=protocol))
+    try:
+        assert session.protocol == expected
+        topic = f"{unique_prefix}/a"
+        await session.subscribe([Subscription(topic, qos=1)])
+        ack = await session.publish(topic, b"x", qos=1)
+        async with asyncio.timeout(30):
+            await ack
+            [message] = await session.take()
+        assert (message.topic, message.payload, message.retain) == (topic, b"x", False)
+    finally:
+        session.close()
+
+
+def test_an_unknown_protocol_is_refused_naming_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"auto, 5, 3\.1\.1"):
+        Settings("127.0.0.1", 1883, "x", protocol="4")  # type: ignore[arg-type]
+
+
+async def test_pipelined_qos1_publishes_are_all_acknowledged_by_packet_id(
+    broker_session: Broker, unique_prefix: str
+) -> None:
+    session = await Session.open(settings(broker_session, "t-pipe", max_inflight=16))
+    try:
+        acks = [
+            await session.publish(f"{unique_prefix}/p/{i}", b"%d" % i, qos=1, retain=True)
+            for i in range(500)
+        ]
+        assert session.inflight <= 16
+        async with asyncio.timeout(30):
+            await asyncio.gather(*acks)
+        assert session.inflight == 0
+        for i in range(500):  # clear the retained messages
+            await session.publish(f"{unique_prefix}/p/{i}", b"", qos=0, retain=True)
+    finally:
+        session.close()
+
+
+async def test_inbound_backpressure_pauses_reading_and_loses_nothing(
+    broker_session: Broker, unique_prefix: str
+) -> None:
+    topic = f"{unique_prefix}/flood"
+    reader = await Session.open(settings(broker_session, "t-bp-in", max_inbound_bytes=4096))
+    writer = await Session.open(settings(broker_session, "t-bp-out"))
+    try:
+        await reader.subscribe([Subscription(topic, qos=1)])
+        payload = b"x" * 200
+        acks = [await writer.publish(topic, payload + b"%d" % i, qos=1) for i in range(2000)]
+        async with asyncio.timeout(30):
+            await asyncio.gather(*acks)
+            while not reader.paused:
+                await asyncio.sleep(0.01)
+            got: list[bytes] = []
+            while len(got) < 2000:
+                got += [m.payload for m in await reader.take(64)]
+        assert got == [payload + b"%d" % i for i in range(2000)]
+        assert not reader.paused
+    finally:
+        writer.close()
+        reader.close()
+
+
+async def test_a_lost_session_raises_connection_lost_from_take(broker: Broker) -> None:
+    session = await Session.open(settings(broker, "t-lost", keepalive=5))
+    broker.stop()
+    with pytest.raises(ConnectionLost, match="lost"):
+        async with asyncio.timeout(30):
+            await session.take()
+
+
+async def test_the_client_reconnects_after_the_broker_comes_back(broker: Broker) -> None:
+    sessions: list[Session] = []
+    second = asyncio.Event()
+
+    async def on_session(session: Session) -> None:
+        sessions.append(session)
+        if len(sessions) == 2:
+            second.set()
+        await session.take()  # until lost
+
+    client = Client(settings(broker, "t-re", keepalive=5), backoff=Backoff(0.05, 0.2))
+    task = asyncio.create_task(client.run(on_session))
+    try:
+        async with asyncio.timeout(30):
+            while not sessions:
+                await asyncio.sleep(0.01)
+            broker.restart()
+            await second.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
