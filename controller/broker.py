@@ -499,7 +499,7 @@ async def read_retained(
             identifier=ident,
             username=settings.username,
             password=settings.password,
-            tls_context=_tls_context(settings),
+            tls_context=tls_context(settings),
             timeout=settings.connect_timeout,
         ) as client:
             await client.subscribe([(topic_filter, 0), (marker, 0)])
