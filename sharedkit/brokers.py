@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
-    """Host, port, TLS files and credentials; the password is never part of a repr."""
+    """Host, port, TLS files and credentials; the password is never part of a repr.
+
+    ``others``: the other nodes of a cluster, tried in turn after ``host``/``port``;
+    ``protocol``: ``auto`` (MQTT 5, then 3.1.1 on an engine that refuses 5), ``5`` or
+    ``3.1.1``, for the clients that choose (the dashboard)."""
 
     host: str
     port: int = 1883
@@ -20,6 +24,8 @@ class BrokerSettings:
     client_id: str = ""
     keepalive: int = 30
     connect_timeout: float = 10.0
+    protocol: str = "auto"
+    others: tuple[tuple[str, int], ...] = ()
 
     def url(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
