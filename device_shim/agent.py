@@ -222,6 +222,7 @@ class Agent:
                 backoff=Backoff(config.reconnect_min, config.reconnect_max),
                 max_queued=config.max_queued,
                 mqtt311=config.mqtt_version == "3.1.1",
+                connect_timeout=config.connect_timeout,
             )
 
     # Life cycle.
@@ -288,7 +289,7 @@ class Agent:
             self.device,
             self._root,
             self.store.dir,
-            self.config.broker.url if self.config.broker else "no broker",
+            self.config.broker.urls if self.config.broker else "no broker",
         )
         self._start_watching()
         if self.link is not None:

@@ -63,7 +63,12 @@ _POLICY_KEYS: Final = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
-    """Where and how to connect; the password is never part of a repr or a log."""
+    """Where and how to connect; the password is never part of a repr or a log.
+
+    ``host:port`` is the first node; ``alternates`` are the other nodes of the same cluster
+    (``--broker mqtt://a:1883,mqtt://b:1883``), reached with the same TLS settings and
+    credentials and tried in turn when the node in use fails.
+    """
 
     host: str
     port: int = 1883
@@ -73,10 +78,25 @@ class BrokerSettings:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    alternates: tuple[tuple[str, int], ...] = ()
 
     @property
     def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        """The first node's URL."""
+        return self.url_of(self.host, self.port)
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """Every node to try, in order: ``host:port`` first, then the alternates."""
+        return ((self.host, self.port), *self.alternates)
+
+    @property
+    def urls(self) -> str:
+        """Every node's URL, comma-separated (as ``--broker`` takes them)."""
+        return ",".join(self.url_of(host, port) for host, port in self.endpoints)
+
+    def url_of(self, host: str, port: int) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +277,8 @@ class ShimConfig:
     client_id: str | None = None
     keepalive: int = 60
     reconnect_min: float = 1.0
-    reconnect_max: float = 120.0
+    reconnect_max: float = 30.0
+    connect_timeout: float = 15.0  # TCP, TLS and CONNACK; above NATS's ~11 s election stall
     retry_base: float = 10.0
     retry_cap: float = 3600.0
     max_queued: int = 16
@@ -293,6 +314,16 @@ class ShimConfig:
         for name in ("heartbeat", "observe_interval", "reconnect_min", "retry_base"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.reconnect_max < self.reconnect_min:
+            raise ConfigError(
+                f"--reconnect-max {self.reconnect_max:g}: must not be below --reconnect-min"
+                f" ({self.reconnect_min:g})"
+            )
+        if self.connect_timeout <= 0:
+            raise ConfigError(
+                f"--connect-timeout {self.connect_timeout:g}: must be positive (seconds to wait"
+                " for a node's CONNACK before trying the next; default 15)"
+            )
         if self.mqtt_version not in ("5", "3.1.1"):
             raise ConfigError(f"--mqtt-version {self.mqtt_version!r}: use 5 or 3.1.1")
         if self.skew < 0:

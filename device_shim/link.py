@@ -11,6 +11,20 @@ agent when the connection comes and goes.
   counter resets after a connection stayed up for ``STABLE_AFTER`` seconds (a broker
   restart costs the first delay again, not a longer one each time), so only a broker that
   accepts and drops at once keeps the delays growing.
+* **Several nodes.** ``--broker`` may list the nodes of one cluster
+  (:attr:`BrokerSettings.alternates`). A failed connection, a refused CONNACK, a connection
+  that dropped before it had stayed up ``STABLE_AFTER`` seconds, or a CONNACK that has not
+  come within ``connect_timeout`` (15 s, above a clustered engine's election stall: NATS
+  held CONNACKs for ~11 s after a node died) moves the link to the next node. The backoff
+  exponent grows once per round of the list, so the other nodes are tried quickly and a
+  cluster down altogether is not hammered. A connection that had stayed up and then
+  dropped is tried again on the same node first. Every such log line names the node and the
+  cause.
+* **Refused subscriptions are retried.** A SUBACK failure code (``0x87`` not authorized,
+  ``0x80`` unspecified: what MQTT 3.1.1 always sends, and what NATS sends while it cannot
+  create the subscription's consumer yet) is logged with its cause, and the refused topics
+  are subscribed again with backoff (``resubscribe``) on the same connection; what the
+  agent already has stays applied meanwhile.
 * **Clean start, then resubscribe.** Every connection starts clean and subscribes to the
   current topic set; retained bundles then arrive again, which is all the agent needs to
   converge (it is level-triggered).
@@ -27,7 +41,14 @@ agent when the connection comes and goes.
   heap corruption in a shim under mutual TLS). So the link drives paho with ``loop()``
   (which gives it the wake-up socket pair) and registers a no-op
   ``on_socket_register_write``: a publish or subscribe from the agent's thread only queues
-  the packet and wakes the loop, which writes it.
+  the packet and wakes the loop, which writes it. Everything the link does of its own
+  (connect, the CONNACK timeout, subscribing again after a refusal) runs in that thread,
+  between two ``loop()`` calls; no timer thread touches paho.
+* **No lock held across paho.** The link's lock guards its own bookkeeping only: no thread
+  calls paho while holding it (paho runs callbacks under locks of its own, and a callback
+  takes the link's lock: holding it around ``subscribe`` deadlocked a shim once). A SUBACK
+  can therefore arrive before the subscribing thread has recorded its message id; it is
+  kept until the id is recorded.
 
 paho's exceptions stop here: connection errors are logged and retried, publish errors
 become a False return.
@@ -35,6 +56,7 @@ become a False return.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -53,7 +75,10 @@ from .config import BrokerSettings
 log = logging.getLogger("setpoint.shim.link")
 
 STABLE_AFTER: Final = 30.0
-DEFAULT_BACKOFF: Final = Backoff(1.0, 120.0)
+DEFAULT_BACKOFF: Final = Backoff(1.0, 30.0)
+RESUBSCRIBE_BACKOFF: Final = Backoff(1.0, 30.0)
+# Above a clustered engine's election stall: NATS held CONNACKs for ~11 s after a node died.
+CONNECT_TIMEOUT: Final = 15.0
 _BAD_PROTOCOL: Final = (0x84, 1)  # MQTT 5 "unsupported protocol version"; 3.1.1 CONNACK 1
 
 
@@ -75,6 +100,8 @@ class Link:
         mqtt311: bool = False,
         stable_after: float = STABLE_AFTER,
         clock: Callable[[], float] = time.monotonic,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        resubscribe: Backoff = RESUBSCRIBE_BACKOFF,
     ) -> None:
         self._broker = broker
         self._client_id = client_id
@@ -99,6 +126,22 @@ class Link:
         self._clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._connect_timeout = connect_timeout
+        self._resubscribe = resubscribe
+        self._endpoint = 0  # index into broker.endpoints of the node in use (network thread)
+        # Set by the network thread for the connection in progress: its CONNACK, why it
+        # failed or ended (for the log), and whether it ended in a protocol fallback.
+        self._connack: Any = None
+        self._failure: str | None = None
+        self._fallback = False
+        # SUBACK bookkeeping, under the lock: SUBSCRIBE mid -> its topics, SUBACKs that
+        # arrived before their mid was recorded, topics refused on this connection, refusals
+        # in a row, and when the refused topics are next subscribed again.
+        self._pending: dict[int, list[str]] = {}
+        self._early: dict[int, list[Any]] = {}
+        self._refused: set[str] = set()
+        self._refusals = 0
+        self._resubscribe_at: float | None = None
         self._client = self._make_client()
         self.connects = 0  # successful connections so far (tests, logs)
         self.last_delay: float | None = None  # the last reconnect delay chosen (tests, logs)
@@ -124,6 +167,8 @@ class Link:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.connect_timeout = self._connect_timeout  # TCP connect and TLS handshake
         # The loop thread writes; other threads only queue (see the module's docstring).
         client.on_socket_register_write = _loop_thread_writes
         return client
@@ -156,55 +201,126 @@ class Link:
 
     # The network thread.
 
+    @property
+    def current_url(self) -> str:
+        """The URL of the node in use (or tried next)."""
+        return self._broker.url_of(*self._broker.endpoints[self._endpoint])
+
+    def rotation_delay(self, attempt: int) -> float:
+        """The wait after failed attempt number ``attempt`` (counted since the last stable
+        connection): the backoff exponent grows once per round of the node list, so the
+        other nodes are tried quickly and a cluster down altogether is not hammered."""
+        rounds = attempt // len(self._broker.endpoints)
+        return self._backoff.delay(rounds, self._rng)
+
+    def _rotate(self) -> None:
+        self._endpoint = (self._endpoint + 1) % len(self._broker.endpoints)
+
     def _run(self) -> None:
-        attempt = 0
+        attempt = 0  # failed attempts since the last connection that stayed up
         while not self._stop.is_set():
             client = self._client  # _on_connect may replace it (protocol fallback)
+            url = self.current_url
+            host, port = self._broker.endpoints[self._endpoint]
+            self._connack = None
+            self._failure = None
+            self._fallback = False
             try:
                 client.connect(
-                    self._broker.host,
-                    self._broker.port,
+                    host,
+                    port,
                     self._keepalive,
                     clean_start=True
                     if self._protocol == MQTTProtocolVersion.MQTTv5
                     else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                 )
             except (OSError, ValueError) as exc:
-                delay = self.last_delay = self._backoff.delay(attempt, self._rng)
+                delay = self.last_delay = self.rotation_delay(attempt)
                 attempt += 1
-                log.info(
-                    "broker %s unreachable (%s); retrying in %.1fs", self._broker.url, exc, delay
-                )
+                self._rotate()
+                log.warning(
+                    "broker %s unreachable (%s); trying %s in %.1fs",
+                    url, _cause(exc), self.current_url, delay,
+                )  # fmt: skip
                 self._stop.wait(delay)
                 continue
-            try:
-                self._drive(client)
-            except (OSError, ValueError) as exc:  # pragma: no cover - paho handles most
-                log.info("connection to %s failed: %s", self._broker.url, exc)
+            self._serve(client, url)
             self._mark_down()
             if self._stop.is_set():
                 break
-            attempt = self.attempt_after_session(attempt)
-            delay = self.last_delay = self._backoff.delay(attempt, self._rng)
+            stable = self._session_was_stable()
+            if stable:
+                attempt = 0
+            elif not self._fallback:
+                self._rotate()  # refused, silent, or dropped at once: try the next node
+            delay = self.last_delay = self.rotation_delay(attempt)
             attempt += 1
-            log.info("disconnected from %s; reconnecting in %.1fs", self._broker.url, delay)
+            log.warning(
+                "%s; %s %s in %.1fs",
+                self._failure or f"disconnected from {url}",
+                "reconnecting to" if self.current_url == url else "trying",
+                self.current_url,
+                delay,
+            )
             self._stop.wait(delay)
 
-    @staticmethod
-    def _drive(client: mqtt.Client) -> None:
-        """Run paho's network loop on this thread until the connection ends."""
-        while client.loop(timeout=1.0) == MQTTErrorCode.MQTT_ERR_SUCCESS:
-            pass
+    def _serve(self, client: mqtt.Client, url: str) -> None:
+        """Run paho's network loop on this thread until the connection ends.
+
+        Between two ``loop()`` calls: give up on a CONNACK that has not come within
+        ``connect_timeout``, subscribe again to refused topics when their retry is due, and
+        leave a few seconds after :meth:`stop` for ``offline`` and DISCONNECT (which
+        :meth:`stop` queues) to go out.
+        """
+        connect_by = time.monotonic() + self._connect_timeout
+        stop_by: float | None = None
+        while True:
+            now = time.monotonic()
+            tick = 1.0
+            if self._connack is None:
+                tick = min(tick, max(0.0, connect_by - now))
+            with self._lock:
+                if self._resubscribe_at is not None:
+                    tick = min(tick, max(0.0, self._resubscribe_at - now))
+            try:
+                rc = client.loop(timeout=tick)
+            except (OSError, ValueError) as exc:  # pragma: no cover - paho handles most
+                self._failure = f"connection to {url} failed ({_cause(exc)})"
+                return
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if self._failure is None and self._connack is None:
+                    self._failure = f"broker {url} closed the connection before its CONNACK"
+                return
+            now = time.monotonic()
+            if self._stop.is_set():
+                stop_by = now + 5.0 if stop_by is None else stop_by
+                if not self._connected:
+                    _close(client)  # still waiting for a CONNACK: nothing to say first
+                    return
+                if now >= stop_by:
+                    return
+            if self._connack is None and now >= connect_by:
+                self._failure = (
+                    f"broker {url} accepted the connection but sent no CONNACK within"
+                    f" {self._connect_timeout:g}s (a clustered engine electing leaders, or a"
+                    " stuck node)"
+                )
+                _close(client)
+                return
+            self._resubscribe_if_due(client, url)
+
+    def _session_was_stable(self) -> bool:
+        """Whether the connection that just ended had stayed up ``stable_after`` seconds
+        (read once: the next failure is not excused by an old session)."""
+        with self._lock:
+            up_since, self._up_since = self._up_since, None
+        return up_since is not None and self._clock() - up_since >= self._stable_after
 
     def attempt_after_session(self, attempt: int) -> int:
         """The backoff attempt to use after a connection ended: back to 0 when the
         connection had stayed up ``stable_after`` seconds, else ``attempt`` (a broker that
         accepts and drops at once keeps backing off)."""
-        with self._lock:
-            up_since, self._up_since = self._up_since, None
-        if up_since is not None and self._clock() - up_since >= self._stable_after:
-            return 0
-        return attempt
+        return 0 if self._session_was_stable() else attempt
 
     def _mark_down(self) -> None:
         with self._lock:
@@ -212,22 +328,96 @@ class Link:
             self._connected = False
             self._subscribed.clear()
             self._outstanding.clear()
+            self._pending.clear()
+            self._early.clear()
+            self._refused.clear()
+            self._refusals = 0
+            self._resubscribe_at = None
         if was:
             self._on_connection(False)
+
+    # Subscriptions and their SUBACKs. paho is called with no lock of the link held; the
+    # SUBACK (network thread) and the mid of its SUBSCRIBE (the calling thread, once paho
+    # returns it) meet under the lock, whichever comes first.
+
+    def _subscribe(self, client: mqtt.Client, topics: list[str]) -> None:
+        rc, mid = client.subscribe([(topic, 1) for topic in topics])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return  # not connected: the next connection subscribes to everything
+        with self._lock:
+            reasons = self._early.pop(mid, None)
+            if reasons is None:
+                self._pending[mid] = topics
+                return
+            refused, delay = self._note_suback(topics, reasons)
+        self._log_refused(refused, delay)
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
+    ) -> None:
+        with self._lock:
+            topics = self._pending.pop(mid, None)
+            if topics is None:  # the SUBACK beat paho's return to the subscribing thread
+                self._early[mid] = list(reasons)
+                return
+            refused, delay = self._note_suback(topics, reasons)
+        self._log_refused(refused, delay)
+
+    def _note_suback(self, topics: list[str], reasons: list[Any]) -> tuple[list[Any], float]:
+        """Record a SUBACK (the lock held): the refused topics and their retry delay."""
+        refused = [
+            (topic, reason)
+            for topic, reason in zip(topics, reasons, strict=False)
+            if getattr(reason, "is_failure", False)
+        ]
+        if not refused:
+            if not self._refused:
+                self._refusals = 0
+            return [], 0.0
+        self._refused.update(topic for topic, _ in refused)
+        now = time.monotonic()
+        if self._resubscribe_at is None:
+            delay = self._resubscribe.delay(self._refusals, self._rng)
+            self._refusals += 1
+            self._resubscribe_at = now + delay
+        return refused, max(0.0, self._resubscribe_at - now)
+
+    def _log_refused(self, refused: list[Any], delay: float) -> None:
+        for topic, reason in refused:
+            log.warning(
+                "broker %s refused the subscription to %s: %s; retrying in %.1fs on the same"
+                " connection",
+                self.current_url, topic, _suback_cause(reason, self._protocol), delay,
+            )  # fmt: skip
+
+    def _resubscribe_if_due(self, client: mqtt.Client, url: str) -> None:
+        with self._lock:
+            due = self._resubscribe_at is not None and time.monotonic() >= self._resubscribe_at
+            if not due or not self._connected:
+                return
+            self._resubscribe_at = None
+            topics = sorted(self._refused & self._wanted)
+            self._refused.clear()
+        if topics:
+            log.info("subscribing again on %s to %s", url, ", ".join(topics))
+            self._subscribe(client, topics)
 
     # paho callbacks (network thread).
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
+        self._connack = reason
         if reason.is_failure:
             value = getattr(reason, "value", None)
             if value in _BAD_PROTOCOL and self._protocol == MQTTProtocolVersion.MQTTv5:
-                log.warning("broker does not speak MQTT 5; falling back to 3.1.1")
+                log.warning(
+                    "broker %s does not speak MQTT 5; falling back to 3.1.1", self.current_url
+                )
                 self._protocol = MQTTProtocolVersion.MQTTv311
                 self._client = self._make_client()
-            else:
-                log.warning("broker %s refused the connection: %s", self._broker.url, reason)
+                self._fallback = True
+            self._failure = f"broker {self.current_url} refused the connection: {reason}"
             return
         self.connects += 1
         with self._lock:
@@ -236,15 +426,24 @@ class Link:
             wanted = sorted(self._wanted)
             self._subscribed = set(wanted)
         if wanted:
-            client.subscribe([(topic, 1) for topic in wanted])
+            self._subscribe(client, wanted)
         client.publish(self._presence, reports.PRESENCE_ONLINE, qos=1, retain=True)
-        log.info("connected to %s", self._broker.url)
+        log.info("connected to %s", self.current_url)
         self._on_connection(True)
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         log.debug("disconnect: %s", reason)
+        if self._connected and self._failure is None:
+            with self._lock:
+                up_since = self._up_since
+            lasted = self._clock() - up_since if up_since is not None else 0.0
+            if getattr(flags, "is_disconnect_packet_from_server", False):
+                cause = f"the broker sent DISCONNECT: {reason}"
+            else:  # paho says only "Unspecified error" for a socket that closed or failed
+                cause = "the socket closed without a DISCONNECT: the node stopped, or the network"
+            self._failure = f"connection to {self.current_url} lost after {lasted:.1f}s ({cause})"
         self._mark_down()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -266,7 +465,7 @@ class Link:
             if remove:
                 self._client.unsubscribe(remove)
             if add:
-                self._client.subscribe([(topic, 1) for topic in add])
+                self._subscribe(self._client, add)
         except (ValueError, OSError) as exc:
             log.info("subscription change failed (%s); redone on reconnect", exc)
 
@@ -296,3 +495,38 @@ class Link:
 def _loop_thread_writes(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     """paho's "the socket has something to write" hook: nothing to do, the loop thread
     selects on the socket for writing whenever paho has packets queued."""
+
+
+def _close(client: mqtt.Client) -> None:
+    """End a connection that never got its CONNACK, from the network thread: DISCONNECT is
+    queued and written by ``loop()``, which then closes the socket."""
+    with contextlib.suppress(OSError, ValueError):
+        client.disconnect()
+        for _ in range(3):
+            if client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+
+
+def _cause(exc: BaseException) -> str:
+    """An exception as a log line's cause: ``ConnectionRefusedError: [Errno 111] ...``."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _suback_cause(reason: Any, protocol: MQTTProtocolVersion) -> str:
+    """Why a subscription was refused, as far as the SUBACK tells."""
+    value = getattr(reason, "value", 0x80)
+    if protocol != MQTTProtocolVersion.MQTTv5:
+        return (
+            f"SUBACK 0x{value:02x}: MQTT 3.1.1 carries no cause (the broker's ACL forbids the"
+            " topic, or a clustered engine cannot create the subscription yet)"
+        )
+    hint = _SUBACK_HINTS.get(value, "")
+    return f"{reason} (0x{value:02x}){': ' + hint if hint else ''}"
+
+
+_SUBACK_HINTS: Final = {
+    0x80: "a clustered engine that cannot create the subscription yet, or a broker fault",
+    0x87: "the broker's ACL does not let this client read the topic",
+    0x8F: "the broker does not accept this topic filter",
+    0x97: "the broker's quota is exceeded",
+}

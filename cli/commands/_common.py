@@ -66,6 +66,17 @@ def parse_broker_url(url: str) -> BrokerURL:
     return BrokerURL(parts.scheme, parts.hostname, port, tls)
 
 
+def parse_broker_list(value: str) -> list[BrokerURL]:
+    """The URLs of ``--broker``: one, or the nodes of one cluster comma-separated."""
+    parts = [part.strip() for part in str(value).split(",")]
+    if not all(parts):
+        raise CommandError(
+            f"--broker {value!r}: an empty entry in the list; separate the nodes' URLs with"
+            " single commas: mqtt://a:1883,mqtt://b:1883"
+        )
+    return [parse_broker_url(part) for part in parts]
+
+
 def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     """The broker flags every verb that talks to a broker takes.
 
@@ -141,7 +152,7 @@ def brokers_from_args(args: argparse.Namespace) -> list[BrokerURL]:
             raise CommandError(
                 f"password file {args.password_file}: {exc.strerror or exc}"
             ) from None
-    urls = [parse_broker_url(part.strip()) for part in str(args.broker).split(",")]
+    urls = parse_broker_list(args.broker)
     return [dataclasses.replace(u, username=args.username, password=password) for u in urls]
 
 

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from . import _contexts
-from ._common import CommandError, parse_broker_url
+from ._common import CommandError, parse_broker_list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def _settings_of(args: argparse.Namespace) -> dict[str, str]:
         if is_path:
             value = str(Path(value).expanduser().absolute())
         elif key == "broker":
-            parse_broker_url(value)  # refuse a bad URL now, not at the next `status`
+            parse_broker_list(value)  # refuse a bad URL now, not at the next `status`
         elif key == "prefix":
             from setpoint.proto.errors import ProtocolError
             from setpoint.proto.topics import validate_prefix

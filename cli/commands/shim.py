@@ -1,10 +1,16 @@
 """``setpoint shim``: run the device agent until SIGTERM or SIGINT.
 
-    setpoint shim --device ID --broker URL --trust PUBFILE [--trust PUBFILE ...] --root DIR
-                  [--state-dir DIR] [--config FILE] [--threshold N] [--heartbeat S]
+    setpoint shim --device ID --broker URL[,URL...] --trust PUBFILE [--trust PUBFILE ...]
+                  --root DIR [--state-dir DIR] [--config FILE] [--threshold N] [--heartbeat S]
                   [--observe-interval S] [--no-watch] [--skew S] [--username U]
-                  [--password-file F] [--prefix P] [--log-json] [--reset-floors]
+                  [--password-file F] [--prefix P] [--reconnect-min S] [--reconnect-max S]
+                  [--connect-timeout S] [--log-json] [--reset-floors]
     setpoint shim keygen (--state-dir DIR | --device ID)
+
+``--broker`` may list the nodes of one cluster, comma-separated (also in
+``SETPOINT_BROKER`` or a context's ``broker``): the shim tries them in turn, moving on when
+a node refuses, drops at once or sends no CONNACK within ``--connect-timeout``
+(docs/scale-out.md).
 
 ``keygen`` makes the device's age identity for sealed secrets (0600, in the state
 directory, kept if it exists) and prints its recipient (``age1...``) for the operator to
@@ -26,12 +32,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ._common import CommandError, add_broker_arguments, broker_from_args
+from ._common import CommandError, add_broker_arguments, brokers_from_args
 
 _RUN_NEEDS = ("device", "broker", "trust", "root")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Several --broker URLs are the nodes of one cluster: the shim tries them in turn,"
+        " moving on from a node that is unreachable, refuses the connection, drops it before"
+        " 30 s or sends no CONNACK within --connect-timeout; the delay grows once per round"
+        " of the list, up to --reconnect-max. A subscription the broker refuses is logged"
+        " with its cause and retried on the same connection. See docs/scale-out.md."
+    )
     parser.add_argument(
         "action",
         nargs="?",
@@ -90,7 +103,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reconnect-min", type=float, default=1.0, help="first reconnect delay (seconds)"
     )
     parser.add_argument(
-        "--reconnect-max", type=float, default=120.0, help="longest reconnect delay (seconds)"
+        "--reconnect-max",
+        type=float,
+        default=30.0,
+        help="longest reconnect delay (seconds, default 30); with several --broker nodes the"
+        " delay grows once per round of the list",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=15.0,
+        help="seconds to wait for a node's TCP/TLS connection and CONNACK before trying the"
+        " next (default 15, above a clustered engine's election stall)",
     )
     parser.add_argument(
         "--retry-base",
@@ -211,7 +235,12 @@ def run(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_json, args.log_level)
     try:
-        url = broker_from_args(args)
+        url, *others = brokers_from_args(args)
+        if any(other.tls != url.tls for other in others):
+            raise CommandError(
+                f"--broker {args.broker!r}: the nodes of one cluster share their TLS settings;"
+                " use mqtts:// for every node or for none"
+            )
         policy = load_policy(args.config) if args.config else DevicePolicy()
         config = ShimConfig(
             device=args.device,
@@ -226,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
                 ca=args.ca,
                 cert=args.cert,
                 key=args.client_key,
+                alternates=tuple((other.host, other.port) for other in others),
             ),
             state_dir=args.state_dir,
             policy=policy,
@@ -239,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
             mqtt_version=args.mqtt_version,
             reconnect_min=args.reconnect_min,
             reconnect_max=args.reconnect_max,
+            connect_timeout=args.connect_timeout,
             retry_base=args.retry_base,
             reset_floors=args.reset_floors,
         )

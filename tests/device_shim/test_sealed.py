@@ -36,6 +36,20 @@ def seal_to(plaintext: bytes, *recipients: str) -> Sealed:
     return Sealed(sealed.normal_armor(armor), sealed.keyids(recipients))
 
 
+def flip_in_payload(armor: str) -> str:
+    """The armor with one base64 character of the encrypted payload changed: 20 characters
+    from the end of the body, inside the payload whatever the length of the header (rage
+    adds grease stanzas of random length, so the last line's length varies)."""
+    lines = armor.split("\n")
+    begin = next(i for i, line in enumerate(lines) if line.startswith("-----BEGIN"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("-----END"))
+    body = "".join(lines[begin + 1 : end])
+    at = len(body.rstrip("=")) - 20
+    body = body[:at] + ("A" if body[at] != "A" else "B") + body[at + 1 :]
+    wrapped = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return "\n".join([*lines[: begin + 1], *wrapped, *lines[end:]])
+
+
 def sealed_file(value: Sealed, mode: int = 0o600) -> FileResource:
     return FileResource("token", "etc/token", b"", mode, value)
 
@@ -155,10 +169,7 @@ def test_tampered_ciphertext_in_a_validly_signed_bundle_is_refused_without_writi
     shim = shims.start("dev1")
     fleet.wait_report("dev1", on_versions(1, 1))
     before = snapshot(shim.config.root)
-    lines = value.armor.split("\n")
-    body = lines[-3]
-    flipped = body[:10] + ("A" if body[10] != "A" else "B") + body[11:]
-    tampered = Sealed("\n".join([*lines[:-3], flipped, *lines[-2:]]), value.recipients)
+    tampered = Sealed(flip_in_payload(value.armor), value.recipients)
     changed = FileResource("motd", "etc/motd", b"changed\n", 0o644)
     fleet.publish_bundle(fleet.group("kiosk", 2, [changed, sealed_file(tampered)]))
     report = fleet.wait_report("dev1", lambda r: bool(r.refusals))

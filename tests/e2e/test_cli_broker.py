@@ -159,6 +159,16 @@ def test_diff_into_a_closed_pipe_ends_quietly(published: list[str], home: Path) 
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
+def test_a_context_keeps_the_broker_list_of_a_cluster(home: Path) -> None:
+    nodes = "mqtt://127.0.0.1:1,mqtt://127.0.0.1:2"
+    done = run(home, "config", "set-context", "cluster", "--broker", nodes)
+    assert done.returncode == 0, done.stderr
+    view = json.loads(run(home, "config", "view", "--json").stdout)
+    assert view["contexts"]["cluster"]["broker"] == nodes
+    done = run(home, "config", "set-context", "cluster", "--broker", f"{nodes},http://x")
+    assert done.returncode == 2 and "'http://x': use mqtt://host:port" in done.stderr
+
+
 def test_a_dead_broker_is_named_once_with_where_to_fix_it(home: Path) -> None:
     done = run(home, "status", "--broker", NOWHERE)
     assert done.returncode == 2, done.stderr

@@ -210,3 +210,34 @@ def test_killed_during_apply_then_restarted(
     assert (root / "etc" / "new.conf").read_text() == "new\n"
     assert done.exists()
     assert shim.stop() == 0
+
+
+def test_a_broker_list_skips_a_dead_node(fleet: Fleet, run_shim: Any, broker: Any) -> None:
+    from setpoint.mosquitto import free_port
+
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+    publish_pair(fleet, 1, [FileResource("motd", "etc/motd", b"hi ${name}\n")])
+    shim = run_shim("--broker", f"{dead}, {broker.url}")
+    fleet.wait_report("dev1", on_versions(1, 1), timeout=30)
+    assert shim.stop(signal.SIGTERM) == 0
+    text = shim.text()
+    assert f"{dead},{broker.url}" in text  # the start line names every node
+    assert f"broker {dead} unreachable (ConnectionRefusedError" in text
+    assert f"connected to {broker.url}" in text
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--broker", "mqtt://127.0.0.1:1,mqtts://127.0.0.1:2"),
+     "the nodes of one cluster share their TLS settings; use mqtts:// for every node or for none"),
+    (("--broker", "mqtt://127.0.0.1:1,,mqtt://127.0.0.1:2"),
+     "an empty entry in the list; separate the nodes' URLs with single commas"),
+    (("--connect-timeout", "0"), "--connect-timeout 0: must be positive"),
+    (("--reconnect-min", "5", "--reconnect-max", "2"),
+     "--reconnect-max 2: must not be below --reconnect-min (5)"),
+], ids=["mixed-tls", "empty-entry", "connect-timeout", "reconnect-max"])  # fmt: skip
+def test_bad_broker_list_and_timing_flags_are_refused_at_start(
+    run_shim: Any, flags: tuple[str, ...], message: str
+) -> None:
+    shim = run_shim(*flags)
+    assert shim.wait() == 2
+    assert message in shim.text()
