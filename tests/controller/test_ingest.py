@@ -23,7 +23,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from driftkit import Devices, DriftWatch, drifted_report, in_sync_report, run_drift
 
-from setpoint.controller.broker import Backoff, BrokerSettings, Fact, Link, Message, Subscription
+from setpoint.controller.broker import (
+    Backoff,
+    BrokerSettings,
+    Connected,
+    Fact,
+    Link,
+    Message,
+    Subscription,
+)
 from setpoint.controller.drifting import PUBLISH_CONCURRENCY, DriftEngine
 from setpoint.controller.errors import BrokerUnavailable
 from setpoint.controller.ingesting import IngestConnection, IngestStats, Routes
@@ -268,4 +276,47 @@ async def test_ingest_reconnects_after_the_broker_restarts(broker: Any, unique_p
         assert seen[-1:] == [b"after"]
         publisher.close()
     finally:
+        await stop(task)
+
+
+@pytest.mark.broker
+async def test_the_link_delivers_connection_changes_and_messages_as_facts_in_order(
+    broker: Any, unique_prefix: str
+) -> None:
+    """One door in: Connected before anything its session brings, the session's messages
+    (main and bulk connection alike), Disconnected when it ends, then a new Connected."""
+    topics = Topics(unique_prefix)
+    facts: list[Any] = []
+    link = Link(
+        BrokerSettings(broker.host, broker.port),
+        topics,
+        [
+            Subscription(topics.all_reported(), bulk=True),
+            Subscription(topics.all_group_desired()),
+        ],
+        facts.append,
+        backoff=Backoff(base=0.05, cap=0.3),
+    )
+    publisher = await Session.open(Settings(broker.host, broker.port, "facts-test-pub"))
+    await (await publisher.publish(topics.group_desired("g"), b"kept", qos=1, retain=True))
+    task = await serve_link(link)
+    try:
+        await link.barrier()
+        first = facts[0]
+        assert isinstance(first, Connected)
+        assert [(f.topic, f.retain) for f in facts[1:]] == [(topics.group_desired("g"), True)]
+        broker.restart()
+        async with asyncio.timeout(15):
+            await link.failed.wait()
+            await link.wait_connected()
+        publisher.close()
+        publisher = await Session.open(Settings(broker.host, broker.port, "facts-test-pub2"))
+        await (await publisher.publish(topics.device_reported("d1"), b"r", qos=1))
+        await link.barrier()
+        kinds = [type(f).__name__ for f in facts]
+        lost = kinds.index("Disconnected")
+        assert kinds[lost + 1] == "Connected" and facts[lost + 1].session is not first.session
+        assert isinstance(facts[-1], Message) and facts[-1].payload == b"r"
+    finally:
+        publisher.close()
         await stop(task)
