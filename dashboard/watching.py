@@ -17,16 +17,18 @@ import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from typing import Final
 
 import aiomqtt
 
+from setpoint.kit.backoff import Backoff, Retry
+from setpoint.kit.brokers import BrokerSettings
 from setpoint.proto.topics import Topics
 
 from .fleet import Change, Fleet
 
 FETCH_TIMEOUT = 5.0
-BACKOFF = (0.2, 5.0)
+BACKOFF: Final = Backoff(0.2, 5.0)
 
 
 class BrokerUnavailable(Exception):
@@ -36,66 +38,51 @@ class BrokerUnavailable(Exception):
 _REFUSED_VERSION = frozenset({1, 132})  # CONNACK: 3.1.1's "unacceptable version"; 5's "unsupported"
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    """The broker: ``host``/``port`` and, for a cluster, the ``others`` nodes tried in turn;
-    ``protocol`` is ``auto`` (MQTT 5, then 3.1.1 on an engine that refuses 5), ``5`` or
-    ``3.1.1``."""
+def client(
+    broker: BrokerSettings, identifier: str, host: str, port: int, protocol: str
+) -> aiomqtt.Client:
+    """An MQTT client of ``broker`` on one node, for one protocol (not connected yet)."""
+    tls = (
+        aiomqtt.TLSParameters(ca_certs=broker.ca, certfile=broker.cert, keyfile=broker.key)
+        if broker.tls
+        else None
+    )
+    return aiomqtt.Client(
+        host,
+        port,
+        identifier=identifier,
+        username=broker.username,
+        password=broker.password,
+        protocol=aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311,
+        tls_params=tls,
+        timeout=FETCH_TIMEOUT,
+    )
 
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    tls: bool = False
-    protocol: str = "auto"
-    others: tuple[tuple[str, int], ...] = ()
 
-    def client(self, identifier: str, host: str, port: int, protocol: str) -> aiomqtt.Client:
-        tls = (
-            aiomqtt.TLSParameters(ca_certs=self.ca, certfile=self.cert, keyfile=self.key)
-            if self.tls
-            else None
-        )
-        return aiomqtt.Client(
-            host,
-            port,
-            identifier=identifier,
-            username=self.username,
-            password=self.password,
-            protocol=aiomqtt.ProtocolVersion.V5
-            if protocol == "5"
-            else aiomqtt.ProtocolVersion.V311,
-            tls_params=tls,
-            timeout=FETCH_TIMEOUT,
-        )
-
-    @contextlib.asynccontextmanager
-    async def connected(self, identifier: str) -> AsyncIterator[aiomqtt.Client]:
-        """A connected client: each node in turn, each with MQTT 5 then 3.1.1 (``auto``);
-        BrokerUnavailable naming every failure if none answers."""
-        protocols = ("5", "3.1.1") if self.protocol == "auto" else (self.protocol,)
-        failures: list[str] = []
-        for host, port in ((self.host, self.port), *self.others):
-            for protocol in protocols:
-                client = self.client(identifier, host, port, protocol)
-                try:
-                    await client.__aenter__()
-                except aiomqtt.MqttError as exc:
-                    failures.append(f"{host}:{port} (MQTT {protocol}): {exc}")
-                    code = getattr(exc, "rc", None)
-                    if int(getattr(code, "value", code) or 0) in _REFUSED_VERSION:
-                        continue  # try the older protocol on the same node
-                    break
-                try:
-                    yield client
-                finally:
-                    with contextlib.suppress(aiomqtt.MqttError):
-                        await client.__aexit__(None, None, None)
-                return
-        raise BrokerUnavailable("; ".join(failures))
+@contextlib.asynccontextmanager
+async def connected(broker: BrokerSettings, identifier: str) -> AsyncIterator[aiomqtt.Client]:
+    """A connected client: each node in turn, each with MQTT 5 then 3.1.1 (``auto``);
+    BrokerUnavailable naming every failure if none answers."""
+    protocols = ("5", "3.1.1") if broker.protocol == "auto" else (broker.protocol,)
+    failures: list[str] = []
+    for host, port in ((broker.host, broker.port), *broker.others):
+        for protocol in protocols:
+            mqtt = client(broker, identifier, host, port, protocol)
+            try:
+                await mqtt.__aenter__()
+            except aiomqtt.MqttError as exc:
+                failures.append(f"{host}:{port} (MQTT {protocol}): {exc}")
+                code = getattr(exc, "rc", None)
+                if int(getattr(code, "value", code) or 0) in _REFUSED_VERSION:
+                    continue  # try the older protocol on the same node
+                break
+            try:
+                yield mqtt
+            finally:
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await mqtt.__aexit__(None, None, None)
+            return
+    raise BrokerUnavailable("; ".join(failures))
 
 
 class Changes:
@@ -146,15 +133,15 @@ class Watcher:
         ]
 
     async def run(self, clock: Callable[[], float] = time.time) -> None:
-        delay = BACKOFF[0]
+        retry = Retry(BACKOFF)
         while True:
             identifier = f"setpoint-dashboard-{secrets.token_hex(4)}"
             try:
-                async with self.broker.connected(identifier) as client:
+                async with connected(self.broker, identifier) as client:
                     await client.subscribe(self.filters())
                     self.connected.set()
                     self.error = ""
-                    delay = BACKOFF[0]
+                    retry.reset()
                     async for message in client.messages:
                         payload = message.payload
                         data = payload if isinstance(payload, bytes) else str(payload).encode()
@@ -164,8 +151,7 @@ class Watcher:
             except (aiomqtt.MqttError, BrokerUnavailable) as exc:
                 self.connected.clear()
                 self.error = str(exc) or type(exc).__name__
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF[1])
+            await asyncio.sleep(retry.next())
 
 
 async def fetch_retained(
@@ -177,7 +163,7 @@ async def fetch_retained(
     mark = secrets.token_hex(8).encode()
     found: dict[str, bytes] = {}
     try:
-        async with asyncio.timeout(timeout), broker.connected(identifier) as client:
+        async with asyncio.timeout(timeout), connected(broker, identifier) as client:
             await client.subscribe([(f, 0) for f in filters] + [(barrier, 0)])
             await client.publish(barrier, mark, qos=0)
             async for message in client.messages:
