@@ -2,8 +2,11 @@
 
 * :mod:`files`: atomic file replacement (``O_NOFOLLOW``, fsync of file and directory) and
   durable appends of whole lines;
-* :mod:`logjson`: the one JSON log line format.
+* :mod:`logjson`: the one JSON log line format;
+* :mod:`brokers`: ``--broker`` URLs, and ``mqtt+srv://`` names resolved into nodes.
 
 Below the controller, the shim and the CLI, beside :mod:`setpoint.proto`; imports nothing
-of setpoint's and nothing outside the standard library (import-linter checks it).
+of setpoint's and nothing outside the standard library (import-linter checks it), with one
+exception: :mod:`brokers` imports dnspython inside the function that resolves a ``+srv``
+name, so it is loaded only when one is given.
 """

@@ -196,7 +196,11 @@ def _config(args: argparse.Namespace) -> object:
     service = require_controller("setpoint.controller.service")
     broker_mod = require_controller("setpoint.controller.broker")
     fleet = require_controller("setpoint.controller.fleet")
-    url = broker_from_args(args)
+    url = broker_from_args(
+        args,
+        srv_note="; DNS discovery comes with the controller's broker list (its new"
+        " transport): give one node's URL for now",
+    )
     if args.lease is not None and args.once:
         raise CommandError("--lease runs a replica until stopped; it cannot be used with --once")
     if args.lease is not None and args.lease < 1:

@@ -256,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
                 cert=args.cert,
                 key=args.client_key,
                 alternates=tuple((other.host, other.port) for other in others),
+                discovery=args.broker if "+srv://" in args.broker else "",
             ),
             state_dir=args.state_dir,
             policy=policy,
