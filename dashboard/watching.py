@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import aiomqtt
 
+from setpoint.kit import brokers
 from setpoint.proto.topics import Topics
 
 from .fleet import Change, Fleet
@@ -40,7 +43,8 @@ _REFUSED_VERSION = frozenset({1, 132})  # CONNACK: 3.1.1's "unacceptable version
 class BrokerSettings:
     """The broker: ``host``/``port`` and, for a cluster, the ``others`` nodes tried in turn;
     ``protocol`` is ``auto`` (MQTT 5, then 3.1.1 on an engine that refuses 5), ``5`` or
-    ``3.1.1``."""
+    ``3.1.1``. ``discovery`` is the ``--broker`` value when it names ``mqtt+srv://``
+    domains: the nodes are asked of DNS again when every one of them failed."""
 
     host: str
     port: int
@@ -52,6 +56,19 @@ class BrokerSettings:
     tls: bool = False
     protocol: str = "auto"
     others: tuple[tuple[str, int], ...] = ()
+    discovery: str = ""
+
+    async def rediscovered(self) -> tuple[BrokerSettings, str]:
+        """These settings with the nodes DNS names now, and why not if the lookup failed
+        (then the nodes are kept)."""
+        try:
+            entries = brokers.parse_broker_list(self.discovery)
+            nodes = await asyncio.to_thread(brokers.resolve_brokers, entries, random.SystemRandom())
+        except brokers.BrokerURLError as exc:
+            return self, str(exc)
+        first, *rest = nodes
+        others = tuple((node.host, node.port) for node in rest)
+        return dataclasses.replace(self, host=first.host, port=first.port, others=others), ""
 
     def client(self, identifier: str, host: str, port: int, protocol: str) -> aiomqtt.Client:
         tls = (
@@ -164,6 +181,11 @@ class Watcher:
             except (aiomqtt.MqttError, BrokerUnavailable) as exc:
                 self.connected.clear()
                 self.error = str(exc) or type(exc).__name__
+                if isinstance(exc, BrokerUnavailable) and self.broker.discovery:
+                    # Every node failed: the cluster's membership may have changed.
+                    self.broker, failure = await self.broker.rediscovered()
+                    if failure:
+                        self.error += f"; asking DNS again: {failure}"
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF[1])
 

@@ -241,8 +241,9 @@ class Link:
         if not nodes:
             return
         if nodes != self._endpoints:
+            was = self._broker.urls_of(self._endpoints)
             log.warning("every node failed; DNS now gives %s (was %s)",
-                        self._broker.urls_of(nodes), self._broker.urls_of(self._endpoints))  # fmt: skip
+                        self._broker.urls_of(nodes), was)  # fmt: skip
         self._endpoints = nodes
         self._endpoint = 0
 

@@ -41,9 +41,7 @@ DNS_SERVER_ENV: Final = "SETPOINT_DNS_SERVER"
 DNS_TIMEOUT_ENV: Final = "SETPOINT_DNS_TIMEOUT"
 DEFAULT_DNS_TIMEOUT: Final = 5.0
 INSTALL_HINT: Final = "pip install 'setpoint[srv]' (or pip install dnspython)"
-_FORMS: Final = (
-    "use mqtt://host:port, mqtts://host:port, mqtt+srv://domain or mqtts+srv://domain"
-)
+_FORMS: Final = "use mqtt://host:port, mqtts://host:port, mqtt+srv://domain or mqtts+srv://domain"
 
 
 class BrokerURLError(ValueError):
@@ -113,6 +111,12 @@ def parse_broker_url(url: str) -> BrokerURL:
             )
         return BrokerURL(parts.scheme, parts.hostname, 0, tls)
     return BrokerURL(parts.scheme, parts.hostname, port or (8883 if tls else 1883), tls)
+
+
+def discovery_of(value: str) -> str:
+    """``value`` (a ``--broker`` value) if it names a ``+srv`` domain, to be resolved again
+    when every node failed; else ``""``."""
+    return value if any(url.srv for url in parse_broker_list(value)) else ""
 
 
 def parse_broker_list(value: str) -> list[BrokerURL]:
@@ -195,6 +199,8 @@ def dns_settings(env: Mapping[str, str] | None = None) -> tuple[tuple[str, int] 
 
 def _dns() -> Any:
     try:
+        import dns.exception
+        import dns.rdatatype
         import dns.resolver
     except ModuleNotFoundError as exc:
         raise MissingResolver(
@@ -210,10 +216,6 @@ def resolve_srv(entry: BrokerURL, env: Mapping[str, str] | None = None) -> list[
     the queried name and the fix when there is none."""
     server, timeout = dns_settings(env)
     dns = _dns()
-    import dns.exception
-    import dns.rdatatype
-    import dns.resolver
-
     name = entry.service
     where = f"resolver {server[0]}:{server[1]}" if server else "the system's resolver"
     fix = (
@@ -248,10 +250,11 @@ def resolve_srv(entry: BrokerURL, env: Mapping[str, str] | None = None) -> list[
         SrvRecord(r.priority, r.weight, r.port, r.target.to_text(omit_final_dot=True))
         for r in answer
     ]
-    if len(records) == 1 and records[0].target in ("", "."):
-        # RFC 2782: a lone target of "." says the service is decidedly not offered here.
+    # RFC 2782: a target of "." says the service is decidedly not offered at this domain.
+    records = [r for r in records if r.target not in ("", ".")]
+    if not records:
         raise DiscoveryError(f"{entry.url}: {name} says no MQTT service is offered there; {fix}")
-    return [r for r in records if r.target not in ("", ".")]
+    return records
 
 
 def resolve_brokers(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import random
 import importlib
 import os
+import random
 import sys
 from pathlib import Path
 from types import ModuleType

@@ -20,6 +20,8 @@ import signal
 import sys
 from pathlib import Path
 
+from setpoint.kit.brokers import discovery_of
+
 from ._common import (
     CommandError,
     add_broker_arguments,
@@ -151,6 +153,7 @@ def _settings(args: argparse.Namespace) -> object:
     broker = dashboard.BrokerSettings(
         url.host, url.port, url.username, url.password, args.ca, args.cert, args.client_key,
         tls=url.tls, protocol=args.mqtt_version, others=others,
+        discovery=discovery_of(args.broker),
     )  # fmt: skip
     return dashboard.Settings(
         broker=broker,

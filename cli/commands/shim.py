@@ -32,6 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from setpoint.kit.brokers import discovery_of
+
 from ._common import CommandError, add_broker_arguments, brokers_from_args
 
 _RUN_NEEDS = ("device", "broker", "trust", "root")
@@ -256,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
                 cert=args.cert,
                 key=args.client_key,
                 alternates=tuple((other.host, other.port) for other in others),
-                discovery=args.broker if "+srv://" in args.broker else "",
+                discovery=discovery_of(args.broker),
             ),
             state_dir=args.state_dir,
             policy=policy,
