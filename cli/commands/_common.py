@@ -46,7 +46,7 @@ def parse_broker_list(value: str) -> list[BrokerURL]:
         raise CommandError(str(exc)) from None
 
 
-def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+def add_broker_arguments(parser: argparse.ArgumentParser, *, one_node: bool = False) -> None:
     """The broker flags every verb that talks to a broker takes.
 
     The defaults are left empty here: :func:`setpoint.commands._contexts.apply` fills what
@@ -56,9 +56,14 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--broker",
         help="mqtt://host:port or mqtts://host:port (env SETPOINT_BROKER, or the context's);"
-        " the nodes of a cluster comma-separated: mqtt://a:1883,mqtt://b:1883, or found in"
-        " DNS: mqtt+srv://DOMAIN (SRV records of _mqtt._tcp.DOMAIN; mqtts+srv:// asks"
-        " _secure-mqtt._tcp.DOMAIN; env SETPOINT_DNS_SERVER=IP[:PORT] picks the resolver)",
+        + (
+            " one node: this command takes no list and no mqtt+srv:// name yet"
+            if one_node
+            else " the nodes of a cluster comma-separated: mqtt://a:1883,mqtt://b:1883, or"
+            " found in DNS: mqtt+srv://DOMAIN (SRV records of _mqtt._tcp.DOMAIN;"
+            " mqtts+srv:// asks _secure-mqtt._tcp.DOMAIN; env SETPOINT_DNS_SERVER=IP[:PORT]"
+            " picks the resolver, default the system's)"
+        ),
     )
     parser.add_argument(
         "--username",

@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="fleet repository: a local path, or a URL (file, http(s), ssh, git)",
     )
-    add_broker_arguments(parser)
+    add_broker_arguments(parser, one_node=True)
     parser.add_argument(
         "--key",
         required=True,

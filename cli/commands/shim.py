@@ -10,7 +10,8 @@
 ``--broker`` may list the nodes of one cluster, comma-separated (also in
 ``SETPOINT_BROKER`` or a context's ``broker``): the shim tries them in turn, moving on when
 a node refuses, drops at once or sends no CONNACK within ``--connect-timeout``
-(docs/scale-out.md).
+(docs/scale-out.md). ``mqtt+srv://DOMAIN`` takes the nodes from DNS SRV records
+(:mod:`setpoint.kit.brokers`), asked again when every node has failed.
 
 ``keygen`` makes the device's age identity for sealed secrets (0600, in the state
 directory, kept if it exists) and prints its recipient (``age1...``) for the operator to
@@ -45,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " moving on from a node that is unreachable, refuses the connection, drops it before"
         " 30 s or sends no CONNACK within --connect-timeout; the delay grows once per round"
         " of the list, up to --reconnect-max. A subscription the broker refuses is logged"
-        " with its cause and retried on the same connection. See docs/scale-out.md."
+        " with its cause and retried on the same connection. --broker mqtt+srv://DOMAIN takes"
+        " the nodes from DNS SRV records (_mqtt._tcp.DOMAIN; needs pip install"
+        " 'setpoint[srv]') and asks DNS again when every node failed. See docs/scale-out.md."
     )
     parser.add_argument(
         "action",

@@ -36,9 +36,7 @@ def test_the_dashboard_finds_its_nodes_in_dns_and_asks_again_when_they_fail(
         monkeypatch.setenv("SETPOINT_DNS_SERVER", dns.address)
         # At start DNS names one node, which is dead.
         dns.zone[NAME] = [(0, 0, free_port(), "localhost.")]
-        url = start_dashboard(
-            stack, log, "mqtt+srv://dash.example.test", "--prefix", unique_prefix
-        )
+        url = start_dashboard(stack, log, "mqtt+srv://dash.example.test", "--prefix", unique_prefix)
         dns.zone[NAME] = [(0, 0, broker.port, "localhost.")]  # the cluster moved
         page = ""
         deadline = time.monotonic() + 30

@@ -288,3 +288,25 @@ def test_bad_broker_list_and_timing_flags_are_refused_at_start(
     shim = run_shim(*flags)
     assert shim.wait() == 2
     assert message in shim.text()
+
+
+def test_without_dnspython_the_shim_names_the_extra_to_install(tmp_path: Path) -> None:
+    # A device installed without the srv extra: dnspython cannot be imported.
+    code = (
+        "import sys; sys.modules['dns'] = None; from setpoint.cli import main;"
+        " sys.exit(main(sys.argv[1:]))"
+    )
+    (tmp_path / "k.pub").write_bytes(b"")
+    done = subprocess.run(
+        [sys.executable, "-c", code, "shim", "--device", "dev1", "--broker",
+         "mqtt+srv://fleet.example.test", "--trust", str(tmp_path / "k.pub"),
+         "--root", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SETPOINT_")},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert (
+        "setpoint shim: mqtt+srv:// and mqtts+srv:// need the dnspython package, which is not"
+        " installed: pip install 'setpoint[srv]' (or pip install dnspython)" in done.stderr
+    )
+    assert "Traceback" not in done.stderr
