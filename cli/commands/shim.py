@@ -192,6 +192,19 @@ def defer_urllib_request() -> None:
     urllib.request = placeholder  # type: ignore[attr-defined]
 
 
+def hide_dnspython_from_paho(broker: str) -> None:
+    """Keep paho from importing dnspython when ``--broker`` names no ``+srv`` domain.
+
+    paho imports ``dns.resolver`` whenever dnspython is installed, for its own
+    ``connect_srv``, which the shim does not use (it resolves ``mqtt+srv://`` itself, in
+    :mod:`setpoint.kit.brokers`); with it come ``email`` and ``csv``, memory a device
+    spends for nothing. Only in the shim's own process, and only when no ``+srv`` URL
+    needs dnspython.
+    """
+    if "+srv://" not in broker:
+        sys.modules.setdefault("dns", None)  # type: ignore[arg-type]
+
+
 def keygen(args: argparse.Namespace) -> int:
     """Make (or keep) the device's age identity; print its recipient on stdout."""
     from setpoint.device_shim import ConfigError, unsealing
@@ -224,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "keygen":
         return keygen(args)
     defer_urllib_request()
+    hide_dnspython_from_paho(args.broker or "")
     missing = [f"--{name}" for name in _RUN_NEEDS if not getattr(args, name)]
     if missing:
         print(f"setpoint shim: the following arguments are required: {', '.join(missing)}",
