@@ -30,6 +30,7 @@ Without dnspython, :class:`MissingResolver` names the package and the extra to i
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -177,11 +178,12 @@ def dns_settings(env: Mapping[str, str] | None = None) -> tuple[tuple[str, int] 
         try:
             parts = urlsplit(f"dns://{text}")
             host, port = parts.hostname, parts.port or 53
+            ipaddress.ip_address(host or "")  # dnspython asks resolvers by address only
         except ValueError:
             host, port = None, 0
         if not host:
             raise BrokerURLError(
-                f"{DNS_SERVER_ENV}={text!r}: give the resolver as IP or IP:PORT"
+                f"{DNS_SERVER_ENV}={text!r}: give the resolver's address as IP or IP:PORT"
                 " (127.0.0.1:5353, [::1]:53), or unset it to use the system's"
             )
         server = (host, port)

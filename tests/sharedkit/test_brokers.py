@@ -140,12 +140,19 @@ def test_a_silent_resolver_is_a_timeout_that_names_the_setting() -> None:
 
 @pytest.mark.parametrize(("env", "message"), [
     ({"SETPOINT_DNS_SERVER": "127.0.0.1:notaport"}, "SETPOINT_DNS_SERVER='127.0.0.1:notaport'"),
+    ({"SETPOINT_DNS_SERVER": "localhost:53"},
+     "SETPOINT_DNS_SERVER='localhost:53': give the resolver's address as IP or IP:PORT"),
     ({"SETPOINT_DNS_TIMEOUT": "0"}, "SETPOINT_DNS_TIMEOUT='0': give a positive number"),
 ])  # fmt: skip
 def test_bad_dns_settings_are_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(BrokerURLError) as info:
         brokers.dns_settings(env)
     assert message in str(info.value)
+
+
+def test_an_ipv6_resolver_with_a_port_is_taken() -> None:
+    assert brokers.dns_settings({"SETPOINT_DNS_SERVER": "[::1]:5353"}) == (("::1", 5353), 5.0)
+    assert brokers.dns_settings({"SETPOINT_DNS_SERVER": "10.0.0.2"}) == (("10.0.0.2", 53), 5.0)
 
 
 def test_plain_urls_need_no_dns_and_no_dnspython(monkeypatch: pytest.MonkeyPatch) -> None:
