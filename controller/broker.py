@@ -1,11 +1,13 @@
-"""The controller's one MQTT connection, kept alive: connect, subscribe, pump, reconnect.
+r"""The controller's one MQTT connection, kept alive: connect, subscribe, pump, reconnect.
 
 aiomqtt does not reconnect by itself, so :class:`Link` runs the loop: connect (MQTT 5,
-falling back to 3.1.1 if the broker refuses it), subscribe every registered route in one
-SUBSCRIBE, start the per-session callbacks, and hand each incoming message to the
-handlers whose filter matches. When the connection breaks, every waiting publish fails at
-once with :class:`BrokerUnavailable`, and after a backoff (exponential, jittered, reset by
-a successful connect) it starts over.
+falling back to 3.1.1 if the broker refuses it), subscribe its :class:`Subscription`\ s in
+one SUBSCRIBE, and deliver what happens as facts to its one ``deliver`` function, in
+order: :class:`Connected` (the session is live, nothing of it delivered yet), each
+:class:`Message`, :class:`Disconnected`. Work a session's owner starts for it (the
+controller's sync) ends the session with :meth:`Session.fail`. When the connection
+breaks, every waiting publish fails at once with :class:`BrokerUnavailable`, and after a
+backoff (the kit's policy, reset by a successful connect) it starts over.
 
 :meth:`Link.barrier` proves that everything the broker sent before has been handled: it
 publishes a nonce to the client's private topic and waits for it to come back. MQTT keeps
@@ -14,7 +16,7 @@ SUBSCRIBE released has been dispatched too. No guessing with quiet periods. (Rou
 subscribed at QoS 0 by default, the barrier too, so that a burst of thousands of retained
 messages is not cut by the broker's per-client queue limit for QoS 1.)
 
-Routes marked ``bulk`` (device reports and presence: floods) are not taken in through
+Subscriptions marked ``bulk`` (device reports and presence: floods) are not taken in through
 aiomqtt but through a lean MQTT 3.1.1 receive connection of the same session
 (:mod:`.ingesting`, with backpressure), opened after the main one subscribed; a session
 ends, and both reconnect, when either breaks. The barrier covers both: a nonce goes out
@@ -28,50 +30,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import secrets
 import socket
 import ssl
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from setpoint.kit.backoff import Backoff, Retry
+from setpoint.kit.brokers import BrokerSettings
 from setpoint.proto.topics import Topics
 
 from . import ingesting
 from .errors import BrokerUnavailable
 from .ingesting import IngestConnection, IngestStats, Routes
 
+__all__ = ["Backoff", "BrokerSettings"]  # the kit's, named where the controller wires them
+
 log = logging.getLogger(__name__)
 
-MessageHandler = Callable[["Message"], None]
-SessionCallback = Callable[["Session"], Coroutine[Any, Any, None]]
 MAX_INBOX_BYTES: Final = 64 * 1024 * 1024  # what the main connection may hold unread
 DROP_LOG_INTERVAL: Final = 60.0
 MAX_BARRIER_BYTES: Final = 64  # a nonce is 16; anything larger on the echo topic is junk
+DEFAULT_BACKOFF: Final = Backoff(0.1, 10.0)
 _V5_REFUSED: Final = {1, 132}  # 3.1.1 "unacceptable protocol version"; 5 "unsupported"
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    host: str
-    port: int = 1883
-    tls: bool = False
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    client_id: str = ""
-    keepalive: int = 30
-    connect_timeout: float = 10.0
-
-    def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,30 +67,6 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
-
-
-class Backoff:
-    """Exponential backoff with jitter; :meth:`reset` after a success."""
-
-    def __init__(
-        self,
-        initial: float = 0.1,
-        maximum: float = 10.0,
-        factor: float = 2.0,
-        jitter: float = 0.2,
-        rng: Callable[[], float] = random.random,
-    ) -> None:
-        self.initial, self.maximum, self.factor, self.jitter = initial, maximum, factor, jitter
-        self._rng = rng
-        self._next = initial
-
-    def next(self) -> float:
-        base = self._next
-        self._next = min(self.maximum, self._next * self.factor)
-        return base * (1 + self.jitter * (2 * self._rng() - 1))
-
-    def reset(self) -> None:
-        self._next = self.initial
 
 
 def new_client_id(role: str = "controller") -> str:
@@ -168,6 +130,19 @@ class Session:
         self.number = number
         self.v5 = v5
         self.lost = asyncio.Event()
+        self._failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+    def fail(self, error: BaseException) -> None:
+        """End this session because of ``error`` (work it started went wrong with the
+        broker): the link reconnects, as after any broker trouble. Ignored once lost."""
+        if not self.lost.is_set() and not self._failed.done():
+            self._failed.set_result(error)
+
+    async def failure(self) -> None:
+        """Raise :class:`BrokerUnavailable` once :meth:`fail` is called (a task of the
+        session's group)."""
+        error = await self._failed
+        raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float
@@ -194,22 +169,67 @@ class Session:
         raise BrokerUnavailable(f"connection lost before the broker acknowledged {topic}")
 
 
-@dataclass(slots=True)
-class _Route:
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """A topic filter the controller takes in.
+
+    ``no_local`` (MQTT 5) skips this client's own publications. ``bulk`` takes it in
+    through the lean ingest connection (for floods: device reports and presence). Its
+    filter must end in a literal level, which routes it (``devices/+/reported``, also as
+    ``$share/<name>/...``); QoS 0 or 1, and no ``no_local`` (MQTT 3.1.1 has none).
+
+    QoS 0 is the default on purpose: a view rebuilt from retained messages on every
+    connect loses nothing by it, while at QoS 1 mosquitto queues at most
+    ``max_queued_messages`` (default 1000) per client and silently drops the rest of a
+    SUBSCRIBE's retained messages (and the barrier behind them).
+    """
+
     topic_filter: str
-    handler: MessageHandler
-    qos: int
-    no_local: bool
+    qos: int = 0
+    no_local: bool = False
     bulk: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bulk:
+            if self.no_local:
+                raise ValueError(f"a bulk subscription cannot be no_local ({self.topic_filter!r})")
+            if self.qos not in (0, 1):
+                raise ValueError(
+                    f"a bulk subscription is QoS 0 or 1, not {self.qos} ({self.topic_filter!r})"
+                )
+            ingesting.split_filter(self.topic_filter)  # raises ValueError on a bad filter
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """A session is live: subscribed, and nothing it brought has been delivered yet."""
+
+    session: Session
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """The session (or the attempt to open one) ended; a new one follows after a backoff."""
+
+
+Fact = Message | Connected | Disconnected
+Deliver = Callable[[Fact], None]
 
 
 class Link:
-    """Keeps one MQTT connection up and dispatches what arrives on it."""
+    """Keeps one MQTT connection up and delivers what happens on it as facts.
+
+    ``subscriptions`` are fixed at construction; every message that matches one, and
+    every change of the connection (:class:`Connected`, :class:`Disconnected`), goes to
+    the one ``deliver`` function, in order, called in the pump (it must not block).
+    """
 
     def __init__(
         self,
         settings: BrokerSettings,
         topics: Topics,
+        subscriptions: Sequence[Subscription],
+        deliver: Deliver,
         *,
         backoff: Backoff | None = None,
         publish_timeout: float = 10.0,
@@ -218,11 +238,10 @@ class Link:
         self.client_id = settings.client_id or new_client_id()
         self.topics = topics
         self.publish_timeout = publish_timeout
-        self._backoff = backoff or Backoff()
-        self._routes: list[_Route] = []
-        self._on_connect: list[Callable[[], None]] = []
-        self._on_disconnect: list[Callable[[], None]] = []
-        self._on_session: list[tuple[str, SessionCallback]] = []
+        self._backoff = Retry(backoff or DEFAULT_BACKOFF)
+        self._deliver = deliver
+        self._barrier_topic = topics.barrier(self.client_id)
+        self._wanted = (Subscription(self._barrier_topic), *subscriptions)
         self._session: Session | None = None
         self._sessions = 0
         self._replaced = asyncio.Event()  # set (and renewed) whenever _session changes
@@ -233,51 +252,6 @@ class Link:
         self._ingest: IngestConnection | None = None
         self.ingest_stats = IngestStats()
         self.ingest_max_waiting: int | None = None  # None: ingesting.MAX_WAITING
-        self.route(topics.barrier(self.client_id), self._barrier_arrived)
-
-    # --- Registration (before run) ---------------------------------------------------
-
-    def route(
-        self,
-        topic_filter: str,
-        handler: MessageHandler,
-        *,
-        qos: int = 0,
-        no_local: bool = False,
-        bulk: bool = False,
-    ) -> None:
-        """Deliver messages matching ``topic_filter`` to ``handler`` (called in the pump:
-        it must not block). ``no_local`` (MQTT 5) skips this client's own publications.
-
-        ``bulk`` takes the route in through the lean ingest connection (for floods:
-        device reports and presence). Its filter must end in a literal level, which
-        routes it (``devices/+/reported``, also as ``$share/<name>/...``); QoS 0 or 1,
-        and no ``no_local`` (MQTT 3.1.1 has none).
-
-        QoS 0 is the default on purpose: a view rebuilt from retained messages on every
-        connect loses nothing by it, while at QoS 1 mosquitto queues at most
-        ``max_queued_messages`` (default 1000) per client and silently drops the rest of
-        a SUBSCRIBE's retained messages (and the barrier behind them).
-        """
-        if bulk:
-            if no_local:
-                raise ValueError(f"a bulk route cannot be no_local ({topic_filter!r})")
-            if qos not in (0, 1):
-                raise ValueError(f"a bulk route is QoS 0 or 1, not {qos} ({topic_filter!r})")
-            ingesting.split_filter(topic_filter)  # raises ValueError on a bad filter
-        self._routes.append(_Route(topic_filter, handler, qos, no_local, bulk))
-
-    def on_connect(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` on every connect, before subscribing (to reset views)."""
-        self._on_connect.append(callback)
-
-    def on_disconnect(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever a connection attempt or a session ends."""
-        self._on_disconnect.append(callback)
-
-    def on_session(self, name: str, callback: SessionCallback) -> None:
-        """Run ``callback(session)`` as a task of every session, after subscribing."""
-        self._on_session.append((name, callback))
 
     # --- State ------------------------------------------------------------------------
 
@@ -366,8 +340,7 @@ class Link:
                 self._set_session(None)
                 if session is not None:
                     session.lost.set()
-                for callback in self._on_disconnect:
-                    callback()
+                self._deliver(Disconnected())
             delay = self._backoff.next()
             log.info("reconnecting to %s in %.1fs", self.settings.url(), delay)
             await asyncio.sleep(delay)
@@ -406,8 +379,6 @@ class Link:
                     self.client_id,
                     "5" if self._v5 else "3.1.1",
                 )
-                for callback in self._on_connect:
-                    callback()
                 granted = await client.subscribe(
                     self._subscriptions(), timeout=self.publish_timeout
                 )
@@ -415,13 +386,13 @@ class Link:
                 ingest = await self._open_ingest()
                 self._ingest = ingest
                 self._set_session(session)
+                self._deliver(Connected(session))
                 try:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._pump(client, session), name="mqtt-pump")
                         if ingest is not None:
                             tg.create_task(ingest.serve(), name="mqtt-ingest")
-                        for name, start in self._on_session:
-                            tg.create_task(start(session), name=name)
+                        tg.create_task(session.failure(), name="mqtt-session-failure")
                 finally:
                     session.lost.set()
                     self._ingest = None
@@ -440,13 +411,13 @@ class Link:
     async def _open_ingest(self) -> IngestConnection | None:
         """The session's lean receive connection for the bulk routes (None if there are
         none); same broker, credentials and TLS as the main connection."""
-        bulk = [r for r in self._routes if r.bulk]
+        bulk = [r for r in self._wanted if r.bulk]
         if not bulk:
             return None
         routes = Routes()
+        deliver = self._deliver
         for route in bulk:
-            handler = route.handler
-            routes.add(route.topic_filter, lambda t, p, r, h=handler: h(Message(t, p, r)))
+            routes.add(route.topic_filter, lambda t, p, r: deliver(Message(t, p, r)))
         s = self.settings
         ident = f"{self.client_id}-in"
         extra = {} if self.ingest_max_waiting is None else {"max_waiting": self.ingest_max_waiting}
@@ -466,8 +437,8 @@ class Link:
             **extra,
         )
 
-    def _main_routes(self) -> list[_Route]:
-        return [r for r in self._routes if not r.bulk]
+    def _main_routes(self) -> list[Subscription]:
+        return [r for r in self._wanted if not r.bulk]
 
     def _subscriptions(self) -> list[tuple[str, Any]]:
         if self._v5:
@@ -499,13 +470,50 @@ class Link:
                 elif not isinstance(payload, bytes | bytearray):
                     payload = b"" if payload is None else str(payload).encode("utf-8")
                 message = Message(str(raw.topic), bytes(payload), bool(raw.retain))
-                for route in self._routes:
-                    if not route.bulk and raw.topic.matches(route.topic_filter):
-                        route.handler(message)
+                if message.topic == self._barrier_topic:
+                    self._barrier_arrived(message)
+                else:
+                    self._deliver(message)
         except aiomqtt.MqttError as exc:
             raise BrokerUnavailable(f"connection lost: {exc}") from exc
         finally:
             session.lost.set()
+
+
+async def read_retained(
+    settings: BrokerSettings, topics: Topics, client_id: str, topic_filter: str, timeout: float
+) -> list[Message]:
+    """Every message retained under ``topic_filter``, read once through a plain (not
+    shared) subscription of a short-lived client, up to a marker published behind them.
+
+    For a controller whose live subscription is shared: the broker sends retained
+    messages to no member of a shared subscription. Broker trouble is BrokerUnavailable.
+    """
+    ident = f"{client_id}-r{secrets.token_hex(2)}"
+    marker = topics.barrier(ident)
+    found: list[Message] = []
+    try:
+        async with aiomqtt.Client(
+            settings.host,
+            settings.port,
+            identifier=ident,
+            username=settings.username,
+            password=settings.password,
+            tls_context=tls_context(settings),
+            timeout=settings.connect_timeout,
+        ) as client:
+            await client.subscribe([(topic_filter, 0), (marker, 0)])
+            await client.publish(marker, b"x", qos=1)
+            async with asyncio.timeout(timeout):
+                async for raw in client.messages:
+                    topic = str(raw.topic)
+                    if topic == marker:
+                        break
+                    if raw.retain and isinstance(raw.payload, bytes | bytearray):
+                        found.append(Message(topic, bytes(raw.payload), True))
+    except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+        raise BrokerUnavailable(f"reading the retained {topic_filter}: {exc}") from exc
+    return found
 
 
 def _first(error: BaseException) -> BaseException:

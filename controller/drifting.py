@@ -45,29 +45,30 @@ import asyncio
 import contextlib
 import heapq
 import logging
-import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, Literal
-
-import aiomqtt
 
 from setpoint.proto import bundles, commands, reports, status
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.reports import Report
 from setpoint.proto.status import DRIFT_STATES, DriftStatus, GroupStatus, ResourceDiff
+from setpoint.proto.topics import Topics
 
 from . import detecting
-from .broker import Message, Session, tls_context
+from .broker import Message, Subscription
 from .detecting import Desired
 from .errors import BrokerUnavailable
 from .metrics import Metrics
 
 if TYPE_CHECKING:
-    from .service import Controller, Publication
+    from .executing import Executor
+    from .planning import Current
+    from .rendering import Target
+    from .service import Publication
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ class _Fleet:
     groups: dict[str, Bundle] = field(default_factory=dict)
     commits: dict[str, str] = field(default_factory=dict)
     members: dict[str, list[str]] = field(default_factory=dict)
+    # Per device, the published entries its Desired was worked out from (see desired_for).
+    inputs: dict[str, tuple[Any, Any, Desired]] = field(default_factory=dict)
 
 
 class _Tally:
@@ -213,8 +216,11 @@ def healed_since(before: Report | None, after: Report) -> tuple[ResourceDiff, ..
     )
 
 
-def desired_for(published: dict[Any, Any]) -> _Fleet:
-    """Per device, its :class:`Desired`, from the controller's published bundles. Pure."""
+def desired_for(published: Mapping[Any, Any], previous: _Fleet | None = None) -> _Fleet:
+    """Per device, its :class:`Desired`, from the controller's published bundles. Pure.
+
+    With the ``previous`` fleet, a device whose published entries (its own and its
+    group's) are the very objects they were is not worked out again."""
     groups: dict[str, Any] = {}
     devices: dict[str, Any] = {}
     for target, current in published.items():
@@ -229,6 +235,13 @@ def desired_for(published: dict[Any, Any]) -> _Fleet:
         if group_id is None or group_id not in groups:
             continue
         group_current = groups[group_id]
+        if previous is not None:
+            before = previous.inputs.get(device)
+            if before is not None and before[0] is current and before[1] is group_current:
+                fleet.desired[device] = before[2]
+                fleet.inputs[device] = before
+                fleet.members.setdefault(group_id, []).append(device)
+                continue
         group: Bundle = group_current.bundle
         newest = max((group_current, current), key=lambda c: c.published_at or 0.0)
         # A batched rollout pins the device to the group version it runs until its batch
@@ -248,8 +261,23 @@ def desired_for(published: dict[Any, Any]) -> _Fleet:
             published_at=max(group_current.published_at or 0.0, current.published_at or 0.0),
             pinned_from=group.version if held else None,
         )
+        fleet.inputs[device] = (current, group_current, fleet.desired[device])
         fleet.members.setdefault(group_id, []).append(device)
     return fleet
+
+
+def subscriptions(topics: Topics, settings: DriftSettings) -> list[Subscription]:
+    """What a drift engine takes in (its controller subscribes its link to these)."""
+    reported = topics.all_reported()
+    if settings.share:
+        reported = topics.shared(settings.share, reported)
+    return [
+        # Reports and presence come in floods: through the link's lean ingest connection.
+        Subscription(reported, bulk=True),
+        Subscription(topics.all_presence(), bulk=True),
+        Subscription(topics.all_drift(), no_local=True),
+        Subscription(topics.all_group_status(), no_local=True),
+    ]
 
 
 class DriftEngine:
@@ -261,11 +289,15 @@ class DriftEngine:
         self,
         settings: DriftSettings | None = None,
         *,
+        executor: Executor | None = None,
+        topics: Topics | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         on_status: StatusListener | None = None,
     ) -> None:
         self.settings = settings or DriftSettings()
+        self._executor = executor
+        self._topics = topics or Topics()
         self.metrics = metrics or Metrics()
         self._clock = clock
         self._devices: dict[str, _Device] = {}
@@ -293,10 +325,10 @@ class DriftEngine:
         self._sessions_synced = 0
         self._fleet = _Fleet()
         self._fleet_stale = True
+        self._published: Mapping[Target, Current] = {}
         self._reeval: set[str] = set()  # to decide again though no message came (not triggered)
         self._groups_touched = False
         self._refused_logged: dict[str, str] = {}
-        self._controller: Controller | None = None
         self._on_status = on_status
         self.ready = asyncio.Event()
         self.passes = 0
@@ -307,36 +339,21 @@ class DriftEngine:
 
     # --- Wiring ----------------------------------------------------------------------------
 
-    def attach(self, controller: Controller) -> None:
-        self._controller = controller
-        link, topics = controller.link, controller.topics
-        self._topics = topics
-        reported = topics.all_reported()
-        # Reports and presence come in floods: through the link's lean ingest connection.
-        if self.settings.share:
-            link.route(topics.shared(self.settings.share, reported), self._on_report, bulk=True)
-        else:
-            link.route(reported, self._on_report, bulk=True)
-        link.route(topics.all_presence(), self._on_presence, bulk=True)
-        link.route(topics.all_drift(), self._on_drift, no_local=True)
-        link.route(topics.all_group_status(), self._on_group_status, no_local=True)
-        link.on_connect(self._connected)
-        link.on_session("drift-sync", self._sync)
-
     def _tell(self, device: str, found: DriftStatus | None) -> None:
         if self._on_status is not None:
             self._on_status(device, found)
 
-    async def run(self) -> None:
+    async def run(self, settle: Callable[[float], Awaitable[None]]) -> None:
+        """Serve metrics; once the first connection is read whole and ``settle`` (the
+        controller's first pass over its desired state) returned, decide for ever."""
         listen = self.settings.metrics_listen
         if listen is not None:
             port = await asyncio.to_thread(self.metrics.serve, *listen)
             log.info("metrics on http://%s:%d/metrics", listen[0] or "0.0.0.0", port)
         try:
             await self._synced.wait()
-            assert self._controller is not None
             try:
-                await self._controller.settle(timeout=SETTLE_TIMEOUT)
+                await settle(SETTLE_TIMEOUT)
             except TimeoutError:
                 log.warning("drift: the controller has not settled; evaluating anyway")
             self._full = True
@@ -346,7 +363,7 @@ class DriftEngine:
         finally:
             await asyncio.to_thread(self.metrics.close)
 
-    # --- Ingest (called in the link's pump: must be quick) ----------------------------------
+    # --- Facts in (called in the link's pump: must be quick) -------------------------------
 
     def _device(self, name: str) -> _Device | None:
         dev = self._devices.get(name)
@@ -371,7 +388,7 @@ class DriftEngine:
             self._refused_logged[device] = reason
             log.warning("report from %s not believed (%s): %s", device, reason, detail)
 
-    def _on_report(self, message: Message, *, from_retained_read: bool = False) -> None:
+    def take_report(self, message: Message, *, from_retained_read: bool = False) -> None:
         name = self._name(message, "device-reported")
         if name is None:
             return
@@ -393,7 +410,7 @@ class DriftEngine:
         dev.arrived = dev.raw_at = self._clock()
         self._touch(name)
 
-    def _on_presence(self, message: Message) -> None:
+    def take_presence(self, message: Message) -> None:
         name = self._name(message, "device-presence")
         if name is None:
             return
@@ -413,7 +430,7 @@ class DriftEngine:
         dev.arrived = self._clock()
         self._touch(name)
 
-    def _on_drift(self, message: Message) -> None:
+    def take_drift(self, message: Message) -> None:
         name = self._name(message, "device-drift")
         if name is None:
             return
@@ -436,7 +453,7 @@ class DriftEngine:
             self._set_status(dev, found)
             self._tell(name, found)
 
-    def _on_group_status(self, message: Message) -> None:
+    def take_group_status(self, message: Message) -> None:
         name = self._name(message, "group-status")
         if name is None:
             return
@@ -451,27 +468,29 @@ class DriftEngine:
         self._dirty.add(name)
         self._wake.set()
 
-    def published(self, batch: Sequence[Publication]) -> None:
+    def published(self, batch: Sequence[Publication], current: Mapping[Target, Current]) -> None:
+        """The controller's publications: ``current`` is what it publishes now."""
         for p in batch:
             self.metrics.publications.labels(p.target.kind, p.reason).inc()
+        self._published = current
         self._fleet_stale = True  # the next pass re-detects the devices whose desired changed
         self._wake.set()
 
-    def _connected(self) -> None:
+    def connected(self) -> None:
+        """A new connection: nothing is decided until it has delivered every retained message."""
         self._session_synced.clear()
         self._drift_delivered.clear()
         self._groups_delivered.clear()
 
-    async def _sync(self, session: Session) -> None:
-        """Once per connection: wait until every retained message has arrived."""
-        assert self._controller is not None
-        await self._controller.link.barrier()
+    def synced(self, retained_reports: Iterable[Message] = ()) -> None:
+        """The connection delivered every retained message (a barrier came back); in
+        shared mode ``retained_reports`` are the retained reports, read apart."""
+        count = 0
+        for message in retained_reports:
+            count += 1
+            self.take_report(message, from_retained_read=True)
         if self.settings.share:
-            try:
-                await self._read_retained_reports()
-            except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
-                # Like any broker trouble: this session ends and the link reconnects.
-                raise BrokerUnavailable(f"reading the retained reports: {exc}") from exc
+            log.info("drift: read %d retained reports (shared mode)", count)
         self._sessions_synced += 1
         if self._sessions_synced > 1:
             self._restore = True  # the broker may have lost what we published
@@ -480,41 +499,11 @@ class DriftEngine:
         self._session_synced.set()
         self._wake.set()
 
-    async def _read_retained_reports(self) -> None:
-        """Shared mode: read the retained reports once with a plain subscription."""
-        assert self._controller is not None
-        s = self._controller.link.settings
-        ident = f"{self._controller.link.client_id}-r{secrets.token_hex(2)}"
-        marker = self._topics.barrier(ident)
-        async with aiomqtt.Client(
-            s.host,
-            s.port,
-            identifier=ident,
-            username=s.username,
-            password=s.password,
-            tls_context=tls_context(s),
-            timeout=s.connect_timeout,
-        ) as client:
-            await client.subscribe([(self._topics.all_reported(), 0), (marker, 0)])
-            await client.publish(marker, b"x", qos=1)
-            count = 0
-            async with asyncio.timeout(max(30.0, self._controller.link.publish_timeout)):
-                async for raw in client.messages:
-                    topic = str(raw.topic)
-                    if topic == marker:
-                        break
-                    if raw.retain and isinstance(raw.payload, bytes | bytearray):
-                        count += 1
-                        self._on_report(
-                            Message(topic, bytes(raw.payload), True), from_retained_read=True
-                        )
-        log.info("drift: read %d retained reports (shared mode)", count)
-
     # --- The worker ------------------------------------------------------------------------
 
     async def _working(self) -> None:
-        assert self._controller is not None
-        link = self._controller.link
+        assert self._executor is not None
+        executor = self._executor
         tick = max(0.05, self.settings.tick)
         next_tick = time.monotonic() + tick
         while True:
@@ -525,7 +514,7 @@ class DriftEngine:
             ticking = time.monotonic() >= next_tick
             if ticking:
                 next_tick = time.monotonic() + tick
-            await link.wait_connected()
+            await executor.wait_connected()
             await self._session_synced.wait()
             try:
                 await self.step(tick=ticking)
@@ -537,15 +526,18 @@ class DriftEngine:
 
     def _refresh_fleet(self) -> None:
         if self._fleet_stale:
-            assert self._controller is not None
             before = self._fleet
-            self._fleet = desired_for(self._controller.published())
+            self._fleet = desired_for(self._published, before)
             self._fleet_stale = False
             self._rebuild_tallies()
             # Work proportional to what changed: only the devices whose desired state moved
             # are decided again (and every group summary is looked at: as many as groups).
             old, new = before.desired, self._fleet.desired
-            self._reeval |= {n for n in old.keys() | new.keys() if old.get(n) != new.get(n)}
+            self._reeval |= {
+                n
+                for n in old.keys() | new.keys()
+                if old.get(n) is not new.get(n) and old.get(n) != new.get(n)
+            }
             self._groups_touched = True
 
     def _rebuild_tallies(self) -> None:
@@ -770,8 +762,8 @@ class DriftEngine:
     # --- Output ----------------------------------------------------------------------------
 
     async def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        assert self._controller is not None
-        await self._controller.link.publish(topic, payload, qos=1, retain=retain)
+        assert self._executor is not None
+        await self._executor.publish(topic, payload, retain=retain)
 
     async def _publish_status(
         self, dev: _Device, old: DriftStatus | None, new: DriftStatus, *, event: bool = True
@@ -791,8 +783,8 @@ class DriftEngine:
                 new.state,
                 f" ({', '.join(r.id for r in new.resources)})" if new.resources else "",
             )
-        payload = status.event("drift", self._clock(), **drift_event_fields(old, new, change))
-        await self._publish(self._topics.event("drift"), payload, retain=False)
+        assert self._executor is not None
+        await self._executor.event("drift", **drift_event_fields(old, new, change))
         self.events_published += 1
         self.metrics.drift_events.labels(new.group or "-", change).inc()
 
@@ -823,19 +815,14 @@ class DriftEngine:
         command = commands.Command(
             dev.name, "reconcile", seq, int(now), int(now) + self.settings.command_ttl, why[:256]
         )
-        assert self._controller is not None and self._controller.signer is not None
-        await self._publish(
-            self._topics.device_command(dev.name),
-            self._controller.signer.sign_command(command),
-            retain=False,
-        )
+        assert self._executor is not None
+        await self._executor.command(command)
         dev.command_seq = seq
         log.info("reconcile command seq %d sent to %s (%s)", seq, dev.name, why)
         self.metrics.commands.labels(new.group or "-").inc()
-        event = status.event(
-            "reconcile", now, device=dev.name, group=new.group, seq=seq, reason=why
+        await self._executor.event(
+            "reconcile", device=dev.name, group=new.group, seq=seq, reason=why
         )
-        await self._publish(self._topics.event("reconcile"), event, retain=False)
 
     def group_statuses(self, now: float | None = None) -> dict[str, GroupStatus]:
         """Every group's summary, counted from scratch over the statuses retained now.

@@ -70,6 +70,63 @@ class Tree(Protocol):
         ...
 
 
+class VersionedTree(Tree, Protocol):
+    """A tree that says what identifies each file's content (a git tree: mode and blob id)."""
+
+    def blob_id(self, path: str) -> bytes | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    """One device file as read before: every file it took (with what identified them then)
+    and what came of it."""
+
+    depends: tuple[tuple[str, bytes | None], ...]
+    plaintext_ok: bool
+    device: Device | None
+    problems: tuple[Problem, ...]
+    warnings: tuple[Problem, ...]
+
+
+class _Recording:
+    """A tree that notes what identifies each file read through it."""
+
+    def __init__(self, tree: VersionedTree) -> None:
+        self._tree = tree
+        self.read_ids: list[tuple[str, bytes | None]] = []
+
+    def list_yaml(self, directory: str) -> list[str]:
+        raise AssertionError("a device file lists no directory")  # pragma: no cover
+
+    def read(self, path: str, max_bytes: int) -> bytes | None:
+        self.read_ids.append((path, self._tree.blob_id(path)))
+        return self._tree.read(path, max_bytes)
+
+
+class Memo:
+    """What :func:`load` read from device files before, for a commit that left a device's
+    file, and every file it names, as they were: its reading is taken again instead of
+    parsing and validating it anew (work proportional to what changed). Only for trees
+    that identify their files' content (:class:`VersionedTree`). Holds one reading per
+    device file path seen."""
+
+    def __init__(self) -> None:
+        self._readings: dict[str, _Reading] = {}
+        self.reused = 0
+
+    def get(self, path: str, tree: VersionedTree, plaintext_ok: bool) -> _Reading | None:
+        reading = self._readings.get(path)
+        if reading is None or reading.plaintext_ok != plaintext_ok:
+            return None
+        if any(tree.blob_id(p) != blob for p, blob in reading.depends):
+            return None
+        self.reused += 1
+        return reading
+
+    def put(self, path: str, reading: _Reading) -> None:
+        self._readings[path] = reading
+
+
 class TreeError(Exception):
     """A path in the tree that exists but cannot be used (symlink, directory, too large)."""
 
@@ -822,9 +879,14 @@ def _check_effective(device: Device, group: Group, collector: _Collector) -> boo
     return ok
 
 
-def load(tree: Tree, *, engine: str | None = None) -> Snapshot:
+def load(tree: Tree, *, engine: str | None = None, memo: Memo | None = None) -> Snapshot:
     """Read and validate one view of the fleet repository; ``engine`` (else ``fleet.yaml``'s
-    ``engine:``) also refuses the ids that engine cannot carry in a topic."""
+    ``engine:``) also refuses the ids that engine cannot carry in a topic. With a ``memo``
+    (and a tree that identifies its files' content), device files read before as they are
+    now are not read again."""
+    versioned: VersionedTree | None = (
+        tree if memo is not None and hasattr(tree, "blob_id") else None
+    )  # type: ignore[assignment]
     problems: list[Problem] = []
     warnings: list[Problem] = []
 
@@ -857,7 +919,7 @@ def load(tree: Tree, *, engine: str | None = None) -> Snapshot:
             broken_devices.add(did)
             continue
         collector = _Collector(path)
-        device = _load_device(did, path, tree, collector, plaintext_ok)
+        device = _read_device(did, path, tree, collector, plaintext_ok, versioned, memo)
         if device is not None:
             if device.group in broken_groups:
                 device = None  # its group's file carries the problem
@@ -1008,6 +1070,36 @@ def _load_group(gid: str, path: str, tree: Tree, collector: _Collector) -> Group
         spec.rollout.policy() if spec.rollout else None,
         spec.window.window() if spec.window else None,
     )
+
+
+def _read_device(
+    did: str,
+    path: str,
+    tree: Tree,
+    collector: _Collector,
+    plaintext_ok: bool,
+    versioned: VersionedTree | None,
+    memo: Memo | None,
+) -> Device | None:
+    """:func:`_load_device`, through ``memo`` when the tree is versioned."""
+    if versioned is None or memo is None:
+        return _load_device(did, path, tree, collector, plaintext_ok)
+    reading = memo.get(path, versioned, plaintext_ok)
+    if reading is None:
+        recording = _Recording(versioned)
+        fresh = _Collector(path)
+        device = _load_device(did, path, recording, fresh, plaintext_ok)
+        reading = _Reading(
+            tuple(recording.read_ids),
+            plaintext_ok,
+            device,
+            tuple(fresh.problems),
+            tuple(fresh.warnings),
+        )
+        memo.put(path, reading)
+    collector.problems.extend(reading.problems)
+    collector.warnings.extend(reading.warnings)
+    return reading.device
 
 
 def _load_device(

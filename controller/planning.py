@@ -30,7 +30,7 @@ Pure; no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -193,8 +193,12 @@ def plan(
     attempted: Mapping[Target, Bundle] | None = None,
     now: int,
     ttl: int,
+    only: Collection[Target] | None = None,
 ) -> Plan:
     """The actions that make the broker hold what the repository wants.
+
+    ``only``: look at these targets alone (the others are known to need nothing: their
+    inputs did not change since a plan that found nothing for them).
 
     ``desired=None`` means the repository could not be read: everything is kept.
     ``floors`` are the highest versions ever published per target, also of targets that
@@ -218,7 +222,10 @@ def plan(
     adopts: list[Adopt] = []
     clears: list[Clear] = []
     kept: set[Target] = set()
-    for target in sorted(known | set(want)):
+    targets = known | want.keys() if only is None else only
+    for target in targets:  # the actions are put in order below
+        if target not in want and target not in known:
+            continue
         cur, ret = current.get(target), retained.get(target)
         if target in want:
             floor = (floors or {}).get(target, 0)
@@ -239,6 +246,7 @@ def plan(
                 clears.append(action)
     # Groups before devices (a device that moves finds its new group's bundle already
     # there); devices cleared before their groups.
+    adopts.sort(key=lambda a: a.target)
     publishes.sort(key=lambda a: (a.target.kind != "group", a.target.id))
     clears.sort(key=lambda a: (a.target.kind != "device", a.target.id))
     return Plan((*adopts, *publishes, *clears), refusal, frozenset(kept))

@@ -120,6 +120,12 @@ class Render:
     # Findings that publish anyway (a sealed value a device of its group cannot open),
     # checked on what is rendered: group content from its branch, members from the default.
     warnings: tuple[BranchProblem, ...] = ()
+    # Each device target's spec and what it rendered to: the next render, given this one,
+    # re-uses the bundle of a device whose spec is the same object (a file read before
+    # as it is, see fleet.Memo) instead of encoding and digesting it again.
+    sources: Mapping[Target, tuple[Device, Rendered]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def allow_empty(self) -> bool:
@@ -168,9 +174,16 @@ def _device_bundle(device: Device, commit: str) -> Bundle:
 
 
 class _Builder:
-    def __init__(self, default_branch: str, views: Mapping[str, View | None]) -> None:
+    def __init__(
+        self,
+        default_branch: str,
+        views: Mapping[str, View | None],
+        previous: Mapping[Target, tuple[Device, Rendered]],
+    ) -> None:
         self.default_branch = default_branch
         self.views = views
+        self.previous = previous
+        self.sources: dict[Target, tuple[Device, Rendered]] = {}
         self.desired: dict[Target, Rendered] = {}
         self.broken: set[Target] = set()
         self.problems: list[BranchProblem] = []
@@ -195,6 +208,21 @@ class _Builder:
             return
         self.desired[target] = Rendered(bundle, view.branch, view.commit.author)
 
+    def add_device(self, target: Target, device: Device, view: View) -> None:
+        prior = self.previous.get(target)
+        if prior is not None and prior[0] is device and prior[1].branch == view.branch:
+            rendered = Rendered(
+                prior[1].bundle.with_commit(view.commit.id), view.branch, view.commit.author
+            )
+            self.desired[target] = rendered
+        else:
+            self.add(target, _device_bundle(device, view.commit.id), view, device.file)
+            found = self.desired.get(target)
+            if found is None:
+                return
+            rendered = found
+        self.sources[target] = (device, rendered)
+
     def claim(self, target: Target, branch: str, view: View, file: str) -> bool:
         """Record that ``branch`` owns ``target``; a second claimant breaks it."""
         other = self.claims.setdefault(target, branch)
@@ -211,14 +239,19 @@ class _Builder:
         return False
 
 
-def render(default_branch: str | None, views: Mapping[str, View | None]) -> Render:
-    """Combine the views of the default branch and the branches it tracks."""
+def render(
+    default_branch: str | None,
+    views: Mapping[str, View | None],
+    previous: Render | None = None,
+) -> Render:
+    """Combine the views of the default branch and the branches it tracks (``previous``:
+    the last render, whose unchanged device bundles are re-used)."""
     default = views.get(default_branch) if default_branch else None
     if default_branch is None or default is None:
         # No commit on the default branch (a new repository): nothing is known, and so
         # nothing may be removed.
         return Render(default_branch)
-    b = _Builder(default_branch, views)
+    b = _Builder(default_branch, views, previous.sources if previous is not None else {})
     problems_by_view = [
         BranchProblem(v.branch, v.commit.id, v.commit.author, p)
         for v in views.values()
@@ -313,7 +346,7 @@ def render(default_branch: str | None, views: Mapping[str, View | None]) -> Rend
                 continue
         if device is None or gid not in groups:
             continue  # deleted on the tracked branch, or its group was: removed
-        b.add(target, _device_bundle(device, view.commit.id), view, device.file)
+        b.add_device(target, device, view)
         b.devices[did] = (device, view)
     b.broken.update(Target("device", d) for d in snap.broken_devices)
 
@@ -331,7 +364,7 @@ def render(default_branch: str | None, views: Mapping[str, View | None]) -> Rend
             if device.group in broken_groups or device.group not in groups:
                 b.broken.add(target)
                 continue
-            b.add(target, _device_bundle(device, view.commit.id), view, device.file)
+            b.add_device(target, device, view)
             b.devices[did] = (device, view)
         for did in view.snapshot.broken_devices - snap.device_ids:
             b.broken.add(Target("device", did))
@@ -349,6 +382,7 @@ def render(default_branch: str | None, views: Mapping[str, View | None]) -> Rend
         heads={k: v.commit for k, v in sorted(views.items()) if v is not None},
         groups={gid: group for gid, (group, _view) in sorted(groups.items())},
         warnings=_sealing_warnings(groups, b.devices),
+        sources={t: v for t, v in b.sources.items() if desired.get(t) is v[1]},
     )
 
 

@@ -29,11 +29,12 @@ from typing import Any
 
 import aiomqtt
 
+from setpoint.kit.backoff import Backoff, Retry
 from setpoint.proto import envelopes, leader
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.topics import Topics
 
-from .broker import Backoff, BrokerSettings, tls_context
+from .broker import BrokerSettings, tls_context
 from .leadership import Lead, Lease, Publish, StepDown
 from .signing import Signer
 
@@ -93,7 +94,7 @@ class Replica:
             await asyncio.gather(ticking, connecting, return_exceptions=True)
 
     async def _connect_forever(self) -> None:
-        backoff = Backoff(0.2, 5.0)
+        backoff = Retry(Backoff(0.2, 5.0))
         s = self._broker
         while True:
             client = aiomqtt.Client(

@@ -246,9 +246,10 @@ class Repository:
         return sorted({p.decode("utf-8", "replace") if isinstance(p, bytes) else p for p in paths})
 
     def load(
-        self, commit_id: str, *, engine: str | None = None
+        self, commit_id: str, *, engine: str | None = None, memo: fleet.Memo | None = None
     ) -> tuple[CommitInfo, fleet.Snapshot]:
-        """The commit and the validated fleet in its tree (``engine``: see fleet.load)."""
+        """The commit and the validated fleet in its tree (``engine``, ``memo``: see
+        fleet.load)."""
         info = self.commit(commit_id)
         with _converted(f"reading the tree of {commit_id[:12]}"):
-            return info, fleet.load(self.tree(info), engine=engine)
+            return info, fleet.load(self.tree(info), engine=engine, memo=memo)

@@ -59,6 +59,9 @@ class RetainedView:
         self._trusted = trusted
         self._on_change = on_change
         self.entries: dict[Target, Retained] = {}
+        self.version = 0  # counts every change of ``entries``
+        # Targets whose entry a message changed since take_changed (None: all of them).
+        self._changed: set[Target] | None = None
         self.synced = False
         self._received: dict[Target, int] = {}
 
@@ -68,6 +71,8 @@ class RetainedView:
     def reset(self) -> None:
         """Forget everything (a new connection is about to deliver it all again)."""
         self.entries.clear()
+        self.version += 1
+        self._changed = None
         self.synced = False
 
     def mark_synced(self) -> None:
@@ -97,9 +102,18 @@ class RetainedView:
                 )
             self.entries[target] = entry
             if before is not None and before.digest == entry.digest:
-                return
+                return  # the same envelope again (our own echo): nothing changed
+        self.version += 1
+        if self._changed is not None:
+            self._changed.add(target)
         if self.synced and (before is not None or message.payload):
             self._on_change()
+
+    def take_changed(self) -> set[Target] | None:
+        """The targets whose entry a message changed since the last call (None: every
+        target may have, the view was reset); starts counting again."""
+        changed, self._changed = self._changed, set()
+        return changed
 
     def mark(self, target: Target) -> int:
         """A token to pass to :meth:`note` after publishing to ``target``."""
@@ -114,6 +128,7 @@ class RetainedView:
         """
         if self._received.get(target, 0) != mark:
             return
+        self.version += 1
         if entry is None:
             self.entries.pop(target, None)
         else:

@@ -1,11 +1,11 @@
 """Rollouts inside the controller: gates between rings, batches, windows, halts, reverts.
 
 :class:`Rollouts` is part of every controller. It reads the devices' drift statuses from
-the drift engine of the same controller when it runs one (it calls :meth:`take_status`),
-otherwise from their retained ``.../devices/<id>/drift`` topics (the drift engine's
-public output; a normal QoS 0 subscription, so the retained ones arrive on every
-connect), verified
-operator commands from ``.../operators/commands``, and the repository's render; before
+the drift engine of the same controller when it runs one (the controller hands them to
+:meth:`take_status`), otherwise from their retained ``.../devices/<id>/drift`` topics
+(:meth:`take_drift`; the drift engine's public output, a normal QoS 0 subscription, so
+the retained ones arrive on every connect), verified operator commands from
+``.../operators/commands`` (:meth:`take_command`), and the repository's render; before
 every planning round the controller asks :meth:`Rollouts.hold_back` what may go out:
 
 1. **Gates.** A gated ring's targets whose content (the git tree of the ring's head)
@@ -25,9 +25,11 @@ every planning round the controller asks :meth:`Rollouts.hold_back` what may go 
    ``git revert`` commit written once by :func:`rollouts.revert`. The reverted content
    then walks back to every device at once.
 
-Decisions are made in :meth:`hold_back` (synchronous, no I/O but the ledger file);
-:meth:`run` publishes what they produced: events, retained ``groups/<g>/rollout`` and
-``rings/<ring>/gate`` statuses, audit lines, and reverts.
+Decisions are made in :meth:`hold_back` (synchronous, no I/O but the ledger file); they
+are queued here, and the controller's reconcile loop carries them out after each planning
+round through its executor (:meth:`flush`): events, retained ``groups/<g>/rollout`` and
+``rings/<ring>/gate`` statuses, audit lines, and reverts. :attr:`deadline` (a timer, a
+window) is part of the loop's next wake-up.
 """
 
 from __future__ import annotations
@@ -38,17 +40,20 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from setpoint.proto import approvals, envelopes, rollout_status, status
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
+from setpoint.proto.rollout_status import GateStatus, RolloutStatus
 from setpoint.proto.status import DriftStatus
+from setpoint.proto.topics import Topics
 
 from . import gating, rollouts
-from .audit import AuditLog, Entry
-from .errors import BrokerUnavailable
+from .audit import Entry
+from .broker import Subscription
 from .fleet import Group
 from .gating import GateDecision, Rings
 from .planning import Current
@@ -56,8 +61,7 @@ from .rendering import Render, Rendered, Target
 from .rollouts import Ledger, Rollout
 
 if TYPE_CHECKING:
-    from .broker import Message, Session
-    from .service import Controller
+    from .broker import Message
 
 log = logging.getLogger(__name__)
 
@@ -78,27 +82,65 @@ def _differs(rendered: Rendered | None, current: Current | None) -> bool:
     return _unpinned(rendered.bundle) != _unpinned(current.bundle)
 
 
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """Send an event (``events/<type>``)."""
+
+    type: str
+    fields: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Write a line of the audit log (its one schema)."""
+
+    entry: Entry
+
+
+@dataclass(frozen=True, slots=True)
+class Show:
+    """Retain a rollout or gate status on ``topic``."""
+
+    topic: str
+    status: RolloutStatus | GateStatus
+    view: Mapping[str, Any] = field(compare=False, repr=False)
+
+    def payload(self) -> bytes:
+        if isinstance(self.status, GateStatus):
+            return rollout_status.gate_to_json(self.status)
+        return rollout_status.rollout_to_json(self.status)
+
+
+# What the rollouts decide, carried out by the controller's executor: a closed set.
+Action = Emit | Record | Show
+
+
 class Rollouts:
     """The rollouts of one controller; see the module docstring."""
 
     name = "rollouts"
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        topics: Topics | None = None,
+        state_dir: Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._clock = clock
+        self.topics = topics or Topics()
         self.statuses: dict[str, DriftStatus] = {}
         self.synced = False
         self.ledger = Ledger()
         self.views: dict[str, dict[str, Any]] = {}  # topic -> retained JSON body
         self._published_views: dict[str, dict[str, Any]] = {}
-        self._events: list[tuple[str, dict[str, Any]]] = []
-        self._audit: list[Entry] = []
+        self._events: list[Emit] = []
+        self._audit: list[Record] = []
         self._noted: dict[str, Any] = {}
-        self._kick = asyncio.Event()
-        self._deadline: float | None = None
+        self.deadline: float | None = None  # when a decision falls due (a timer, a window)
         self._operators: dict[str, tuple[str, Any]] = {}
         self._operator_source: Any = None
-        self._controller: Controller | None = None
-        self._state_dir = Path(".")
+        self._state_dir = state_dir or Path(".")
         # False once a planning round found no rings, rollouts, windows or ledger entries:
         # a drift status then decides nothing, and waking the controller for each one
         # would plan the whole fleet per status change (see docs/decisions/0005).
@@ -106,69 +148,64 @@ class Rollouts:
 
     # --- Wiring ------------------------------------------------------------------------
 
-    def attach(self, controller: Controller) -> None:
-        self._controller = controller
-        self.topics = controller.topics
-        self._state_dir = controller.config.state_dir
-        self.ledger = Ledger.load(self._state_dir)
-        link = controller.link
-        if controller.drift is None:
-            # Without a drift engine in this controller, statuses come from the retained
-            # topics (another controller's engine); with one, it tells them all
-            # (:meth:`take_status`): MQTT does not bring its own back (no_local).
-            link.route(self.topics.all_drift(), self._on_drift)
-        link.route(self.topics.operator_commands(), self._on_command, qos=1)
-        link.on_connect(self._on_connect)
-        link.on_session("rollouts-sync", self._sync)
+    @property
+    def active(self) -> bool:
+        """False while the last planning round found no rings, rollouts, windows or ledger
+        entries: then nothing the rollouts see changes a plan."""
+        return self._statuses_matter
 
-    def _on_connect(self) -> None:
+    def load(self) -> None:
+        """Read the ledger (gate evidence, approvals, batches, reverts) from the state dir."""
+        self.ledger = Ledger.load(self._state_dir)
+
+    def subscriptions(self, *, drift_statuses: bool) -> list[Subscription]:
+        """What the rollouts take in: verified operator commands, and the retained drift
+        statuses when no drift engine in this controller tells them (``drift_statuses``)."""
+        wanted = [Subscription(self.topics.operator_commands(), qos=1)]
+        if drift_statuses:
+            wanted.append(Subscription(self.topics.all_drift()))
+        return wanted
+
+    def connected(self) -> None:
+        """A new connection: statuses are read again, views published again."""
         self.synced = False
         self._published_views.clear()  # a wiped broker gets the statuses again
-
-    async def _sync(self, session: Session) -> None:
-        assert self._controller is not None
-        await self._controller.link.barrier()
-        self.synced = True
-        self._controller.wake("rollouts")
-
-    def _wake(self) -> None:
-        if self._controller is not None:
-            self._controller.wake("rollouts")
 
     def _save(self) -> None:
         self.ledger.save(self._state_dir)
 
     # --- Inputs --------------------------------------------------------------------------
 
-    def _on_drift(self, message: Message) -> None:
+    def take_drift(self, message: Message) -> bool:
+        """A retained drift status (from another controller's engine); True if it matters."""
         try:
             ref = self.topics.parse(message.topic)
         except ProtocolError:
-            return
+            return False
         if ref.kind != "device-drift":
-            return
+            return False
         if not message.payload:
-            self.take_status(ref.name, None)
-            return
+            return self.take_status(ref.name, None)
         try:
             drift = status.drift_from_json(message.payload)
         except ProtocolError as exc:
             log.warning("ignoring a malformed drift status of %s: %s", ref.name, exc)
-            return
+            return False
         if drift.device != ref.name:
-            return  # a status must be about the device its topic names
-        self.take_status(ref.name, drift)
+            return False  # a status must be about the device its topic names
+        return self.take_status(ref.name, drift)
 
-    def take_status(self, device: str, drift: DriftStatus | None) -> None:
+    def take_status(self, device: str, drift: DriftStatus | None) -> bool:
+        """A device's drift status; True if the next plan may decide otherwise for it."""
         if drift is None:
-            if self.statuses.pop(device, None) is not None and self._statuses_matter:
-                self._wake()
-        elif self.statuses.get(device) != drift:
+            return self.statuses.pop(device, None) is not None and self._statuses_matter
+        if self.statuses.get(device) != drift:
             self.statuses[device] = drift
-            if self._statuses_matter:
-                self._wake()
+            return self._statuses_matter
+        return False
 
-    def _on_command(self, message: Message) -> None:
+    def take_command(self, message: Message) -> None:
+        """An operator command (approve, pause, resume): verified, recorded, evented."""
         now = self._clock()
         try:
             verified = envelopes.verify_signed(
@@ -208,7 +245,6 @@ class Rollouts:
             self._event("rollout", action="resumed", group=command.group, **fields)
             self._audit_line("resumed", command.group, by=who)
         self._save()
-        self._wake()
 
     def _trusted_operators(self) -> dict[str, Any]:
         return {k: key for k, (_name, key) in self._operators.items()}
@@ -229,17 +265,16 @@ class Rollouts:
             operators[envelopes.key_id(key)] = (name, key)
         self._operators = operators
 
-    # --- Outputs (queued here, sent by run) ------------------------------------------------
+    # --- Outputs (queued here, carried out by the executor: see flush) ---------------------
 
     def _event(self, event_type: str, **fields: Any) -> None:
-        self._events.append((event_type, fields))
-        self._kick.set()
+        self._events.append(Emit(event_type, fields))
 
     def _audit_line(self, what: str, target: str, **fields: Any) -> None:
         kind = "group" if not target.startswith("ring:") else "ring"
         ident = target.removeprefix("ring:")
         self._audit.append(
-            Entry(
+            Record(Entry(
                 time=self._clock(),
                 target=f"{kind}/{ident}",
                 kind=kind,
@@ -252,9 +287,8 @@ class Rollouts:
                 branch=fields.pop("branch", None),
                 content_digest=fields.pop("tree", None),
                 detail=fields,
-            )
-        )
-        self._kick.set()
+            ))
+        )  # fmt: skip
 
     def _note_once(self, key: str, value: Any) -> bool:
         """True the first time ``value`` is noted under ``key`` (events only on change)."""
@@ -265,9 +299,9 @@ class Rollouts:
 
     # --- The decisions -----------------------------------------------------------------
 
-    def hold_back(self, render: Render) -> Render:
-        """What may be published now; see the module docstring."""
-        assert self._controller is not None
+    def hold_back(self, render: Render, published: Mapping[Target, Current]) -> Render:
+        """What may be published now, given what is (``published``); see the module
+        docstring."""
         now = self._clock()
         self._learn_operators(render)
         settings = render.settings
@@ -279,7 +313,6 @@ class Rollouts:
                 self._statuses_matter = False
                 return render
         self._statuses_matter = True
-        published = self._controller.published()
         for info in render.heads.values():
             self.ledger.learn_tree(info.id, info.tree.decode("ascii"))
         before = self.ledger.to_json()
@@ -301,8 +334,7 @@ class Rollouts:
             self._save()
         self.views = views
         future = [d for d in deadlines if d > now]
-        self._deadline = min(future) if future else None
-        self._kick.set()
+        self.deadline = min(future) if future else None
         if desired == render.desired and broken == render.broken:
             return render
         return dataclasses.replace(render, desired=desired, broken=frozenset(broken))
@@ -845,61 +877,46 @@ class Rollouts:
         if revert is not None:
             view["revert"] = revert
 
-    # --- Running: publish what was decided, write reverts, keep timers ---------------------------
+    # --- Carrying out what was decided (through the controller's executor) ----------------
 
-    async def run(self) -> None:
-        assert self._controller is not None
-        while True:
-            timeout = None
-            if self._deadline is not None:
-                timeout = max(0.05, self._deadline - self._clock())
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._kick.wait()
-            except TimeoutError:
-                self._deadline = None
-                self._controller.wake("rollout-timer")
-                continue
-            self._kick.clear()
-            await self._reverts()
-            try:
-                await self._flush()
-            except BrokerUnavailable:
-                await self._controller.link.wait_connected()
-                self._kick.set()
+    def actions(self) -> list[Action]:
+        """What was decided and is not carried out yet, in the order to carry it out:
+        audit lines, events, then the rollout and gate statuses that changed (typed,
+        through the proto codecs). Each is queued until :meth:`done` says it was."""
+        now = self._clock()
+        shows: list[Action] = [
+            Show(topic, _typed_view(self.topics.parse(topic).kind, view, now), view)
+            for topic, view in self.views.items()
+            if self._published_views.get(topic) != view
+        ]
+        return [*self._audit, *self._events, *shows]
 
-    async def _flush(self) -> None:
-        assert self._controller is not None
-        if self._audit:
-            lines, self._audit = self._audit, []
-            await asyncio.to_thread(AuditLog(self._state_dir).append, lines)
-        link = self._controller.link
-        while self._events:
-            event_type, fields = self._events[0]
-            await link.publish(
-                self.topics.event(event_type), status.event(event_type, self._clock(), **fields)
-            )
-            self._events.pop(0)
-        for topic, view in list(self.views.items()):
-            if self._published_views.get(topic) == view:
-                continue
-            body = _encode_view(self.topics.parse(topic).kind, view, self._clock())
-            await link.publish(topic, body, qos=1, retain=True)
-            self._published_views[topic] = view
+    def done(self, action: Action) -> None:
+        """``action`` (from :meth:`actions`) was carried out."""
+        if isinstance(action, Record):
+            self._audit.remove(action)
+        elif isinstance(action, Emit):
+            self._events.remove(action)
+        else:
+            self._published_views[action.topic] = dict(action.view)
 
-    async def _reverts(self) -> None:
-        assert self._controller is not None
-        controller = self._controller
+    async def write_reverts(self, repo: str | None) -> bool:
+        """Write the reverts halted rollouts asked for (``repo``: the local repository,
+        None if remote); True if one was written (the repository moved)."""
+        return await self._reverts(repo)
+
+    async def _reverts(self, repo: str | None) -> bool:
+        reverted = False
         for halt_id, job in list(self.ledger.reverts.items()):
             if job.get("revert") or job.get("error"):
                 continue
-            if controller.repository is None or controller.repository.remote:
+            if repo is None:
                 job["error"] = "the repository is remote: the controller cannot push a revert"
             else:
                 try:
                     sha = await asyncio.to_thread(
                         rollouts.revert,
-                        controller.config.repo,
+                        repo,
                         job["branch"],
                         job["commit"],
                         halt_id,
@@ -916,16 +933,17 @@ class Rollouts:
                     "reverted", job["group"], commit=job["revert"], branch=job["branch"],
                     reverted=job["commit"], halt=halt_id,
                 )  # fmt: skip
-                controller.wake("revert")
+                reverted = True
             else:
                 log.error("revert for %s failed: %s", halt_id, job["error"])
                 self._event("rollout", action="revert-failed", group=job["group"],
                             halt=halt_id, reason=job["error"])  # fmt: skip
+        return reverted
 
 
-def _encode_view(kind: str, view: dict[str, Any], now: float) -> bytes:
+def _typed_view(kind: str, view: Mapping[str, Any], now: float) -> RolloutStatus | GateStatus:
     """A view as its typed retained status (proto/SPEC.md 7.5, 7.6): what the codecs
     cannot read back is a bug here, and stops the controller loudly."""
     if kind == "ring-gate":
-        return rollout_status.gate_to_json(rollout_status.gate_from_dict({**view, "time": now}))
-    return rollout_status.rollout_to_json(rollout_status.rollout_from_dict({**view, "time": now}))
+        return rollout_status.gate_from_dict({**view, "time": now})
+    return rollout_status.rollout_from_dict({**view, "time": now})

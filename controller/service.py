@@ -4,7 +4,9 @@
 named tasks:
 
 * ``mqtt-link``: the broker connection (:class:`~setpoint.controller.broker.Link`), which
-  reconnects with backoff and re-syncs the view of the retained bundles on every connect;
+  reconnects with backoff and delivers every message and connection change as a fact to
+  :meth:`Controller._take` (one door in); a ``sync-<n>`` task per connection waits until
+  its retained picture is whole;
 * ``reconcile``: the level-triggered loop. Anything (a watched ref, a webhook, a poll, a
   retained topic that changed under us, a refresh falling due, a reconnect) only wakes
   it; each pass re-reads every branch, renders, :func:`~planning.plan`\\ s against what was
@@ -16,10 +18,12 @@ gone, repository unreachable, a broken commit) is logged, reported as an event a
 
 Gating is part of the controller, not an option: every controller owns a
 :class:`~setpoint.controller.rolling.Rollouts` and asks it, before every planning round,
-what may go out (rings, gates, windows, batches). With ``drift=DriftSettings(...)`` it
-also owns the drift engine (:class:`~setpoint.controller.drifting.DriftEngine`), which is
-told every batch of publications and tells the rollouts every device status. Both run as
-tasks of the controller's group; nothing registers hooks on the controller.
+what may go out (rings, gates, windows, batches), and carries out what it decided after
+each round. With ``drift=DriftSettings(...)`` it also owns the drift engine
+(:class:`~setpoint.controller.drifting.DriftEngine`, a task of the controller's group),
+which is told every batch of publications; the statuses it publishes or reads go to the
+rollouts. Everything that goes out goes through one
+:class:`~setpoint.controller.executing.Executor` (sign, publish, clear, event, audit).
 """
 
 from __future__ import annotations
@@ -33,22 +37,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from setpoint.proto import status
+from setpoint.kit.backoff import Retry
 from setpoint.proto.bundles import Bundle
+from setpoint.proto.errors import ProtocolError
 from setpoint.proto.repository import RepositoryStatus
+from setpoint.proto.status import DriftStatus
 from setpoint.proto.topics import DEFAULT_PREFIX, Topics
 
-from . import planning, protection, rendering, watching, webhooks
+from . import broker, drifting, fleet, planning, protection, rendering, watching, webhooks
 from .audit import AuditLog, Entry
-from .broker import Backoff, BrokerSettings, Link, Session
+from .broker import (
+    Backoff,
+    BrokerSettings,
+    Connected,
+    Disconnected,
+    Fact,
+    Link,
+    Message,
+    Session,
+    Subscription,
+)
 from .drifting import DriftEngine, DriftSettings
 from .errors import BrokerUnavailable, ConfigError, RepositoryUnavailable
+from .executing import Executor
 from .fleet import DEFAULT_BUNDLE_TTL
 from .planning import Adopt, Clear, Current, Plan, Publish, Retained
 from .rendering import BranchProblem, Render, Target, View
 from .repository import Repository, is_remote, redact
 from .retained import RetainedView
-from .rolling import Rollouts
+from .rolling import Emit, Record, Rollouts
 from .signing import Signer, load_signer
 from .state import FleetIdentity, Intent, StateStore
 
@@ -108,11 +125,6 @@ class Controller:
         self.config = config
         self.topics = Topics(config.prefix)
         self._clock = clock
-        # The rollouts' decisions (gates, windows, batches) are part of every plan.
-        self.rollouts = Rollouts(clock=clock)
-        self.drift: DriftEngine | None = None
-        if drift is not None:
-            self.drift = DriftEngine(drift, clock=clock, on_status=self.rollouts.take_status)
         self._wake = asyncio.Event()
         self._reasons: set[str] = set()
         self._generation = 0
@@ -120,14 +132,18 @@ class Controller:
         self._settled = asyncio.Condition()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._syncs: set[asyncio.Task[None]] = set()  # one per connection, while it syncs
         self._tg: asyncio.TaskGroup | None = None
         self._state = StateStore(config.state_dir)
         self._audit = AuditLog(config.state_dir)
         self._current: dict[Target, Current] = {}
         self._floors: dict[Target, int] = {}
         self._attempted: dict[Target, Bundle] = {}
+        self._changes = 0  # counts every change of what was published, floors, attempts
+        self._settled_on: tuple[Any, ...] | None = None  # the inputs of the last empty plan
         self._intents: dict[Target, Intent] = {}  # publications under way (write-ahead)
         self._snapshots: OrderedDict[str, View] = OrderedDict()
+        self._memo = fleet.Memo()  # device files read before, by content
         self._render_key: tuple[Any, ...] | None = None
         self._render: Render | None = None
         self._reported: dict[str, str] = {}
@@ -137,18 +153,33 @@ class Controller:
         self._verdicts_published: bytes | None = None
         self._default_branch = config.branch
         self._protection = protection.Memory(config.state_dir, config.config_branch)
-        self._repo_backoff = Backoff(initial=1.0, maximum=30.0)
+        self._repo_backoff = Retry(Backoff(1.0, 30.0))
         self._retry_at: float | None = None
         self._warned_empty = False
         self.repository: Repository | None = None
         self.signer: Signer | None = None
+        # The rollouts' decisions (gates, windows, batches) are part of every plan.
+        self.rollouts = Rollouts(topics=self.topics, state_dir=config.state_dir, clock=clock)
+        self.retained: RetainedView | None = None
         self.link = Link(
             config.broker,
             self.topics,
+            self._subscriptions(drift),
+            self._take,
             backoff=config.backoff,
             publish_timeout=config.publish_timeout,
         )
-        self.retained: RetainedView | None = None
+        # The one door out: signing, publishing, clearing, audit, events.
+        self.executor = Executor(self.link, self.topics, self._audit, clock)
+        self.drift: DriftEngine | None = None
+        if drift is not None:
+            self.drift = DriftEngine(
+                drift,
+                executor=self.executor,
+                topics=self.topics,
+                clock=clock,
+                on_status=self._drift_status,
+            )
         self.webhook_port: int | None = None
         self.last_render: Render | None = None
         self.last_error: str | None = None
@@ -183,6 +214,7 @@ class Controller:
         if config.follow and config.webhook_listen is not None and not config.webhook_secret:
             raise ConfigError("a webhook needs a secret: pass --webhook-secret-file")
         self.signer = load_signer(config.key_path, *config.extra_key_paths)
+        self.executor.signer = self.signer
         log.info("signing with key(s) %s", ", ".join(self.signer.key_ids))
         self._state.lock()
         try:
@@ -197,15 +229,9 @@ class Controller:
                 if self._default_branch is None:
                     raise ConfigError(f"{config.repo}: HEAD does not name a branch; pass --branch")
             self.retained = RetainedView(self.topics, self.signer.trusted, self._retained_changed)
-            for topic_filter in self.retained.filters():
-                self.link.route(topic_filter, self.retained.handle)
-            self.link.on_connect(self.retained.reset)
-            self.link.on_disconnect(self.retained.reset)
-            self.link.on_connect(self._forget_verdicts)
-            self.link.on_session("retained-sync", self._sync_retained)
+            self.rollouts.load()
             if self.drift is not None:
-                self.drift.attach(self)
-            self.rollouts.attach(self)
+                self.drift.published((), self.published())
             self._tg = asyncio.TaskGroup()
             await self._tg.__aenter__()
         except BaseException:
@@ -216,14 +242,13 @@ class Controller:
         if config.follow:
             self._start_watchers()
         if self.drift is not None:
-            self._spawn(self.drift.run(), "drift")
-        self._spawn(self.rollouts.run(), "rollouts")
+            self._spawn(self.drift.run(self.settle), "drift")
         self.wake("start")
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         self._stop.set()
-        for task in self._tasks:
+        for task in (*self._tasks, *self._syncs):
             task.cancel()
         error = exc_info[1]
         try:
@@ -280,13 +305,102 @@ class Controller:
             )
             await watching.poll(1.0, self.wake)
 
-    # --- Broker view ---------------------------------------------------------------------------
+    # --- Facts in: the broker's messages and connection changes -----------------------------
 
-    async def _sync_retained(self, session: Session) -> None:
-        await self.link.barrier()
+    def _subscriptions(self, drift: DriftSettings | None) -> list[Subscription]:
+        topics = self.topics
+        wanted = [
+            Subscription(topics.all_group_desired()),
+            Subscription(topics.all_device_desired()),
+        ]
+        if drift is not None:
+            wanted += drifting.subscriptions(topics, drift)
+        # Without a drift engine in this controller, the rollouts read the retained drift
+        # statuses (another controller's engine); with one, it tells them every status it
+        # publishes or reads (MQTT does not bring our own back: no_local).
+        wanted += self.rollouts.subscriptions(drift_statuses=drift is None)
+        return wanted
+
+    def _take(self, fact: Fact) -> None:
+        """Every fact the link delivers, in order (called in its pump: must not block)."""
+        if isinstance(fact, Message):
+            self._message(fact)
+        elif isinstance(fact, Connected):
+            self._connected(fact.session)
+        elif isinstance(fact, Disconnected) and self.retained is not None:
+            self.retained.reset()
+
+    def _message(self, message: Message) -> None:
+        if message.topic == self.topics.operator_commands():
+            self.rollouts.take_command(message)
+            self.wake("rollouts")
+            return
+        try:
+            kind = self.topics.parse(message.topic).kind
+        except ProtocolError:
+            if self.drift is not None:
+                self.drift.take_report(message)  # counted as a bad topic
+            return
+        drift = self.drift
+        if kind in ("group-desired", "device-desired"):
+            assert self.retained is not None
+            self.retained.handle(message)
+        elif drift is not None:
+            if kind == "device-reported":
+                drift.take_report(message)
+            elif kind == "device-presence":
+                drift.take_presence(message)
+            elif kind == "device-drift":
+                drift.take_drift(message)
+            elif kind == "group-status":
+                drift.take_group_status(message)
+        elif kind == "device-drift" and self.rollouts.take_drift(message):
+            self.wake("rollouts")
+
+    def _drift_status(self, device: str, found: DriftStatus | None) -> None:
+        """Every status the drift engine publishes or reads: the rollouts decide on them."""
+        if self.rollouts.take_status(device, found):
+            self.wake("rollouts")
+
+    def _connected(self, session: Session) -> None:
+        # Nothing this connection brings has been delivered yet: every view starts over.
+        assert self.retained is not None
+        self.retained.reset()
+        self._verdicts_published = None  # a new broker session: publish the status again
+        self.rollouts.connected()
+        if self.drift is not None:
+            self.drift.connected()
+        assert self._tg is not None
+        task = self._tg.create_task(self._sync(session), name=f"sync-{session.number}")
+        self._syncs.add(task)
+        task.add_done_callback(self._syncs.discard)
+
+    async def _sync(self, session: Session) -> None:
+        """Once per connection: every retained message has arrived (a barrier came back),
+        then each view is whole. Broker trouble ends the session (the link reconnects)."""
+        try:
+            await self.link.barrier()
+            reports: list[Message] = []
+            if self.drift is not None and self.drift.settings.share:
+                reports = await broker.read_retained(
+                    self.config.broker,
+                    self.topics,
+                    self.link.client_id,
+                    self.topics.all_reported(),
+                    max(30.0, self.config.publish_timeout),
+                )
+        except BrokerUnavailable as exc:
+            session.fail(exc)
+            return
+        if session.lost.is_set():
+            return  # a later connection syncs again
         assert self.retained is not None
         log.info("retained bundles on the broker: %d", len(self.retained.entries))
         self.retained.mark_synced()
+        if self.drift is not None:
+            self.drift.synced(reports)
+        self.rollouts.synced = True
+        self.wake("rollouts")
 
     def _retained_changed(self) -> None:
         self.wake("retained")
@@ -296,7 +410,10 @@ class Controller:
     def _next_deadline(self) -> float | None:
         if self.retained is None or not self.retained.synced:
             return None  # nothing can be done before the broker is back; its sync wakes us
-        times = [t for t in (planning.next_refresh(self._current), self._retry_at) if t]
+        rollout = self.rollouts.deadline
+        if rollout is not None and rollout <= self._clock():
+            rollout = None  # fell due: the pass it woke has decided again
+        times = [t for t in (planning.next_refresh(self._current), self._retry_at, rollout) if t]
         return min(times) if times else None
 
     async def _reconciling(self) -> None:
@@ -344,14 +461,25 @@ class Controller:
             render = self._render  # the last good reading, if any
         self.last_render = render
         refusal: str | None = None
+        only: set[Target] | None = None
+        self.retained.take_changed()
         for _ in range(MAX_PLAN_ROUNDS):
-            plan = self._plan(render)
+            plan = self._plan(render, only)
             refusal = plan.refusal
             if plan.refusal is not None:
                 await self._report_refusal(render, plan.refusal)
+            if plan:
+                await self._execute(plan, render)
+            await self._flush_rollouts()  # what the rollouts decided in this round
             if not plan:
                 break
-            await self._execute(plan, render)
+            # Work proportional to what changed: without rollout policies, the next round
+            # looks only at the targets this one acted on and those a message changed.
+            changed = self.retained.take_changed()
+            if self.rollouts.active or changed is None:
+                only = None
+            else:
+                only = {a.target for a in plan.actions} | changed
         else:
             log.warning("plan did not converge in %d rounds", MAX_PLAN_ROUNDS)
         if render is not None:
@@ -359,6 +487,21 @@ class Controller:
             await self._publish_verdicts(render, refusal)
             self._log_warnings(render)
         return self._retry_at is None
+
+    async def _flush_rollouts(self) -> None:
+        """Carry out what the rollouts decided; what the broker did not take stays queued."""
+        assert self.repository is not None
+        repo = None if self.repository.remote else self.config.repo
+        if await self.rollouts.write_reverts(repo):
+            self.wake("revert")  # a revert commit: the next pass publishes it
+        for action in self.rollouts.actions():
+            if isinstance(action, Record):
+                await self.executor.audit([action.entry])
+            elif isinstance(action, Emit):
+                await self.executor.event(action.type, **action.fields)
+            else:
+                await self.executor.publish(action.topic, action.payload(), retain=True)
+            self.rollouts.done(action)
 
     def _log_warnings(self, render: Render) -> None:
         """Log what publishes anyway but needs an operator (once per set of commits)."""
@@ -371,11 +514,27 @@ class Controller:
     def _ttl(self, render: Render | None) -> int:
         return (render.bundle_ttl if render else None) or self.config.bundle_ttl
 
-    def _plan(self, render: Render | None) -> Plan:
+    def _plan(self, render: Render | None, only: set[Target] | None = None) -> Plan:
+        """The plan for ``render`` (``only``: see planning.plan); work proportional to what
+        changed: when nothing it depends on moved since a plan that left nothing to do (the
+        same render, the same retained bundles and publications, no refresh due, no rollout
+        policy at all), that is the answer again without looking at every target."""
         assert self.retained is not None
         if render is not None and render.head:
-            render = self.rollouts.hold_back(render)
+            render = self.rollouts.hold_back(render, self._current)
+        inputs = (render, self.retained.version, self._changes)
+        refresh = planning.next_refresh(self._current)
+        quiet = not self.rollouts.active and (refresh is None or self._clock() < refresh)
+        if quiet and only is None and self._settled_on == inputs:
+            return Plan()
+        plan = self._full_plan(render, only)
+        self._settled_on = inputs if quiet and not plan and plan.refusal is None else None
+        return plan
+
+    def _full_plan(self, render: Render | None, only: set[Target] | None) -> Plan:
+        assert self.retained is not None
         return planning.plan(
+            only=only,
             desired=render.desired if render and render.head else None,
             broken=render.broken if render else frozenset(),
             removals_allowed=bool(render and render.removals_allowed),
@@ -420,7 +579,8 @@ class Controller:
             (rules, protected.commit.id if protected else None),
         )
         if key != self._render_key or self._render is None:
-            self._render = protection.apply(rendering.render(default, views), protected)
+            rendered = rendering.render(default, views, self._render)
+            self._render = protection.apply(rendered, protected)
             self._render_key = key
         return self._render
 
@@ -430,7 +590,7 @@ class Controller:
             self._snapshots.move_to_end(commit_id)
             return cached
         assert self.repository is not None
-        info, snapshot = self.repository.load(commit_id)
+        info, snapshot = self.repository.load(commit_id, memo=self._memo)
         view = View(branch, info, snapshot)
         self._snapshots[commit_id] = view
         while len(self._snapshots) > 16:
@@ -474,7 +634,7 @@ class Controller:
                 await asyncio.to_thread(self._persist, done)
                 self._intents.clear()  # saving recorded them (or they are moot)
                 if self.drift is not None:
-                    self.drift.published(tuple(done))
+                    self.drift.published(tuple(done), dict(self._current))
         await self._emit_events(done, render)
 
     async def _concurrently(self, coros: list[Any]) -> None:
@@ -505,6 +665,7 @@ class Controller:
                 action.branch,
             )
         )
+        self._changes += 1
         self._current[action.target] = Current(bundle, author, branch, self._clock())
         self._floors[action.target] = max(self._floors.get(action.target, 0), bundle.version)
         if ours:
@@ -535,14 +696,15 @@ class Controller:
     async def _publish(
         self, action: Publish, semaphore: asyncio.Semaphore, done: list[Publication]
     ) -> None:
-        assert self.signer is not None and self.retained is not None
+        assert self.retained is not None
         target, bundle = action.target, action.bundle
-        signed = self.signer.sign(bundle)
+        signed = self.executor.sign(bundle)
+        self._changes += 1
         if action.reason == "change":
             self._attempted[target] = bundle
         mark = self.retained.mark(target)
         async with semaphore:
-            await self.link.publish(target.topic(self.topics), signed.envelope, qos=1, retain=True)
+            await self.executor.publish(target.topic(self.topics), signed.envelope, retain=True)
         self._attempted.pop(target, None)
         before = self._current.get(target)
         # A restore or refresh re-signs the same version: it was published when it changed.
@@ -580,7 +742,8 @@ class Controller:
         target = action.target
         mark = self.retained.mark(target)
         async with semaphore:
-            await self.link.publish(target.topic(self.topics), b"", qos=1, retain=True)
+            await self.executor.clear(target.topic(self.topics))
+        self._changes += 1
         self._current.pop(target, None)
         self.retained.note(target, None, mark)
         head = render.head if render else None
@@ -627,28 +790,29 @@ class Controller:
 
     def _persist(self, done: Sequence[Publication]) -> None:
         self._state.save(self._current, self._floors)
-        self._audit.append(
-            Entry(
-                time=p.time,
-                target=str(p.target),
-                kind=p.target.kind,
-                id=p.target.id,
-                version=p.version,
-                commit=p.commit,
-                author=p.author,
-                digest=p.digest,
-                reason=p.reason,
-                branch=p.branch,
-                content_digest=p.bundle.content_digest() if p.bundle else None,
-            )
-            for p in done
+        self.executor.audit_now(
+            [
+                Entry(
+                    time=p.time,
+                    target=str(p.target),
+                    kind=p.target.kind,
+                    id=p.target.id,
+                    version=p.version,
+                    commit=p.commit,
+                    author=p.author,
+                    digest=p.digest,
+                    reason=p.reason,
+                    branch=p.branch,
+                    content_digest=p.bundle.content_digest() if p.bundle else None,
+                )
+                for p in done
+            ]
         )
 
     # --- Events --------------------------------------------------------------------------------
 
     async def _event(self, event_type: str, **fields: Any) -> None:
-        payload = status.event(event_type, self._clock(), **fields)
-        await self.link.publish(self.topics.event(event_type), payload, qos=1)
+        await self.executor.event(event_type, **fields)
 
     async def _emit_events(self, done: Sequence[Publication], render: Render | None) -> None:
         coros = []
@@ -710,9 +874,6 @@ class Controller:
         """Each branch's head and the controller's verdict on it, as last published."""
         return self._verdicts
 
-    def _forget_verdicts(self) -> None:
-        self._verdicts_published = None  # a new broker session: publish the status again
-
     async def _publish_verdicts(self, render: Render, refusal: str | None) -> None:
         """Retain each branch's verdict on ``<prefix>/repository/status``, when it changed,
         so a refused commit is visible to anyone who looks, not only in this log."""
@@ -720,7 +881,7 @@ class Controller:
         payload = verdicts.to_json()
         if payload == self._verdicts_published:
             return
-        await self.link.publish(self.topics.repository_status(), payload, qos=1, retain=True)
+        await self.executor.publish(self.topics.repository_status(), payload, retain=True)
         self._verdicts, self._verdicts_published = verdicts, payload
 
     async def _report_refusal(self, render: Render | None, message: str) -> None:

@@ -39,7 +39,6 @@ from typing import Any, Final
 
 from setpoint.kit.files import write_atomic
 from setpoint.proto import bundles
-from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
 
 from .errors import ConfigError
@@ -98,7 +97,11 @@ class StateStore:
         self._lock_fd: int | None = None
         # Per bundle object saved, the digest of its stored payload (the object is kept, so
         # its id is not reused): a save encodes only the bundles that changed since.
-        self._stored: dict[int, tuple[Bundle, str]] = {}
+        # Per target, the entry last saved and its lines of state.json: a save encodes and
+        # hashes only what changed (work proportional to what changed).
+        self._saved: dict[Target, tuple[Current, str, str]] = {}
+        self._floor_lines: dict[Target, tuple[int, str]] = {}
+        self._files: set[str] | None = None  # bundle payloads on disk (None: not listed yet)
 
     # --- Lock -----------------------------------------------------------------------
 
@@ -204,6 +207,28 @@ class StateStore:
 
     # --- Write-ahead of publications --------------------------------------------------
 
+    @staticmethod
+    def _entry_line(bundles_dir: Path, target: Target, entry: Current) -> tuple[Current, str, str]:
+        """``entry``'s payload written (if new) and its line of state.json."""
+        bundle = entry.bundle
+        payload = bundles.encode(bundle)
+        digest = hashlib.sha256(payload).hexdigest()
+        path = bundles_dir / digest
+        if not path.exists():
+            write_atomic(path, payload, sync=False)
+        fields = {
+            "version": bundle.version,
+            "content_digest": entry.content_digest,
+            "commit": bundle.commit,
+            "author": entry.author,
+            "branch": entry.branch,
+            "issued_at": bundle.issued_at,
+            "expires_at": bundle.expires_at,
+            "published_at": entry.published_at,
+            "payload": digest,
+        }
+        return entry, digest, f"{json.dumps(str(target))}: {json.dumps(fields, sort_keys=True)}"
+
     def intend(self, intents: Mapping[Target, Intent]) -> None:
         """Record the publications about to be made, before the first PUBLISH: a
         controller killed between the broker's PUBACK and :meth:`save` finds them at its
@@ -237,44 +262,37 @@ class StateStore:
             return {}
 
     def save(self, current: Mapping[Target, Current], floors: Mapping[Target, int]) -> None:
-        """Write the payloads, then ``state.json`` atomically; drop unreferenced payloads."""
+        """Write the payloads, then ``state.json`` atomically; drop unreferenced payloads.
+
+        Only the entries that changed since the last save are encoded (their bundle, their
+        line of ``state.json``); the file is then the saved lines joined."""
         bundles_dir = self.directory / BUNDLES_DIR
-        targets: dict[str, Any] = {}
+        saved: dict[Target, tuple[Current, str, str]] = {}
         keep: set[str] = set()
-        stored: dict[int, tuple[Bundle, str]] = {}
-        for target in sorted(current):
-            entry = current[target]
-            bundle = entry.bundle
-            known = self._stored.get(id(bundle))
-            if known is not None and known[0] is bundle:
-                digest = known[1]
-            else:
-                payload = bundles.encode(bundle)
-                digest = hashlib.sha256(payload).hexdigest()
-                path = bundles_dir / digest
-                if not path.exists():
-                    write_atomic(path, payload, sync=False)
-            stored[id(bundle)] = (bundle, digest)
-            keep.add(digest)
-            targets[str(target)] = {
-                "version": bundle.version,
-                "content_digest": entry.content_digest,
-                "commit": bundle.commit,
-                "author": entry.author,
-                "branch": entry.branch,
-                "issued_at": bundle.issued_at,
-                "expires_at": bundle.expires_at,
-                "published_at": entry.published_at,
-                "payload": digest,
-            }
-        all_floors = {str(t): v for t, v in sorted(floors.items())}
-        document = {"schema": SCHEMA, "targets": targets, "floors": all_floors}
-        write_atomic(
-            self.directory / STATE_FILE,
-            json.dumps(document, indent=1, sort_keys=True).encode("utf-8"),
+        for target, entry in current.items():
+            known = self._saved.get(target)
+            if known is None or known[0] is not entry:
+                known = self._entry_line(bundles_dir, target, entry)
+            saved[target] = known
+            keep.add(known[1])
+        floor_lines: dict[Target, tuple[int, str]] = {}
+        for target, version in floors.items():
+            line = self._floor_lines.get(target)
+            if line is None or line[0] != version:
+                line = (version, f"{json.dumps(str(target))}: {version}")
+            floor_lines[target] = line
+        text = (
+            f'{{"schema": {SCHEMA},\n"targets": {{\n'
+            + ",\n".join(line for _e, _d, line in saved.values())
+            + '\n},\n"floors": {\n'
+            + ",\n".join(line for _v, line in floor_lines.values())
+            + "\n}}\n"
         )
-        self._stored = stored
-        for stale in bundles_dir.iterdir():
-            if stale.name not in keep and not stale.name.startswith("."):
-                stale.unlink(missing_ok=True)
+        write_atomic(self.directory / STATE_FILE, text.encode("utf-8"))
+        self._saved, self._floor_lines = saved, floor_lines
+        if self._files is None:
+            self._files = {f.name for f in bundles_dir.iterdir() if not f.name.startswith(".")}
+        for stale in self._files - keep:
+            (bundles_dir / stale).unlink(missing_ok=True)
+        self._files = keep
         (self.directory / INTENT_FILE).unlink(missing_ok=True)  # all of it is recorded now

@@ -64,6 +64,11 @@ class GitTree:
             if item.mode is not None and not stat.S_ISDIR(item.mode)
         ]
 
+    def blob_id(self, path: str) -> bytes | None:
+        """What identifies the content at ``path`` (its mode and object id), or None."""
+        entry = self._entry(path)
+        return None if entry is None else b"%o:%s" % entry
+
     def read(self, path: str, max_bytes: int) -> bytes | None:
         entry = self._entry(path)
         if entry is None:

@@ -14,14 +14,13 @@ Pure; no I/O: the caller passes the clock.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from setpoint.proto import repository, status
+from setpoint.proto import repository, rollout_status, status
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.repository import RepositoryStatus
 from setpoint.proto.status import DRIFT_STATES, DriftStatus, GroupStatus
@@ -154,12 +153,25 @@ class Fleet:
         if topic == t.repository_status():
             self.repository = repository.from_json(payload) if payload else None
             return Change("repository", "")
-        name = topic.rsplit("/", 2)[-2] if topic.count("/") >= 2 else ""
-        if topic.endswith("/rollout") and topic == t.group_rollout(name):
-            return self._keep(self.rollouts, "rollout", name, payload, "group")
-        if topic.endswith("/gate") and topic == t.ring_gate(name):
-            return self._keep(self.gates, "gate", name, payload, "ring")
         ref = t.parse(topic)
+        if ref.kind == "group-rollout":
+            if not payload:
+                self.rollouts.pop(ref.name, None)
+            else:
+                rollout = rollout_status.rollout_from_json(payload)
+                if rollout.group != ref.name:
+                    raise ValueError(f"not a rollout status for {ref.name!r}")
+                self.rollouts[ref.name] = rollout_status.rollout_to_dict(rollout)
+            return Change("rollout", ref.name)
+        if ref.kind == "ring-gate":
+            if not payload:
+                self.gates.pop(ref.name, None)
+            else:
+                gate = rollout_status.gate_from_json(payload)
+                if gate.ring != ref.name:
+                    raise ValueError(f"not a gate status for {ref.name!r}")
+                self.gates[ref.name] = rollout_status.gate_to_dict(gate)
+            return Change("gate", ref.name)
         if ref.kind == "group-status":
             if not payload:
                 self.groups.pop(ref.name, None)
@@ -190,18 +202,6 @@ class Fleet:
             device = event.get("device")
             return Change("event", ref.name, device=device if isinstance(device, str) else None)
         return None
-
-    def _keep(
-        self, into: dict[str, dict[str, Any]], kind: ChangeKind, name: str, payload: bytes, by: str
-    ) -> Change:
-        if not payload:
-            into.pop(name, None)
-        else:
-            body = json.loads(payload)
-            if not isinstance(body, dict) or body.get(by) != name:
-                raise ValueError(f"not a {kind} status for {name!r}")
-            into[name] = body
-        return Change(kind, name)
 
     def _record(self, group: str, pct: float, when: float, now: float) -> None:
         points = self.history.setdefault(group, deque())

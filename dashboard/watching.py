@@ -14,22 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from typing import Final
 
 import aiomqtt
 
 from setpoint.kit import brokers
+from setpoint.kit.backoff import Backoff, Retry
+from setpoint.kit.brokers import BrokerSettings
 from setpoint.proto.topics import Topics
 
 from .fleet import Change, Fleet
 
 FETCH_TIMEOUT = 5.0
-BACKOFF = (0.2, 5.0)
+BACKOFF: Final = Backoff(0.2, 5.0)
 
 
 class BrokerUnavailable(Exception):
@@ -39,80 +40,51 @@ class BrokerUnavailable(Exception):
 _REFUSED_VERSION = frozenset({1, 132})  # CONNACK: 3.1.1's "unacceptable version"; 5's "unsupported"
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    """The broker: ``host``/``port`` and, for a cluster, the ``others`` nodes tried in turn;
-    ``protocol`` is ``auto`` (MQTT 5, then 3.1.1 on an engine that refuses 5), ``5`` or
-    ``3.1.1``. ``discovery`` is the ``--broker`` value when it names ``mqtt+srv://``
-    domains: the nodes are asked of DNS again when every one of them failed."""
+def client(
+    broker: BrokerSettings, identifier: str, host: str, port: int, protocol: str
+) -> aiomqtt.Client:
+    """An MQTT client of ``broker`` on one node, for one protocol (not connected yet)."""
+    tls = (
+        aiomqtt.TLSParameters(ca_certs=broker.ca, certfile=broker.cert, keyfile=broker.key)
+        if broker.tls
+        else None
+    )
+    return aiomqtt.Client(
+        host,
+        port,
+        identifier=identifier,
+        username=broker.username,
+        password=broker.password,
+        protocol=aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311,
+        tls_params=tls,
+        timeout=FETCH_TIMEOUT,
+    )
 
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    tls: bool = False
-    protocol: str = "auto"
-    others: tuple[tuple[str, int], ...] = ()
-    discovery: str = ""
 
-    async def rediscovered(self) -> tuple[BrokerSettings, str]:
-        """These settings with the nodes DNS names now, and why not if the lookup failed
-        (then the nodes are kept)."""
-        try:
-            entries = brokers.parse_broker_list(self.discovery)
-            nodes = await asyncio.to_thread(brokers.resolve_brokers, entries, random.SystemRandom())
-        except brokers.BrokerURLError as exc:
-            return self, str(exc)
-        first, *rest = nodes
-        others = tuple((node.host, node.port) for node in rest)
-        return dataclasses.replace(self, host=first.host, port=first.port, others=others), ""
-
-    def client(self, identifier: str, host: str, port: int, protocol: str) -> aiomqtt.Client:
-        tls = (
-            aiomqtt.TLSParameters(ca_certs=self.ca, certfile=self.cert, keyfile=self.key)
-            if self.tls
-            else None
-        )
-        return aiomqtt.Client(
-            host,
-            port,
-            identifier=identifier,
-            username=self.username,
-            password=self.password,
-            protocol=aiomqtt.ProtocolVersion.V5
-            if protocol == "5"
-            else aiomqtt.ProtocolVersion.V311,
-            tls_params=tls,
-            timeout=FETCH_TIMEOUT,
-        )
-
-    @contextlib.asynccontextmanager
-    async def connected(self, identifier: str) -> AsyncIterator[aiomqtt.Client]:
-        """A connected client: each node in turn, each with MQTT 5 then 3.1.1 (``auto``);
-        BrokerUnavailable naming every failure if none answers."""
-        protocols = ("5", "3.1.1") if self.protocol == "auto" else (self.protocol,)
-        failures: list[str] = []
-        for host, port in ((self.host, self.port), *self.others):
-            for protocol in protocols:
-                client = self.client(identifier, host, port, protocol)
-                try:
-                    await client.__aenter__()
-                except aiomqtt.MqttError as exc:
-                    failures.append(f"{host}:{port} (MQTT {protocol}): {exc}")
-                    code = getattr(exc, "rc", None)
-                    if int(getattr(code, "value", code) or 0) in _REFUSED_VERSION:
-                        continue  # try the older protocol on the same node
-                    break
-                try:
-                    yield client
-                finally:
-                    with contextlib.suppress(aiomqtt.MqttError):
-                        await client.__aexit__(None, None, None)
-                return
-        raise BrokerUnavailable("; ".join(failures))
+@contextlib.asynccontextmanager
+async def connected(broker: BrokerSettings, identifier: str) -> AsyncIterator[aiomqtt.Client]:
+    """A connected client: each node in turn, each with MQTT 5 then 3.1.1 (``auto``);
+    BrokerUnavailable naming every failure if none answers."""
+    protocols = ("5", "3.1.1") if broker.protocol == "auto" else (broker.protocol,)
+    failures: list[str] = []
+    for host, port in ((broker.host, broker.port), *broker.others):
+        for protocol in protocols:
+            mqtt = client(broker, identifier, host, port, protocol)
+            try:
+                await mqtt.__aenter__()
+            except aiomqtt.MqttError as exc:
+                failures.append(f"{host}:{port} (MQTT {protocol}): {exc}")
+                code = getattr(exc, "rc", None)
+                if int(getattr(code, "value", code) or 0) in _REFUSED_VERSION:
+                    continue  # try the older protocol on the same node
+                break
+            try:
+                yield mqtt
+            finally:
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await mqtt.__aexit__(None, None, None)
+            return
+    raise BrokerUnavailable("; ".join(failures))
 
 
 class Changes:
@@ -163,15 +135,15 @@ class Watcher:
         ]
 
     async def run(self, clock: Callable[[], float] = time.time) -> None:
-        delay = BACKOFF[0]
+        retry = Retry(BACKOFF)
         while True:
             identifier = f"setpoint-dashboard-{secrets.token_hex(4)}"
             try:
-                async with self.broker.connected(identifier) as client:
+                async with connected(self.broker, identifier) as client:
                     await client.subscribe(self.filters())
                     self.connected.set()
                     self.error = ""
-                    delay = BACKOFF[0]
+                    retry.reset()
                     async for message in client.messages:
                         payload = message.payload
                         data = payload if isinstance(payload, bytes) else str(payload).encode()
@@ -182,12 +154,18 @@ class Watcher:
                 self.connected.clear()
                 self.error = str(exc) or type(exc).__name__
                 if isinstance(exc, BrokerUnavailable) and self.broker.discovery:
-                    # Every node failed: the cluster's membership may have changed.
-                    self.broker, failure = await self.broker.rediscovered()
-                    if failure:
-                        self.error += f"; asking DNS again: {failure}"
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF[1])
+                    await self._rediscover()
+            await asyncio.sleep(retry.next())
+
+    async def _rediscover(self) -> None:
+        """Every node failed and they came from DNS (``mqtt+srv://``): ask again, since a
+        cluster's membership changes; keep the nodes if the lookup fails."""
+        try:
+            self.broker = await asyncio.to_thread(
+                brokers.rediscovered, self.broker, random.SystemRandom()
+            )
+        except brokers.BrokerURLError as exc:
+            self.error += f"; asking DNS again: {exc}"
 
 
 async def fetch_retained(
@@ -199,7 +177,7 @@ async def fetch_retained(
     mark = secrets.token_hex(8).encode()
     found: dict[str, bytes] = {}
     try:
-        async with asyncio.timeout(timeout), broker.connected(identifier) as client:
+        async with asyncio.timeout(timeout), connected(broker, identifier) as client:
             await client.subscribe([(f, 0) for f in filters] + [(barrier, 0)])
             await client.publish(barrier, mark, qos=0)
             async for message in client.messages:

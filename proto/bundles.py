@@ -137,6 +137,13 @@ class Bundle:
             object.__setattr__(self, "_content_digest", digest)
         return digest
 
+    def with_commit(self, commit: str) -> Bundle:
+        """The same content, rendered from ``commit``: its content digest is carried over
+        (the commit is not part of the content), not computed again."""
+        bundle = replace(self, commit=commit)
+        object.__setattr__(bundle, "_content_digest", self._content_digest)
+        return bundle
+
     def with_version(self, version: int, issued_at: int, expires_at: int) -> Bundle:
         return replace(self, version=version, issued_at=issued_at, expires_at=expires_at)
 

@@ -3,7 +3,9 @@
 * :mod:`files`: atomic file replacement (``O_NOFOLLOW``, fsync of file and directory) and
   durable appends of whole lines;
 * :mod:`logjson`: the one JSON log line format;
-* :mod:`brokers`: ``--broker`` URLs, and ``mqtt+srv://`` names resolved into nodes.
+* :mod:`backoff`: the one backoff policy (exponential, equal jitter) and its retry counter;
+* :mod:`brokers`: the one broker-settings class (host, port, TLS files, credentials), and
+  ``--broker`` URLs, with ``mqtt+srv://`` names resolved into nodes.
 
 Below the controller, the shim and the CLI, beside :mod:`setpoint.proto`; imports nothing
 of setpoint's and nothing outside the standard library (import-linter checks it), with one

@@ -1,11 +1,12 @@
-"""Broker URLs: ``--broker`` parsed, and ``mqtt+srv://`` names resolved into a cluster's nodes.
+"""Where and how a client reaches the broker: one settings class for every side, and
+``--broker`` parsed, with ``mqtt+srv://`` names resolved into a cluster's nodes.
 
-The one place every component that takes ``--broker`` (the shim, the operator verbs, the
-dashboard, the controller) reads its value:
-
+* :class:`BrokerSettings`: host, port, TLS files, credentials, the other nodes of a
+  cluster, and the ``+srv`` name they came from (:func:`rediscovered` asks it again).
 * :func:`parse_broker_url` / :func:`parse_broker_list`: ``mqtt://host:port``,
   ``mqtts://host:port``, ``mqtt+srv://name`` and ``mqtts+srv://name``; several
-  comma-separated for the nodes of one cluster.
+  comma-separated for the nodes of one cluster. The one place every component that takes
+  ``--broker`` (the shim, the operator verbs, the dashboard, the controller) reads it.
 * :func:`order_srv`: SRV records in the order to try them (RFC 2782: lowest priority first;
   within one priority, a weighted random order). Pure; randomness is passed in.
 * :func:`resolve_srv` / :func:`resolve_brokers`: the DNS query (dnspython), and a list with
@@ -15,8 +16,9 @@ A ``+srv`` URL names a domain, not a node: ``mqtt+srv://cluster.example.com`` as
 SRV records of ``_mqtt._tcp.cluster.example.com`` and ``mqtts+srv://`` those of
 ``_secure-mqtt._tcp.cluster.example.com``: the service names IANA registered for MQTT on
 1883 (``mqtt``) and MQTT over TLS on 8883 (``secure-mqtt``), and the ones libmosquitto's
-``mosquitto_connect_srv`` asks for. Each record's target and port is a node; its host name
-is resolved when connecting, as for any other URL (so TLS checks the node's own name).
+``mosquitto_connect_srv`` and paho's ``connect_srv`` ask for. Each record's target and port
+is a node; its host name is resolved when connecting, as for any other URL (so TLS checks
+the node's own name).
 
 The resolver asked is the system's (``/etc/resolv.conf``) unless ``SETPOINT_DNS_SERVER``
 names one (``IP`` or ``IP:PORT``, ``[IPv6]:PORT``); a query gives up after
@@ -33,7 +35,7 @@ import dataclasses
 import ipaddress
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
@@ -43,6 +45,43 @@ DNS_TIMEOUT_ENV: Final = "SETPOINT_DNS_TIMEOUT"
 DEFAULT_DNS_TIMEOUT: Final = 5.0
 INSTALL_HINT: Final = "pip install 'setpoint[srv]' (or pip install dnspython)"
 _FORMS: Final = "use mqtt://host:port, mqtts://host:port, mqtt+srv://domain or mqtts+srv://domain"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """Host, port, TLS files and credentials; the password is never part of a repr.
+
+    ``others``: the other nodes of a cluster, tried in turn after ``host``/``port``;
+    ``protocol``: ``auto`` (MQTT 5, then 3.1.1 on an engine that refuses 5), ``5`` or
+    ``3.1.1``, for the clients that choose (the dashboard); ``discovery``: the ``--broker``
+    value when it names ``mqtt+srv://`` domains (the nodes above are what DNS gave), to ask
+    again with :func:`rediscovered` when every node failed."""
+
+    host: str
+    port: int = 1883
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    client_id: str = ""
+    keepalive: int = 30
+    connect_timeout: float = 10.0
+    protocol: str = "auto"
+    others: tuple[tuple[str, int], ...] = ()
+    discovery: str = ""
+
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def rediscovered(settings: BrokerSettings, rng: Random) -> BrokerSettings:
+    """``settings`` with the nodes its ``discovery`` name gives in DNS now (blocking: run
+    it in a thread from asyncio); :class:`BrokerURLError` if the lookup gives none."""
+    first, *rest = resolve_brokers(parse_broker_list(settings.discovery), rng)
+    others = tuple((node.host, node.port) for node in rest)
+    return dataclasses.replace(settings, host=first.host, port=first.port, others=others)
 
 
 class BrokerURLError(ValueError):

@@ -151,9 +151,9 @@ def _settings(args: argparse.Namespace) -> object:
     trusted = load_trust(args.trust)
     others = tuple((u.host, u.port) for u in urls[1:])
     broker = dashboard.BrokerSettings(
-        url.host, url.port, url.username, url.password, args.ca, args.cert, args.client_key,
-        tls=url.tls, protocol=args.mqtt_version, others=others,
-        discovery=discovery_of(args.broker),
+        url.host, url.port, tls=url.tls, username=url.username, password=url.password,
+        ca=args.ca, cert=args.cert, key=args.client_key, protocol=args.mqtt_version,
+        others=others, discovery=discovery_of(args.broker),
     )  # fmt: skip
     return dashboard.Settings(
         broker=broker,

@@ -71,7 +71,7 @@ def run_controller(broker: Any, unique_prefix: str, signing_key: Path, tmp_path:
     @contextlib.asynccontextmanager
     async def run(repo: Any, **overrides: Any) -> AsyncIterator[Controller]:
         overrides.setdefault("state_dir", tmp_path / "state")
-        overrides.setdefault("backoff", Backoff(initial=0.05, maximum=0.3))
+        overrides.setdefault("backoff", Backoff(base=0.05, cap=0.3))
         overrides.setdefault("publish_timeout", 5.0)
         config = ControllerConfig(
             repo=str(getattr(repo, "path", repo)),

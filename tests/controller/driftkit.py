@@ -53,7 +53,7 @@ async def run_drift(
         extra_key_paths=extra_keys,
         state_dir=state_dir,
         prefix=prefix,
-        backoff=Backoff(initial=0.05, maximum=0.3),
+        backoff=Backoff(base=0.05, cap=0.3),
         publish_timeout=5.0,
     )
     async with Controller(config, drift=DriftSettings(**settings)) as controller:

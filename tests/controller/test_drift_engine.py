@@ -438,7 +438,7 @@ async def test_an_mqtt_error_in_the_shared_retained_read_reconnects_instead_of_s
             key_path=signing_key,
             state_dir=tmp_path / "state",
             prefix=unique_prefix,
-            backoff=Backoff(initial=0.05, maximum=0.3),
+            backoff=Backoff(base=0.05, cap=0.3),
             publish_timeout=5.0,
         )
         async with Controller(config, drift=DriftSettings(share="drift", tick=0.2)) as controller:
@@ -474,7 +474,7 @@ async def test_after_a_broker_restart_each_change_makes_one_event(
         state_dir=tmp_path / "state",
         prefix=unique_prefix,
         # Slow to come back: the devices' news is retained on the broker before it is.
-        backoff=Backoff(initial=2.0, maximum=2.0),
+        backoff=Backoff(base=4.0, cap=4.0),  # 2 to 4 s
         publish_timeout=5.0,
     )
     async with Controller(config, drift=DriftSettings(tick=0.2)) as controller:

@@ -23,7 +23,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from driftkit import Devices, DriftWatch, drifted_report, in_sync_report, run_drift
 
-from setpoint.controller.broker import Backoff, BrokerSettings, Link
+from setpoint.controller.broker import (
+    Backoff,
+    BrokerSettings,
+    Connected,
+    Fact,
+    Link,
+    Message,
+    Subscription,
+)
 from setpoint.controller.drifting import PUBLISH_CONCURRENCY, DriftEngine
 from setpoint.controller.errors import BrokerUnavailable
 from setpoint.controller.ingesting import IngestConnection, IngestStats, Routes
@@ -168,10 +176,9 @@ def test_routes_dispatch_on_the_last_level_and_match_only_when_needed() -> None:
         ("$share//p/devices/+/reported", {}, "malformed shared"),
     ],
 )
-def test_bad_bulk_routes_are_refused(topic_filter: str, kwargs: Any, message: str) -> None:
-    link = Link(BrokerSettings("localhost"), Topics("p/v1"))
+def test_bad_bulk_subscriptions_are_refused(topic_filter: str, kwargs: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        link.route(topic_filter, lambda m: None, bulk=True, **kwargs)
+        Subscription(topic_filter, bulk=True, **kwargs)
 
 
 async def test_a_bad_queue_bound_is_refused() -> None:
@@ -200,14 +207,22 @@ async def test_bulk_routes_get_a_flood_in_order_bounded_and_the_barrier_covers_t
     broker: Any, unique_prefix: str
 ) -> None:
     topics = Topics(unique_prefix)
-    link = Link(BrokerSettings(broker.host, broker.port), topics)
-    link.ingest_max_waiting = 64
     reported: list[tuple[str, bytes, bool]] = []
     presence: list[str] = []
-    link.route(
-        topics.all_reported(), lambda m: reported.append((m.topic, m.payload, m.retain)), bulk=True
-    )
-    link.route(topics.all_presence(), lambda m: presence.append(m.topic), bulk=True)
+
+    def take(fact: Fact) -> None:
+        if isinstance(fact, Message):
+            if topics.parse(fact.topic).kind == "device-presence":
+                presence.append(fact.topic)
+            else:
+                reported.append((fact.topic, fact.payload, fact.retain))
+
+    subscriptions = [
+        Subscription(topics.all_reported(), bulk=True),
+        Subscription(topics.all_presence(), bulk=True),
+    ]
+    link = Link(BrokerSettings(broker.host, broker.port), topics, subscriptions, take)
+    link.ingest_max_waiting = 64
     # Retained before the controller connects: they come with the SUBSCRIBE.
     publisher = await Session.open(Settings(broker.host, broker.port, "ingest-test-pub"))
     for i in range(50):
@@ -241,9 +256,14 @@ async def test_bulk_routes_get_a_flood_in_order_bounded_and_the_barrier_covers_t
 @pytest.mark.broker
 async def test_ingest_reconnects_after_the_broker_restarts(broker: Any, unique_prefix: str) -> None:
     topics = Topics(unique_prefix)
-    link = Link(BrokerSettings(broker.host, broker.port), topics, backoff=Backoff(0.05, 0.3))
     seen: list[bytes] = []
-    link.route(topics.all_reported(), lambda m: seen.append(m.payload), bulk=True)
+    link = Link(
+        BrokerSettings(broker.host, broker.port),
+        topics,
+        [Subscription(topics.all_reported(), bulk=True)],
+        lambda fact: seen.append(fact.payload) if isinstance(fact, Message) else None,
+        backoff=Backoff(base=0.05, cap=0.3),
+    )
     task = await serve_link(link)
     try:
         broker.restart()
@@ -256,4 +276,47 @@ async def test_ingest_reconnects_after_the_broker_restarts(broker: Any, unique_p
         assert seen[-1:] == [b"after"]
         publisher.close()
     finally:
+        await stop(task)
+
+
+@pytest.mark.broker
+async def test_the_link_delivers_connection_changes_and_messages_as_facts_in_order(
+    broker: Any, unique_prefix: str
+) -> None:
+    """One door in: Connected before anything its session brings, the session's messages
+    (main and bulk connection alike), Disconnected when it ends, then a new Connected."""
+    topics = Topics(unique_prefix)
+    facts: list[Any] = []
+    link = Link(
+        BrokerSettings(broker.host, broker.port),
+        topics,
+        [
+            Subscription(topics.all_reported(), bulk=True),
+            Subscription(topics.all_group_desired()),
+        ],
+        facts.append,
+        backoff=Backoff(base=0.05, cap=0.3),
+    )
+    publisher = await Session.open(Settings(broker.host, broker.port, "facts-test-pub"))
+    await (await publisher.publish(topics.group_desired("g"), b"kept", qos=1, retain=True))
+    task = await serve_link(link)
+    try:
+        await link.barrier()
+        first = facts[0]
+        assert isinstance(first, Connected)
+        assert [(f.topic, f.retain) for f in facts[1:]] == [(topics.group_desired("g"), True)]
+        broker.restart()
+        async with asyncio.timeout(15):
+            await link.failed.wait()
+            await link.wait_connected()
+        publisher.close()
+        publisher = await Session.open(Settings(broker.host, broker.port, "facts-test-pub2"))
+        await (await publisher.publish(topics.device_reported("d1"), b"r", qos=1))
+        await link.barrier()
+        kinds = [type(f).__name__ for f in facts]
+        lost = kinds.index("Disconnected")
+        assert kinds[lost + 1] == "Connected" and facts[lost + 1].session is not first.session
+        assert isinstance(facts[-1], Message) and facts[-1].payload == b"r"
+    finally:
+        publisher.close()
         await stop(task)

@@ -254,3 +254,16 @@ def test_unacknowledged_attempt_is_never_reused_for_other_content() -> None:
         attempted={G: tried},
     ).actions
     assert isinstance(action, Publish) and action.bundle.version == 6
+
+
+def test_only_looks_at_the_targets_named() -> None:
+    """Work proportional to what changed: the next round of a pass names the targets it
+    acted on (and those a message changed); the others are not looked at."""
+    cur = published(G)
+    desired = {G: rendered(G, "b"), D: rendered(D)}
+    full = plan(desired=desired, current={G: cur}, retained={G: held(cur)})
+    assert {a.target for a in full.actions} == {G, D}
+    part = plan(desired=desired, current={G: cur}, retained={G: held(cur)}, only={D})
+    assert [a.target for a in part.actions] == [D]
+    gone = Target("device", "gone")  # named but neither wanted nor known: nothing
+    assert not plan(desired={}, current={}, retained={}, only={gone}).actions

@@ -121,3 +121,41 @@ def test_init_creates_a_valid_repository(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         examples.create(tmp_path / "new")
     repo.close()
+
+
+def test_a_commit_reads_again_only_the_device_files_it_changed(make_repo, tmp_path: Path) -> None:
+    """Work proportional to what changed: a device file that is as it was (and every file
+    it names) is not parsed again, and the render re-uses its bundle; the result is the
+    same as reading and rendering everything afresh."""
+    from setpoint.controller import fleet, rendering
+    from setpoint.controller.rendering import Target, View
+
+    devices = {f"devices/d{i}.yaml": "group: kiosks\n" for i in range(5)}
+    devices["devices/d0.yaml"] = (
+        "group: kiosks\nresources:\n  - {id: cfg, kind: file, path: etc/cfg, source: files/cfg}\n"
+    )
+    group = "mode: enforce\nresources:\n  - {id: motd, kind: file, path: etc/motd, content: '%s'}\n"
+    files = {"fleet.yaml": "{}\n", "groups/kiosks.yaml": group % "v1", "files/cfg": "a\n"}
+    git = make_repo({**files, **devices})
+    repo = Repository(str(git.path), tmp_path / "state")
+    memo = fleet.Memo()
+
+    def render(previous: rendering.Render | None) -> tuple[rendering.Render, rendering.Render]:
+        info, snapshot = repo.load(repo.heads()["main"], memo=memo)
+        incremental = rendering.render("main", {"main": View("main", info, snapshot)}, previous)
+        _, fresh = repo.load(info.id)
+        return incremental, rendering.render("main", {"main": View("main", info, fresh)})
+
+    first, _ = render(None)
+    assert memo.reused == 0
+    git.commit({"groups/kiosks.yaml": group % "v2"}, "group only")
+    second, fresh = render(first)
+    assert memo.reused == 5  # no device file was read again
+    assert second.desired == fresh.desired  # same bundles, from the new commit
+    git.commit({"files/cfg": "b\n"}, "a file d0 names")
+    third, fresh = render(second)
+    assert memo.reused == 5 + 4  # d0 was read again: a file it names changed
+    assert third.desired == fresh.desired
+    cfg = third.desired[Target("device", "d0")].bundle
+    assert cfg.content_digest() != second.desired[Target("device", "d0")].bundle.content_digest()
+    repo.close()

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from setpoint.controller.broker import Message
-from setpoint.controller.rolling import Rollouts
+from setpoint.controller.rolling import Emit, Rollouts
 from setpoint.proto import approvals, codec, envelopes
 
 
@@ -38,8 +38,11 @@ def test_an_approval_is_credited_to_the_operator_whose_signature_verified(
     envelope = codec.unpack(approvals.sign(command, [alice]), max_size=1 << 20)
     # Signed by alice; a bogus entry naming bob's key comes first.
     envelope["signatures"].insert(0, {"keyid": envelopes.key_id(bob), "sig": b"\1" * 64})
-    rollouts._on_command(Message("x/operators/commands", codec.pack(envelope), False))
+    rollouts.take_command(Message("x/operators/commands", codec.pack(envelope), False))
     approval = rollouts.ledger.approvals["production|" + "a" * 40]
     assert approval["by"] == "alice"
-    (_type, fields), *_ = [e for e in rollouts._events if e[1].get("action") == "approved"]
-    assert fields["by"] == "alice" and fields["keyid"] == envelopes.key_id(alice)
+    approved, *_ = [
+        a for a in rollouts.actions() if isinstance(a, Emit) and a.fields["action"] == "approved"
+    ]
+    assert approved.fields["by"] == "alice"
+    assert approved.fields["keyid"] == envelopes.key_id(alice)

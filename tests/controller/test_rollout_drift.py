@@ -67,6 +67,17 @@ def test_desired_for_takes_the_pin_as_the_desired_group_version() -> None:
             == published[Target("group", "kiosks")].bundle.content_digest()
         )
     assert sorted(fleet.members["kiosks"]) == ["free", "held", "released"]
+    # Work proportional to what changed: a device whose entries (its own, its group's)
+    # are the same objects keeps its Desired; one whose entry moved gets a new one.
+    moved = {
+        **published,
+        Target("device", "free"): Current(_bundle("device", "free", 2, group="kiosks")),
+    }
+    again = desired_for(moved, fleet)
+    assert again.desired["held"] is fleet.desired["held"]
+    assert again.desired["free"] is not fleet.desired["free"]
+    assert again.desired["free"].device_version == 2
+    assert sorted(again.members["kiosks"]) == ["free", "held", "released"]
 
 
 # --- In a running controller ------------------------------------------------------------
@@ -82,7 +93,7 @@ async def controller(
         key_path=key,
         state_dir=state,
         prefix=prefix,
-        backoff=Backoff(initial=0.05, maximum=0.3),
+        backoff=Backoff(base=0.05, cap=0.3),
         publish_timeout=5.0,
     )
     # A grace far below the test's length: a held device that were judged against the

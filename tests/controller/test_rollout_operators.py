@@ -64,7 +64,7 @@ def start(broker: Any, unique_prefix: str, signing_key: Path, tmp_path: Path):  
             key_path=signing_key,
             state_dir=tmp_path / "state",
             prefix=unique_prefix,
-            backoff=Backoff(initial=0.05, maximum=0.3),
+            backoff=Backoff(base=0.05, cap=0.3),
             publish_timeout=5.0,
         )
         async with Controller(config) as controller:

@@ -113,3 +113,31 @@ def test_a_state_directory_belongs_to_one_fleet(tmp_path: Path) -> None:
     )
     assert "prefix setpoint/v1), not this one (" in message and "prefix lab/v1)" in message
     assert "give this controller its own --state-dir" in message
+
+
+def test_a_save_encodes_only_the_entries_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from setpoint.controller import state
+
+    encoded: list[str] = []
+    real = state.bundles.encode
+
+    def counting(b: Bundle) -> bytes:
+        encoded.append(b.target)
+        return real(b)
+
+    monkeypatch.setattr(state.bundles, "encode", counting)
+    store = StateStore(tmp_path)
+    store.lock()
+    other = Target("group", "lobby")
+    lobby = Current(Bundle("group", "lobby", 1, "c" * 40, 100, 200))
+    store.save({G: Current(bundle(1)), other: lobby}, {G: 1, other: 1})
+    assert sorted(encoded) == ["kiosks", "lobby"]
+    encoded.clear()
+    store.save({G: Current(bundle(2)), other: lobby}, {G: 2, other: 1})
+    assert encoded == ["kiosks"]  # lobby's entry is the same object: not encoded again
+    current, floors = StateStore(tmp_path).load()
+    assert current == {G: Current(bundle(2)), other: lobby} and floors == {G: 2, other: 1}
+    assert len(list((tmp_path / BUNDLES_DIR).iterdir())) == 2  # kiosks v1's payload is gone
+    store.unlock()

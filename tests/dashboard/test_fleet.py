@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from setpoint.dashboard.fleet import HISTORY_SECONDS, DeviceQuery, Fleet, summary
-from setpoint.proto import status
+from setpoint.proto import rollout_status, status
 from setpoint.proto.repository import BranchStatus, RepositoryStatus
 from setpoint.proto.status import DriftStatus, GroupStatus, ResourceDiff
 from setpoint.proto.topics import Topics
@@ -74,8 +72,11 @@ def test_bad_and_foreign_messages_are_counted_not_fatal() -> None:
     assert fleet.take(T.device_drift("a"), b"{not json", NOW) is None
     assert fleet.take(T.device_drift("a"), drift("b"), NOW) is None  # names another device
     assert "device 'b'" in fleet.last_ignored
-    assert fleet.take(T.group_rollout("g"), b'{"group": "other"}', NOW) is None
+    other = rollout_status.rollout_to_json(rollout_status.RolloutStatus("other", "main", "idle"))
+    assert fleet.take(T.group_rollout("g"), other, NOW) is None
     assert fleet.ignored == 3 and "not a rollout status for 'g'" in fleet.last_ignored
+    assert fleet.take(T.group_rollout("g"), b'{"group": "g"}', NOW) is None  # read by the codec
+    assert fleet.ignored == 4 and "'branch' is missing" in fleet.last_ignored
     assert fleet.take("elsewhere/topic", b"x", NOW) is None
 
 
@@ -103,11 +104,14 @@ def test_events_are_kept_up_to_a_limit_and_changes_name_the_device() -> None:
 def test_rings_come_in_promotion_order_with_their_groups() -> None:
     fleet = Fleet(T)
     for ring, source in (("production", "canary"), ("canary", "main")):
-        body = {"ring": ring, "from": source, "state": "waiting", "missing": ["x"]}
-        fleet.take(T.ring_gate(ring), json.dumps(body).encode(), NOW)
+        gate = rollout_status.GateStatus(
+            ring, source, "c" * 40, "t" * 40, "waiting", rollout_status.GateRule(source),
+            missing=("x",),
+        )  # fmt: skip
+        fleet.take(T.ring_gate(ring), rollout_status.gate_to_json(gate), NOW)
     for group, branch in (("lobby", "canary"), ("qa", "main"), ("all", "production")):
-        body = {"group": group, "branch": branch, "state": "idle"}
-        fleet.take(T.group_rollout(group), json.dumps(body).encode(), NOW)
+        rollout = rollout_status.RolloutStatus(group, branch, "idle")
+        fleet.take(T.group_rollout(group), rollout_status.rollout_to_json(rollout), NOW)
     rings = fleet.rings()
     assert [r[0] for r in rings] == ["main", "canary", "production"]
     assert rings[0][1] is None and [g["group"] for g in rings[1][2]] == ["lobby"]

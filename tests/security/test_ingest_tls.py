@@ -9,7 +9,7 @@ import ssl
 import pytest
 from kit import Client
 
-from setpoint.controller.broker import BrokerSettings, Link
+from setpoint.controller.broker import BrokerSettings, Fact, Link, Message, Subscription
 from setpoint.controller.errors import BrokerUnavailable
 from setpoint.controller.ingesting import IngestConnection, IngestStats, Routes
 from setpoint.controller.pki import Credentials, Pki
@@ -28,9 +28,18 @@ async def test_reports_come_in_over_tls_with_the_controllers_certificate(
     secure_broker: SecureBroker, pki: Pki
 ) -> None:
     topics = Topics(secure_broker.prefix)
-    link = Link(settings(secure_broker, pki.controller), topics)
     seen: list[tuple[str, bytes]] = []
-    link.route(topics.all_reported(), lambda m: seen.append((m.topic, m.payload)), bulk=True)
+
+    def take(fact: Fact) -> None:
+        if isinstance(fact, Message):
+            seen.append((fact.topic, fact.payload))
+
+    link = Link(
+        settings(secure_broker, pki.controller),
+        topics,
+        [Subscription(topics.all_reported(), bulk=True)],
+        take,
+    )
     task = asyncio.create_task(link.run())
     device = Client(secure_broker, pki.device("dev1"), "dev1")
     try:

@@ -36,7 +36,7 @@ def publish(broker: SecureBroker, pki: Pki, repo: Path, state: Path, *key_files:
         prefix=broker.prefix,
         follow=False,
         watch=False,
-        backoff=Backoff(initial=0.05, maximum=0.3),
+        backoff=Backoff(base=0.05, cap=0.3),
         publish_timeout=5.0,
     )  # fmt: skip
 

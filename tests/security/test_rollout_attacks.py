@@ -64,7 +64,7 @@ class Fleet:
             key_path=self.key,
             state_dir=self.tmp / "state",
             prefix=self.prefix,
-            backoff=Backoff(initial=0.05, maximum=0.3),
+            backoff=Backoff(base=0.05, cap=0.3),
             publish_timeout=5.0,
         )
         sim = SimDevices(broker.host, broker.port, self.prefix, self.trusted, DEVICES)

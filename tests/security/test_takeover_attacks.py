@@ -60,7 +60,7 @@ async def main():
     link = Link(
         BrokerSettings(host, int(port), tls=True, ca=ca, cert=cert, key=key,
                        client_id="setpoint-controller-fixed"),
-        Topics(prefix), backoff=Backoff(initial=0.2, maximum=0.5),
+        Topics(prefix), [], lambda fact: None, backoff=Backoff(base=0.2, cap=0.5),
     )
     runner = asyncio.create_task(link.run())
     first = await link.wait_connected()

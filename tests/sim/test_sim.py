@@ -80,7 +80,7 @@ async def controller(broker: Broker, fleet: Path, prefix: str) -> AsyncIterator[
         key_path=fleet / "keys" / keys.PRIVATE_NAME,
         state_dir=fleet / "state",
         prefix=prefix,
-        backoff=Backoff(initial=0.05, maximum=0.3),
+        backoff=Backoff(base=0.05, cap=0.3),
         publish_timeout=5.0,
     )
     async with Controller(config) as running_controller:
