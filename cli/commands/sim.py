@@ -44,7 +44,7 @@ def _count(value: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_broker_arguments(parser)
+    add_broker_arguments(parser, one_node=True)
     parser.add_argument("--devices", type=_count, required=True, help="how many devices")
     add_trust_argument(
         parser, "the fleet's public key (PEM); repeat for several (needed unless --echo)"
