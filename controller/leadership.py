@@ -22,6 +22,9 @@ The rules:
   term (or of its own term, written after its own), and on its own when its last confirmed
   renewal is 80% of a lease old: the others start counting from when they received it, so
   it stops publishing before any of them can claim.
+* **A claim waits for its echo** up to three leases, and one that comes back even later
+  still stands (the others hold it as the leader record): a clustered engine electing new
+  stream leaders can hold a message for seconds, longer than a short lease.
 * A record of an older term than the newest seen is stale (a cut-off leader's late renewal)
   and changes nothing.
 """
@@ -36,6 +39,7 @@ from setpoint.proto.leader import LeaderRecord
 RENEW_FRACTION: Final = 1 / 3
 STEP_DOWN_FRACTION: Final = 0.8
 SETTLE_FRACTION: Final = 1 / 6
+CLAIM_WAIT_FRACTION: Final = 3.0
 
 Role = Literal["follower", "claiming", "leader"]
 
@@ -80,6 +84,7 @@ class Lease:
         self._seen_lease = lease
         self._sent_at = now  # our last claim or renewal went out
         self._echo_at: float | None = None  # our claim or last renewal came back
+        self._claimed: int | None = None  # the term this replica claimed last
 
     def _record(self) -> LeaderRecord:
         return LeaderRecord(self.me, self.term, round(self.lease * 1000), self._renewal)
@@ -89,7 +94,12 @@ class Lease:
         if record.term < self.term:
             return []  # stale: a cut-off leader's late renewal
         if record.holder == self.me:
-            if record.term == self.term and self.role != "follower":
+            if record.term == self.term == self._claimed:
+                if self.role == "follower":
+                    # Our claim came back after we had given up waiting for it (an engine
+                    # electing stream leaders stalls for seconds): the others have it as
+                    # the leader record, so it stands.
+                    self.role = "claiming"
                 self._echo_at = now
             self._seen(record, now)
             return []
@@ -116,6 +126,7 @@ class Lease:
             if now - self._seen_at < self._seen_lease:
                 return []
             self.term += 1
+            self._claimed = self.term
             self._renewal = 0
             self.role = "claiming"
             self._echo_at = None
@@ -123,7 +134,7 @@ class Lease:
             return [Publish(self._record())]
         if self.role == "claiming":
             if self._echo_at is None:
-                if now - self._sent_at >= self.lease:  # the claim never came back
+                if now - self._sent_at >= self.lease * CLAIM_WAIT_FRACTION:  # never came back
                     self.role = "follower"
                     self._seen_at = now
                 return []

@@ -97,7 +97,26 @@ def test_a_stale_renewal_of_an_older_term_changes_nothing() -> None:
 def test_a_claim_that_never_comes_back_returns_to_following() -> None:
     lease = Lease("a", LEASE, 0.0)
     published(lease.tick(LEASE))
-    assert lease.tick(2 * LEASE) == [] and lease.role == "follower"
+    assert lease.tick(3 * LEASE) == [] and lease.role == "claiming"  # an engine may stall
+    assert lease.tick(4 * LEASE) == [] and lease.role == "follower"
+
+
+def test_a_claim_that_comes_back_after_it_was_given_up_still_leads() -> None:
+    lease = Lease("a", LEASE, 0.0)
+    claim = published(lease.tick(LEASE))
+    lease.tick(4 * LEASE)  # given up
+    assert lease.role == "follower"
+    assert lease.received(claim, 4 * LEASE + 1) == []
+    assert lease.tick(4 * LEASE + 1 + LEASE / 6) == [Lead(claim.term)]
+
+
+def test_an_old_record_of_its_own_id_from_before_a_restart_is_not_a_claim() -> None:
+    lease = Lease("a", LEASE, 0.0)  # restarted; the retained record is its former self's
+    assert lease.received(LeaderRecord("a", 5, 6000, 40), 0.1) == []
+    assert lease.received(LeaderRecord("a", 5, 6000, 41), 0.2) == []
+    assert lease.role == "follower"
+    assert lease.tick(0.2 + LEASE / 2) == []
+    assert published(lease.tick(0.2 + LEASE)).term == 6
 
 
 def test_the_record_round_trips_and_bad_records_are_refused() -> None:
