@@ -65,7 +65,8 @@ from .planning import Adopt, Clear, Current, Plan, Publish, Retained
 from .rendering import BranchProblem, Render, Target, View
 from .repository import Repository, is_remote, redact
 from .retained import RetainedView
-from .rolling import Emit, Record, Rollouts
+from .rolling import Rollouts, audit_entry
+from .rollouts import Emit, Record, Show
 from .signing import Signer, load_signer
 from .state import FleetIdentity, Intent, StateStore
 
@@ -496,10 +497,10 @@ class Controller:
             self.wake("revert")  # a revert commit: the next pass publishes it
         for action in self.rollouts.actions():
             if isinstance(action, Record):
-                await self.executor.audit([action.entry])
+                await self.executor.audit([audit_entry(action)])
             elif isinstance(action, Emit):
                 await self.executor.event(action.type, **action.fields)
-            else:
+            elif isinstance(action, Show):
                 await self.executor.publish(action.topic, action.payload(), retain=True)
             self.rollouts.done(action)
 
