@@ -145,6 +145,7 @@ class Controller:
         self._intents: dict[Target, Intent] = {}  # publications under way (write-ahead)
         self._snapshots: OrderedDict[str, View] = OrderedDict()
         self._memo = fleet.Memo()  # device files read before, by content
+        self._loaded: dict[str, View] = {}  # per branch, the view read last
         self._render_key: tuple[Any, ...] | None = None
         self._render: Render | None = None
         self._reported: dict[str, str] = {}
@@ -617,8 +618,13 @@ class Controller:
             self._snapshots.move_to_end(commit_id)
             return cached
         assert self.repository is not None
-        info, snapshot = self.repository.load(commit_id, memo=self._memo)
+        # Work proportional to what changed: from the branch's previous view and the tree
+        # diff when only group or device files moved (fleet.update), else read whole.
+        before = self._loaded.get(branch)
+        since = (before.commit, before.snapshot) if before is not None else None
+        info, snapshot = self.repository.load(commit_id, memo=self._memo, since=since)
         view = View(branch, info, snapshot)
+        self._loaded[branch] = view
         self._snapshots[commit_id] = view
         while len(self._snapshots) > 16:
             self._snapshots.popitem(last=False)
