@@ -14,7 +14,13 @@ then the plots of ``docs/performance.md`` are redrawn. ``--only`` picks some of 
 * commit: git commit -> retained bundle at a subscriber (bench/commit_latency.py; 20 / 5);
 * device: hand edit on a device -> drift event, -> healed (bench/device_drift.py; 100 / 20);
 * dashboard: devices page time per page and the dashboard's RSS (bench/dashboard.py; 10,000
-  devices, 30 requests per query; quick: 2,000 and 10).
+  devices, 30 requests per query; quick: 2,000 and 10);
+* broker-save: mosquitto's retained-database save settings, update rate and kill -9 loss
+  (bench/broker_save.py; 10,000 retained, 3 kills each; quick: 2,000 and one).
+
+Not in the default run (it takes many minutes): ``--only scale``, the fleet-size curve
+(bench/scale.py; 1,000 to 100,000 devices as far as the machine allows; quick: 1,000 and
+3,000); ``python -m bench.scale --sizes ...`` runs it with other sizes.
 """
 
 from __future__ import annotations
@@ -23,18 +29,28 @@ import argparse
 import asyncio
 import time
 
-NAMES = ("ingest", "converge", "drift", "footprint", "commit", "device", "dashboard")
+NAMES = (
+    "ingest",
+    "converge",
+    "drift",
+    "footprint",
+    "commit",
+    "device",
+    "dashboard",
+    "broker-save",
+)
+EXTRA = ("scale",)  # only with --only
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs, under five minutes")
-    parser.add_argument("--only", nargs="+", choices=NAMES, default=list(NAMES))
+    parser.add_argument("--only", nargs="+", choices=NAMES + EXTRA, default=list(NAMES))
     args = parser.parse_args(argv)
     quick = ["--quick"] if args.quick else []
     started = time.monotonic()
     took: dict[str, float] = {}
-    for name in NAMES:
+    for name in NAMES + EXTRA:
         if name not in args.only:
             continue
         t0 = time.monotonic()
@@ -82,6 +98,14 @@ def run(name: str, is_quick: bool, quick: list[str]) -> None:
         from . import dashboard
 
         dashboard.main(quick)
+    elif name == "broker-save":
+        from . import broker_save
+
+        broker_save.main(quick)
+    elif name == "scale":
+        from . import scale
+
+        scale.main(["--sizes", "1000", "3000", *quick] if is_quick else [])
 
 
 if __name__ == "__main__":

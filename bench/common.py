@@ -35,7 +35,8 @@ from setpoint.proto.topics import Topics
 from setpoint.sim import fleetrepo, mqtt
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "results.jsonl"
+# BENCH_RESULTS=DIR puts every result file elsewhere (the tests do, to keep the tree clean).
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or ROOT / "bench" / "results") / "results.jsonl"
 BIN = Path(sys.executable).parent
 SETPOINT = str(BIN / "setpoint")
 # The shim's defaults before it watched with inotify: the "before" of bench.footprint and
@@ -274,8 +275,9 @@ class ClusterBroker:
 
 # mosquitto: benchmark settings (the retained database saved every 100,000 changes);
 # mosquitto-shipped: the project's mosquitto/setpoint.conf as shipped (saved after every
-# change, so a kill -9 loses nothing acknowledged).
-ENGINES = ("mosquitto", "mosquitto-shipped", "nats-cluster")
+# change, so a kill -9 loses nothing acknowledged); mosquitto-large-fleet:
+# mosquitto/large-fleet.conf as shipped (saved once a second).
+ENGINES = ("mosquitto", "mosquitto-shipped", "mosquitto-large-fleet", "nats-cluster")
 
 
 class Stack:
@@ -291,8 +293,10 @@ class Stack:
         prefix: str = "setpoint/v1",
         autosave_changes: int = 100_000,
         engine: str = "mosquitto",
+        rollout: str | None = None,
     ) -> None:
         self.work, self.devices, self.groups = work, devices, groups
+        self.rollout = rollout  # the groups' ``rollout:`` (batches), YAML flow text
         self.prefix = prefix
         self.topics = Topics(prefix)
         self.broker: Broker | ClusterBroker
@@ -301,6 +305,9 @@ class Stack:
             self.controller_url = self.broker.controller_url
         elif engine == "mosquitto-shipped":
             self.broker = Broker(work / "broker")
+            self.controller_url = self.broker.url
+        elif engine == "mosquitto-large-fleet":
+            self.broker = Broker(work / "broker", template="large-fleet.conf")
             self.controller_url = self.broker.url
         else:
             # Saving the retained database after every change (the default for safety)
@@ -314,7 +321,7 @@ class Stack:
     def __enter__(self) -> Stack:
         keys.generate(self.work / "keys")
         if self.devices:
-            fleetrepo.create(self.repo, self.devices, groups=self.groups)
+            fleetrepo.create(self.repo, self.devices, groups=self.groups, rollout=self.rollout)
         self.broker.start()
         return self
 

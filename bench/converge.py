@@ -2,6 +2,7 @@
 reference measured on the same broker in the same run.
 
     .venv/bin/python -m bench.converge [--devices 1000 10000] [--quick] [--engine nats-cluster]
+        [--rollout '{batch: 10%}']
 
 For each fleet size N:
 
@@ -16,8 +17,9 @@ For each fleet size N:
    ``in_sync`` on the new version. The arrival time of every device's ``in_sync`` is the
    convergence curve (``bench/results/converge-N.json``, plotted by ``bench.plots``).
 
-Also recorded: when the controller noticed the commit (its ``published`` event), the RSS of
-the controller, the broker and the simulator at N devices.
+Also recorded: when the controller noticed the commit (its ``published`` event), the
+controller's CPU seconds from the commit to the last ``in_sync``, the RSS of the controller,
+the broker and the simulator at N devices.
 """
 
 from __future__ import annotations
@@ -35,7 +37,18 @@ from setpoint.proto.topics import Topics
 from setpoint.sim import fleetrepo
 from setpoint.transport import Session, Settings
 
-from .common import ENGINES, RESULTS, Stack, Watcher, record, rss_mb, spy_on, start_sim, table
+from .common import (
+    ENGINES,
+    RESULTS,
+    Stack,
+    Watcher,
+    cpu_seconds,
+    record,
+    rss_mb,
+    spy_on,
+    start_sim,
+    table,
+)
 
 BUNDLE_SIZE = 700
 WAIT = 300.0  # bytes: about a signed group bundle of three resources
@@ -113,8 +126,10 @@ async def wait(watcher: Watcher, conv: Convergence, n: int, what: str) -> None:
         raise Stalled(f"{what}: {len(conv.done):,} of {n:,} in_sync after {WAIT:.0f} s") from None
 
 
-async def one(work: Path, n: int, engine: str = "mosquitto") -> dict[str, Any]:
-    with Stack(work, n, engine=engine) as stack:
+async def one(
+    work: Path, n: int, engine: str = "mosquitto", rollout: str | None = None
+) -> dict[str, Any]:
+    with Stack(work, n, engine=engine, rollout=rollout) as stack:
         bare = await bare_reference(stack, n)
         setup = await stack.start_controller()
         assert stack.controller is not None
@@ -136,10 +151,12 @@ async def one(work: Path, n: int, engine: str = "mosquitto") -> dict[str, Any]:
                 first = time.time() - started
                 conv.reset(2)
                 spies = profile(stack, sim)
+                cpu0 = cpu_seconds(stack.controller.pid)
                 t0 = time.time()
                 fleetrepo.bump(stack.repo, group=0, revision=2)
                 committed = time.time() - t0
                 await wait(watcher, conv, n, "after the commit")
+                cpu = cpu_seconds(stack.controller.pid) - cpu0
                 for spy in spies:
                     spy.send_signal(2)
                     spy.wait()
@@ -155,12 +172,13 @@ async def one(work: Path, n: int, engine: str = "mosquitto") -> dict[str, Any]:
                 noticed = (conv.published_at - t0) if conv.published_at else None
             finally:
                 counters = sim.stop()
-        curve_name = (
-            f"converge-{n}.json" if engine == "mosquitto" else f"converge-{engine}-{n}.json"
-        )
+        kind = engine if rollout is None else f"{engine}-rollout"
+        curve_name = f"converge-{n}.json" if kind == "mosquitto" else f"converge-{kind}-{n}.json"
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
         (RESULTS.parent / curve_name).write_text(json.dumps({"n": n, "curve": curve}))
         return {
             "devices": n,
+            **({} if rollout is None else {"rollout": rollout}),
             "bare_s": round(bare, 3),
             "converged_s": round(took, 3),
             "ratio": round(took / bare, 2),
@@ -169,20 +187,22 @@ async def one(work: Path, n: int, engine: str = "mosquitto") -> dict[str, Any]:
             "p50_s": round(curve[len(curve) // 2], 3),
             "first_convergence_s": round(first, 3),
             "controller_setup_s": round(setup, 3),
+            "controller_cpu_s": round(cpu, 3),
             "sim_connect_rate": sim.ready["connect_rate"],
+            "sim_processes": sim.ready.get("processes", 1),
             "reports": counters.get("reports"),
             **footprint,
         }
 
 
 async def main_async(
-    sizes: list[int], quick: bool, engine: str = "mosquitto"
+    sizes: list[int], quick: bool, engine: str = "mosquitto", rollout: str | None = None
 ) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix=f"bench-converge-{n}-") as tmp:
             try:
-                row = {"engine": engine, **await one(Path(tmp), n, engine)}
+                row = {"engine": engine, **await one(Path(tmp), n, engine, rollout)}
             except TimeoutError as exc:
                 # Recorded, not hidden: the fleet did not converge within the wait.
                 row = {"devices": n, "error": f"did not converge: {exc or 'timeout'}"}
@@ -197,7 +217,7 @@ async def main_async(
          for r in rows if "error" not in r],
     )  # fmt: skip
     name = "converge" if engine == "mosquitto" else f"converge-{engine}"
-    record(name, quick, {"runs": rows})
+    record(name if rollout is None else f"{name}-rollout", quick, {"runs": rows})
     return rows
 
 
@@ -212,8 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         help="mosquitto (benchmark settings), mosquitto-shipped (mosquitto/setpoint.conf as"
         " shipped), or a 3-node NATS cluster (engines/nats-cluster-burst.conf)",
     )
+    parser.add_argument(
+        "--rollout",
+        metavar="YAML",
+        default=None,
+        help="roll the commit out in batches: the group's rollout: as YAML flow text, e.g."
+        " '{batch: 10%%}' (docs/rollouts.md; no pause); the simulated devices follow their"
+        " pins as shims do",
+    )
     args = parser.parse_args(argv)
-    asyncio.run(main_async(args.devices, args.quick, args.engine))
+    asyncio.run(main_async(args.devices, args.quick, args.engine, args.rollout))
     return 0
 
 

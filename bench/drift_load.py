@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_load_p99_to_rtt_p99": rows[2][4],
         "reports": rounds,
     }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     (RESULTS.parent / "drift-latency.json").write_text(
         json.dumps({"rtt": rtt, "idle": idle, "load": loaded, "load_rate": rate})
     )

@@ -252,6 +252,24 @@ def _row(name: str, count: int, t0: float, last: float, sent: float, acked: floa
 async def main_async(
     devices: int, total: int, clients: list[str], quick: bool, controller: bool = True
 ) -> dict[str, Any]:
+    rows, broker_rss = await measure(devices, total, clients, controller)
+    table(
+        f"Ingest: {total:,} reports over {devices:,} device topics (reports/s, higher is better)",
+        ["subscriber", "reports/s", "ratio", "seconds", "received", "publisher sent s"],
+        [[r["subscriber"], r["rate"], r["ratio"], r["seconds"], r["received"],
+          r["publisher_sent_s"]] for r in rows],
+    )  # fmt: skip
+    result = {"devices": devices, "reports": total, "runs": rows, "broker_rss_mb": broker_rss}
+    record("ingest", quick, result)
+    return result
+
+
+async def measure(
+    devices: int, total: int, clients: list[str], controller: bool = True
+) -> tuple[list[dict[str, Any]], float | None]:
+    """mosquitto_sub, the bare ``clients`` and (``controller``) the controller on the same
+    stream, one after the other on one broker; each row's ratio is against mosquitto_sub.
+    Also the broker's RSS at the end."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         stack = Stack(
@@ -273,15 +291,7 @@ async def main_async(
     reference = rows[0]["rate"]
     for row in rows:
         row["ratio"] = round(row["rate"] / reference, 3)
-    table(
-        f"Ingest: {total:,} reports over {devices:,} device topics (reports/s, higher is better)",
-        ["subscriber", "reports/s", "ratio", "seconds", "received", "publisher sent s"],
-        [[r["subscriber"], r["rate"], r["ratio"], r["seconds"], r["received"],
-          r["publisher_sent_s"]] for r in rows],
-    )  # fmt: skip
-    result = {"devices": devices, "reports": total, "runs": rows, "broker_rss_mb": broker_rss}
-    record("ingest", quick, result)
-    return result
+    return rows, broker_rss
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -252,8 +252,8 @@ class Dashboard:
     async def _diff(self, device: str) -> tuple[diffs.DeviceDiff | None, str]:
         try:
             async with self._fetching:
-                found = await fetch_retained(
-                    self.settings.broker, self.topics, diffs.topics_for(device, self.topics)
+                found = await fetch_retained(  # the watcher's: its nodes may come from DNS
+                    self.watcher.broker, self.topics, diffs.topics_for(device, self.topics)
                 )
         except BrokerUnavailable as exc:
             return None, f"cannot read the bundles: {exc}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,6 +22,7 @@ from typing import Final
 
 import aiomqtt
 
+from setpoint.kit import brokers
 from setpoint.kit.backoff import Backoff, Retry
 from setpoint.kit.brokers import BrokerSettings
 from setpoint.proto.topics import Topics
@@ -151,7 +153,19 @@ class Watcher:
             except (aiomqtt.MqttError, BrokerUnavailable) as exc:
                 self.connected.clear()
                 self.error = str(exc) or type(exc).__name__
+                if isinstance(exc, BrokerUnavailable) and self.broker.discovery:
+                    await self._rediscover()
             await asyncio.sleep(retry.next())
+
+    async def _rediscover(self) -> None:
+        """Every node failed and they came from DNS (``mqtt+srv://``): ask again, since a
+        cluster's membership changes; keep the nodes if the lookup fails."""
+        try:
+            self.broker = await asyncio.to_thread(
+                brokers.rediscovered, self.broker, random.SystemRandom()
+            )
+        except brokers.BrokerURLError as exc:
+            self.error += f"; asking DNS again: {exc}"
 
 
 async def fetch_retained(

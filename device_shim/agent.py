@@ -289,7 +289,7 @@ class Agent:
             self.device,
             self._root,
             self.store.dir,
-            self.config.broker.urls if self.config.broker else "no broker",
+            self.config.broker.described if self.config.broker else "no broker",
         )
         self._start_watching()
         if self.link is not None:

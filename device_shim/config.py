@@ -67,7 +67,9 @@ class BrokerSettings:
 
     ``host:port`` is the first node; ``alternates`` are the other nodes of the same cluster
     (``--broker mqtt://a:1883,mqtt://b:1883``), reached with the same TLS settings and
-    credentials and tried in turn when the node in use fails.
+    credentials and tried in turn when the node in use fails. ``discovery`` is the
+    ``--broker`` value when it names ``mqtt+srv://`` domains (the nodes above are what its
+    SRV records gave at start): the link asks DNS again when every node has failed.
     """
 
     host: str
@@ -79,6 +81,7 @@ class BrokerSettings:
     cert: str | None = None
     key: str | None = None
     alternates: tuple[tuple[str, int], ...] = ()
+    discovery: str = ""
 
     @property
     def url(self) -> str:
@@ -93,7 +96,17 @@ class BrokerSettings:
     @property
     def urls(self) -> str:
         """Every node's URL, comma-separated (as ``--broker`` takes them)."""
-        return ",".join(self.url_of(host, port) for host, port in self.endpoints)
+        return self.urls_of(self.endpoints)
+
+    @property
+    def described(self) -> str:
+        """The nodes for a log line, with the DNS name they came from if any."""
+        if self.discovery:
+            return f"{self.urls} (from DNS: {self.discovery})"
+        return self.urls
+
+    def urls_of(self, endpoints: Sequence[tuple[str, int]]) -> str:
+        return ",".join(self.url_of(host, port) for host, port in endpoints)
 
     def url_of(self, host: str, port: int) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{port}"

@@ -20,6 +20,10 @@ agent when the connection comes and goes.
   cluster down altogether is not hammered. A connection that had stayed up and then
   dropped is tried again on the same node first. Every such log line names the node and the
   cause.
+* **Nodes found in DNS.** With ``--broker mqtt+srv://DOMAIN`` the nodes are those its SRV
+  records gave at start (:attr:`BrokerSettings.discovery`); when every node of the list has
+  failed in a row the link asks DNS again (a cluster's membership changes), not on every
+  reconnect. A failed lookup is logged and the nodes it had are kept.
 * **Refused subscriptions are retried.** A SUBACK failure code (``0x87`` not authorized,
   ``0x80`` unspecified: what MQTT 3.1.1 always sends, and what NATS sends while it cannot
   create the subscription's consumer yet) is logged with its cause, and the refused topics
@@ -67,6 +71,7 @@ from typing import Any, Final
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
+from setpoint.kit import brokers
 from setpoint.proto import reports
 
 from .backoff import Backoff, Random
@@ -128,7 +133,9 @@ class Link:
         self._thread: threading.Thread | None = None
         self._connect_timeout = connect_timeout
         self._resubscribe = resubscribe
-        self._endpoint = 0  # index into broker.endpoints of the node in use (network thread)
+        # The nodes to try (network thread): broker.endpoints, or what DNS gave last.
+        self._endpoints: tuple[tuple[str, int], ...] = broker.endpoints
+        self._endpoint = 0  # index into _endpoints of the node in use (network thread)
         # Set by the network thread for the connection in progress: its CONNACK, why it
         # failed or ended (for the log), and whether it ended in a protocol fallback.
         self._connack: Any = None
@@ -204,24 +211,48 @@ class Link:
     @property
     def current_url(self) -> str:
         """The URL of the node in use (or tried next)."""
-        return self._broker.url_of(*self._broker.endpoints[self._endpoint])
+        return self._broker.url_of(*self._endpoints[self._endpoint])
 
     def rotation_delay(self, attempt: int) -> float:
         """The wait after failed attempt number ``attempt`` (counted since the last stable
         connection): the backoff exponent grows once per round of the node list, so the
         other nodes are tried quickly and a cluster down altogether is not hammered."""
-        rounds = attempt // len(self._broker.endpoints)
+        rounds = attempt // len(self._endpoints)
         return self._backoff.delay(rounds, self._rng)
 
-    def _rotate(self) -> None:
-        self._endpoint = (self._endpoint + 1) % len(self._broker.endpoints)
+    def _rotate(self, failures: int = 0) -> None:
+        """Move to the next node; when ``failures`` in a row make whole rounds of a list
+        found in DNS, ask DNS again first."""
+        self._endpoint = (self._endpoint + 1) % len(self._endpoints)
+        if self._broker.discovery and failures and failures % len(self._endpoints) == 0:
+            self.rediscover()
+
+    def rediscover(self) -> None:
+        """Ask DNS for the nodes again (every node failed); keep the old ones if it fails."""
+        try:
+            entries = brokers.parse_broker_list(self._broker.discovery)
+            nodes = tuple(
+                (node.host, node.port) for node in brokers.resolve_brokers(entries, self._rng)
+            )
+        except brokers.BrokerURLError as exc:
+            log.warning("every node failed; DNS gave no new list, keeping %s: %s",
+                        self._broker.urls_of(self._endpoints), exc)  # fmt: skip
+            return
+        if not nodes:
+            return
+        if nodes != self._endpoints:
+            was = self._broker.urls_of(self._endpoints)
+            log.warning("every node failed; DNS now gives %s (was %s)",
+                        self._broker.urls_of(nodes), was)  # fmt: skip
+        self._endpoints = nodes
+        self._endpoint = 0
 
     def _run(self) -> None:
         attempt = 0  # failed attempts since the last connection that stayed up
         while not self._stop.is_set():
             client = self._client  # _on_connect may replace it (protocol fallback)
             url = self.current_url
-            host, port = self._broker.endpoints[self._endpoint]
+            host, port = self._endpoints[self._endpoint]
             self._connack = None
             self._failure = None
             self._fallback = False
@@ -237,7 +268,7 @@ class Link:
             except (OSError, ValueError) as exc:
                 delay = self.last_delay = self.rotation_delay(attempt)
                 attempt += 1
-                self._rotate()
+                self._rotate(attempt)
                 log.warning(
                     "broker %s unreachable (%s); trying %s in %.1fs",
                     url, _cause(exc), self.current_url, delay,
@@ -252,7 +283,7 @@ class Link:
             if stable:
                 attempt = 0
             elif not self._fallback:
-                self._rotate()  # refused, silent, or dropped at once: try the next node
+                self._rotate(attempt + 1)  # refused, silent, dropped at once: the next node
             delay = self.last_delay = self.rotation_delay(attempt)
             attempt += 1
             log.warning(

@@ -325,10 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=None, help="default: a free port")
     parser.add_argument("--dir", type=Path, default=None, help="data directory (default: temp)")
+    parser.add_argument(
+        "--config",
+        choices=("setpoint.conf", "large-fleet.conf"),
+        default="setpoint.conf",
+        help="the shipped configuration to start from: setpoint.conf saves the retained"
+        " database after every change, large-fleet.conf once a second (docs/performance.md)",
+    )
     args = parser.parse_args(argv)
     stop = stop_on_signals()
     try:
-        broker = Broker(args.dir, port=args.port).start()
+        broker = Broker(args.dir, port=args.port, template=args.config).start()
     except BrokerError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -316,6 +316,7 @@ class SimDevice:
         device, group = self.want_device, self.want_group
         if device is None or group is None or group.bundle.target != device.bundle.group:
             return
+        group = self._pinned(device.bundle, group)
         same = (
             self.applied_device is not None
             and self.applied_group is not None
@@ -346,6 +347,23 @@ class SimDevice:
         self.report()
         if fleet.on_applied is not None:
             fleet.on_applied(self)
+
+    def _pinned(self, device: Bundle, newest: Verdict) -> Verdict:
+        """The group bundle to run under the device bundle's pin (``group_version``,
+        proto/SPEC.md 6.4), as the shim decides it: a device that already runs a bundle of
+        its group keeps running it while the newest one is above the pin (the newest stays
+        held in ``want_group`` and is applied when a device bundle moves the pin up to it); a
+        device that runs nothing of its group takes the newest, whatever the pin. The pin is
+        never a floor."""
+        pin, running = device.group_version, self.applied_group
+        if (
+            pin is not None
+            and newest.bundle.version > pin
+            and running is not None
+            and running.bundle.target == newest.bundle.target
+        ):
+            return running
+        return newest
 
     @staticmethod
     def _statuses(resources: list[Resource]) -> tuple[ResourceReport, ...]:

@@ -10,6 +10,7 @@ Used by the benchmarks, the simulator's tests and demos; not by the controller.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -45,10 +46,12 @@ def group_name(index: int) -> str:
     return f"sim-g{index}"
 
 
-def group_yaml(index: int, revision: int) -> str:
+def group_yaml(index: int, revision: int, rollout: str | None = None) -> str:
     mode = "enforce" if index % 2 == 0 else "observe"
+    batches = "" if rollout is None else f"rollout: {rollout}\n"
     return f"""\
 mode: {mode}
+{batches}\
 resources:
   - id: motd
     kind: file
@@ -67,15 +70,21 @@ resources:
 """
 
 
-def create(path: Path, devices: int, *, groups: int = 1, first: int = 0) -> str:
-    """A git repository at ``path`` listing ``devices`` simulated devices; the commit id."""
+def create(
+    path: Path, devices: int, *, groups: int = 1, first: int = 0, rollout: str | None = None
+) -> str:
+    """A git repository at ``path`` listing ``devices`` simulated devices; the commit id.
+    ``rollout`` (YAML flow text, e.g. ``"{batch: 10%, pause: 0s}"``) makes every group roll
+    out its new versions batch by batch (docs/rollouts.md)."""
     path.mkdir(parents=True, exist_ok=True)
     git(path, "init", "-q", "-b", "main")
     (path / "fleet.yaml").write_text("description: simulated fleet\n", encoding="utf-8")
     (path / "groups").mkdir(exist_ok=True)
     (path / "devices").mkdir(exist_ok=True)
     for g in range(groups):
-        (path / "groups" / f"{group_name(g)}.yaml").write_text(group_yaml(g, 1), encoding="utf-8")
+        (path / "groups" / f"{group_name(g)}.yaml").write_text(
+            group_yaml(g, 1, rollout), encoding="utf-8"
+        )
     for i in range(first, first + devices):
         name = device_id(i)
         text = f"group: {group_name(i % groups)}\nvars:\n  site: {name}\n"
@@ -86,8 +95,10 @@ def create(path: Path, devices: int, *, groups: int = 1, first: int = 0) -> str:
 
 
 def bump(path: Path, group: int = 0, revision: int = 2) -> str:
-    """Commit a change to one group's ``motd``; return the commit id."""
+    """Commit a change to one group's ``motd`` (the rest of its file stays); return the
+    commit id."""
     target = path / "groups" / f"{group_name(group)}.yaml"
-    target.write_text(group_yaml(group, revision), encoding="utf-8")
+    text = target.read_text(encoding="utf-8")
+    target.write_text(re.sub(r": revision \d+$", f": revision {revision}", text, flags=re.M))
     git(path, "commit", "-q", "-am", f"{group_name(group)}: revision {revision}")
     return git(path, "rev-parse", "HEAD")

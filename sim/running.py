@@ -4,9 +4,15 @@
 loop's work for up to a few thousand to ten thousand devices: it opens one MQTT connection
 per device at ``connect_rate`` per second (never more than ``window`` handshakes at once),
 sends every connection's PINGREQ from one timer (no task per device), injects faults, and
-on stop says ``offline`` and disconnects each device cleanly. Above one process's file
-descriptor limit (raised to the hard limit first), :func:`run` forks several processes and
-adds up what they report.
+on stop says ``offline`` and disconnects each device cleanly.
+
+:func:`plan` spreads a big fleet. One process holds as many devices as its RLIMIT_NOFILE
+allows (raised first: to the hard limit, or past it where the process has
+CAP_SYS_RESOURCE, as root usually does); one source address opens as many connections to
+the broker as it has local ports (``net.ipv4.ip_local_port_range``, about 28,000 by
+default). Past either, :func:`run` forks several processes, binds them to 127.0.0.2,
+127.0.0.3, ... (a broker on loopback only), adds up what they report, and says why in the
+``ready`` event (``processes``, ``addresses``, ``split``).
 
 What it prints (``--json``: one JSON object per line): ``ready`` once every device is
 connected and subscribed (with the connect rate reached and the process's RSS), then
@@ -38,6 +44,7 @@ from . import mqtt
 from .devices import Counters, Faults, Fleet, SimDevice, Verifier
 
 FD_MARGIN: Final = 64  # descriptors kept for the loop, logs, pipes
+PORT_MARGIN: Final = 1024  # local ports left to the other clients of a source address
 TICK: Final = 0.1
 SUBSCRIBE_BACKOFF: Final = Backoff(0.5, 30.0)  # between refused subscriptions of a device
 
@@ -61,6 +68,8 @@ class SimConfig:
     password: str | None = field(default=None, repr=False)
     duration: float | None = None
     max_per_process: int | None = None
+    max_per_address: int | None = None
+    source: str | None = None
     seed: int | None = None
 
     def device_ids(self) -> list[str]:
@@ -73,16 +82,60 @@ def device_id(index: int, id_prefix: str = "sim-", width: int = 5) -> str:
     return f"{id_prefix}{index:0{width}d}"
 
 
-def raise_fd_limit() -> int:
-    """Raise RLIMIT_NOFILE's soft limit to the hard limit; return the limit in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+def raise_fd_limit(want: int | None = None, pid: int = 0) -> int:
+    """Raise RLIMIT_NOFILE of process ``pid`` (0: this one) to ``want`` descriptors, or to
+    the hard limit when ``want`` is None; return the soft limit in force.
+
+    Above the hard limit only a process with CAP_SYS_RESOURCE (root, usually) may go, and
+    never above ``fs.nr_open``; without it the hard limit is where it stops."""
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
-    if soft < hard:
+    target = hard if want is None else max(soft, want)
+    if target > hard:
+        target = min(target, _nr_open())
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (target, target))
+            return target
+        target = hard  # not allowed to raise the hard limit: take what there is
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
     return soft
+
+
+def _nr_open() -> int:
+    try:
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def local_ports() -> int:
+    """How many local ports one source address has for connections to one broker port
+    (``net.ipv4.ip_local_port_range``)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(high) - int(low) + 1
+    except (OSError, ValueError):
+        return 28_232  # Linux's default range, 32768-60999
+
+
+def bind_source(loop: asyncio.AbstractEventLoop, source: str) -> None:
+    """Make every TCP connection ``loop`` opens leave from the address ``source``.
+
+    A simulator process uses one source address for all its devices (:func:`plan`), and
+    the transport opens each connection with ``loop.create_connection(factory, host,
+    port, ...)`` (gmqtt's), which has no source address of its own: this loop's method
+    adds ``local_addr`` to every call."""
+    original = loop.create_connection
+
+    async def create_connection(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("local_addr", (source, 0))
+        return await original(*args, **kwargs)
+
+    loop.create_connection = create_connection  # type: ignore[method-assign]
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -164,8 +217,9 @@ class Swarm:
             except (OSError, mqtt.TransportError) as exc:
                 self.failures += 1
                 if first:
+                    source = "" if config.source is None else f" from {config.source}"
                     raise ConnectionError(
-                        f"{device.id}: cannot connect to {config.host}:{config.port}: {exc}"
+                        f"{device.id}: cannot connect to {config.host}:{config.port}{source}: {exc}"
                     ) from exc
                 self._later(device)
                 return
@@ -246,6 +300,8 @@ class Swarm:
     # --- Running -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> Counters:
+        if self.config.source is not None:
+            bind_source(asyncio.get_running_loop(), self.config.source)
         rate = await self.connect_all()
         self.on_ready(
             {
@@ -319,7 +375,7 @@ class Swarm:
 
 def _shard_main(config: SimConfig, queue: Any) -> None:
     """A child process: run its share of devices until SIGTERM."""
-    raise_fd_limit()
+    raise_fd_limit(config.devices + FD_MARGIN)
 
     async def main() -> Counters:
         stop = asyncio.Event()
@@ -339,32 +395,109 @@ def _shard_main(config: SimConfig, queue: Any) -> None:
         raise
 
 
-def per_process(config: SimConfig) -> int:
-    limit = raise_fd_limit() - FD_MARGIN
-    if config.max_per_process is not None:
-        limit = min(limit, config.max_per_process)
-    return max(1, limit)
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How a fleet is spread: processes (each under its descriptor limit), each on one
+    source address (each under its number of local ports), and why."""
+
+    parts: tuple[SimConfig, ...]
+    per_process: int
+    per_address: int
+    why: str
+
+    @property
+    def addresses(self) -> list[str | None]:
+        return list(dict.fromkeys(p.source for p in self.parts))
+
+
+class TooManyDevices(ValueError):
+    """The fleet needs more source addresses than the broker's host allows."""
+
+
+def per_process(config: SimConfig) -> tuple[int, str]:
+    """Devices one process may hold and, when that is a limit, why."""
+    limit = raise_fd_limit(config.devices + FD_MARGIN) - FD_MARGIN
+    why = ""
+    if limit < config.devices:
+        why = (
+            f"RLIMIT_NOFILE is {limit + FD_MARGIN:,} (its hard limit; raising it needs"
+            " CAP_SYS_RESOURCE)"
+        )
+    if config.max_per_process is not None and config.max_per_process < max(limit, 1):
+        limit, why = config.max_per_process, f"--max-per-process {config.max_per_process:,}"
+    return max(1, limit), why
+
+
+def per_address(config: SimConfig) -> tuple[int, str]:
+    """Connections one source address may open to the broker and, if a limit, why."""
+    ports = local_ports()
+    limit = max(1, ports - PORT_MARGIN)
+    why = f"{ports:,} local ports per source address" if limit < config.devices else ""
+    if config.max_per_address is not None and config.max_per_address < limit:
+        limit, why = config.max_per_address, f"--max-per-address {config.max_per_address:,}"
+    return limit, why
+
+
+def source_address(host: str, index: int) -> str | None:
+    """The ``index``-th source address: the kernel's choice first, then 127.0.0.2, 127.0.0.3
+    and so on, which reach a broker on loopback (all of 127/8 is the loopback device)."""
+    if index == 0:
+        return None
+    if not host.startswith("127.") and host != "localhost":
+        raise TooManyDevices(
+            f"the fleet needs {index + 1} source addresses, and extra ones are made only on"
+            f" loopback; the broker is at {host}: run fewer devices per simulator"
+            " (--devices) and several simulators"
+        )
+    if index > 253:
+        raise TooManyDevices(
+            f"the fleet needs {index + 1} source addresses; 127.0.0.1-127.0.0.254 is as far as"
+            " the simulator goes: run fewer devices (--devices) or raise --max-per-address"
+        )
+    return f"127.0.0.{index + 1}"
+
+
+def plan(config: SimConfig) -> Plan:
+    """Split the fleet over source addresses (each under its local ports) and processes
+    (each under the descriptor limit, raised first as far as allowed)."""
+    proc_size, proc_why = per_process(config)
+    addr_size, addr_why = per_address(config)
+    out: list[SimConfig] = []
+    first, left, address = config.first, config.devices, 0
+    while left:
+        on_address = min(left, addr_size)
+        count = -(-on_address // proc_size)
+        base, extra = divmod(on_address, count)
+        source = config.source if address == 0 else source_address(config.host, address)
+        for i in range(count):
+            n = base + (1 if i < extra else 0)
+            seed = None if config.seed is None else config.seed + len(out)
+            out.append(replace(config, first=first, devices=n, seed=seed, source=source))
+            first += n
+        left -= on_address
+        address += 1
+    why = "; ".join(w for w in (proc_why, addr_why) if w)
+    return Plan(tuple(out), proc_size, addr_size, why)
 
 
 def shards(config: SimConfig) -> list[SimConfig]:
-    """Split the fleet in processes that each stay under the descriptor limit."""
-    size = per_process(config)
-    count = -(-config.devices // size)
-    base, extra = divmod(config.devices, count)
-    out, first = [], config.first
-    for i in range(count):
-        n = base + (1 if i < extra else 0)
-        seed = None if config.seed is None else config.seed + i
-        out.append(replace(config, first=first, devices=n, seed=seed))
-        first += n
-    return out
+    """The processes of :func:`plan`."""
+    return list(plan(config).parts)
 
 
 def run(config: SimConfig, emit: Callable[[dict[str, Any]], None]) -> int:
     """Run the fleet (one or more processes) until SIGTERM/SIGINT or ``duration``."""
-    parts = shards(config)
+    layout = plan(config)
+    parts = list(layout.parts)
+    spread = {
+        "processes": len(parts),
+        "addresses": [a or "default" for a in layout.addresses],
+        "split": layout.why,
+    }
     if len(parts) == 1:
-        return _run_here(parts[0], emit)
+        return _run_here(
+            parts[0], lambda info: emit({**info, **spread} if info["event"] == "ready" else info)
+        )
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     procs = [context.Process(target=_shard_main, args=(p, queue), daemon=True) for p in parts]
@@ -392,10 +525,10 @@ def run(config: SimConfig, emit: Callable[[dict[str, Any]], None]) -> int:
                         {
                             "event": "ready",
                             "devices": config.devices,
-                            "processes": len(procs),
                             "seconds": round(took, 3),
                             "connect_rate": round(config.devices / took, 1),
                             "rss_mb": round(rss, 1),
+                            **spread,
                         }
                     )
             elif info["event"] == "stopped":
@@ -443,6 +576,12 @@ def printer(as_json: bool) -> Callable[[dict[str, Any]], None]:
                 f" RSS {info['rss_mb']:.0f} MB",
                 flush=True,
             )
+            if info.get("split"):
+                print(
+                    f"sim: spread over {info['processes']} processes and"
+                    f" {len(info['addresses'])} source addresses ({info['split']})",
+                    flush=True,
+                )
         elif info["event"] == "error":
             print(f"sim: error: {info['error']}", file=sys.stderr, flush=True)
         else:

@@ -6,12 +6,14 @@ import argparse
 import dataclasses
 import importlib
 import os
+import random
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from urllib.parse import urlsplit
+
+from setpoint.kit import brokers
+from setpoint.kit.brokers import BrokerURL
 
 DEFAULT_PREFIX = "setpoint/v1"
 CONTROLLER_EXTRA_HINT = (
@@ -36,48 +38,15 @@ def require_controller(module: str = "setpoint.controller") -> ModuleType:
         raise
 
 
-@dataclass(frozen=True)
-class BrokerURL:
-    scheme: str
-    host: str
-    port: int
-    tls: bool
-    username: str | None = None
-    password: str | None = None
-
-
-def parse_broker_url(url: str) -> BrokerURL:
-    """``mqtt://host:port`` or ``mqtts://host:port``; credentials are not read from it."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise CommandError(f"broker URL {url!r}: use mqtt://host:port or mqtts://host:port")
-    if not parts.hostname:
-        raise CommandError(f"broker URL {url!r} has no host")
-    if parts.username or parts.password:
-        raise CommandError(
-            "do not put credentials in the broker URL: use --username with"
-            " SETPOINT_MQTT_PASSWORD (or --password-file)"
-        )
-    tls = parts.scheme == "mqtts"
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError as exc:
-        raise CommandError(f"broker URL {url!r}: bad port") from exc
-    return BrokerURL(parts.scheme, parts.hostname, port, tls)
-
-
 def parse_broker_list(value: str) -> list[BrokerURL]:
-    """The URLs of ``--broker``: one, or the nodes of one cluster comma-separated."""
-    parts = [part.strip() for part in str(value).split(",")]
-    if not all(parts):
-        raise CommandError(
-            f"--broker {value!r}: an empty entry in the list; separate the nodes' URLs with"
-            " single commas: mqtt://a:1883,mqtt://b:1883"
-        )
-    return [parse_broker_url(part) for part in parts]
+    """The entries of ``--broker`` (not resolved: a ``+srv`` entry stays a name)."""
+    try:
+        return brokers.parse_broker_list(value)
+    except brokers.BrokerURLError as exc:
+        raise CommandError(str(exc)) from None
 
 
-def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+def add_broker_arguments(parser: argparse.ArgumentParser, *, one_node: bool = False) -> None:
     """The broker flags every verb that talks to a broker takes.
 
     The defaults are left empty here: :func:`setpoint.commands._contexts.apply` fills what
@@ -87,7 +56,14 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--broker",
         help="mqtt://host:port or mqtts://host:port (env SETPOINT_BROKER, or the context's);"
-        " the nodes of a cluster comma-separated: mqtt://a:1883,mqtt://b:1883",
+        + (
+            " one node: this command takes no list and no mqtt+srv:// name yet"
+            if one_node
+            else " the nodes of a cluster comma-separated: mqtt://a:1883,mqtt://b:1883, or"
+            " found in DNS: mqtt+srv://DOMAIN (SRV records of _mqtt._tcp.DOMAIN;"
+            " mqtts+srv:// asks _secure-mqtt._tcp.DOMAIN; env SETPOINT_DNS_SERVER=IP[:PORT]"
+            " picks the resolver, default the system's)"
+        ),
     )
     parser.add_argument(
         "--username",
@@ -136,8 +112,9 @@ def load_trust(paths: list[Path]) -> dict[str, Any] | None:
 
 
 def brokers_from_args(args: argparse.Namespace) -> list[BrokerURL]:
-    """Every URL of ``--broker`` (comma-separated: the nodes of one cluster, tried in
-    turn), each with the credentials of the flags."""
+    """Every node of ``--broker`` (comma-separated: the nodes of one cluster, tried in
+    turn; a ``mqtt+srv://`` entry resolved in DNS into the nodes its SRV records name, in
+    RFC 2782 order), each with the credentials of the flags."""
     if not args.broker:
         raise CommandError(
             "no broker: pass --broker mqtt://host:port, set SETPOINT_BROKER, or make a"
@@ -152,12 +129,22 @@ def brokers_from_args(args: argparse.Namespace) -> list[BrokerURL]:
             raise CommandError(
                 f"password file {args.password_file}: {exc.strerror or exc}"
             ) from None
-    urls = parse_broker_list(args.broker)
+    try:
+        urls = brokers.resolve_brokers(parse_broker_list(args.broker), random.SystemRandom())
+    except brokers.BrokerURLError as exc:
+        raise CommandError(str(exc)) from None
     return [dataclasses.replace(u, username=args.username, password=password) for u in urls]
 
 
-def broker_from_args(args: argparse.Namespace) -> BrokerURL:
-    """The one broker URL of ``--broker``, for commands that do not rotate over a list."""
+def broker_from_args(args: argparse.Namespace, *, srv_note: str = "") -> BrokerURL:
+    """The one broker URL of ``--broker``, for commands that do not rotate over a list
+    (``srv_note``: when a ``+srv`` name will be taken, said in the refusal)."""
+    urls = parse_broker_list(args.broker) if args.broker else []
+    if any(url.srv for url in urls):
+        raise CommandError(
+            f"--broker {args.broker!r}: this command takes one node's URL"
+            f" (mqtt://host:port), not an mqtt+srv:// name{srv_note}"
+        )
     urls = brokers_from_args(args)
     if len(urls) > 1:
         raise CommandError(

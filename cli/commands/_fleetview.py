@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from setpoint.kit.brokers import discovery_of
 from setpoint.proto.status import ago
 from setpoint.proto.topics import Topics
 
@@ -127,8 +128,9 @@ class Reader:
                 error = self._connect(url, protocol)
                 if error is None:
                     return
-                # One node: its URL is already at the head of the message.
-                where = "" if len(urls) == 1 else f"{url.scheme}://{url.host}:{url.port} "
+                # One node: its URL is already at the head of the message (unless DNS
+                # gave it).
+                where = "" if len(urls) == 1 and not discovery_of(args.broker) else f"{url.url} "
                 failures.append(f"{where}(MQTT {protocol}): {error}")
                 if not error.startswith("Unsupported protocol version"):
                     break

@@ -18,7 +18,7 @@ from ._common import CommandError, add_broker_arguments, broker_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", required=True, help="the id of the device under test")
-    add_broker_arguments(parser)
+    add_broker_arguments(parser, one_node=True)
     parser.add_argument(
         "--trust-key",
         required=True,

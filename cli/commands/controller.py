@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="fleet repository: a local path, or a URL (file, http(s), ssh, git)",
     )
-    add_broker_arguments(parser)
+    add_broker_arguments(parser, one_node=True)
     parser.add_argument(
         "--key",
         required=True,
@@ -196,7 +196,11 @@ def _config(args: argparse.Namespace) -> object:
     service = require_controller("setpoint.controller.service")
     broker_mod = require_controller("setpoint.controller.broker")
     fleet = require_controller("setpoint.controller.fleet")
-    url = broker_from_args(args)
+    url = broker_from_args(
+        args,
+        srv_note="; DNS discovery comes with the controller's broker list (its new"
+        " transport): give one node's URL for now",
+    )
     if args.lease is not None and args.once:
         raise CommandError("--lease runs a replica until stopped; it cannot be used with --once")
     if args.lease is not None and args.lease < 1:

@@ -20,6 +20,8 @@ import signal
 import sys
 from pathlib import Path
 
+from setpoint.kit.brokers import discovery_of
+
 from ._common import (
     CommandError,
     add_broker_arguments,
@@ -151,7 +153,7 @@ def _settings(args: argparse.Namespace) -> object:
     broker = dashboard.BrokerSettings(
         url.host, url.port, tls=url.tls, username=url.username, password=url.password,
         ca=args.ca, cert=args.cert, key=args.client_key, protocol=args.mqtt_version,
-        others=others,
+        others=others, discovery=discovery_of(args.broker),
     )  # fmt: skip
     return dashboard.Settings(
         broker=broker,

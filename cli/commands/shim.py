@@ -10,7 +10,8 @@
 ``--broker`` may list the nodes of one cluster, comma-separated (also in
 ``SETPOINT_BROKER`` or a context's ``broker``): the shim tries them in turn, moving on when
 a node refuses, drops at once or sends no CONNACK within ``--connect-timeout``
-(docs/scale-out.md).
+(docs/scale-out.md). ``mqtt+srv://DOMAIN`` takes the nodes from DNS SRV records
+(:mod:`setpoint.kit.brokers`), asked again when every node has failed.
 
 ``keygen`` makes the device's age identity for sealed secrets (0600, in the state
 directory, kept if it exists) and prints its recipient (``age1...``) for the operator to
@@ -32,6 +33,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from setpoint.kit.brokers import discovery_of
+
 from ._common import CommandError, add_broker_arguments, brokers_from_args
 
 _RUN_NEEDS = ("device", "broker", "trust", "root")
@@ -43,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " moving on from a node that is unreachable, refuses the connection, drops it before"
         " 30 s or sends no CONNACK within --connect-timeout; the delay grows once per round"
         " of the list, up to --reconnect-max. A subscription the broker refuses is logged"
-        " with its cause and retried on the same connection. See docs/scale-out.md."
+        " with its cause and retried on the same connection. --broker mqtt+srv://DOMAIN takes"
+        " the nodes from DNS SRV records (_mqtt._tcp.DOMAIN; needs pip install"
+        " 'setpoint[srv]') and asks DNS again when every node failed. See docs/scale-out.md."
     )
     parser.add_argument(
         "action",
@@ -187,6 +192,19 @@ def defer_urllib_request() -> None:
     urllib.request = placeholder  # type: ignore[attr-defined]
 
 
+def hide_dnspython_from_paho(broker: str) -> None:
+    """Keep paho from importing dnspython when ``--broker`` names no ``+srv`` domain.
+
+    paho imports ``dns.resolver`` whenever dnspython is installed, for its own
+    ``connect_srv``, which the shim does not use (it resolves ``mqtt+srv://`` itself, in
+    :mod:`setpoint.kit.brokers`); with it come ``email`` and ``csv``, memory a device
+    spends for nothing. Only in the shim's own process, and only when no ``+srv`` URL
+    needs dnspython.
+    """
+    if "+srv://" not in broker:
+        sys.modules.setdefault("dns", None)  # type: ignore[arg-type]
+
+
 def keygen(args: argparse.Namespace) -> int:
     """Make (or keep) the device's age identity; print its recipient on stdout."""
     from setpoint.device_shim import ConfigError, unsealing
@@ -219,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "keygen":
         return keygen(args)
     defer_urllib_request()
+    hide_dnspython_from_paho(args.broker or "")
     missing = [f"--{name}" for name in _RUN_NEEDS if not getattr(args, name)]
     if missing:
         print(f"setpoint shim: the following arguments are required: {', '.join(missing)}",
@@ -256,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
                 cert=args.cert,
                 key=args.client_key,
                 alternates=tuple((other.host, other.port) for other in others),
+                discovery=discovery_of(args.broker),
             ),
             state_dir=args.state_dir,
             policy=policy,

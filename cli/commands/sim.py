@@ -44,7 +44,7 @@ def _count(value: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_broker_arguments(parser)
+    add_broker_arguments(parser, one_node=True)
     parser.add_argument("--devices", type=_count, required=True, help="how many devices")
     add_trust_argument(
         parser, "the fleet's public key (PEM); repeat for several (needed unless --echo)"
@@ -75,7 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keepalive", type=int, default=60, help="MQTT keepalive seconds")
     parser.add_argument(
         "--max-per-process", type=_count, default=None,
-        help="devices per process (default: the file-descriptor limit)",
+        help="devices per process (default: the file-descriptor limit, raised first)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-per-address", type=_count, default=None,
+        help="connections per source address (default: the local port range less 1,024);"
+        " more devices use 127.0.0.2, 127.0.0.3, ... (a broker on loopback only)",
     )  # fmt: skip
     parser.add_argument("--duration", type=float, default=None, help="stop after SECONDS")
     parser.add_argument("--seed", type=int, default=None, help="random seed for the faults")
@@ -133,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         password=url.password,
         duration=args.duration,
         max_per_process=args.max_per_process,
+        max_per_address=args.max_per_address,
         seed=args.seed,
     )
 
@@ -148,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         return running.run(config, running.printer(args.json))  # type: ignore[arg-type]
+    except running.TooManyDevices as exc:
+        print(f"setpoint sim: {exc}", file=sys.stderr)
+        return 2
     except ConnectionError as exc:
         print(f"setpoint sim: {exc}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from setpoint.device_shim.config import BrokerSettings
 from setpoint.device_shim.link import Link
 from setpoint.engines import NatsCluster
 from setpoint.mosquitto import Broker, free_port
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "e2e"))
 
 LINK_LOG = "setpoint.shim.link"
 
@@ -186,6 +189,55 @@ def test_a_dead_first_node_is_skipped(broker: Broker, link_log: LogWatch) -> Non
         )
     finally:
         link.stop()
+
+
+@pytest.mark.broker
+def test_nodes_found_in_dns_are_asked_again_when_every_node_failed(
+    broker: Broker, link_log: LogWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dnskit import dns_server
+
+    ups = threading.Semaphore(0)
+    dead = free_port()
+    with dns_server() as dns:
+        monkeypatch.setenv("SETPOINT_DNS_SERVER", dns.address)
+        # At start the cluster was one node, now dead; DNS now names the live one.
+        dns.zone["_mqtt._tcp.moving.example.test"] = [(0, 0, broker.port, "localhost.")]
+        settings = nodes(("localhost", dead), discovery="mqtt+srv://moving.example.test")
+        link = make_link(settings, "rediscover", ups=ups, backoff=Backoff(0.1, 1.0))
+        link.start()
+        try:
+            wait_connected_to(link, ups, f"mqtt://localhost:{broker.port}")
+            link_log.wait_for(
+                f"every node failed; DNS now gives mqtt://localhost:{broker.port}"
+                f" (was mqtt://localhost:{dead})"
+            )
+            # Asked once, after the round failed: not on every reconnect.
+            assert dns.queries == ["_mqtt._tcp.moving.example.test"]
+        finally:
+            link.stop()
+
+
+@pytest.mark.broker
+def test_a_failed_lookup_keeps_the_nodes_the_link_had(
+    link_log: LogWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dnskit import dns_server
+
+    dead = free_port()
+    with dns_server() as dns:
+        monkeypatch.setenv("SETPOINT_DNS_SERVER", dns.address)
+        settings = nodes(("localhost", dead), discovery="mqtt+srv://gone.example.test")
+        link = make_link(settings, "lookup-fails", backoff=Backoff(0.1, 0.2))
+        link.start()
+        try:
+            link_log.wait_for(
+                f"every node failed; DNS gave no new list, keeping mqtt://localhost:{dead}:"
+                " mqtt+srv://gone.example.test: _mqtt._tcp.gone.example.test does not exist"
+            )
+            assert link.current_url == f"mqtt://localhost:{dead}"
+        finally:
+            link.stop()
 
 
 @pytest.mark.broker

@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from clikit import SETPOINT, environment, retain, run
+from dnskit import dns_server
 
 from setpoint.proto.status import GroupStatus
 from setpoint.proto.topics import Topics
@@ -176,3 +177,60 @@ def test_a_dead_broker_is_named_once_with_where_to_fix_it(home: Path) -> None:
     assert done.stderr.count(NOWHERE) == 1, done.stderr
     assert "(MQTT 5): [Errno 111] Connection refused" in done.stderr
     assert "--broker, SETPOINT_BROKER or the context" in done.stderr
+
+
+def test_status_finds_the_nodes_in_dns_srv(
+    broker_session: Any, unique_prefix: str, home: Path
+) -> None:
+    from setpoint.mosquitto import free_port
+
+    dead = free_port()
+    with dns_server() as dns:
+        dns.zone["_mqtt._tcp.ops.example.test"] = [
+            (0, 0, dead, "localhost."), (1, 0, broker_session.port, "localhost."),
+        ]  # fmt: skip
+        done = run(home, "status", "--broker", "mqtt+srv://ops.example.test",
+                   "--prefix", unique_prefix, env=dns.env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "fleet: 0 devices" in done.stdout
+        # A context keeps the name, not the nodes: DNS is asked at each use.
+        done = run(home, "config", "set-context", "srv", "--broker",
+                   "mqtt+srv://ops.example.test", "--prefix", unique_prefix)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert run(home, "status", env=dns.env).returncode == 0
+        assert dns.queries == ["_mqtt._tcp.ops.example.test"] * 2
+        # Every node dead: each is named.
+        dns.zone["_mqtt._tcp.ops.example.test"] = [(0, 0, dead, "localhost.")]
+        done = run(home, "status", env=dns.env)
+        assert done.returncode == 2
+        assert "cannot connect to mqtt+srv://ops.example.test:" in done.stderr
+        assert f"mqtt://localhost:{dead} (MQTT 5): [Errno 111]" in done.stderr
+
+
+@pytest.mark.parametrize(("zone", "message"), [
+    ({}, "_mqtt._tcp.none.example.test does not exist (resolver 127.0.0.1:"),
+    ({"_mqtt._tcp.none.example.test": []}, "_mqtt._tcp.none.example.test has no SRV records"),
+], ids=["nxdomain", "no-records"])  # fmt: skip
+def test_a_srv_name_without_nodes_exits_2_naming_it(
+    home: Path, zone: dict[str, Any], message: str
+) -> None:
+    with dns_server() as dns:
+        dns.zone.update(zone)
+        done = run(home, "status", "--broker", "mqtt+srv://none.example.test", env=dns.env)
+    assert done.returncode == 2
+    assert f"setpoint status: mqtt+srv://none.example.test: {message}" in done.stderr
+    assert "publish SRV records for _mqtt._tcp.none.example.test" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_controller_refuses_a_srv_name_until_it_takes_a_list(
+    home: Path, tmp_path: Path
+) -> None:
+    done = run(home, "controller", "--repo", str(tmp_path), "--key", str(tmp_path / "k"),
+               "--broker", "mqtt+srv://ops.example.test", "--once")  # fmt: skip
+    assert done.returncode == 2
+    assert (
+        "--broker 'mqtt+srv://ops.example.test': this command takes one node's URL"
+        " (mqtt://host:port), not an mqtt+srv:// name; DNS discovery comes with the"
+        " controller's broker list" in done.stderr
+    )

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "device_shim"))
+sys.path.insert(0, str(Path(__file__).parent))
 
 from shimkit import (
     Fleet,
@@ -43,10 +44,11 @@ def fleet(broker: Any, unique_prefix: str, tmp_path: Path) -> Iterator[Fleet]:
 
 
 class ShimProcess:
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, extra_env: dict[str, str] | None = None) -> None:
         self.log = log
         self._out = log.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("SETPOINT_")}
+        env.update(extra_env or {})
         self.proc = subprocess.Popen(
             [*SETPOINT, "shim", *args], stdout=self._out, stderr=self._out, env=env
         )
@@ -72,7 +74,12 @@ class ShimProcess:
 def run_shim(fleet: Fleet, broker: Any, tmp_path: Path) -> Iterator[Any]:
     started: list[ShimProcess] = []
 
-    def start(*extra: str, root: Path | None = None, device: str = "dev1") -> ShimProcess:
+    def start(
+        *extra: str,
+        root: Path | None = None,
+        device: str = "dev1",
+        env: dict[str, str] | None = None,
+    ) -> ShimProcess:
         root = root or tmp_path / "root"
         root.mkdir(exist_ok=True)
         args = [
@@ -86,7 +93,7 @@ def run_shim(fleet: Fleet, broker: Any, tmp_path: Path) -> Iterator[Any]:
             "--reconnect-max", "0.5",
             *extra,
         ]  # fmt: skip
-        shim = ShimProcess(args, tmp_path / f"shim-{len(started)}.log")
+        shim = ShimProcess(args, tmp_path / f"shim-{len(started)}.log", env)
         started.append(shim)
         return shim
 
@@ -128,8 +135,10 @@ def test_the_shim_defers_what_paho_imports_only_for_proxies() -> None:
         "import sys\n"
         "from setpoint.commands import shim\n"
         "shim.defer_urllib_request()\n"
+        "shim.hide_dnspython_from_paho('mqtt://a:1883')\n"
         "import setpoint.device_shim.agent\n"
         "assert 'http.client' not in sys.modules and 'email' not in sys.modules\n"
+        "assert sys.modules.get('dns') is None  # paho's import of dnspython failed\n"
         "import urllib.request\n"
         "from urllib.request import getproxies\n"
         "assert isinstance(getproxies(), dict) and 'http.client' in sys.modules\n"
@@ -226,6 +235,46 @@ def test_a_broker_list_skips_a_dead_node(fleet: Fleet, run_shim: Any, broker: An
     assert f"connected to {broker.url}" in text
 
 
+def test_nodes_found_in_dns_srv_skipping_a_dead_first_node(
+    fleet: Fleet, run_shim: Any, broker: Any
+) -> None:
+    from dnskit import dns_server
+
+    from setpoint.mosquitto import free_port
+
+    dead = free_port()
+    publish_pair(fleet, 1, [FileResource("motd", "etc/motd", b"hi ${name}\n")])
+    with dns_server() as dns:
+        # The dead node has the lowest priority number: always tried first.
+        dns.zone["_mqtt._tcp.fleet.example.test"] = [
+            (10, 0, broker.port, "localhost."), (0, 5, dead, "localhost."),
+        ]  # fmt: skip
+        shim = run_shim("--broker", "mqtt+srv://fleet.example.test", env=dns.env)
+        fleet.wait_report("dev1", on_versions(1, 1), timeout=30)
+        assert shim.stop(signal.SIGTERM) == 0
+    text = shim.text()
+    nodes = f"mqtt://localhost:{dead},mqtt://localhost:{broker.port}"
+    assert f"{nodes} (from DNS: mqtt+srv://fleet.example.test)" in text
+    assert f"broker mqtt://localhost:{dead} unreachable (ConnectionRefusedError" in text
+    assert f"connected to mqtt://localhost:{broker.port}" in text
+
+
+def test_a_srv_name_without_records_is_refused_at_start(run_shim: Any) -> None:
+    from dnskit import dns_server
+
+    with dns_server() as dns:
+        dns.zone["_mqtt._tcp.empty.example.test"] = []
+        shim = run_shim("--broker", "mqtt+srv://empty.example.test", env=dns.env)
+        assert shim.wait() == 2
+    text = shim.text()
+    assert (
+        "setpoint shim: mqtt+srv://empty.example.test: _mqtt._tcp.empty.example.test has no"
+        " SRV records (resolver 127.0.0.1:" in text
+    )
+    assert "publish SRV records for _mqtt._tcp.empty.example.test" in text
+    assert "Traceback" not in text
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (("--broker", "mqtt://127.0.0.1:1,mqtts://127.0.0.1:2"),
      "the nodes of one cluster share their TLS settings; use mqtts:// for every node or for none"),
@@ -241,3 +290,25 @@ def test_bad_broker_list_and_timing_flags_are_refused_at_start(
     shim = run_shim(*flags)
     assert shim.wait() == 2
     assert message in shim.text()
+
+
+def test_without_dnspython_the_shim_names_the_extra_to_install(tmp_path: Path) -> None:
+    # A device installed without the srv extra: dnspython cannot be imported.
+    code = (
+        "import sys; sys.modules['dns'] = None; from setpoint.cli import main;"
+        " sys.exit(main(sys.argv[1:]))"
+    )
+    (tmp_path / "k.pub").write_bytes(b"")
+    done = subprocess.run(
+        [sys.executable, "-c", code, "shim", "--device", "dev1", "--broker",
+         "mqtt+srv://fleet.example.test", "--trust", str(tmp_path / "k.pub"),
+         "--root", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SETPOINT_")},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert (
+        "setpoint shim: mqtt+srv:// and mqtts+srv:// need the dnspython package, which is not"
+        " installed: pip install 'setpoint[srv]' (or pip install dnspython)" in done.stderr
+    )
+    assert "Traceback" not in done.stderr

@@ -222,16 +222,50 @@ def test_shards_split_a_fleet_under_the_descriptor_limit() -> None:
     assert ids == config.device_ids() and len(set(ids)) == 25
 
 
-def test_cli_runs_several_processes(broker: Broker) -> None:
+def test_shards_split_a_fleet_over_source_addresses_then_processes() -> None:
+    config = SimConfig("127.0.0.1", 1, devices=25, max_per_process=5, max_per_address=10, seed=1)
+    layout = running.plan(config)
+    assert [(p.source, p.devices) for p in layout.parts] == [
+        (None, 5), (None, 5), ("127.0.0.2", 5), ("127.0.0.2", 5), ("127.0.0.3", 5),
+    ]  # fmt: skip
+    assert [i for p in layout.parts for i in p.device_ids()] == config.device_ids()
+    assert "--max-per-process 5" in layout.why and "--max-per-address 10" in layout.why
+
+
+def test_a_fleet_needing_more_addresses_than_a_remote_broker_allows_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from setpoint.cli import main
+
+    argv = ["sim", "--broker", "mqtt://192.0.2.1:1883", "--devices", "3", "--echo"]
+    assert main([*argv, "--max-per-address", "2"]) == 2
+    assert "source addresses" in capsys.readouterr().err
+
+
+def test_the_descriptor_limit_is_raised_only_as_far_as_allowed() -> None:
+    soft, hard = running.resource.getrlimit(running.resource.RLIMIT_NOFILE)
+    assert running.raise_fd_limit(soft) == soft  # what is there is enough: unchanged
+    assert running.raise_fd_limit(hard) == hard
+    beyond = running.raise_fd_limit(hard + 1)  # needs CAP_SYS_RESOURCE: else the hard limit
+    assert beyond in (hard, hard + 1)
+    running.resource.setrlimit(running.resource.RLIMIT_NOFILE, (soft, max(soft, hard)))
+
+
+def test_cli_runs_several_processes_on_several_source_addresses(broker: Broker) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "setpoint.cli", "sim", "--broker", broker.url, "--devices", "12",
-         "--echo", "--max-per-process", "5", "--duration", "0.5", "--json"],
+         "--echo", "--max-per-process", "4", "--max-per-address", "6", "--duration", "0.5",
+         "--json"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert events[0]["event"] == "ready" and events[0]["processes"] == 3
+    assert events[0]["event"] == "ready" and events[0]["processes"] == 4
+    assert events[0]["addresses"] == ["default", "127.0.0.2"]
+    assert "--max-per-address 6" in events[0]["split"]
     assert events[0]["devices"] == 12 and events[-1]["event"] == "stopped"
+    log = broker.log.read_text()
+    assert log.count("New client connected from 127.0.0.2") == 6, log  # the second address
 
 
 @pytest.mark.parametrize(
@@ -266,3 +300,34 @@ def test_cli_refuses_a_bad_rate_and_an_unreachable_broker(
     url = f"mqtt://127.0.0.1:{free_port()}"
     assert main(["sim", "--broker", url, "--devices", "2", "--echo", "--duration", "1"]) == 1
     assert "cannot connect" in capsys.readouterr().err
+
+
+async def test_a_batched_rollout_releases_simulated_devices_batch_by_batch(
+    broker: Broker, tmp_path: Path, unique_prefix: str
+) -> None:
+    keys.generate(tmp_path / "keys")
+    fleetrepo.create(tmp_path / "repo", 20, rollout="{batch: 5, pause: 1h}")
+    async with (
+        Reports(broker, unique_prefix) as seen,
+        controller(broker, tmp_path, unique_prefix),
+        swarm(broker, tmp_path, unique_prefix, 20) as sim,
+    ):
+        await seen.until(
+            lambda: all(versions(seen.latest.get(d.id)) == (1, 1) for d in sim.devices)
+        )
+        fleetrepo.bump(tmp_path / "repo", group=0, revision=2)
+
+        def holding(d: object) -> int | None:
+            want = d.want_group  # type: ignore[attr-defined]
+            return None if want is None else want.bundle.version
+
+        # Every device has the new group bundle; one batch is released, the pause is long.
+        await seen.until(
+            lambda: (
+                all(holding(d) == 2 for d in sim.devices)
+                and sum(versions(seen.latest.get(d.id)) == (2, 3) for d in sim.devices) == 5
+            )
+        )
+        running = [versions(seen.latest.get(d.id)) for d in sim.devices]
+        assert sorted(running) == [(1, 2)] * 15 + [(2, 3)] * 5  # the rest hold v2, pinned
+        assert sim.fleet.counters.refused == 0
