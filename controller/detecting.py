@@ -28,6 +28,7 @@ cannot change the answer. The rules, in order:
 11. otherwise ``in_sync``.
 
 :func:`summarise` folds device states into a group's convergence summary.
+:data:`DriftAction` is what the drift engine's decisions ask its executor to do.
 
 Pure; no I/O.
 """
@@ -53,6 +54,42 @@ DEFAULT_SILENT_AFTER: Final = 3 * 900.0
 def is_silent(last_seen: float | None, now: float, silent_after: float | None) -> bool:
     """True when the last report (at ``last_seen``) is older than ``silent_after``."""
     return silent_after is not None and last_seen is not None and now - last_seen > silent_after
+
+
+# --- What a drift decision asks for: a closed set of typed actions -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ShowDrift:
+    """Retain ``new`` as the device's drift status; with ``event``, send the drift event
+    of the change from ``old`` (when it is one)."""
+
+    device: str
+    old: DriftStatus | None
+    new: DriftStatus
+    event: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ClearDrift:
+    """Clear the device's retained drift status (it left the fleet and reports nothing)."""
+
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reconcile:
+    """Send the device a signed ``reconcile`` command (enforce mode, drifted)."""
+
+    device: str
+    group: str | None
+    seq: int
+    issued_at: int
+    expires_at: int
+    reason: str
+
+
+DriftAction = ShowDrift | ClearDrift | Reconcile
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,7 @@ from setpoint.proto.topics import Topics
 
 from . import detecting
 from .broker import Message, Subscription
-from .detecting import Desired
+from .detecting import ClearDrift, Desired, DriftAction, Reconcile, ShowDrift
 from .errors import BrokerUnavailable
 from .metrics import Metrics
 
@@ -659,18 +659,13 @@ class DriftEngine:
                     or self._gone_silent(d.status, now)
                 )
             }
-        outputs: list[Coroutine[Any, Any, None]] = []
+        actions: list[DriftAction] = []
         touched_groups: set[str] = set()
         latencies: list[float] = []
-        try:
-            self._decide(names, triggered, now, restore, outputs, touched_groups, latencies)
-        except BaseException:
-            for coro in outputs:
-                coro.close()
-            raise
+        self._decide(names, triggered, now, restore, actions, touched_groups, latencies)
         if full or restore or groups_touched:
             touched_groups |= set(self._fleet.groups) | set(self._group_status)
-        await self._gather(outputs)
+        await self._carry_out(actions)
         await self._publish_groups(touched_groups, now, restore)
         done = self._clock()
         for arrived in latencies:
@@ -685,11 +680,12 @@ class DriftEngine:
         triggered: set[str],
         now: float,
         restore: bool,
-        outputs: list[Coroutine[Any, Any, None]],
+        actions: list[DriftAction],
         touched_groups: set[str],
         latencies: list[float],
     ) -> None:
-        """Decide each of ``names``; what to publish goes to ``outputs`` (not started)."""
+        """Decide each of ``names``; what to do goes to ``actions`` (typed, carried out by
+        :meth:`_carry_out` through the executor)."""
         for name in sorted(names):
             dev = self._device(name)
             if dev is None:
@@ -701,10 +697,10 @@ class DriftEngine:
             if name in triggered:
                 latencies.append(dev.arrived)
             old = dev.status
-            before = len(outputs)
+            before = len(actions)
             if new is None:
                 if old is not None:
-                    outputs.append(self._clear(dev))
+                    actions.append(ClearDrift(name))
                     touched_groups |= {old.group or "", self._member_of.get(name, "")}
                 del self._devices[name]
                 continue
@@ -718,17 +714,18 @@ class DriftEngine:
                     reason="enforce mode: the device put it back",
                     since=dev.raw_at,
                 )
-                outputs.append(self._publish_heal(dev, old, drifted, new))
+                actions.append(ShowDrift(name, old, drifted))
+                actions.append(ShowDrift(name, drifted, replace(new, since=now)))
                 touched_groups.add(new.group or "")
             elif old is None or not new.same_condition(old):
-                outputs.append(self._publish_status(dev, old, new))
+                actions.append(ShowDrift(name, old, new))
                 touched_groups |= {new.group or "", (old.group or "") if old else ""}
             elif restore and name not in self._drift_delivered:
-                outputs.append(self._publish_status(dev, old, old, event=False))
-            if len(outputs) > before:  # its group's summary is counted by membership
+                actions.append(ShowDrift(name, old, old, event=False))
+            if len(actions) > before:  # its group's summary is counted by membership
                 touched_groups.add(self._member_of.get(name, ""))
             if self._wants_command(dev, new):
-                outputs.append(self._command(dev, new))
+                actions.append(self._reconcile(dev, new, now))
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Wait until ``predicate()`` holds after a pass (for tests and tools)."""
@@ -765,6 +762,32 @@ class DriftEngine:
         assert self._executor is not None
         await self._executor.publish(topic, payload, retain=retain)
 
+    async def _carry_out(self, actions: Sequence[DriftAction]) -> None:
+        """Carry ``actions`` out through the executor: each device's in order, devices side
+        by side (at most :data:`PUBLISH_CONCURRENCY` at a time)."""
+        by_device: dict[str, list[DriftAction]] = {}
+        for action in actions:
+            by_device.setdefault(action.device, []).append(action)
+
+        async def one_device(todo: list[DriftAction]) -> None:
+            for action in todo:
+                await self._execute(action)
+
+        await self._gather([one_device(todo) for todo in by_device.values()])
+
+    async def _execute(self, action: DriftAction) -> None:
+        assert self._executor is not None
+        # A device the decision removed (cleared) is still counted until it is cleared.
+        dev = self._devices.get(action.device) or _Device(action.device)
+        if isinstance(action, ClearDrift):
+            await self._publish(self._topics.device_drift(action.device), b"", retain=True)
+            self._set_status(dev, None)
+            self._tell(action.device, None)
+        elif isinstance(action, ShowDrift):
+            await self._publish_status(dev, action.old, action.new, event=action.event)
+        else:
+            await self._send_reconcile(dev, action)
+
     async def _publish_status(
         self, dev: _Device, old: DriftStatus | None, new: DriftStatus, *, event: bool = True
     ) -> None:
@@ -788,17 +811,6 @@ class DriftEngine:
         self.events_published += 1
         self.metrics.drift_events.labels(new.group or "-", change).inc()
 
-    async def _publish_heal(
-        self, dev: _Device, old: DriftStatus | None, drifted: DriftStatus, new: DriftStatus
-    ) -> None:
-        await self._publish_status(dev, old, drifted)
-        await self._publish_status(dev, drifted, replace(new, since=self._clock()))
-
-    async def _clear(self, dev: _Device) -> None:
-        await self._publish(self._topics.device_drift(dev.name), b"", retain=True)
-        self._set_status(dev, None)
-        self._tell(dev.name, None)
-
     def _wants_command(self, dev: _Device, new: DriftStatus) -> bool:
         desired = self._fleet.desired.get(dev.name)
         if new.state != "drifted" or desired is None or desired.mode != "enforce":
@@ -806,22 +818,27 @@ class DriftEngine:
         last = dev.last_command
         return last is None or time.monotonic() - last >= self.settings.reconcile_interval
 
-    async def _command(self, dev: _Device, new: DriftStatus) -> None:
+    def _reconcile(self, dev: _Device, new: DriftStatus, now: float) -> Reconcile:
         dev.last_command = time.monotonic()
-        now = self._clock()
         # Milliseconds since the epoch: strictly increasing across restarts without state.
         seq = max(dev.command_seq + 1, int(now * 1000))
         why = "drifted: " + ", ".join(r.id for r in new.resources)
-        command = commands.Command(
-            dev.name, "reconcile", seq, int(now), int(now) + self.settings.command_ttl, why[:256]
+        return Reconcile(
+            dev.name, new.group, seq, int(now), int(now) + self.settings.command_ttl, why[:256]
         )
+
+    async def _send_reconcile(self, dev: _Device, action: Reconcile) -> None:
+        command = commands.Command(
+            action.device, "reconcile", action.seq, action.issued_at, action.expires_at,
+            action.reason,
+        )  # fmt: skip
         assert self._executor is not None
         await self._executor.command(command)
-        dev.command_seq = seq
-        log.info("reconcile command seq %d sent to %s (%s)", seq, dev.name, why)
-        self.metrics.commands.labels(new.group or "-").inc()
+        dev.command_seq = max(dev.command_seq, action.seq)
+        log.info("reconcile command seq %d sent to %s (%s)", action.seq, dev.name, action.reason)
+        self.metrics.commands.labels(action.group or "-").inc()
         await self._executor.event(
-            "reconcile", device=dev.name, group=new.group, seq=seq, reason=why
+            "reconcile", device=dev.name, group=action.group, seq=action.seq, reason=action.reason
         )
 
     def group_statuses(self, now: float | None = None) -> dict[str, GroupStatus]:

@@ -11,7 +11,9 @@ through a :class:`Tree` and returns a :class:`Snapshot`: every group and device 
 validated, the ids of those that did not, and a :class:`Problem` per finding, each naming
 the file, the item and the fix (``groups/kiosk.yaml: resource 'motd': unknown kind 'fiel'
 (known: command, file, setting)``). It never stops at the first problem: a broken file
-breaks only the targets that depend on it.
+breaks only the targets that depend on it. :func:`update` works the snapshot of a commit
+out from the previous one and the git tree diff between them, when only group or device
+files were modified.
 
 The schemas are pydantic models with ``extra='forbid'`` and strict types (YAML already
 gives native types; ``"60"`` is not a timeout). YAML goes through :mod:`safeyaml`.
@@ -953,6 +955,68 @@ def load(tree: Tree, *, engine: str | None = None, memo: Memo | None = None) -> 
         problems=tuple(problems),
         warnings=tuple(warnings),
     )
+
+
+def update(
+    previous: Snapshot,
+    tree: Tree,
+    changes: Sequence[tuple[str, str]],
+    *,
+    memo: Memo | None = None,
+) -> Snapshot | None:
+    """The snapshot of ``tree`` worked out from ``previous``, the snapshot of a tree that
+    differs from it by ``changes`` (``(git change type, path)``, from the git tree diff):
+    work proportional to what changed. Only the changed group and device files are read;
+    the devices of a changed group are checked against it again. None when this cannot be
+    sure to give what :func:`load` gives: ``previous`` had a problem, a broken target or a
+    warning, a file was added, deleted or renamed, a file outside ``groups/`` and
+    ``devices/`` changed (``fleet.yaml``, a file a resource names), or a changed file has
+    a finding now. Then the caller loads the whole tree."""
+    if previous.problems or previous.warnings or previous.broken_groups:
+        return None
+    if previous.broken_devices:
+        return None
+    changed_groups: dict[str, str] = {}
+    changed_devices: dict[str, str] = {}
+    for kind, path in changes:
+        directory, _, name = path.partition("/")
+        stem, suffix = posixpath.splitext(name)
+        if kind != "modify" or "/" in name or suffix not in YAML_SUFFIXES:
+            return None
+        group = previous.groups.get(stem) if directory == GROUPS_DIR else None
+        device = previous.devices.get(stem) if directory == DEVICES_DIR else None
+        if group is not None and group.file == path:
+            changed_groups[stem] = path
+        elif device is not None and device.file == path:
+            changed_devices[stem] = path
+        else:
+            return None
+    groups = dict(previous.groups)
+    for gid, path in changed_groups.items():
+        collector = _Collector(path)
+        loaded = _load_group(gid, path, tree, collector)
+        if loaded is None or collector.problems or collector.warnings:
+            return None
+        groups[gid] = loaded
+    devices = dict(previous.devices)
+    plaintext_ok = bool(previous.settings and previous.settings.allow_plaintext_secret)
+    versioned: VersionedTree | None = (
+        tree if memo is not None and hasattr(tree, "blob_id") else None
+    )  # type: ignore[assignment]
+    for did, path in changed_devices.items():
+        collector = _Collector(path)
+        read = _read_device(did, path, tree, collector, plaintext_ok, versioned, memo)
+        if read is None or collector.problems or collector.warnings or read.group not in groups:
+            return None
+        devices[did] = read
+    recheck = [d for d in devices.values() if d.group in changed_groups] if changed_groups else []
+    recheck += [devices[d] for d in changed_devices if devices[d].group not in changed_groups]
+    for device in recheck:
+        if not _check_effective(device, groups[device.group], _Collector(device.file)):
+            return None
+    if sealing_warnings(groups, devices):
+        return None
+    return Snapshot(settings=previous.settings, groups=groups, devices=devices)
 
 
 def sealing_warnings(groups: Mapping[str, Group], devices: Mapping[str, Device]) -> list[Problem]:

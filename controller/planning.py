@@ -252,6 +252,33 @@ def plan(
     return Plan((*adopts, *publishes, *clears), refusal, frozenset(kept))
 
 
+def changed_targets(
+    before: Mapping[Target, Rendered],
+    before_broken: frozenset[Target],
+    after: Mapping[Target, Rendered],
+    after_broken: frozenset[Target],
+) -> set[Target]:
+    """The targets whose desired content (or brokenness) differs between two renders.
+
+    A target whose content digest and branch are the same in both needs from :func:`plan`
+    what it needed before (its bundle's ``commit`` aside, which is not content: an
+    unchanged bundle is not published again), so a plan that found nothing to do for the
+    first render needs to look only at these for the second (``plan(only=...)``)."""
+    changed = set(before_broken ^ after_broken)
+    changed.update(before.keys() - after.keys())
+    for target, rendered in after.items():
+        old = before.get(target)
+        if old is rendered:
+            continue
+        if (
+            old is None
+            or old.branch != rendered.branch
+            or old.bundle.content_digest() != rendered.bundle.content_digest()
+        ):
+            changed.add(target)
+    return changed
+
+
 def next_refresh(current: Mapping[Target, Current]) -> int | None:
     """When the earliest refresh falls due (Unix seconds), if anything is published."""
     times = [

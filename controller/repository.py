@@ -25,6 +25,7 @@ from typing import Any, Final
 from dulwich import errors as git_errors
 from dulwich import objectspec, porcelain
 from dulwich.client import HTTPProxyUnauthorized, HTTPUnauthorized, get_transport_and_path
+from dulwich.diff_tree import tree_changes
 from dulwich.errors import NotGitRepository
 from dulwich.objects import ZERO_SHA, Commit
 from dulwich.repo import Repo
@@ -41,6 +42,9 @@ _URL: Final = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _SCP: Final = re.compile(r"^[^/@:]+@[^/:]+:")
 MIRROR_DIR: Final = "mirror.git"
 _MIRROR_URL_FILE: Final = "mirror.url"
+# A commit touching more files than this is read whole (fleet.load), not worked out from the
+# snapshot before it (fleet.update).
+MAX_CHANGES: Final = 64
 
 
 def is_remote(location: str) -> bool:
@@ -246,10 +250,37 @@ class Repository:
         return sorted({p.decode("utf-8", "replace") if isinstance(p, bytes) else p for p in paths})
 
     def load(
-        self, commit_id: str, *, engine: str | None = None, memo: fleet.Memo | None = None
+        self,
+        commit_id: str,
+        *,
+        engine: str | None = None,
+        memo: fleet.Memo | None = None,
+        since: tuple[CommitInfo, fleet.Snapshot] | None = None,
     ) -> tuple[CommitInfo, fleet.Snapshot]:
         """The commit and the validated fleet in its tree (``engine``, ``memo``: see
-        fleet.load)."""
+        fleet.load). ``since``: a commit loaded before and its snapshot; when the git tree
+        diff between the two is small and touches only group or device files, the
+        snapshot is worked out from that one (fleet.update) instead of read whole."""
         info = self.commit(commit_id)
         with _converted(f"reading the tree of {commit_id[:12]}"):
-            return info, fleet.load(self.tree(info), engine=engine, memo=memo)
+            tree = self.tree(info)
+            if since is not None and engine is None:
+                changes = self.changes(since[0], info)
+                if changes is not None:
+                    snapshot = fleet.update(since[1], tree, changes, memo=memo)
+                    if snapshot is not None:
+                        return info, snapshot
+            return info, fleet.load(tree, engine=engine, memo=memo)
+
+    def changes(
+        self, old: CommitInfo, new: CommitInfo, limit: int = MAX_CHANGES
+    ) -> list[tuple[str, str]] | None:
+        """``(change type, path)`` per file that differs between two commits' trees (git's
+        tree diff: subtrees with the same id are not walked); None past ``limit`` files."""
+        found: list[tuple[str, str]] = []
+        for change in tree_changes(self._repo.object_store, old.tree, new.tree):
+            entry = change.new if change.new is not None else change.old
+            if entry is None or entry.path is None or len(found) >= limit:
+                return None
+            found.append((change.type, entry.path.decode("utf-8", "replace")))
+        return found

@@ -65,7 +65,8 @@ from .planning import Adopt, Clear, Current, Plan, Publish, Retained
 from .rendering import BranchProblem, Render, Target, View
 from .repository import Repository, is_remote, redact
 from .retained import RetainedView
-from .rolling import Emit, Record, Rollouts
+from .rolling import Rollouts, audit_entry
+from .rollouts import Emit, Record, Show
 from .signing import Signer, load_signer
 from .state import FleetIdentity, Intent, StateStore
 
@@ -144,6 +145,7 @@ class Controller:
         self._intents: dict[Target, Intent] = {}  # publications under way (write-ahead)
         self._snapshots: OrderedDict[str, View] = OrderedDict()
         self._memo = fleet.Memo()  # device files read before, by content
+        self._loaded: dict[str, View] = {}  # per branch, the view read last
         self._render_key: tuple[Any, ...] | None = None
         self._render: Render | None = None
         self._reported: dict[str, str] = {}
@@ -496,10 +498,10 @@ class Controller:
             self.wake("revert")  # a revert commit: the next pass publishes it
         for action in self.rollouts.actions():
             if isinstance(action, Record):
-                await self.executor.audit([action.entry])
+                await self.executor.audit([audit_entry(action)])
             elif isinstance(action, Emit):
                 await self.executor.event(action.type, **action.fields)
-            else:
+            elif isinstance(action, Show):
                 await self.executor.publish(action.topic, action.payload(), retain=True)
             self.rollouts.done(action)
 
@@ -518,18 +520,44 @@ class Controller:
         """The plan for ``render`` (``only``: see planning.plan); work proportional to what
         changed: when nothing it depends on moved since a plan that left nothing to do (the
         same render, the same retained bundles and publications, no refresh due, no rollout
-        policy at all), that is the answer again without looking at every target."""
+        policy at all), that is the answer again without looking at every target; when
+        only the render moved (a commit), the plan looks at the targets whose content moved
+        (``planning.changed_targets``)."""
         assert self.retained is not None
         if render is not None and render.head:
             render = self.rollouts.hold_back(render, self._current)
         inputs = (render, self.retained.version, self._changes)
         refresh = planning.next_refresh(self._current)
         quiet = not self.rollouts.active and (refresh is None or self._clock() < refresh)
-        if quiet and only is None and self._settled_on == inputs:
-            return Plan()
+        if quiet and only is None and self._settled_on is not None:
+            if self._settled_on == inputs:
+                return Plan()
+            only = self._changed_since_settled(render)
         plan = self._full_plan(render, only)
         self._settled_on = inputs if quiet and not plan and plan.refusal is None else None
         return plan
+
+    def _changed_since_settled(self, render: Render | None) -> set[Target] | None:
+        """When only the render moved since the last plan that left nothing to do (the
+        same retained bundles and publications, the same rules for removals and
+        lifetimes), the targets whose content moved: the only ones the plan must look
+        at. None (look at every target) otherwise."""
+        assert self._settled_on is not None and self.retained is not None
+        settled, version, changes = self._settled_on
+        if (version, changes) != (self.retained.version, self._changes):
+            return None
+        if render is None or settled is None or not render.head or not settled.head:
+            return None
+        same_rules = (
+            render.removals_allowed == settled.removals_allowed
+            and render.allow_empty == settled.allow_empty
+            and self._ttl(render) == self._ttl(settled)
+        )
+        if not same_rules:
+            return None
+        return planning.changed_targets(
+            settled.desired, settled.broken, render.desired, render.broken
+        )
 
     def _full_plan(self, render: Render | None, only: set[Target] | None) -> Plan:
         assert self.retained is not None
@@ -590,8 +618,13 @@ class Controller:
             self._snapshots.move_to_end(commit_id)
             return cached
         assert self.repository is not None
-        info, snapshot = self.repository.load(commit_id, memo=self._memo)
+        # Work proportional to what changed: from the branch's previous view and the tree
+        # diff when only group or device files moved (fleet.update), else read whole.
+        before = self._loaded.get(branch)
+        since = (before.commit, before.snapshot) if before is not None else None
+        info, snapshot = self.repository.load(commit_id, memo=self._memo, since=since)
         view = View(branch, info, snapshot)
+        self._loaded[branch] = view
         self._snapshots[commit_id] = view
         while len(self._snapshots) > 16:
             self._snapshots.popitem(last=False)

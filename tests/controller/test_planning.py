@@ -267,3 +267,26 @@ def test_only_looks_at_the_targets_named() -> None:
     assert [a.target for a in part.actions] == [D]
     gone = Target("device", "gone")  # named but neither wanted nor known: nothing
     assert not plan(desired={}, current={}, retained={}, only={gone}).actions
+
+
+def test_changed_targets_are_those_whose_content_or_brokenness_moved() -> None:
+    other = Target("device", "kiosk-02")
+    gone = Target("device", "kiosk-03")
+    before = {G: rendered(), D: rendered(D), other: rendered(other), gone: rendered(gone)}
+    after = {
+        G: rendered(value="b", commit="c2"),  # new content
+        D: rendered(D, commit="c2"),  # the same content from a newer commit
+        other: rendered(other, commit="c2"),
+    }
+    assert planning.changed_targets(before, frozenset(), after, frozenset()) == {G, gone}
+    # A target that broke (or healed) is looked at too; so is one on another branch.
+    moved = {**after, other: Rendered(after[other].bundle, "canary", "Alice")}
+    assert planning.changed_targets(after, frozenset({D}), moved, frozenset()) == {D, other}
+    # What the plan would do for the unchanged ones is what it did before: nothing here.
+    cur = {t: Current(r.bundle.with_version(1, NOW - 10, NOW - 10 + TTL), "Alice", "main")
+           for t, r in before.items()}  # fmt: skip
+    ret = {t: held(c) for t, c in cur.items()}
+    full = plan(desired=after, current=cur, retained=ret)
+    only = plan(desired=after, current=cur, retained=ret,
+                only=planning.changed_targets(before, frozenset(), after, frozenset()))  # fmt: skip
+    assert full.actions == only.actions

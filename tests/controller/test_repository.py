@@ -159,3 +159,60 @@ def test_a_commit_reads_again_only_the_device_files_it_changed(make_repo, tmp_pa
     cfg = third.desired[Target("device", "d0")].bundle
     assert cfg.content_digest() != second.desired[Target("device", "d0")].bundle.content_digest()
     repo.close()
+
+
+def test_a_commit_of_group_or_device_files_is_worked_out_from_the_tree_diff(
+    make_repo, tmp_path: Path
+) -> None:
+    """Work proportional to what changed: when only group or device files were modified,
+    the snapshot comes from the previous one and the git tree diff (fleet.update); every
+    other commit is read whole. Either way it is the snapshot a whole reading gives."""
+    from setpoint.controller import fleet
+
+    group = "resources:\n  - {id: motd, kind: file, path: etc/motd, content: '%s'}\n"
+    files = {
+        "fleet.yaml": "{}\n",
+        "groups/kiosks.yaml": group % "v1",
+        "groups/gateways.yaml": group % "gw",
+        **{f"devices/d{i}.yaml": "group: kiosks\n" for i in range(4)},
+    }
+    git = make_repo(files)
+    repo = Repository(str(git.path), tmp_path / "state")
+    memo = fleet.Memo()
+    updated: list[bool] = []
+    real_update = fleet.update
+
+    def spy(*args, **kw):  # type: ignore[no-untyped-def]
+        found = real_update(*args, **kw)
+        updated.append(found is not None)
+        return found
+
+    info, snapshot = repo.load(repo.heads()["main"], memo=memo)
+    steps = [
+        ({"groups/kiosks.yaml": group % "v2"}, True),  # one group
+        ({"devices/d1.yaml": "group: gateways\n"}, True),  # a device moves group
+        ({"devices/d2.yaml": "group: kiosks\nvars: {a: 1}\n"}, True),  # a device's vars
+        ({"devices/d4.yaml": "group: kiosks\n"}, False),  # a device added
+        ({"groups/kiosks.yaml": "mode: wrong\n"}, False),  # a group broken: its problem shows
+        ({"groups/kiosks.yaml": group % "v3"}, False),  # from a broken snapshot: whole
+        ({"fleet.yaml": "description: x\n"}, False),  # fleet.yaml
+        ({"devices/d3.yaml": None}, False),  # a device removed
+        (  # two resources on one path once merged with the group: the device breaks
+            {"groups/gateways.yaml": group % "gw2", "devices/d1.yaml": (
+                "group: gateways\nresources:\n"
+                "  - {id: other, kind: file, path: etc/motd, content: x}\n")},
+            False,
+        ),
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fleet, "update", spy)
+        for change, incremental in steps:
+            updated.clear()
+            commit = git.commit(change)
+            info2, snapshot2 = repo.load(commit, memo=memo, since=(info, snapshot))
+            _, whole = repo.load(commit)
+            assert snapshot2 == whole, change
+            assert any(updated) == incremental, change
+            info, snapshot = info2, snapshot2
+    assert not snapshot.ok  # the last one: d1's problem is found
+    repo.close()
