@@ -526,6 +526,13 @@ class Snapshot:
     problems: tuple[Problem, ...] = ()
     # Findings that do not stop a publication (a value not sealed for a device, ...).
     warnings: tuple[Problem, ...] = ()
+    # This snapshot's identity, and, when :func:`update` worked it out from another, that
+    # one's ``token`` and the ids of the groups and devices whose files changed: a render
+    # of the other can be carried over, re-rendering only those (rendering.render).
+    token: object = field(default_factory=object, compare=False, repr=False)
+    derived: tuple[object, frozenset[str], frozenset[str]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     @property
     def ok(self) -> bool:
@@ -1016,7 +1023,12 @@ def update(
             return None
     if sealing_warnings(groups, devices):
         return None
-    return Snapshot(settings=previous.settings, groups=groups, devices=devices)
+    return Snapshot(
+        settings=previous.settings,
+        groups=groups,
+        devices=devices,
+        derived=(previous.token, frozenset(changed_groups), frozenset(changed_devices)),
+    )
 
 
 def sealing_warnings(groups: Mapping[str, Group], devices: Mapping[str, Device]) -> list[Problem]:

@@ -126,6 +126,12 @@ class Render:
     sources: Mapping[Target, tuple[Device, Rendered]] = field(
         default_factory=dict, compare=False, repr=False
     )
+    # The default branch's snapshot this was rendered from (its ``token``), and, when it
+    # was carried over from the previous render (``_carry_over``), that render's
+    # ``desired`` and the targets re-rendered: the planner then looks only at those.
+    snapshot_token: object | None = field(default=None, compare=False, repr=False)
+    since: Mapping[Target, Rendered] | None = field(default=None, compare=False, repr=False)
+    changed: frozenset[Target] = field(default=frozenset(), compare=False, repr=False)
 
     @property
     def allow_empty(self) -> bool:
@@ -211,9 +217,10 @@ class _Builder:
     def add_device(self, target: Target, device: Device, view: View) -> None:
         prior = self.previous.get(target)
         if prior is not None and prior[0] is device and prior[1].branch == view.branch:
-            rendered = Rendered(
-                prior[1].bundle.with_commit(view.commit.id), view.branch, view.commit.author
-            )
+            # Kept as it was, commit and author included: they are not content, an
+            # unchanged bundle is not published again, and a publication stamps the head
+            # of its branch (service.Controller._stamped).
+            rendered = prior[1]
             self.desired[target] = rendered
         else:
             self.add(target, _device_bundle(device, view.commit.id), view, device.file)
@@ -251,6 +258,10 @@ def render(
         # No commit on the default branch (a new repository): nothing is known, and so
         # nothing may be removed.
         return Render(default_branch)
+    if previous is not None:
+        carried = _carry_over(previous, default, views)
+        if carried is not None:
+            return carried
     b = _Builder(default_branch, views, previous.sources if previous is not None else {})
     problems_by_view = [
         BranchProblem(v.branch, v.commit.id, v.commit.author, p)
@@ -383,6 +394,83 @@ def render(
         groups={gid: group for gid, (group, _view) in sorted(groups.items())},
         warnings=_sealing_warnings(groups, b.devices),
         sources={t: v for t, v in b.sources.items() if desired.get(t) is v[1]},
+        snapshot_token=snap.token,
+    )
+
+
+def _carry_over(previous: Render, default: View, views: Mapping[str, View | None]) -> Render | None:
+    """The render of ``default`` worked out from ``previous``: work proportional to what
+    changed. Only when its snapshot was worked out (``fleet.update``) from the one
+    ``previous`` was rendered from, and both have a single branch and nothing broken,
+    refused or warned about: then only the groups and devices whose files changed are
+    rendered again, the other targets keep their bundles (commit and author included; a
+    publication stamps its branch's head). Group bundles, a few, are stamped with the new
+    commit as a whole render does (a rollout records its group's). None otherwise."""
+    snap = default.snapshot
+    derived = snap.derived
+    if (
+        derived is None
+        or derived[0] is not previous.snapshot_token
+        or previous.snapshot_token is None
+        or previous.default_branch != default.branch
+        or set(views) != {default.branch}
+        or set(previous.commits) != {default.branch}
+        or previous.problems
+        or previous.broken
+        or previous.warnings
+        or not previous.removals_allowed
+        or snap.problems
+        or snap.warnings
+    ):
+        return None
+    _token, changed_groups, changed_devices = derived
+    b = _Builder(default.branch, views, {})
+    commit = default.commit
+    desired = dict(previous.desired)
+    groups = dict(previous.groups)
+    sources = dict(previous.sources)
+    for gid in groups:
+        target = Target("group", gid)
+        before = desired.get(target)
+        if before is not None and gid not in changed_groups:
+            bundle = before.bundle.with_commit(commit.id)
+            desired[target] = Rendered(bundle, default.branch, commit.author)
+    changed: set[Target] = set()
+    for gid in sorted(changed_groups):
+        group = snap.groups[gid]
+        target = Target("group", gid)
+        b.add(target, _group_bundle(group, commit.id), default, group.file)
+        if target not in b.desired or target not in desired:
+            return None
+        desired[target] = b.desired[target]
+        groups[gid] = group
+        changed.add(target)
+    for did in sorted(changed_devices):
+        device = snap.devices[did]
+        target = Target("device", did)
+        if device.group not in groups or target not in desired:
+            return None
+        b.add(target, _device_bundle(device, commit.id), default, device.file)
+        rendered = b.desired.get(target)
+        if rendered is None:
+            return None
+        desired[target] = rendered
+        sources[target] = (device, rendered)
+        changed.add(target)
+    if b.problems or b.broken:
+        return None
+    return dataclasses.replace(
+        previous,
+        commits={default.branch: commit.id},
+        desired=desired,
+        settings=snap.settings,
+        head=commit,
+        heads={default.branch: commit},
+        groups=groups,
+        sources=sources,
+        snapshot_token=snap.token,
+        since=previous.desired,
+        changed=frozenset(changed),
     )
 
 

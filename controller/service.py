@@ -29,6 +29,7 @@ rollouts. Everything that goes out goes through one
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -61,7 +62,7 @@ from .drifting import DriftEngine, DriftSettings
 from .errors import BrokerUnavailable, ConfigError, RepositoryUnavailable
 from .executing import Executor
 from .fleet import DEFAULT_BUNDLE_TTL
-from .planning import Adopt, Clear, Current, Plan, Publish, Retained
+from .planning import Action, Adopt, Clear, Current, Plan, Publish, Retained
 from .rendering import BranchProblem, Render, Target, View
 from .repository import Repository, is_remote, redact
 from .retained import RetainedView
@@ -533,7 +534,7 @@ class Controller:
             if self._settled_on == inputs:
                 return Plan()
             only = self._changed_since_settled(render)
-        plan = self._full_plan(render, only)
+        plan = _stamped(self._full_plan(render, only), render)
         self._settled_on = inputs if quiet and not plan and plan.refusal is None else None
         return plan
 
@@ -555,6 +556,8 @@ class Controller:
         )
         if not same_rules:
             return None
+        if render.since is settled.desired and render.broken == settled.broken:
+            return set(render.changed)  # carried over from it: what was rendered again
         return planning.changed_targets(
             settled.desired, settled.broken, render.desired, render.broken
         )
@@ -947,3 +950,29 @@ def identity(config: ControllerConfig) -> FleetIdentity:
 
 def describe(config: ControllerConfig) -> str:
     return f"repository {redact(config.repo)}, broker {config.broker.url()}, prefix {config.prefix}"
+
+
+def _stamped(plan: Plan, render: Render | None) -> Plan:
+    """``plan`` with each new publication (and adoption) named after the head commit of its
+    branch and that commit's author. A render keeps an unchanged target's bundle as it was
+    rendered, from the commit that last changed it (the commit is not content: SPEC 4.2);
+    what a commit does cause to be published (a rollout's pin moving a device's
+    ``group_version``, a gate opening) names the commit it is published at."""
+    if render is None or not render.heads or not plan.actions:
+        return plan
+    actions: list[Action] = []
+    for action in plan.actions:
+        branch = None if isinstance(action, Clear) else action.branch
+        head = render.heads.get(branch) if branch is not None else None
+        if isinstance(action, Publish) and action.reason == "change" and head is not None:
+            if action.bundle.commit != head.id or action.author != head.author:
+                bundle = action.bundle.with_commit(head.id)
+                action = dataclasses.replace(action, bundle=bundle, author=head.author)
+        elif (
+            isinstance(action, Adopt)
+            and head is not None
+            and action.author not in ("", head.author)
+        ):
+            action = dataclasses.replace(action, author=head.author)
+        actions.append(action)
+    return dataclasses.replace(plan, actions=tuple(actions))

@@ -151,11 +151,11 @@ def test_a_commit_reads_again_only_the_device_files_it_changed(make_repo, tmp_pa
     git.commit({"groups/kiosks.yaml": group % "v2"}, "group only")
     second, fresh = render(first)
     assert memo.reused == 5  # no device file was read again
-    assert second.desired == fresh.desired  # same bundles, from the new commit
-    git.commit({"files/cfg": "b\n"}, "a file d0 names")
+    assert _contents(second) == _contents(fresh)  # same bundles (an unchanged one keeps
+    git.commit({"files/cfg": "b\n"}, "a file d0 names")  # the commit that last changed it)
     third, fresh = render(second)
     assert memo.reused == 5 + 4  # d0 was read again: a file it names changed
-    assert third.desired == fresh.desired
+    assert _contents(third) == _contents(fresh)
     cfg = third.desired[Target("device", "d0")].bundle
     assert cfg.content_digest() != second.desired[Target("device", "d0")].bundle.content_digest()
     repo.close()
@@ -215,4 +215,73 @@ def test_a_commit_of_group_or_device_files_is_worked_out_from_the_tree_diff(
             assert any(updated) == incremental, change
             info, snapshot = info2, snapshot2
     assert not snapshot.ok  # the last one: d1's problem is found
+    repo.close()
+
+
+def _contents(render):  # type: ignore[no-untyped-def]
+    """What a render wants published, commits aside (not content: proto/SPEC.md 4.2)."""
+    return {t: (r.branch, r.bundle.content_digest()) for t, r in render.desired.items()}
+
+
+def test_a_one_group_commit_renders_only_that_groups_targets(make_repo, tmp_path: Path) -> None:
+    """Work proportional to what changed: a commit of one group's file renders that group's
+    bundle alone (a device bundle holds none of its group's content), one of a device file
+    that device's alone; every other target keeps the very object the last render had.
+    What comes out wants what a whole render of the commit wants; a commit of fleet.yaml
+    is rendered whole."""
+    from setpoint.controller import fleet, rendering
+    from setpoint.controller.rendering import Target, View
+
+    group = "resources:\n  - {id: motd, kind: file, path: etc/motd, content: '%s'}\n"
+    files = {"fleet.yaml": "{}\n"}
+    for g in range(4):
+        files[f"groups/g{g}.yaml"] = group % f"g{g}"
+        files.update({f"devices/g{g}d{i}.yaml": f"group: g{g}\n" for i in range(5)})
+    git = make_repo(files)
+    repo = Repository(str(git.path), tmp_path / "state")
+    memo = fleet.Memo()
+    rendered: list[str] = []
+    real_group, real_device = rendering._group_bundle, rendering._device_bundle
+
+    def group_bundle(g, commit):  # type: ignore[no-untyped-def]
+        rendered.append(g.id)
+        return real_group(g, commit)
+
+    def device_bundle(d, commit):  # type: ignore[no-untyped-def]
+        rendered.append(d.id)
+        return real_device(d, commit)
+
+    info, snapshot = repo.load(repo.heads()["main"], memo=memo)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rendering, "_group_bundle", group_bundle)
+        mp.setattr(rendering, "_device_bundle", device_bundle)
+        last = rendering.render("main", {"main": View("main", info, snapshot)})
+        assert len(rendered) == 4 + 20
+        steps = [
+            ({"groups/g1.yaml": group % "new"}, ["g1"]),
+            ({"devices/g2d3.yaml": "group: g2\nvars: {a: 1}\n"}, ["g2d3"]),
+            ({"devices/g0d0.yaml": "group: g3\n"}, ["g0d0"]),  # moves group
+            ({"fleet.yaml": "description: x\n"}, None),  # whole
+        ]
+        for change, expected in steps:
+            rendered.clear()
+            commit = git.commit(change)
+            info, snapshot = repo.load(commit, memo=memo, since=(info, snapshot))
+            now = rendering.render("main", {"main": View("main", info, snapshot)}, last)
+            _, whole = repo.load(commit)
+            fresh = rendering.render("main", {"main": View("main", info, whole)})
+            assert _contents(now) == _contents(fresh), change
+            assert now.removals_allowed and not now.problems and now.head == info
+            if expected is None:
+                assert now.since is None and rendered[:4] == ["g0", "g1", "g2", "g3"]
+                last = now
+                continue
+            assert rendered[: len(expected)] == expected, change  # then the whole one
+            kept = [t for t in now.desired if t.kind == "device" and t.id not in expected]
+            assert all(now.desired[t] is last.desired[t] for t in kept), change
+            assert now.changed == {Target("group" if e.startswith("g") and "d" not in e
+                                          else "device", e) for e in expected}  # fmt: skip
+            groups = [r for t, r in now.desired.items() if t.kind == "group"]
+            assert all(r.commit == info.id for r in groups)  # as a whole render stamps them
+            last = now
     repo.close()
