@@ -825,7 +825,7 @@ class Controller:
         )
 
     def _persist(self, done: Sequence[Publication]) -> None:
-        self._state.save(self._current, self._floors)
+        self._state.save(self._current, self._floors, {p.target for p in done})
         self.executor.audit_now(
             [
                 Entry(

@@ -7,15 +7,24 @@ Layout::
     <state dir>/state.json    per target: version, content digest, commit, author, times,
                               and the digest of its bundle payload; version floors of
                               removed targets
+    <state dir>/state.journal the entries that changed since state.json was written, one
+                              JSON line per target, appended after each publication
     <state dir>/bundles/<sha256>   the bundle payloads (msgpack), content-addressed
     <state dir>/audit.jsonl   the audit log (see :mod:`audit`)
     <state dir>/mirror.git    the mirror of a remote repository (see :mod:`repository`)
 
 ``state.json`` is written atomically (temp file, fsync, ``os.replace``, fsync of the
-directory) after the payloads it names. A payload lost in a crash only costs the ability
-to restore that one bundle from here; its version floor is kept, and the retained bundle
-on the broker gives it back. Losing the whole directory is survivable too: the controller
-recovers versions and bundles from the broker's retained topics.
+directory) after the payloads it names. A save after a few publications appends their
+entries to ``state.journal`` (one write, one fsync) instead of writing ``state.json``
+whole: work proportional to what changed. The journal is folded into ``state.json`` (then
+removed) by the first save of a run and once it holds as many lines as there are targets.
+Loading replays it over ``state.json``, each target's last line winning: replaying it
+again over a ``state.json`` that already holds it (a crash between the two steps of
+folding) gives the same, and a line cut short by a crash is skipped. A payload lost in a
+crash only costs the ability to restore that one bundle from here; its version floor is
+kept, and the retained bundle on the broker gives it back. Losing the whole directory is
+survivable too: the controller recovers versions and bundles from the broker's retained
+topics.
 
 A state directory belongs to one fleet: a fleet is its repository, its broker and its topic
 prefix (:class:`FleetIdentity`). The default directory is one per fleet
@@ -32,12 +41,12 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from setpoint.kit.files import write_atomic
+from setpoint.kit.files import append_lines, write_atomic
 from setpoint.proto import bundles
 from setpoint.proto.errors import ProtocolError
 
@@ -48,6 +57,8 @@ from .rendering import Target
 log = logging.getLogger(__name__)
 
 STATE_FILE: Final = "state.json"
+JOURNAL_FILE: Final = "state.journal"
+JOURNAL_MIN: Final = 1000  # lines before the journal is folded into state.json at least
 INTENT_FILE: Final = "publishing.json"
 BUNDLES_DIR: Final = "bundles"
 LOCK_FILE: Final = "lock"
@@ -102,6 +113,7 @@ class StateStore:
         self._saved: dict[Target, tuple[Current, str, str]] = {}
         self._floor_lines: dict[Target, tuple[int, str]] = {}
         self._files: set[str] | None = None  # bundle payloads on disk (None: not listed yet)
+        self._journal: int | None = None  # lines in state.journal (None: not folded yet)
 
     # --- Lock -----------------------------------------------------------------------
 
@@ -180,7 +192,40 @@ class StateStore:
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("state file %s is malformed (%s); starting from the broker", path, exc)
             return {}, floors
+        for key, (entry, floor) in self._journaled().items():
+            try:
+                target = Target.parse(key)
+                if floor is not None:
+                    floors[target] = max(floors.get(target, 0), int(floor))
+                current.pop(target, None)
+                if entry is not None:
+                    floors[target] = max(floors.get(target, 0), int(entry["version"]))
+                    loaded = self._load_current(target, entry)
+                    if loaded is not None:
+                        current[target] = loaded
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("%s: the line of %s is malformed (%s); ignored", JOURNAL_FILE, key, exc)
         return current, floors
+
+    def _journaled(self) -> dict[str, tuple[Any, Any]]:
+        """Per target, the last line of the journal about it: its entry (None: removed)
+        and its version floor. A line cut short (a crash while appending) is skipped."""
+        path = self.directory / JOURNAL_FILE
+        try:
+            text = path.read_text("utf-8", errors="replace")
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            log.warning("%s is unreadable (%s); ignored", path, exc)
+            return {}
+        last: dict[str, tuple[Any, Any]] = {}
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+                last[str(record["target"])] = (record.get("entry"), record.get("floor"))
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s: a line cut short or malformed is skipped", path)
+        return last
 
     def _load_current(self, target: Target, entry: Mapping[str, Any]) -> Current | None:
         digest = str(entry["payload"])
@@ -209,7 +254,8 @@ class StateStore:
 
     @staticmethod
     def _entry_line(bundles_dir: Path, target: Target, entry: Current) -> tuple[Current, str, str]:
-        """``entry``'s payload written (if new) and its line of state.json."""
+        """``entry``'s payload written (if new) and its fields (JSON), the value of its
+        line in state.json and in the journal."""
         bundle = entry.bundle
         payload = bundles.encode(bundle)
         digest = hashlib.sha256(payload).hexdigest()
@@ -227,7 +273,7 @@ class StateStore:
             "published_at": entry.published_at,
             "payload": digest,
         }
-        return entry, digest, f"{json.dumps(str(target))}: {json.dumps(fields, sort_keys=True)}"
+        return entry, digest, json.dumps(fields, sort_keys=True)
 
     def intend(self, intents: Mapping[Target, Intent]) -> None:
         """Record the publications about to be made, before the first PUBLISH: a
@@ -261,11 +307,66 @@ class StateStore:
             log.warning("%s is unreadable (%s); ignored", INTENT_FILE, exc)
             return {}
 
-    def save(self, current: Mapping[Target, Current], floors: Mapping[Target, int]) -> None:
-        """Write the payloads, then ``state.json`` atomically; drop unreferenced payloads.
+    def save(
+        self,
+        current: Mapping[Target, Current],
+        floors: Mapping[Target, int],
+        changed: Collection[Target] | None = None,
+    ) -> None:
+        """Record ``current`` and ``floors``: ``changed``, the only targets whose entry or
+        floor moved since the last save, are appended to the journal (their payloads
+        written first, the payloads they replace removed after); otherwise (None, the
+        first save of a run, or a journal as long as the fleet) everything is written to
+        ``state.json``, the journal is removed, unreferenced payloads are dropped."""
+        bundles_dir = self.directory / BUNDLES_DIR
+        limit = max(JOURNAL_MIN, len(current))
+        if changed is not None and self._journal is not None and self._journal < limit:
+            self._append(bundles_dir, current, floors, changed)
+            return
+        self._fold(current, floors)
 
-        Only the entries that changed since the last save are encoded (their bundle, their
-        line of ``state.json``); the file is then the saved lines joined."""
+    def _append(
+        self,
+        bundles_dir: Path,
+        current: Mapping[Target, Current],
+        floors: Mapping[Target, int],
+        changed: Collection[Target],
+    ) -> None:
+        assert self._files is not None and self._journal is not None
+        lines: list[str] = []
+        replaced: list[str] = []
+        for target in sorted(changed):
+            entry = current.get(target)
+            before = self._saved.pop(target, None)
+            fields = "null"
+            if entry is not None:
+                known = before
+                if known is None or known[0] is not entry:
+                    known = self._entry_line(bundles_dir, target, entry)
+                self._saved[target] = known
+                self._files.add(known[1])
+                fields = known[2]
+            if before is not None and (entry is None or before[1] != self._saved[target][1]):
+                replaced.append(before[1])
+            floor = floors.get(target)
+            if floor is None:
+                self._floor_lines.pop(target, None)
+            else:
+                self._floor_lines[target] = (floor, f"{json.dumps(str(target))}: {floor}")
+            key = json.dumps(str(target))
+            lines.append(f'{{"target": {key}, "entry": {fields}, "floor": {json.dumps(floor)}}}')
+        if lines:
+            append_lines(self.directory / JOURNAL_FILE, lines)
+            self._journal += len(lines)
+        for stale in replaced:  # a payload names its target: no other entry refers to it
+            self._files.discard(stale)
+            (bundles_dir / stale).unlink(missing_ok=True)
+        (self.directory / INTENT_FILE).unlink(missing_ok=True)  # all of it is recorded now
+
+    def _fold(self, current: Mapping[Target, Current], floors: Mapping[Target, int]) -> None:
+        """Write the payloads, then ``state.json`` atomically, then remove the journal;
+        drop unreferenced payloads. Only the entries that changed since the last save are
+        encoded (their bundle, their line); the file is then the saved lines joined."""
         bundles_dir = self.directory / BUNDLES_DIR
         saved: dict[Target, tuple[Current, str, str]] = {}
         keep: set[str] = set()
@@ -283,12 +384,14 @@ class StateStore:
             floor_lines[target] = line
         text = (
             f'{{"schema": {SCHEMA},\n"targets": {{\n'
-            + ",\n".join(line for _e, _d, line in saved.values())
+            + ",\n".join(f"{json.dumps(str(t))}: {line}" for t, (_e, _d, line) in saved.items())
             + '\n},\n"floors": {\n'
             + ",\n".join(line for _v, line in floor_lines.values())
             + "\n}}\n"
         )
         write_atomic(self.directory / STATE_FILE, text.encode("utf-8"))
+        (self.directory / JOURNAL_FILE).unlink(missing_ok=True)  # state.json holds it all
+        self._journal = 0
         self._saved, self._floor_lines = saved, floor_lines
         if self._files is None:
             self._files = {f.name for f in bundles_dir.iterdir() if not f.name.startswith(".")}

@@ -141,3 +141,42 @@ def test_a_save_encodes_only_the_entries_that_changed(
     assert current == {G: Current(bundle(2)), other: lobby} and floors == {G: 2, other: 1}
     assert len(list((tmp_path / BUNDLES_DIR).iterdir())) == 2  # kiosks v1's payload is gone
     store.unlock()
+
+
+def test_a_save_of_a_few_changes_appends_them_to_the_journal(tmp_path: Path) -> None:
+    """Work proportional to what changed: after the first save of a run (state.json whole),
+    a save of the targets a publication changed appends their lines to the journal, and
+    state.json is not written again. Loading replays the journal (a line cut short by a
+    crash is skipped); the next run's first save folds it into state.json; a crash between
+    writing state.json and removing the journal replays it again to the same state."""
+    from setpoint.controller.state import JOURNAL_FILE
+
+    other, gone = Target("group", "lobby"), Target("device", "d1")
+    lobby = Current(Bundle("group", "lobby", 1, "c" * 40, 100, 200), "Bob", "main")
+    d1 = Current(Bundle("device", "d1", 4, "c" * 40, 100, 200, group="lobby"))
+    store = StateStore(tmp_path)
+    store.lock()
+    store.save({G: Current(bundle(1)), other: lobby, gone: d1}, {G: 1, other: 1, gone: 4}, {G})
+    assert not (tmp_path / JOURNAL_FILE).exists()  # the first save of a run: whole
+    whole = (tmp_path / STATE_FILE).read_bytes()
+    store.save({G: Current(bundle(2)), other: lobby, gone: d1}, {G: 2, other: 1, gone: 4}, {G})
+    store.save({G: Current(bundle(2)), other: lobby}, {G: 2, other: 1, gone: 4}, {gone})
+    assert (tmp_path / STATE_FILE).read_bytes() == whole  # not written again
+    assert len((tmp_path / JOURNAL_FILE).read_text().splitlines()) == 2
+    assert len(list((tmp_path / BUNDLES_DIR).iterdir())) == 2  # kiosks v1's and d1's: gone
+    with (tmp_path / JOURNAL_FILE).open("a") as fh:
+        fh.write('{"target": "group/lobby", "entry": {"vers')  # a crash mid-line
+    expected = ({G: Current(bundle(2)), other: lobby}, {G: 2, other: 1, gone: 4})
+    assert StateStore(tmp_path).load() == expected
+    store.unlock()
+
+    again = StateStore(tmp_path)
+    again.lock()
+    current, floors = again.load()
+    journal = (tmp_path / JOURNAL_FILE).read_bytes()
+    again.save(current, floors, {G})  # the first save of this run: folded
+    assert not (tmp_path / JOURNAL_FILE).exists()
+    assert StateStore(tmp_path).load() == expected
+    (tmp_path / JOURNAL_FILE).write_bytes(journal)  # as if the crash came before its removal
+    assert StateStore(tmp_path).load() == expected
+    again.unlock()
