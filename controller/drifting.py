@@ -127,6 +127,8 @@ class _Fleet:
     members: dict[str, list[str]] = field(default_factory=dict)
     # Per device, the published entries its Desired was worked out from (see desired_for).
     inputs: dict[str, tuple[Any, Any, Desired]] = field(default_factory=dict)
+    # The devices whose Desired differs from the previous fleet's (see desired_for).
+    changed: set[str] = field(default_factory=set)
 
 
 class _Tally:
@@ -220,7 +222,9 @@ def desired_for(published: Mapping[Any, Any], previous: _Fleet | None = None) ->
     """Per device, its :class:`Desired`, from the controller's published bundles. Pure.
 
     With the ``previous`` fleet, a device whose published entries (its own and its
-    group's) are the very objects they were is not worked out again."""
+    group's) are the very objects they were is not worked out again, and ``changed``
+    names the devices whose Desired differs from the previous one's (added or gone
+    included): those worked out again and not equal, so the caller compares no maps."""
     groups: dict[str, Any] = {}
     devices: dict[str, Any] = {}
     for target, current in published.items():
@@ -229,6 +233,7 @@ def desired_for(published: Mapping[Any, Any], previous: _Fleet | None = None) ->
         groups={g: c.bundle for g, c in groups.items()},
         commits={g: c.bundle.commit for g, c in groups.items()},
     )
+    known = 0  # devices of ``previous`` still desired: when all are, none is gone
     for device, current in devices.items():
         bundle: Bundle = current.bundle
         group_id = bundle.group
@@ -241,6 +246,7 @@ def desired_for(published: Mapping[Any, Any], previous: _Fleet | None = None) ->
                 fleet.desired[device] = before[2]
                 fleet.inputs[device] = before
                 fleet.members.setdefault(group_id, []).append(device)
+                known += 1
                 continue
         group: Bundle = group_current.bundle
         newest = max((group_current, current), key=lambda c: c.published_at or 0.0)
@@ -263,6 +269,13 @@ def desired_for(published: Mapping[Any, Any], previous: _Fleet | None = None) ->
         )
         fleet.inputs[device] = (current, group_current, fleet.desired[device])
         fleet.members.setdefault(group_id, []).append(device)
+        if previous is not None:
+            old = previous.desired.get(device)
+            known += old is not None
+            if old != fleet.desired[device]:
+                fleet.changed.add(device)
+    if previous is not None and known != len(previous.desired):
+        fleet.changed.update(previous.desired.keys() - fleet.desired.keys())
     return fleet
 
 
@@ -532,12 +545,7 @@ class DriftEngine:
             self._rebuild_tallies()
             # Work proportional to what changed: only the devices whose desired state moved
             # are decided again (and every group summary is looked at: as many as groups).
-            old, new = before.desired, self._fleet.desired
-            self._reeval |= {
-                n
-                for n in old.keys() | new.keys()
-                if old.get(n) is not new.get(n) and old.get(n) != new.get(n)
-            }
+            self._reeval |= self._fleet.changed
             self._groups_touched = True
 
     def _rebuild_tallies(self) -> None:

@@ -78,6 +78,13 @@ def test_desired_for_takes_the_pin_as_the_desired_group_version() -> None:
     assert again.desired["free"] is not fleet.desired["free"]
     assert again.desired["free"].device_version == 2
     assert sorted(again.members["kiosks"]) == ["free", "held", "released"]
+    # It names the devices whose Desired changed (no map is compared): one re-published
+    # with the same content is not among them; one gone is.
+    assert again.changed == {"free"}
+    same = {**moved, Target("device", "held"): Current(published[Target("device", "held")].bundle)}
+    assert desired_for(same, again).changed == set()
+    gone = {t: c for t, c in moved.items() if t != Target("device", "released")}
+    assert desired_for(gone, again).changed == {"released"}
 
 
 # --- In a running controller ------------------------------------------------------------
