@@ -140,8 +140,8 @@ class Bundle:
     def with_commit(self, commit: str) -> Bundle:
         """The same content, rendered from ``commit``: its content digest is carried over
         (the commit is not part of the content), not computed again."""
-        # The constructor called directly: ``replace`` costs twice as much, and a render
-        # stamps every unchanged device's bundle (10,000 of them in a large fleet).
+        # The constructor called directly: ``replace`` costs twice as much (a render stamps
+        # every group bundle, a publication the bundles it publishes).
         bundle = Bundle(
             self.kind, self.target, self.version, commit, self.issued_at, self.expires_at,
             self.resources, self.mode, self.group, self.vars, self.group_version, self.schema,
