@@ -570,3 +570,35 @@ async def test_gating_is_part_of_every_controller(
         assert "group/canaries" not in seen.retained
         assert "group/prod" not in seen.retained
         assert controller.rollouts.views  # the gates' statuses are published
+
+
+def test_a_publication_names_the_head_of_its_branch_not_the_commit_it_was_rendered_from() -> None:
+    """A render keeps an unchanged target's bundle as it was rendered (the commit that last
+    changed it, not content); what a later commit does publish (a rollout's pin moving a
+    device's group_version) names that commit and its author, stamped at publication.
+    Restores and refreshes re-sign what was published, as it was."""
+    from setpoint.controller import service
+    from setpoint.controller.commits import CommitInfo
+    from setpoint.controller.planning import Adopt, Plan, Publish
+    from setpoint.controller.rendering import Render
+    from setpoint.proto.bundles import Bundle
+
+    old, new = "a" * 40, "b" * 40
+    head = CommitInfo(id=new, author="Bob <bob@example.com>", summary="", time=0, tree=b"t" * 40)
+    render = Render("main", commits={"main": new}, head=head, heads={"main": head})
+    pinned = Bundle("device", "k1", 3, old, 0, 1, group="kiosks", group_version=2)
+    kept = Bundle("device", "k2", 3, old, 0, 1, group="kiosks")
+    plan = Plan(
+        (
+            Publish(Target("device", "k1"), pinned, "change", "Alice", "main"),
+            Publish(Target("device", "k2"), kept, "refresh", "Alice", "main"),
+            Adopt(Target("device", "k3"), kept, "Alice", "main"),
+        )
+    )
+    stamped = service._stamped(plan, render).actions
+    change, refresh, adopt = stamped
+    assert isinstance(change, Publish) and change.bundle.commit == new
+    assert change.author == "Bob <bob@example.com>"
+    assert change.bundle.content_digest() == pinned.content_digest()
+    assert refresh == plan.actions[1]
+    assert isinstance(adopt, Adopt) and adopt.author == "Bob <bob@example.com>"
