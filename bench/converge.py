@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=ENGINES,
         default="mosquitto",
         help="mosquitto (benchmark settings), mosquitto-shipped (mosquitto/setpoint.conf as"
-        " shipped), or a 3-node NATS cluster (engines/nats-cluster-burst.conf)",
+        " shipped), mosquitto-large-fleet (mosquitto/large-fleet.conf), or a 3-node NATS"
+        " cluster: nats-cluster (engines/nats-cluster-burst.conf) or nats-cluster-safe"
+        " (engines/nats-cluster.conf, survives a node's death)",
     )
     parser.add_argument(
         "--rollout",
