@@ -70,7 +70,6 @@ class Replica:
         self._leading: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._failed: asyncio.Future[None] | None = None
-        self.terms_led: list[int] = []  # for tests and logs
 
     async def run(self) -> None:
         """Follow, claim and lead until cancelled."""
@@ -148,7 +147,6 @@ class Replica:
                 self._publish(action.record)
             elif isinstance(action, Lead):
                 log.info("replica %s leads (term %d)", self._settings.replica_id, action.term)
-                self.terms_led.append(action.term)
                 self._leading = asyncio.create_task(self._lead(), name="setpoint-leader")
                 self._leading.add_done_callback(self._leader_ended)
             else:
@@ -186,8 +184,3 @@ class Replica:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-    async def wait_leading(self) -> None:
-        """Return once this replica leads (tests)."""
-        while self._leading is None:
-            await asyncio.sleep(0.05)

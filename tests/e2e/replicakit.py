@@ -23,7 +23,7 @@ from setpoint.proto.topics import Topics
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_controller_cli import ALL, ENV, Subscriber, git
+from test_controller_cli import ALL, ENV, Subscriber, git, setpoint
 
 
 def host_port(url: str) -> tuple[str, int]:
@@ -78,6 +78,21 @@ def replica(
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
+
+
+def nats_fleet(tmp_path: Path) -> dict[str, Path]:
+    """The example fleet, declared for the NATS engine, and its signing keys."""
+    repo = tmp_path / "fleet"
+    setpoint("init", str(repo), check=True)
+    setpoint("keys", "generate", "--out", str(tmp_path / "keys"), check=True)
+    (repo / "fleet.yaml").write_text((repo / "fleet.yaml").read_text() + "engine: nats\n")
+    git(repo, "commit", "-qam", "on nats")
+    return {
+        "repo": repo,
+        "key": tmp_path / "keys" / "signing.key",
+        "pub": tmp_path / "keys" / "signing.pub",
+        "state": tmp_path / "state",
+    }
 
 
 def published(seen: Subscriber) -> list[tuple[str, int]]:

@@ -14,22 +14,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import test_controller_cli
 from replicakit import kill_the_leader_and_commit
 from test_controller_cli import setpoint
 
+fleet = test_controller_cli.fleet  # the example fleet and its keys (a fixture)
+
 pytestmark = pytest.mark.broker
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> dict[str, Path]:
-    setpoint("init", str(tmp_path / "fleet"), check=True)
-    setpoint("keys", "generate", "--out", str(tmp_path / "keys"), check=True)
-    return {
-        "repo": tmp_path / "fleet",
-        "key": tmp_path / "keys" / "signing.key",
-        "pub": tmp_path / "keys" / "signing.pub",
-        "state": tmp_path / "state",
-    }
 
 
 def test_the_leader_is_killed_and_the_other_replica_takes_over(

@@ -18,8 +18,7 @@ from setpoint.engines import NatsCluster
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "e2e"))
 
-from replicakit import kill_the_leader_and_commit
-from test_controller_cli import git, setpoint
+from replicakit import kill_the_leader_and_commit, nats_fleet
 
 pytestmark = [
     pytest.mark.engine,
@@ -28,20 +27,6 @@ pytestmark = [
         reason="cluster fault tests run with `make test-cluster` (SETPOINT_CLUSTER_FAULTS=1)",
     ),
 ]
-
-
-def nats_fleet(tmp_path: Path) -> dict[str, Path]:
-    repo = tmp_path / "fleet"
-    setpoint("init", str(repo), check=True)
-    setpoint("keys", "generate", "--out", str(tmp_path / "keys"), check=True)
-    (repo / "fleet.yaml").write_text((repo / "fleet.yaml").read_text() + "engine: nats\n")
-    git(repo, "commit", "-qam", "on nats")
-    return {
-        "repo": repo,
-        "key": tmp_path / "keys" / "signing.key",
-        "pub": tmp_path / "keys" / "signing.pub",
-        "state": tmp_path / "state",
-    }
 
 
 NODE_OF = {"ctl-a": 0, "ctl-b": 1}

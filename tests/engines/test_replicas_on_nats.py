@@ -14,8 +14,7 @@ from setpoint.engines import NatsCluster
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "e2e"))
 
-from replicakit import kill_the_leader_and_commit
-from test_controller_cli import git, setpoint
+from replicakit import kill_the_leader_and_commit, nats_fleet
 
 pytestmark = pytest.mark.engine
 
@@ -23,17 +22,7 @@ pytestmark = pytest.mark.engine
 def test_the_leader_replica_is_killed_and_the_one_on_another_node_takes_over(
     nats_cluster: NatsCluster, tmp_path: Path, unique_prefix: str
 ) -> None:
-    repo = tmp_path / "fleet"
-    setpoint("init", str(repo), check=True)
-    setpoint("keys", "generate", "--out", str(tmp_path / "keys"), check=True)
-    (repo / "fleet.yaml").write_text((repo / "fleet.yaml").read_text() + "engine: nats\n")
-    git(repo, "commit", "-qam", "on nats")
-    fleet = {
-        "repo": repo,
-        "key": tmp_path / "keys" / "signing.key",
-        "pub": tmp_path / "keys" / "signing.pub",
-        "state": tmp_path / "state",
-    }
+    fleet = nats_fleet(tmp_path)
     urls = nats_cluster.urls
     took = kill_the_leader_and_commit(
         fleet, {"ctl-a": urls[0], "ctl-b": urls[1]}, urls[2], unique_prefix
