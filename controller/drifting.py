@@ -897,29 +897,31 @@ class DriftEngine:
         )
 
     async def _publish_groups(self, groups: set[str], now: float, restore: bool) -> None:
-        if not groups:
-            return
-        outputs = []
+        """The summaries that moved (or the broker lost), in one pipelined round."""
+        changed: dict[str, GroupStatus | None] = {}
         for group in sorted(g for g in groups if g):
             new = self._summary(group, now)
             old = self._group_status.get(group)
             if new is None:
                 if old is not None:
-                    outputs.append(self._publish_group(group, None))
+                    changed[group] = None
                 continue
             if old is None or replace(old, time=0.0) != replace(new, time=0.0):
-                outputs.append(self._publish_group(group, new))
+                changed[group] = new
             elif restore and group not in self._groups_delivered:
-                outputs.append(self._publish_group(group, old))
-        await self._gather(outputs)
-
-    async def _publish_group(self, group: str, new: GroupStatus | None) -> None:
-        payload = new.to_json() if new is not None else b""
-        await self._publish(self._topics.group_status(group), payload, retain=True)
-        if new is None:
-            self._group_status.pop(group, None)
-        else:
-            self._group_status[group] = new
+                changed[group] = old
+        if not changed:
+            return
+        assert self._executor is not None
+        await self._executor.publish_many([
+            (self._topics.group_status(g), s.to_json() if s is not None else b"", True)
+            for g, s in changed.items()
+        ])  # fmt: skip
+        for group, new in changed.items():
+            if new is None:
+                self._group_status.pop(group, None)
+            else:
+                self._group_status[group] = new
 
     def _set_gauges(self) -> None:
         """Set the per-group, per-state gauge from the running counts, when they moved."""

@@ -43,6 +43,12 @@ class Executor:
         """Publish at QoS 1; return once the broker acknowledged (BrokerUnavailable if not)."""
         await self.link.publish(topic, payload, qos=1, retain=retain)
 
+    async def publish_many(self, messages: Sequence[tuple[str, bytes, bool]]) -> None:
+        """Publish ``(topic, payload, retain)`` at QoS 1, pipelined (many waiting for their
+        PUBACK at once, in order on the connection); return once every one is
+        acknowledged (BrokerUnavailable if not). For a round of many statuses."""
+        await self.link.publish_many(messages)
+
     async def clear(self, topic: str) -> None:
         """Clear a retained topic."""
         await self.link.publish(topic, b"", qos=1, retain=True)
