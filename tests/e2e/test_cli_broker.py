@@ -240,7 +240,8 @@ def test_the_controller_finds_its_nodes_in_dns_srv_and_skips_a_dead_one(
                    "--state-dir", str(tmp_path / "state"), "--once", env=dns.env)  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert dns.queries == ["_mqtt._tcp.ops.example.test"]
-    # The first node (dead) was tried, then the second took the bundles.
+    # The first node (dead) was tried, then the second took the controller's publications.
     assert "cannot connect" in done.stderr
     found = run(home, "status", "--broker", broker.url, "--prefix", unique_prefix)
-    assert found.returncode == 0 and "kiosks" in found.stdout, found.stdout
+    assert found.returncode == 0 and "branch main: HEAD" in found.stdout, found.stdout
+    assert "accepted" in found.stdout
