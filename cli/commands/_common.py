@@ -31,7 +31,7 @@ def require_controller(module: str = "setpoint.controller") -> ModuleType:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in {
-            "aiomqtt", "gmqtt", "pydantic", "dulwich", "yaml", "prometheus_client",
+            "gmqtt", "pydantic", "dulwich", "yaml", "prometheus_client",
         }:  # fmt: skip
             print(f"setpoint: {CONTROLLER_EXTRA_HINT} (missing: {exc.name})", file=sys.stderr)
             raise SystemExit(2) from None

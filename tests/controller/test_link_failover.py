@@ -145,3 +145,33 @@ async def test_publishing_without_a_session_is_broker_unavailable(unique_prefix:
     link = Link(BrokerSettings("127.0.0.1", free_port()), Topics(unique_prefix), [], print)
     with pytest.raises(BrokerUnavailable, match="not connected"):
         await link.publish_many([("t", b"x", False)])
+
+
+async def test_a_stalled_node_ends_the_session_and_the_link_moves_on(
+    broker: Any, second: Any, unique_prefix: str
+) -> None:
+    """The hang the link once met in the rollout tests: its QoS 1 publishes written, no
+    PUBACK and no PINGRESP for minutes, an idle loop. A broker that stops reading leaves
+    the link's publications in its socket buffer; the session must end at the heartbeat
+    (twice the keepalive) and the link go to the other node, not wait forever."""
+    topics = Topics(unique_prefix)
+    settings = BrokerSettings(
+        broker.host, broker.port, others=((second.host, second.port),),
+        keepalive=1, connect_timeout=2.0,
+    )  # fmt: skip
+    facts: list[Fact] = []
+    link = Link(settings, topics, [], facts.append, backoff=Backoff(0.05, 0.3))
+    big = b"x" * 65536  # enough of them fill the kernel's buffers: data left unsent
+    async with running(link):
+        async with asyncio.timeout(15):
+            first = await link.wait_connected()
+        with broker.stalled():
+            with pytest.raises(BrokerUnavailable):
+                await link.publish_many(
+                    [(topics.group_status(f"g{i}"), big, True) for i in range(200)]
+                )
+            async with asyncio.timeout(30):
+                await first.lost.wait()
+                now = await link.wait_connected()
+            assert now.node == f"{second.host}:{second.port}"
+            await link.publish(topics.group_status("after"), b"on the other node", retain=True)

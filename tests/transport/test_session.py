@@ -118,3 +118,26 @@ async def test_the_client_reconnects_after_the_broker_comes_back(broker: Broker)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_broker_that_stops_answering_ends_the_session_with_data_unsent(
+    broker: Broker,
+) -> None:
+    """The hang the controller's link once met: QoS 1 publishes written, no PUBACK, no
+    PINGRESP, an idle loop, for minutes. gmqtt's heartbeat gave up, but with a graceful
+    close, which waits for the write buffer to drain; a broker that stopped reading never
+    drains it, so the session never ended. It must end (and the socket be aborted)."""
+    # MQTT 3.1.1: no receive maximum bounds the QoS 1 publishes written here.
+    session = await Session.open(settings(broker, "t-stall", keepalive=1, protocol="3.1.1"))
+    transport = session._client._connection._transport  # type: ignore[union-attr]
+    with broker.stalled():
+        acks = []
+        while transport.get_write_buffer_size() == 0:  # the kernel's buffers are full
+            acks.append(session.publish_nowait("t/stall", b"x" * 65536, qos=1))
+        with pytest.raises(ConnectionLost, match="stopped answering"):
+            async with asyncio.timeout(30):
+                await acks[-1]
+        assert session.lost.done() and transport.is_closing()
+        async with asyncio.timeout(30):  # aborted: the socket is gone, not left draining
+            while transport.get_extra_info("socket").fileno() != -1:
+                await asyncio.sleep(0.05)
