@@ -49,6 +49,7 @@ from setpoint.proto.topics import Topics
 
 from . import ingesting
 from .errors import BrokerUnavailable
+from .ingesting import IngestConnection, IngestStats, Routes
 
 __all__ = ["Backoff", "BrokerSettings"]  # the kit's, named where the controller wires them
 
@@ -248,8 +249,9 @@ class Link:
         self.failures = 0
         self.failed = asyncio.Event()  # set on every failure (to connect, or of a session)
         self._barriers: dict[bytes, asyncio.Future[None]] = {}
-        self.ingest_stats = ingesting.IngestStats()  # what the pump handed over
-        self.ingest_max_waiting: int | None = None  # None: MAX_INBOX_MESSAGES
+        self._ingest: IngestConnection | None = None
+        self.ingest_stats = IngestStats()
+        self.ingest_max_waiting: int | None = None  # None: ingesting.MAX_WAITING
 
     # --- State ------------------------------------------------------------------------
 
@@ -319,7 +321,20 @@ class Link:
                     ack.exception()  # retrieved: one failure is raised, not one per message
 
     async def barrier(self, timeout: float | None = None) -> None:
-        """Return once every message the broker sent before this call has been handled."""
+        """Return once every message the broker sent before this call has been handled
+        (on both connections of the session)."""
+        ingest = self._ingest
+        try:
+            if ingest is not None:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(ingest.barrier(timeout or self.publish_timeout))
+                    tg.create_task(self._main_barrier(timeout))
+            else:
+                await self._main_barrier(timeout)
+        except* BrokerUnavailable as group:
+            raise _first(group) from None
+
+    async def _main_barrier(self, timeout: float | None) -> None:
         nonce = secrets.token_hex(8).encode("ascii")
         arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._barriers[nonce] = arrived
@@ -385,7 +400,7 @@ class Link:
             self.client_id,
             node,
             max_inbound_bytes=MAX_INBOX_BYTES,
-            max_inbound_messages=self.ingest_max_waiting or MAX_INBOX_MESSAGES,
+            max_inbound_messages=MAX_INBOX_MESSAGES,
         )
         try:
             return await transport.Session.open(settings)
@@ -406,11 +421,12 @@ class Link:
 
     async def _serve(self) -> None:
         connection = await self._open()
+        ingest: IngestConnection | None = None
         try:
             self._backoff.reset()
             self._sessions += 1
-            session = Session(connection, self._sessions, f"{connection.settings.host}:"
-                              f"{connection.settings.port}")  # fmt: skip
+            node = (connection.settings.host, connection.settings.port)
+            session = Session(connection, self._sessions, f"{node[0]}:{node[1]}")
             log.info(
                 "connected to %s as %s (MQTT %s)",
                 self._where(),
@@ -418,16 +434,58 @@ class Link:
                 connection.protocol,
             )
             await self._subscribe(connection)
+            ingest = self._ingest = await self._open_ingest(node)
             self._set_session(session)
             self._deliver(Connected(session))
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._pump(connection), name="mqtt-pump")
+                if ingest is not None:
+                    tg.create_task(ingest.serve(), name="mqtt-ingest")
                 tg.create_task(session.failure(), name="mqtt-session-failure")
         finally:
+            self._ingest = None
+            if ingest is not None:
+                ingest.close()
             connection.close()
 
+    async def _open_ingest(self, node: tuple[str, int]) -> IngestConnection | None:
+        """The session's receive connection for the bulk routes (None if there are none),
+        to the same node, with the same credentials and TLS. The floods of reports come
+        in there, so the acknowledgements of the controller's own publications (on the
+        main connection) never queue behind them."""
+        bulk = [r for r in self._wanted if r.bulk]
+        if not bulk:
+            return None
+        routes = Routes()
+        deliver = self._deliver
+        for route in bulk:
+            routes.add(route.topic_filter, lambda t, p, r: deliver(Message(t, p, r)))
+        s = self.settings
+        ident = f"{self.client_id}-in"
+        extra = {} if self.ingest_max_waiting is None else {"max_waiting": self.ingest_max_waiting}
+        return await IngestConnection.open(
+            host=node[0],
+            port=node[1],
+            client_id=ident,
+            routes=routes,
+            filters=[(r.topic_filter, r.qos) for r in bulk],
+            barrier_topic=self.topics.barrier(ident),
+            stats=self.ingest_stats,
+            keepalive=s.keepalive,
+            username=s.username,
+            password=s.password,
+            ssl_context=tls_context(s),
+            timeout=s.connect_timeout,
+            protocol=s.protocol,
+            **extra,
+        )
+
     async def _subscribe(self, connection: transport.Session) -> None:
-        wanted = [transport.Subscription(r.topic_filter, r.qos, r.no_local) for r in self._wanted]
+        wanted = [
+            transport.Subscription(r.topic_filter, r.qos, r.no_local)
+            for r in self._wanted
+            if not r.bulk
+        ]
         try:
             async with asyncio.timeout(self.publish_timeout):
                 await connection.subscribe(wanted)
@@ -445,23 +503,15 @@ class Link:
             raise BrokerUnavailable(f"subscribing: {exc}") from exc
 
     async def _pump(self, connection: transport.Session) -> None:
-        """Hand every message over, in order, until the connection is lost."""
-        deliver, barrier, stats = self._deliver, self._barrier_topic, self.ingest_stats
-        pauses = 0
+        """Hand every message of the main connection over, in order, until it is lost."""
+        deliver, barrier = self._deliver, self._barrier_topic
         try:
             while True:
-                batch = await connection.take(BATCH)
-                stats.received += len(batch)
-                for m in batch:
+                for m in await connection.take(BATCH):
                     if m.topic == barrier:
                         self._barrier_arrived(m.payload)
                     else:
                         deliver(Message(m.topic, m.payload, m.retain))
-                if connection.high_water > stats.high_water:
-                    stats.high_water = connection.high_water
-                if connection.pauses != pauses:
-                    stats.pauses += connection.pauses - pauses
-                    pauses = connection.pauses
                 await asyncio.sleep(0)  # let the engines and their publications run
         except transport.TransportError as exc:
             raise BrokerUnavailable(f"connection lost: {exc}") from exc
