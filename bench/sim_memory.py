@@ -59,11 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", action="store_true", help="tracemalloc: where it goes")
     parser.add_argument("--top", type=int, default=25, help="allocation sites to print")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-sim-memory-") as tmp:
-        with Broker(Path(tmp) / "broker", autosave_changes=100_000) as broker:
-            asyncio.run(
-                measure(broker.host, broker.port, args.devices, args.echo, args.trace, args.top)
-            )
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-sim-memory-") as tmp,
+        Broker(Path(tmp) / "broker", autosave_changes=100_000) as broker,
+    ):
+        asyncio.run(
+            measure(broker.host, broker.port, args.devices, args.echo, args.trace, args.top)
+        )
     return 0
 
 
