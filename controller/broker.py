@@ -378,7 +378,7 @@ class Link:
             try:
                 await self._serve()
             except* BrokerUnavailable as group:
-                log.warning("broker %s: %s", self._where(), _first(group))
+                log.warning("broker: %s", _first(group))
                 self.failures += 1
                 self.failed.set()
             finally:
@@ -410,8 +410,9 @@ class Link:
         try:
             return await transport.Session.open(settings)
         except transport.TransportError as exc:
+            where = self._where()
             await self._next_node()
-            raise BrokerUnavailable(f"cannot connect: {exc}") from exc
+            raise BrokerUnavailable(f"cannot connect to {where}: {exc}") from exc
 
     async def _next_node(self) -> None:
         count = len(nodes(self.settings))

@@ -175,3 +175,41 @@ async def test_a_stalled_node_ends_the_session_and_the_link_moves_on(
                 now = await link.wait_connected()
             assert now.node == f"{second.host}:{second.port}"
             await link.publish(topics.group_status("after"), b"on the other node", retain=True)
+
+
+async def test_the_replicas_lease_connection_skips_a_dead_node_and_leads(
+    broker: Any, unique_prefix: str, signing_key: Path
+) -> None:
+    from setpoint.controller.replica import Replica, ReplicaSettings
+    from setpoint.controller.signing import load_signer
+
+    settings = BrokerSettings(
+        "127.0.0.1", free_port(), others=((broker.host, broker.port),), connect_timeout=2.0
+    )
+    leading = asyncio.Event()
+
+    async def lead() -> None:
+        leading.set()
+        await asyncio.Event().wait()
+
+    replica = Replica(
+        settings,
+        Topics(unique_prefix),
+        load_signer(signing_key),
+        ReplicaSettings("r1", lease=3.0),
+        lead,
+    )
+    task = asyncio.create_task(replica.run())
+    reader = await Session.open(Settings(broker.host, broker.port, "lease-read"))
+    try:
+        await reader.subscribe([Topics(unique_prefix).controller_leader()])
+        async with asyncio.timeout(30):
+            await leading.wait()
+            # Its signed leader record is retained on the live node.
+            [record] = (await reader.take())[:1]
+        assert record.payload
+    finally:
+        reader.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
