@@ -516,7 +516,12 @@ class Session:
             return []
         connection = await self._writable()
         assert self._client is not None
-        wanted = [gmqtt.Subscription(s.topic_filter, qos=s.qos, no_local=s.no_local) for s in subs]
+        # gmqtt sets the no_local bit on 3.1.1 too, where the options byte is the QoS alone:
+        # a 3.1.1 broker (NATS) drops the connection for it.
+        v5 = self.protocol == "5"
+        wanted = [
+            gmqtt.Subscription(s.topic_filter, qos=s.qos, no_local=s.no_local and v5) for s in subs
+        ]
         future: asyncio.Future[Sequence[int]] = asyncio.get_running_loop().create_future()
         mid = connection.subscribe(wanted)
         self._subacks[mid] = future

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import pytest
 
@@ -141,3 +142,24 @@ async def test_a_broker_that_stops_answering_ends_the_session_with_data_unsent(
         async with asyncio.timeout(30):  # aborted: the socket is gone, not left draining
             while transport.get_extra_info("socket").fileno() != -1:
                 await asyncio.sleep(0.05)
+
+
+@pytest.mark.engine
+async def test_no_local_is_left_out_on_3_1_1_where_the_broker_would_drop_the_connection(
+    nats_cluster: Any, unique_prefix: str
+) -> None:
+    """gmqtt sets the no_local bit on 3.1.1 too, where the options byte must be the QoS
+    alone; NATS (3.1.1 only) drops the connection for it. The controller's link subscribes
+    with no_local, so on NATS it reconnected in a loop."""
+    host, port = nats_cluster.urls[0].removeprefix("mqtt://").rsplit(":", 1)
+    session = await Session.open(Settings(host, int(port), "t-nolocal"))
+    try:
+        assert session.protocol == "3.1.1"
+        topic = f"{unique_prefix}/nl"
+        async with asyncio.timeout(30):
+            assert await session.subscribe([Subscription(topic, qos=0, no_local=True)]) == [0]
+            await (await session.publish(topic, b"x", qos=1))
+            [message] = await session.take()
+        assert message.payload == b"x"  # 3.1.1 has no no_local: our own comes back
+    finally:
+        session.close()
