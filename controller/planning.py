@@ -279,10 +279,12 @@ def changed_targets(
     return changed
 
 
+def refresh_at(bundle: Bundle) -> int:
+    """When ``bundle`` is to be signed again (Unix seconds): half its lifetime."""
+    return bundle.issued_at + (bundle.expires_at - bundle.issued_at) // 2
+
+
 def next_refresh(current: Mapping[Target, Current]) -> int | None:
     """When the earliest refresh falls due (Unix seconds), if anything is published."""
-    times = [
-        c.bundle.issued_at + (c.bundle.expires_at - c.bundle.issued_at) // 2
-        for c in current.values()
-    ]
+    times = [refresh_at(c.bundle) for c in current.values()]
     return min(times) if times else None

@@ -316,7 +316,7 @@ async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyp
             client_id=f"controller-{name}", share="drift",
         )  # fmt: skip
 
-    async with start("a") as (_ca, a), start("b") as (_cb, b):
+    async with start("a") as (ca, a), start("b") as (cb, b):
         await watch.wait(lambda: set(names) <= set(watch.drift))
         for n, name in enumerate(names):
             await devices.report(in_sync_report(a._fleet.desired[name], seq=n + 1))
@@ -337,9 +337,9 @@ async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyp
         await watch.barrier()
         events = len(watch.events)
         passes = (a.passes, b.passes)
-        for engine in (a, b):
-            engine._full = True
-            engine._wake.set()
+        for controller, engine in ((ca, a), (cb, b)):
+            engine.interrupted()  # everything decided again, as after a broker loss
+            controller.wake("drift")
         await a.wait_for(lambda: a.passes > passes[0])
         await b.wait_for(lambda: b.passes > passes[1])
         await watch.barrier()

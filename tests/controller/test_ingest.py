@@ -32,9 +32,10 @@ from setpoint.controller.broker import (
     Message,
     Subscription,
 )
-from setpoint.controller.drifting import PUBLISH_CONCURRENCY, DriftEngine
+from setpoint.controller.drifting import DriftEngine
 from setpoint.controller.errors import BrokerUnavailable
 from setpoint.controller.ingesting import IngestConnection, IngestStats, Routes
+from setpoint.controller.service import PUBLISH_CONCURRENCY, gather_limited
 from setpoint.proto import reports
 from setpoint.proto.status import DRIFT_STATES
 from setpoint.proto.topics import Topics
@@ -123,7 +124,6 @@ async def test_running_counts_agree_with_a_recount(drift, broker, unique_prefix)
 
 
 async def test_a_failed_publication_leaves_no_coroutine_never_awaited() -> None:
-    engine = DriftEngine()
     started: list[int] = []
 
     async def fails() -> None:
@@ -138,7 +138,7 @@ async def test_a_failed_publication_leaves_no_coroutine_never_awaited() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(BrokerUnavailable, match="connection lost"):
-            await engine._gather(coros)
+            await gather_limited(coros, PUBLISH_CONCURRENCY)
         del coros
         gc.collect()
     assert len(started) < PUBLISH_CONCURRENCY * 2  # some never started...
