@@ -249,6 +249,8 @@ class Controller:
             await self._tg.__aenter__()
             await self._serve_metrics()
         except BaseException:
+            if self.drift is not None:
+                self.drift.metrics.close()
             self._close()
             raise
         self._spawn(self.link.run(), "mqtt-link")
@@ -272,6 +274,8 @@ class Controller:
                 raise error from None
             raise
         finally:
+            if self.drift is not None:
+                await asyncio.to_thread(self.drift.metrics.close)
             self._close()
 
     async def _serve_metrics(self) -> None:
@@ -281,8 +285,6 @@ class Controller:
             log.info("metrics on http://%s:%d/metrics", listen[0] or "0.0.0.0", port)
 
     def _close(self) -> None:
-        if self.drift is not None:
-            self.drift.metrics.close()
         if self.repository is not None:
             self.repository.close()
         self._state.unlock()
