@@ -416,6 +416,10 @@ class DriftEngine:
         self._member_of: dict[str, str] = {}
         self._gauge_counts: dict[str, Counter[str]] = {}  # per status group, for the gauge
         self._gauges_moved: set[str] = set()  # groups whose gauge is to be set again
+        # What the tick looks at (see _due): kept as statuses change.
+        self._pending: set[str] = set()
+        self._drifted: set[str] = set()
+        self._silent_at: list[tuple[float, str]] = []  # (when it falls silent, device)
         self._drift_delivered: set[str] = set()
         self._groups_delivered: set[str] = set()
         # True once this connection's retained statuses, reports and presence have all
@@ -689,6 +693,18 @@ class DriftEngine:
         tally = self._tallies.get(self._member_of.get(name, ""))
         if tally is not None:
             tally.move(name, old, new)
+        self._pending.discard(name)
+        self._drifted.discard(name)
+        if new is not None and name in self._devices:
+            if new.state == "pending":
+                self._pending.add(name)
+            elif new.state == "drifted":
+                self._drifted.add(name)
+            silent_after = self.settings.silent_after
+            watched = new.state != "offline" and new.last_seen is not None
+            moved = old is None or old.last_seen != new.last_seen or old.state == "offline"
+            if silent_after is not None and watched and moved and new.last_seen is not None:
+                heapq.heappush(self._silent_at, (new.last_seen + silent_after, name))
         if old is not None:
             self._gauge_counts[old.group or ""][old.state] -= 1
             self._gauges_moved.add(old.group or "")
@@ -745,6 +761,27 @@ class DriftEngine:
         seq = dev.report.seq if dev.report is not None else None
         return replace(new, report_seq=seq)
 
+    def _due(self, now: float) -> set[str]:
+        """What the tick decides again: pending devices (turning overdue), drifted ones of
+        an enforce group whose reconcile command may be sent again, and those whose
+        heartbeat is overdue and are not shown offline yet. Kept as statuses change (sets,
+        and a heap by when each falls silent): work proportional to those, not the fleet."""
+        due = set(self._pending)
+        for name in self._drifted:
+            dev = self._devices.get(name)
+            if dev is not None and dev.status is not None and self._wants_command(dev, dev.status):
+                due.add(name)
+        heap, later = self._silent_at, []
+        while heap and heap[0][0] < now:
+            _, name = heapq.heappop(heap)
+            found = self._counted.get(name)
+            if found is not None and self._gone_silent(found, now):
+                due.add(name)
+                later.append((now + self.settings.tick, name))  # until it is shown offline
+        for entry in later:
+            heapq.heappush(heap, entry)
+        return due
+
     def _gone_silent(self, status: DriftStatus, now: float) -> bool:
         """Its heartbeat is overdue and it is not shown offline yet: the tick decides it."""
         return status.state != "offline" and detecting.is_silent(
@@ -777,16 +814,7 @@ class DriftEngine:
             names |= set(self._devices) | set(self._fleet.desired)
             self._all_groups = True
         elif tick:
-            names |= {
-                n
-                for n, d in self._devices.items()
-                if d.status is not None
-                and (
-                    d.status.state == "pending"
-                    or self._wants_command(d, d.status)
-                    or self._gone_silent(d.status, now)
-                )
-            }
+            names |= self._due(now)
         if restore:
             self._all_groups = True
         actions: list[DriftAction] = []

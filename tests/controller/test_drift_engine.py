@@ -525,3 +525,17 @@ async def test_a_commit_re_decides_only_the_devices_whose_desired_state_changed(
         # gw-01 is the only member of gateways: the kiosks are not decided again.
         assert engine.evaluations - before == 1
         assert watch.state("kiosk-01") == "in_sync" and watch.state("kiosk-02") == "in_sync"
+
+
+async def test_the_tick_decides_only_the_devices_that_may_move(drift, watch, devices) -> None:  # type: ignore[no-untyped-def]
+    """The tick looks at pending, silent and unreconciled devices, kept as their statuses
+    change, not at every device: a fleet in sync costs its ticks no decision; a drifted
+    device of an enforce group is decided again on a tick (its reconcile retry)."""
+    async with drift(tick=0.1, reconcile_interval=0.3) as (_controller, engine):
+        await all_in_sync(engine, devices, watch)
+        passes, evaluations = engine.passes, engine.evaluations
+        await engine.wait_for(lambda: engine.passes > passes + 5)
+        assert engine.evaluations == evaluations
+        await devices.report(drifted_report(engine._fleet.desired["kiosk-01"], 50, "motd"))
+        await watch.wait(watch.is_("kiosk-01", "drifted"))
+        await watch.wait(lambda: len([c for c in watch.commands if c[0] == "kiosk-01"]) >= 2)
