@@ -904,7 +904,7 @@ class DriftEngine:
         latencies: list[float],
     ) -> None:
         """Decide each of ``names``; what to do goes to ``actions`` (typed, carried out by
-        :meth:`_carry_out` through the executor)."""
+        the controller's loop through the executor, then recorded by :meth:`done`)."""
         for name in sorted(names):
             dev = self._device(name)
             if dev is None:
