@@ -282,7 +282,8 @@ class Link:
 
     # --- Publishing ---------------------------------------------------------------------
 
-    def _current(self) -> Session:
+    def session(self) -> Session:
+        """The current session; BrokerUnavailable if there is none."""
         session = self._session
         if session is None:
             raise BrokerUnavailable("not connected to the broker")
@@ -292,7 +293,7 @@ class Link:
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> None:
         """Publish on the current session; BrokerUnavailable if there is none or it breaks."""
-        await self._current().publish(
+        await self.session().publish(
             topic, payload, qos=qos, retain=retain, timeout=self.publish_timeout
         )
 
@@ -305,7 +306,7 @@ class Link:
         all are acknowledged; BrokerUnavailable (for the first that failed) if not."""
         if not messages:
             return
-        session = self._current()
+        session = self.session()
         timeout = self.publish_timeout
         acks: list[tuple[str, asyncio.Future[None]]] = []
         try:
@@ -345,7 +346,7 @@ class Link:
         self._barriers[nonce] = arrived
         topic = self._barrier_topic
         try:
-            session = self._current()
+            session = self.session()
             await self.publish(topic, nonce, qos=1)
             lost = asyncio.ensure_future(session.lost.wait())
             try:

@@ -213,3 +213,47 @@ async def test_the_replicas_lease_connection_skips_a_dead_node_and_leads(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_the_executor_carries_a_round_out_pipelined_and_records_it_in_order(
+    broker: Any, unique_prefix: str, tmp_path: Path
+) -> None:
+    from setpoint.controller.audit import AuditLog
+    from setpoint.controller.detecting import ClearGroup, ShowGroup
+    from setpoint.controller.executing import Executor
+    from setpoint.proto.status import GroupStatus
+
+    topics = Topics(unique_prefix)
+    link = Link(BrokerSettings(broker.host, broker.port), topics, [], lambda _f: None)
+    executor = Executor(link, topics, AuditLog(tmp_path), lambda: 0.0)
+    count = 2000
+    actions: list[Any] = [
+        ShowGroup(f"g{i}", GroupStatus(f"g{i}", i, None, "observe", 1, {}, 100.0))
+        for i in range(count)
+    ]
+    actions.append(ClearGroup("g0"))  # after g0's summary: the same order on the broker
+    recorded: list[Any] = []
+    async with running(link):
+        async with asyncio.timeout(15):
+            session = await link.wait_connected()
+        most = 0
+
+        def done(action: Any) -> None:
+            nonlocal most
+            most = max(most, session._connection.inflight)
+            recorded.append(action)
+
+        await executor.carry_out_all(actions, done)
+        assert recorded == actions  # every one, in order, once acknowledged
+        assert most > 1  # others were in flight while the first were recorded: pipelined
+        reader = await Session.open(Settings(broker.host, broker.port, "carry-read"))
+        try:
+            await reader.subscribe([topics.all_group_status()])
+            got: dict[str, bytes] = {}
+            async with asyncio.timeout(30):
+                while len(got) < count - 1:
+                    got.update((m.topic, m.payload) for m in await reader.take())
+            assert topics.group_status("g0") not in got  # cleared after it was shown
+            assert got[topics.group_status("g7")] == actions[7].new.to_json()
+        finally:
+            reader.close()
