@@ -114,13 +114,15 @@ async def open_connection(
     on_lost: Callable[[Connection, Exception | None], None] | None = None,
     timeout: float = 10.0,
     protocol: str = "auto",
+    source_address: str | None = None,
 ) -> Connection:
     """Connect and wait for the CONNACK (a :class:`TransportError` on refusal or timeout);
-    ``will`` is ``(topic, payload, qos, retain)``."""
+    ``will`` is ``(topic, payload, qos, retain)``; the connection leaves from
+    ``source_address`` when given."""
     settings = Settings(
         host, port, client_id, protocol=protocol,  # type: ignore[arg-type]
         username=username, password=password, keepalive=keepalive, connect_timeout=timeout,
-        will=Will(*will) if will is not None else None,
+        will=Will(*will) if will is not None else None, source_address=source_address,
     )  # fmt: skip
     session = await Session.open(settings, on_message or _ignore)
     _slim(session)

@@ -122,25 +122,6 @@ def local_ports() -> int:
         return 28_232  # Linux's default range, 32768-60999
 
 
-def bind_source(loop: asyncio.AbstractEventLoop, source: str) -> None:
-    """Make every TCP connection ``loop`` opens leave from the address ``source``.
-
-    A simulator process uses one source address for all its devices (:func:`plan`). gmqtt
-    0.8 opens every socket in ``MQTTConnection.create_connection`` with
-    ``loop.create_connection(factory, host, port, ssl=ssl)``: no ``local_addr``, no
-    ``sock``, no connection factory a client can be handed. The clean place for a source
-    address is the transport (a setting its gmqtt subclass passes on by overriding
-    ``Client._create_connection``); until it has one, this process's loop adds
-    ``local_addr`` to every call (the simulator opens no other connection)."""
-    original = loop.create_connection
-
-    async def create_connection(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("local_addr", (source, 0))
-        return await original(*args, **kwargs)
-
-    loop.create_connection = create_connection  # type: ignore[method-assign]
-
-
 def rss_mb(pid: int | str = "self") -> float:
     """Resident set size of a process in MB (from /proc)."""
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
@@ -216,6 +197,7 @@ class Swarm:
                     password=config.password,
                     on_message=device.on_message,
                     on_lost=lambda conn, exc: self._lost(device, conn, exc),
+                    source_address=config.source,
                 )
             except (OSError, mqtt.TransportError) as exc:
                 self.failures += 1
@@ -303,8 +285,6 @@ class Swarm:
     # --- Running -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> Counters:
-        if self.config.source is not None:
-            bind_source(asyncio.get_running_loop(), self.config.source)
         rate = await self.connect_all()
         self.on_ready(
             {
