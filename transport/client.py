@@ -186,46 +186,45 @@ class _Handler(MqttPackageHandler):  # type: ignore[misc]
 
 
 class _Protocol(MQTTProtocol):  # type: ignore[misc]
-    """gmqtt's protocol with its writes coalesced. gmqtt writes every packet to the socket
-    as it builds it: a ``send`` system call per PUBLISH, 14-21% of the controller's CPU in a
-    pipelined round of statuses. Here the first packet of a turn of the event loop is
-    written at once (a lone message waits for nothing), the packets after it in the same
-    turn wait in a list and go in one write at the end of the turn (:meth:`flush`,
-    scheduled by the first), in the order written; past :data:`WRITE_COALESCE_BYTES`
-    waiting they go at once."""
+    """gmqtt's protocol with its writes coalesced: gmqtt writes every packet to the socket
+    as it builds it (a ``send`` system call per PUBLISH: 14-25% of the controller's CPU in a
+    pipelined round of statuses, 7-26% of the simulator's); here the packets of one turn of
+    the event loop wait in a list and go in one write at the end of it (:meth:`flush`,
+    scheduled by the first), in the order written. Past :data:`WRITE_COALESCE_BYTES`
+    waiting they go at once. A lone message waits one turn of the loop: the broker round
+    trip measured the same as with the first packet of a turn written at once (within
+    10 µs, either way, 3,000 samples a run), which coalesced less (a turn's first packet
+    and the rest: two writes, and only one packet in most turns of the simulator's
+    devices)."""
 
-    _pending: list[bytes] | None = None  # None: nothing written yet in this turn
+    _pending: list[bytes] | None = None  # None: nothing waits, no flush scheduled
     _pending_bytes = 0
 
     def write_data(self, data: bytes) -> None:
         pending = self._pending
         if pending is None:
-            self._pending = []
+            self._pending = [data]
+            self._pending_bytes = len(data)
             self._loop.call_soon(self.flush)
-            self._write(data)
             return
         pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= WRITE_COALESCE_BYTES:
-            self._pending = []
-            self._pending_bytes = 0
-            self._write(b"".join(pending))
+            self.flush()
 
     def flush(self) -> None:
-        """Write what waits and end the turn (the next packet is written at once)."""
+        """Write what waits (a no-op when nothing does)."""
         pending = self._pending
+        if pending is None:
+            return
         self._pending = None
         self._pending_bytes = 0
-        if pending:
-            self._write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def _write(self, data: bytes) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
             return  # the connection is going: what waited goes with it, as gmqtt would
         if self._connection is not None:
             self._connection._last_data_out = time.monotonic()
-        transport.write(data)
+        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
 
 class _Gmqtt(gmqtt.Client):  # type: ignore[misc]
