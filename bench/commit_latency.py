@@ -3,11 +3,12 @@
     .venv/bin/python -m bench.commit_latency [--runs 20]
 
 Starts a private mosquitto, an example fleet repository (``setpoint init``'s), a real
-controller watching it, and a plain aiomqtt subscriber on the device's desired topic. Each
-run commits a change to one device file with the git CLI (as an operator would) and waits
-for the new version to arrive. Two clocks per commit: from the start of ``git commit``, and
-from the moment the branch ref was updated (the ref file's mtime). Prints a table and
-appends a JSON line to ``bench/results/results.jsonl``.
+controller watching it, and a plain ``setpoint.transport`` subscriber on the device's
+desired topic (the codec the controller and the simulator use). Each run commits a change
+to one device file with the git CLI (as an operator would) and waits for the new version
+to arrive. Two clocks per commit: from the start of ``git commit``, and from the moment
+the branch ref was updated (the ref file's mtime). Prints a table and appends a JSON line
+to ``bench/results/results.jsonl``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiomqtt
-
 from setpoint.commands import keys
 from setpoint.controller import examples
 from setpoint.controller.broker import BrokerSettings
@@ -33,6 +32,7 @@ from setpoint.mosquitto import Broker
 from setpoint.proto import bundles, envelopes
 from setpoint.proto.topics import Topics
 from setpoint.proto.trust import PAYLOAD_TYPES
+from setpoint.transport import Session, Settings, Subscription
 
 RESULTS = Path(__file__).parent / "results" / "results.jsonl"
 DEVICE = "kiosk-01"
@@ -88,38 +88,39 @@ async def measure(runs: int, work: Path) -> dict[str, object]:
             state_dir=work / "state",
         )
         arrivals: asyncio.Queue[tuple[float, int]] = asyncio.Queue()
-        async with aiomqtt.Client(broker.host, broker.port) as client, Controller(config) as ctl:
+
+        def on_bundle(topic: str, payload: bytes, retain: bool) -> None:
+            arrived = time.time()  # stamped in the network callback, before any queue
+            if payload:
+                verified = envelopes.verify(payload, trusted, payload_type=PAYLOAD_TYPES["device"])
+                arrivals.put_nowait((arrived, bundles.decode(verified).version))
+
+        async with Controller(config) as ctl:
             await ctl.settle(30)
-            await client.subscribe(topic, qos=1)
-
-            async def pump() -> None:
-                async for message in client.messages:
-                    payload = bytes(message.payload)  # type: ignore[arg-type]
-                    if payload:
-                        verified = envelopes.verify(
-                            payload, trusted, payload_type=PAYLOAD_TYPES["device"]
-                        )
-                        arrivals.put_nowait((time.time(), bundles.decode(verified).version))
-
-            task = asyncio.create_task(pump())
-            _, version = await asyncio.wait_for(arrivals.get(), 10)
-            for run in range(1, runs + 1):
-                (repo / "devices" / f"{DEVICE}.yaml").write_text(
-                    f"group: kiosks\nvars: {{n: {run}}}\n"
-                )
-                git(repo, "add", "-A")
-                started = time.time()
-                await asyncio.to_thread(git, repo, "commit", "-q", "-m", f"run {run}")
-                ref_updated = ref_file.stat().st_mtime_ns / 1e9
-                while True:
-                    arrived, got = await asyncio.wait_for(arrivals.get(), 10)
-                    if got > version:
-                        version = got
-                        break
-                from_start.append(arrived - started)
-                from_ref.append(arrived - ref_updated)
-                await ctl.settle(10)
-            task.cancel()
+            client = await Session.open(
+                Settings(broker.host, broker.port, "bench-commit"), on_bundle
+            )
+            try:
+                await client.subscribe([Subscription(topic, 1)])
+                _, version = await asyncio.wait_for(arrivals.get(), 10)
+                for run in range(1, runs + 1):
+                    (repo / "devices" / f"{DEVICE}.yaml").write_text(
+                        f"group: kiosks\nvars: {{n: {run}}}\n"
+                    )
+                    git(repo, "add", "-A")
+                    started = time.time()
+                    await asyncio.to_thread(git, repo, "commit", "-q", "-m", f"run {run}")
+                    ref_updated = ref_file.stat().st_mtime_ns / 1e9
+                    while True:
+                        arrived, got = await asyncio.wait_for(arrivals.get(), 10)
+                        if got > version:
+                            version = got
+                            break
+                    from_start.append(arrived - started)
+                    from_ref.append(arrived - ref_updated)
+                    await ctl.settle(10)
+            finally:
+                client.close()
     return {
         "bench": "commit_latency",
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

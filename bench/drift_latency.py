@@ -4,11 +4,12 @@
 
 Starts a private mosquitto (``setpoint.mosquitto.Broker``), a scratch example fleet, and a
 real controller with its drift engine in this process; then plays devices with a plain
-aiomqtt client: each round publishes one report (QoS 1, retained, as a shim does) that
-flips a device between ``in_sync`` and ``drifted``, and waits for the drift event on
-``events/drift`` at a second, independent subscriber. The latency is the time from just
-before the report's PUBLISH to the event's arrival, measured with one monotonic clock.
-Prints the median, p90, p99 and max, and the engine's own detection histogram count.
+``setpoint.transport`` session (the codec the controller and the simulator use): each
+round publishes one report (QoS 1, retained, as a shim does) that flips a device between
+``in_sync`` and ``drifted``, and waits for the drift event on ``events/drift`` at a
+second, independent subscriber. The latency is the time from just before the report's
+PUBLISH to the event's arrival, measured with one monotonic clock. Prints the median, p90,
+p99 and max, and the engine's own detection histogram count.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiomqtt
-
 from setpoint.commands import keys
 from setpoint.controller import examples
 from setpoint.controller.broker import BrokerSettings
@@ -33,6 +32,7 @@ from setpoint.mosquitto import Broker
 from setpoint.proto import bundles, reports
 from setpoint.proto.reports import Applied, Report, ResourceReport
 from setpoint.proto.topics import Topics
+from setpoint.transport import Session, Settings, Subscription
 
 PREFIX = "setpoint/v1"
 
@@ -75,56 +75,53 @@ async def measure(work: Path, rounds: int) -> list[float]:
             await asyncio.wait_for(engine.ready.wait(), 30)
             devices = sorted(engine._fleet.desired)
             arrived: asyncio.Queue[tuple[float, dict[str, object]]] = asyncio.Queue()
-            async with (
-                aiomqtt.Client(broker.host, broker.port, identifier="bench-watch") as watch,
-                aiomqtt.Client(broker.host, broker.port, identifier="bench-device") as device,
-            ):
-                await watch.subscribe(topics.event("drift"), qos=1)
 
-                async def pump() -> None:
-                    async for message in watch.messages:
-                        event = json.loads(bytes(message.payload))  # type: ignore[arg-type]
-                        await arrived.put((time.monotonic(), event))
+            def on_event(topic: str, payload: bytes, retain: bool) -> None:
+                # Stamped in the network callback, before any queue.
+                arrived.put_nowait((time.monotonic(), json.loads(payload)))
 
-                pumping = asyncio.create_task(pump())
+            watch = await Session.open(Settings(broker.host, broker.port, "bench-watch"), on_event)
+            device = await Session.open(Settings(broker.host, broker.port, "bench-device"))
+            try:
+                await watch.subscribe([Subscription(topics.event("drift"), 1)])
                 state = dict.fromkeys(devices, False)
                 latencies: list[float] = []
                 seq = 0
                 warmup = 10
-                try:
-                    # Settle every device in sync first (not measured).
-                    for name in devices:
-                        seq += 1
-                        topic = topics.device_reported(name)
-                        await device.publish(topic, report_for(engine, name, seq, False), qos=1,
-                                             retain=True)  # fmt: skip
-                    # The fleet's devices only: under load (bench.drift_load) the engine
-                    # also holds statuses of the load's devices, which are in no fleet.
-                    await engine.wait_for(
-                        lambda: all(
-                            (s := engine.statuses().get(name)) is not None and s.state == "in_sync"
-                            for name in devices
-                        ),
-                        timeout=30,
-                    )
-                    while not arrived.empty():
-                        arrived.get_nowait()
-                    for n in range(rounds + warmup):
-                        name = devices[n % len(devices)]
-                        state[name] = not state[name]
-                        seq += 1
-                        payload = report_for(engine, name, seq, state[name])
-                        t0 = time.monotonic()
-                        await device.publish(topics.device_reported(name), payload, qos=1,
-                                             retain=True)  # fmt: skip
-                        while True:
-                            t1, event = await asyncio.wait_for(arrived.get(), 10)
-                            if event.get("device") == name and event.get("report_seq") == seq:
-                                break
-                        if n >= warmup:
-                            latencies.append(t1 - t0)
-                finally:
-                    pumping.cancel()
+                # Settle every device in sync first (not measured).
+                for name in devices:
+                    seq += 1
+                    topic = topics.device_reported(name)
+                    await (await device.publish(topic, report_for(engine, name, seq, False),
+                                                qos=1, retain=True))  # fmt: skip
+                # The fleet's devices only: under load (bench.drift_load) the engine
+                # also holds statuses of the load's devices, which are in no fleet.
+                await engine.wait_for(
+                    lambda: all(
+                        (s := engine.statuses().get(name)) is not None and s.state == "in_sync"
+                        for name in devices
+                    ),
+                    timeout=30,
+                )
+                while not arrived.empty():
+                    arrived.get_nowait()
+                for n in range(rounds + warmup):
+                    name = devices[n % len(devices)]
+                    state[name] = not state[name]
+                    seq += 1
+                    payload = report_for(engine, name, seq, state[name])
+                    t0 = time.monotonic()
+                    await (await device.publish(topics.device_reported(name), payload, qos=1,
+                                                retain=True))  # fmt: skip
+                    while True:
+                        t1, event = await asyncio.wait_for(arrived.get(), 10)
+                        if event.get("device") == name and event.get("report_seq") == seq:
+                            break
+                    if n >= warmup:
+                        latencies.append(t1 - t0)
+            finally:
+                watch.close()
+                device.close()
             hist = engine.metrics.latency.collect()[0]
             count = next(s.value for s in hist.samples if s.name.endswith("_count"))
             print(f"engine detection histogram: {count:.0f} observations")

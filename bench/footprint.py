@@ -79,7 +79,7 @@ async def main_async(idle: float, quick: bool, poll: bool = False) -> dict[str, 
             shim = subprocess.Popen(
                 [SETPOINT, "shim", "--device", DEVICE, "--broker", stack.broker.url,
                  "--trust", str(stack.pub), "--root", str(Path(tmp) / "root"),
-                 "--state-dir", str(Path(tmp) / "state"), "--log-level", "WARNING",
+                 "--state-dir", str(Path(tmp) / "shim-state"), "--log-level", "WARNING",
                  *(SHIM_POLL_FLAGS if poll else ())],
             )  # fmt: skip
             try:

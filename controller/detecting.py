@@ -28,7 +28,9 @@ cannot change the answer. The rules, in order:
 11. otherwise ``in_sync``.
 
 :func:`summarise` folds device states into a group's convergence summary.
-:data:`DriftAction` is what the drift engine's decisions ask its executor to do.
+:data:`DriftAction` (a device's) and :data:`GroupAction` (a group summary's) are what the
+drift decisions ask the controller's executor to do; :func:`change_of` and
+:func:`drift_event_fields` say which drift event a status change makes.
 
 Pure; no I/O.
 """
@@ -38,9 +40,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, Literal
 
-from setpoint.proto import bundles
+from setpoint.proto import bundles, status
 from setpoint.proto.bundles import Resource
 from setpoint.proto.reports import Refusal, Report
 from setpoint.proto.status import DRIFT_STATES, DriftState, DriftStatus, GroupStatus, ResourceDiff
@@ -90,6 +92,57 @@ class Reconcile:
 
 
 DriftAction = ShowDrift | ClearDrift | Reconcile
+
+
+@dataclass(frozen=True, slots=True)
+class ShowGroup:
+    """Retain ``new`` as the group's summary (``.../groups/<group>/status``)."""
+
+    group: str
+    new: GroupStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ClearGroup:
+    """Clear the group's retained summary (the group left the fleet)."""
+
+    group: str
+
+
+GroupAction = ShowGroup | ClearGroup
+
+Change = Literal["opened", "changed", "resolved"]
+
+
+def change_of(previous: DriftStatus | None, new: DriftStatus) -> Change | None:
+    """The drift event a status change makes, or None when it makes none.
+
+    ``opened``: it was in sync (or new) and is not; ``resolved``: it is in sync again;
+    ``changed``: another state, or the same drift on other resources.
+    """
+    if previous is None:
+        return "changed" if new.state == "in_sync" else "opened"
+    if previous.state == new.state:
+        if new.state in ("drifted", "blocked") and previous.resources != new.resources:
+            return "changed"
+        return None
+    if new.state == "in_sync":
+        return "resolved"
+    if previous.state == "in_sync":
+        return "opened"
+    return "changed"
+
+
+def drift_event_fields(
+    previous: DriftStatus | None, new: DriftStatus, change: Change
+) -> dict[str, Any]:
+    """The fields of a ``drift`` event (see ``proto/SPEC.md`` 7.3)."""
+    body: dict[str, Any] = status.drift_to_dict(new)
+    body.pop("last_seen", None)
+    body["change"] = change
+    body["previous"] = previous.state if previous is not None else None
+    body["previous_since"] = previous.since if previous is not None else None
+    return body
 
 
 @dataclass(frozen=True, slots=True)

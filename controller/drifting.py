@@ -1,42 +1,53 @@
-"""The drift engine: devices' reports and presence in, drift status, group status and events out.
+"""Drift: devices' reports and presence in, drift status, group status and events decided.
 
-:class:`DriftEngine` runs inside a controller built with ``Controller(config,
-drift=DriftSettings(...))``. It rides on the controller's one MQTT connection:
+:class:`DriftEngine` is the drift part of the controller's one reconcile loop
+(``Controller(config, drift=DriftSettings(...))``). It has no task, no connection and no
+loop of its own; it keeps the facts about devices and decides, and the controller's loop
+carries its decisions out through the one executor:
 
-* **Ingest.** Routes (QoS 0, so a retained flood is never cut by the broker's queue limit)
-  on ``devices/+/reported``, ``devices/+/presence``, and on ``devices/+/drift`` and
-  ``groups/+/status`` (what is retained now: the ``previous`` of every decision, and what
-  other engines decided). A handler only files the raw payload under the device named by
-  the *topic* and marks the device dirty: a flood from one device costs one dict store per
-  message, and only the latest report of each device is ever decoded (coalescing). A
-  report whose body names another device is not believed.
-* **Detection.** A worker wakes on every new report or presence, on every batch of
-  publications (the controller calls :meth:`DriftEngine.published`: every device is
-  re-evaluated against the new desired state), and on a periodic tick (pending devices
-  becoming overdue, reconcile retries). It calls the pure
-  :func:`~setpoint.controller.detecting.detect` for each device it has to look at and
-  compares with what is retained: level-triggered, so a lost or duplicated message
+* **Facts in.** The controller hands it every message of its subscriptions
+  (:func:`subscriptions`): ``devices/+/reported`` and ``devices/+/presence`` (QoS 0, so
+  a retained flood is never cut by the broker's queue limit), ``devices/+/drift`` and
+  ``groups/+/status`` (what is retained now: the ``previous`` of every decision, and
+  what other engines decided). ``take_*`` only files the raw payload under the device
+  named by the *topic* and marks the device dirty: a flood from one device costs one
+  dict store per message, and only the latest report of each device is ever decoded
+  (coalescing). A report whose body names another device is not believed. The
+  controller's publications come in through :meth:`DriftEngine.published`, naming the
+  targets that changed.
+* **Decide.** Each pass of the loop (woken by a report or presence, a batch of
+  publications, or the drift tick: pending devices becoming overdue, reconcile retries,
+  silent devices) calls :meth:`DriftEngine.decide`: the pure
+  :func:`~setpoint.controller.detecting.detect` for each device it has to look at,
+  compared with what is retained, into typed actions (``ShowDrift``, ``ClearDrift``,
+  ``Reconcile``); then :meth:`DriftEngine.summaries` into ``ShowGroup`` / ``ClearGroup``
+  for the groups whose summary moved. The loop hands each action to the executor and,
+  once it is done, back to :meth:`DriftEngine.done`, which records it (retained status,
+  running tallies and gauges, metrics). Level-triggered: a lost or duplicated message
   changes nothing.
-* **Output, only on change.** Retained JSON drift status per device, a retained group
-  summary per group, and a non-retained ``drift`` event (``opened``, ``changed``,
-  ``resolved``) with the previous state and when it began.
+* **Work proportional to what changed.** After a batch of publications only the devices
+  whose published entries (their own or their group's) changed are worked out again
+  (:func:`refresh`) and decided again; group summaries and gauges are running counts
+  moved one device at a time (:class:`_Tally`), and only the groups they moved are
+  summarised.
 * **Remediation.** A device of an ``enforce`` group that is drifted gets a signed
   ``reconcile`` command (rate-limited per device); ``observe`` groups are only reported.
-* **Restart.** Nothing is published before the retained reports, presence and drift
-  statuses have all arrived (a barrier round trip) and the controller has settled its
-  desired state; decisions equal to what is retained publish nothing, so a restart makes
-  no burst of events. After a reconnect, drift and group statuses the broker lost are
-  published again (without events).
+* **Restart.** Nothing is decided before the connection's retained reports, presence and
+  drift statuses have all arrived (:meth:`DriftEngine.synced`, after a barrier round
+  trip) and the loop has planned the desired state; decisions equal to what is retained
+  publish nothing, so a restart makes no burst of events. After a reconnect, drift and
+  group statuses the broker lost are published again (without events).
 * **Sharing the stream.** With ``share=NAME`` the live reports come through the MQTT 5
   shared subscription ``$share/NAME/<prefix>/devices/+/reported`` (each report reaches one
-  of the engines); retained reports are not delivered to shared subscriptions, so each
-  engine reads them once per connection with a plain subscription on a short-lived second
-  connection. Presence (rare) and drift statuses are read by every engine. Every status
-  carries the ``report_seq`` it was computed from; on a re-evaluation that no message
-  triggered (a publication, a tick), an engine holding an older report than the one
-  behind the retained status leaves that device to the engine that has the newer one.
+  of the engines); retained reports are not delivered to shared subscriptions, so the
+  controller reads them once per connection (``broker.read_retained``) and hands them to
+  :meth:`DriftEngine.synced`. Presence (rare) and drift statuses are read by every
+  engine. Every status carries the ``report_seq`` it was computed from; on a
+  re-evaluation that no message triggered (a publication, a tick), an engine holding an
+  older report than the one behind the retained status leaves that device to the engine
+  that has the newer one.
 
-What it does not do: publish bundles (the controller does), or keep history.
+What it does not do: publish anything (the executor does), or keep history.
 """
 
 from __future__ import annotations
@@ -47,11 +58,11 @@ import heapq
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
-from setpoint.proto import bundles, commands, reports, status
+from setpoint.proto import bundles, reports, status
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.reports import Report
@@ -60,14 +71,24 @@ from setpoint.proto.topics import Topics
 
 from . import detecting
 from .broker import Message, Subscription
-from .detecting import ClearDrift, Desired, DriftAction, Reconcile, ShowDrift
-from .errors import BrokerUnavailable
+from .detecting import (
+    Change,
+    ClearDrift,
+    ClearGroup,
+    Desired,
+    DriftAction,
+    GroupAction,
+    Reconcile,
+    ShowDrift,
+    ShowGroup,
+    change_of,
+    drift_event_fields,
+)
 from .metrics import Metrics
+from .rendering import Target
 
 if TYPE_CHECKING:
-    from .executing import Executor
     from .planning import Current
-    from .rendering import Target
     from .service import Publication
 
 log = logging.getLogger(__name__)
@@ -76,12 +97,18 @@ DEFAULT_TICK: Final = 1.0
 DEFAULT_RECONCILE_INTERVAL: Final = 30.0
 COMMAND_TTL: Final = 300
 MAX_DEVICES: Final = 100_000
-PUBLISH_CONCURRENCY: Final = 64
-SETTLE_TIMEOUT: Final = 30.0
-Change = Literal["opened", "changed", "resolved"]
-# Told every device status this engine publishes or reads (None: cleared): the controller's
-# rollouts, which see them all without a second subscription (no_local hides our own).
-StatusListener = Callable[[str, DriftStatus | None], None]
+
+__all__ = [
+    "Change",
+    "DriftEngine",
+    "DriftSettings",
+    "change_of",
+    "desired_for",
+    "drift_event_fields",
+    "healed_since",
+    "refresh",
+    "subscriptions",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,12 +146,21 @@ class _Device:
 
 @dataclass(frozen=True, slots=True)
 class _Fleet:
-    """The desired side, rebuilt from the controller after each batch of publications."""
+    """The desired side, per device, from the controller's published bundles.
+
+    Built whole by :func:`desired_for`; kept up to date in place by :func:`refresh` (the
+    engine owns it), one changed target at a time."""
 
     desired: dict[str, Desired] = field(default_factory=dict)
     groups: dict[str, Bundle] = field(default_factory=dict)
     commits: dict[str, str] = field(default_factory=dict)
-    members: dict[str, list[str]] = field(default_factory=dict)
+    # Per group, the devices whose Desired names it (only groups that are published).
+    members: dict[str, set[str]] = field(default_factory=dict)
+    # Per group, every device whose published bundle names it (published or not): the
+    # devices to work out again when that group's bundle changes; and per device, the
+    # group its bundle names.
+    claims: dict[str, set[str]] = field(default_factory=dict)
+    claim_of: dict[str, str] = field(default_factory=dict)
     # Per device, the published entries its Desired was worked out from (see desired_for).
     inputs: dict[str, tuple[Any, Any, Desired]] = field(default_factory=dict)
     # The devices whose Desired differs from the previous fleet's (see desired_for).
@@ -143,15 +179,33 @@ class _Tally:
 
     __slots__ = ("counts", "in_sync", "members", "pending", "version")
 
-    def __init__(self, version: int | None, members: int) -> None:
+    def __init__(self, version: int | None) -> None:
         self.version = version
-        self.members = members
-        self.counts: Counter[str] = Counter(unknown=members)
+        self.members = 0
+        self.counts: Counter[str] = Counter()
         self.in_sync = 0
         self.pending: list[tuple[float, str]] = []
 
-    def move(self, name: str, old: DriftStatus | None, new: DriftStatus | None) -> None:
-        for found, sign in ((old, -1), (new, 1)):
+    def join(self, name: str, found: DriftStatus | None) -> None:
+        self.members += 1
+        self.move(name, None, found, unknown_before=False)
+
+    def leave(self, name: str, found: DriftStatus | None) -> None:
+        self.members -= 1
+        self.move(name, found, None, unknown_after=False)
+
+    def move(
+        self,
+        name: str,
+        old: DriftStatus | None,
+        new: DriftStatus | None,
+        *,
+        unknown_before: bool = True,
+        unknown_after: bool = True,
+    ) -> None:
+        for found, sign, counted in ((old, -1, unknown_before), (new, 1, unknown_after)):
+            if found is None and not counted:
+                continue
             state = found.state if found is not None else "unknown"
             self.counts[state] += sign
             if found is not None and state == "in_sync" and found.applied_version == self.version:
@@ -168,37 +222,6 @@ class _Tally:
                 return since
             heapq.heappop(heap)
         return None
-
-
-def change_of(previous: DriftStatus | None, new: DriftStatus) -> Change | None:
-    """The drift event a status change makes, or None when it makes none.
-
-    ``opened``: it was in sync (or new) and is not; ``resolved``: it is in sync again;
-    ``changed``: another state, or the same drift on other resources. Pure.
-    """
-    if previous is None:
-        return "changed" if new.state == "in_sync" else "opened"
-    if previous.state == new.state:
-        if new.state in ("drifted", "blocked") and previous.resources != new.resources:
-            return "changed"
-        return None
-    if new.state == "in_sync":
-        return "resolved"
-    if previous.state == "in_sync":
-        return "opened"
-    return "changed"
-
-
-def drift_event_fields(
-    previous: DriftStatus | None, new: DriftStatus, change: Change
-) -> dict[str, Any]:
-    """The fields of a ``drift`` event (see ``proto/SPEC.md`` 7.3). Pure."""
-    body = status.drift_to_dict(new)
-    body.pop("last_seen", None)
-    body["change"] = change
-    body["previous"] = previous.state if previous is not None else None
-    body["previous_since"] = previous.since if previous is not None else None
-    return body
 
 
 def healed_since(before: Report | None, after: Report) -> tuple[ResourceDiff, ...]:
@@ -218,8 +241,33 @@ def healed_since(before: Report | None, after: Report) -> tuple[ResourceDiff, ..
     )
 
 
+def _desired_of(device: str, group_id: str, current: Any, group_current: Any) -> Desired:
+    """One device's Desired from its published entry and its group's. Pure."""
+    bundle: Bundle = current.bundle
+    group: Bundle = group_current.bundle
+    newest = max((group_current, current), key=lambda c: c.published_at or 0.0)
+    # A batched rollout pins the device to the group version it runs until its batch is
+    # released: that is its desired group version (its content is not retained).
+    pin = bundle.group_version
+    held = pin is not None and pin < group.version
+    return Desired(
+        device=device,
+        group=group_id,
+        mode=group.mode,
+        group_version=pin if held and pin is not None else group.version,
+        group_digest="" if held else group.content_digest(),
+        device_version=bundle.version,
+        device_digest=bundle.content_digest(),
+        commit=newest.bundle.commit,
+        resources=tuple(bundles.effective(group, bundle)),
+        published_at=max(group_current.published_at or 0.0, current.published_at or 0.0),
+        pinned_from=group.version if held else None,
+    )
+
+
 def desired_for(published: Mapping[Any, Any], previous: _Fleet | None = None) -> _Fleet:
-    """Per device, its :class:`Desired`, from the controller's published bundles. Pure.
+    """Per device, its :class:`Desired`, from the controller's published bundles (every
+    one of them; :func:`refresh` updates a fleet from the targets that changed). Pure.
 
     With the ``previous`` fleet, a device whose published entries (its own and its
     group's) are the very objects they were is not worked out again, and ``changed``
@@ -235,48 +283,92 @@ def desired_for(published: Mapping[Any, Any], previous: _Fleet | None = None) ->
     )
     known = 0  # devices of ``previous`` still desired: when all are, none is gone
     for device, current in devices.items():
-        bundle: Bundle = current.bundle
-        group_id = bundle.group
-        if group_id is None or group_id not in groups:
+        group_id = current.bundle.group
+        if group_id is None:
+            continue
+        fleet.claims.setdefault(group_id, set()).add(device)
+        fleet.claim_of[device] = group_id
+        if group_id not in groups:
             continue
         group_current = groups[group_id]
-        if previous is not None:
-            before = previous.inputs.get(device)
-            if before is not None and before[0] is current and before[1] is group_current:
-                fleet.desired[device] = before[2]
-                fleet.inputs[device] = before
-                fleet.members.setdefault(group_id, []).append(device)
-                known += 1
-                continue
-        group: Bundle = group_current.bundle
-        newest = max((group_current, current), key=lambda c: c.published_at or 0.0)
-        # A batched rollout pins the device to the group version it runs until its batch
-        # is released: that is its desired group version (its content is not retained).
-        pin = bundle.group_version
-        held = pin is not None and pin < group.version
-        fleet.desired[device] = Desired(
-            device=device,
-            group=group_id,
-            mode=group.mode,
-            group_version=pin if held and pin is not None else group.version,
-            group_digest="" if held else group.content_digest(),
-            device_version=bundle.version,
-            device_digest=bundle.content_digest(),
-            commit=newest.bundle.commit,
-            resources=tuple(bundles.effective(group, bundle)),
-            published_at=max(group_current.published_at or 0.0, current.published_at or 0.0),
-            pinned_from=group.version if held else None,
-        )
-        fleet.inputs[device] = (current, group_current, fleet.desired[device])
-        fleet.members.setdefault(group_id, []).append(device)
-        if previous is not None:
-            old = previous.desired.get(device)
-            known += old is not None
-            if old != fleet.desired[device]:
+        before = previous.inputs.get(device) if previous is not None else None
+        if before is not None and before[0] is current and before[1] is group_current:
+            desired = before[2]
+        else:
+            desired = _desired_of(device, group_id, current, group_current)
+            if previous is not None and previous.desired.get(device) != desired:
                 fleet.changed.add(device)
+        fleet.desired[device] = desired
+        fleet.inputs[device] = (current, group_current, desired)
+        fleet.members.setdefault(group_id, set()).add(device)
+        if previous is not None:
+            known += device in previous.desired
     if previous is not None and known != len(previous.desired):
         fleet.changed.update(previous.desired.keys() - fleet.desired.keys())
     return fleet
+
+
+def refresh(
+    fleet: _Fleet, published: Mapping[Any, Any], targets: Iterable[Target]
+) -> tuple[set[str], set[str]]:
+    """Bring ``fleet`` (in place) up to date with ``published`` after ``targets`` changed
+    in it: only those devices, and the devices of those groups, are worked out again.
+    Returns the devices whose Desired changed (added or gone included) and the groups
+    whose bundle changed (added or gone included). What :func:`desired_for` would give,
+    in work proportional to the change."""
+    changed: set[str] = set()
+    groups_moved: set[str] = set()
+    redo: set[str] = set()
+    for target in targets:
+        if target.kind == "group":
+            groups_moved.add(target.id)
+            current = published.get(target)
+            if current is None:
+                fleet.groups.pop(target.id, None)
+                fleet.commits.pop(target.id, None)
+            else:
+                fleet.groups[target.id] = current.bundle
+                fleet.commits[target.id] = current.bundle.commit
+            redo |= fleet.claims.get(target.id, set())
+        else:
+            redo.add(target.id)
+    for device in redo:
+        old = fleet.desired.pop(device, None)
+        if old is not None:
+            members = fleet.members.get(old.group)
+            if members is not None:
+                members.discard(device)
+                if not members:
+                    del fleet.members[old.group]
+        before = fleet.inputs.pop(device, None)
+        current = published.get(Target("device", device))
+        group_id = current.bundle.group if current is not None else None
+        claimed = fleet.claim_of.pop(device, None)
+        if claimed is not None and claimed != group_id:
+            claims = fleet.claims.get(claimed)
+            if claims is not None:
+                claims.discard(device)
+                if not claims:
+                    del fleet.claims[claimed]
+        if current is None or group_id is None:
+            changed.update((device,) if old is not None else ())
+            continue
+        fleet.claims.setdefault(group_id, set()).add(device)
+        fleet.claim_of[device] = group_id
+        group_current = published.get(Target("group", group_id))
+        if group_current is None:
+            changed.update((device,) if old is not None else ())
+            continue
+        if before is not None and before[0] is current and before[1] is group_current:
+            desired = before[2]
+        else:
+            desired = _desired_of(device, group_id, current, group_current)
+        fleet.desired[device] = desired
+        fleet.inputs[device] = (current, group_current, desired)
+        fleet.members.setdefault(group_id, set()).add(device)
+        if old != desired:
+            changed.add(device)
+    return changed, groups_moved
 
 
 def subscriptions(topics: Topics, settings: DriftSettings) -> list[Subscription]:
@@ -294,7 +386,9 @@ def subscriptions(topics: Topics, settings: DriftSettings) -> list[Subscription]
 
 
 class DriftEngine:
-    """The drift engine of one controller (``attach`` before connecting, ``run`` as a task)."""
+    """The drift part of one controller's reconcile loop: facts about devices in,
+    typed actions decided (:meth:`decide`, :meth:`summaries`), recorded once carried
+    out (:meth:`done`). No task, no connection: the controller's loop runs it."""
 
     name = "drift"
 
@@ -302,14 +396,11 @@ class DriftEngine:
         self,
         settings: DriftSettings | None = None,
         *,
-        executor: Executor | None = None,
         topics: Topics | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
-        on_status: StatusListener | None = None,
     ) -> None:
         self.settings = settings or DriftSettings()
-        self._executor = executor
         self._topics = topics or Topics()
         self.metrics = metrics or Metrics()
         self._clock = clock
@@ -324,25 +415,33 @@ class DriftEngine:
         self._tallies: dict[str, _Tally] = {}  # per group, by desired membership
         self._member_of: dict[str, str] = {}
         self._gauge_counts: dict[str, Counter[str]] = {}  # per status group, for the gauge
-        self._gauges_stale = True
+        self._gauges_moved: set[str] = set()  # groups whose gauge is to be set again
+        # What the tick looks at (see _due): kept as statuses change.
+        self._pending: set[str] = set()
+        self._drifted: set[str] = set()
+        self._silent_at: list[tuple[float, str]] = []  # (when it falls silent, device)
         self._drift_delivered: set[str] = set()
         self._groups_delivered: set[str] = set()
-        self._wake = asyncio.Event()
-        self._synced = asyncio.Event()
-        # Set once this connection's retained statuses, reports and presence have all
-        # arrived; cleared on every connect. No pass runs in between: a pass deciding on a
-        # half-read picture (presence read, the retained drift status not yet) publishes a
-        # change that the late retained status then undoes, and the next pass repeats it
-        # (two identical events) or leaves the engine believing what the broker no longer holds.
-        self._session_synced = asyncio.Event()
+        # True once this connection's retained statuses, reports and presence have all
+        # arrived; False from every connect. Nothing is decided in between: a pass deciding
+        # on a half-read picture (presence read, the retained drift status not yet)
+        # publishes a change that the late retained status then undoes, and the next pass
+        # repeats it (two identical events) or leaves the engine believing what the broker
+        # no longer holds.
+        self.session_synced = False
         self._sessions_synced = 0
         self._fleet = _Fleet()
-        self._fleet_stale = True
         self._published: Mapping[Target, Current] = {}
+        # The targets published since the fleet was last refreshed (None: every one).
+        self._moved: set[Target] | None = None
         self._reeval: set[str] = set()  # to decide again though no message came (not triggered)
-        self._groups_touched = False
+        self._groups_touched: set[str] = set()  # groups whose summary may have moved
+        self._all_groups = True  # every group's summary to be looked at
         self._refused_logged: dict[str, str] = {}
-        self._on_status = on_status
+        # What the pass under way decided (between decide and passed).
+        self._pass_now = 0.0
+        self._pass_restore = False
+        self._latencies: list[float] = []
         self.ready = asyncio.Event()
         self.passes = 0
         self._stepped = asyncio.Condition()
@@ -350,31 +449,9 @@ class DriftEngine:
         self.evaluations = 0  # devices decided (detect calls), for tests and benchmarks
         self.events_published = 0
 
-    # --- Wiring ----------------------------------------------------------------------------
-
-    def _tell(self, device: str, found: DriftStatus | None) -> None:
-        if self._on_status is not None:
-            self._on_status(device, found)
-
-    async def run(self, settle: Callable[[float], Awaitable[None]]) -> None:
-        """Serve metrics; once the first connection is read whole and ``settle`` (the
-        controller's first pass over its desired state) returned, decide for ever."""
-        listen = self.settings.metrics_listen
-        if listen is not None:
-            port = await asyncio.to_thread(self.metrics.serve, *listen)
-            log.info("metrics on http://%s:%d/metrics", listen[0] or "0.0.0.0", port)
-        try:
-            await self._synced.wait()
-            try:
-                await settle(SETTLE_TIMEOUT)
-            except TimeoutError:
-                log.warning("drift: the controller has not settled; evaluating anyway")
-            self._full = True
-            self.ready.set()
-            log.info("drift engine ready: %d devices known", len(self._devices))
-            await self._working()
-        finally:
-            await asyncio.to_thread(self.metrics.close)
+    @property
+    def _fleet_stale(self) -> bool:
+        return self._moved is None or bool(self._moved)
 
     # --- Facts in (called in the link's pump: must be quick) -------------------------------
 
@@ -401,32 +478,35 @@ class DriftEngine:
             self._refused_logged[device] = reason
             log.warning("report from %s not believed (%s): %s", device, reason, detail)
 
-    def take_report(self, message: Message, *, from_retained_read: bool = False) -> None:
+    def take_report(self, message: Message, *, from_retained_read: bool = False) -> bool:
+        """A report (True: its device is to be decided again)."""
         name = self._name(message, "device-reported")
         if name is None:
-            return
+            return False
         self.metrics.reports.inc()
         if len(message.payload) > reports.MAX_REPORT_BYTES:
             self._refuse(name, "too-large", f"{len(message.payload)} bytes")
-            return
+            return False
         dev = self._device(name)
         if dev is None:
-            return
+            return False
         if from_retained_read:
             if dev.live:
-                return  # the live stream already brought something newer
+                return False  # the live stream already brought something newer
         elif not message.retain:
             dev.live = True
         if dev.raw is not None:
             self.metrics.coalesced.inc()
         dev.raw = message.payload
         dev.arrived = dev.raw_at = self._clock()
-        self._touch(name)
+        self._dirty.add(name)
+        return True
 
-    def take_presence(self, message: Message) -> None:
+    def take_presence(self, message: Message) -> bool:
+        """A presence message (True: its device is to be decided again)."""
         name = self._name(message, "device-presence")
         if name is None:
-            return
+            return False
         self.metrics.presence.inc()
         if not message.payload:
             presence = None
@@ -435,36 +515,39 @@ class DriftEngine:
                 presence = reports.decode_presence(message.payload)
             except ProtocolError as exc:
                 self._refuse(name, "bad-presence", str(exc))
-                return
+                return False
         dev = self._devices.get(name) if presence is None else self._device(name)
         if dev is None or dev.presence == presence:
-            return
+            return False
         dev.presence = presence
         dev.arrived = self._clock()
-        self._touch(name)
+        self._dirty.add(name)
+        return True
 
-    def take_drift(self, message: Message) -> None:
+    def take_drift(self, message: Message) -> tuple[str, DriftStatus | None] | None:
+        """A retained drift status (another engine's, or ours read back): the device and
+        its status now (None: cleared), for the rollouts; None if it was not taken."""
         name = self._name(message, "device-drift")
         if name is None:
-            return
+            return None
         self._drift_delivered.add(name)
         if not message.payload:
             dev = self._devices.get(name)
             if dev is not None:
                 self._set_status(dev, None)
-            self._tell(name, None)
-            return
+            return name, None
         try:
             found = status.drift_from_json(message.payload)
         except ProtocolError as exc:
             log.warning("ignoring unreadable drift status of %s: %s", name, exc)
-            return
+            return None
         if found.device != name:
-            return
+            return None
         dev = self._device(name)
-        if dev is not None:
-            self._set_status(dev, found)
-            self._tell(name, found)
+        if dev is None:
+            return None
+        self._set_status(dev, found)
+        return name, found
 
     def take_group_status(self, message: Message) -> None:
         name = self._name(message, "group-status")
@@ -477,21 +560,23 @@ class DriftEngine:
         with contextlib.suppress(ProtocolError):
             self._group_status[name] = status.group_status_from_json(message.payload)
 
-    def _touch(self, name: str) -> None:
-        self._dirty.add(name)
-        self._wake.set()
-
-    def published(self, batch: Sequence[Publication], current: Mapping[Target, Current]) -> None:
-        """The controller's publications: ``current`` is what it publishes now."""
+    def published(
+        self, batch: Sequence[Publication] | None, current: Mapping[Target, Current]
+    ) -> None:
+        """The controller's publications: ``current`` is what it publishes now (read, never
+        changed, by the next pass), ``batch`` what changed in it (None: anything may have)."""
+        self._published = current
+        if batch is None:
+            self._moved = None
+            return
         for p in batch:
             self.metrics.publications.labels(p.target.kind, p.reason).inc()
-        self._published = current
-        self._fleet_stale = True  # the next pass re-detects the devices whose desired changed
-        self._wake.set()
+        if self._moved is not None:
+            self._moved.update(p.target for p in batch)
 
     def connected(self) -> None:
         """A new connection: nothing is decided until it has delivered every retained message."""
-        self._session_synced.clear()
+        self.session_synced = False
         self._drift_delivered.clear()
         self._groups_delivered.clear()
 
@@ -508,59 +593,91 @@ class DriftEngine:
         if self._sessions_synced > 1:
             self._restore = True  # the broker may have lost what we published
             self._full = True
-        self._synced.set()
-        self._session_synced.set()
-        self._wake.set()
+        self.session_synced = True
 
-    # --- The worker ------------------------------------------------------------------------
+    def interrupted(self) -> None:
+        """The broker did not take what a pass decided: decide everything again (after the
+        reconnect's sync)."""
+        self._full = True
 
-    async def _working(self) -> None:
-        assert self._executor is not None
-        executor = self._executor
-        tick = max(0.05, self.settings.tick)
-        next_tick = time.monotonic() + tick
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, next_tick - time.monotonic())):
-                    await self._wake.wait()
-            self._wake.clear()
-            ticking = time.monotonic() >= next_tick
-            if ticking:
-                next_tick = time.monotonic() + tick
-            await executor.wait_connected()
-            await self._session_synced.wait()
-            try:
-                await self.step(tick=ticking)
-            except BrokerUnavailable as exc:
-                log.warning(
-                    "drift: publishing interrupted (%s); re-evaluating after reconnect", exc
-                )
-                self._full = True
+    # --- The desired side, and the running counts -----------------------------------------
 
     def _refresh_fleet(self) -> None:
-        if self._fleet_stale:
-            before = self._fleet
-            self._fleet = desired_for(self._published, before)
-            self._fleet_stale = False
-            self._rebuild_tallies()
-            # Work proportional to what changed: only the devices whose desired state moved
-            # are decided again (and every group summary is looked at: as many as groups).
-            self._reeval |= self._fleet.changed
-            self._groups_touched = True
+        """Bring the desired side up to date with the controller's publications: only the
+        targets published since are worked out again (all of them the first time)."""
+        moved, self._moved = self._moved, set()
+        if moved is None:
+            self._fleet = desired_for(self._published)
+            self._recount()
+            self._reeval |= set(self._fleet.desired)
+            return
+        if not moved:
+            return
+        changed, groups = refresh(self._fleet, self._published, moved)
+        # Work proportional to what changed: only the devices whose desired state moved
+        # are decided again, only their groups' summaries looked at again.
+        self._reeval |= changed
+        for name in changed:
+            self._membership(name)
+        for group in groups:
+            self._group_moved(group)
 
-    def _rebuild_tallies(self) -> None:
-        """Recount every group's summary from scratch (after the desired side changed)."""
+    def _recount(self) -> None:
+        """Count every group's summary from scratch (the first time)."""
         fleet = self._fleet
-        self._member_of = {d: g for g, members in fleet.members.items() for d in members}
-        self._tallies = {
-            g: _Tally(bundle.version, len(fleet.members.get(g, ())))
-            for g, bundle in fleet.groups.items()
-        }
-        for name, found in self._counted.items():
-            tally = self._tallies.get(self._member_of.get(name, ""))
+        self._member_of = {}
+        self._tallies = {g: _Tally(b.version) for g, b in fleet.groups.items()}
+        for group, members in fleet.members.items():
+            tally = self._tallies[group]
+            for name in members:
+                self._member_of[name] = group
+                tally.join(name, self._counted.get(name))
+        self._gauges_moved |= set(fleet.groups)
+        self._all_groups = True
+
+    def _group_moved(self, group: str) -> None:
+        """``group``'s bundle changed (or came, or went): its tally follows."""
+        bundle = self._fleet.groups.get(group)
+        self._groups_touched.add(group)
+        self._gauges_moved.add(group)
+        if bundle is None:
+            self._tallies.pop(group, None)  # its members left it (membership, before)
+            return
+        tally = self._tallies.get(group)
+        if tally is None:
+            self._tallies[group] = _Tally(bundle.version)
+        elif tally.version != bundle.version:
+            # In sync is counted on the group's version: its members (as many as the
+            # group has) are counted again.
+            tally.version = bundle.version
+            tally.in_sync = 0
+            for name in self._fleet.members.get(group, ()):
+                found = self._counted.get(name)
+                if found is not None and found.state == "in_sync":
+                    tally.in_sync += found.applied_version == bundle.version
+
+    def _membership(self, name: str) -> None:
+        """``name``'s desired state changed: move it between group tallies if its group did."""
+        desired = self._fleet.desired.get(name)
+        new = desired.group if desired is not None else None
+        old = self._member_of.get(name)
+        if old == new:
+            return
+        found = self._counted.get(name)
+        if old is not None:
+            del self._member_of[name]
+            tally = self._tallies.get(old)
             if tally is not None:
-                tally.move(name, None, found)
-        self._gauges_stale = True
+                tally.leave(name, found)
+            self._groups_touched.add(old)
+        if new is not None:
+            self._member_of[name] = new
+            tally = self._tallies.get(new)
+            if tally is None:
+                bundle = self._fleet.groups[new]
+                tally = self._tallies[new] = _Tally(bundle.version)
+            tally.join(name, found)
+            self._groups_touched.add(new)
 
     def _set_status(self, dev: _Device, new: DriftStatus | None) -> None:
         """Record ``dev``'s retained status and move it in the tallies and gauge counts."""
@@ -576,11 +693,24 @@ class DriftEngine:
         tally = self._tallies.get(self._member_of.get(name, ""))
         if tally is not None:
             tally.move(name, old, new)
+        self._pending.discard(name)
+        self._drifted.discard(name)
+        if new is not None and name in self._devices:
+            if new.state == "pending":
+                self._pending.add(name)
+            elif new.state == "drifted":
+                self._drifted.add(name)
+            silent_after = self.settings.silent_after
+            watched = new.state != "offline" and new.last_seen is not None
+            moved = old is None or old.last_seen != new.last_seen or old.state == "offline"
+            if silent_after is not None and watched and moved and new.last_seen is not None:
+                heapq.heappush(self._silent_at, (new.last_seen + silent_after, name))
         if old is not None:
             self._gauge_counts[old.group or ""][old.state] -= 1
+            self._gauges_moved.add(old.group or "")
         if new is not None:
             self._gauge_counts.setdefault(new.group or "", Counter())[new.state] += 1
-        self._gauges_stale = True
+            self._gauges_moved.add(new.group or "")
 
     def _decode(self, dev: _Device) -> None:
         raw, dev.raw = dev.raw, None
@@ -631,6 +761,27 @@ class DriftEngine:
         seq = dev.report.seq if dev.report is not None else None
         return replace(new, report_seq=seq)
 
+    def _due(self, now: float) -> set[str]:
+        """What the tick decides again: pending devices (turning overdue), drifted ones of
+        an enforce group whose reconcile command may be sent again, and those whose
+        heartbeat is overdue and are not shown offline yet. Kept as statuses change (sets,
+        and a heap by when each falls silent): work proportional to those, not the fleet."""
+        due = set(self._pending)
+        for name in self._drifted:
+            dev = self._devices.get(name)
+            if dev is not None and dev.status is not None and self._wants_command(dev, dev.status):
+                due.add(name)
+        heap, later = self._silent_at, []
+        while heap and heap[0][0] < now:
+            _, name = heapq.heappop(heap)
+            found = self._counted.get(name)
+            if found is not None and self._gone_silent(found, now):
+                due.add(name)
+                later.append((now + self.settings.tick, name))  # until it is shown offline
+        for entry in later:
+            heapq.heappush(heap, entry)
+        return due
+
     def _gone_silent(self, status: DriftStatus, now: float) -> bool:
         """Its heartbeat is overdue and it is not shown offline yet: the tick decides it."""
         return status.state != "offline" and detecting.is_silent(
@@ -643,42 +794,102 @@ class DriftEngine:
             return False
         return dev.report is None or dev.report.seq < dev.status.report_seq
 
-    async def step(self, *, tick: bool = False) -> None:
-        """One pass: decide every device that needs it, publish what changed."""
-        self.passes += 1
+    # --- Decide (the loop's drift step) -------------------------------------------------
+
+    def decide(self, *, tick: bool = False) -> list[DriftAction]:
+        """The first half of a drift pass: decide every device that needs it (a message
+        came, its desired state moved, everything after a reconnect; with ``tick`` also
+        pending, silent and unreconciled devices) into typed actions, in order per device.
+        Carry each out through the executor and hand it to :meth:`done`; then ask
+        :meth:`summaries`, and call :meth:`passed`."""
         self._refresh_fleet()
-        now = self._clock()
+        now = self._pass_now = self._clock()
         triggered, self._dirty = self._dirty, set()
         full, self._full = self._full, False
         restore, self._restore = self._restore, False
+        self._pass_restore = self._pass_restore or restore
         reeval, self._reeval = self._reeval, set()
-        groups_touched, self._groups_touched = self._groups_touched, False
         names: set[str] = set(triggered) | reeval
         if full:
             names |= set(self._devices) | set(self._fleet.desired)
+            self._all_groups = True
         elif tick:
-            names |= {
-                n
-                for n, d in self._devices.items()
-                if d.status is not None
-                and (
-                    d.status.state == "pending"
-                    or self._wants_command(d, d.status)
-                    or self._gone_silent(d.status, now)
-                )
-            }
+            names |= self._due(now)
+        if restore:
+            self._all_groups = True
         actions: list[DriftAction] = []
-        touched_groups: set[str] = set()
-        latencies: list[float] = []
-        self._decide(names, triggered, now, restore, actions, touched_groups, latencies)
-        if full or restore or groups_touched:
-            touched_groups |= set(self._fleet.groups) | set(self._group_status)
-        await self._carry_out(actions)
-        await self._publish_groups(touched_groups, now, restore)
+        self._decide(names, triggered, now, restore, actions, self._groups_touched, self._latencies)
+        return actions
+
+    def summaries(self) -> list[GroupAction]:
+        """The second half: the group summaries that moved (from the running tallies), as
+        typed actions."""
+        now, restore = self._pass_now, self._pass_restore
+        if self._all_groups:
+            self._groups_touched |= set(self._fleet.groups) | set(self._group_status)
+        groups, self._groups_touched, self._all_groups = self._groups_touched, set(), False
+        actions: list[GroupAction] = []
+        for group in sorted(g for g in groups if g):
+            new = self._summary(group, now)
+            old = self._group_status.get(group)
+            if new is None:
+                if old is not None:
+                    actions.append(ClearGroup(group))
+                continue
+            if old is None or replace(old, time=0.0) != replace(new, time=0.0):
+                actions.append(ShowGroup(group, new))
+            elif restore and group not in self._groups_delivered:
+                actions.append(ShowGroup(group, old))
+        return actions
+
+    def done(self, action: DriftAction | GroupAction) -> DriftStatus | None:
+        """``action`` was carried out: record it. For a device's status, returns it (None
+        when cleared), for the rollouts."""
+        if isinstance(action, ShowGroup):
+            self._group_status[action.group] = action.new
+            return None
+        if isinstance(action, ClearGroup):
+            self._group_status.pop(action.group, None)
+            return None
+        # A device the decision removed (cleared) is still counted until it is cleared.
+        dev = self._devices.get(action.device) or _Device(action.device)
+        if isinstance(action, ClearDrift):
+            self._set_status(dev, None)
+            return None
+        if isinstance(action, Reconcile):
+            dev.command_seq = max(dev.command_seq, action.seq)
+            log.info(
+                "reconcile command seq %d sent to %s (%s)", action.seq, dev.name, action.reason
+            )
+            self.metrics.commands.labels(action.group or "-").inc()
+            return dev.status
+        old, new = action.old, action.new
+        self._set_status(dev, new)
+        change = change_of(old, new) if action.event else None
+        if change is not None:
+            if change != "changed" or new.state != "in_sync" or old is not None:
+                log.info(
+                    "drift %s: %s %s -> %s%s",
+                    change,
+                    dev.name,
+                    old.state if old else "-",
+                    new.state,
+                    f" ({', '.join(r.id for r in new.resources)})" if new.resources else "",
+                )
+            self.events_published += 1
+            self.metrics.drift_events.labels(new.group or "-", change).inc()
+        return new
+
+    async def passed(self) -> None:
+        """The pass is carried out: latencies, gauges, and whoever waits for a pass."""
         done = self._clock()
-        for arrived in latencies:
+        for arrived in self._latencies:
             self.metrics.latency.observe(max(0.0, done - arrived))
+        self._latencies = []
+        self._pass_restore = False
         self._set_gauges()
+        self.passes += 1
+        self.ready.set()
         async with self._stepped:
             self._stepped.notify_all()
 
@@ -693,7 +904,7 @@ class DriftEngine:
         latencies: list[float],
     ) -> None:
         """Decide each of ``names``; what to do goes to ``actions`` (typed, carried out by
-        :meth:`_carry_out` through the executor)."""
+        the controller's loop through the executor, then recorded by :meth:`done`)."""
         for name in sorted(names):
             dev = self._device(name)
             if dev is None:
@@ -740,85 +951,6 @@ class DriftEngine:
         async with asyncio.timeout(timeout), self._stepped:
             await self._stepped.wait_for(predicate)
 
-    async def _gather(self, coros: list[Coroutine[Any, Any, None]]) -> None:
-        """Run ``coros``, at most :data:`PUBLISH_CONCURRENCY` at a time.
-
-        On the first failure the others are cancelled, and those that never started are
-        closed (an unstarted coroutine left behind is a "never awaited" warning).
-        """
-        if not coros:
-            return
-        semaphore = asyncio.Semaphore(PUBLISH_CONCURRENCY)
-
-        async def limited(coro: Coroutine[Any, Any, None]) -> None:
-            async with semaphore:
-                await coro
-
-        try:
-            async with asyncio.TaskGroup() as tg:
-                for coro in coros:
-                    tg.create_task(limited(coro))
-        except* BrokerUnavailable as group:
-            raise group.exceptions[0] from None
-        finally:
-            for coro in coros:
-                coro.close()  # a no-op for those that ran
-
-    # --- Output ----------------------------------------------------------------------------
-
-    async def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        assert self._executor is not None
-        await self._executor.publish(topic, payload, retain=retain)
-
-    async def _carry_out(self, actions: Sequence[DriftAction]) -> None:
-        """Carry ``actions`` out through the executor: each device's in order, devices side
-        by side (at most :data:`PUBLISH_CONCURRENCY` at a time)."""
-        by_device: dict[str, list[DriftAction]] = {}
-        for action in actions:
-            by_device.setdefault(action.device, []).append(action)
-
-        async def one_device(todo: list[DriftAction]) -> None:
-            for action in todo:
-                await self._execute(action)
-
-        await self._gather([one_device(todo) for todo in by_device.values()])
-
-    async def _execute(self, action: DriftAction) -> None:
-        assert self._executor is not None
-        # A device the decision removed (cleared) is still counted until it is cleared.
-        dev = self._devices.get(action.device) or _Device(action.device)
-        if isinstance(action, ClearDrift):
-            await self._publish(self._topics.device_drift(action.device), b"", retain=True)
-            self._set_status(dev, None)
-            self._tell(action.device, None)
-        elif isinstance(action, ShowDrift):
-            await self._publish_status(dev, action.old, action.new, event=action.event)
-        else:
-            await self._send_reconcile(dev, action)
-
-    async def _publish_status(
-        self, dev: _Device, old: DriftStatus | None, new: DriftStatus, *, event: bool = True
-    ) -> None:
-        await self._publish(self._topics.device_drift(dev.name), new.to_json(), retain=True)
-        self._set_status(dev, new)
-        self._tell(dev.name, new)
-        change = change_of(old, new) if event else None
-        if change is None:
-            return
-        if change != "changed" or new.state != "in_sync" or old is not None:
-            log.info(
-                "drift %s: %s %s -> %s%s",
-                change,
-                dev.name,
-                old.state if old else "-",
-                new.state,
-                f" ({', '.join(r.id for r in new.resources)})" if new.resources else "",
-            )
-        assert self._executor is not None
-        await self._executor.event("drift", **drift_event_fields(old, new, change))
-        self.events_published += 1
-        self.metrics.drift_events.labels(new.group or "-", change).inc()
-
     def _wants_command(self, dev: _Device, new: DriftStatus) -> bool:
         desired = self._fleet.desired.get(dev.name)
         if new.state != "drifted" or desired is None or desired.mode != "enforce":
@@ -833,20 +965,6 @@ class DriftEngine:
         why = "drifted: " + ", ".join(r.id for r in new.resources)
         return Reconcile(
             dev.name, new.group, seq, int(now), int(now) + self.settings.command_ttl, why[:256]
-        )
-
-    async def _send_reconcile(self, dev: _Device, action: Reconcile) -> None:
-        command = commands.Command(
-            action.device, "reconcile", action.seq, action.issued_at, action.expires_at,
-            action.reason,
-        )  # fmt: skip
-        assert self._executor is not None
-        await self._executor.command(command)
-        dev.command_seq = max(dev.command_seq, action.seq)
-        log.info("reconcile command seq %d sent to %s (%s)", action.seq, dev.name, action.reason)
-        self.metrics.commands.labels(action.group or "-").inc()
-        await self._executor.event(
-            "reconcile", device=dev.name, group=action.group, seq=action.seq, reason=action.reason
         )
 
     def group_statuses(self, now: float | None = None) -> dict[str, GroupStatus]:
@@ -896,43 +1014,15 @@ class DriftEngine:
             time=now,
         )
 
-    async def _publish_groups(self, groups: set[str], now: float, restore: bool) -> None:
-        if not groups:
-            return
-        outputs = []
-        for group in sorted(g for g in groups if g):
-            new = self._summary(group, now)
-            old = self._group_status.get(group)
-            if new is None:
-                if old is not None:
-                    outputs.append(self._publish_group(group, None))
-                continue
-            if old is None or replace(old, time=0.0) != replace(new, time=0.0):
-                outputs.append(self._publish_group(group, new))
-            elif restore and group not in self._groups_delivered:
-                outputs.append(self._publish_group(group, old))
-        await self._gather(outputs)
-
-    async def _publish_group(self, group: str, new: GroupStatus | None) -> None:
-        payload = new.to_json() if new is not None else b""
-        await self._publish(self._topics.group_status(group), payload, retain=True)
-        if new is None:
-            self._group_status.pop(group, None)
-        else:
-            self._group_status[group] = new
-
     def _set_gauges(self) -> None:
-        """Set the per-group, per-state gauge from the running counts, when they moved."""
-        if not self._gauges_stale:
-            return
-        self._gauges_stale = False
-        counts: dict[str, Counter[str]] = {g: Counter() for g in self._fleet.groups}
-        for group, per in list(self._gauge_counts.items()):
-            if per.total() == 0 and group not in counts:
+        """Set the per-group, per-state gauge of the groups whose running counts moved."""
+        moved, self._gauges_moved = self._gauges_moved, set()
+        for group in moved:
+            per = self._gauge_counts.get(group)
+            if per is not None and per.total() == 0 and group not in self._fleet.groups:
                 del self._gauge_counts[group]  # a group no status names any more
-                continue
-            counts[group] = per
-        self.metrics.set_devices(counts, DRIFT_STATES)
+                per = None
+            self.metrics.set_group(group, per or {}, DRIFT_STATES)
 
     # --- For tests and tools ----------------------------------------------------------------
 

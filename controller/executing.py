@@ -17,8 +17,10 @@ from setpoint.proto import commands, status
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.topics import Topics
 
+from . import detecting
 from .audit import AuditLog, Entry
 from .broker import Link, Session
+from .detecting import ClearDrift, ClearGroup, DriftAction, GroupAction, ShowDrift, ShowGroup
 from .signing import Signed, Signer
 
 
@@ -69,3 +71,38 @@ class Executor:
         """Append in this thread (for callers already in a worker thread)."""
         if entries:
             self._audit.append(entries)
+
+    # --- Drift's typed actions (decided by the drift part of the reconcile loop) ---------
+
+    async def carry_out(self, action: DriftAction | GroupAction) -> None:
+        """Carry out one drift action: retain or clear a device's drift status (and send
+        the drift event its change makes), sign and send a reconcile command (and its
+        event), retain or clear a group's summary."""
+        topics = self.topics
+        if isinstance(action, ShowDrift):
+            await self.publish(
+                topics.device_drift(action.device), action.new.to_json(), retain=True
+            )
+            change = detecting.change_of(action.old, action.new) if action.event else None
+            if change is not None:
+                fields = detecting.drift_event_fields(action.old, action.new, change)
+                await self.event("drift", **fields)
+        elif isinstance(action, ClearDrift):
+            await self.clear(topics.device_drift(action.device))
+        elif isinstance(action, ShowGroup):
+            await self.publish(topics.group_status(action.group), action.new.to_json(), retain=True)
+        elif isinstance(action, ClearGroup):
+            await self.clear(topics.group_status(action.group))
+        else:
+            command = commands.Command(
+                action.device, "reconcile", action.seq, action.issued_at, action.expires_at,
+                action.reason,
+            )  # fmt: skip
+            await self.command(command)
+            await self.event(
+                "reconcile",
+                device=action.device,
+                group=action.group,
+                seq=action.seq,
+                reason=action.reason,
+            )

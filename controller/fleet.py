@@ -533,6 +533,10 @@ class Snapshot:
     derived: tuple[object, frozenset[str], frozenset[str]] | None = field(
         default=None, compare=False, repr=False
     )
+    # Per group, its devices' ids, and whether any resource is sealed (None: not worked
+    # out): what lets :func:`update` look only at what changed.
+    members: Mapping[str, frozenset[str]] | None = field(default=None, compare=False, repr=False)
+    sealed: bool | None = field(default=None, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -1016,19 +1020,50 @@ def update(
         if read is None or collector.problems or collector.warnings or read.group not in groups:
             return None
         devices[did] = read
-    recheck = [d for d in devices.values() if d.group in changed_groups] if changed_groups else []
+    # Work proportional to what changed: the members of a changed group come from the
+    # index, not a scan of every device; it follows the devices that changed group.
+    members = dict(previous.members if previous.members is not None else _members(devices))
+    for did in changed_devices:
+        was, now = previous.devices[did].group, devices[did].group
+        if was != now:
+            members[was] = members.get(was, frozenset()) - {did}
+            members[now] = members.get(now, frozenset()) | {did}
+    recheck = [devices[d] for g in changed_groups for d in sorted(members.get(g, ()))]
     recheck += [devices[d] for d in changed_devices if devices[d].group not in changed_groups]
     for device in recheck:
         if not _check_effective(device, groups[device.group], _Collector(device.file)):
             return None
-    if sealing_warnings(groups, devices):
-        return None
+    # Sealed values are checked against every device only when there are any.
+    sealed = previous.sealed if previous.sealed is not None else _any_sealed(previous)
+    changed_targets: list[Group | Device] = [
+        *(groups[g] for g in changed_groups),
+        *(devices[d] for d in changed_devices),
+    ]
+    if sealed or any(bundles.is_sealed(r) for t in changed_targets for r in t.resources):
+        if sealing_warnings(groups, devices):
+            return None
+        sealed = None  # worked out again by the next update, if it needs to know
     return Snapshot(
         settings=previous.settings,
         groups=groups,
         devices=devices,
         derived=(previous.token, frozenset(changed_groups), frozenset(changed_devices)),
+        members=members,
+        sealed=sealed,
     )
+
+
+def _members(devices: Mapping[str, Device]) -> dict[str, frozenset[str]]:
+    """Per group, the ids of its devices."""
+    found: dict[str, set[str]] = {}
+    for device in devices.values():
+        found.setdefault(device.group, set()).add(device.id)
+    return {group: frozenset(ids) for group, ids in found.items()}
+
+
+def _any_sealed(snapshot: Snapshot) -> bool:
+    targets: list[Group | Device] = [*snapshot.groups.values(), *snapshot.devices.values()]
+    return any(bundles.is_sealed(r) for t in targets for r in t.resources)
 
 
 def sealing_warnings(groups: Mapping[str, Group], devices: Mapping[str, Device]) -> list[Problem]:

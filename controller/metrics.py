@@ -93,6 +93,13 @@ class Metrics:
             self.devices.labels(*key).set(0)
         self._known |= seen
 
+    def set_group(self, group: str, per_state: Mapping[str, int], states: Iterable[str]) -> None:
+        """Set one group's per-state gauge (a running count that moved)."""
+        for state in states:
+            key = (group or NO_GROUP, state)
+            self.devices.labels(*key).set(per_state.get(state, 0))
+            self._known.add(key)
+
     def render(self) -> bytes:
         """The exposition text (what the HTTP endpoint serves)."""
         return generate_latest(self.registry)

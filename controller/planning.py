@@ -208,23 +208,38 @@ def plan(
     """
     if ttl < 1:
         raise ValueError("ttl must be at least 1 second")
-    ours = {t for t, r in retained.items() if r.valid}
-    known = set(current) | ours
+
+    def known(target: Target) -> bool:
+        """Published by us, or retained and signed by us."""
+        if target in current:
+            return True
+        found = retained.get(target)
+        return found is not None and found.valid
+
     refusal = None
-    if desired is not None and removals_allowed and not desired and known and not allow_empty:
-        refusal = (
-            f"this commit removes every group and device ({len(known)} retained bundles);"
-            " nothing was cleared. If that is intended, add 'allow_empty: true' to fleet.yaml"
-        )
-        removals_allowed = False
+    if desired is not None and removals_allowed and not desired and not allow_empty:
+        every = set(current) | {t for t, r in retained.items() if r.valid}
+        if every:
+            refusal = (
+                f"this commit removes every group and device ({len(every)} retained bundles);"
+                " nothing was cleared. If that is intended, add 'allow_empty: true' to"
+                " fleet.yaml"
+            )
+            removals_allowed = False
     want = desired or {}
     publishes: list[Publish] = []
     adopts: list[Adopt] = []
     clears: list[Clear] = []
     kept: set[Target] = set()
-    targets = known | want.keys() if only is None else only
+    # Work proportional to what changed: with ``only``, nothing is looked at but those.
+    if only is None:
+        targets: Collection[Target] = (
+            set(current) | {t for t, r in retained.items() if r.valid} | want.keys()
+        )
+    else:
+        targets = only
     for target in targets:  # the actions are put in order below
-        if target not in want and target not in known:
+        if target not in want and not known(target):
             continue
         cur, ret = current.get(target), retained.get(target)
         if target in want:
@@ -279,10 +294,12 @@ def changed_targets(
     return changed
 
 
+def refresh_at(bundle: Bundle) -> int:
+    """When ``bundle`` is to be signed again (Unix seconds): half its lifetime."""
+    return bundle.issued_at + (bundle.expires_at - bundle.issued_at) // 2
+
+
 def next_refresh(current: Mapping[Target, Current]) -> int | None:
     """When the earliest refresh falls due (Unix seconds), if anything is published."""
-    times = [
-        c.bundle.issued_at + (c.bundle.expires_at - c.bundle.issued_at) // 2
-        for c in current.values()
-    ]
+    times = [refresh_at(c.bundle) for c in current.values()]
     return min(times) if times else None

@@ -7,10 +7,13 @@ named tasks:
   reconnects with backoff and delivers every message and connection change as a fact to
   :meth:`Controller._take` (one door in); a ``sync-<n>`` task per connection waits until
   its retained picture is whole;
-* ``reconcile``: the level-triggered loop. Anything (a watched ref, a webhook, a poll, a
-  retained topic that changed under us, a refresh falling due, a reconnect) only wakes
-  it; each pass re-reads every branch, renders, :func:`~planning.plan`\\ s against what was
-  published and what the broker holds, and carries the plan out, until nothing is left;
+* ``reconcile``: the one level-triggered loop. Anything (a watched ref, a webhook, a
+  poll, a retained topic that changed under us, a refresh falling due, a reconnect, a
+  device's report or presence, the drift tick) only wakes it; each pass re-reads every
+  branch, renders, :func:`~planning.plan`\\ s against what was published and what the
+  broker holds, and carries the plan out, until nothing is left (skipped when only
+  device facts or the drift tick woke it); then the drift step decides the devices
+  that need it and the group summaries that moved, and carries that out;
 * ``watch`` / ``poll`` / ``webhook``: what notices new commits.
 
 Exceptions propagate: a bug stops the controller loudly, while expected trouble (broker
@@ -19,10 +22,10 @@ gone, repository unreachable, a broken commit) is logged, reported as an event a
 Gating is part of the controller, not an option: every controller owns a
 :class:`~setpoint.controller.rolling.Rollouts` and asks it, before every planning round,
 what may go out (rings, gates, windows, batches), and carries out what it decided after
-each round. With ``drift=DriftSettings(...)`` it also owns the drift engine
-(:class:`~setpoint.controller.drifting.DriftEngine`, a task of the controller's group),
-which is told every batch of publications; the statuses it publishes or reads go to the
-rollouts. Everything that goes out goes through one
+each round. With ``drift=DriftSettings(...)`` it also owns the drift part
+(:class:`~setpoint.controller.drifting.DriftEngine`: facts and decisions, no task of its
+own), which is told every batch of publications and decided in the same loop; the
+statuses it decides or reads go to the rollouts. Everything that goes out goes through one
 :class:`~setpoint.controller.executing.Executor` (sign, publish, clear, event, audit).
 """
 
@@ -30,10 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
+import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -58,6 +63,7 @@ from .broker import (
     Session,
     Subscription,
 )
+from .detecting import ClearDrift, ClearGroup, DriftAction, GroupAction, ShowDrift, ShowGroup
 from .drifting import DriftEngine, DriftSettings
 from .errors import BrokerUnavailable, ConfigError, RepositoryUnavailable
 from .executing import Executor
@@ -139,6 +145,11 @@ class Controller:
         self._state = StateStore(config.state_dir)
         self._audit = AuditLog(config.state_dir)
         self._current: dict[Target, Current] = {}
+        # When each published target is to be refreshed (a heap; an entry whose bundle is
+        # no longer the target's is stale and dropped when it reaches the top).
+        self._refreshes: list[tuple[int, int, Target, Bundle]] = []
+        self._pushed = itertools.count()  # ties broken by order, never by target
+        self._tick_at: float | None = None  # the drift tick (monotonic)
         self._floors: dict[Target, int] = {}
         self._attempted: dict[Target, Bundle] = {}
         self._changes = 0  # counts every change of what was published, floors, attempts
@@ -176,13 +187,7 @@ class Controller:
         self.executor = Executor(self.link, self.topics, self._audit, clock)
         self.drift: DriftEngine | None = None
         if drift is not None:
-            self.drift = DriftEngine(
-                drift,
-                executor=self.executor,
-                topics=self.topics,
-                clock=clock,
-                on_status=self._drift_status,
-            )
+            self.drift = DriftEngine(drift, topics=self.topics, clock=clock)
         self.webhook_port: int | None = None
         self.last_render: Render | None = None
         self.last_error: str | None = None
@@ -226,6 +231,11 @@ class Controller:
             self._intents = self._state.intents()
             for target, entry in self._current.items():
                 self._floors[target] = max(self._floors.get(target, 0), entry.version)
+            self._refreshes = [
+                (planning.refresh_at(c.bundle), next(self._pushed), t, c.bundle)
+                for t, c in self._current.items()
+            ]
+            heapq.heapify(self._refreshes)
             self.repository = await asyncio.to_thread(Repository, config.repo, config.state_dir)
             if self._default_branch is None and not self.repository.remote:
                 self._default_branch = self.repository.default_branch()
@@ -234,18 +244,19 @@ class Controller:
             self.retained = RetainedView(self.topics, self.signer.trusted, self._retained_changed)
             self.rollouts.load()
             if self.drift is not None:
-                self.drift.published((), self.published())
+                self.drift.published(None, self._current)
             self._tg = asyncio.TaskGroup()
             await self._tg.__aenter__()
+            await self._serve_metrics()
         except BaseException:
+            if self.drift is not None:
+                self.drift.metrics.close()
             self._close()
             raise
         self._spawn(self.link.run(), "mqtt-link")
         self._spawn(self._reconciling(), "reconcile")
         if config.follow:
             self._start_watchers()
-        if self.drift is not None:
-            self._spawn(self.drift.run(self.settle), "drift")
         self.wake("start")
         return self
 
@@ -263,7 +274,15 @@ class Controller:
                 raise error from None
             raise
         finally:
+            if self.drift is not None:
+                await asyncio.to_thread(self.drift.metrics.close)
             self._close()
+
+    async def _serve_metrics(self) -> None:
+        listen = self.drift.settings.metrics_listen if self.drift is not None else None
+        if self.drift is not None and listen is not None:
+            port = await asyncio.to_thread(self.drift.metrics.serve, *listen)
+            log.info("metrics on http://%s:%d/metrics", listen[0] or "0.0.0.0", port)
 
     def _close(self) -> None:
         if self.repository is not None:
@@ -350,18 +369,22 @@ class Controller:
             self.retained.handle(message)
         elif drift is not None:
             if kind == "device-reported":
-                drift.take_report(message)
+                if drift.take_report(message):
+                    self.wake("drift")
             elif kind == "device-presence":
-                drift.take_presence(message)
+                if drift.take_presence(message):
+                    self.wake("drift")
             elif kind == "device-drift":
-                drift.take_drift(message)
+                read = drift.take_drift(message)
+                if read is not None:
+                    self._tell_rollouts(*read)
             elif kind == "group-status":
                 drift.take_group_status(message)
         elif kind == "device-drift" and self.rollouts.take_drift(message):
             self.wake("rollouts")
 
-    def _drift_status(self, device: str, found: DriftStatus | None) -> None:
-        """Every status the drift engine publishes or reads: the rollouts decide on them."""
+    def _tell_rollouts(self, device: str, found: DriftStatus | None) -> None:
+        """Every status the drift part decides or reads: the rollouts decide on them."""
         if self.rollouts.take_status(device, found):
             self.wake("rollouts")
 
@@ -410,24 +433,59 @@ class Controller:
 
     # --- The loop ------------------------------------------------------------------------------
 
+    def _next_refresh(self) -> int | None:
+        """When the earliest refresh falls due (what ``planning.next_refresh`` gives over
+        every target, from a heap: work proportional to what was published since)."""
+        heap, current = self._refreshes, self._current
+        while heap:
+            when, _, target, bundle = heap[0]
+            entry = current.get(target)
+            if entry is not None and entry.bundle is bundle:
+                return when
+            heapq.heappop(heap)
+        return None
+
+    def _refreshing(self, target: Target, bundle: Bundle) -> None:
+        """``target`` now has ``bundle``: its refresh time goes on the heap."""
+        entry = (planning.refresh_at(bundle), next(self._pushed), target, bundle)
+        heapq.heappush(self._refreshes, entry)
+        if len(self._refreshes) > 2 * len(self._current) + 1024:  # drop the stale entries
+            self._refreshes = [
+                (planning.refresh_at(c.bundle), next(self._pushed), t, c.bundle)
+                for t, c in self._current.items()
+            ]
+            heapq.heapify(self._refreshes)
+
     def _next_deadline(self) -> float | None:
         if self.retained is None or not self.retained.synced:
             return None  # nothing can be done before the broker is back; its sync wakes us
         rollout = self.rollouts.deadline
         if rollout is not None and rollout <= self._clock():
             rollout = None  # fell due: the pass it woke has decided again
-        times = [t for t in (planning.next_refresh(self._current), self._retry_at, rollout) if t]
+        times = [t for t in (self._next_refresh(), self._retry_at, rollout) if t]
         return min(times) if times else None
+
+    def _timeout(self) -> float | None:
+        """How long the loop may sleep: until the next deadline or the drift tick."""
+        deadline = self._next_deadline()
+        timeout = None if deadline is None else max(0.05, deadline - self._clock())
+        if self._tick_at is not None and self.drift is not None and self.drift.session_synced:
+            tick = max(0.0, self._tick_at - time.monotonic())
+            timeout = tick if timeout is None else min(timeout, tick)
+        return timeout
 
     async def _reconciling(self) -> None:
         while True:
-            deadline = self._next_deadline()
-            timeout = None if deadline is None else max(0.05, deadline - self._clock())
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(self._timeout()):
                     await self._wake.wait()
             except TimeoutError:
-                self._reasons.add("timer")
+                if not self._tick_due():
+                    self._reasons.add("timer")
+                else:
+                    deadline = self._next_deadline()
+                    if deadline is not None and self._clock() >= deadline:
+                        self._reasons.add("timer")
             self._wake.clear()
             reasons, self._reasons = self._reasons, set()
             generation = self._generation
@@ -437,18 +495,32 @@ class Controller:
                 settled = await self._pass(reasons)
             except BrokerUnavailable as exc:
                 log.warning("publishing interrupted: %s (resuming after reconnect)", exc)
+                if self.drift is not None:
+                    self.drift.interrupted()
                 continue
             if settled and not self._wake.is_set():
                 async with self._settled:
                     self._settled_generation = generation
                     self._settled.notify_all()
 
+    def _tick_due(self) -> bool:
+        return self._tick_at is not None and time.monotonic() >= self._tick_at
+
     async def _pass(self, reasons: set[str]) -> bool:
-        """One reconcile pass; True if it left nothing to do."""
-        assert self.retained is not None and self.repository is not None
+        """One pass of the loop: reconcile (unless only device facts or the drift tick
+        woke it), then the drift step; True if it left nothing to do."""
+        assert self.retained is not None
         if not self.retained.synced:
             self._reasons |= reasons  # kept for the pass that follows the sync
             return False
+        if reasons - {"drift"}:
+            await self._reconcile(reasons)
+        await self._drift_step()
+        return self._retry_at is None
+
+    async def _reconcile(self, reasons: set[str]) -> None:
+        """Read every branch, render, plan and carry the plan out, round after round."""
+        assert self.retained is not None and self.repository is not None
         fetch = self.repository.remote and bool(reasons & _FETCH_REASONS)
         render: Render | None
         try:
@@ -489,7 +561,45 @@ class Controller:
             await self._report_problems(render)
             await self._publish_verdicts(render, refusal)
             self._log_warnings(render)
-        return self._retry_at is None
+
+    # --- The drift step: the devices' facts decided, carried out ----------------------------
+
+    async def _drift_step(self) -> None:
+        """Decide what the devices' facts ask for (``DriftEngine.decide``), carry it out
+        through the executor, then the group summaries that moved (``summaries``); each
+        action done is recorded (``DriftEngine.done``) and a device's status told to the
+        rollouts. With the tick (every ``DriftSettings.tick`` seconds) pending, silent and
+        unreconciled devices are decided again too."""
+        drift = self.drift
+        if drift is None or not drift.session_synced:
+            return
+        tick = self._tick_at is None or self._tick_due()
+        if tick:
+            self._tick_at = time.monotonic() + max(0.05, drift.settings.tick)
+        await self._carry_out_drift(drift.decide(tick=tick))
+        await self._carry_out_drift(drift.summaries())
+        await drift.passed()
+
+    async def _carry_out_drift(self, actions: Sequence[DriftAction | GroupAction]) -> None:
+        """Each device's (or group's) actions in order, devices side by side (at most
+        :data:`PUBLISH_CONCURRENCY` at a time)."""
+        if not actions:
+            return
+        drift = self.drift
+        assert drift is not None
+        by_subject: dict[str, list[DriftAction | GroupAction]] = {}
+        for action in actions:
+            key = action.group if isinstance(action, (ShowGroup, ClearGroup)) else action.device
+            by_subject.setdefault(key, []).append(action)
+
+        async def one(todo: list[DriftAction | GroupAction]) -> None:
+            for action in todo:
+                await self.executor.carry_out(action)
+                found = drift.done(action)
+                if isinstance(action, (ShowDrift, ClearDrift)):
+                    self._tell_rollouts(action.device, found)
+
+        await gather_limited([one(todo) for todo in by_subject.values()], PUBLISH_CONCURRENCY)
 
     async def _flush_rollouts(self) -> None:
         """Carry out what the rollouts decided; what the broker did not take stays queued."""
@@ -528,7 +638,7 @@ class Controller:
         if render is not None and render.head:
             render = self.rollouts.hold_back(render, self._current)
         inputs = (render, self.retained.version, self._changes)
-        refresh = planning.next_refresh(self._current)
+        refresh = self._next_refresh()
         quiet = not self.rollouts.active and (refresh is None or self._clock() < refresh)
         if quiet and only is None and self._settled_on is not None:
             if self._settled_on == inputs:
@@ -670,7 +780,7 @@ class Controller:
                 await asyncio.to_thread(self._persist, done)
                 self._intents.clear()  # saving recorded them (or they are moot)
                 if self.drift is not None:
-                    self.drift.published(tuple(done), dict(self._current))
+                    self.drift.published(done, self._current)
         await self._emit_events(done, render)
 
     async def _concurrently(self, coros: list[Any]) -> None:
@@ -703,6 +813,7 @@ class Controller:
         )
         self._changes += 1
         self._current[action.target] = Current(bundle, author, branch, self._clock())
+        self._refreshing(action.target, bundle)
         self._floors[action.target] = max(self._floors.get(action.target, 0), bundle.version)
         if ours:
             log.info(
@@ -750,6 +861,7 @@ class Controller:
             else self._clock()
         )
         self._current[target] = Current(bundle, action.author, action.branch, since)
+        self._refreshing(target, bundle)
         self._floors[target] = max(self._floors.get(target, 0), bundle.version)
         self.retained.note(target, Retained(bundle, signed.digest), mark)
         log.info(
@@ -935,6 +1047,31 @@ class Controller:
             message=message,
         )
         self._refusal_reported = key
+
+
+async def gather_limited(coros: list[Coroutine[Any, Any, None]], limit: int) -> None:
+    """Run ``coros``, at most ``limit`` at a time; the first BrokerUnavailable is raised.
+
+    On the first failure the others are cancelled, and those that never started are
+    closed (an unstarted coroutine left behind is a "never awaited" warning).
+    """
+    if not coros:
+        return
+    semaphore = asyncio.Semaphore(limit)
+
+    async def limited(coro: Coroutine[Any, Any, None]) -> None:
+        async with semaphore:
+            await coro
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for coro in coros:
+                tg.create_task(limited(coro))
+    except* BrokerUnavailable as group:
+        raise group.exceptions[0] from None
+    finally:
+        for coro in coros:
+            coro.close()  # a no-op for those that ran
 
 
 def identity(config: ControllerConfig) -> FleetIdentity:

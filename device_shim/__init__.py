@@ -36,9 +36,11 @@ bundles signed by keys the device no longer trusts, and a compromised key may ha
 them absurdly high. ``setpoint shim --reset-floors`` does the same on purpose.
 """
 
+from setpoint.kit.brokers import BrokerSettings
+
 from .agent import Agent
 from .backoff import Backoff, RetryGate
-from .config import BrokerSettings, DevicePolicy, ShimConfig, load_policy, load_trusted_keys
+from .config import DevicePolicy, ShimConfig, load_policy, load_trusted_keys
 from .errors import (
     ApplyError,
     ConfigError,

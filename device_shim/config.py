@@ -35,12 +35,13 @@ import contextlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from setpoint.kit.brokers import BrokerSettings
 from setpoint.proto import bundles, envelopes, topics
 from setpoint.proto.errors import InvalidId, SchemaError
 
@@ -59,57 +60,6 @@ _POLICY_KEYS: Final = frozenset(
         "allow_special_modes",
     }
 )
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    """Where and how to connect; the password is never part of a repr or a log.
-
-    ``host:port`` is the first node; ``alternates`` are the other nodes of the same cluster
-    (``--broker mqtt://a:1883,mqtt://b:1883``), reached with the same TLS settings and
-    credentials and tried in turn when the node in use fails. ``discovery`` is the
-    ``--broker`` value when it names ``mqtt+srv://`` domains (the nodes above are what its
-    SRV records gave at start): the link asks DNS again when every node has failed.
-    """
-
-    host: str
-    port: int = 1883
-    tls: bool = False
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    alternates: tuple[tuple[str, int], ...] = ()
-    discovery: str = ""
-
-    @property
-    def url(self) -> str:
-        """The first node's URL."""
-        return self.url_of(self.host, self.port)
-
-    @property
-    def endpoints(self) -> tuple[tuple[str, int], ...]:
-        """Every node to try, in order: ``host:port`` first, then the alternates."""
-        return ((self.host, self.port), *self.alternates)
-
-    @property
-    def urls(self) -> str:
-        """Every node's URL, comma-separated (as ``--broker`` takes them)."""
-        return self.urls_of(self.endpoints)
-
-    @property
-    def described(self) -> str:
-        """The nodes for a log line, with the DNS name they came from if any."""
-        if self.discovery:
-            return f"{self.urls} (from DNS: {self.discovery})"
-        return self.urls
-
-    def urls_of(self, endpoints: Sequence[tuple[str, int]]) -> str:
-        return ",".join(self.url_of(host, port) for host, port in endpoints)
-
-    def url_of(self, host: str, port: int) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)

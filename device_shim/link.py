@@ -11,9 +11,10 @@ agent when the connection comes and goes.
   counter resets after a connection stayed up for ``STABLE_AFTER`` seconds (a broker
   restart costs the first delay again, not a longer one each time), so only a broker that
   accepts and drops at once keeps the delays growing.
-* **Several nodes.** ``--broker`` may list the nodes of one cluster
-  (:attr:`BrokerSettings.alternates`). A failed connection, a refused CONNACK, a connection
-  that dropped before it had stayed up ``STABLE_AFTER`` seconds, or a CONNACK that has not
+* **Several nodes.** ``--broker`` may list the nodes of one cluster (the
+  :class:`setpoint.kit.brokers.BrokerSettings`' ``others``, tried after the first node:
+  ``endpoints``). A failed connection, a refused CONNACK, a connection that dropped
+  before it had stayed up ``STABLE_AFTER`` seconds, or a CONNACK that has not
   come within ``connect_timeout`` (15 s, above a clustered engine's election stall: NATS
   held CONNACKs for ~11 s after a node died) moves the link to the next node. The backoff
   exponent grows once per round of the list, so the other nodes are tried quickly and a
@@ -72,10 +73,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
 from setpoint.kit import brokers
+from setpoint.kit.brokers import BrokerSettings
 from setpoint.proto import reports
 
 from .backoff import Backoff, Random
-from .config import BrokerSettings
 
 log = logging.getLogger("setpoint.shim.link")
 

@@ -51,11 +51,14 @@ _FORMS: Final = "use mqtt://host:port, mqtts://host:port, mqtt+srv://domain or m
 class BrokerSettings:
     """Host, port, TLS files and credentials; the password is never part of a repr.
 
-    ``others``: the other nodes of a cluster, tried in turn after ``host``/``port``;
+    ``others``: the other nodes of a cluster, reached with the same TLS settings and
+    credentials and tried in turn after ``host``/``port`` (:attr:`endpoints`);
     ``protocol``: ``auto`` (MQTT 5, then 3.1.1 on an engine that refuses 5), ``5`` or
     ``3.1.1``, for the clients that choose (the dashboard); ``discovery``: the ``--broker``
     value when it names ``mqtt+srv://`` domains (the nodes above are what DNS gave), to ask
-    again with :func:`rediscovered` when every node failed."""
+    again with :func:`rediscovered` when every node failed. The controller, the dashboard
+    and the shim all use this one class (the shim takes ``client_id``, ``keepalive`` and
+    its connect timeout from its own flags, :class:`setpoint.device_shim.ShimConfig`)."""
 
     host: str
     port: int = 1883
@@ -73,7 +76,31 @@ class BrokerSettings:
     discovery: str = ""
 
     def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        """The first node's URL."""
+        return self.url_of(self.host, self.port)
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """Every node to try, in order: ``host:port`` first, then the others."""
+        return ((self.host, self.port), *self.others)
+
+    @property
+    def urls(self) -> str:
+        """Every node's URL, comma-separated (as ``--broker`` takes them)."""
+        return self.urls_of(self.endpoints)
+
+    @property
+    def described(self) -> str:
+        """The nodes for a log line, with the DNS name they came from if any."""
+        if self.discovery:
+            return f"{self.urls} (from DNS: {self.discovery})"
+        return self.urls
+
+    def urls_of(self, endpoints: Sequence[tuple[str, int]]) -> str:
+        return ",".join(self.url_of(host, port) for host, port in endpoints)
+
+    def url_of(self, host: str, port: int) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{port}"
 
 
 def rediscovered(settings: BrokerSettings, rng: Random) -> BrokerSettings:

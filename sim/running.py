@@ -125,10 +125,13 @@ def local_ports() -> int:
 def bind_source(loop: asyncio.AbstractEventLoop, source: str) -> None:
     """Make every TCP connection ``loop`` opens leave from the address ``source``.
 
-    A simulator process uses one source address for all its devices (:func:`plan`), and
-    the transport opens each connection with ``loop.create_connection(factory, host,
-    port, ...)`` (gmqtt's), which has no source address of its own: this loop's method
-    adds ``local_addr`` to every call."""
+    A simulator process uses one source address for all its devices (:func:`plan`). gmqtt
+    0.8 opens every socket in ``MQTTConnection.create_connection`` with
+    ``loop.create_connection(factory, host, port, ssl=ssl)``: no ``local_addr``, no
+    ``sock``, no connection factory a client can be handed. The clean place for a source
+    address is the transport (a setting its gmqtt subclass passes on by overriding
+    ``Client._create_connection``); until it has one, this process's loop adds
+    ``local_addr`` to every call (the simulator opens no other connection)."""
     original = loop.create_connection
 
     async def create_connection(*args: Any, **kwargs: Any) -> Any:

@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
                 ca=args.ca,
                 cert=args.cert,
                 key=args.client_key,
-                alternates=tuple((other.host, other.port) for other in others),
+                others=tuple((other.host, other.port) for other in others),
                 discovery=discovery_of(args.broker),
             ),
             state_dir=args.state_dir,

@@ -465,6 +465,47 @@ async def test_the_drift_engine_sees_every_publication_and_the_desired_bundles(
         assert Target("device", "gw-01") not in controller.desired()
 
 
+async def test_one_loop_runs_the_drift_step_and_keeps_refresh_times_by_publication(
+    example_repo: Any,
+    broker: Any,
+    signing_key: Path,
+    unique_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """The controller's one loop decides drift too (no task of the drift engine's own),
+    and the earliest refresh it waits for, kept as publications happen, is what a scan
+    of every published bundle gives."""
+    from setpoint.controller import BrokerSettings, Controller, ControllerConfig, planning
+    from setpoint.controller.drifting import DriftSettings
+
+    config = ControllerConfig(
+        repo=str(example_repo.path),
+        broker=BrokerSettings(broker.host, broker.port),
+        key_path=signing_key,
+        state_dir=tmp_path / "state",
+        prefix=unique_prefix,
+        bundle_ttl=3600,
+    )
+    async with Controller(config, drift=DriftSettings(tick=0.2)) as controller:
+        engine = controller.drift
+        assert engine is not None
+        await asyncio.wait_for(engine.ready.wait(), 10)
+        await controller.settle(10)
+        names = {task.get_name() for task in asyncio.all_tasks()}
+        assert "reconcile" in names and "drift" not in names
+        passes = engine.passes
+        await engine.wait_for(lambda: engine.passes > passes + 1)  # the tick, in the loop
+        assert controller._next_refresh() == planning.next_refresh(controller.published())
+        await asyncio.sleep(1.1)  # the next bundle is issued a second later
+        example_repo.commit({"devices/gw-01.yaml": None})
+        example_repo.commit(
+            {"devices/kiosk-01.yaml": FLEET["devices/kiosk-01.yaml"].replace("lobby", "hall")}
+        )
+        await controller.settle(10)
+        assert controller._next_refresh() == planning.next_refresh(controller.published())
+        assert controller._next_refresh() is not None
+
+
 async def test_refused_commit_is_retained_in_the_repository_status(
     example_repo: Any, run_controller: Any, observe: Any
 ) -> None:

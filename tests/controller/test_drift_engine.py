@@ -316,7 +316,7 @@ async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyp
             client_id=f"controller-{name}", share="drift",
         )  # fmt: skip
 
-    async with start("a") as (_ca, a), start("b") as (_cb, b):
+    async with start("a") as (ca, a), start("b") as (cb, b):
         await watch.wait(lambda: set(names) <= set(watch.drift))
         for n, name in enumerate(names):
             await devices.report(in_sync_report(a._fleet.desired[name], seq=n + 1))
@@ -337,9 +337,9 @@ async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyp
         await watch.barrier()
         events = len(watch.events)
         passes = (a.passes, b.passes)
-        for engine in (a, b):
-            engine._full = True
-            engine._wake.set()
+        for controller, engine in ((ca, a), (cb, b)):
+            engine.interrupted()  # everything decided again, as after a broker loss
+            controller.wake("drift")
         await a.wait_for(lambda: a.passes > passes[0])
         await b.wait_for(lambda: b.passes > passes[1])
         await watch.barrier()
@@ -525,3 +525,17 @@ async def test_a_commit_re_decides_only_the_devices_whose_desired_state_changed(
         # gw-01 is the only member of gateways: the kiosks are not decided again.
         assert engine.evaluations - before == 1
         assert watch.state("kiosk-01") == "in_sync" and watch.state("kiosk-02") == "in_sync"
+
+
+async def test_the_tick_decides_only_the_devices_that_may_move(drift, watch, devices) -> None:  # type: ignore[no-untyped-def]
+    """The tick looks at pending, silent and unreconciled devices, kept as their statuses
+    change, not at every device: a fleet in sync costs its ticks no decision; a drifted
+    device of an enforce group is decided again on a tick (its reconcile retry)."""
+    async with drift(tick=0.1, reconcile_interval=0.3) as (_controller, engine):
+        await all_in_sync(engine, devices, watch)
+        passes, evaluations = engine.passes, engine.evaluations
+        await engine.wait_for(lambda: engine.passes > passes + 5)
+        assert engine.evaluations == evaluations
+        await devices.report(drifted_report(engine._fleet.desired["kiosk-01"], 50, "motd"))
+        await watch.wait(watch.is_("kiosk-01", "drifted"))
+        await watch.wait(lambda: len([c for c in watch.commands if c[0] == "kiosk-01"]) >= 2)

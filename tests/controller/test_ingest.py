@@ -32,9 +32,10 @@ from setpoint.controller.broker import (
     Message,
     Subscription,
 )
-from setpoint.controller.drifting import PUBLISH_CONCURRENCY, DriftEngine
+from setpoint.controller.drifting import DriftEngine
 from setpoint.controller.errors import BrokerUnavailable
 from setpoint.controller.ingesting import IngestConnection, IngestStats, Routes
+from setpoint.controller.service import PUBLISH_CONCURRENCY, gather_limited
 from setpoint.proto import reports
 from setpoint.proto.status import DRIFT_STATES
 from setpoint.proto.topics import Topics
@@ -79,11 +80,15 @@ def assert_counts_agree(engine: DriftEngine) -> None:
 
 
 @pytest.mark.broker
-async def test_running_counts_agree_with_a_recount(drift, broker, unique_prefix) -> None:  # type: ignore[no-untyped-def]
+async def test_running_counts_agree_with_a_recount(  # type: ignore[no-untyped-def]
+    drift, broker, unique_prefix, example_repo
+) -> None:
+    from fleetkit import FLEET
+
     async with (
         DriftWatch(broker.host, broker.port, unique_prefix) as watch,
         Devices(broker.host, broker.port, unique_prefix) as devices,
-        drift(grace=3600.0) as (_controller, engine),
+        drift(grace=3600.0) as (controller, engine),
     ):
         await watch.wait(lambda: {"kiosks", "gateways"} <= set(watch.groups))
         await engine.wait_for(lambda: sum(gauges(engine).values()) == len(DEVICES))
@@ -121,9 +126,22 @@ async def test_running_counts_agree_with_a_recount(drift, broker, unique_prefix)
         assert engine._summary("kiosks", 0.0).oldest_pending is None  # type: ignore[union-attr]
         await watch.wait(lambda: watch.groups["kiosks"].oldest_pending is None)
 
+        # A commit changes a group: its version moves and the running counts follow it
+        # (its member is no longer in sync on the new version; the other group is as it was).
+        await devices.presence("gw-01", reports.PRESENCE_ONLINE)
+        await devices.report(in_sync_report(desired["gw-01"], 13))
+        await watch.wait(watch.is_("gw-01", "in_sync"))
+        await watch.wait(lambda: watch.groups["gateways"].converged_pct == 100.0)
+        gateways = FLEET["groups/gateways.yaml"].replace("value: 30", "value: 45")
+        example_repo.commit({"groups/gateways.yaml": gateways}, "gateways: uplink 45 s")
+        await controller.settle(10)
+        await watch.wait(watch.is_("gw-01", "pending"))
+        await watch.wait(lambda: watch.groups["gateways"].converged_pct == 0.0)
+        assert_counts_agree(engine)
+        assert watch.groups["kiosks"].converged_pct == 50.0
+
 
 async def test_a_failed_publication_leaves_no_coroutine_never_awaited() -> None:
-    engine = DriftEngine()
     started: list[int] = []
 
     async def fails() -> None:
@@ -138,7 +156,7 @@ async def test_a_failed_publication_leaves_no_coroutine_never_awaited() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(BrokerUnavailable, match="connection lost"):
-            await engine._gather(coros)
+            await gather_limited(coros, PUBLISH_CONCURRENCY)
         del coros
         gc.collect()
     assert len(started) < PUBLISH_CONCURRENCY * 2  # some never started...

@@ -218,6 +218,33 @@ def test_a_commit_of_group_or_device_files_is_worked_out_from_the_tree_diff(
     repo.close()
 
 
+def test_a_group_commit_checks_the_devices_that_moved_into_it(make_repo, tmp_path: Path) -> None:
+    """fleet.update finds a changed group's members in an index that follows devices
+    moving group (not a scan of every device): a device that moved into a group is
+    checked against that group's next change, and breaks as a whole reading says."""
+    group = "resources:\n  - {id: motd, kind: file, path: etc/motd, content: '%s'}\n"
+    files = {
+        "fleet.yaml": "{}\n",
+        "groups/kiosks.yaml": group % "v1",
+        "groups/gateways.yaml": group % "gw",
+        **{f"devices/d{i}.yaml": "group: kiosks\n" for i in range(3)},
+    }
+    from setpoint.controller import fleet
+
+    git = make_repo(files)
+    repo = Repository(str(git.path), tmp_path / "state")
+    memo = fleet.Memo()
+    info, snapshot = repo.load(repo.heads()["main"], memo=memo)
+    own = "group: gateways\nresources:\n  - {id: own, kind: file, path: etc/own, content: x}\n"
+    clash = "resources:\n  - {id: motd, kind: file, path: etc/own, content: gw}\n"
+    for change in ({"devices/d1.yaml": own}, {"groups/gateways.yaml": clash}):
+        commit = git.commit(change)
+        info, snapshot = repo.load(commit, memo=memo, since=(info, snapshot))
+        assert snapshot == repo.load(commit)[1], change
+    assert snapshot.broken_devices == {"d1"}
+    repo.close()
+
+
 def _contents(render):  # type: ignore[no-untyped-def]
     """What a render wants published, commits aside (not content: proto/SPEC.md 4.2)."""
     return {t: (r.branch, r.bundle.content_digest()) for t, r in render.desired.items()}

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from driftkit import Devices, DriftWatch, in_sync_report
 
 from setpoint.controller.broker import Backoff, BrokerSettings
-from setpoint.controller.drifting import DriftEngine, DriftSettings, desired_for
+from setpoint.controller.drifting import DriftEngine, DriftSettings, desired_for, refresh
 from setpoint.controller.planning import Current
 from setpoint.controller.rendering import Target
 from setpoint.controller.rolling import Rollouts
@@ -85,6 +85,55 @@ def test_desired_for_takes_the_pin_as_the_desired_group_version() -> None:
     assert desired_for(same, again).changed == set()
     gone = {t: c for t, c in moved.items() if t != Target("device", "released")}
     assert desired_for(gone, again).changed == {"released"}
+
+
+def test_refresh_follows_the_changed_targets_to_what_desired_for_gives() -> None:
+    """Work proportional to what changed: refreshing a fleet in place from the targets
+    that changed gives what working it out whole gives, through a group's new version,
+    a device moving groups, a group removed (its members go) and added back (they come
+    back though their own bundles did not change), and a device removed."""
+    motd = FileResource("motd", "etc/motd", b"v1", 0o644)
+
+    def group(name: str, version: int) -> Current:
+        return Current(_bundle("group", name, version, resources=(motd,)))
+
+    def device(name: str, version: int, in_group: str) -> Current:
+        return Current(_bundle("device", name, version, group=in_group))
+
+    published: dict[Target, Current] = {
+        Target("group", "a"): group("a", 1),
+        Target("group", "b"): group("b", 1),
+        **{Target("device", f"a{n}"): device(f"a{n}", 1, "a") for n in range(3)},
+        Target("device", "b0"): device("b0", 1, "b"),
+    }
+    fleet = desired_for(published)
+
+    def step(changes: dict[Target, Current | None]) -> tuple[set[str], set[str]]:
+        before = desired_for(published)
+        for target, current in changes.items():
+            if current is None:
+                published.pop(target, None)
+            else:
+                published[target] = current
+        changed, groups = refresh(fleet, published, changes)
+        whole = desired_for(published, before)
+        assert fleet.desired == whole.desired
+        assert fleet.members == whole.members
+        assert (fleet.groups, fleet.commits) == (whole.groups, whole.commits)
+        assert changed == whole.changed
+        return changed, groups
+
+    assert step({Target("group", "a"): group("a", 2)}) == ({"a0", "a1", "a2"}, {"a"})
+    assert step({Target("device", "a1"): device("a1", 2, "b")}) == ({"a1"}, set())
+    assert fleet.members == {"a": {"a0", "a2"}, "b": {"a1", "b0"}}
+    assert step({Target("group", "b"): None}) == ({"a1", "b0"}, {"b"})
+    assert set(fleet.desired) == {"a0", "a2"}
+    assert step({Target("group", "b"): group("b", 2)}) == ({"a1", "b0"}, {"b"})
+    assert step({Target("device", "a0"): None}) == ({"a0"}, set())
+    assert step({Target("device", "a2"): Current(published[Target("device", "a2")].bundle)}) == (
+        set(),
+        set(),
+    )
 
 
 # --- In a running controller ------------------------------------------------------------

@@ -86,7 +86,7 @@ def link_log() -> Iterator[LogWatch]:
 
 def nodes(*endpoints: tuple[str, int], **kw: Any) -> BrokerSettings:
     (host, port), *rest = endpoints
-    return BrokerSettings(host, port, alternates=tuple(rest), **kw)
+    return BrokerSettings(host, port, others=tuple(rest), **kw)
 
 
 def make_link(

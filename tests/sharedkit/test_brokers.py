@@ -169,3 +169,23 @@ def test_plain_urls_need_no_dns_and_no_dnspython(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(MissingResolver) as info:
         resolve_brokers([parse_broker_url(f"mqtt+srv://{NAME}")], random.Random())
     assert "pip install 'setpoint[srv]'" in str(info.value)
+
+
+def test_one_broker_settings_class_serves_every_side() -> None:
+    """The shim, the controller and the dashboard take the kit's BrokerSettings: the
+    nodes of a cluster in order, their URLs, and the DNS name they came from."""
+    from setpoint import dashboard, device_shim
+    from setpoint.controller import broker as controller_broker
+
+    assert device_shim.BrokerSettings is brokers.BrokerSettings
+    assert controller_broker.BrokerSettings is brokers.BrokerSettings
+    assert dashboard.BrokerSettings is brokers.BrokerSettings
+    settings = brokers.BrokerSettings(
+        "a", 1883, tls=True, others=(("b", 8883),), discovery=f"mqtts+srv://{NAME}"
+    )
+    assert settings.endpoints == (("a", 1883), ("b", 8883))
+    assert settings.url() == "mqtts://a:1883"
+    assert settings.urls == "mqtts://a:1883,mqtts://b:8883"
+    assert settings.described == f"mqtts://a:1883,mqtts://b:8883 (from DNS: mqtts+srv://{NAME})"
+    assert brokers.BrokerSettings("a").described == "mqtt://a:1883"
+    assert "secret" not in repr(brokers.BrokerSettings("a", password="secret"))

@@ -55,6 +55,34 @@ async def test_a_lost_connection_calls_on_lost_with_the_error(broker: Broker) ->
     assert isinstance(error, mqtt.ConnectionLost)
 
 
+async def test_a_connected_device_gives_back_what_gmqtt_waits_on_only_while_connecting(
+    broker: Broker,
+) -> None:
+    # Three Events of gmqtt's are waited on only during connect(); a connected device drops
+    # their waiter deques (~2 KB of its RSS) and must still receive and notice its loss.
+    topic = f"sim-test/{secrets.token_hex(4)}"
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+    lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+    conn = await mqtt.open_connection(
+        broker.host, broker.port, "slim-1", keepalive=5,
+        on_message=lambda t, p, r: got.put_nowait(p),
+        on_lost=lambda conn, exc: lost.set_result(exc),
+    )  # fmt: skip
+    client = conn.session._client
+    assert client is not None
+    events = (
+        client._connack_received,
+        client._connection_lost,
+        client._connection._protocol._connected,
+    )
+    assert [event._waiters for event in events] == [(), (), ()]
+    assert await conn.subscribe([(topic, 1)]) == [1]
+    conn.publish(topic, b"still here", qos=1)
+    assert await asyncio.wait_for(got.get(), 30) == b"still here"
+    broker.stop()
+    assert isinstance(await asyncio.wait_for(lost, 30), mqtt.ConnectionLost)
+
+
 async def test_a_refused_connection_is_a_typed_error(broker: Broker) -> None:
     broker.stop()
     with pytest.raises(mqtt.TransportError, match="cannot connect"):
