@@ -8,12 +8,14 @@ machine happens to run. ``Broker`` is a context manager::
         broker.kill()            # SIGKILL, as a power cut would
         broker.start()           # same port, same data directory
         broker.wipe()            # lose the persisted retained messages (broker stopped)
+        with broker.stalled():   # SIGSTOP: open sockets, nothing read or answered
 
 ``python -m setpoint.mosquitto.broker`` runs one in the foreground and prints its URL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -24,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -167,18 +169,21 @@ class Broker:
         """Start mosquitto and return once it accepts TCP connections."""
         if self.running:
             return self
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        # stderr goes to a file, not a pipe: a pipe nobody reads while the broker runs
+        # would stop mosquitto the moment it wrote more than the pipe holds.
+        errors = self.dir / "stderr.log"
+        with errors.open("wb") as sink:
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", str(self.conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=sink,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc.poll() is not None:
-                err = self.proc.stderr
-                stderr = err.read().decode(errors="replace") if err is not None else ""
+                stderr = errors.read_text(encoding="utf-8", errors="replace")
                 self.proc = None
                 raise BrokerError(
                     f"mosquitto exited at start (port {self.port}): "
@@ -208,6 +213,17 @@ class Broker:
         """Kill hard (SIGKILL): nothing is flushed, as on a crash or a power cut."""
         end_process(self.proc, hard=True)
         self.proc = None
+
+    @contextlib.contextmanager
+    def stalled(self) -> Iterator[None]:
+        """The broker process stopped (SIGSTOP) for the ``with`` block: it neither reads
+        nor answers, yet its sockets stay open, as a broker stuck on a disk would."""
+        assert self.proc is not None, "the broker is not running"
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
 
     def restart(self) -> Broker:
         """Stop cleanly and start again on the same port with the same data."""
