@@ -93,7 +93,11 @@ def validate_id_for_engine(value: str, engine: str, what: str = "id") -> str:
 def shard_of(device: str) -> str:
     """The shard of a device: the first hex digit of the lowercase hex SHA-256 of its id's
     bytes (ASCII; the id grammar has nothing else), so one of :data:`SHARDS`."""
-    return hashlib.sha256(validate_id(device, "device id").encode("ascii")).hexdigest()[0]
+    return _shard(validate_id(device, "device id"))
+
+
+def _shard(valid_id: str) -> str:
+    return hashlib.sha256(valid_id.encode("ascii")).hexdigest()[0]
 
 
 def validate_shard(shard: object) -> str:
@@ -269,10 +273,11 @@ class Topics:
             if leaf in _SHARDED:
                 validate_shard(shard)
                 device = validate_id(name, "device id")
-                if shard != shard_of(device):
+                own = _shard(device)
+                if shard != own:
                     raise WrongShardError(
-                        f"topic {topic!r}: device {device!r} belongs to shard"
-                        f" {shard_of(device)!r}, not {shard!r}",
+                        f"topic {topic!r}: device {device!r} belongs to shard {own!r},"
+                        f" not {shard!r}",
                         device=device,
                     )
                 return TopicRef(_DEVICE_KINDS[leaf], device, shard)
