@@ -1,9 +1,12 @@
-r"""The controller's one MQTT connection, kept alive: connect, subscribe, pump, reconnect.
+r"""The controller's MQTT connection, kept alive: connect, subscribe, pump, reconnect.
 
-aiomqtt does not reconnect by itself, so :class:`Link` runs the loop: connect (MQTT 5,
-falling back to 3.1.1 if the broker refuses it), subscribe its :class:`Subscription`\ s in
-one SUBSCRIBE, and deliver what happens as facts to its one ``deliver`` function, in
-order: :class:`Connected` (the session is live, nothing of it delivered yet), each
+Built on the project's transport (:mod:`setpoint.transport`, gmqtt underneath,
+``docs/decisions/0008-mqtt-transport.md``). :class:`Link` runs the loop: connect (MQTT 5,
+falling back to 3.1.1 if the broker refuses it) to one node of ``--broker`` (several
+nodes are tried in turn: a node that does not answer within the connect timeout, or
+refuses, hands over to the next), subscribe its :class:`Subscription`\ s in one SUBSCRIBE,
+and deliver what happens as facts to its one ``deliver`` function, in order:
+:class:`Connected` (the session is live, nothing of it delivered yet), each
 :class:`Message`, :class:`Disconnected`. Work a session's owner starts for it (the
 controller's sync) ends the session with :meth:`Session.fail`. When the connection
 breaks, every waiting publish fails at once with :class:`BrokerUnavailable`, and after a
@@ -16,13 +19,19 @@ SUBSCRIBE released has been dispatched too. No guessing with quiet periods. (Rou
 subscribed at QoS 0 by default, the barrier too, so that a burst of thousands of retained
 messages is not cut by the broker's per-client queue limit for QoS 1.)
 
-Subscriptions marked ``bulk`` (device reports and presence: floods) are not taken in through
-aiomqtt but through a lean MQTT 3.1.1 receive connection of the same session
-(:mod:`.ingesting`, with backpressure), opened after the main one subscribed; a session
-ends, and both reconnect, when either breaks. The barrier covers both: a nonce goes out
-and comes back on each.
+Subscriptions marked ``bulk`` (device reports and presence: floods) come in through a
+second session of the transport to the same node (:mod:`.ingesting`), opened after the
+main one subscribed; a session ends, and both reconnect, when either breaks. The barrier
+covers both: a nonce goes out and comes back on each. Measured (``bench.converge``, 10,000
+devices): with the floods on the main connection, the acknowledgements of the
+controller's own publications queue behind them (MQTT 5 lets at most the broker's receive
+maximum, 100 on mosquitto, wait at once) and convergence took 24 s instead of 9 s.
+Incoming messages wait in the transport's bounded queues; past the bound it stops reading
+the socket (the kernel and the broker hold the backlog). Publications are pipelined:
+:meth:`Session.send` writes a QoS 1 PUBLISH and returns a future of its PUBACK, and
+:meth:`Link.publish_many` puts a round of statuses in flight together.
 
-aiomqtt's and paho's exceptions stop here; above this module there is only
+The transport's exceptions stop here; above this module there is only
 ``BrokerUnavailable``.
 """
 
@@ -30,17 +39,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
-import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-import aiomqtt
-from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
+from setpoint import transport
+from setpoint.kit import brokers
 from setpoint.kit.backoff import Backoff, Retry
 from setpoint.kit.brokers import BrokerSettings
 from setpoint.proto.topics import Topics
@@ -53,16 +60,16 @@ __all__ = ["Backoff", "BrokerSettings"]  # the kit's, named where the controller
 
 log = logging.getLogger(__name__)
 
-MAX_INBOX_BYTES: Final = 64 * 1024 * 1024  # what the main connection may hold unread
-DROP_LOG_INTERVAL: Final = 60.0
+MAX_INBOX_BYTES: Final = 64 * 1024 * 1024  # what the connection may hold unread
+MAX_INBOX_MESSAGES: Final = 16_384  # and in messages (the pump hands over 256 at a time)
+BATCH: Final = 256  # messages handed over between two yields to the event loop
 MAX_BARRIER_BYTES: Final = 64  # a nonce is 16; anything larger on the echo topic is junk
-DEFAULT_BACKOFF: Final = Backoff(0.1, 10.0)
-_V5_REFUSED: Final = {1, 132}  # 3.1.1 "unacceptable protocol version"; 5 "unsupported"
+DEFAULT_BACKOFF: Final = Backoff(0.1, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """An incoming message, free of aiomqtt's types."""
+    """An incoming message, free of the transport's types."""
 
     topic: str
     payload: bytes
@@ -71,46 +78,6 @@ class Message:
 
 def new_client_id(role: str = "controller") -> str:
     return f"setpoint-{role}-{secrets.token_hex(4)}"
-
-
-class _Inbox(asyncio.Queue[aiomqtt.Message]):
-    """aiomqtt's queue of incoming messages, with a byte budget: aiomqtt reads the socket
-    whatever the pump's pace, so a flood (an operator's 1 MiB messages on the one topic it
-    may write) would pile up here without end. Past ``MAX_INBOX_BYTES`` messages are
-    dropped and counted (logged once a minute); the broker's own per-client caps
-    (secure.conf) bound what waits on its side. A full retained read of a large fleet
-    (10,000 bundles of ~2 KiB) stays far below the budget."""
-
-    def __init__(self, maxsize: int = 0) -> None:
-        super().__init__(maxsize)
-        self.held = 0
-        self.dropped = 0
-        self._logged = -DROP_LOG_INTERVAL
-
-    @staticmethod
-    def _size(message: aiomqtt.Message) -> int:
-        payload = message.payload
-        return len(payload) if isinstance(payload, bytes | bytearray | str) else 0
-
-    def put_nowait(self, item: aiomqtt.Message) -> None:
-        size = self._size(item)
-        if self.held + size > MAX_INBOX_BYTES:
-            self.dropped += 1
-            now = asyncio.get_running_loop().time()
-            if now - self._logged >= DROP_LOG_INTERVAL:
-                self._logged = now
-                log.warning(
-                    "dropping incoming messages: %d MiB wait unread (%d dropped so far; the"
-                    " latest on %s)", self.held >> 20, self.dropped, item.topic,
-                )  # fmt: skip
-            return
-        super().put_nowait(item)
-        self.held += size
-
-    def get_nowait(self) -> aiomqtt.Message:
-        item = super().get_nowait()
-        self.held -= self._size(item)
-        return item
 
 
 def tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
@@ -122,14 +89,37 @@ def tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
     return context
 
 
+def transport_settings(
+    settings: BrokerSettings,
+    client_id: str,
+    node: tuple[str, int] | None = None,
+    **extra: object,
+) -> transport.Settings:
+    """The transport's settings for ``node`` (default: the first) of ``settings``."""
+    host, port = node or (settings.host, settings.port)
+    return transport.Settings(
+        host, port, client_id, protocol=settings.protocol,  # type: ignore[arg-type]
+        ssl_context=tls_context(settings), username=settings.username,
+        password=settings.password, keepalive=settings.keepalive,
+        connect_timeout=settings.connect_timeout, **extra,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def nodes(settings: BrokerSettings) -> list[tuple[str, int]]:
+    """Every node of ``settings``, in the order to try them."""
+    return [(settings.host, settings.port), *settings.others]
+
+
 class Session:
     """One live connection. Publishing fails fast when it breaks."""
 
-    def __init__(self, client: aiomqtt.Client, number: int, v5: bool) -> None:
-        self._client = client
+    def __init__(self, connection: transport.Session, number: int, node: str = "") -> None:
+        self._connection = connection
         self.number = number
-        self.v5 = v5
+        self.node = node  # host:port of the broker node this session is connected to
+        self.v5 = connection.protocol == "5"
         self.lost = asyncio.Event()
+        connection.lost.add_done_callback(lambda _f: self.lost.set())
         self._failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
 
     def fail(self, error: BaseException) -> None:
@@ -144,39 +134,54 @@ class Session:
         error = await self._failed
         raise BrokerUnavailable(str(error) or error.__class__.__name__) from error
 
+    async def send(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> asyncio.Future[None]:
+        """Write a PUBLISH (waiting only for room among the QoS 1 publishes in flight and
+        in the socket's buffer); the future completes on its PUBACK (QoS 1), and fails
+        with the transport's error if the connection breaks first (see :meth:`acked`)."""
+        if self.lost.is_set():
+            raise BrokerUnavailable("not connected to the broker")
+        try:
+            return await self._connection.publish(topic, payload, qos=qos, retain=retain)
+        except transport.TransportError as exc:
+            raise BrokerUnavailable(f"publish to {topic} failed: {exc}") from exc
+
+    @staticmethod
+    async def acked(topic: str, ack: asyncio.Future[None], timeout: float) -> None:
+        """Wait for ``ack`` (from :meth:`send`); BrokerUnavailable if it does not come."""
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(ack)
+        except TimeoutError as exc:
+            raise BrokerUnavailable(
+                f"the broker did not acknowledge {topic} within {timeout:g}s"
+            ) from exc
+        except transport.TransportError as exc:
+            raise BrokerUnavailable(
+                f"connection lost before the broker acknowledged {topic}: {exc}"
+            ) from exc
+
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float
     ) -> None:
         """Publish and, for QoS 1, return once the broker acknowledged (PUBACK)."""
-        if self.lost.is_set():
-            raise BrokerUnavailable("not connected to the broker")
-        publishing = asyncio.ensure_future(
-            self._client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
-        )
-        losing = asyncio.ensure_future(self.lost.wait())
         try:
-            done, _ = await asyncio.wait({publishing, losing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (publishing, losing):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(publishing, losing, return_exceptions=True)
-        if publishing in done and not publishing.cancelled():
-            error = publishing.exception()
-            if error is None:
-                return
-            raise BrokerUnavailable(f"publish to {topic} failed: {error}") from error
-        raise BrokerUnavailable(f"connection lost before the broker acknowledged {topic}")
+            async with asyncio.timeout(timeout):
+                ack = await self.send(topic, payload, qos=qos, retain=retain)
+        except TimeoutError as exc:
+            raise BrokerUnavailable(f"no room to publish {topic} within {timeout:g}s") from exc
+        await self.acked(topic, ack, timeout)
 
 
 @dataclass(frozen=True, slots=True)
 class Subscription:
     """A topic filter the controller takes in.
 
-    ``no_local`` (MQTT 5) skips this client's own publications. ``bulk`` takes it in
-    through the lean ingest connection (for floods: device reports and presence). Its
-    filter must end in a literal level, which routes it (``devices/+/reported``, also as
-    ``$share/<name>/...``); QoS 0 or 1, and no ``no_local`` (MQTT 3.1.1 has none).
+    ``no_local`` (MQTT 5) skips this client's own publications. ``bulk`` marks a flood
+    (device reports and presence): its filter must end in a literal level
+    (``devices/+/reported``, also as ``$share/<name>/...``); QoS 0 or 1, and no
+    ``no_local``.
 
     QoS 0 is the default on purpose: a view rebuilt from retained messages on every
     connect loses nothing by it, while at QoS 1 mosquitto queues at most
@@ -245,7 +250,7 @@ class Link:
         self._session: Session | None = None
         self._sessions = 0
         self._replaced = asyncio.Event()  # set (and renewed) whenever _session changes
-        self._v5 = True
+        self._node = 0  # index into nodes(settings) of the node to try next
         self.failures = 0
         self.failed = asyncio.Event()  # set on every failure (to connect, or of a session)
         self._barriers: dict[bytes, asyncio.Future[None]] = {}
@@ -277,50 +282,92 @@ class Link:
 
     # --- Publishing ---------------------------------------------------------------------
 
+    def session(self) -> Session:
+        """The current session; BrokerUnavailable if there is none."""
+        session = self._session
+        if session is None:
+            raise BrokerUnavailable("not connected to the broker")
+        return session
+
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> None:
         """Publish on the current session; BrokerUnavailable if there is none or it breaks."""
-        session = self._session
-        if session is None:
-            raise BrokerUnavailable("not connected to the broker")
-        await session.publish(topic, payload, qos=qos, retain=retain, timeout=self.publish_timeout)
+        await self.session().publish(
+            topic, payload, qos=qos, retain=retain, timeout=self.publish_timeout
+        )
+
+    async def publish_many(
+        self, messages: Sequence[tuple[str, bytes, bool]], *, qos: int = 1
+    ) -> None:
+        """Publish ``(topic, payload, retain)`` messages pipelined: every PUBLISH is
+        written as soon as there is room (at most the transport's ``max_inflight`` wait
+        for their PUBACK), in order, then every acknowledgement is awaited. Returns once
+        all are acknowledged; BrokerUnavailable (for the first that failed) if not."""
+        if not messages:
+            return
+        session = self.session()
+        timeout = self.publish_timeout
+        acks: list[tuple[str, asyncio.Future[None]]] = []
+        try:
+            for topic, payload, retain in messages:
+                try:
+                    async with asyncio.timeout(timeout):
+                        ack = await session.send(topic, payload, qos=qos, retain=retain)
+                except TimeoutError as exc:
+                    raise BrokerUnavailable(
+                        f"no room to publish {topic} within {timeout:g}s"
+                    ) from exc
+                acks.append((topic, ack))
+            for topic, ack in acks:
+                await session.acked(topic, ack, timeout)
+        finally:
+            for _topic, ack in acks:
+                if ack.done() and not ack.cancelled():
+                    ack.exception()  # retrieved: one failure is raised, not one per message
 
     async def barrier(self, timeout: float | None = None) -> None:
-        """Return once every message the broker sent before this call has been handled."""
-        nonce = secrets.token_hex(8).encode("ascii")
-        arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._barriers[nonce] = arrived
+        """Return once every message the broker sent before this call has been handled
+        (on both connections of the session)."""
         ingest = self._ingest
         try:
             if ingest is not None:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(ingest.barrier(timeout or self.publish_timeout))
-                    tg.create_task(self._main_barrier(nonce, arrived, timeout))
+                    tg.create_task(self._main_barrier(timeout))
             else:
-                await self._main_barrier(nonce, arrived, timeout)
+                await self._main_barrier(timeout)
         except* BrokerUnavailable as group:
             raise _first(group) from None
-        finally:
-            self._barriers.pop(nonce, None)
 
-    async def _main_barrier(
-        self, nonce: bytes, arrived: asyncio.Future[None], timeout: float | None
-    ) -> None:
+    async def _main_barrier(self, timeout: float | None) -> None:
+        nonce = secrets.token_hex(8).encode("ascii")
+        arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barriers[nonce] = arrived
+        topic = self._barrier_topic
         try:
-            await self.publish(self.topics.barrier(self.client_id), nonce, qos=1)
-            async with asyncio.timeout(timeout or self.publish_timeout):
-                await arrived
+            session = self.session()
+            await self.publish(topic, nonce, qos=1)
+            lost = asyncio.ensure_future(session.lost.wait())
+            try:
+                async with asyncio.timeout(timeout or self.publish_timeout):
+                    await asyncio.wait({arrived, lost}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                lost.cancel()
+            if not arrived.done():
+                raise BrokerUnavailable("connection lost before the barrier message came back")
         except TimeoutError as exc:
             raise BrokerUnavailable(
                 f"the broker did not echo the barrier message; check that this client may"
-                f" publish and subscribe to {self.topics.barrier(self.client_id)!r}"
+                f" publish and subscribe to {topic!r}"
             ) from exc
+        finally:
+            self._barriers.pop(nonce, None)
 
-    def _barrier_arrived(self, message: Message) -> None:
-        if len(message.payload) > MAX_BARRIER_BYTES:
+    def _barrier_arrived(self, payload: bytes) -> None:
+        if len(payload) > MAX_BARRIER_BYTES:
             return  # not one of our nonces: nothing to look up
-        arrived = self._barriers.get(message.payload)
+        arrived = self._barriers.get(payload)
         if arrived is not None and not arrived.done():
             arrived.set_result(None)
 
@@ -332,7 +379,7 @@ class Link:
             try:
                 await self._serve()
             except* BrokerUnavailable as group:
-                log.warning("broker %s: %s", self.settings.url(), _first(group))
+                log.warning("broker: %s", _first(group))
                 self.failures += 1
                 self.failed.set()
             finally:
@@ -342,75 +389,77 @@ class Link:
                     session.lost.set()
                 self._deliver(Disconnected())
             delay = self._backoff.next()
-            log.info("reconnecting to %s in %.1fs", self.settings.url(), delay)
+            log.info("reconnecting to %s in %.1fs", self._where(), delay)
             await asyncio.sleep(delay)
 
-    def _client(self) -> aiomqtt.Client:
-        s = self.settings
-        client = aiomqtt.Client(
-            s.host,
-            s.port,
-            identifier=self.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
-            username=s.username,
-            password=s.password,
-            tls_context=tls_context(s),
-            keepalive=s.keepalive,
-            timeout=s.connect_timeout,
-            max_inflight_messages=100,
-            queue_type=_Inbox,
-            # Small messages that wait for an answer: Nagle would add ~40 ms to each.
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            logger=logging.getLogger("setpoint.controller.mqtt"),
+    def _where(self) -> str:
+        host, port = nodes(self.settings)[self._node]
+        return f"{'mqtts' if self.settings.tls else 'mqtt'}://{host}:{port}"
+
+    async def _open(self) -> transport.Session:
+        """A connection to the current node; on failure the next node is current (and,
+        when every node of a ``+srv`` name failed, DNS is asked again)."""
+        all_nodes = nodes(self.settings)
+        node = all_nodes[self._node % len(all_nodes)]
+        settings = transport_settings(
+            self.settings,
+            self.client_id,
+            node,
+            max_inbound_bytes=MAX_INBOX_BYTES,
+            max_inbound_messages=MAX_INBOX_MESSAGES,
         )
-        client.pending_calls_threshold = 10_000
-        return client
+        try:
+            return await transport.Session.open(settings)
+        except transport.TransportError as exc:
+            where = self._where()
+            await self._next_node()
+            raise BrokerUnavailable(f"cannot connect to {where}: {exc}") from exc
+
+    async def _next_node(self) -> None:
+        count = len(nodes(self.settings))
+        self._node = (self._node + 1) % count
+        if self._node == 0 and self.settings.discovery:
+            try:
+                self.settings = await asyncio.to_thread(
+                    brokers.rediscovered, self.settings, random.SystemRandom()
+                )
+            except brokers.BrokerURLError as exc:
+                log.warning("asking DNS again for %s: %s", self.settings.discovery, exc)
 
     async def _serve(self) -> None:
-        client = self._client()
+        connection = await self._open()
+        ingest: IngestConnection | None = None
         try:
-            async with client:
-                self._backoff.reset()
-                self._sessions += 1
-                session = Session(client, self._sessions, self._v5)
-                log.info(
-                    "connected to %s as %s (MQTT %s)",
-                    self.settings.url(),
-                    self.client_id,
-                    "5" if self._v5 else "3.1.1",
-                )
-                granted = await client.subscribe(
-                    self._subscriptions(), timeout=self.publish_timeout
-                )
-                self._check_granted(granted)
-                ingest = await self._open_ingest()
-                self._ingest = ingest
-                self._set_session(session)
-                self._deliver(Connected(session))
-                try:
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(self._pump(client, session), name="mqtt-pump")
-                        if ingest is not None:
-                            tg.create_task(ingest.serve(), name="mqtt-ingest")
-                        tg.create_task(session.failure(), name="mqtt-session-failure")
-                finally:
-                    session.lost.set()
-                    self._ingest = None
-                    if ingest is not None:
-                        ingest.close()
-        except MqttConnectError as exc:
-            code = exc.rc if isinstance(exc.rc, int) else getattr(exc.rc, "value", None)
-            if self._v5 and code in _V5_REFUSED:
-                log.info("broker refused MQTT 5; using MQTT 3.1.1")
-                self._v5 = False
-                self._backoff.reset()
-            raise BrokerUnavailable(f"connection refused: {exc}") from exc
-        except aiomqtt.MqttError as exc:
-            raise BrokerUnavailable(str(exc) or exc.__class__.__name__) from exc
+            self._backoff.reset()
+            self._sessions += 1
+            node = (connection.settings.host, connection.settings.port)
+            session = Session(connection, self._sessions, f"{node[0]}:{node[1]}")
+            log.info(
+                "connected to %s as %s (MQTT %s)",
+                self._where(),
+                self.client_id,
+                connection.protocol,
+            )
+            await self._subscribe(connection)
+            ingest = self._ingest = await self._open_ingest(node)
+            self._set_session(session)
+            self._deliver(Connected(session))
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._pump(connection), name="mqtt-pump")
+                if ingest is not None:
+                    tg.create_task(ingest.serve(), name="mqtt-ingest")
+                tg.create_task(session.failure(), name="mqtt-session-failure")
+        finally:
+            self._ingest = None
+            if ingest is not None:
+                ingest.close()
+            connection.close()
 
-    async def _open_ingest(self) -> IngestConnection | None:
-        """The session's lean receive connection for the bulk routes (None if there are
-        none); same broker, credentials and TLS as the main connection."""
+    async def _open_ingest(self, node: tuple[str, int]) -> IngestConnection | None:
+        """The session's receive connection for the bulk routes (None if there are none),
+        to the same node, with the same credentials and TLS. The floods of reports come
+        in there, so the acknowledgements of the controller's own publications (on the
+        main connection) never queue behind them."""
         bulk = [r for r in self._wanted if r.bulk]
         if not bulk:
             return None
@@ -422,8 +471,8 @@ class Link:
         ident = f"{self.client_id}-in"
         extra = {} if self.ingest_max_waiting is None else {"max_waiting": self.ingest_max_waiting}
         return await IngestConnection.open(
-            host=s.host,
-            port=s.port,
+            host=node[0],
+            port=node[1],
             client_id=ident,
             routes=routes,
             filters=[(r.topic_filter, r.qos) for r in bulk],
@@ -434,50 +483,45 @@ class Link:
             password=s.password,
             ssl_context=tls_context(s),
             timeout=s.connect_timeout,
+            protocol=s.protocol,
             **extra,
         )
 
-    def _main_routes(self) -> list[Subscription]:
-        return [r for r in self._wanted if not r.bulk]
-
-    def _subscriptions(self) -> list[tuple[str, Any]]:
-        if self._v5:
-            return [
-                (r.topic_filter, SubscribeOptions(qos=r.qos, noLocal=r.no_local))
-                for r in self._main_routes()
-            ]
-        return [(r.topic_filter, r.qos) for r in self._main_routes()]
-
-    def _check_granted(self, granted: object) -> None:
-        codes = list(granted) if isinstance(granted, list | tuple) else []
-        for route, code in zip(self._main_routes(), codes, strict=False):
-            value = int(getattr(code, "value", code))
-            if value >= 0x80:
-                raise BrokerUnavailable(
-                    f"the broker refused the subscription to {route.topic_filter!r}"
-                    f" (code {value:#x}): the broker's ACL does not allow it to this client,"
-                    " or a clustered engine cannot serve it yet (NATS refuses QoS 1"
-                    " subscriptions while it elects stream leaders after a node died);"
-                    " reconnecting to try again"
-                )
-
-    async def _pump(self, client: aiomqtt.Client, session: Session) -> None:
+    async def _subscribe(self, connection: transport.Session) -> None:
+        wanted = [
+            transport.Subscription(r.topic_filter, r.qos, r.no_local)
+            for r in self._wanted
+            if not r.bulk
+        ]
         try:
-            async for raw in client.messages:
-                payload = raw.payload
-                if isinstance(payload, str):
-                    payload = payload.encode("utf-8")
-                elif not isinstance(payload, bytes | bytearray):
-                    payload = b"" if payload is None else str(payload).encode("utf-8")
-                message = Message(str(raw.topic), bytes(payload), bool(raw.retain))
-                if message.topic == self._barrier_topic:
-                    self._barrier_arrived(message)
-                else:
-                    self._deliver(message)
-        except aiomqtt.MqttError as exc:
+            async with asyncio.timeout(self.publish_timeout):
+                await connection.subscribe(wanted)
+        except TimeoutError as exc:
+            raise BrokerUnavailable(f"no SUBACK within {self.publish_timeout:g}s") from exc
+        except transport.SubscriptionRefused as exc:
+            raise BrokerUnavailable(
+                f"the broker refused the subscription to {exc.topic_filter!r}"
+                f" (code {exc.code:#x}): the broker's ACL does not allow it to this client,"
+                " or a clustered engine cannot serve it yet (NATS refuses QoS 1"
+                " subscriptions while it elects stream leaders after a node died);"
+                " reconnecting to try again"
+            ) from exc
+        except transport.TransportError as exc:
+            raise BrokerUnavailable(f"subscribing: {exc}") from exc
+
+    async def _pump(self, connection: transport.Session) -> None:
+        """Hand every message of the main connection over, in order, until it is lost."""
+        deliver, barrier = self._deliver, self._barrier_topic
+        try:
+            while True:
+                for m in await connection.take(BATCH):
+                    if m.topic == barrier:
+                        self._barrier_arrived(m.payload)
+                    else:
+                        deliver(Message(m.topic, m.payload, m.retain))
+                await asyncio.sleep(0)  # let the engines and their publications run
+        except transport.TransportError as exc:
             raise BrokerUnavailable(f"connection lost: {exc}") from exc
-        finally:
-            session.lost.set()
 
 
 async def read_retained(
@@ -492,28 +536,33 @@ async def read_retained(
     ident = f"{client_id}-r{secrets.token_hex(2)}"
     marker = topics.barrier(ident)
     found: list[Message] = []
+    connection: transport.Session | None = None
+    failures: list[str] = []
     try:
-        async with aiomqtt.Client(
-            settings.host,
-            settings.port,
-            identifier=ident,
-            username=settings.username,
-            password=settings.password,
-            tls_context=tls_context(settings),
-            timeout=settings.connect_timeout,
-        ) as client:
-            await client.subscribe([(topic_filter, 0), (marker, 0)])
-            await client.publish(marker, b"x", qos=1)
-            async with asyncio.timeout(timeout):
-                async for raw in client.messages:
-                    topic = str(raw.topic)
-                    if topic == marker:
-                        break
-                    if raw.retain and isinstance(raw.payload, bytes | bytearray):
-                        found.append(Message(topic, bytes(raw.payload), True))
-    except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+        async with asyncio.timeout(timeout):
+            for node in nodes(settings):
+                try:
+                    connection = await transport.Session.open(
+                        transport_settings(settings, ident, node)
+                    )
+                    break
+                except transport.TransportError as exc:
+                    failures.append(str(exc))
+            if connection is None:
+                raise BrokerUnavailable("; ".join(failures))
+            await connection.subscribe([topic_filter, marker])
+            await connection.publish(marker, b"x", qos=1)
+            while True:
+                for m in await connection.take(BATCH):
+                    if m.topic == marker:
+                        return found
+                    if m.retain:
+                        found.append(Message(m.topic, m.payload, True))
+    except (transport.TransportError, TimeoutError) as exc:
         raise BrokerUnavailable(f"reading the retained {topic_filter}: {exc}") from exc
-    return found
+    finally:
+        if connection is not None:
+            connection.close()
 
 
 def _first(error: BaseException) -> BaseException:

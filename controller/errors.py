@@ -1,7 +1,8 @@
 """The controller's errors, grouped by what the caller should do.
 
-Third-party exceptions (dulwich, aiomqtt, PyYAML, pydantic) are converted where they are
-called and chained with ``raise ... from``, so nothing above an adapter knows them::
+Third-party exceptions (dulwich, the MQTT transport's, PyYAML, pydantic) are converted
+where they are called and chained with ``raise ... from``, so nothing above an adapter
+knows them::
 
     SetpointError                          (setpoint.proto.errors)
     ├── ControllerError

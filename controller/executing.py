@@ -10,6 +10,7 @@ reconciler, the drift engine and the rollouts decide; they hand what they decide
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from . import detecting
 from .audit import AuditLog, Entry
 from .broker import Link, Session
 from .detecting import ClearDrift, ClearGroup, DriftAction, GroupAction, ShowDrift, ShowGroup
+from .errors import BrokerUnavailable
 from .signing import Signed, Signer
 
 
@@ -60,8 +62,8 @@ class Executor:
         await self.publish(self.topics.device_command(command.device), payload, retain=False)
 
     async def event(self, event_type: str, **fields: Any) -> None:
-        payload = status.event(event_type, self._clock(), **fields)
-        await self.publish(self.topics.event(event_type), payload, retain=False)
+        topic, payload, retain = self._event(event_type, **fields)
+        await self.publish(topic, payload, retain=retain)
 
     async def audit(self, entries: Sequence[Entry]) -> None:
         if entries:
@@ -74,35 +76,92 @@ class Executor:
 
     # --- Drift's typed actions (decided by the drift part of the reconcile loop) ---------
 
-    async def carry_out(self, action: DriftAction | GroupAction) -> None:
-        """Carry out one drift action: retain or clear a device's drift status (and send
-        the drift event its change makes), sign and send a reconcile command (and its
-        event), retain or clear a group's summary."""
+    def messages(self, action: DriftAction | GroupAction) -> list[tuple[str, bytes, bool]]:
+        """What carrying out ``action`` publishes, in order, as ``(topic, payload, retain)``:
+        a device's drift status (retained, or cleared) and the drift event its change
+        makes; a signed reconcile command and its event; a group's summary."""
         topics = self.topics
         if isinstance(action, ShowDrift):
-            await self.publish(
-                topics.device_drift(action.device), action.new.to_json(), retain=True
-            )
+            out = [(topics.device_drift(action.device), action.new.to_json(), True)]
             change = detecting.change_of(action.old, action.new) if action.event else None
             if change is not None:
                 fields = detecting.drift_event_fields(action.old, action.new, change)
-                await self.event("drift", **fields)
-        elif isinstance(action, ClearDrift):
-            await self.clear(topics.device_drift(action.device))
-        elif isinstance(action, ShowGroup):
-            await self.publish(topics.group_status(action.group), action.new.to_json(), retain=True)
-        elif isinstance(action, ClearGroup):
-            await self.clear(topics.group_status(action.group))
-        else:
-            command = commands.Command(
-                action.device, "reconcile", action.seq, action.issued_at, action.expires_at,
-                action.reason,
-            )  # fmt: skip
-            await self.command(command)
-            await self.event(
+                out.append(self._event("drift", **fields))
+            return out
+        if isinstance(action, ClearDrift):
+            return [(topics.device_drift(action.device), b"", True)]
+        if isinstance(action, ShowGroup):
+            return [(topics.group_status(action.group), action.new.to_json(), True)]
+        if isinstance(action, ClearGroup):
+            return [(topics.group_status(action.group), b"", True)]
+        assert self.signer is not None, "the signer is loaded when the controller starts"
+        command = commands.Command(
+            action.device, "reconcile", action.seq, action.issued_at, action.expires_at,
+            action.reason,
+        )  # fmt: skip
+        return [
+            (topics.device_command(action.device), self.signer.sign_command(command), False),
+            self._event(
                 "reconcile",
                 device=action.device,
                 group=action.group,
                 seq=action.seq,
                 reason=action.reason,
-            )
+            ),
+        ]
+
+    def _event(self, event_type: str, **fields: Any) -> tuple[str, bytes, bool]:
+        return (
+            self.topics.event(event_type),
+            status.event(event_type, self._clock(), **fields),
+            False,
+        )
+
+    async def carry_out_all(
+        self,
+        actions: Sequence[DriftAction | GroupAction],
+        done: Callable[[DriftAction | GroupAction], None],
+    ) -> None:
+        """Carry out ``actions`` pipelined: every PUBLISH is written, in the actions'
+        order, as soon as the connection has room (the transport's ``max_inflight``, or
+        the broker's receive maximum), without waiting for the acknowledgements of those
+        before; ``done(action)`` is called, in order, once everything an action published
+        is acknowledged. One connection keeps the order, so each device's status and
+        event arrive as decided. BrokerUnavailable for the first that failed; the actions
+        after it are not done (a later pass decides them again)."""
+        if not actions:
+            return
+        session = self.link.session()
+        timeout = self.link.publish_timeout
+        waiting: collections.deque[
+            tuple[DriftAction | GroupAction, list[tuple[str, asyncio.Future[None]]]]
+        ] = collections.deque()
+
+        async def finish(until_pending: bool) -> None:
+            # Hand over the oldest actions whose acknowledgements are in (all of them at the
+            # end), so that a round of thousands holds only what is still in flight.
+            while waiting and (not until_pending or all(a.done() for _t, a in waiting[0][1])):
+                action, acks = waiting.popleft()
+                for topic, ack in acks:
+                    await session.acked(topic, ack, timeout)
+                done(action)
+
+        try:
+            for action in actions:
+                acks = []
+                for topic, payload, retain in self.messages(action):
+                    try:
+                        async with asyncio.timeout(timeout):
+                            acks.append((topic, await session.send(topic, payload, retain=retain)))
+                    except TimeoutError as exc:
+                        raise BrokerUnavailable(
+                            f"no room to publish {topic} within {timeout:g}s"
+                        ) from exc
+                waiting.append((action, acks))
+                await finish(until_pending=True)
+            await finish(until_pending=False)
+        finally:
+            for _action, acks in waiting:
+                for _topic, ack in acks:
+                    if ack.done() and not ack.cancelled():
+                        ack.exception()  # retrieved: the first failure is the one raised

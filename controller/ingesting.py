@@ -2,9 +2,9 @@
 
 Devices' reports and presence are most of what the controller receives, and they come
 in floods (a fleet applying a commit, a restart replaying every retained report). The
-controller's main connection (aiomqtt, MQTT 5: :mod:`.broker`) costs far more per message
-than the broker does to send it, so :class:`~.broker.Link` takes the routes marked
-``bulk`` in through this second connection instead (``docs/decisions/0005-ingest-path.md``):
+:class:`~.broker.Link` takes the routes marked ``bulk`` in through this second connection
+(``docs/decisions/0005-ingest-path.md``), so that the acknowledgements of the
+controller's own publications, on its main connection, never wait behind a flood:
 
 * **On the transport.** One :class:`setpoint.transport.Session` (gmqtt underneath,
   ``docs/decisions/0008-mqtt-transport.md``): MQTT 5, then 3.1.1 if the broker refuses it;

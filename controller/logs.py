@@ -22,6 +22,7 @@ def setup(*, json_lines: bool = False, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # paho/aiomqtt and watchfiles are chatty at INFO; their warnings still show.
-    for name in ("setpoint.controller.mqtt", "watchfiles", "watchfiles.main"):
+    # watchfiles is chatty at INFO; its warnings still show. (gmqtt's loggers are quieted
+    # by the transport, which raises typed errors instead.)
+    for name in ("watchfiles", "watchfiles.main"):
         logging.getLogger(name).setLevel(logging.WARNING)

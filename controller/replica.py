@@ -12,29 +12,29 @@ The controller that starts on a takeover begins as every controller does after a
 it reads the retained bundles on the broker (the previous leader's publications among
 them), so versions keep rising from what the fleet actually holds.
 
-The lease's connection is not on a hot path (a record every third of a lease), so it is a
-plain aiomqtt client speaking MQTT 3.1.1, which every engine carries. aiomqtt's exceptions
-stop here.
+The lease's connection is not on a hot path (a record every third of a lease): a session
+of the project's transport (:mod:`setpoint.transport`) speaking MQTT 3.1.1, which every
+engine carries, to the nodes of ``--broker`` in turn. The transport's exceptions stop here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import aiomqtt
-
+from setpoint import transport
 from setpoint.kit.backoff import Backoff, Retry
 from setpoint.proto import envelopes, leader
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.topics import Topics
 
-from .broker import BrokerSettings, tls_context
+from .broker import BrokerSettings, nodes, transport_settings
 from .leadership import Lead, Lease, Publish, StepDown
 from .signing import Signer
 
@@ -66,7 +66,7 @@ class Replica:
         self._lead = lead
         self._clock = clock
         self.lease = Lease(settings.replica_id, settings.lease, clock())
-        self._client: aiomqtt.Client | None = None
+        self._client: transport.Session | None = None
         self._leading: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._failed: asyncio.Future[None] | None = None
@@ -95,30 +95,31 @@ class Replica:
     async def _connect_forever(self) -> None:
         backoff = Retry(Backoff(0.2, 5.0))
         s = self._broker
+        ident = f"setpoint-replica-{self._settings.replica_id}"
+        node = 0
         while True:
-            client = aiomqtt.Client(
-                s.host,
-                s.port,
-                identifier=f"setpoint-replica-{self._settings.replica_id}",
-                protocol=aiomqtt.ProtocolVersion.V311,
-                username=s.username,
-                password=s.password,
-                tls_context=tls_context(s),
+            where = nodes(s)[node % len(nodes(s))]
+            settings = dataclasses.replace(
+                transport_settings(s, ident, where),
+                protocol="3.1.1",
                 keepalive=max(2, int(self._settings.lease / 2)),
-                timeout=s.connect_timeout,
-                logger=logging.getLogger("setpoint.controller.mqtt"),
             )
             try:
-                async with client:
+                session = await transport.Session.open(settings)
+                try:
                     backoff.reset()
-                    self._client = client
-                    await client.subscribe(self._topic, qos=1)
-                    async for message in client.messages:
-                        self._take(bytes(message.payload))
-            except aiomqtt.MqttError as exc:
-                log.warning("replica: leader record connection to %s: %s", s.url(), exc)
-            finally:
-                self._client = None
+                    self._client = session
+                    await session.subscribe([transport.Subscription(self._topic, qos=1)])
+                    while True:
+                        for message in await session.take():
+                            self._take(message.payload)
+                finally:
+                    self._client = None
+                    session.close()
+            except transport.TransportError as exc:
+                log.warning("replica: leader record connection to %s:%s: %s", *where, exc)
+                if not isinstance(exc, transport.SubscriptionRefused):
+                    node += 1  # the next node of --broker, if there are several
             await asyncio.sleep(backoff.next())
 
     def _take(self, payload: bytes) -> None:
@@ -163,7 +164,7 @@ class Replica:
         payload = self._signer.sign_leader(record)
 
         async def send() -> None:
-            with contextlib.suppress(aiomqtt.MqttError):
+            with contextlib.suppress(transport.TransportError):
                 await client.publish(self._topic, payload, qos=1, retain=True)
 
         asyncio.get_running_loop().create_task(send())

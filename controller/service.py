@@ -63,7 +63,7 @@ from .broker import (
     Session,
     Subscription,
 )
-from .detecting import ClearDrift, ClearGroup, DriftAction, GroupAction, ShowDrift, ShowGroup
+from .detecting import ClearDrift, DriftAction, GroupAction, ShowDrift
 from .drifting import DriftEngine, DriftSettings
 from .errors import BrokerUnavailable, ConfigError, RepositoryUnavailable
 from .executing import Executor
@@ -581,25 +581,19 @@ class Controller:
         await drift.passed()
 
     async def _carry_out_drift(self, actions: Sequence[DriftAction | GroupAction]) -> None:
-        """Each device's (or group's) actions in order, devices side by side (at most
-        :data:`PUBLISH_CONCURRENCY` at a time)."""
+        """Every action through the executor, pipelined (many publications in flight at
+        once, each device's in order); each recorded once the broker acknowledged it."""
         if not actions:
             return
         drift = self.drift
         assert drift is not None
-        by_subject: dict[str, list[DriftAction | GroupAction]] = {}
-        for action in actions:
-            key = action.group if isinstance(action, (ShowGroup, ClearGroup)) else action.device
-            by_subject.setdefault(key, []).append(action)
 
-        async def one(todo: list[DriftAction | GroupAction]) -> None:
-            for action in todo:
-                await self.executor.carry_out(action)
-                found = drift.done(action)
-                if isinstance(action, (ShowDrift, ClearDrift)):
-                    self._tell_rollouts(action.device, found)
+        def done(action: DriftAction | GroupAction) -> None:
+            found = drift.done(action)
+            if isinstance(action, (ShowDrift, ClearDrift)):
+                self._tell_rollouts(action.device, found)
 
-        await gather_limited([one(todo) for todo in by_subject.values()], PUBLISH_CONCURRENCY)
+        await self.executor.carry_out_all(actions, done)  # pipelined, in order
 
     async def _flush_rollouts(self) -> None:
         """Carry out what the rollouts decided; what the broker did not take stays queued."""

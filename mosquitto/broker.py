@@ -8,12 +8,14 @@ machine happens to run. ``Broker`` is a context manager::
         broker.kill()            # SIGKILL, as a power cut would
         broker.start()           # same port, same data directory
         broker.wipe()            # lose the persisted retained messages (broker stopped)
+        with broker.stalled():   # SIGSTOP: open sockets, nothing read or answered
 
 ``python -m setpoint.mosquitto.broker`` runs one in the foreground and prints its URL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -24,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -208,6 +210,17 @@ class Broker:
         """Kill hard (SIGKILL): nothing is flushed, as on a crash or a power cut."""
         end_process(self.proc, hard=True)
         self.proc = None
+
+    @contextlib.contextmanager
+    def stalled(self) -> Iterator[None]:
+        """The broker process stopped (SIGSTOP) for the ``with`` block: it neither reads
+        nor answers, yet its sockets stay open, as a broker stuck on a disk would."""
+        assert self.proc is not None, "the broker is not running"
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
 
     def restart(self) -> Broker:
         """Stop cleanly and start again on the same port with the same data."""

@@ -24,8 +24,9 @@ this module adds what setpoint needs on top, the same for every user:
 * **Typed errors.** Every failure is a :class:`~.errors.TransportError`; a packet gmqtt
   cannot handle, or a stream it stops reading, ends the session with
   :class:`~.errors.ProtocolViolation` at once. A stream whose next packet never completes
-  (a length that claims more than comes) ends at gmqtt's heartbeat, nothing parsed for
-  twice the keepalive, with :class:`~.errors.ConnectionLost`. The fuzz test
+  (a length that claims more than comes), or a broker that stops answering (stalled, or
+  not reading the socket), ends at gmqtt's heartbeat, nothing parsed for twice the
+  keepalive, with :class:`~.errors.ConnectionLost`, the socket aborted. The fuzz test
   (``tests/transport/test_fuzz.py``, longer: ``python -m bench.transport_fuzz``) holds it
   to that.
 * **Reconnect.** :meth:`Client.run` opens a session, hands it to the caller's coroutine and,
@@ -301,6 +302,13 @@ class Session:
         # keep one free for SUBSCRIBE.
         self._ids = max(1, client._package_handler.id_generator._max - 2)
         self._room = asyncio.Semaphore(min(s.max_inflight, self._ids))
+        # gmqtt's heartbeat closes the connection when nothing came for twice the keepalive,
+        # with its close(): a graceful close, which waits for the socket's write buffer to
+        # drain. A broker that stopped reading this socket (stalled, or stopped) never
+        # drains it, so the close never ends and the session never learns it is lost: its
+        # publishes wait for PUBACKs forever on an idle loop. The session ends at once
+        # instead, and the socket is aborted (tests/transport/test_session.py).
+        connection.close = self._heartbeat_lost
         # gmqtt's read loop stops on an impossible remaining length and leaves the socket
         # open: that is a violation, not a quiet connection (a callback, not a task: one
         # task fewer per connection for the simulator's ten thousand).
@@ -508,7 +516,12 @@ class Session:
             return []
         connection = await self._writable()
         assert self._client is not None
-        wanted = [gmqtt.Subscription(s.topic_filter, qos=s.qos, no_local=s.no_local) for s in subs]
+        # gmqtt sets the no_local bit on 3.1.1 too, where the options byte is the QoS alone:
+        # a 3.1.1 broker (NATS) drops the connection for it.
+        v5 = self.protocol == "5"
+        wanted = [
+            gmqtt.Subscription(s.topic_filter, qos=s.qos, no_local=s.no_local and v5) for s in subs
+        ]
         future: asyncio.Future[Sequence[int]] = asyncio.get_running_loop().create_future()
         mid = connection.subscribe(wanted)
         self._subacks[mid] = future
@@ -533,6 +546,18 @@ class Session:
 
     def _on_disconnect(self, packet: Any, exc: Any = None) -> None:
         self._gone(None)
+
+    async def _heartbeat_lost(self) -> None:
+        s = self.settings
+        self._gone(
+            ConnectionLost(
+                f"nothing from the broker at {s.host}:{s.port} for {2 * s.keepalive}s (twice"
+                " the keepalive): it stopped answering"
+            )
+        )
+        transport, _ = self._reader()
+        if transport is not None:
+            transport.abort()
 
     def _violation(self, what: str) -> None:
         s = self.settings
@@ -577,6 +602,10 @@ class Session:
                 client._is_active = False
                 client._connection.send_disconnect()
                 transport.close()
+                # close() waits for the write buffer to drain: not forever.
+                asyncio.get_running_loop().call_later(
+                    self.settings.connect_timeout, transport.abort
+                )
         self._gone(None)
 
     def abort(self) -> None:

@@ -31,7 +31,7 @@ def require_controller(module: str = "setpoint.controller") -> ModuleType:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in {
-            "aiomqtt", "pydantic", "dulwich", "yaml", "prometheus_client",
+            "gmqtt", "pydantic", "dulwich", "yaml", "prometheus_client",
         }:  # fmt: skip
             print(f"setpoint: {CONTROLLER_EXTRA_HINT} (missing: {exc.name})", file=sys.stderr)
             raise SystemExit(2) from None
@@ -136,14 +136,13 @@ def brokers_from_args(args: argparse.Namespace) -> list[BrokerURL]:
     return [dataclasses.replace(u, username=args.username, password=password) for u in urls]
 
 
-def broker_from_args(args: argparse.Namespace, *, srv_note: str = "") -> BrokerURL:
-    """The one broker URL of ``--broker``, for commands that do not rotate over a list
-    (``srv_note``: when a ``+srv`` name will be taken, said in the refusal)."""
+def broker_from_args(args: argparse.Namespace) -> BrokerURL:
+    """The one broker URL of ``--broker``, for commands that do not rotate over a list."""
     urls = parse_broker_list(args.broker) if args.broker else []
     if any(url.srv for url in urls):
         raise CommandError(
             f"--broker {args.broker!r}: this command takes one node's URL"
-            f" (mqtt://host:port), not an mqtt+srv:// name{srv_note}"
+            " (mqtt://host:port), not an mqtt+srv:// name"
         )
     urls = brokers_from_args(args)
     if len(urls) > 1:

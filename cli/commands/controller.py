@@ -22,9 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from setpoint.kit.brokers import discovery_of
 from setpoint.proto.topics import Topics
 
-from ._common import CommandError, add_broker_arguments, broker_from_args, require_controller
+from ._common import CommandError, add_broker_arguments, brokers_from_args, require_controller
 from .history import explicit_state_dir, state_base
 
 log = logging.getLogger("setpoint.controller")
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="fleet repository: a local path, or a URL (file, http(s), ssh, git)",
     )
-    add_broker_arguments(parser, one_node=True)
+    add_broker_arguments(parser)
     parser.add_argument(
         "--key",
         required=True,
@@ -196,11 +197,8 @@ def _config(args: argparse.Namespace) -> object:
     service = require_controller("setpoint.controller.service")
     broker_mod = require_controller("setpoint.controller.broker")
     fleet = require_controller("setpoint.controller.fleet")
-    url = broker_from_args(
-        args,
-        srv_note="; DNS discovery comes with the controller's broker list (its new"
-        " transport): give one node's URL for now",
-    )
+    # Several nodes (comma-separated, or a +srv name's): tried in turn (controller.broker).
+    url, *others = brokers_from_args(args)
     if args.lease is not None and args.once:
         raise CommandError("--lease runs a replica until stopped; it cannot be used with --once")
     if args.lease is not None and args.lease < 1:
@@ -239,6 +237,8 @@ def _config(args: argparse.Namespace) -> object:
             cert=args.cert,
             key=args.client_key,
             client_id=args.client_id or "",
+            others=tuple((u.host, u.port) for u in others),
+            discovery=discovery_of(args.broker),
         ),
         key_path=args.key[0],
         extra_key_paths=tuple(args.key[1:]),

@@ -451,13 +451,15 @@ async def test_an_mqtt_error_in_the_shared_retained_read_reconnects_instead_of_s
     from setpoint.controller.drifting import DriftSettings
     from setpoint.controller.service import Controller, ControllerConfig
     from setpoint.mosquitto import Broker
+    from setpoint.transport import Session, Settings
 
-    # Room for the link's two connections, not for the third that reads retained reports
-    # (mosquitto 2.0 lets max_connections + 1 clients in).
+    # Room for another client and the link's connection, not for the third that reads
+    # retained reports (mosquitto 2.0 lets max_connections + 1 clients in).
     limited = Broker(tmp_path / "limited")
     conf = limited.conf.read_text()
     limited.conf.write_text(conf + "max_connections 1\n")
     with limited:
+        squatter = await Session.open(Settings(limited.host, limited.port, "squatter"))
         config = ControllerConfig(
             repo=str(example_repo.path),
             broker=BrokerSettings(limited.host, limited.port, connect_timeout=2.0),
@@ -472,6 +474,7 @@ async def test_an_mqtt_error_in_the_shared_retained_read_reconnects_instead_of_s
             assert engine is not None
             async with asyncio.timeout(30):
                 await controller.link.failed.wait()  # the session ended; the controller runs on
+            squatter.close()
             limited.conf.write_text(conf)
             await asyncio.to_thread(limited.restart)
             async with asyncio.timeout(30):

@@ -223,14 +223,25 @@ def test_a_srv_name_without_nodes_exits_2_naming_it(
     assert "Traceback" not in done.stderr
 
 
-def test_the_controller_refuses_a_srv_name_until_it_takes_a_list(
-    home: Path, tmp_path: Path
+def test_the_controller_finds_its_nodes_in_dns_srv_and_skips_a_dead_one(
+    broker: Any, unique_prefix: str, home: Path, tmp_path: Path
 ) -> None:
-    done = run(home, "controller", "--repo", str(tmp_path), "--key", str(tmp_path / "k"),
-               "--broker", "mqtt+srv://ops.example.test", "--once")  # fmt: skip
-    assert done.returncode == 2
-    assert (
-        "--broker 'mqtt+srv://ops.example.test': this command takes one node's URL"
-        " (mqtt://host:port), not an mqtt+srv:// name; DNS discovery comes with the"
-        " controller's broker list" in done.stderr
-    )
+    from setpoint.mosquitto import free_port
+
+    assert run(home, "init", str(tmp_path / "fleet")).returncode == 0
+    assert run(home, "keys", "generate", "--out", str(tmp_path / "keys")).returncode == 0
+    with dns_server() as dns:
+        dns.zone["_mqtt._tcp.ops.example.test"] = [
+            (0, 0, free_port(), "localhost."), (1, 0, broker.port, "localhost."),
+        ]  # fmt: skip
+        done = run(home, "controller", "--repo", str(tmp_path / "fleet"),
+                   "--broker", "mqtt+srv://ops.example.test", "--prefix", unique_prefix,
+                   "--key", str(tmp_path / "keys" / "signing.key"),
+                   "--state-dir", str(tmp_path / "state"), "--once", env=dns.env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert dns.queries == ["_mqtt._tcp.ops.example.test"]
+    # The first node (dead) was tried, then the second took the controller's publications.
+    assert "cannot connect" in done.stderr
+    found = run(home, "status", "--broker", broker.url, "--prefix", unique_prefix)
+    assert found.returncode == 0 and "branch main: HEAD" in found.stdout, found.stdout
+    assert "accepted" in found.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import pytest
 
@@ -118,3 +119,47 @@ async def test_the_client_reconnects_after_the_broker_comes_back(broker: Broker)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_broker_that_stops_answering_ends_the_session_with_data_unsent(
+    broker: Broker,
+) -> None:
+    """The hang the controller's link once met: QoS 1 publishes written, no PUBACK, no
+    PINGRESP, an idle loop, for minutes. gmqtt's heartbeat gave up, but with a graceful
+    close, which waits for the write buffer to drain; a broker that stopped reading never
+    drains it, so the session never ended. It must end (and the socket be aborted)."""
+    # MQTT 3.1.1: no receive maximum bounds the QoS 1 publishes written here.
+    session = await Session.open(settings(broker, "t-stall", keepalive=1, protocol="3.1.1"))
+    transport = session._client._connection._transport  # type: ignore[union-attr]
+    with broker.stalled():
+        acks = []
+        while transport.get_write_buffer_size() == 0:  # the kernel's buffers are full
+            acks.append(session.publish_nowait("t/stall", b"x" * 65536, qos=1))
+        with pytest.raises(ConnectionLost, match="stopped answering"):
+            async with asyncio.timeout(30):
+                await acks[-1]
+        assert session.lost.done() and transport.is_closing()
+        async with asyncio.timeout(30):  # aborted: the socket is gone, not left draining
+            while transport.get_extra_info("socket").fileno() != -1:
+                await asyncio.sleep(0.05)
+
+
+@pytest.mark.engine
+async def test_no_local_is_left_out_on_3_1_1_where_the_broker_would_drop_the_connection(
+    nats_cluster: Any, unique_prefix: str
+) -> None:
+    """gmqtt sets the no_local bit on 3.1.1 too, where the options byte must be the QoS
+    alone; NATS (3.1.1 only) drops the connection for it. The controller's link subscribes
+    with no_local, so on NATS it reconnected in a loop."""
+    host, port = nats_cluster.urls[0].removeprefix("mqtt://").rsplit(":", 1)
+    session = await Session.open(Settings(host, int(port), "t-nolocal"))
+    try:
+        assert session.protocol == "3.1.1"
+        topic = f"{unique_prefix}/nl"
+        async with asyncio.timeout(30):
+            assert await session.subscribe([Subscription(topic, qos=0, no_local=True)]) == [0]
+            await (await session.publish(topic, b"x", qos=1))
+            [message] = await session.take()
+        assert message.payload == b"x"  # 3.1.1 has no no_local: our own comes back
+    finally:
+        session.close()
