@@ -238,7 +238,9 @@ class Kit:
         self.note(
             "§6.6",
             "MUST",
-            "the device publishes a report on devices/<id>/reported",
+            f"the device publishes a report on"
+            f" shards/{self.wire.topics.shard_of(self.wire.device)}/devices/<id>/reported"
+            " (its shard, §3.1)",
             first is not None,
             describe(first),
         )
@@ -642,6 +644,17 @@ class Kit:
             "a retained report arrived on subscribing"
             if retained
             else "no retained report on subscribing",
+        )
+        strays = self.wire.strays()
+        stray = sorted(set(strays))
+        self.note(
+            "§3.1",
+            "MUST",
+            "reports and presence go only under the device's own shard",
+            not stray,
+            f"{len(strays)} under another shard, e.g. {stray[0]}"
+            if stray
+            else f"none outside shard {self.wire.topics.shard_of(self.wire.device)}",
         )
         received = self.wire.received()
         bad = [r.error for r in received if r.error is not None]

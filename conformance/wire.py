@@ -1,10 +1,12 @@
 """The kit's MQTT connection: publish as the controller would, and collect what one device says.
 
 One paho-mqtt client on MQTT 3.1.1 (every agent must work there), clean session, its own
-client id. It subscribes to the device's ``reported`` and ``presence`` topics only and keeps
-every message it receives, in order, so a check can wait for the first report (after a
-mark) that satisfies it. Reports are kept as bytes plus their decoded form, or the error
-that decoding gave: judging them is :mod:`running`'s job.
+client id. It subscribes to the device's ``reported`` and ``presence`` topics only, under
+every report shard, and keeps every message it receives, in order, so a check can wait for
+the first report (after a mark) that satisfies it; what arrives under a shard that is not
+the device's own (SPEC 3.1) is kept apart (``wrong_shard``), not counted as said. Reports
+are kept as bytes plus their decoded form, or the error that decoding gave: judging them is
+:mod:`running`'s job.
 
 paho's exceptions stop here (:class:`KitError`).
 """
@@ -22,7 +24,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from setpoint.proto import reports
-from setpoint.proto.errors import ProtocolError
+from setpoint.proto.errors import ProtocolError, WrongShardError
 from setpoint.proto.reports import Report
 from setpoint.proto.topics import Topics
 
@@ -75,6 +77,7 @@ class Wire:
         self.reports: list[Received] = []
         self.presence: list[bytes] = []
         self.presence_retained: list[bool] = []
+        self.wrong_shard: list[str] = []  # topics of messages under another shard
         self._subscribed = threading.Event()
         self._connected = threading.Event()
         self._refused: str | None = None
@@ -103,12 +106,7 @@ class Wire:
         if not self._connected.wait(CONNECT_TIMEOUT) or self._refused:
             self.stop()
             raise KitError(f"broker {self._broker.url}: {self._refused or 'no answer to CONNECT'}")
-        self._client.subscribe(
-            [
-                (self.topics.device_reported(self.device), 1),
-                (self.topics.device_presence(self.device), 1),
-            ]
-        )
+        self._client.subscribe([(f, 1) for f in self.topics.device_any_shard(self.device)])
         if not self._subscribed.wait(CONNECT_TIMEOUT):
             self.stop()
             raise KitError(f"broker {self._broker.url}: no answer to SUBSCRIBE")
@@ -125,6 +123,12 @@ class Wire:
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         payload = bytes(message.payload)
         with self._cond:
+            try:
+                self.topics.parse(message.topic)
+            except WrongShardError:
+                self.wrong_shard.append(message.topic)
+                self._cond.notify_all()
+                return
             if message.topic == self.topics.device_presence(self.device):
                 self.presence.append(payload)
                 self.presence_retained.append(bool(message.retain))
@@ -175,10 +179,7 @@ class Wire:
 
     def resubscribe(self) -> None:
         """Subscribe again: the broker resends the retained report and presence."""
-        wanted = [
-            self.topics.device_reported(self.device),
-            self.topics.device_presence(self.device),
-        ]
+        wanted = self.topics.device_any_shard(self.device)
         self._client.unsubscribe(wanted)
         self._client.subscribe([(topic, 1) for topic in wanted])
 
@@ -228,6 +229,11 @@ class Wire:
                 if received.report is not None:
                     return received.report
         return None
+
+    def strays(self) -> list[str]:
+        """The topics of everything that came under a shard not the device's own."""
+        with self._cond:
+            return list(self.wrong_shard)
 
     def received(self) -> list[Received]:
         with self._cond:

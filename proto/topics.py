@@ -9,11 +9,13 @@ Pure; no I/O.
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .errors import InvalidId
+from .errors import InvalidId, WrongShardError
 
 ID_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 DEFAULT_PREFIX: Final = "setpoint/v1"
@@ -31,6 +33,10 @@ EVENT_TYPES: Final = frozenset(
     }
 )
 _EVENT_TYPE_PATTERN: Final = re.compile(r"[a-z][a-z0-9-]{0,63}")
+# The report shards (SPEC 3.1, decision record 0009): a fixed space of 16, named by one
+# lowercase hex digit. Reports and presence carry their device's shard as a topic level,
+# so controller replicas can split those two floods with plain subscriptions (no $share).
+SHARDS: Final = tuple("0123456789abcdef")
 _PREFIX_LEVEL: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 TopicKind = Literal[
@@ -84,6 +90,25 @@ def validate_id_for_engine(value: str, engine: str, what: str = "id") -> str:
     return value
 
 
+def shard_of(device: str) -> str:
+    """The shard of a device: the first hex digit of the lowercase hex SHA-256 of its id's
+    bytes (ASCII; the id grammar has nothing else), so one of :data:`SHARDS`."""
+    return _shard(validate_id(device, "device id"))
+
+
+def _shard(valid_id: str) -> str:
+    return hashlib.sha256(valid_id.encode("ascii")).hexdigest()[0]
+
+
+def validate_shard(shard: object) -> str:
+    """Return ``shard`` if it is one of :data:`SHARDS`, else raise InvalidId."""
+    if not isinstance(shard, str) or shard not in SHARDS:
+        raise InvalidId(
+            f"shard {shard!r} is not valid: a shard is one lowercase hex digit, '0' to 'f'"
+        )
+    return shard
+
+
 def validate_prefix(prefix: str) -> str:
     """Return a topic prefix made of plain levels (no wildcards, no empty levels)."""
     if not isinstance(prefix, str):
@@ -99,10 +124,12 @@ def validate_prefix(prefix: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class TopicRef:
-    """What a parsed topic names: its kind and the device, group or event type."""
+    """What a parsed topic names: its kind and the device, group or event type, and for a
+    report or presence the shard in its topic (always the device's own: see ``parse``)."""
 
     kind: TopicKind
     name: str
+    shard: str | None = None
 
 
 class Topics:
@@ -125,11 +152,15 @@ class Topics:
     def device_desired(self, device: str) -> str:
         return f"{self.prefix}/devices/{validate_id(device, 'device id')}/desired"
 
+    shard_of = staticmethod(shard_of)
+
     def device_reported(self, device: str) -> str:
-        return f"{self.prefix}/devices/{validate_id(device, 'device id')}/reported"
+        """Retained report, by the device, under its shard (``shards/<s>/devices/<id>``)."""
+        return f"{self.prefix}/shards/{shard_of(device)}/devices/{device}/reported"
 
     def device_presence(self, device: str) -> str:
-        return f"{self.prefix}/devices/{validate_id(device, 'device id')}/presence"
+        """Retained presence and will, by the device, under its shard."""
+        return f"{self.prefix}/shards/{shard_of(device)}/devices/{device}/presence"
 
     def device_drift(self, device: str) -> str:
         return f"{self.prefix}/devices/{validate_id(device, 'device id')}/drift"
@@ -168,11 +199,29 @@ class Topics:
         return f"{self.prefix}/events/{event_type}"
 
     # Subscription filters.
-    def all_reported(self) -> str:
-        return f"{self.prefix}/devices/+/reported"
+    def all_reported(self, shard: str | None = None) -> str:
+        """Every device's report: of every shard, or of the one ``shard``."""
+        return f"{self.prefix}/shards/{self._shard_level(shard)}/devices/+/reported"
 
-    def all_presence(self) -> str:
-        return f"{self.prefix}/devices/+/presence"
+    def all_presence(self, shard: str | None = None) -> str:
+        """Every device's presence: of every shard, or of the one ``shard``."""
+        return f"{self.prefix}/shards/{self._shard_level(shard)}/devices/+/presence"
+
+    def device_any_shard(self, device: str) -> list[str]:
+        """One device's report and presence under every shard (a conformance check that a
+        device publishes only under its own: anything else parses as WrongShardError)."""
+        device = validate_id(device, "device id")
+        return [f"{self.prefix}/shards/+/devices/{device}/{leaf}" for leaf in _SHARDED]
+
+    def shard_filters(self, shards: Iterable[str]) -> list[str]:
+        """The report and presence filters of the given shards (what a replica owning them
+        subscribes to), in shard order, each shard once."""
+        chosen = sorted({validate_shard(s) for s in shards})
+        return [f(s) for s in chosen for f in (self.all_reported, self.all_presence)]
+
+    @staticmethod
+    def _shard_level(shard: str | None) -> str:
+        return "+" if shard is None else validate_shard(shard)
 
     def all_drift(self) -> str:
         return f"{self.prefix}/devices/+/drift"
@@ -204,7 +253,11 @@ class Topics:
         return f"$share/{validate_id(group_name, 'share name')}/{topic_filter}"
 
     def parse(self, topic: str) -> TopicRef:
-        """Return what ``topic`` names, or raise InvalidId if it is not one of ours."""
+        """Return what ``topic`` names, or raise InvalidId if it is not one of ours.
+
+        A report or presence whose shard level is not its device's shard raises
+        WrongShardError (an InvalidId): a device's topic ACL cannot hold it to its shard,
+        so the receiver drops such a message (and counts it)."""
         if not isinstance(topic, str):
             raise InvalidId(f"topic must be a string, got {type(topic).__name__}")
         levels = topic.split("/")
@@ -215,6 +268,19 @@ class Topics:
             if _EVENT_TYPE_PATTERN.fullmatch(rest[1]) is None:
                 raise InvalidId(f"topic {topic!r}: bad event type")
             return TopicRef("event", rest[1])
+        if len(rest) == 5 and rest[0] == "shards" and rest[2] == "devices":
+            shard, name, leaf = rest[1], rest[3], rest[4]
+            if leaf in _SHARDED:
+                validate_shard(shard)
+                device = validate_id(name, "device id")
+                own = _shard(device)
+                if shard != own:
+                    raise WrongShardError(
+                        f"topic {topic!r}: device {device!r} belongs to shard {own!r},"
+                        f" not {shard!r}",
+                        device=device,
+                    )
+                return TopicRef(_DEVICE_KINDS[leaf], device, shard)
         if len(rest) == 3:
             section, name, leaf = rest
             if section == "groups" and leaf in ("desired", "status", "rollout"):
@@ -222,17 +288,12 @@ class Topics:
                 return TopicRef(kind, validate_id(name, "group id"))
             if section == "rings" and leaf == "gate":
                 return TopicRef("ring-gate", validate_id(name, "ring"))
-            if section == "devices" and leaf in (
-                "desired",
-                "reported",
-                "presence",
-                "drift",
-                "command",
-            ):
+            if section == "devices" and leaf in ("desired", "drift", "command"):
                 return TopicRef(_DEVICE_KINDS[leaf], validate_id(name, "device id"))
         raise InvalidId(f"topic {topic!r} is not a setpoint topic")
 
 
+_SHARDED: Final = ("reported", "presence")  # the device topics under a shard level
 _GROUP_KINDS: Final[dict[str, TopicKind]] = {
     "desired": "group-desired",
     "status": "group-status",

@@ -20,12 +20,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from setpoint.mosquitto import Broker
 from setpoint.mosquitto.broker import free_port
-from setpoint.proto import envelopes
+from setpoint.proto import envelopes, shard_of
 
 pytestmark = pytest.mark.broker
 
 SETPOINT = [sys.executable, "-m", "setpoint"]
 BROKEN = Path(__file__).with_name("broken_shim.py")
+STRAY = Path(__file__).with_name("stray_shard_shim.py")
 KIT_TIMEOUT = "20"  # per answer; the run takes seconds when the agent answers
 
 
@@ -132,7 +133,7 @@ def test_the_python_shim_passes_the_kit(
     assert lines[-1].startswith("conformance: CONFORMS"), shown
     assert not [line for line in lines if " FAIL " in line], shown
     # Every group of checks ran, the hand edit included (no SKIP).
-    for needle in ("§8 ", "§6.4 ", "§6.5 ", "§6.8 ", "§3 ", "§4.2 ", "§6.7 "):
+    for needle in ("§8 ", "§6.4 ", "§6.5 ", "§6.8 ", "§3 ", "§3.1 ", "§4.2 ", "§6.7 "):
         assert any(line.startswith(needle) for line in lines), needle
     assert not [line for line in lines if " SKIP " in line], shown
 
@@ -151,6 +152,21 @@ def test_a_shim_with_the_group_return_bug_fails_on_section_8(
     assert [r["section"] for r in failed] == ["§8"], failed
     assert "back in group conformance-a" in failed[0]["requirement"]
     assert "applied group conformance-b" in failed[0]["seen"]
+
+
+def test_a_shim_reporting_under_another_shard_fails_on_section_3_1(
+    start_agent: Any, broker_session: Broker, unique_prefix: str, keys: tuple[Path, Path]
+) -> None:
+    agent = start_agent([sys.executable, str(STRAY)], "kiosk-04")
+    result = kit(broker_session, unique_prefix, "kiosk-04", keys[0], "--json")
+    shown = result.stdout + result.stderr + agent.log.read_text(errors="replace")[-4000:]
+    assert result.returncode == 1, shown
+    data = json.loads(result.stdout)
+    failed = [r for r in data["results"] if r["verdict"] == "FAIL"]
+    assert [r["section"] for r in failed] == ["§3.1"], failed
+    own = shard_of("kiosk-04")
+    assert own != "0"  # the double strays to shard 0
+    assert f"{unique_prefix}/shards/0/devices/kiosk-04/reported" in failed[0]["seen"], failed
 
 
 def test_the_kit_says_what_is_wrong_with_its_options(

@@ -199,3 +199,8 @@ class Devices:
     async def presence(self, device: str, value: bytes) -> None:
         assert self._client is not None
         await self._client.publish(self.topics.device_presence(device), value, qos=1, retain=True)
+
+    async def to(self, topic: str, payload: bytes) -> None:
+        """Publish on any topic (retained, QoS 1): a device that strays from its own."""
+        assert self._client is not None
+        await self._client.publish(topic, payload, qos=1, retain=True)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from driftkit import Devices, DriftWatch, drifted_report, in_sync_report, run_drift
 
 from setpoint.controller.drifting import DriftEngine, change_of
-from setpoint.proto import commands, envelopes, reports
+from setpoint.proto import SHARDS, commands, envelopes, reports, shard_of
 from setpoint.proto.status import DriftStatus
 from setpoint.proto.trust import PAYLOAD_TYPES
 
@@ -163,6 +163,32 @@ async def test_a_report_naming_another_device_is_not_believed(drift, watch, devi
         assert watch.state("kiosk-01") == "in_sync"
         assert watch.state("kiosk-02") == "in_sync"
         assert engine._devices["kiosk-02"].report.seq != 50
+
+
+async def test_a_report_or_presence_under_another_shard_is_dropped_and_counted(  # type: ignore[no-untyped-def]
+    drift, watch, devices
+) -> None:
+    async with drift() as (_controller, engine):
+        await all_in_sync(engine, devices, watch)
+        events = len(watch.events)
+        desired = engine._fleet.desired["kiosk-01"]
+        own = shard_of("kiosk-01")
+        other = next(s for s in SHARDS if s != own)
+        prefix = devices.topics.prefix
+        # The broker's ACL lets a device write its own id under any shard level: the
+        # controller must not take a report or presence from the wrong one.
+        stray = f"{prefix}/shards/{other}/devices/kiosk-01"
+        await devices.to(f"{stray}/reported", reports.encode(drifted_report(desired, 60, "motd")))
+        await devices.to(f"{stray}/presence", b"offline")
+        await engine.wait_for(lambda: rejected(engine, "wrong-shard") == 2)
+        await watch.barrier()
+        assert watch.state("kiosk-01") == "in_sync"
+        assert engine._devices["kiosk-01"].report.seq != 60
+        assert len(watch.events) == events
+        # The same report under its own shard is taken.
+        await devices.report(drifted_report(desired, 61, "motd"))
+        await watch.wait(lambda: watch.state("kiosk-01") == "drifted")
+        assert rejected(engine, "wrong-shard") == 2
 
 
 async def test_a_flood_from_one_device_is_coalesced(drift, watch, devices) -> None:  # type: ignore[no-untyped-def]

@@ -132,3 +132,51 @@ def test_missing_nats_server_says_how_to_install(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(harness, "SEARCH_PATH", ())
     with pytest.raises(EngineNotInstalled, match="apt-get install -y nats-server"):
         find_nats_server()
+
+
+def test_a_node_whose_port_was_taken_before_it_bound_it_gets_new_ports(tmp_path: Path) -> None:
+    import socket
+
+    cluster = NatsCluster(tmp_path / "nats")
+    taken = cluster.nodes[2].mqtt_port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        try:
+            cluster.start()
+            assert cluster.nodes[2].mqtt_port != taken
+            assert all(node.serves_mqtt() for node in cluster.nodes)
+        finally:
+            cluster.close()
+    assert "address already in use" in (tmp_path / "nats" / "n3" / "nats.log").read_text()
+
+
+def test_cluster_ports_are_distinct_and_clear_of_the_ephemeral_range() -> None:
+    from setpoint.engines.cluster import _ephemeral_low, listen_port
+
+    ports = [listen_port() for _ in range(40)]
+    assert len(set(ports)) == len(ports)
+    low = _ephemeral_low()
+    if low - 20000 >= 1000:  # outgoing connections never take these
+        assert all(20000 <= port < low for port in ports), ports
+
+
+def test_each_node_reports_the_retained_stream_and_its_leader(
+    nats_cluster: NatsCluster, unique_prefix: str
+) -> None:
+    publish_retained(nats_cluster.urls[0], f"{unique_prefix}/stream", b"x")
+    names = {node.name for node in nats_cluster.nodes}
+    for node in nats_cluster.nodes:
+        state = node.stream("$MQTT_rmsgs")
+        assert state is not None, node
+        assert state.leader in names and state.messages >= 1 and state.last_seq >= 1, state
+    assert nats_cluster.nodes[0].stream("no-such-stream") is None
+
+
+def test_server_version_names_the_binary_or_says_what_failed(tmp_path: Path) -> None:
+    from setpoint.engines import EngineError, find_nats_server
+    from setpoint.engines.cluster import server_version
+
+    assert server_version(find_nats_server()).startswith("v2.")
+    with pytest.raises(EngineError, match="no-such-nats-server --version failed"):
+        server_version(str(tmp_path / "no-such-nats-server"))

@@ -384,3 +384,22 @@ def test_invalid_command_vector(vector: dict[str, Any]) -> None:
             raise proto.RollbackError(str(command.seq))
     assert type(info.value).__name__ == vector["expected_error"]
     assert proto.refusal_reason(info.value) == vector["reason"] == vector["refusal"]["reason"]
+
+
+@pytest.mark.parametrize("case", DATA["shards"]["cases"], ids=lambda c: c["device"])
+def test_shard_vector(case: dict[str, Any]) -> None:
+    device = case["device"]
+    assert hashlib.sha256(device.encode("ascii")).hexdigest() == case["sha256_hex"]
+    assert case["shard"] == case["sha256_hex"][0] == proto.shard_of(device)
+    topics = proto.Topics()
+    assert topics.device_reported(device) == f"{topics.prefix}/{case['reported']}"
+    assert topics.device_presence(device) == f"{topics.prefix}/{case['presence']}"
+    assert case["reported"] == f"shards/{case['shard']}/devices/{device}/reported"
+    other = next(s for s in DATA["shards"]["shards"] if s != case["shard"])
+    with pytest.raises(proto.WrongShardError):
+        topics.parse(f"{topics.prefix}/shards/{other}/devices/{device}/reported")
+
+
+def test_shard_vectors_cover_many_shards() -> None:
+    assert DATA["shards"]["shards"] == list("0123456789abcdef")
+    assert len({c["shard"] for c in DATA["shards"]["cases"]}) >= 4

@@ -14,7 +14,7 @@ from kit import NOT_AUTHORIZED, Client, Converged, Shims, snapshot
 
 from setpoint.controller.pki import Pki
 from setpoint.mosquitto import Broker, SecureBroker
-from setpoint.proto import reports
+from setpoint.proto import SHARDS, reports
 from setpoint.proto.bundles import FileResource
 from setpoint.proto.topics import Topics
 
@@ -91,6 +91,12 @@ def test_device_publishing_another_devices_reported(
     fake = reports.encode(replace(genuine, seq=genuine.seq + 1000, applied_group=None))
     assert attacker.publish(topics.device_reported("dev1"), fake) == NOT_AUTHORIZED
     assert attacker.publish(topics.device_presence("dev1"), b"offline") == NOT_AUTHORIZED
+    # Nor under any other report shard: the ACL lets a device write under every shard
+    # level, but only its own id (the controller drops a report under a wrong shard).
+    for shard in SHARDS:
+        for leaf, body in (("reported", fake), ("presence", b"offline")):
+            topic = f"{topics.prefix}/shards/{shard}/devices/dev1/{leaf}"
+            assert attacker.publish(topic, body) == NOT_AUTHORIZED, topic
     # Its own reported state it may write (the rule is not simply "deny all").
     assert attacker.publish(topics.device_reported("dev2"), fake) in (0x00, 0x10)
     view = _controller_view(
