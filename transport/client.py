@@ -21,6 +21,11 @@ this module adds what setpoint needs on top, the same for every user:
   ``max_inflight`` wait for their PUBACK (matched by packet id), :meth:`Session.publish`
   waits for room and returns a future of the acknowledgement. Any publish waits while the
   socket's write buffer is above the transport's high-water mark.
+* **Coalesced writes.** The packets of one turn of the event loop go to the socket in one
+  write at the end of the turn, in order (gmqtt makes one system call per packet), at once
+  past ``WRITE_COALESCE_BYTES``; :meth:`Session.close` writes its DISCONNECT after them.
+* **Source address.** ``Settings.source_address`` is the local address the connection
+  leaves from (a simulator spreads its devices over 127.0.0.x).
 * **Typed errors.** Every failure is a :class:`~.errors.TransportError`; a packet gmqtt
   cannot handle, or a stream it stops reading, ends the session with
   :class:`~.errors.ProtocolViolation` at once. A stream whose next packet never completes
@@ -511,8 +516,9 @@ class Session:
         retain: bool = False,
         properties: dict[str, Any] | None = None,
     ) -> asyncio.Future[None]:
-        """Send a PUBLISH; returns once it is written (waiting for room), with a future that
-        completes on its PUBACK (QoS 1) or at once (QoS 0).
+        """Send a PUBLISH; returns once it is handed to the connection (waiting for room; on
+        the socket at the end of this turn of the loop), with a future that completes on
+        its PUBACK (QoS 1) or at once (QoS 0).
 
         ``properties`` are MQTT 5 publish properties (``message_expiry_interval``,
         ``user_property``...), dropped on 3.1.1.
