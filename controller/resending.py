@@ -76,6 +76,7 @@ class Resend:
     behind_for: float  # seconds since the version was published
     attempt: int  # 0 for the first re-send of this version
     at: float  # when it was decided
+    next_in: float  # the backoff: no re-send of this version before ``at + next_in``
 
     def sent(self) -> Sent:
         """The ledger entry once the broker acknowledged it."""
@@ -90,7 +91,7 @@ class Resend:
             f" reports {self.reports} for {self.behind_for:.0f}s after it was published;"
             " the engine may have lost the retained bundle"
             f" (re-send {self.attempt + 1}; next at the earliest in"
-            f" {BACKOFF.nominal(self.attempt):.0f}s)"
+            f" {self.next_in:.0f}s)"
         )
 
 
@@ -152,6 +153,7 @@ def decide(
                 behind_for=now - current.published_at,
                 attempt=attempt,
                 at=now,
+                next_in=backoff.nominal(attempt),
             )
         )
     return actions, kept

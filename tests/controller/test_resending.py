@@ -224,3 +224,17 @@ def test_a_device_is_live_by_a_report_since_the_publication_or_presence_online()
     for action in engine.decide():
         engine.done(action)
     assert [b.live for b in engine.behind()] == [True]
+
+
+def test_a_device_a_batched_rollout_holds_back_is_not_behind_on_its_group() -> None:
+    pinned = replace(bundle(D, 1), group_version=1)  # its batch is not released yet
+    engine = DriftEngine(DriftSettings(grace=300), topics=TOPICS, clock=lambda: PUBLISHED_AT + 100)
+    engine.published(None, {G: current(), D: Current(pinned, "A", "main", PUBLISHED_AT)})
+    device = report("kiosk-01", 1)
+    engine.take_report(Message(TOPICS.device_reported("kiosk-01"), encode(device), False))
+    engine.synced()
+    for action in engine.decide():
+        engine.done(action)
+    found = engine.statuses()["kiosk-01"]
+    assert found.state == "pending" and "waiting for its batch" in found.reason
+    assert engine.behind() == []
