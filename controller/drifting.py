@@ -71,7 +71,7 @@ from setpoint.proto.reports import Report
 from setpoint.proto.status import DRIFT_STATES, DriftStatus, GroupStatus, ResourceDiff
 from setpoint.proto.topics import Topics
 
-from . import detecting
+from . import detecting, resending
 from .broker import Message, Subscription
 from .detecting import (
     Change,
@@ -125,6 +125,9 @@ class DriftSettings:
     command_ttl: int = COMMAND_TTL
     metrics_listen: tuple[str, int] | None = None
     max_devices: int = MAX_DEVICES
+    # A live device still pending on a version published this long ago gets its envelope
+    # again (controller/resending.py); None: never.
+    resend_after: float | None = resending.DEFAULT_RESEND_AFTER
 
 
 @dataclass(slots=True)
@@ -1028,6 +1031,44 @@ class DriftEngine:
                 del self._gauge_counts[group]  # a group no status names any more
                 per = None
             self.metrics.set_group(group, per or {}, DRIFT_STATES)
+
+    def behind(self) -> list[resending.Behind]:
+        """The facts of rule 2 (``controller/resending.py``): every device retained as
+        ``pending`` that lacks a version of its group or device bundle (not one a batched
+        rollout holds it back from), and whether it is alive: a report came since that
+        version was published, or its presence is ``online``. Work proportional to the
+        pending devices."""
+        out: list[resending.Behind] = []
+        for name in sorted(self._pending):
+            dev = self._devices.get(name)
+            desired = self._fleet.desired.get(name)
+            if dev is None or desired is None or dev.report is None:
+                continue
+            if dev.status is None or dev.status.state != "pending":
+                continue
+            report = dev.report
+            wanted: list[tuple[Target, int, Any]] = [
+                (Target("device", name), desired.device_version, report.applied_device)
+            ]
+            if desired.pinned_from is None:
+                wanted.append(
+                    (Target("group", desired.group), desired.group_version, report.applied_group)
+                )
+            lacks: list[resending.Lack] = []
+            newest = 0.0
+            for target, version, got in wanted:
+                mine = got is not None and got.target == target.id
+                if mine and got.version >= version:
+                    continue
+                lacks.append(resending.Lack(target, version, got.version if mine else None))
+                current = self._published.get(target)
+                if current is not None:
+                    newest = max(newest, current.published_at)
+            if not lacks:
+                continue
+            fresh = dev.reported_at is not None and dev.reported_at > newest
+            out.append(resending.Behind(name, tuple(lacks), dev.presence == "online" or fresh))
+        return out
 
     # --- For tests and tools ----------------------------------------------------------------
 

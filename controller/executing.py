@@ -23,6 +23,7 @@ from .audit import AuditLog, Entry
 from .broker import Link, Session
 from .detecting import ClearDrift, ClearGroup, DriftAction, GroupAction, ShowDrift, ShowGroup
 from .errors import BrokerUnavailable
+from .resending import Resend
 from .signing import Signed, Signer
 
 
@@ -50,6 +51,11 @@ class Executor:
     async def clear(self, topic: str) -> None:
         """Clear a retained topic."""
         await self.link.publish(topic, b"", qos=1, retain=True)
+
+    async def resend(self, action: Resend) -> None:
+        """Publish, retained, the very envelope ``action`` holds again (same bytes: same
+        version, same signature; nothing is signed anew)."""
+        await self.publish(action.target.topic(self.topics), action.envelope, retain=True)
 
     def sign(self, bundle: Bundle) -> Signed:
         assert self.signer is not None, "the signer is loaded when the controller starts"

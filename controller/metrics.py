@@ -76,6 +76,13 @@ class Metrics:
             ["group"],
             registry=r,
         )
+        self.resent = Counter(
+            "setpoint_resent",
+            "Retained bundles published again, the same envelope, because a device stayed"
+            " behind (controller/resending.py)",
+            ["reason"],
+            registry=r,
+        )
         self._known: set[tuple[str, str]] = set()
         self._server: Any = None
         self._thread: threading.Thread | None = None

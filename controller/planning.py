@@ -66,11 +66,14 @@ class Retained:
 
     ``bundle`` is set when the envelope verified with the fleet key and names this target;
     otherwise ``error`` says why it is not ours (a foreign or damaged message).
+    ``envelope`` is the verified message's bytes (what the controller re-sends, unchanged,
+    to a device that stays behind: ``controller/resending.py``).
     """
 
     bundle: Bundle | None
     digest: str = ""
     error: str = ""
+    envelope: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def valid(self) -> bool:

@@ -43,7 +43,7 @@ def decode(target: Target, payload: bytes, trusted: Mapping[str, Ed25519PublicKe
         return Retained(None, digest, str(exc))
     if bundle.kind != target.kind or bundle.target != target.id:
         return Retained(None, digest, f"names {bundle.kind} {bundle.target!r}")
-    return Retained(bundle, digest)
+    return Retained(bundle, digest, envelope=payload)
 
 
 class RetainedView:

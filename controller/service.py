@@ -50,7 +50,17 @@ from setpoint.proto.repository import RepositoryStatus
 from setpoint.proto.status import DriftStatus
 from setpoint.proto.topics import DEFAULT_PREFIX, Topics
 
-from . import broker, drifting, fleet, planning, protection, rendering, watching, webhooks
+from . import (
+    broker,
+    drifting,
+    fleet,
+    planning,
+    protection,
+    rendering,
+    resending,
+    watching,
+    webhooks,
+)
 from .audit import AuditLog, Entry
 from .broker import (
     Backoff,
@@ -145,6 +155,7 @@ class Controller:
         self._state = StateStore(config.state_dir)
         self._audit = AuditLog(config.state_dir)
         self._current: dict[Target, Current] = {}
+        self._resent: dict[Target, resending.Sent] = {}  # the last re-send per target
         # When each published target is to be refreshed (a heap; an entry whose bundle is
         # no longer the target's is stale and dropped when it reaches the top).
         self._refreshes: list[tuple[int, int, Target, Bundle]] = []
@@ -578,7 +589,30 @@ class Controller:
             self._tick_at = time.monotonic() + max(0.05, drift.settings.tick)
         await self._carry_out_drift(drift.decide(tick=tick))
         await self._carry_out_drift(drift.summaries())
+        if tick:
+            await self._resend(drift)
         await drift.passed()
+
+    async def _resend(self, drift: DriftEngine) -> None:
+        """Rule 2 of the remedy for an engine that lost a retained bundle
+        (``controller/resending.py``, docs/scale-out.md): the envelope a live device stays
+        behind on, published again unchanged, at most once per target per backoff."""
+        after = drift.settings.resend_after
+        if after is None or self.retained is None:
+            return
+        actions, self._resent = resending.decide(
+            drift.behind(),
+            self._current,
+            self.retained.entries,
+            self._resent,
+            self._clock(),
+            resend_after=after,
+        )
+        for action in actions:
+            await self.executor.resend(action)
+            self._resent[action.target] = action.sent()
+            log.warning("%s", action.describe())
+            drift.metrics.resent.labels("behind").inc()
 
     async def _carry_out_drift(self, actions: Sequence[DriftAction | GroupAction]) -> None:
         """Every action through the executor, pipelined (many publications in flight at
@@ -857,7 +891,7 @@ class Controller:
         self._current[target] = Current(bundle, action.author, action.branch, since)
         self._refreshing(target, bundle)
         self._floors[target] = max(self._floors.get(target, 0), bundle.version)
-        self.retained.note(target, Retained(bundle, signed.digest), mark)
+        self.retained.note(target, Retained(bundle, signed.digest, envelope=signed.envelope), mark)
         log.info(
             "published %s v%d (%s) from %s@%s%s",
             target,

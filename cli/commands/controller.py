@@ -176,6 +176,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " seconds (default 30)",
     )
     drift.add_argument(
+        "--resend-after",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="publish again, unchanged and retained, the bundle a device that keeps reporting"
+        " stays pending on this many seconds after it was published (an engine may have lost"
+        " it: docs/scale-out.md); at most once per target per backoff of 60 s doubling to"
+        " 15 min; must be under --grace (default 60)",
+    )
+    drift.add_argument(
         "--share",
         metavar="NAME",
         default=None,
@@ -203,6 +213,12 @@ def _config(args: argparse.Namespace) -> object:
         raise CommandError("--lease runs a replica until stopped; it cannot be used with --once")
     if args.lease is not None and args.lease < 1:
         raise CommandError("--lease: a lease shorter than 1s would expire between renewals")
+    if not args.no_drift and args.resend_after >= args.grace:
+        raise CommandError(
+            f"--resend-after {args.resend_after:g} is not under --grace {args.grace:g}: a"
+            " device would be overdue before its lost bundle is sent again; use a smaller"
+            " --resend-after (default 60) or a larger --grace"
+        )
     ttl = fleet.DEFAULT_BUNDLE_TTL
     if args.bundle_ttl is not None:
         try:
@@ -297,6 +313,7 @@ def _drift(args: argparse.Namespace) -> object | None:
         tick=args.tick,
         share=args.share,
         reconcile_interval=args.reconcile_interval,
+        resend_after=args.resend_after,
         metrics_listen=args.metrics_listen,
     )
 

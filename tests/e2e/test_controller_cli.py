@@ -377,6 +377,28 @@ def test_controller_without_a_key_says_how_to_make_one(tmp_path: Path) -> None:
     assert "setpoint keys generate" in result.stderr
 
 
+def test_controller_refuses_a_resend_after_not_under_the_grace(tmp_path: Path) -> None:
+    setpoint("init", str(tmp_path / "fleet"), check=True)
+    result = setpoint(
+        "controller",
+        "--repo",
+        str(tmp_path / "fleet"),
+        "--broker",
+        "mqtt://127.0.0.1:1",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--grace",
+        "60",
+        "--resend-after",
+        "90",
+        "--key",
+        str(tmp_path / "none.key"),
+    )
+    assert result.returncode == 2
+    assert "--resend-after 90 is not under --grace 60" in result.stderr
+    assert "use a smaller --resend-after" in result.stderr
+
+
 @pytest.mark.broker
 def test_commit_reaches_the_broker_and_sigterm_stops_cleanly(
     fleet: dict[str, Path],
