@@ -30,6 +30,10 @@ from .history import explicit_state_dir, state_base
 
 log = logging.getLogger("setpoint.controller")
 
+# A bundle a live device stays behind on is sent again after this long, or after half of
+# --grace when that is shorter (a device must not be overdue before it is sent again).
+DEFAULT_RESEND_AFTER = 60.0
+
 
 def _listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
@@ -178,12 +182,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     drift.add_argument(
         "--resend-after",
         type=_seconds,
-        default=60.0,
+        default=None,
         metavar="SECONDS",
         help="publish again, unchanged and retained, the bundle a device that keeps reporting"
         " stays pending on this many seconds after it was published (an engine may have lost"
         " it: docs/scale-out.md); at most once per target per backoff of 60 s doubling to"
-        " 15 min; must be under --grace (default 60)",
+        " 15 min; must be under --grace (default: 60, or half of --grace if that is less)",
     )
     drift.add_argument(
         "--share",
@@ -213,11 +217,14 @@ def _config(args: argparse.Namespace) -> object:
         raise CommandError("--lease runs a replica until stopped; it cannot be used with --once")
     if args.lease is not None and args.lease < 1:
         raise CommandError("--lease: a lease shorter than 1s would expire between renewals")
-    if not args.no_drift and args.resend_after >= args.grace:
+    if args.resend_after is None:
+        args.resend_after = min(DEFAULT_RESEND_AFTER, args.grace / 2)
+    elif not args.no_drift and args.resend_after >= args.grace:
         raise CommandError(
             f"--resend-after {args.resend_after:g} is not under --grace {args.grace:g}: a"
             " device would be overdue before its lost bundle is sent again; use a smaller"
-            " --resend-after (default 60) or a larger --grace"
+            " --resend-after (by default 60, or half of --grace if that is less) or a larger"
+            " --grace"
         )
     ttl = fleet.DEFAULT_BUNDLE_TTL
     if args.bundle_ttl is not None:

@@ -462,3 +462,22 @@ def test_commit_reaches_the_broker_and_sigterm_stops_cleanly(
     assert any(r["message"] == "stopping" for r in records)
     assert any("published device/kiosk-01 v2" in r["message"] for r in records)
     assert not any(r["level"] == "error" for r in records)
+
+
+def test_resend_after_defaults_to_half_of_a_short_grace(tmp_path: Path) -> None:
+    """--grace 30 without --resend-after is accepted: the default (60) comes down to half of
+    the grace, so a lost bundle is sent again before its device is overdue."""
+    import argparse
+
+    from setpoint.commands import controller as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    common = ["--repo", str(tmp_path), "--broker", "mqtt://127.0.0.1:1", "--key", "k"]
+    short = parser.parse_args([*common, "--grace", "30"])
+    command._config(short)
+    assert short.resend_after == 15
+    assert command._drift(short).resend_after == 15  # type: ignore[attr-defined]
+    long = parser.parse_args([*common, "--grace", "300"])
+    command._config(long)
+    assert long.resend_after == command.DEFAULT_RESEND_AFTER
