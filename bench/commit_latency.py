@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import statistics
 import subprocess
 import tempfile
@@ -34,7 +32,8 @@ from setpoint.proto.topics import Topics
 from setpoint.proto.trust import PAYLOAD_TYPES
 from setpoint.transport import Session, Settings, Subscription
 
-RESULTS = Path(__file__).parent / "results" / "results.jsonl"
+from .common import record
+
 DEVICE = "kiosk-01"
 
 
@@ -122,9 +121,6 @@ async def measure(runs: int, work: Path) -> dict[str, object]:
             finally:
                 client.close()
     return {
-        "bench": "commit_latency",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "runs": runs,
         "from_commit_start_ms": {
             "median": statistics.median(from_start) * 1000,
@@ -146,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parser.parse_args(argv)
     runs = 5 if args.quick else args.runs
     with tempfile.TemporaryDirectory(prefix="setpoint-bench-") as tmp:
-        result = asyncio.run(measure(runs, Path(tmp)))
+        result = record("commit_latency", args.quick, asyncio.run(measure(runs, Path(tmp))))
     print(f"commit -> retained bundle at a subscriber, {runs} commits")
     print(f"{'clock':<22}{'median ms':>10}{'p90 ms':>10}{'max ms':>10}")
     for label, key in (
@@ -156,9 +152,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         row = result[key]
         assert isinstance(row, dict)
         print(f"{label:<22}{row['median']:>10.1f}{row['p90']:>10.1f}{row['max']:>10.1f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as fh:
-        fh.write(json.dumps(result) + "\n")
     return result
 
 
