@@ -23,6 +23,7 @@ from .errors import (
     ProtocolViolation,
     SubscriptionRefused,
     TransportError,
+    Unreachable,
 )
 
 __all__ = [
@@ -40,5 +41,6 @@ __all__ = [
     "Subscription",
     "SubscriptionRefused",
     "TransportError",
+    "Unreachable",
     "Will",
 ]

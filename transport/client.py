@@ -69,6 +69,7 @@ from .errors import (
     ProtocolViolation,
     SubscriptionRefused,
     TransportError,
+    Unreachable,
 )
 
 log = logging.getLogger(__name__)
@@ -327,7 +328,13 @@ class Session:
                 return session
             except (ConnectRefused, ConnectionLost) as exc:
                 session._drop()
-                refused_version = isinstance(exc, ConnectionLost) or exc.code in (1, 0x84)
+                # A 3.1.1-only broker refuses MQTT 5 with a code, or just closes the
+                # connection; nothing reached at all is no refusal of the version.
+                refused_version = (
+                    not isinstance(exc, Unreachable)
+                    if isinstance(exc, ConnectionLost)
+                    else exc.code in (1, 0x84)
+                )
                 if version == MQTTv50 and settings.protocol == "auto" and refused_version:
                     log.info("MQTT 5 refused by %s:%s (%s); trying 3.1.1",
                              settings.host, settings.port, exc)  # fmt: skip
@@ -381,7 +388,7 @@ class Session:
         except gmqtt.mqtt.handler.MQTTConnectError as exc:
             raise ConnectRefused(s.host, s.port, int(exc._code)) from None
         except (OSError, ssl.SSLError) as exc:
-            raise ConnectionLost(f"cannot connect to {where}: {exc}") from exc
+            raise Unreachable(f"cannot connect to {where}: {exc}") from exc
         if client._connection_state.protocol_version != version:
             raise ConnectRefused(s.host, s.port, 1)
         if self.lost.done():

@@ -43,6 +43,11 @@ class ConnectionLost(TransportError):
     """The connection ended (closed by the broker or the network, or never answered)."""
 
 
+class Unreachable(ConnectionLost):
+    """No connection was made at all (the TCP or TLS connect failed): nothing answered, so
+    another protocol version would not be answered either."""
+
+
 class ConnectRefused(TransportError):
     """The broker answered the CONNECT with a refusal."""
 

@@ -163,3 +163,17 @@ async def test_no_local_is_left_out_on_3_1_1_where_the_broker_would_drop_the_con
         assert message.payload == b"x"  # 3.1.1 has no no_local: our own comes back
     finally:
         session.close()
+
+
+async def test_nothing_listening_is_one_attempt_not_a_protocol_refusal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A port nobody listens on is unreachable: ``auto`` does not try 3.1.1 after MQTT 5
+    (that would double every failed connect and name a refusal that never happened)."""
+    from setpoint.mosquitto import free_port
+    from setpoint.transport import Unreachable
+
+    caplog.set_level("INFO", "setpoint.transport.client")
+    with pytest.raises(Unreachable, match="cannot connect to"):
+        await Session.open(Settings("127.0.0.1", free_port(), "t-unreachable"))
+    assert "trying 3.1.1" not in caplog.text
