@@ -1114,7 +1114,8 @@ def identity(config: ControllerConfig) -> FleetIdentity:
 
 
 def describe(config: ControllerConfig) -> str:
-    return f"repository {redact(config.repo)}, broker {config.broker.url()}, prefix {config.prefix}"
+    broker = config.broker.described
+    return f"repository {redact(config.repo)}, broker {broker}, prefix {config.prefix}"
 
 
 def _stamped(plan: Plan, render: Render | None) -> Plan:

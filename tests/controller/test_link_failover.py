@@ -257,3 +257,15 @@ async def test_the_executor_carries_a_round_out_pipelined_and_records_it_in_orde
             assert got[topics.group_status("g7")] == actions[7].new.to_json()
         finally:
             reader.close()
+
+
+def test_the_starting_line_names_every_node() -> None:
+    """``setpoint controller --broker A,B`` logs both nodes it will try, not only A."""
+    from types import SimpleNamespace
+
+    from setpoint.controller.service import describe
+
+    nodes = BrokerSettings("127.0.0.1", 1, others=(("127.0.0.1", 2),))
+    config = SimpleNamespace(repo="fleet/", broker=nodes, prefix="setpoint/v1")
+    line = describe(config)  # type: ignore[arg-type]
+    assert "broker mqtt://127.0.0.1:1,mqtt://127.0.0.1:2," in line
