@@ -30,10 +30,6 @@ from .history import explicit_state_dir, state_base
 
 log = logging.getLogger("setpoint.controller")
 
-# A bundle a live device stays behind on is sent again after this long, or after half of
-# --grace when that is shorter (a device must not be overdue before it is sent again).
-DEFAULT_RESEND_AFTER = 60.0
-
 
 def _listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
@@ -218,7 +214,10 @@ def _config(args: argparse.Namespace) -> object:
     if args.lease is not None and args.lease < 1:
         raise CommandError("--lease: a lease shorter than 1s would expire between renewals")
     if args.resend_after is None:
-        args.resend_after = min(DEFAULT_RESEND_AFTER, args.grace / 2)
+        # The controller's default, or half of --grace when that is shorter: a device must
+        # not be overdue before its lost bundle is sent again.
+        resending = require_controller("setpoint.controller.resending")
+        args.resend_after = min(resending.DEFAULT_RESEND_AFTER, args.grace / 2)
     elif not args.no_drift and args.resend_after >= args.grace:
         raise CommandError(
             f"--resend-after {args.resend_after:g} is not under --grace {args.grace:g}: a"

@@ -480,4 +480,6 @@ def test_resend_after_defaults_to_half_of_a_short_grace(tmp_path: Path) -> None:
     assert command._drift(short).resend_after == 15  # type: ignore[attr-defined]
     long = parser.parse_args([*common, "--grace", "300"])
     command._config(long)
-    assert long.resend_after == command.DEFAULT_RESEND_AFTER
+    from setpoint.controller.resending import DEFAULT_RESEND_AFTER
+
+    assert long.resend_after == DEFAULT_RESEND_AFTER == 60
