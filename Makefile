@@ -38,9 +38,9 @@ test: venv mosquitto nats chromium
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The fault tests on a 3-node NATS cluster (kill -9 of nodes, rolling restart): slower, and
-# the engine loses a retained bundle published while it elects a new stream leader, so one
-# of them fails one run in three until the controller sends such bundles again
-# (docs/scale-out.md, "Why NATS loses retained bundles").
+# the engine loses a retained bundle published while it elects a new stream leader; the
+# controller publishes such a bundle again (docs/scale-out.md, "The remedy belongs to the
+# controller": rule 1 after a slow PUBACK, rule 2 for a device that stays behind).
 test-cluster: venv mosquitto nats
 	SETPOINT_CLUSTER_FAULTS=1 $(BIN)/pytest tests/engines tests/device_shim/test_link_failover.py $(PYTEST_ARGS)
 

@@ -501,7 +501,8 @@ class Controller:
             tick = max(0.0, self._tick_at - time.monotonic())
             timeout = tick if timeout is None else min(timeout, tick)
         slow_ack = self.config.slow_ack
-        if self._rereads and slow_ack is not None and self.retained and self.retained.synced:
+        synced = self.retained is not None and self.retained.synced
+        if self._rereads and slow_ack is not None and synced:
             due = rereading.due(self._rereads, slow_ack=slow_ack)
             if due is not None:  # a probe, or a read, is due then (rule 1)
                 left = max(0.0, due - time.monotonic())
