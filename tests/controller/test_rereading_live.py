@@ -18,6 +18,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,16 @@ STALL = 4 * SLOW_ACK  # how long mosquitto stays stopped once the PUBLISH is wri
 TIMEOUT = 20.0
 
 
-def acl_broker(directory: Path) -> Broker:
-    """A mosquitto with an ACL file (every client may do anything, for now)."""
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A fresh mosquitto with an ACL file (every client may do anything, for now); the
+    ``observe`` fixture's observers connect to it too."""
+    directory = tmp_path / "broker"
     broker = Broker(directory)
     broker.conf.write_text(broker.conf.read_text() + f"acl_file {directory / 'test.acl'}\n")
     write_acl(broker, hidden=None)
-    return broker
+    with broker:
+        yield broker
 
 
 def write_acl(broker: Broker, hidden: str | None) -> None:
@@ -146,71 +151,69 @@ async def test_the_link_reads_the_retained_topics_again_on_the_same_connection(
 @pytest.mark.parametrize("behind_its_back", ["older", "cleared"])
 async def test_a_slow_puback_makes_the_controller_read_again_and_publish_what_was_lost(
     tmp_path: Path,
+    broker: Broker,
     example_repo: Any,
     signing_key: Path,
     unique_prefix: str,
-    public_key: Any,
+    observe: Any,
     caplog: pytest.LogCaptureFixture,
     behind_its_back: str,
 ) -> None:
-    from conftest import Observer
-
     caplog.set_level(logging.INFO, "setpoint.controller.service")
     topics = Topics(unique_prefix)
     hidden, device = topics.device_desired("kiosk-01"), "device/kiosk-01"
-    with acl_broker(tmp_path / "broker") as broker:
-        config = ControllerConfig(
-            repo=str(example_repo.path),
-            broker=BrokerSettings(broker.host, broker.port, username=USER),
-            key_path=signing_key,
-            state_dir=tmp_path / "state",
-            prefix=unique_prefix,
-            backoff=Backoff(base=0.05, cap=0.3),
-            publish_timeout=5.0,
-            slow_ack=SLOW_ACK,
-        )
-        seen = Observer(broker.host, broker.port, unique_prefix, public_key)
-        async with (
-            Controller(config, drift=DriftSettings(grace=60.0, tick=0.2)) as controller,
-            seen,
-        ):
-            assert controller.drift is not None
-            metrics = controller.drift.metrics
-            await controller.settle(TIMEOUT)
-            await seen.wait(lambda: seen.version(device) == 1)
-            v1 = seen.retained[device]
-            kiosk = FLEET["devices/kiosk-01.yaml"].replace("site: lobby", "site: hall")
-            example_repo.commit({"devices/kiosk-01.yaml": kiosk}, "kiosk-01 moves to the hall")
-            await seen.wait(lambda: seen.version(device) == 2)
-            await wait_for(lambda: not controller._rereads)  # nothing unconfirmed so far
+    config = ControllerConfig(
+        repo=str(example_repo.path),
+        broker=BrokerSettings(broker.host, broker.port, username=USER),
+        key_path=signing_key,
+        state_dir=tmp_path / "state",
+        prefix=unique_prefix,
+        backoff=Backoff(base=0.05, cap=0.3),
+        publish_timeout=5.0,
+        slow_ack=SLOW_ACK,
+    )
+    seen = observe()
+    async with (
+        Controller(config, drift=DriftSettings(grace=60.0, tick=0.2)) as controller,
+        seen,
+    ):
+        assert controller.drift is not None
+        metrics = controller.drift.metrics
+        await controller.settle(TIMEOUT)
+        await seen.wait(lambda: seen.version(device) == 1)
+        v1 = seen.retained[device]
+        kiosk = FLEET["devices/kiosk-01.yaml"].replace("site: lobby", "site: hall")
+        example_repo.commit({"devices/kiosk-01.yaml": kiosk}, "kiosk-01 moves to the hall")
+        await seen.wait(lambda: seen.version(device) == 2)
+        await wait_for(lambda: not controller._rereads)  # nothing unconfirmed so far
 
-            # Behind the controller's back: the broker comes to hold an older bundle (or
-            # none) on kiosk-01's topic, and the controller's subscription is not told.
-            await hide_from_controller(broker, hidden)
-            async with aiomqtt.Client(broker.host, broker.port) as writer:
-                await writer.publish(hidden, v1 if behind_its_back == "older" else b"", 1, True)
-            lost = 1 if behind_its_back == "older" else 0
-            await seen.wait(lambda: seen.version(device) == lost)
-            await hide_from_controller(broker, None)
-            # The live view cannot see it: a pass plans nothing for kiosk-01.
-            await controller.settle(TIMEOUT)
-            view = controller.retained.entries[Target("device", "kiosk-01")]  # type: ignore[union-attr]
-            assert view.bundle is not None and view.bundle.version == 2
-            assert seen.version(device) == lost
-            assert metrics.rereads._value.get() == 0
+        # Behind the controller's back: the broker comes to hold an older bundle (or
+        # none) on kiosk-01's topic, and the controller's subscription is not told.
+        await hide_from_controller(broker, hidden)
+        async with aiomqtt.Client(broker.host, broker.port) as writer:
+            await writer.publish(hidden, v1 if behind_its_back == "older" else b"", 1, True)
+        lost = 1 if behind_its_back == "older" else 0
+        await seen.wait(lambda: seen.version(device) == lost)
+        await hide_from_controller(broker, None)
+        # The live view cannot see it: a pass plans nothing for kiosk-01.
+        await controller.settle(TIMEOUT)
+        view = controller.retained.entries[Target("device", "kiosk-01")]  # type: ignore[union-attr]
+        assert view.bundle is not None and view.bundle.version == 2
+        assert seen.version(device) == lost
+        assert metrics.rereads._value.get() == 0
 
-            # A commit published while mosquitto is stopped: its PUBACK comes late.
-            kiosks = FLEET["groups/kiosks.yaml"].replace("value: info", "value: debug")
-            with broker.stalled():
-                example_repo.commit({"groups/kiosks.yaml": kiosks}, "kiosks: debug logs")
-                await wait_for(lambda: Target("group", "kiosks") in controller._attempted)
-                await asyncio.sleep(STALL)
-            # It took over SLOW_ACK: a probe comes back promptly, the retained bundles are
-            # read again, kiosk-01 is found older than published and published again.
-            await seen.wait(lambda: seen.version(device) == 2)
-            await seen.wait(lambda: seen.version("group/kiosks") == 2)
-            await controller.settle(TIMEOUT)
-            assert seen.bundle(device) == controller.desired()[Target("device", "kiosk-01")]
+        # A commit published while mosquitto is stopped: its PUBACK comes late.
+        kiosks = FLEET["groups/kiosks.yaml"].replace("value: info", "value: debug")
+        with broker.stalled():
+            example_repo.commit({"groups/kiosks.yaml": kiosks}, "kiosks: debug logs")
+            await wait_for(lambda: Target("group", "kiosks") in controller._attempted)
+            await asyncio.sleep(STALL)
+        # It took over SLOW_ACK: a probe comes back promptly, the retained bundles are
+        # read again, kiosk-01 is found older than published and published again.
+        await seen.wait(lambda: seen.version(device) == 2)
+        await seen.wait(lambda: seen.version("group/kiosks") == 2)
+        await controller.settle(TIMEOUT)
+        assert seen.bundle(device) == controller.desired()[Target("device", "kiosk-01")]
 
     lines = [r.getMessage() for r in caplog.records]
     slow = [line for line in lines if "to acknowledge v2 of group kiosks" in line]
