@@ -389,6 +389,8 @@ class Controller:
                 read = drift.take_drift(message)
                 if read is not None:
                     self._tell_rollouts(*read)
+                    if drift.settings.shards is not None:
+                        self.wake("drift")  # the shard owners decide: the summaries follow
             elif kind == "group-status":
                 drift.take_group_status(message)
         elif kind == "device-drift" and self.rollouts.take_drift(message):

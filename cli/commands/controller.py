@@ -211,6 +211,11 @@ def _config(args: argparse.Namespace) -> object:
     url, *others = brokers_from_args(args)
     if args.lease is not None and args.once:
         raise CommandError("--lease runs a replica until stopped; it cannot be used with --once")
+    if args.lease is not None and args.share is not None:
+        raise CommandError(
+            "--share and --lease do not mix: replicas split the reports by shard"
+            " (docs/scale-out.md); drop --share"
+        )
     if args.lease is not None and args.lease < 1:
         raise CommandError("--lease: a lease shorter than 1s would expire between renewals")
     if args.resend_after is None:
@@ -364,6 +369,23 @@ async def _replica(args: argparse.Namespace, config: Any, stop: asyncio.Event) -
     service = require_controller("setpoint.controller.service")
     signing = require_controller("setpoint.controller.signing")
     drift = _drift(args)
+    signer = signing.load_signer(config.key_path, *config.extra_key_paths)
+    owner = None
+    if drift is not None:
+        # Replicas split the report shards (docs/decisions/0009-report-shards.md): every
+        # replica decides the drift of the shards it owns; the leader summarises the groups
+        # from the statuses, and takes no reports itself.
+        owning = require_controller("setpoint.controller.owning")
+        owner = owning.ShardOwner(
+            config.broker,
+            Topics(config.prefix),
+            signer,
+            drift,
+            config.state_dir,
+            publish_timeout=config.publish_timeout,
+            backoff=config.backoff,
+        )
+        drift = dataclasses.replace(drift, shards=frozenset())
 
     async def lead() -> None:
         async with service.Controller(config, drift=drift):
@@ -372,9 +394,10 @@ async def _replica(args: argparse.Namespace, config: Any, stop: asyncio.Event) -
     replica = replica_mod.Replica(
         config.broker,
         Topics(config.prefix),
-        signing.load_signer(config.key_path, *config.extra_key_paths),
+        signer,
         replica_mod.ReplicaSettings(_replica_id(args), args.lease),
         lead,
+        owner=owner,
     )
     running = asyncio.ensure_future(replica.run())
     stopping = asyncio.ensure_future(stop.wait())

@@ -4,6 +4,7 @@ every record to every replica in one order (as one MQTT broker does)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import pytest
 
@@ -119,7 +120,6 @@ def test_a_free_shard_whose_first_replica_is_live_is_claimed_by_another_a_lease_
     bus = Bus("ctl-a", "ctl-b")
     bus.muted.add("ctl-b")  # ctl-b's records never arrive: it claims, but nobody sees it
     # ctl-a sees ctl-b live only if its membership arrives: deliver it by hand each step.
-    b = bus.replicas["ctl-b"]
     mine = firsts("ctl-a", ["ctl-a", "ctl-b"])
     theirs = set(SHARDS) - mine
     t = 0.0
@@ -139,7 +139,6 @@ def test_a_free_shard_whose_first_replica_is_live_is_claimed_by_another_a_lease_
                   and a.record.renewal == 0}  # fmt: skip
     assert min(claimed_at[s] for s in theirs) >= 2 * LEASE - 1e-6
     assert max(claimed_at[s] for s in mine) <= LEASE + 0.2
-    del b
 
 
 def test_a_replica_that_joins_gets_its_shards_one_release_per_lease_once_settled() -> None:
@@ -175,7 +174,7 @@ def test_a_replica_that_joins_gets_its_shards_one_release_per_lease_once_settled
     assert bus.owns["ctl-b"] == wanted and bus.owns["ctl-a"] == set(SHARDS) - wanted
     times = [t for t, n, a in bus.log if n == "ctl-a" and isinstance(a, Disown)]
     assert len(times) == len(wanted)
-    assert all(b - a >= LEASE - 1e-6 for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a >= LEASE - 1e-6 for a, b in itertools.pairwise(times))
     bus.assert_each_shard_owned_once()
     assert joined < times[0]
 
