@@ -14,7 +14,7 @@ from setpoint.engines import NatsCluster
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "e2e"))
 
-from replicakit import kill_the_leader_and_commit, nats_fleet
+from replicakit import kill_the_leader_and_commit, nats_fleet, split_shards_and_edit_by_hand
 
 pytestmark = pytest.mark.engine
 
@@ -28,3 +28,19 @@ def test_the_leader_replica_is_killed_and_the_one_on_another_node_takes_over(
         fleet, {"ctl-a": urls[0], "ctl-b": urls[1]}, urls[2], unique_prefix
     )
     print(f"handover and publication on NATS: {took:.2f}s after SIGKILL")
+
+
+def test_two_replicas_on_two_nodes_split_the_shards_and_the_survivor_of_a_sigkill_takes_them_all(
+    nats_cluster: NatsCluster, tmp_path: Path, unique_prefix: str
+) -> None:
+    fleet = nats_fleet(tmp_path)
+    urls = nats_cluster.urls
+    figures = split_shards_and_edit_by_hand(
+        fleet, {"ctl-a": urls[0], "ctl-b": urls[1]}, urls[2], unique_prefix
+    )
+    print(
+        f"on NATS: shards split {figures['split']:.2f}s after start; after SIGKILL, a hand"
+        f" edit on the dead replica's shard told in {figures['edit-seen-after-kill']:.2f}s,"
+        f" every shard owned by the survivor in {figures['all-shards-after-kill']:.2f}s"
+        " (lease 2s)"
+    )
