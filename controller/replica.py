@@ -6,7 +6,8 @@ receives, and the passing time, into :class:`~setpoint.controller.leadership.Lea
 decides; this module only carries the decisions out: it publishes the records the lease
 asks for (signed by the controller's :class:`~setpoint.controller.signing.Signer`), starts
 the whole controller when the replica takes the lead and cancels it the moment the lease
-says to step down. A follower publishes nothing at all.
+says to step down. A follower publishes no bundle and no status of the fleet's (with the
+drift engine it does own report shards: below).
 
 The controller that starts on a takeover begins as every controller does after a restart:
 it reads the retained bundles on the broker (the previous leader's publications among

@@ -136,8 +136,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SECONDS",
         help="run as one of several replicas of this fleet's controller: only the one holding"
-        " the lead (a signed, retained record renewed every third of SECONDS) publishes; the"
-        " others take over when it has not renewed for SECONDS (e.g. 6)",
+        " the lead (a signed, retained record renewed every third of SECONDS) publishes"
+        " bundles and group statuses; the others take over when it has not renewed for"
+        " SECONDS (e.g. 6). The replicas split the 16 report shards: each decides and"
+        " publishes the drift of its shards' devices (docs/scale-out.md)",
     )
     replicas.add_argument(
         "--replica-id",
