@@ -259,8 +259,8 @@ class Replica:
         messages.append((self._topics.controller_replica(self._settings.replica_id), b""))
         with contextlib.suppress(transport.TransportError, TimeoutError):
             async with asyncio.timeout(self._settings.lease / 2):
-                for topic, payload in messages:
-                    await client.publish(topic, payload, qos=1, retain=True)
+                acks = [await client.publish(t, p, qos=1, retain=True) for t, p in messages]
+                await asyncio.gather(*acks)  # the broker has them: the others will see them
 
     def _carry_out(self, actions: list[Publish | Lead | StepDown]) -> None:
         for action in actions:

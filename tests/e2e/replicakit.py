@@ -184,6 +184,8 @@ class ShardWatch:
         self.topics = Topics(prefix)
         self.trusted = envelopes.trusted_keys([envelopes.load_public_key(public_key_pem)])
         self.holders: dict[str, LeaderRecord] = {}
+        self.released: list[tuple[str, str]] = []  # (shard, by replica), in order
+        self.members: dict[str, bool] = {}  # replica -> its membership record retained
         self.drift: dict[str, DriftStatus] = {}
         self.groups: dict[str, GroupStatus] = {}
         self.events: list[dict[str, Any]] = []
@@ -194,6 +196,7 @@ class ShardWatch:
         self._client.on_connect = lambda client, *_: client.subscribe(
             [
                 (self.topics.all_controller_shards(), 1),
+                (self.topics.all_controller_replicas(), 1),
                 (self.topics.all_drift(), 1),
                 (self.topics.all_group_status(), 1),
                 (self.topics.event("drift"), 1),
@@ -211,7 +214,11 @@ class ShardWatch:
                 verified = envelopes.verify_signed(
                     payload, self.trusted, payload_type=envelopes.SHARD_LEASE_TYPE
                 )
-                self.holders[shard] = leader.decode(verified.payload)
+                record = self.holders[shard] = leader.decode(verified.payload)
+                if record.lease_ms == 1:
+                    self.released.append((shard, record.holder))
+            elif message.topic.startswith(self.topics.all_controller_replicas()[:-1]):
+                self.members[shard] = bool(payload)
             else:
                 ref = self.topics.parse(message.topic)
                 if ref.kind == "device-drift" and payload:
