@@ -1088,9 +1088,14 @@ class DriftEngine:
         for name in sorted(self._pending):
             dev = self._devices.get(name)
             desired = self._fleet.desired.get(name)
-            if dev is None or desired is None or dev.report is None:
+            if dev is None or desired is None:
                 continue
             if dev.status is None or dev.status.state != "pending":
+                continue
+            if dev.report is None:
+                if not self._mine(name):  # the leader of replicas: the owner's status tells
+                    found = self._behind_by_status(name, desired, dev.status)
+                    out.extend((found,) if found is not None else ())
                 continue
             report = dev.report
             wanted: list[tuple[Target, int, Any]] = [
@@ -1115,6 +1120,33 @@ class DriftEngine:
             fresh = dev.reported_at is not None and dev.reported_at > newest
             out.append(resending.Behind(name, tuple(lacks), dev.presence == "online" or fresh))
         return out
+
+    def _behind_by_status(
+        self, name: str, desired: Desired, found: DriftStatus
+    ) -> resending.Behind | None:
+        """Rule 2's facts from the status a shard owner published (the leader of replicas
+        that split the shards takes no reports): the versions it says the device runs, and
+        alive when it was last seen after the version it lacks was published."""
+        wanted: list[tuple[Target, int, int | None]] = [
+            (Target("device", name), desired.device_version, found.applied_device_version)
+        ]
+        if desired.pinned_from is None:
+            wanted.append(
+                (Target("group", desired.group), desired.group_version, found.applied_version)
+            )
+        lacks: list[resending.Lack] = []
+        newest = 0.0
+        for target, version, got in wanted:
+            if got is not None and got >= version:
+                continue
+            lacks.append(resending.Lack(target, version, got))
+            current = self._published.get(target)
+            if current is not None:
+                newest = max(newest, current.published_at)
+        if not lacks:
+            return None
+        fresh = found.last_seen is not None and found.last_seen > newest
+        return resending.Behind(name, tuple(lacks), fresh)
 
     # --- For tests and tools ----------------------------------------------------------------
 

@@ -132,3 +132,34 @@ def test_the_leader_decides_no_device_and_summarises_the_statuses_it_reads() -> 
     leader.take_drift(status_message("kiosk-04", "drifted"))
     assert leader.decide() == [] and leader.summaries() == []
     assert not any(isinstance(a, ClearGroup) for a in leader.summaries())
+
+
+def test_the_leader_finds_the_devices_behind_from_the_owners_statuses() -> None:
+    leader = engine(shards=frozenset())
+    leader.synced()
+    leader.decide()
+    # kiosk-01: pending, runs neither v1, seen after the publication: alive and behind on
+    # both. kiosk-03: pending on its group only, last seen before the publication.
+    # kiosk-04: in sync: not a fact.
+    behind = DriftStatus("kiosk-01", "kiosks", "pending", 1, None, "c1", NOW, last_seen=NOW + 5)
+    stale = DriftStatus(
+        "kiosk-03", "kiosks", "pending", 1, None, "c1", NOW, last_seen=NOW - 5,
+        desired_device_version=1, applied_device_version=1,
+    )  # fmt: skip
+    fine = DriftStatus("kiosk-04", "kiosks", "in_sync", 1, 1, "c1", NOW, last_seen=NOW + 5)
+    for found in (behind, stale, fine):
+        leader.take_drift(Message(TOPICS.device_drift(found.device), found.to_json(), True))
+    facts = {b.device: b for b in leader.behind()}
+    assert set(facts) == {"kiosk-01", "kiosk-03"}
+    assert facts["kiosk-01"].live and {lack.target.kind for lack in facts["kiosk-01"].lacks} == {
+        "device",
+        "group",
+    }
+    assert not facts["kiosk-03"].live
+    assert [(lack.target, lack.applied) for lack in facts["kiosk-03"].lacks] == [
+        (Target("group", "kiosks"), None)
+    ]
+    # A shard owner keeps no other shard's status: it finds nobody behind from statuses.
+    owner = engine(shards=frozenset({shard_of("kiosk-04")}), summaries=False)
+    owner.take_drift(Message(TOPICS.device_drift("kiosk-01"), behind.to_json(), True))
+    assert owner.behind() == []
