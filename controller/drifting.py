@@ -1069,8 +1069,11 @@ class DriftEngine:
         )
 
     def _set_gauges(self) -> None:
-        """Set the per-group, per-state gauge of the groups whose running counts moved."""
+        """Set the per-group, per-state gauge of the groups whose running counts moved
+        (by the engine that keeps the summaries: a shard owner's counts are partial)."""
         moved, self._gauges_moved = self._gauges_moved, set()
+        if not self.settings.summaries:
+            return
         for group in moved:
             per = self._gauge_counts.get(group)
             if per is not None and per.total() == 0 and group not in self._fleet.groups:

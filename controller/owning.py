@@ -60,6 +60,7 @@ from .broker import (
 from .drifting import DriftEngine, DriftSettings, subscriptions
 from .errors import BrokerUnavailable
 from .executing import Executor
+from .metrics import Metrics
 from .planning import Current
 from .rendering import Target
 from .retained import RetainedView
@@ -86,9 +87,13 @@ class ShardOwner:
         self._broker = broker
         self._topics = topics
         self._signer = signer
+        self._listen = settings.metrics_listen
         self._settings = dataclasses.replace(
             settings, summaries=False, share=None, metrics_listen=None
         )
+        # One set of metrics for every engine this owner runs (and the leader's controller
+        # in this replica): served on --metrics-listen by the owner, from start to stop.
+        self.metrics = Metrics()
         self._state_dir = state_dir
         self._publish_timeout = publish_timeout
         self._backoff = backoff
@@ -106,6 +111,9 @@ class ShardOwner:
 
     async def run(self) -> None:
         serving: asyncio.Task[None] | None = None
+        if self._listen is not None:
+            port = await asyncio.to_thread(self.metrics.serve, *self._listen)
+            log.info("metrics on http://%s:%d/metrics", self._listen[0] or "0.0.0.0", port)
         try:
             while True:
                 waiting = asyncio.ensure_future(self._changed.wait())
@@ -136,6 +144,7 @@ class ShardOwner:
                 serving.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await serving
+            await asyncio.to_thread(self.metrics.close)
 
     async def _serve(self, shards: frozenset[str]) -> None:
         await _Serving(self, shards).run()
@@ -149,7 +158,9 @@ class _Serving:
         self._topics = topics
         self._clock = owner._clock
         settings = dataclasses.replace(owner._settings, shards=shards)
-        self.engine = owner.engine = DriftEngine(settings, topics=topics, clock=owner._clock)
+        self.engine = owner.engine = DriftEngine(
+            settings, topics=topics, clock=owner._clock, metrics=owner.metrics
+        )
         self._wake = asyncio.Event()
         self.retained = RetainedView(topics, owner._signer.trusted, self._wake.set)
         wanted = [
@@ -180,7 +191,6 @@ class _Serving:
             for task in list(self._syncs):
                 task.cancel()
             await asyncio.gather(linking, *self._syncs, return_exceptions=True)
-            await asyncio.to_thread(self.engine.metrics.close)
 
     # --- Facts in ------------------------------------------------------------------------
 

@@ -387,10 +387,11 @@ async def _replica(args: argparse.Namespace, config: Any, stop: asyncio.Event) -
             publish_timeout=config.publish_timeout,
             backoff=config.backoff,
         )
-        drift = dataclasses.replace(drift, shards=frozenset())
+        drift = dataclasses.replace(drift, shards=frozenset(), metrics_listen=None)
 
     async def lead() -> None:
-        async with service.Controller(config, drift=drift):
+        metrics = owner.metrics if owner is not None else None  # served by the owner
+        async with service.Controller(config, drift=drift, metrics=metrics):
             await asyncio.Event().wait()  # until the lease says to step down
 
     replica = replica_mod.Replica(
