@@ -185,6 +185,7 @@ class ShardWatch:
         self.trusted = envelopes.trusted_keys([envelopes.load_public_key(public_key_pem)])
         self.holders: dict[str, LeaderRecord] = {}
         self.released: list[tuple[str, str]] = []  # (shard, by replica), in order
+        self.history: dict[str, list[LeaderRecord]] = {}  # every record, per shard
         self.members: dict[str, bool] = {}  # replica -> its membership record retained
         self.drift: dict[str, DriftStatus] = {}
         self.groups: dict[str, GroupStatus] = {}
@@ -215,6 +216,7 @@ class ShardWatch:
                     payload, self.trusted, payload_type=envelopes.SHARD_LEASE_TYPE
                 )
                 record = self.holders[shard] = leader.decode(verified.payload)
+                self.history.setdefault(shard, []).append(record)
                 if record.lease_ms == 1:
                     self.released.append((shard, record.holder))
             elif message.topic.startswith(self.topics.all_controller_replicas()[:-1]):

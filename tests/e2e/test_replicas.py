@@ -96,3 +96,36 @@ def test_a_replica_stopped_cleanly_releases_its_shards_and_leaves(
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
             process.communicate(timeout=15)
+
+
+def test_a_replica_that_joins_gets_its_shards_released_one_at_a_time(
+    fleet: dict[str, Path], broker: Any, unique_prefix: str
+) -> None:
+    names = ["ctl-a", "ctl-b"]
+    watch = ShardWatch(broker.url, unique_prefix, fleet["pub"].read_bytes())
+    processes = {"ctl-a": replica(fleet, broker.url, unique_prefix, "ctl-a")}
+    try:
+        watch.wait(lambda: watch.owners() == {"ctl-a": set(SHARDS)}, timeout=60)
+        processes["ctl-b"] = replica(fleet, broker.url, unique_prefix, "ctl-b")
+        joined = time.monotonic()
+        expected = {n: {s for s in SHARDS if rank(s, names)[0] == n} for n in names}
+        watch.wait(lambda: watch.owners() == expected, timeout=30 + 4 * len(expected["ctl-b"]))
+        took = time.monotonic() - joined
+        # Each shard moved by a release (a record of ctl-a's term with a lease of 1 ms),
+        # then ctl-b's claim of the next term: never two holders of one term.
+        for shard in expected["ctl-b"]:
+            records = [(r.holder, r.term, r.lease_ms) for r in watch.history[shard]]
+            released = records.index(("ctl-a", records[-1][1] - 1, 1))
+            assert all(h == "ctl-b" for h, _t, _l in records[released + 1 :]), records
+        assert {s for s, _by in watch.released} == expected["ctl-b"]  # one release each
+        assert len(watch.released) == len(expected["ctl-b"])
+        print(
+            f"ctl-b joined: its {len(expected['ctl-b'])} shards released to it one per lease,"
+            f" all moved {took:.2f}s after it started (lease 2s)"
+        )
+    finally:
+        watch.close()
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=15)
