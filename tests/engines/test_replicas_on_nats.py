@@ -1,7 +1,9 @@
 """Two controller replicas on a 3-node NATS cluster, each on its own node, watched from the
 third: the leader is killed with SIGKILL, a commit lands meanwhile, and the other replica
 takes over and publishes it once, with the next version. The leader record travels through
-the engine's replicated retained messages over MQTT 3.1.1."""
+the engine's replicated retained messages over MQTT 3.1.1. And the two split the 16 report
+shards: hand edits are told once by their device's owner, and the shards of an owner
+killed with SIGKILL move to the other."""
 
 from __future__ import annotations
 
