@@ -337,9 +337,11 @@ async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyp
     names = sorted(["gw-01", *(f"kiosk-{n:02d}" for n in range(1, 9))])
 
     def start(name: str):  # type: ignore[no-untyped-def]
+        # No reconcile command sent again by the clock (every 30 s by default): the events
+        # counted below are only those the test's own reports make.
         return run_drift(
             broker, unique_prefix, repo, signing_key, tmp_path / name,
-            client_id=f"controller-{name}", share="drift",
+            client_id=f"controller-{name}", share="drift", reconcile_interval=3600,
         )  # fmt: skip
 
     async with start("a") as (ca, a), start("b") as (cb, b):
@@ -358,6 +360,18 @@ async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyp
         assert a.metrics.reports._value.get() > 0
         assert b.metrics.reports._value.get() > 0
         await watch.wait(lambda: watch.groups["kiosks"].counts["drifted"] == 4)
+        # Each event follows its status (and a reconcile event the command's PUBACK): seen
+        # the statuses, wait for the events too before counting them.
+        await watch.wait(
+            lambda: all(
+                watch.drift_events(d) and watch.drift_events(d)[-1]["state"] == wanted[d]
+                for d in names
+            )
+        )
+        enforced = {d for d in names[::2] if d.startswith("kiosk-")}  # kiosks: enforce mode
+        await watch.wait(
+            lambda: {e["device"] for e in watch.events if e["type"] == "reconcile"} == enforced
+        )
         # A full re-evaluation (as after a reconnect): the engine holding an older report
         # for a device must leave it to the other, so nothing flips back.
         await watch.barrier()
