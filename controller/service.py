@@ -78,6 +78,7 @@ from .drifting import DriftEngine, DriftSettings
 from .errors import BrokerUnavailable, ConfigError, RepositoryUnavailable
 from .executing import Executor
 from .fleet import DEFAULT_BUNDLE_TTL
+from .metrics import Metrics
 from .planning import Action, Adopt, Clear, Current, Plan, Publish, Retained
 from .rendering import BranchProblem, Render, Target, View
 from .repository import Repository, is_remote, redact
@@ -139,7 +140,9 @@ class Controller:
         *,
         drift: DriftSettings | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics``: the drift part's, when someone else serves them (a replica's)."""
         self.config = config
         self.topics = Topics(config.prefix)
         self._clock = clock
@@ -198,7 +201,7 @@ class Controller:
         self.executor = Executor(self.link, self.topics, self._audit, clock)
         self.drift: DriftEngine | None = None
         if drift is not None:
-            self.drift = DriftEngine(drift, topics=self.topics, clock=clock)
+            self.drift = DriftEngine(drift, topics=self.topics, clock=clock, metrics=metrics)
         self.webhook_port: int | None = None
         self.last_render: Render | None = None
         self.last_error: str | None = None
@@ -260,8 +263,7 @@ class Controller:
             await self._tg.__aenter__()
             await self._serve_metrics()
         except BaseException:
-            if self.drift is not None:
-                self.drift.metrics.close()
+            self._close_metrics()
             self._close()
             raise
         self._spawn(self.link.run(), "mqtt-link")
@@ -285,9 +287,13 @@ class Controller:
                 raise error from None
             raise
         finally:
-            if self.drift is not None:
-                await asyncio.to_thread(self.drift.metrics.close)
+            await asyncio.to_thread(self._close_metrics)
             self._close()
+
+    def _close_metrics(self) -> None:
+        """Stop serving the metrics, if this controller serves them (not a replica's)."""
+        if self.drift is not None and self.drift.settings.metrics_listen is not None:
+            self.drift.metrics.close()
 
     async def _serve_metrics(self) -> None:
         listen = self.drift.settings.metrics_listen if self.drift is not None else None
@@ -389,6 +395,8 @@ class Controller:
                 read = drift.take_drift(message)
                 if read is not None:
                     self._tell_rollouts(*read)
+                    if drift.settings.shards is not None:
+                        self.wake("drift")  # the shard owners decide: the summaries follow
             elif kind == "group-status":
                 drift.take_group_status(message)
         elif kind == "device-drift" and self.rollouts.take_drift(message):
