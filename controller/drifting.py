@@ -382,6 +382,14 @@ def refresh(
     return changed, groups_moved
 
 
+def _older(found: DriftStatus, ours: DriftStatus | None) -> bool:
+    """``found`` was decided from an older report of the device than ``ours`` (report
+    ``seq`` rises with every report, across restarts: SPEC 6.6)."""
+    if ours is None or found.report_seq is None or ours.report_seq is None:
+        return False
+    return found.report_seq < ours.report_seq
+
+
 def subscriptions(topics: Topics, settings: DriftSettings) -> list[Subscription]:
     """What a drift engine takes in (its controller subscribes its link to these)."""
     statuses = [Subscription(topics.all_drift(), no_local=True)]
@@ -549,7 +557,14 @@ class DriftEngine:
 
     def take_drift(self, message: Message) -> tuple[str, DriftStatus | None] | None:
         """A retained drift status (another engine's, or ours read back): the device and
-        its status now (None: cleared), for the rollouts; None if it was not taken."""
+        its status now (None: cleared), for the rollouts; None if it was not taken.
+
+        A status decided from an older report than the one ours was decided from is not
+        taken (nor counted as delivered, so a restore publishes ours again): in shared mode
+        another engine's status can reach us, on the main connection, after we decided and
+        published from a newer report that came in on the ingest connection; the broker
+        holds ours, and taking theirs made the next pass publish ours again (a second
+        event), or miss the drift's resolution."""
         name = self._name(message, "device-drift")
         if name is None or not (self.settings.summaries or self._mine(name)):
             return None  # a shard owner keeps its own shards' statuses only
@@ -577,6 +592,9 @@ class DriftEngine:
             return None
         dev = self._device(name)
         if dev is None:
+            return None
+        if _older(found, dev.status):
+            self._drift_delivered.discard(name)
             return None
         self._set_status(dev, found)
         if self.settings.summaries:

@@ -38,7 +38,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -1175,31 +1175,6 @@ class Controller:
             message=message,
         )
         self._refusal_reported = key
-
-
-async def gather_limited(coros: list[Coroutine[Any, Any, None]], limit: int) -> None:
-    """Run ``coros``, at most ``limit`` at a time; the first BrokerUnavailable is raised.
-
-    On the first failure the others are cancelled, and those that never started are
-    closed (an unstarted coroutine left behind is a "never awaited" warning).
-    """
-    if not coros:
-        return
-    semaphore = asyncio.Semaphore(limit)
-
-    async def limited(coro: Coroutine[Any, Any, None]) -> None:
-        async with semaphore:
-            await coro
-
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for coro in coros:
-                tg.create_task(limited(coro))
-    except* BrokerUnavailable as group:
-        raise group.exceptions[0] from None
-    finally:
-        for coro in coros:
-            coro.close()  # a no-op for those that ran
 
 
 def identity(config: ControllerConfig) -> FleetIdentity:

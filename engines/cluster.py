@@ -31,19 +31,20 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from setpoint.mosquitto.broker import (
+    ClosedOnExit,
     config_template,
     end_process,
     find_program,
     free_port,
     render,
-    stop_on_signals,
+    serve_in_foreground,
+    tail,
 )
 
 INSTALL_HINT = (
@@ -233,11 +234,7 @@ class NatsNode:
             client.loop_stop()
 
     def tail_log(self, lines: int = 15) -> str:
-        try:
-            text = self.log.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return "(no log written)"
-        return "\n".join(text.splitlines()[-lines:])
+        return tail(self.log, lines)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -297,7 +294,7 @@ def config_template_of(name: str) -> str:
     return str(config_template(name, package=__package__ or "setpoint.engines"))
 
 
-class NatsCluster:
+class NatsCluster(ClosedOnExit):
     """Three ``nats-server`` nodes routed to each other, JetStream and MQTT on each."""
 
     def __init__(
@@ -386,14 +383,6 @@ class NatsCluster:
             self.close()
             raise
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<NatsCluster {self.broker_list} dir={self.dir}>"
 
@@ -408,19 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dir", type=Path, default=None, help="data directory (default: temp)")
     args = parser.parse_args(argv)
-    stop = stop_on_signals()
-    try:
-        cluster = NatsCluster(args.dir).start()
-    except EngineError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    try:
-        print(cluster.broker_list, flush=True)
-        while all(node.running for node in cluster.nodes) and not stop.wait(0.5):
-            pass
-    finally:
-        cluster.close()
-    return 0
+    return serve_in_foreground(
+        lambda: NatsCluster(args.dir).start(),
+        EngineError,
+        lambda cluster: cluster.broker_list,
+        lambda cluster: all(node.running for node in cluster.nodes),
+    )
 
 
 if __name__ == "__main__":
