@@ -15,7 +15,10 @@ carries its decisions out through the one executor:
   ever decoded (coalescing). A report whose body names another device is not believed; a
   report or presence under a shard that is not its device's is dropped and counted
   (``reports_rejected{reason="wrong-shard"}``: the ACL cannot hold a device to its
-  shard). The controller's publications come in through :meth:`DriftEngine.published`,
+  shard). A report older than the one held (a lower ``seq``: SPEC 6.6) is dropped and
+  counted (``reports_rejected{reason="stale"}``): a clustered engine's node that comes back
+  from a split or a freeze delivers what the device sent it before it moved on. The
+  controller's publications come in through :meth:`DriftEngine.published`,
   naming the targets that changed.
 * **Decide.** Each pass of the loop (woken by a report or presence, a batch of
   publications, or the drift tick: pending devices becoming overdue, reconcile retries,
@@ -798,6 +801,14 @@ class DriftEngine:
             error = f"the report on {dev.name}'s topic claims to be from {report.device!r}"
             self._refuse(dev.name, "wrong-device", error)
             dev.report_error = f"wrong-device: {error}"
+            return
+        if dev.report is not None and report.seq < dev.report.seq:
+            # An older report than the one held (a clustered engine's node back from a split
+            # or a freeze delivers what the device sent it then): seq rises with every
+            # report (SPEC 6.6), so the newer one stands. An equal seq is the same report.
+            self._refuse(
+                dev.name, "stale", f"seq {report.seq} is older than the seq {dev.report.seq} held"
+            )
             return
         self._refused_logged.pop(dev.name, None)
         dev.healed = healed_since(dev.report, report)
