@@ -13,7 +13,11 @@ The steps, in order (each prints its lines as it goes):
 6. a pinned group version: a newer group bundle is held until the pin moves (§6.4);
 7. a move to another group and back again (§8 steps 9 and 10);
 8. cleared retained bundles: neither a refusal nor an undo (§3);
-9. what every report and presence message of the run must be (§6.6, §6.7, §4.2).
+9. a stale will (``offline``) and an older report on the device's own topics, as a
+   clustered engine's node back from a split sends them: the device publishes ``online``
+   and its report again (§6.7, §6.6; SHOULD: a device that does not watch its own
+   topics cannot);
+10. what every report and presence message of the run must be (§6.6, §6.7, §4.2).
 
 The kit never reads the device's files: what it knows comes from the device's reports and
 presence, and from the hooks it is given.
@@ -34,7 +38,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from setpoint.proto import bundles, codec, envelopes
+from setpoint.proto import bundles, codec, envelopes, reports
 from setpoint.proto.bundles import Bundle
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.reports import Applied, Refusal, Report
@@ -211,6 +215,7 @@ class Kit:
                 self.pin()
                 self.move_and_back()
                 self.clearing()
+                self.stale_copies()
             else:
                 self.note(
                     "§8",
@@ -621,6 +626,39 @@ class Kit:
             f"new refusals {new}" if new else describe(report),
         )
 
+    def stale_copies(self) -> None:
+        mark = self.wire.presence_mark()
+        self.wire.publish(
+            self.topics.device_presence(self.device), reports.PRESENCE_OFFLINE, retain=True
+        )
+        back = self.wire.wait_presence_after(
+            mark, reports.PRESENCE_OFFLINE, reports.PRESENCE_ONLINE, self.options.timeout
+        )
+        self.note(
+            "§6.7",
+            "SHOULD",
+            "a device that sees 'offline' on its own presence while connected publishes"
+            " 'online' again",
+            back,
+            "'online' again after a stale 'offline'" if back else "presence left 'offline'",
+        )
+        latest = self.wire.latest()
+        if latest is None:
+            return
+        older = replace(latest, seq=max(0, min(self.wire.seqs()) - 1))
+        mark = self.wire.mark()
+        self.wire.plant(self.topics.device_reported(self.device), reports.encode(older))
+        again = self.wait(lambda r: r.seq > latest.seq, mark)
+        self.note(
+            "§6.6",
+            "SHOULD",
+            "a device that sees an older report of its own publishes its report again",
+            again is not None,
+            f"seq {again.seq} after a stale seq {older.seq}"
+            if again is not None
+            else f"no report after a stale seq {older.seq}",
+        )
+
     # Every message of the run.
 
     def discipline(self) -> None:
@@ -690,7 +728,11 @@ class Kit:
             not floats,
             f"{len(floats)} of {len(received)} hold a float",
         )
-        seqs = [r.report.seq for r in decoded if r.report is not None and not r.retained]
+        seqs = [
+            r.report.seq
+            for r in decoded
+            if r.report is not None and not r.retained and not self.wire.planted(r.raw)
+        ]
         rising = all(b > a for a, b in itertools.pairwise(seqs))
         self.note(
             "§6.6",

@@ -78,6 +78,7 @@ class Wire:
         self.presence: list[bytes] = []
         self.presence_retained: list[bool] = []
         self.wrong_shard: list[str] = []  # topics of messages under another shard
+        self._planted: set[bytes] = set()  # reports the kit itself published (stale copies)
         self._subscribed = threading.Event()
         self._connected = threading.Event()
         self._refused: str | None = None
@@ -152,6 +153,22 @@ class Wire:
         if not info.is_published():
             raise KitError(f"publish to {topic} was not acknowledged by the broker")
 
+    def plant(self, topic: str, report: bytes) -> None:
+        """Publish a report on the device's topic, retained (not the device's own: the
+        checks of every report leave it out)."""
+        with self._cond:
+            self._planted.add(report)
+        self.publish(topic, report, retain=True)
+
+    def planted(self, raw: bytes) -> bool:
+        with self._cond:
+            return raw in self._planted
+
+    def seqs(self) -> list[int]:
+        """The seq of every report of the device seen so far."""
+        with self._cond:
+            return [r.report.seq for r in self.reports if r.report is not None]
+
     # Waiting.
 
     def mark(self) -> int:
@@ -207,6 +224,22 @@ class Wire:
         deadline = time.monotonic() + timeout
         with self._cond:
             while not any(r.retained for r in self.reports[since:]):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def wait_presence_after(self, since: int, first: bytes, then: bytes, timeout: float) -> bool:
+        """Has ``first`` arrived at or after ``since``, and ``then`` after it?"""
+
+        def seen() -> bool:
+            tail = self.presence[since:]
+            return first in tail and then in tail[tail.index(first) + 1 :]
+
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not seen():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False

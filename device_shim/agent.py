@@ -63,6 +63,7 @@ from .link import Link
 from .observing import Observer
 from .planning import Blocked, Observed, Step, Wait
 from .reporting import SHIM_VERSION, Reporter, resource_reports
+from .restating import Restater
 from .running import CommandRunner
 from .state import ShimState, StateStore
 from .unsealing import Unsealer
@@ -196,6 +197,7 @@ class Agent:
         self._last_observe = float("-inf")
         self._last_check = float("-inf")
         self._report_retry: float | None = None
+        self._restater = Restater()
         self._waiting: str | None = None
         self._wanted_group: str | None = None
         self._subscriptions: frozenset[str] = frozenset()
@@ -216,6 +218,10 @@ class Agent:
                 config.broker,
                 client_id=config.mqtt_client_id,
                 presence_topic=self.topics.device_presence(config.device),
+                watch=(
+                    self.topics.device_presence(config.device),
+                    self.topics.device_reported(config.device),
+                ),
                 on_message=self._on_message,
                 on_connection=self._on_connection,
                 keepalive=config.keepalive,
@@ -374,6 +380,8 @@ class Agent:
             deadlines.append(due)
         if self._report_retry is not None:
             deadlines.append(self._report_retry)
+        if (restate := self._restater.next_at()) is not None:
+            deadlines.append(restate)
         gate = self.state.gate
         wall = self._clock()
         if gate is not None and (at := gate.due()) is not None and at > wall:
@@ -407,6 +415,7 @@ class Agent:
                 self._connection_changed = False
                 if self.reporter is not None:
                     self.reporter.forget()  # a new connection: say where we are again
+                self._restater.forget()
         for topic, items in arrived.items():
             for payload in items:
                 self._receive(topic, payload, now)
@@ -443,6 +452,7 @@ class Agent:
                 change = self._debounce.take(mono)
             if change is not None:
                 self._observe(now, check_commands=False, change=change)
+        self._restate()
         self._report(now)
 
     # Watching (inotify), with polling as the safety net.
@@ -517,6 +527,10 @@ class Agent:
             ref = self.topics.parse(topic)
         except InvalidId:
             log.debug("ignoring message on %s", topic)
+            return
+        if ref.kind in ("device-presence", "device-reported"):
+            if ref.name == self.device and payload:
+                self._saw_own(ref.kind, payload)
             return
         if payload is not None and len(payload) == 0:
             log.info("retained message on %s cleared; keeping what is applied", topic)
@@ -1005,6 +1019,38 @@ class Agent:
         self._event("healed", {"steps": drift})
         return True
 
+    # The device's own presence and report, as the broker holds them (restating.py).
+
+    def _saw_own(self, kind: str, payload: bytes) -> None:
+        if kind == "device-presence":
+            self._restater.saw_presence(payload)
+            return
+        try:
+            seq = reports.decode(payload).seq
+        except ProtocolError as exc:
+            log.debug("ignoring an unreadable report on this device's topic: %s", exc)
+            return
+        if self._restater.saw_report(seq):
+            log.info("the broker delivered a report of this device from an older connection"
+                     " (seq %d): publishing the current one again", seq)  # fmt: skip
+
+    def _restate(self) -> None:
+        """Publish ``online`` or the report again when the broker was seen holding a stale
+        one (rate-limited by the restater)."""
+        if self.link is None or not self.link.connected:
+            return
+        for what in self._restater.due(time.monotonic()):
+            if what == "presence":
+                log.info("the broker delivered this device's presence as offline while it is"
+                         " connected (a late will): publishing online again")  # fmt: skip
+                topic = self.topics.device_presence(self.device)
+                if not self.link.publish(topic, reports.PRESENCE_ONLINE):
+                    self._restater.want("presence")
+                    continue
+            elif self.reporter is not None:
+                self.reporter.forget()  # _report publishes the current report, numbered anew
+            self._event("restated", {"what": what})
+
     # Reporting.
 
     def build_report(self) -> Report:
@@ -1046,6 +1092,7 @@ class Agent:
         topic = self.topics.device_reported(self.device)
         if self.link.publish(topic, reports.encode(stamped)):
             self.reporter.sent(stamped, mono)
+            self._restater.published(stamped.seq)
             self._report_retry = None
             self._event("reported", {"report": stamped})
         elif self.link.connected:

@@ -35,6 +35,11 @@ agent when the connection comes and goes.
   converge (it is level-triggered).
 * **Presence.** ``offline`` (retained, QoS 1) is the will; ``online`` (retained) is published
   on every connect; :meth:`Link.stop` publishes ``offline`` itself before disconnecting.
+* **The device's own topics, watched.** The ``watch`` topics (the device's presence and
+  reported topics) are subscribed at QoS 0 on every connection, before ``online`` is
+  published (on NATS each QoS 1 subscription is a replicated consumer); a retained copy
+  the broker sends in answer to that SUBSCRIBE is from before the connection and is
+  dropped, live messages go to the agent (``restating.py`` says what it does with them).
 * **Bounded publishes.** At most ``max_queued`` QoS 1 messages are outstanding (paho stalls
   at 65,535): :meth:`Link.publish` returns False when the cap is reached or the link is down,
   and the agent publishes its newest report later (reports are state: only the last counts).
@@ -108,6 +113,7 @@ class Link:
         clock: Callable[[], float] = time.monotonic,
         connect_timeout: float = CONNECT_TIMEOUT,
         resubscribe: Backoff = RESUBSCRIBE_BACKOFF,
+        watch: Iterable[str] = (),
     ) -> None:
         self._broker = broker
         self._client_id = client_id
@@ -121,6 +127,7 @@ class Link:
         self._protocol = MQTTProtocolVersion.MQTTv311 if mqtt311 else MQTTProtocolVersion.MQTTv5
         self._lock = threading.Lock()
         self._wanted: set[str] = set()
+        self._watch = frozenset(watch)  # subscribed at QoS 0, live messages only
         self._subscribed: set[str] = set()
         self._outstanding: list[mqtt.MQTTMessageInfo] = []
         self._connected = False
@@ -373,7 +380,7 @@ class Link:
     # returns it) meet under the lock, whichever comes first.
 
     def _subscribe(self, client: mqtt.Client, topics: list[str]) -> None:
-        rc, mid = client.subscribe([(topic, 1) for topic in topics])
+        rc, mid = client.subscribe([(t, 0 if t in self._watch else 1) for t in topics])
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             return  # not connected: the next connection subscribes to everything
         with self._lock:
@@ -428,7 +435,7 @@ class Link:
             if not due or not self._connected:
                 return
             self._resubscribe_at = None
-            topics = sorted(self._refused & self._wanted)
+            topics = sorted(self._refused & (self._wanted | self._watch))
             self._refused.clear()
         if topics:
             log.info("subscribing again on %s to %s", url, ", ".join(topics))
@@ -457,8 +464,8 @@ class Link:
             self._up_since = self._clock()
             wanted = sorted(self._wanted)
             self._subscribed = set(wanted)
-        if wanted:
-            self._subscribe(client, wanted)
+        if wanted or self._watch:
+            self._subscribe(client, [*wanted, *sorted(self._watch - self._subscribed)])
         client.publish(self._presence, reports.PRESENCE_ONLINE, qos=1, retain=True)
         log.info("connected to %s", self.current_url)
         self._on_connection(True)
@@ -479,6 +486,8 @@ class Link:
         self._mark_down()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.retain and message.topic in self._watch:
+            return  # the broker's copy from before this connection (see the docstring)
         self._on_message_cb(message.topic, bytes(message.payload))
 
     # Used by the agent (its own thread).
