@@ -13,7 +13,9 @@ import pytest
 from setpoint.engines import NatsCluster
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "e2e"))
+sys.path.insert(0, str(Path(__file__).parent))
 
+from enginekit import record_figure
 from replicakit import kill_the_leader_and_commit, nats_fleet
 
 pytestmark = pytest.mark.engine
@@ -27,4 +29,4 @@ def test_the_leader_replica_is_killed_and_the_one_on_another_node_takes_over(
     took = kill_the_leader_and_commit(
         fleet, {"ctl-a": urls[0], "ctl-b": urls[1]}, urls[2], unique_prefix
     )
-    print(f"handover and publication on NATS: {took:.2f}s after SIGKILL")
+    record_figure("kill-9-leading-controller", {"kill_to_publish": took})
