@@ -128,6 +128,12 @@ class DriftSettings:
     # A live device still pending on a version published this long ago gets its envelope
     # again (controller/resending.py); None: never.
     resend_after: float | None = resending.DEFAULT_RESEND_AFTER
+    # Replicas that split the report shards (docs/decisions/0009-report-shards.md): the
+    # shards whose devices this engine decides (None: every shard), and whether it keeps
+    # the group summaries (the leader does, from every device's retained status; a shard
+    # owner does not, and keeps the statuses of its own shards' devices only).
+    shards: frozenset[str] | None = None
+    summaries: bool = True
 
 
 @dataclass(slots=True)
@@ -376,8 +382,26 @@ def refresh(
     return changed, groups_moved
 
 
+def _older(found: DriftStatus, ours: DriftStatus | None) -> bool:
+    """``found`` was decided from an older report of the device than ``ours`` (report
+    ``seq`` rises with every report, across restarts: SPEC 6.6)."""
+    if ours is None or found.report_seq is None or ours.report_seq is None:
+        return False
+    return found.report_seq < ours.report_seq
+
+
 def subscriptions(topics: Topics, settings: DriftSettings) -> list[Subscription]:
     """What a drift engine takes in (its controller subscribes its link to these)."""
+    statuses = [Subscription(topics.all_drift(), no_local=True)]
+    if settings.summaries:
+        statuses.append(Subscription(topics.all_group_status(), no_local=True))
+    if settings.shards is not None:
+        # A shard owner: the report and presence filters of its shards (the leader of
+        # replicas that split the shards: none, it reads the statuses only).
+        return [
+            *(Subscription(f, bulk=True) for f in topics.shard_filters(settings.shards)),
+            *statuses,
+        ]
     reported = topics.all_reported()
     if settings.share:
         reported = topics.shared(settings.share, reported)
@@ -385,8 +409,7 @@ def subscriptions(topics: Topics, settings: DriftSettings) -> list[Subscription]
         # Reports and presence come in floods: through the link's lean ingest connection.
         Subscription(reported, bulk=True),
         Subscription(topics.all_presence(), bulk=True),
-        Subscription(topics.all_drift(), no_local=True),
-        Subscription(topics.all_group_status(), no_local=True),
+        *statuses,
     ]
 
 
@@ -534,11 +557,27 @@ class DriftEngine:
 
     def take_drift(self, message: Message) -> tuple[str, DriftStatus | None] | None:
         """A retained drift status (another engine's, or ours read back): the device and
-        its status now (None: cleared), for the rollouts; None if it was not taken."""
+        its status now (None: cleared), for the rollouts; None if it was not taken.
+
+        A status decided from an older report than the one ours was decided from is not
+        taken (nor counted as delivered, so a restore publishes ours again): in shared mode
+        another engine's status can reach us, on the main connection, after we decided and
+        published from a newer report that came in on the ingest connection; the broker
+        holds ours, and taking theirs made the next pass publish ours again (a second
+        event), or miss the drift's resolution."""
         name = self._name(message, "device-drift")
-        if name is None:
-            return None
+        if name is None or not (self.settings.summaries or self._mine(name)):
+            return None  # a shard owner keeps its own shards' statuses only
         self._drift_delivered.add(name)
+        if self.settings.summaries:
+            # Another engine's decision (a shard owner's, for the leader): the summaries of
+            # its groups, before and after, may have moved.
+            before = self._counted.get(name)
+            self._groups_touched |= (
+                {self._member_of.get(name, ""), before.group or ""}
+                if (before is not None)
+                else {self._member_of.get(name, "")}
+            )
         if not message.payload:
             dev = self._devices.get(name)
             if dev is not None:
@@ -554,8 +593,18 @@ class DriftEngine:
         dev = self._device(name)
         if dev is None:
             return None
+        if _older(found, dev.status):
+            self._drift_delivered.discard(name)
+            return None
         self._set_status(dev, found)
+        if self.settings.summaries:
+            self._groups_touched.add(found.group or "")
         return name, found
+
+    def _mine(self, name: str) -> bool:
+        """Whether this engine decides device ``name`` (its shard is one of ours)."""
+        shards = self.settings.shards
+        return shards is None or (bool(shards) and Topics.shard_of(name) in shards)
 
     def take_group_status(self, message: Message) -> None:
         name = self._name(message, "group-status")
@@ -581,6 +630,17 @@ class DriftEngine:
             self.metrics.publications.labels(p.target.kind, p.reason).inc()
         if self._moved is not None:
             self._moved.update(p.target for p in batch)
+
+    def retained_moved(
+        self, targets: set[Target] | None, current: Mapping[Target, Current]
+    ) -> None:
+        """A shard owner's desired side: the bundles retained on the broker (``current``,
+        read, never changed, by the next pass) moved on ``targets`` (None: any may have)."""
+        self._published = current
+        if targets is None:
+            self._moved = None
+        elif self._moved is not None:
+            self._moved.update(targets)
 
     def connected(self) -> None:
         """A new connection: nothing is decided until it has delivered every retained message."""
@@ -837,6 +897,8 @@ class DriftEngine:
             self._groups_touched |= set(self._fleet.groups) | set(self._group_status)
         groups, self._groups_touched, self._all_groups = self._groups_touched, set(), False
         actions: list[GroupAction] = []
+        if not self.settings.summaries:
+            return actions  # the leader summarises the groups
         for group in sorted(g for g in groups if g):
             new = self._summary(group, now)
             old = self._group_status.get(group)
@@ -914,6 +976,8 @@ class DriftEngine:
         """Decide each of ``names``; what to do goes to ``actions`` (typed, carried out by
         the controller's loop through the executor, then recorded by :meth:`done`)."""
         for name in sorted(names):
+            if not self._mine(name):
+                continue  # another replica owns its shard
             dev = self._device(name)
             if dev is None:
                 continue
@@ -1023,8 +1087,11 @@ class DriftEngine:
         )
 
     def _set_gauges(self) -> None:
-        """Set the per-group, per-state gauge of the groups whose running counts moved."""
+        """Set the per-group, per-state gauge of the groups whose running counts moved
+        (by the engine that keeps the summaries: a shard owner's counts are partial)."""
         moved, self._gauges_moved = self._gauges_moved, set()
+        if not self.settings.summaries:
+            return
         for group in moved:
             per = self._gauge_counts.get(group)
             if per is not None and per.total() == 0 and group not in self._fleet.groups:
@@ -1042,9 +1109,14 @@ class DriftEngine:
         for name in sorted(self._pending):
             dev = self._devices.get(name)
             desired = self._fleet.desired.get(name)
-            if dev is None or desired is None or dev.report is None:
+            if dev is None or desired is None:
                 continue
             if dev.status is None or dev.status.state != "pending":
+                continue
+            if dev.report is None:
+                if not self._mine(name):  # the leader of replicas: the owner's status tells
+                    found = self._behind_by_status(name, desired, dev.status)
+                    out.extend((found,) if found is not None else ())
                 continue
             report = dev.report
             wanted: list[tuple[Target, int, Any]] = [
@@ -1069,6 +1141,33 @@ class DriftEngine:
             fresh = dev.reported_at is not None and dev.reported_at > newest
             out.append(resending.Behind(name, tuple(lacks), dev.presence == "online" or fresh))
         return out
+
+    def _behind_by_status(
+        self, name: str, desired: Desired, found: DriftStatus
+    ) -> resending.Behind | None:
+        """Rule 2's facts from the status a shard owner published (the leader of replicas
+        that split the shards takes no reports): the versions it says the device runs, and
+        alive when it was last seen after the version it lacks was published."""
+        wanted: list[tuple[Target, int, int | None]] = [
+            (Target("device", name), desired.device_version, found.applied_device_version)
+        ]
+        if desired.pinned_from is None:
+            wanted.append(
+                (Target("group", desired.group), desired.group_version, found.applied_version)
+            )
+        lacks: list[resending.Lack] = []
+        newest = 0.0
+        for target, version, got in wanted:
+            if got is not None and got >= version:
+                continue
+            lacks.append(resending.Lack(target, version, got))
+            current = self._published.get(target)
+            if current is not None:
+                newest = max(newest, current.published_at)
+        if not lacks:
+            return None
+        fresh = found.last_seen is not None and found.last_seen > newest
+        return resending.Behind(name, tuple(lacks), fresh)
 
     # --- For tests and tools ----------------------------------------------------------------
 

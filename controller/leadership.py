@@ -157,6 +157,28 @@ class Lease:
             return [Publish(self._record())]
         return []
 
+    def free_for(self, now: float) -> float | None:
+        """A follower's view: seconds since the record it follows ran out (no renewal for
+        a whole lease); None while it is still renewed, or if this replica claims or leads."""
+        if self.role != "follower":
+            return None
+        overdue = now - (self._seen_at + self._seen_lease)
+        return overdue if overdue >= 0 else None
+
+    def release(self, now: float) -> list[Action]:
+        """Give the lead up at once (the holder's choice): stop publishing, then publish a
+        record of the same term whose lease is 1 ms, so that the others see it free as soon
+        as they receive it. Nothing if this replica does not lead."""
+        if self.role != "leader":
+            return []
+        self.role = "follower"
+        self._claimed = None  # its echo is not a claim that came back late
+        self._echo_at = None
+        self._renewal += 1
+        self._seen_at, self._seen_lease, self._sent_at = now, 0.001, now
+        record = LeaderRecord(self.me, self.term, 1, self._renewal)
+        return [StepDown("released"), Publish(record)]
+
     def due_in(self, now: float) -> float:
         """Seconds until :meth:`tick` may have something to do (at most a tenth of a lease)."""
         step = self.lease / 10

@@ -6,11 +6,20 @@ receives, and the passing time, into :class:`~setpoint.controller.leadership.Lea
 decides; this module only carries the decisions out: it publishes the records the lease
 asks for (signed by the controller's :class:`~setpoint.controller.signing.Signer`), starts
 the whole controller when the replica takes the lead and cancels it the moment the lease
-says to step down. A follower publishes nothing at all.
+says to step down. A follower publishes no bundle and no status of the fleet's (with the
+drift engine it does own report shards: below).
 
 The controller that starts on a takeover begins as every controller does after a restart:
 it reads the retained bundles on the broker (the previous leader's publications among
 them), so versions keep rising from what the fleet actually holds.
+
+**Shards.** With a :class:`~setpoint.controller.owning.ShardOwner` (``--lease`` with the
+drift engine), every replica, leader or not, also keeps the shard leases and its membership
+record on the same connection (:class:`~setpoint.controller.sharding.ShardLeases`
+decides), and tells the owner which report shards it owns whenever that changes: the owner
+decides the drift of those shards' devices, and the leader's controller summarises the
+groups from every device's retained status (``docs/decisions/0009-report-shards.md``).
+A replica that stops cleanly gives its shards up at once and clears its membership record.
 
 The lease's connection is not on a hot path (a record every third of a lease): a session
 of the project's transport (:mod:`setpoint.transport`) speaking MQTT 3.1.1, which every
@@ -32,10 +41,12 @@ from setpoint import transport
 from setpoint.kit.backoff import Backoff, Retry
 from setpoint.proto import envelopes, leader
 from setpoint.proto.errors import ProtocolError
-from setpoint.proto.topics import Topics
+from setpoint.proto.topics import SHARDS, Topics
 
 from .broker import BrokerSettings, nodes, transport_settings
 from .leadership import Lead, Lease, Publish, StepDown
+from .owning import ShardOwner
+from .sharding import Disown, Own, PublishMembership, PublishShard, ShardAction, ShardLeases
 from .signing import Signer
 
 log = logging.getLogger("setpoint.controller.replica")
@@ -58,9 +69,13 @@ class Replica:
         settings: ReplicaSettings,
         lead: Callable[[], Coroutine[Any, Any, None]],
         clock: Callable[[], float] = time.monotonic,
+        owner: ShardOwner | None = None,
     ) -> None:
         self._broker = broker
+        self._topics = topics
         self._topic = topics.controller_leader()
+        self._owner = owner
+        self.shards = ShardLeases(settings.replica_id, settings.lease, clock()) if owner else None
         self._signer = signer
         self._settings = settings
         self._lead = lead
@@ -82,15 +97,22 @@ class Replica:
         self._failed = asyncio.get_running_loop().create_future()
         ticking = asyncio.create_task(self._tick_forever(), name="setpoint-lease-ticks")
         connecting = asyncio.create_task(self._connect_forever(), name="setpoint-lease-link")
+        tasks = [ticking, connecting]
+        if self._owner is not None:
+            owning = asyncio.create_task(self._owner.run(), name="setpoint-shard-owner")
+            owning.add_done_callback(self._leader_ended)  # it ends only by an error
+            tasks.append(owning)
         try:
             await asyncio.wait({connecting, self._failed}, return_when=asyncio.FIRST_COMPLETED)
             if self._failed.done():
                 self._failed.result()  # the controller's own error, raised here
         finally:
-            for task in (ticking, connecting):
-                task.cancel()
+            ticking.cancel()
             await self._stop_leading("shutting down")
-            await asyncio.gather(ticking, connecting, return_exceptions=True)
+            await self._give_up_shards()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _connect_forever(self) -> None:
         backoff = Retry(Backoff(0.2, 5.0))
@@ -109,10 +131,16 @@ class Replica:
                 try:
                     backoff.reset()
                     self._client = session
-                    await session.subscribe([transport.Subscription(self._topic, qos=1)])
+                    wanted = [self._topic]
+                    if self.shards is not None:
+                        wanted += [
+                            self._topics.all_controller_shards(),
+                            self._topics.all_controller_replicas(),
+                        ]
+                    await session.subscribe([transport.Subscription(t, qos=1) for t in wanted])
                     while True:
                         for message in await session.take():
-                            self._take(message.payload)
+                            self._route(message.topic, message.payload)
                 finally:
                     self._client = None
                     session.close()
@@ -121,6 +149,41 @@ class Replica:
                 if not isinstance(exc, transport.SubscriptionRefused):
                     node += 1  # the next node of --broker, if there are several
             await asyncio.sleep(backoff.next())
+
+    def _route(self, topic: str, payload: bytes) -> None:
+        if topic == self._topic:
+            self._take(payload)
+            return
+        if self.shards is None:
+            return
+        shard = topic.removeprefix(self._topics.all_controller_shards()[:-1])
+        if shard != topic:
+            if shard in SHARDS and payload:
+                record = self._verified(payload, envelopes.SHARD_LEASE_TYPE, topic)
+                if record is not None:
+                    self._carry_out_shards(self.shards.shard_received(shard, record, self._clock()))
+            return
+        replica = topic.removeprefix(self._topics.all_controller_replicas()[:-1])
+        if replica == topic:
+            return
+        if not payload:
+            self.shards.member_gone(replica)  # it stopped cleanly
+            return
+        member = self._verified(payload, envelopes.REPLICA_TYPE, topic)
+        if member is not None and member.holder == replica:
+            self.shards.member_received(member, self._clock())
+
+    def _verified(
+        self, payload: bytes, payload_type: str, topic: str
+    ) -> leader.LeaderRecord | None:
+        try:
+            verified = envelopes.verify_signed(
+                payload, self._signer.trusted, payload_type=payload_type
+            )
+            return leader.decode(verified.payload)
+        except ProtocolError as exc:
+            log.warning("replica: ignored a record on %s that is not ours: %s", topic, exc)
+            return None
 
     def _take(self, payload: bytes) -> None:
         if not payload:
@@ -138,9 +201,66 @@ class Replica:
     async def _tick_forever(self) -> None:
         while True:
             self._carry_out(self.lease.tick(self._clock()))
+            if self.shards is not None:
+                self._carry_out_shards(self.shards.tick(self._clock()))
             self._wake.clear()
+            now = self._clock()
+            due = self.lease.due_in(now)
+            if self.shards is not None:
+                due = min(due, self.shards.due_in(now))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.lease.due_in(self._clock()))
+                await asyncio.wait_for(self._wake.wait(), due)
+
+    def _carry_out_shards(self, actions: list[ShardAction]) -> None:
+        """Publish the records the shard leases ask for; tell the owner what it owns now
+        (a shard given up first: it stops publishing before its release goes out)."""
+        assert self.shards is not None and self._owner is not None
+        if any(isinstance(a, (Own, Disown)) for a in actions):
+            for action in actions:
+                if isinstance(action, Own):
+                    log.info("replica %s owns shard %s", self._settings.replica_id, action.shard)
+                elif isinstance(action, Disown):
+                    log.info(
+                        "replica %s gives shard %s up: %s",
+                        self._settings.replica_id,
+                        action.shard,
+                        action.reason,
+                    )
+            self._owner.own(self.shards.owned)
+        for action in actions:
+            if isinstance(action, PublishShard):
+                self._send(
+                    self._topics.controller_shard(action.shard),
+                    self._signer.sign_leader(action.record, envelopes.SHARD_LEASE_TYPE),
+                )
+            elif isinstance(action, PublishMembership):
+                self._send(
+                    self._topics.controller_replica(self._settings.replica_id),
+                    self._signer.sign_leader(action.record, envelopes.REPLICA_TYPE),
+                )
+        self._wake.set()
+
+    async def _give_up_shards(self) -> None:
+        """Stopping cleanly: release every owned shard and clear the membership record, so
+        that the others take the shards over without waiting for the leases to run out."""
+        client = self._client
+        if self.shards is None or self._owner is None:
+            return
+        actions = self.shards.release_all(self._clock())
+        self._owner.own(frozenset())
+        if not client:
+            return
+        messages = [
+            (self._topics.controller_shard(a.shard),
+             self._signer.sign_leader(a.record, envelopes.SHARD_LEASE_TYPE))
+            for a in actions
+            if isinstance(a, PublishShard)
+        ]  # fmt: skip
+        messages.append((self._topics.controller_replica(self._settings.replica_id), b""))
+        with contextlib.suppress(transport.TransportError, TimeoutError):
+            async with asyncio.timeout(self._settings.lease / 2):
+                acks = [await client.publish(t, p, qos=1, retain=True) for t, p in messages]
+                await asyncio.gather(*acks)  # the broker has them: the others will see them
 
     def _carry_out(self, actions: list[Publish | Lead | StepDown]) -> None:
         for action in actions:
@@ -158,14 +278,16 @@ class Replica:
         self._wake.set()
 
     def _publish(self, record: leader.LeaderRecord) -> None:
+        self._send(self._topic, self._signer.sign_leader(record))
+
+    def _send(self, topic: str, payload: bytes) -> None:
         client = self._client
         if client is None:
             return  # not connected: the renewal is not confirmed, the lease runs out
-        payload = self._signer.sign_leader(record)
 
         async def send() -> None:
             with contextlib.suppress(transport.TransportError):
-                await client.publish(self._topic, payload, qos=1, retain=True)
+                await client.publish(topic, payload, qos=1, retain=True)
 
         asyncio.get_running_loop().create_task(send())
 

@@ -38,7 +38,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -78,6 +78,7 @@ from .drifting import DriftEngine, DriftSettings
 from .errors import BrokerUnavailable, ConfigError, RepositoryUnavailable
 from .executing import Executor
 from .fleet import DEFAULT_BUNDLE_TTL
+from .metrics import Metrics
 from .planning import Action, Adopt, Clear, Current, Plan, Publish, Retained
 from .rendering import BranchProblem, Render, Target, View
 from .repository import Repository, is_remote, redact
@@ -139,7 +140,9 @@ class Controller:
         *,
         drift: DriftSettings | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics``: the drift part's, when someone else serves them (a replica's)."""
         self.config = config
         self.topics = Topics(config.prefix)
         self._clock = clock
@@ -198,7 +201,7 @@ class Controller:
         self.executor = Executor(self.link, self.topics, self._audit, clock)
         self.drift: DriftEngine | None = None
         if drift is not None:
-            self.drift = DriftEngine(drift, topics=self.topics, clock=clock)
+            self.drift = DriftEngine(drift, topics=self.topics, clock=clock, metrics=metrics)
         self.webhook_port: int | None = None
         self.last_render: Render | None = None
         self.last_error: str | None = None
@@ -260,8 +263,7 @@ class Controller:
             await self._tg.__aenter__()
             await self._serve_metrics()
         except BaseException:
-            if self.drift is not None:
-                self.drift.metrics.close()
+            self._close_metrics()
             self._close()
             raise
         self._spawn(self.link.run(), "mqtt-link")
@@ -285,9 +287,13 @@ class Controller:
                 raise error from None
             raise
         finally:
-            if self.drift is not None:
-                await asyncio.to_thread(self.drift.metrics.close)
+            await asyncio.to_thread(self._close_metrics)
             self._close()
+
+    def _close_metrics(self) -> None:
+        """Stop serving the metrics, if this controller serves them (not a replica's)."""
+        if self.drift is not None and self.drift.settings.metrics_listen is not None:
+            self.drift.metrics.close()
 
     async def _serve_metrics(self) -> None:
         listen = self.drift.settings.metrics_listen if self.drift is not None else None
@@ -389,6 +395,8 @@ class Controller:
                 read = drift.take_drift(message)
                 if read is not None:
                     self._tell_rollouts(*read)
+                    if drift.settings.shards is not None:
+                        self.wake("drift")  # the shard owners decide: the summaries follow
             elif kind == "group-status":
                 drift.take_group_status(message)
         elif kind == "device-drift" and self.rollouts.take_drift(message):
@@ -1075,31 +1083,6 @@ class Controller:
             message=message,
         )
         self._refusal_reported = key
-
-
-async def gather_limited(coros: list[Coroutine[Any, Any, None]], limit: int) -> None:
-    """Run ``coros``, at most ``limit`` at a time; the first BrokerUnavailable is raised.
-
-    On the first failure the others are cancelled, and those that never started are
-    closed (an unstarted coroutine left behind is a "never awaited" warning).
-    """
-    if not coros:
-        return
-    semaphore = asyncio.Semaphore(limit)
-
-    async def limited(coro: Coroutine[Any, Any, None]) -> None:
-        async with semaphore:
-            await coro
-
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for coro in coros:
-                tg.create_task(limited(coro))
-    except* BrokerUnavailable as group:
-        raise group.exceptions[0] from None
-    finally:
-        for coro in coros:
-            coro.close()  # a no-op for those that ran
 
 
 def identity(config: ControllerConfig) -> FleetIdentity:

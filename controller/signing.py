@@ -74,9 +74,10 @@ class Signer:
         with ``threshold: 2``, or one that trusts only the new key mid-rotation, accepts it)."""
         return commands.sign(command, list(self._keys))
 
-    def sign_leader(self, record: LeaderRecord) -> bytes:
-        """The envelope of a controller replica's leader record (``proto.leader``)."""
-        return leader.sign(record, list(self._keys))
+    def sign_leader(self, record: LeaderRecord, payload_type: str | None = None) -> bytes:
+        """The envelope of a controller replica's leader record (``proto.leader``), or of
+        a record of its form: a shard lease or a membership record (``payload_type``)."""
+        return leader.sign(record, list(self._keys), payload_type or envelopes.LEADER_TYPE)
 
 
 def load_signer(path: Path, *more: Path) -> Signer:

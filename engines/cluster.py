@@ -35,7 +35,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -43,12 +42,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from setpoint.engines.splitting import RouteSplitter
 from setpoint.mosquitto.broker import (
+    ClosedOnExit,
     config_template,
     end_process,
     find_program,
     free_port,
     render,
-    stop_on_signals,
+    serve_in_foreground,
+    tail,
 )
 
 INSTALL_HINT = (
@@ -245,11 +246,7 @@ class NatsNode:
             client.loop_stop()
 
     def tail_log(self, lines: int = 15) -> str:
-        try:
-            text = self.log.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return "(no log written)"
-        return "\n".join(text.splitlines()[-lines:])
+        return tail(self.log, lines)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -309,7 +306,7 @@ def config_template_of(name: str) -> str:
     return str(config_template(name, package=__package__ or "setpoint.engines"))
 
 
-class NatsCluster:
+class NatsCluster(ClosedOnExit):
     """Three ``nats-server`` nodes routed to each other, JetStream and MQTT on each."""
 
     def __init__(
@@ -419,14 +416,6 @@ class NatsCluster:
             self.close()
             raise
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<NatsCluster {self.broker_list} dir={self.dir}>"
 
@@ -441,19 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dir", type=Path, default=None, help="data directory (default: temp)")
     args = parser.parse_args(argv)
-    stop = stop_on_signals()
-    try:
-        cluster = NatsCluster(args.dir).start()
-    except EngineError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    try:
-        print(cluster.broker_list, flush=True)
-        while all(node.running for node in cluster.nodes) and not stop.wait(0.5):
-            pass
-    finally:
-        cluster.close()
-    return 0
+    return serve_in_foreground(
+        lambda: NatsCluster(args.dir).start(),
+        EngineError,
+        lambda cluster: cluster.broker_list,
+        lambda cluster: all(node.running for node in cluster.nodes),
+    )
 
 
 if __name__ == "__main__":

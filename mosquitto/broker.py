@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 INSTALL_HINT = (
     "mosquitto is not installed. Install it with:\n"
@@ -123,7 +123,32 @@ def render(template: str, values: Mapping[str, object]) -> str:
     return text
 
 
-class Broker:
+def tail(log: Path, lines: int) -> str:
+    """The last ``lines`` lines of the server log ``log`` (``(no log written)`` if none)."""
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return "(no log written)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class ClosedOnExit:
+    """A private server (or cluster of them) as a context manager: ``__enter__`` starts it
+    (each its own way), the end of the ``with`` block calls :meth:`close`."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Broker(ClosedOnExit):
     """One private mosquitto process: its port, data directory, log and lifecycle."""
 
     host = "127.0.0.1"
@@ -237,11 +262,7 @@ class Broker:
         self.db.unlink(missing_ok=True)
 
     def tail_log(self, lines: int = 20) -> str:
-        try:
-            text = self.log.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return "(no log written)"
-        return "\n".join(text.splitlines()[-lines:])
+        return tail(self.log, lines)
 
     def close(self) -> None:
         self.stop()
@@ -250,14 +271,6 @@ class Broker:
 
     def __enter__(self) -> Broker:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -331,6 +344,37 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=Closable)
+
+
+def serve_in_foreground(
+    start: Callable[[], S],
+    error: type[Exception],
+    url: Callable[[S], str],
+    running: Callable[[S], bool],
+) -> int:
+    """A ``python -m`` harness's main loop: ``start()`` the server, print its ``url``, and
+    close it once ``running`` says it stopped or a signal came (:func:`stop_on_signals`).
+    Returns 0, or 2 (with the message on stderr) if ``start`` raised ``error``."""
+    stop = stop_on_signals()
+    try:
+        server = start()
+    except error as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        print(url(server), flush=True)
+        while running(server) and not stop.wait(0.5):
+            pass
+    finally:
+        server.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -349,19 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         " database after every change, large-fleet.conf once a second (docs/performance.md)",
     )
     args = parser.parse_args(argv)
-    stop = stop_on_signals()
-    try:
-        broker = Broker(args.dir, port=args.port, template=args.config).start()
-    except BrokerError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    try:
-        print(broker.url, flush=True)
-        while broker.running and not stop.wait(0.5):
-            pass
-    finally:
-        broker.close()
-    return 0
+    return serve_in_foreground(
+        lambda: Broker(args.dir, port=args.port, template=args.config).start(),
+        BrokerError,
+        lambda broker: broker.url,
+        lambda broker: broker.running,
+    )
 
 
 if __name__ == "__main__":

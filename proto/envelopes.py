@@ -34,6 +34,8 @@ DEVICE_BUNDLE_TYPE: Final = "application/vnd.setpoint.bundle.device+msgpack"
 COMMAND_TYPE: Final = "application/vnd.setpoint.command+msgpack"
 APPROVAL_TYPE: Final = "application/vnd.setpoint.approval+msgpack"
 LEADER_TYPE: Final = "application/vnd.setpoint.leader+msgpack"
+SHARD_LEASE_TYPE: Final = "application/vnd.setpoint.shard-lease+msgpack"
+REPLICA_TYPE: Final = "application/vnd.setpoint.replica+msgpack"
 
 MAX_ENVELOPE_BYTES: Final = 1024 * 1024
 MAX_SIGNATURES: Final = 16

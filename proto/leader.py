@@ -11,6 +11,11 @@ record, never from timestamps inside it, so replicas on hosts whose clocks disag
 agree on when a lease ran out. The record therefore carries no time of day, only the lease
 length the leader promises to renew within.
 
+Replicas that split the report shards (``docs/decisions/0009-report-shards.md``) keep two
+more records of this same form, each with its own payload type pinned by its topic: one
+lease per shard (``controllers/shards/<shard>``) and one membership record per replica
+(``controllers/replicas/<replica>``).
+
 Pure; no I/O.
 """
 
@@ -53,8 +58,25 @@ def encode(record: LeaderRecord) -> bytes:
     )
 
 
-def sign(record: LeaderRecord, keys: list[Ed25519PrivateKey]) -> bytes:
-    return envelopes.sign(envelopes.LEADER_TYPE, encode(record), keys)
+# The records of this form and the topic each is pinned to (SPEC 7.7 and 7.8): the leader
+# record, a shard's lease, and a replica's membership.
+RECORD_TYPES: Final = (
+    envelopes.LEADER_TYPE,
+    envelopes.SHARD_LEASE_TYPE,
+    envelopes.REPLICA_TYPE,
+)
+
+
+def sign(
+    record: LeaderRecord,
+    keys: list[Ed25519PrivateKey],
+    payload_type: str = envelopes.LEADER_TYPE,
+) -> bytes:
+    """The signed envelope of ``record`` as a leader record, or (``payload_type``) as a
+    shard lease or a replica's membership record, which have the same form."""
+    if payload_type not in RECORD_TYPES:
+        raise ValueError(f"{payload_type!r} is not a record of the leader record's form")
+    return envelopes.sign(payload_type, encode(record), keys)
 
 
 def decode(payload: bytes) -> LeaderRecord:

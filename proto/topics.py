@@ -184,6 +184,20 @@ class Topics:
         """Retained, signed: which controller replica leads (``proto.leader``)."""
         return f"{self.prefix}/controllers/leader"
 
+    def controller_shard(self, shard: str) -> str:
+        """One report shard's lease (replicas that split the shards, SPEC 7.8)."""
+        return f"{self.prefix}/controllers/shards/{validate_shard(shard)}"
+
+    def controller_replica(self, replica: str) -> str:
+        """One replica's membership record (SPEC 7.8)."""
+        return f"{self.prefix}/controllers/replicas/{validate_id(replica, 'replica id')}"
+
+    def all_controller_shards(self) -> str:
+        return f"{self.prefix}/controllers/shards/+"
+
+    def all_controller_replicas(self) -> str:
+        return f"{self.prefix}/controllers/replicas/+"
+
     def operator_commands(self) -> str:
         """Signed operator commands (approve, pause, resume) to the controller."""
         return f"{self.prefix}/operators/commands"

@@ -10,6 +10,9 @@ for the whole run, for tests that only talk through it; ``nats_cluster_fresh`` i
 per test, for tests that kill, pause or restart nodes; ``nats_cluster_splittable`` is one per
 test whose routes go through relays that can cut a node off (``cluster.split(i)``). None uses
 the machine's own NATS.
+
+``dynsec_plugin`` is the path of mosquitto's dynamic security plugin, for a broker whose
+ACLs refuse a subscription (the test is skipped without it).
 """
 
 from __future__ import annotations
@@ -46,6 +49,21 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsClust
 def nats_cluster_fresh(tmp_path: Path) -> Iterator[NatsCluster]:
     with NatsCluster(tmp_path / "nats") as cluster:
         yield cluster
+
+
+DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
+
+
+@pytest.fixture
+def dynsec_plugin() -> Path:
+    """mosquitto's dynamic security plugin (in Debian's mosquitto package). Its ACLs can
+    refuse a subscription (mosquitto's acl_file never does: it is checked on delivery)."""
+    found = sorted(Path("/usr/lib").glob(f"*/{DYNSEC_PLUGIN}")) + sorted(
+        Path("/usr/lib").glob(DYNSEC_PLUGIN)
+    )
+    if not found:
+        pytest.skip(f"{DYNSEC_PLUGIN} not found under /usr/lib (apt-get install mosquitto)")
+    return found[0]
 
 
 @pytest.fixture

@@ -139,7 +139,8 @@ def test_the_controllers_decisions_load_no_io_library() -> None:
         "import sys, json\n"
         "import setpoint.controller.rendering, setpoint.controller.planning\n"
         "import setpoint.controller.detecting, setpoint.controller.gating\n"
-        "import setpoint.controller.rollouts\n"
+        "import setpoint.controller.rollouts, setpoint.controller.leadership\n"
+        "import setpoint.controller.sharding\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
     )
     result = subprocess.run(

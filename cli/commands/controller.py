@@ -136,8 +136,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SECONDS",
         help="run as one of several replicas of this fleet's controller: only the one holding"
-        " the lead (a signed, retained record renewed every third of SECONDS) publishes; the"
-        " others take over when it has not renewed for SECONDS (e.g. 6)",
+        " the lead (a signed, retained record renewed every third of SECONDS) publishes"
+        " bundles and group statuses; the others take over when it has not renewed for"
+        " SECONDS (e.g. 6). The replicas split the 16 report shards: each decides and"
+        " publishes the drift of its shards' devices (docs/scale-out.md)",
     )
     replicas.add_argument(
         "--replica-id",
@@ -211,6 +213,11 @@ def _config(args: argparse.Namespace) -> object:
     url, *others = brokers_from_args(args)
     if args.lease is not None and args.once:
         raise CommandError("--lease runs a replica until stopped; it cannot be used with --once")
+    if args.lease is not None and args.share is not None:
+        raise CommandError(
+            "--share and --lease do not mix: replicas split the reports by shard"
+            " (docs/scale-out.md); drop --share"
+        )
     if args.lease is not None and args.lease < 1:
         raise CommandError("--lease: a lease shorter than 1s would expire between renewals")
     if args.resend_after is None:
@@ -364,17 +371,36 @@ async def _replica(args: argparse.Namespace, config: Any, stop: asyncio.Event) -
     service = require_controller("setpoint.controller.service")
     signing = require_controller("setpoint.controller.signing")
     drift = _drift(args)
+    signer = signing.load_signer(config.key_path, *config.extra_key_paths)
+    owner = None
+    if drift is not None:
+        # Replicas split the report shards (docs/decisions/0009-report-shards.md): every
+        # replica decides the drift of the shards it owns; the leader summarises the groups
+        # from the statuses, and takes no reports itself.
+        owning = require_controller("setpoint.controller.owning")
+        owner = owning.ShardOwner(
+            config.broker,
+            Topics(config.prefix),
+            signer,
+            drift,
+            config.state_dir,
+            publish_timeout=config.publish_timeout,
+            backoff=config.backoff,
+        )
+        drift = dataclasses.replace(drift, shards=frozenset(), metrics_listen=None)
 
     async def lead() -> None:
-        async with service.Controller(config, drift=drift):
+        metrics = owner.metrics if owner is not None else None  # served by the owner
+        async with service.Controller(config, drift=drift, metrics=metrics):
             await asyncio.Event().wait()  # until the lease says to step down
 
     replica = replica_mod.Replica(
         config.broker,
         Topics(config.prefix),
-        signing.load_signer(config.key_path, *config.extra_key_paths),
+        signer,
         replica_mod.ReplicaSettings(_replica_id(args), args.lease),
         lead,
+        owner=owner,
     )
     running = asyncio.ensure_future(replica.run())
     stopping = asyncio.ensure_future(stop.wait())

@@ -202,6 +202,43 @@ def setpoint_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "setpoint", *args]
 
 
+def start_controller(
+    stack: ExitStack, work: Path, repo: Path, broker_url: str, *flags: str
+) -> None:
+    """``setpoint controller`` on ``repo`` for the demo's lifetime: the demo's signing key,
+    state under ``work``, its log in ``work/logs``; ``flags`` added."""
+    stack.enter_context(
+        process(
+            setpoint_cmd(
+                "controller", "--repo", str(repo), "--broker", broker_url,
+                "--key", str(work / "keys" / "signing.key"),
+                "--state-dir", str(work / "controller-state"), *flags,
+            ),
+            work / "logs" / "controller.log",
+        )
+    )  # fmt: skip
+
+
+def start_shim(stack: ExitStack, work: Path, device: str, broker_url: str, *flags: str) -> Path:
+    """``setpoint shim`` for ``device`` for the demo's lifetime, trusting the demo's key,
+    its root and state under ``work/devices/<device>``, its log in ``work/logs``; ``flags``
+    added. Returns its root."""
+    root = work / "devices" / device / "root"
+    root.mkdir(parents=True)
+    stack.enter_context(
+        process(
+            setpoint_cmd(
+                "shim", "--device", device, "--broker", broker_url,
+                "--trust", str(work / "keys" / "signing.pub"), "--root", str(root),
+                "--state-dir", str(work / "devices" / device / "state"), "--heartbeat", "60",
+                *flags,
+            ),
+            work / "logs" / f"shim-{device}.log",
+        )
+    )  # fmt: skip
+    return root
+
+
 def run_cli(*args: str) -> str:
     done = subprocess.run(setpoint_cmd(*args), capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -321,38 +358,17 @@ def story(
     narrator.step("Controller and one shim per device")
     watcher = Watcher(broker.host, broker.port, prefix, narrator, tls.operator if tls else None)
     stack.callback(watcher.close)
-    stack.enter_context(
-        process(
-            setpoint_cmd(
-                "controller", "--repo", str(repo), "--broker", broker.url,
-                "--key", str(work / "keys" / "signing.key"),
-                "--state-dir", str(work / "controller-state"),
-                "--grace", "20", "--tick", "0.5", "--reconcile-interval", "5",
-                *(tls.flags("controller") if tls else ()),
-            ),
-            logs / "controller.log",
-        )
+    start_controller(
+        stack, work, repo, broker.url,
+        "--grace", "20", "--tick", "0.5", "--reconcile-interval", "5",
+        *(tls.flags("controller") if tls else ()),
     )  # fmt: skip
     device_config = work / "device.json"
     device_config.write_text('{"allow_commands": true}\n')
     roots = {}
     for device in devices:
-        roots[device] = work / "devices" / device / "root"
-        roots[device].mkdir(parents=True)
-        stack.enter_context(
-            process(
-                setpoint_cmd(
-                    "shim", "--device", device, "--broker", broker.url,
-                    "--trust", str(work / "keys" / "signing.pub"),
-                    "--root", str(roots[device]),
-                    "--state-dir", str(work / "devices" / device / "state"),
-                    "--config", str(device_config),
-                    "--heartbeat", "60",
-                    *(tls.flags(device) if tls else ()),
-                ),
-                logs / f"shim-{device}.log",
-            )
-        )  # fmt: skip
+        flags = ("--config", str(device_config), *(tls.flags(device) if tls else ()))
+        roots[device] = start_shim(stack, work, device, broker.url, *flags)
     narrator.say(f"started the controller and {len(devices)} shims")
     url = demo_dashboard(stack, broker.url, logs, narrator, tls.flags("operator") if tls else ())
     if url:

@@ -31,9 +31,10 @@ from typing import Any
 from .demo import (
     DemoFailed,
     Narrator,
-    process,
     run_cli,
     setpoint_cmd,
+    start_controller,
+    start_shim,
     tell_failure,
     workspace,
 )
@@ -307,8 +308,7 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float) -> d
     from setpoint.mosquitto import Broker
 
     timings: dict[str, float] = {}
-    logs = work / "logs"
-    logs.mkdir()
+    (work / "logs").mkdir()
 
     narrator.step("A private mosquitto, a signing key and a fleet with three rings")
     broker = stack.enter_context(Broker())
@@ -329,32 +329,8 @@ def story(stack: ExitStack, work: Path, narrator: Narrator, timeout: float) -> d
     narrator.step("Controller and one shim per device")
     watcher = Watcher(broker.host, broker.port, "setpoint/v1", narrator)
     stack.callback(watcher.close)
-    stack.enter_context(
-        process(
-            setpoint_cmd(
-                "controller", "--repo", str(fleet.path), "--broker", broker.url,
-                "--key", str(work / "keys" / "signing.key"),
-                "--state-dir", str(work / "controller-state"), "--grace", "30", "--tick", "0.2",
-            ),
-            logs / "controller.log",
-        )
-    )  # fmt: skip
-    roots: dict[str, Path] = {}
-    for device in DEVICES:
-        roots[device] = work / "devices" / device / "root"
-        roots[device].mkdir(parents=True)
-        stack.enter_context(
-            process(
-                setpoint_cmd(
-                    "shim", "--device", device, "--broker", broker.url,
-                    "--trust", str(work / "keys" / "signing.pub"),
-                    "--root", str(roots[device]),
-                    "--state-dir", str(work / "devices" / device / "state"),
-                    "--heartbeat", "60",
-                ),
-                logs / f"shim-{device}.log",
-            )
-        )  # fmt: skip
+    start_controller(stack, work, fleet.path, broker.url, "--grace", "30", "--tick", "0.2")
+    roots = {device: start_shim(stack, work, device, broker.url) for device in DEVICES}
     # An old image left a directory where a later change wants a file: can-1 will fail it.
     (roots["can-1"] / "etc" / "issue").mkdir(parents=True)
     narrator.say(f"started the controller and {len(DEVICES)} shims")

@@ -337,9 +337,11 @@ async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyp
     names = sorted(["gw-01", *(f"kiosk-{n:02d}" for n in range(1, 9))])
 
     def start(name: str):  # type: ignore[no-untyped-def]
+        # No reconcile command sent again by the clock (every 30 s by default): the events
+        # counted below are only those the test's own reports make.
         return run_drift(
             broker, unique_prefix, repo, signing_key, tmp_path / name,
-            client_id=f"controller-{name}", share="drift",
+            client_id=f"controller-{name}", share="drift", reconcile_interval=3600,
         )  # fmt: skip
 
     async with start("a") as (ca, a), start("b") as (cb, b):
@@ -358,6 +360,18 @@ async def test_two_controllers_share_the_report_stream(  # type: ignore[no-untyp
         assert a.metrics.reports._value.get() > 0
         assert b.metrics.reports._value.get() > 0
         await watch.wait(lambda: watch.groups["kiosks"].counts["drifted"] == 4)
+        # Each event follows its status (and a reconcile event the command's PUBACK): seen
+        # the statuses, wait for the events too before counting them.
+        await watch.wait(
+            lambda: all(
+                watch.drift_events(d) and watch.drift_events(d)[-1]["state"] == wanted[d]
+                for d in names
+            )
+        )
+        enforced = {d for d in names[::2] if d.startswith("kiosk-")}  # kiosks: enforce mode
+        await watch.wait(
+            lambda: {e["device"] for e in watch.events if e["type"] == "reconcile"} == enforced
+        )
         # A full re-evaluation (as after a reconnect): the engine holding an older report
         # for a device must leave it to the other, so nothing flips back.
         await watch.barrier()
@@ -443,40 +457,72 @@ async def test_reconcile_commands_carry_every_key_and_a_refused_one_shows_in_sta
 
 
 async def test_an_mqtt_error_in_the_shared_retained_read_reconnects_instead_of_stopping(
-    tmp_path, unique_prefix, example_repo, signing_key
+    tmp_path, unique_prefix, example_repo, signing_key, dynsec_plugin, caplog
 ) -> None:  # type: ignore[no-untyped-def]
     import asyncio
+    import contextlib
+    import json
+
+    import aiomqtt
 
     from setpoint.controller.broker import Backoff, BrokerSettings
     from setpoint.controller.drifting import DriftSettings
     from setpoint.controller.service import Controller, ControllerConfig
     from setpoint.mosquitto import Broker
-    from setpoint.transport import Session, Settings
+    from setpoint.proto.topics import Topics
 
-    # Room for another client and the link's connection, not for the third that reads
-    # retained reports (mosquitto 2.0 lets max_connections + 1 clients in).
+    # The broker's ACL refuses the subscription of the client that reads the retained
+    # reports (to its own barrier topic), not those of the link's two connections. (A
+    # connection limit does not single it out: mosquitto 2.0 counts sockets it has not seen
+    # closed yet, and miscounts after a refusal.)
+    topics, ident = Topics(unique_prefix), "controller-limited"
+    closed = {"acltype": "subscribePattern", "topic": f"{unique_prefix}/clients/#"}
+    acl = [
+        *({"acltype": "subscribePattern", "topic": topics.barrier(c), "priority": 2,
+           "allow": True} for c in (ident, f"{ident}-in")),
+        {**closed, "priority": 1, "allow": False},
+        {"acltype": "publishClientSend", "topic": "$CONTROL/dynamic-security/#", "priority": 0,
+         "allow": True},  # for the operator's fix
+    ]  # fmt: skip
+    config_file = tmp_path / "dynamic-security.json"
+    config_file.write_text(json.dumps({
+        "defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True,
+                             "subscribe": True, "unsubscribe": True},
+        "clients": [],
+        "groups": [{"groupname": "anonymous", "roles": [{"rolename": "controller"}]}],
+        "anonymousGroup": "anonymous",
+        "roles": [{"rolename": "controller", "acls": acl}],
+    }))  # fmt: skip
     limited = Broker(tmp_path / "limited")
-    conf = limited.conf.read_text()
-    limited.conf.write_text(conf + "max_connections 1\n")
+    plugin = f"plugin {dynsec_plugin}\nplugin_opt_config_file {config_file}\n"
+    limited.conf.write_text(limited.conf.read_text() + plugin)
     with limited:
-        squatter = await Session.open(Settings(limited.host, limited.port, "squatter"))
         config = ControllerConfig(
             repo=str(example_repo.path),
-            broker=BrokerSettings(limited.host, limited.port, connect_timeout=2.0),
+            broker=BrokerSettings(limited.host, limited.port, client_id=ident),
             key_path=signing_key,
             state_dir=tmp_path / "state",
             prefix=unique_prefix,
             backoff=Backoff(base=0.05, cap=0.3),
             publish_timeout=5.0,
         )
-        async with Controller(config, drift=DriftSettings(share="drift", tick=0.2)) as controller:
+        drift = DriftSettings(share="drift", tick=0.2)
+        async with Controller(config, drift=drift) as controller:
             engine = controller.drift
             assert engine is not None
             async with asyncio.timeout(30):
                 await controller.link.failed.wait()  # the session ended; the controller runs on
-            squatter.close()
-            limited.conf.write_text(conf)
-            await asyncio.to_thread(limited.restart)
+            failures = [r.getMessage() for r in caplog.records if r.name.endswith(".broker")]
+            assert any("reading the retained" in f for f in failures), failures
+            assert not engine.ready.is_set()  # nothing decided without the retained reports
+            # The operator fixes the ACL: the next session reads them, and the engine runs.
+            fix = {"commands": [{"command": "removeRoleACL", "rolename": "controller", **closed}]}
+            # (QoS 0: the change to the role disconnects its clients, this one too.)
+            operator = aiomqtt.Client(limited.host, limited.port)
+            await operator.__aenter__()
+            await operator.publish("$CONTROL/dynamic-security/v1", json.dumps(fix))
+            with contextlib.suppress(aiomqtt.MqttError):
+                await operator.__aexit__(None, None, None)
             async with asyncio.timeout(30):
                 await engine.ready.wait()
 

@@ -331,21 +331,7 @@ def test_a_node_that_sends_no_connack_is_left_after_the_connect_timeout(
         link.stop()
 
 
-DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
-
-
-def dynsec_plugin() -> Path:
-    """mosquitto's dynamic security plugin (in Debian's mosquitto package). Its ACLs can
-    refuse a subscription (mosquitto's acl_file never does: it is checked on delivery)."""
-    found = sorted(Path("/usr/lib").glob(f"*/{DYNSEC_PLUGIN}")) + sorted(
-        Path("/usr/lib").glob(DYNSEC_PLUGIN)
-    )
-    if not found:
-        pytest.skip(f"{DYNSEC_PLUGIN} not found under /usr/lib (apt-get install mosquitto)")
-    return found[0]
-
-
-def dynsec_broker(directory: Path) -> Broker:
+def dynsec_broker(directory: Path, plugin: Path) -> Broker:
     """A mosquitto whose anonymous clients may subscribe to ``.../granted/#`` only, until
     :func:`allow_every_subscription` changes the default (which, unlike a change to a role,
     does not disconnect the clients)."""
@@ -366,7 +352,7 @@ def dynsec_broker(directory: Path) -> Broker:
     }))  # fmt: skip
     broker = Broker(directory)
     broker.conf.write_text(
-        broker.conf.read_text() + f"plugin {dynsec_plugin()}\nplugin_opt_config_file {config}\n"
+        broker.conf.read_text() + f"plugin {plugin}\nplugin_opt_config_file {config}\n"
     )
     return broker
 
@@ -397,6 +383,7 @@ def test_a_refused_subscription_is_retried_on_the_same_connection(
     tmp_path: Path,
     link_log: LogWatch,
     monkeypatch: pytest.MonkeyPatch,
+    dynsec_plugin: Path,
     mqtt311: bool,
     cause: str,
 ) -> None:
@@ -409,7 +396,7 @@ def test_a_refused_subscription_is_retried_on_the_same_connection(
         return real_loop_write(self)
 
     monkeypatch.setattr(mqtt.Client, "loop_write", recording_loop_write)
-    broker = dynsec_broker(tmp_path / "broker")
+    broker = dynsec_broker(tmp_path / "broker", dynsec_plugin)
     refused, granted = "setpoint-test/acl/refused/desired", "setpoint-test/acl/granted/desired"
     got: dict[str, bytes] = {}
     arrived = threading.Condition()

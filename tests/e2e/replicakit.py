@@ -4,6 +4,7 @@ killed with SIGKILL, a commit lands meanwhile, and the other replica takes over.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import signal
 import subprocess
@@ -17,9 +18,12 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 
-from setpoint.proto import envelopes, leader
+from setpoint.controller.sharding import rank
+from setpoint.proto import bundles, envelopes, leader, reports, status
 from setpoint.proto.leader import LeaderRecord
-from setpoint.proto.topics import Topics
+from setpoint.proto.reports import Applied, Report, ResourceReport
+from setpoint.proto.status import DriftStatus, GroupStatus
+from setpoint.proto.topics import SHARDS, Topics, shard_of
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -65,8 +69,11 @@ class LeaderWatch:
         self._client.disconnect()
 
 
+LEASE_S = "2"
+
+
 def replica(
-    fleet: dict[str, Path], url: str, prefix: str, name: str, lease: str = "2"
+    fleet: dict[str, Path], url: str, prefix: str, name: str, lease: str = LEASE_S
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
@@ -162,3 +169,242 @@ def kill_the_leader_and_commit(
     assert processes[other].returncode == 0, logs[other]
     assert f"replica {other} leads (term {new_term})" in logs[other], logs[other]
     return took
+
+
+# --- Replicas that split the report shards ------------------------------------------------
+
+GATEWAYS = [f"gw-{i:02d}" for i in range(1, 7)]  # 01-04 fall to ctl-b's shards, 05-06 to ctl-a's
+
+
+class ShardWatch:
+    """What any operator sees (MQTT 3.1.1, paho): the verified shard leases, every device's
+    drift status, every group's status and every drift event, in arrival order."""
+
+    def __init__(self, url: str, prefix: str, public_key_pem: bytes) -> None:
+        self.topics = Topics(prefix)
+        self.trusted = envelopes.trusted_keys([envelopes.load_public_key(public_key_pem)])
+        self.holders: dict[str, LeaderRecord] = {}
+        self.released: list[tuple[str, str]] = []  # (shard, by replica), in order
+        self.history: dict[str, list[LeaderRecord]] = {}  # every record, per shard
+        self.members: dict[str, bool] = {}  # replica -> its membership record retained
+        self.drift: dict[str, DriftStatus] = {}
+        self.groups: dict[str, GroupStatus] = {}
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"e2e-shards-{secrets.token_hex(4)}"
+        )
+        self._client.on_connect = lambda client, *_: client.subscribe(
+            [
+                (self.topics.all_controller_shards(), 1),
+                (self.topics.all_controller_replicas(), 1),
+                (self.topics.all_drift(), 1),
+                (self.topics.all_group_status(), 1),
+                (self.topics.event("drift"), 1),
+            ]
+        )
+        self._client.on_message = self._on_message
+        self._client.connect(*host_port(url))
+        self._client.loop_start()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        payload = bytes(message.payload)
+        with self._cond:
+            shard = message.topic.rpartition("/")[2]
+            if message.topic.startswith(self.topics.all_controller_shards()[:-1]):
+                verified = envelopes.verify_signed(
+                    payload, self.trusted, payload_type=envelopes.SHARD_LEASE_TYPE
+                )
+                record = self.holders[shard] = leader.decode(verified.payload)
+                self.history.setdefault(shard, []).append(record)
+                if record.lease_ms == 1:
+                    self.released.append((shard, record.holder))
+            elif message.topic.startswith(self.topics.all_controller_replicas()[:-1]):
+                self.members[shard] = bool(payload)
+            else:
+                ref = self.topics.parse(message.topic)
+                if ref.kind == "device-drift" and payload:
+                    self.drift[ref.name] = status.drift_from_json(payload)
+                elif ref.kind == "group-status" and payload:
+                    self.groups[ref.name] = status.group_status_from_json(payload)
+                elif ref.kind == "event":
+                    self.events.append(status.event_from_json(payload))
+            self._cond.notify_all()
+
+    def owners(self) -> dict[str, set[str]]:
+        """Per replica, the shards whose lease it holds and renewed (lease not released)."""
+        out: dict[str, set[str]] = {}
+        for shard, record in self.holders.items():
+            if record.lease_ms > 1 and record.renewal >= 1:
+                out.setdefault(record.holder, set()).add(shard)
+        return out
+
+    def drift_events(self, device: str) -> list[tuple[str, str]]:
+        return [(e["change"], e["state"]) for e in self.events if e.get("device") == device]
+
+    def drifted(self) -> list[str]:
+        """The devices of every event that told a drift, in order."""
+        return [e["device"] for e in self.events if e["state"] == "drifted"]
+
+    def assert_nothing_told_twice(self) -> None:
+        for device in {e["device"] for e in self.events}:
+            told = self.drift_events(device)
+            assert all(a != b for a, b in itertools.pairwise(told)), (device, told)
+
+    def state(self, device: str) -> str | None:
+        found = self.drift.get(device)
+        return found.state if found else None
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
+        with self._cond:
+            ok = self._cond.wait_for(predicate, timeout)
+            assert ok, (
+                {d: s.state for d, s in self.drift.items()},
+                [(e.get("device"), e.get("change")) for e in self.events],
+                {s: (r.holder, r.renewal) for s, r in self.holders.items()},
+            )
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+class Reporter:
+    """Devices of the test: each reports what its retained bundles say (retained, QoS 1, on
+    its shard's topic, as an agent does), or that one resource was edited by hand."""
+
+    def __init__(self, url: str, prefix: str, seen: Subscriber) -> None:
+        self.topics = Topics(prefix)
+        self.seen = seen
+        self.seq: dict[str, int] = {}
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"e2e-devices-{secrets.token_hex(4)}"
+        )
+        self._client.connect(*host_port(url))
+        self._client.loop_start()
+
+    def report(self, device: str, edited: str | None = None) -> None:
+        own = self.seen.bundle(f"device/{device}")
+        assert own is not None and own.group is not None, device
+        group = self.seen.bundle(f"group/{own.group}")
+        assert group is not None, own.group
+        self.seq[device] = self.seq.get(device, 0) + 1
+        resources = tuple(
+            ResourceReport(r.id, r.kind, "drifted", "0" * 64, "edited by hand")
+            if r.id == edited
+            else ResourceReport(r.id, r.kind, "ok", bundles.resource_digest(r))
+            for r in bundles.effective(group, own)
+        )
+        report = Report(
+            device=device, time=int(time.time()), seq=self.seq[device], shim_version="e2e",
+            mode=group.mode, group=group.target,
+            applied_group=Applied(group.target, group.version, group.commit,
+                                  group.content_digest()),
+            applied_device=Applied(device, own.version, own.commit, own.content_digest()),
+            resources=resources,
+        )  # fmt: skip
+        info = self._client.publish(
+            self.topics.device_reported(device), reports.encode(report), qos=1, retain=True
+        )
+        info.wait_for_publish(10)
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+def add_gateways(fleet: dict[str, Path]) -> None:
+    for device in GATEWAYS[1:]:
+        (fleet["repo"] / "devices" / f"{device}.yaml").write_text("group: gateways\n")
+    git(fleet["repo"], "add", "-A")
+    git(fleet["repo"], "commit", "-qm", "more gateways")
+
+
+def split_shards_and_edit_by_hand(
+    fleet: dict[str, Path],
+    urls: dict[str, str],
+    watch_url: str,
+    prefix: str,
+    *,
+    kill: bool = True,
+) -> dict[str, float]:
+    """Two replicas split the 16 shards; hand edits on devices of each are told once, by
+    the device's owner, and the leader's group summary counts them. With ``kill``, the
+    owner of an edited device is killed with SIGKILL: its shards move to the other replica,
+    an edit made meanwhile is told once, nothing is told twice, versions never go back.
+    Returns the figures measured (seconds)."""
+    add_gateways(fleet)
+    pub = fleet["pub"].read_bytes()
+    seen = Subscriber(*host_port(watch_url), prefix, pub)
+    watch = ShardWatch(watch_url, prefix, pub)
+    names = sorted(urls)
+    started = time.monotonic()
+    processes = {name: replica(fleet, url, prefix, name) for name, url in urls.items()}
+    devices = Reporter(watch_url, prefix, seen)
+    figures: dict[str, float] = {}
+    try:
+        targets = ALL | {f"device/{d}" for d in GATEWAYS}
+        seen.wait(lambda: set(seen.payloads) == targets, timeout=60)
+        # Each replica owns the shards it ranks first for, and no more.
+        expected = {n: {s for s in SHARDS if rank(s, names)[0] == n} for n in names}
+        watch.wait(lambda: watch.owners() == expected, timeout=60)
+        figures["split"] = time.monotonic() - started
+        mine = {n: [d for d in GATEWAYS if shard_of(d) in expected[n]] for n in names}
+        assert all(mine.values()), mine  # each replica owns some of the devices
+        for device in GATEWAYS:
+            devices.report(device)
+        watch.wait(lambda: all(watch.state(d) == "in_sync" for d in GATEWAYS))
+        watch.wait(lambda: (g := watch.groups.get("gateways")) is not None
+                   and g.counts.get("in_sync") == len(GATEWAYS))  # fmt: skip
+        # A hand edit on a device of each replica: one event each.
+        edited = [mine[n][0] for n in names]
+        for device in edited:
+            devices.report(device, edited="uplink-interval")
+        watch.wait(lambda: all(watch.state(d) == "drifted" for d in edited))
+        watch.wait(lambda: watch.groups["gateways"].counts.get("drifted") == len(edited))
+        time.sleep(2 * float(LEASE_S))  # room for a second event, if one were coming
+        # One event each, from the device's owner; no replica told another's device.
+        assert sorted(watch.drifted()) == sorted(edited), watch.events
+        watch.assert_nothing_told_twice()
+        if not kill:
+            return figures
+
+        victim = max(names, key=lambda n: len(mine[n]))  # with a device left to edit
+        survivor = next(n for n in names if n != victim)
+        versions_before = {t: seen.bundle(t).version for t in targets}  # type: ignore[union-attr]
+        processes[victim].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        # A hand edit on another of the victim's devices, during the handoff.
+        during = mine[victim][1]
+        devices.report(during, edited="uplink-interval")
+        watch.wait(lambda: watch.state(during) == "drifted", timeout=60)
+        figures["edit-seen-after-kill"] = time.monotonic() - killed
+        watch.wait(lambda: watch.owners().get(survivor) == set(SHARDS), timeout=60)
+        figures["all-shards-after-kill"] = time.monotonic() - killed
+        watch.wait(lambda: watch.groups["gateways"].counts.get("drifted") == len(edited) + 1)
+        # And one after the handoff, by the survivor.
+        after = mine[victim][2]
+        devices.report(after, edited="uplink-interval")
+        watch.wait(lambda: watch.state(after) == "drifted")
+        watch.wait(lambda: watch.groups["gateways"].counts.get("drifted") == len(edited) + 2)
+        time.sleep(2 * float(LEASE_S))
+        # The takeover told nothing again: one drift event per hand edit, none repeated.
+        assert sorted(watch.drifted()) == sorted([*edited, during, after]), watch.events
+        watch.assert_nothing_told_twice()
+        # The bundles: nothing published twice, no version went back.
+        for target in targets:
+            bundle = seen.bundle(target)
+            assert bundle is not None and bundle.version == versions_before[target], target
+        assert sorted(published(seen)) == sorted((t.split("/")[1], 1) for t in targets)
+        return figures
+    finally:
+        devices.close()
+        watch.close()
+        seen.close()
+        logs = {}
+        for name, process in processes.items():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            logs[name] = process.communicate(timeout=15)[1]
+        for name, process in processes.items():
+            assert process.returncode in (0, -signal.SIGKILL), logs[name]

@@ -1,12 +1,15 @@
-"""Controller replicas: two real ``setpoint controller --lease`` processes on one fleet and
-one mosquitto. One leads and publishes; the other publishes nothing. The leader is killed
-with SIGKILL, a commit lands meanwhile, and the other replica takes the lead with the next
-term and publishes the commit with the next version: nothing lost, nothing published twice.
+"""Controller replicas: real ``setpoint controller --lease`` processes on one fleet and one
+mosquitto. One leads and alone publishes bundles; killed with SIGKILL while a commit lands,
+the other takes the lead with the next term and publishes the commit with the next version.
+Both split the 16 report shards: each tells the drift of its own shards' devices, a hand
+edit is told once, and the shards of a replica killed or stopped move to the other.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import test_controller_cli
-from replicakit import kill_the_leader_and_commit
+from replicakit import (
+    ShardWatch,
+    kill_the_leader_and_commit,
+    replica,
+    split_shards_and_edit_by_hand,
+)
 from test_controller_cli import setpoint
+
+from setpoint.controller.sharding import rank
+from setpoint.proto.topics import SHARDS
 
 fleet = test_controller_cli.fleet  # the example fleet and its keys (a fixture)
 
@@ -38,3 +49,83 @@ def test_lease_and_once_do_not_mix(fleet: dict[str, Path]) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "--lease runs a replica until stopped; it cannot be used with --once" in done.stderr
+
+
+def test_two_replicas_split_the_shards_and_the_survivor_of_a_sigkill_takes_them_all(
+    fleet: dict[str, Path], broker: Any, unique_prefix: str
+) -> None:
+    urls = {"ctl-a": broker.url, "ctl-b": broker.url}
+    figures = split_shards_and_edit_by_hand(fleet, urls, broker.url, unique_prefix)
+    print(
+        f"shards split {figures['split']:.2f}s after start; after SIGKILL, a hand edit on the"
+        f" dead replica's shard told in {figures['edit-seen-after-kill']:.2f}s, every shard"
+        f" owned by the survivor in {figures['all-shards-after-kill']:.2f}s (lease 2s)"
+    )
+
+
+def test_share_and_lease_do_not_mix(fleet: dict[str, Path]) -> None:
+    done = setpoint(
+        "controller", "--repo", str(fleet["repo"]), "--broker", "mqtt://127.0.0.1:1",
+        "--key", str(fleet["key"]), "--lease", "5", "--share", "ctl",
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--share and --lease do not mix" in done.stderr
+
+
+def test_a_replica_stopped_cleanly_releases_its_shards_and_leaves(
+    fleet: dict[str, Path], broker: Any, unique_prefix: str
+) -> None:
+    names = ["ctl-a", "ctl-b"]
+    watch = ShardWatch(broker.url, unique_prefix, fleet["pub"].read_bytes())
+    processes = {n: replica(fleet, broker.url, unique_prefix, n) for n in names}
+    try:
+        expected = {n: {s for s in SHARDS if rank(s, names)[0] == n} for n in names}
+        watch.wait(lambda: watch.owners() == expected, timeout=60)
+        processes["ctl-a"].send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        # It gives every shard up (a record with a lease of 1 ms) and clears its membership.
+        watch.wait(lambda: {s for s, by in watch.released if by == "ctl-a"} == expected["ctl-a"])
+        watch.wait(lambda: watch.members.get("ctl-a") is False)
+        watch.wait(lambda: watch.owners().get("ctl-b") == set(SHARDS))
+        took = time.monotonic() - stopped
+        assert processes["ctl-a"].wait(timeout=15) == 0
+        print(f"every shard owned by ctl-b {took:.2f}s after SIGTERM of ctl-a (lease 2s)")
+    finally:
+        watch.close()
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=15)
+
+
+def test_a_replica_that_joins_gets_its_shards_released_one_at_a_time(
+    fleet: dict[str, Path], broker: Any, unique_prefix: str
+) -> None:
+    names = ["ctl-a", "ctl-b"]
+    watch = ShardWatch(broker.url, unique_prefix, fleet["pub"].read_bytes())
+    processes = {"ctl-a": replica(fleet, broker.url, unique_prefix, "ctl-a")}
+    try:
+        watch.wait(lambda: watch.owners() == {"ctl-a": set(SHARDS)}, timeout=60)
+        processes["ctl-b"] = replica(fleet, broker.url, unique_prefix, "ctl-b")
+        joined = time.monotonic()
+        expected = {n: {s for s in SHARDS if rank(s, names)[0] == n} for n in names}
+        watch.wait(lambda: watch.owners() == expected, timeout=30 + 4 * len(expected["ctl-b"]))
+        took = time.monotonic() - joined
+        # Each shard moved by a release (a record of ctl-a's term with a lease of 1 ms),
+        # then ctl-b's claim of the next term: never two holders of one term.
+        for shard in expected["ctl-b"]:
+            records = [(r.holder, r.term, r.lease_ms) for r in watch.history[shard]]
+            released = records.index(("ctl-a", records[-1][1] - 1, 1))
+            assert all(h == "ctl-b" for h, _t, _l in records[released + 1 :]), records
+        assert {s for s, _by in watch.released} == expected["ctl-b"]  # one release each
+        assert len(watch.released) == len(expected["ctl-b"])
+        print(
+            f"ctl-b joined: its {len(expected['ctl-b'])} shards released to it one per lease,"
+            f" all moved {took:.2f}s after it started (lease 2s)"
+        )
+    finally:
+        watch.close()
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=15)
