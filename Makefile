@@ -42,7 +42,9 @@ test: venv mosquitto nats chromium
 # restart; a node frozen and one split off its routes; the leading controller replica, its
 # node killed or cut off; a hand edit and a commit during each outage. A fresh cluster per
 # test: ~6-10 minutes on 2 shared cores. .ci/run runs it after `make test`. Each fault's
-# reconvergence times are printed at the end as `fault-figure ...` lines.
+# reconvergence times are printed at the end as `fault-figure ...` lines. The engine loses
+# a retained bundle published while it elects a stream leader; the controller publishes it
+# again (docs/scale-out.md, "The remedy belongs to the controller": rules 1 and 2).
 test-cluster: venv mosquitto nats
 	@figures=$$(mktemp); \
 	SETPOINT_CLUSTER_FAULTS=1 SETPOINT_FAULT_FIGURES=$$figures \

@@ -42,6 +42,7 @@ import logging
 import random
 import secrets
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -64,6 +65,7 @@ MAX_INBOX_BYTES: Final = 64 * 1024 * 1024  # what the connection may hold unread
 MAX_INBOX_MESSAGES: Final = 16_384  # and in messages (the pump hands over 256 at a time)
 BATCH: Final = 256  # messages handed over between two yields to the event loop
 MAX_BARRIER_BYTES: Final = 64  # a nonce is 16; anything larger on the echo topic is junk
+PROBE: Final = b"probe"  # what Link.probe publishes on the echo topic (no nonce: dropped)
 DEFAULT_BACKOFF: Final = Backoff(0.1, 5.0)
 
 
@@ -164,14 +166,18 @@ class Session:
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float
-    ) -> None:
-        """Publish and, for QoS 1, return once the broker acknowledged (PUBACK)."""
+    ) -> float:
+        """Publish and, for QoS 1, return once the broker acknowledged (PUBACK): the
+        seconds from the PUBLISH written to its PUBACK (waiting for room not counted;
+        ``controller/rereading.py`` tells a slow one)."""
         try:
             async with asyncio.timeout(timeout):
                 ack = await self.send(topic, payload, qos=qos, retain=retain)
         except TimeoutError as exc:
             raise BrokerUnavailable(f"no room to publish {topic} within {timeout:g}s") from exc
+        written = time.monotonic()
         await self.acked(topic, ack, timeout)
+        return time.monotonic() - written
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,11 +297,39 @@ class Link:
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
-    ) -> None:
-        """Publish on the current session; BrokerUnavailable if there is none or it breaks."""
-        await self.session().publish(
+    ) -> float:
+        """Publish on the current session; BrokerUnavailable if there is none or it breaks.
+        Returns the seconds the broker took to acknowledge it (:meth:`Session.publish`)."""
+        return await self.session().publish(
             topic, payload, qos=qos, retain=retain, timeout=self.publish_timeout
         )
+
+    async def probe(self) -> float:
+        """Publish one QoS 1 message to this client's own echo topic (the barrier's; it
+        comes back and is dropped) and return the seconds the broker took to acknowledge
+        it: whether the broker answers promptly (``controller/rereading.py``)."""
+        return await self.publish(self._barrier_topic, PROBE, qos=1)
+
+    async def reread(self, topic_filters: Sequence[str]) -> None:
+        """Subscribe to ``topic_filters`` (some of this link's subscriptions) again on the
+        live session and return once every retained message that brought has been
+        delivered (a barrier behind them).
+
+        The broker replaces each subscription with the new one without interrupting its
+        flow and sends the filter's retained messages again (MQTT 3.1.1 and 5, section
+        3.8.4; retain handling 0), read from what it holds now: a fresh read of the
+        retained topics on the same connection, with nothing live lost and the order of
+        one connection kept (mosquitto 2.0 and nats-server 2.9.10 do so; checked by
+        ``tests/controller/test_rereading_live.py``). BrokerUnavailable if it fails."""
+        wanted = [r for r in self._wanted if r.topic_filter in topic_filters and not r.bulk]
+        unknown = set(topic_filters) - {r.topic_filter for r in wanted}
+        if unknown:
+            raise ValueError(f"not subscriptions of this link's main connection: {sorted(unknown)}")
+        session = self.session()
+        if session.lost.is_set():
+            raise BrokerUnavailable("not connected to the broker")
+        await self._subscribe(session._connection, wanted)
+        await self._main_barrier(None)
 
     async def publish_many(
         self, messages: Sequence[tuple[str, bytes, bool]], *, qos: int = 1
@@ -487,10 +521,13 @@ class Link:
             **extra,
         )
 
-    async def _subscribe(self, connection: transport.Session) -> None:
+    async def _subscribe(
+        self, connection: transport.Session, only: Sequence[Subscription] | None = None
+    ) -> None:
+        """SUBSCRIBE the main connection's subscriptions (``only``: those) in one packet."""
         wanted = [
             transport.Subscription(r.topic_filter, r.qos, r.no_local)
-            for r in self._wanted
+            for r in (self._wanted if only is None else only)
             if not r.bulk
         ]
         try:

@@ -23,6 +23,7 @@ from .audit import AuditLog, Entry
 from .broker import Link, Session
 from .detecting import ClearDrift, ClearGroup, DriftAction, GroupAction, ShowDrift, ShowGroup
 from .errors import BrokerUnavailable
+from .rereading import Probe, Reread
 from .resending import Resend
 from .signing import Signed, Signer
 
@@ -44,18 +45,30 @@ class Executor:
     async def wait_connected(self) -> Session:
         return await self.link.wait_connected()
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        """Publish at QoS 1; return once the broker acknowledged (BrokerUnavailable if not)."""
-        await self.link.publish(topic, payload, qos=1, retain=retain)
+    async def publish(self, topic: str, payload: bytes, *, retain: bool) -> float:
+        """Publish at QoS 1; return once the broker acknowledged (BrokerUnavailable if not):
+        the seconds it took to acknowledge."""
+        return await self.link.publish(topic, payload, qos=1, retain=retain)
 
-    async def clear(self, topic: str) -> None:
-        """Clear a retained topic."""
-        await self.link.publish(topic, b"", qos=1, retain=True)
+    async def clear(self, topic: str) -> float:
+        """Clear a retained topic; the seconds the broker took to acknowledge."""
+        return await self.link.publish(topic, b"", qos=1, retain=True)
 
-    async def resend(self, action: Resend) -> None:
+    async def resend(self, action: Resend) -> float:
         """Publish, retained, the very envelope ``action`` holds again (same bytes: same
-        version, same signature; nothing is signed anew)."""
-        await self.publish(action.target.topic(self.topics), action.envelope, retain=True)
+        version, same signature; nothing is signed anew); the seconds the broker took to
+        acknowledge."""
+        return await self.publish(action.target.topic(self.topics), action.envelope, retain=True)
+
+    async def probe(self, _action: Probe) -> float:
+        """Rule 1's probe (``controller/rereading.py``): one QoS 1 message to the
+        controller's own echo topic; the seconds the broker took to acknowledge it."""
+        return await self.link.probe()
+
+    async def reread(self, _action: Reread, topic_filters: Sequence[str]) -> None:
+        """Rule 1's fresh read: ``topic_filters`` subscribed again on the live connection,
+        back once every retained message it brought was delivered (``Link.reread``)."""
+        await self.link.reread(topic_filters)
 
     def sign(self, bundle: Bundle) -> Signed:
         assert self.signer is not None, "the signer is loaded when the controller starts"

@@ -16,6 +16,9 @@ Metrics (all prefixed ``setpoint_``):
 ``reports_coalesced_total``               counter   reports superseded before evaluation
 ``detection_latency_seconds``             histogram from a report's arrival to its drift decision
 ``reconcile_commands_total{group}``       counter   reconcile commands sent to drifted devices
+``resent_total{reason}``                  counter   retained bundles published again, unchanged
+``slow_acks_total{kind}``                 counter   bundles acknowledged slower than --slow-ack
+``rereads_total``                         counter   retained bundles read again after a slow ack
 ========================================  ========  ==========================================
 
 Does no MQTT; the engine updates the values.
@@ -81,6 +84,19 @@ class Metrics:
             "Retained bundles published again, the same envelope, because a device stayed"
             " behind (controller/resending.py)",
             ["reason"],
+            registry=r,
+        )
+        self.slow_acks = Counter(
+            "setpoint_slow_acks",
+            "Bundle publications the broker acknowledged slower than --slow-ack: a clustered"
+            " engine may not have stored them (controller/rereading.py)",
+            ["kind"],
+            registry=r,
+        )
+        self.rereads = Counter(
+            "setpoint_rereads",
+            "Reads of the retained bundles through a fresh subscription after a slow"
+            " acknowledgement, once the broker answered promptly again",
             registry=r,
         )
         self._known: set[tuple[str, str]] = set()

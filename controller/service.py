@@ -57,6 +57,7 @@ from . import (
     planning,
     protection,
     rendering,
+    rereading,
     resending,
     watching,
     webhooks,
@@ -91,6 +92,7 @@ from .state import FleetIdentity, Intent, StateStore
 log = logging.getLogger(__name__)
 
 DEFAULT_REMOTE_POLL: Final = 60.0
+DEFAULT_PUBLISH_TIMEOUT: Final = 10.0  # seconds the controller waits for an acknowledgement
 MAX_PLAN_ROUNDS: Final = 4
 PUBLISH_CONCURRENCY: Final = 64
 _FETCH_REASONS: Final = frozenset({"start", "poll", "webhook", "manual", "retry"})
@@ -114,8 +116,11 @@ class ControllerConfig:
     poll_interval: float | None = None
     webhook_listen: tuple[str, int] | None = None
     webhook_secret: bytes | None = field(default=None, repr=False)
-    publish_timeout: float = 10.0
+    publish_timeout: float = DEFAULT_PUBLISH_TIMEOUT
     backoff: Backoff | None = None
+    # A bundle acknowledged slower than this makes the controller read its retained bundles
+    # again once the broker answers promptly (controller/rereading.py); None: never.
+    slow_ack: float | None = rereading.DEFAULT_SLOW_ACK
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,7 @@ class Controller:
         self._audit = AuditLog(config.state_dir)
         self._current: dict[Target, Current] = {}
         self._resent: dict[Target, resending.Sent] = {}  # the last re-send per target
+        self._rereads = rereading.Ledger()  # targets acknowledged slowly, not read since
         # When each published target is to be refreshed (a heap; an entry whose bundle is
         # no longer the target's is stale and dropped when it reaches the top).
         self._refreshes: list[tuple[int, int, Target, Bundle]] = []
@@ -235,6 +241,13 @@ class Controller:
         config = self.config
         if config.follow and config.webhook_listen is not None and not config.webhook_secret:
             raise ConfigError("a webhook needs a secret: pass --webhook-secret-file")
+        if config.slow_ack is not None and not 0 < config.slow_ack < config.publish_timeout:
+            raise ConfigError(
+                f"slow_ack {config.slow_ack:g}s is not between 0 and the publish timeout"
+                f" ({config.publish_timeout:g}s): an acknowledgement that slow fails the"
+                " publication instead; use a smaller slow_ack (default"
+                f" {rereading.DEFAULT_SLOW_ACK:g}s), or None to turn rule 1 off"
+            )
         self.signer = load_signer(config.key_path, *config.extra_key_paths)
         self.executor.signer = self.signer
         log.info("signing with key(s) %s", ", ".join(self.signer.key_ids))
@@ -416,13 +429,16 @@ class Controller:
         if self.drift is not None:
             self.drift.connected()
         assert self._tg is not None
-        task = self._tg.create_task(self._sync(session), name=f"sync-{session.number}")
+        started = time.monotonic()  # the subscriptions were made just before this fact
+        task = self._tg.create_task(self._sync(session, started), name=f"sync-{session.number}")
         self._syncs.add(task)
         task.add_done_callback(self._syncs.discard)
 
-    async def _sync(self, session: Session) -> None:
+    async def _sync(self, session: Session, started: float) -> None:
         """Once per connection: every retained message has arrived (a barrier came back),
-        then each view is whole. Broker trouble ends the session (the link reconnects)."""
+        then each view is whole. Broker trouble ends the session (the link reconnects).
+        A read of every retained bundle through a fresh subscription: the targets
+        acknowledged slowly before it are confirmed (``rereading.reread``)."""
         try:
             await self.link.barrier()
             reports: list[Message] = []
@@ -441,6 +457,7 @@ class Controller:
             return  # a later connection syncs again
         assert self.retained is not None
         log.info("retained bundles on the broker: %d", len(self.retained.entries))
+        self._rereads = rereading.reread(self._rereads, started)
         self.retained.mark_synced()
         if self.drift is not None:
             self.drift.synced(reports)
@@ -491,6 +508,13 @@ class Controller:
         if self._tick_at is not None and self.drift is not None and self.drift.session_synced:
             tick = max(0.0, self._tick_at - time.monotonic())
             timeout = tick if timeout is None else min(timeout, tick)
+        slow_ack = self.config.slow_ack
+        synced = self.retained is not None and self.retained.synced
+        if self._rereads and slow_ack is not None and synced:
+            due = rereading.due(self._rereads, slow_ack=slow_ack)
+            if due is not None:  # a probe, or a read, is due then (rule 1)
+                left = max(0.0, due - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
         return timeout
 
     async def _reconciling(self) -> None:
@@ -535,7 +559,8 @@ class Controller:
         if reasons - {"drift"}:
             await self._reconcile(reasons)
         await self._drift_step()
-        return self._retry_at is None
+        await self._confirm()
+        return self._retry_at is None and not self._rereads
 
     async def _reconcile(self, reasons: set[str]) -> None:
         """Read every branch, render, plan and carry the plan out, round after round."""
@@ -617,10 +642,73 @@ class Controller:
             resend_after=after,
         )
         for action in actions:
-            await self.executor.resend(action)
+            took = await self.executor.resend(action)
             self._resent[action.target] = action.sent()
+            self._acked(action.target, action.version, took)
             log.warning("%s", action.describe())
             drift.metrics.resent.labels("behind").inc()
+
+    # --- Rule 1: a slow acknowledgement makes the controller read its retained bundles ----
+
+    def _acked(self, target: Target, version: int | None, took: float) -> None:
+        """A bundle publication to ``target`` (``version`` None: its topic cleared) was
+        acknowledged in ``took`` seconds: a slow one marks it unconfirmed, logged and
+        counted (``controller/rereading.py``, docs/scale-out.md)."""
+        slow_ack = self.config.slow_ack
+        if slow_ack is None:
+            return
+        fact = rereading.Ack(target, version, took, time.monotonic())
+        self._rereads, slow = rereading.take(self._rereads, fact, slow_ack=slow_ack)
+        if slow is not None:
+            log.warning("%s", slow.describe())
+            if self.drift is not None:
+                self.drift.metrics.slow_acks.labels(target.kind).inc()
+
+    async def _confirm(self) -> None:
+        """Rule 1's step, while a target is unconfirmed: probe whether the broker answers
+        promptly again (at most once per ``slow_ack`` seconds) and, once it does, read the
+        retained bundles through a fresh subscription (:meth:`_reread`); the pass that
+        read wakes plans against what the broker really holds."""
+        slow_ack = self.config.slow_ack
+        if slow_ack is None or not self._rereads:
+            return
+        self._rereads, action = rereading.decide(self._rereads, time.monotonic(), slow_ack=slow_ack)
+        if isinstance(action, rereading.Probe):
+            try:
+                took = await self.executor.probe(action)
+            except BrokerUnavailable as exc:
+                log.info("probing the broker: %s (trying again in %gs)", exc, slow_ack)
+                return
+            fact = rereading.Ack(None, None, took, time.monotonic())
+            self._rereads, _ = rereading.take(self._rereads, fact, slow_ack=slow_ack)
+            now = time.monotonic()
+            self._rereads, action = rereading.decide(self._rereads, now, slow_ack=slow_ack)
+        if isinstance(action, rereading.Reread):
+            await self._reread(action)
+
+    async def _reread(self, action: rereading.Reread) -> None:
+        """The retained view emptied and read again through a fresh subscription on the live
+        connection (``Link.reread``), as after a reconnect but without one: once the
+        barrier is back the view is whole again and wakes the loop, whose plan publishes
+        again whatever the broker holds older than what was published. Broker trouble
+        ends the session: the link reconnects and the new connection reads it all."""
+        assert self.retained is not None
+        session = self.link.session()
+        log.warning("%s", action.describe())
+        started = time.monotonic()
+        self.retained.reset()
+        try:
+            await self.executor.reread(action, self.retained.filters())
+        except BrokerUnavailable as exc:
+            session.fail(exc)
+            raise
+        if session.lost.is_set():
+            return  # a later connection syncs again
+        self._rereads = rereading.reread(self._rereads, started)
+        log.info("retained bundles on the broker, read again: %d", len(self.retained.entries))
+        self.retained.mark_synced()
+        if self.drift is not None:
+            self.drift.metrics.rereads.inc()
 
     async def _carry_out_drift(self, actions: Sequence[DriftAction | GroupAction]) -> None:
         """Every action through the executor, pipelined (many publications in flight at
@@ -887,7 +975,9 @@ class Controller:
             self._attempted[target] = bundle
         mark = self.retained.mark(target)
         async with semaphore:
-            await self.executor.publish(target.topic(self.topics), signed.envelope, retain=True)
+            took = await self.executor.publish(
+                target.topic(self.topics), signed.envelope, retain=True
+            )
         self._attempted.pop(target, None)
         before = self._current.get(target)
         # A restore or refresh re-signs the same version: it was published when it changed.
@@ -909,6 +999,7 @@ class Controller:
             bundle.commit[:12],
             f" by {action.author}" if action.author else "",
         )
+        self._acked(target, bundle.version, took)
         done.append(
             self._publication(
                 target, action.reason, bundle, signed.digest, action.author, action.branch
@@ -926,10 +1017,11 @@ class Controller:
         target = action.target
         mark = self.retained.mark(target)
         async with semaphore:
-            await self.executor.clear(target.topic(self.topics))
+            took = await self.executor.clear(target.topic(self.topics))
         self._changes += 1
         self._current.pop(target, None)
         self.retained.note(target, None, mark)
+        self._acked(target, None, took)
         head = render.head if render else None
         last = action.last
         log.info(

@@ -140,7 +140,8 @@ def test_the_controllers_decisions_load_no_io_library() -> None:
         "import setpoint.controller.rendering, setpoint.controller.planning\n"
         "import setpoint.controller.detecting, setpoint.controller.gating\n"
         "import setpoint.controller.rollouts, setpoint.controller.leadership\n"
-        "import setpoint.controller.sharding\n"
+        "import setpoint.controller.sharding, setpoint.controller.resending\n"
+        "import setpoint.controller.rereading\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
     )
     result = subprocess.run(

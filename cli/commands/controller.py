@@ -54,6 +54,18 @@ def _seconds(value: str) -> float:
     return number
 
 
+def _slow_ack(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number < 1e9:  # NaN too
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: use a number of seconds, e.g. 3 (0: never read again)"
+        )
+    return number
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repo",
@@ -117,6 +129,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="MQTT client id (default: random; a fixed one can be taken over by any client"
         " that knows it, which disconnects the controller: docs/security.md)",
+    )
+    parser.add_argument(
+        "--slow-ack",
+        type=_slow_ack,
+        default=None,
+        metavar="SECONDS",
+        help="a bundle the broker acknowledges slower than this may not have been stored (a"
+        " clustered engine electing a leader: docs/scale-out.md); once the broker answers"
+        " promptly again, the controller reads its retained bundles afresh and publishes"
+        " again what the broker holds older (default 3: under NATS's 4 s JetStream"
+        " timeout; under 10; 0: never)",
     )
     parser.add_argument(
         "--once",
@@ -232,6 +255,15 @@ def _config(args: argparse.Namespace) -> object:
             " --resend-after (by default 60, or half of --grace if that is less) or a larger"
             " --grace"
         )
+    if args.slow_ack is None:
+        args.slow_ack = require_controller("setpoint.controller.rereading").DEFAULT_SLOW_ACK
+    elif args.slow_ack >= service.DEFAULT_PUBLISH_TIMEOUT:
+        raise CommandError(
+            f"--slow-ack {args.slow_ack:g} is not under {service.DEFAULT_PUBLISH_TIMEOUT:g}s,"
+            " the time the controller waits for any acknowledgement (a slower one fails the"
+            " publication, and it is tried again after a reconnect); use a smaller"
+            " --slow-ack (default 3), or 0 to never read the retained bundles again"
+        )
     ttl = fleet.DEFAULT_BUNDLE_TTL
     if args.bundle_ttl is not None:
         try:
@@ -281,6 +313,7 @@ def _config(args: argparse.Namespace) -> object:
         poll_interval=args.poll_interval,
         webhook_listen=args.webhook_listen,
         webhook_secret=secret,
+        slow_ack=args.slow_ack or None,
     )
     if config.state_dir == Path():
         # One directory per fleet, so two fleets on one host never share versions or history.

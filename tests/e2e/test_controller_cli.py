@@ -377,7 +377,9 @@ def test_controller_without_a_key_says_how_to_make_one(tmp_path: Path) -> None:
     assert "setpoint keys generate" in result.stderr
 
 
-def test_controller_refuses_a_resend_after_not_under_the_grace(tmp_path: Path) -> None:
+def refused_flags(tmp_path: Path, *flags: str) -> str:
+    """``setpoint controller`` on a fresh fleet with ``flags``: it must exit 2 before it
+    touches the broker or the key; its stderr."""
     setpoint("init", str(tmp_path / "fleet"), check=True)
     result = setpoint(
         "controller",
@@ -387,16 +389,35 @@ def test_controller_refuses_a_resend_after_not_under_the_grace(tmp_path: Path) -
         "mqtt://127.0.0.1:1",
         "--state-dir",
         str(tmp_path / "state"),
-        "--grace",
-        "60",
-        "--resend-after",
-        "90",
+        *flags,
         "--key",
         str(tmp_path / "none.key"),
     )
-    assert result.returncode == 2
-    assert "--resend-after 90 is not under --grace 60" in result.stderr
-    assert "use a smaller --resend-after" in result.stderr
+    assert result.returncode == 2, result.stderr
+    return result.stderr
+
+
+def test_controller_refuses_a_resend_after_not_under_the_grace(tmp_path: Path) -> None:
+    stderr = refused_flags(tmp_path, "--grace", "60", "--resend-after", "90")
+    assert "--resend-after 90 is not under --grace 60" in stderr
+    assert "use a smaller --resend-after" in stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("10", "--slow-ack 10 is not under 10s, the time the controller waits for any"),
+        ("-1", "argument --slow-ack: '-1': use a number of seconds, e.g. 3 (0: never"),
+        ("soon", "argument --slow-ack: 'soon': use a number of seconds, e.g. 3 (0: never"),
+    ],
+)
+def test_controller_refuses_a_slow_ack_it_cannot_use(
+    tmp_path: Path, value: str, error: str
+) -> None:
+    stderr = refused_flags(tmp_path, f"--slow-ack={value}")
+    assert error in stderr, stderr
+    if value == "10":
+        assert "use a smaller --slow-ack (default 3), or 0 to never read" in stderr
 
 
 @pytest.mark.broker
