@@ -11,6 +11,10 @@ free by the kernel). ``NatsCluster`` is a context manager::
         cluster.nodes[0].start()
         cluster.wait_ready()    # every node serves MQTT again
 
+``NatsCluster(splittable=True)`` relays every route through :class:`RouteSplitter`, and
+``cluster.split(0)`` / ``cluster.heal(0)`` cut node 1 off from the others and join it again
+(a network split without root: ``splitting.py``).
+
 ``python -m setpoint.engines.cluster`` runs one in the foreground and prints its URLs.
 """
 
@@ -36,6 +40,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from setpoint.engines.splitting import RouteSplitter
 from setpoint.mosquitto.broker import (
     ClosedOnExit,
     config_template,
@@ -99,6 +104,7 @@ class NatsNode:
         self.conf = self.dir / "nats.conf"
         self.log = self.dir / "nats.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.relay_port: int | None = None  # the route port the peers dial, if relayed
 
     def pick_ports(self) -> None:
         """Four free loopback ports (:func:`listen_port`); one may still be taken before the
@@ -113,8 +119,13 @@ class NatsNode:
         return f"mqtt://{HOST}:{self.mqtt_port}"
 
     @property
+    def route_port(self) -> int:
+        """The port the other nodes dial for routes: the relay's, or the cluster port."""
+        return self.relay_port or self.cluster_port
+
+    @property
     def route(self) -> str:
-        return f"nats-route://{HOST}:{self.cluster_port}"
+        return f"nats-route://{HOST}:{self.route_port}"
 
     @property
     def running(self) -> bool:
@@ -126,6 +137,7 @@ class NatsNode:
             "NAME": self.name,
             "CLIENT_PORT": self.client_port,
             "CLUSTER_PORT": self.cluster_port,
+            "ROUTE_PORT": self.route_port,
             "MQTT_PORT": self.mqtt_port,
             "HTTP_PORT": self.http_port,
             "DATADIR": self.dir,
@@ -304,6 +316,7 @@ class NatsCluster(ClosedOnExit):
         size: int = 3,
         startup_timeout: float = 60.0,
         template: str = "nats-cluster.conf",
+        splittable: bool = False,
     ) -> None:
         self._own_dir = directory is None
         self.dir = Path(directory or tempfile.mkdtemp(prefix="setpoint-nats-"))
@@ -312,6 +325,12 @@ class NatsCluster(ClosedOnExit):
         self.template = template
         binary = find_nats_server()
         self.nodes = [NatsNode(f"n{i + 1}", self.dir / f"n{i + 1}", binary) for i in range(size)]
+        self.splitter: RouteSplitter | None = None
+        if splittable:
+            self.splitter = RouteSplitter(HOST)
+            for node in self.nodes:
+                node.relay_port = listen_port()
+                self.splitter.relay(node.name, node.relay_port, lambda n=node: n.cluster_port)
         self._configure()
 
     def _configure(self) -> None:
@@ -369,10 +388,24 @@ class NatsCluster(ClosedOnExit):
             if pending:
                 time.sleep(0.1)
 
+    def split(self, index: int) -> None:
+        """Cut node ``index`` off from the others: its routes closed and refused (it keeps
+        running and keeps its clients). Needs ``splittable=True``."""
+        if self.splitter is None:
+            raise EngineError("split() needs NatsCluster(splittable=True): routes are not relayed")
+        self.splitter.cut(self.nodes[index].name)
+
+    def heal(self, index: int) -> None:
+        """Let node ``index`` route to the others again (they dial it within a second)."""
+        if self.splitter is not None:
+            self.splitter.heal(self.nodes[index].name)
+
     def close(self) -> None:
         for node in self.nodes:
             node.resume()
             node.stop()
+        if self.splitter is not None:
+            self.splitter.close()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 

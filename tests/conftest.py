@@ -7,7 +7,9 @@ free loopback port, never the machine's own broker.
 
 ``nats_cluster`` is one 3-node NATS cluster (JetStream + MQTT, ``engines/nats-cluster.conf``)
 for the whole run, for tests that only talk through it; ``nats_cluster_fresh`` is a cluster
-per test, for tests that kill, pause or restart nodes. Neither uses the machine's own NATS.
+per test, for tests that kill, pause or restart nodes; ``nats_cluster_splittable`` is one per
+test whose routes go through relays that can cut a node off (``cluster.split(i)``). None uses
+the machine's own NATS.
 
 ``dynsec_plugin`` is the path of mosquitto's dynamic security plugin, for a broker whose
 ACLs refuse a subscription (the test is skipped without it).
@@ -62,6 +64,12 @@ def dynsec_plugin() -> Path:
     if not found:
         pytest.skip(f"{DYNSEC_PLUGIN} not found under /usr/lib (apt-get install mosquitto)")
     return found[0]
+
+
+@pytest.fixture
+def nats_cluster_splittable(tmp_path: Path) -> Iterator[NatsCluster]:
+    with NatsCluster(tmp_path / "nats", splittable=True) as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ with a fixed author, and a plain MQTT 3.1.1 publisher (NATS speaks nothing newer
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+log = logging.getLogger("setpoint.faults")
 
 SETPOINT = [sys.executable, "-m", "setpoint"]
 ENV = {
@@ -47,3 +50,26 @@ def publish_retained(url: str, topic: str, payload: bytes, timeout: float = 30) 
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def record_figure(fault: str, figures: dict[str, object]) -> str:
+    """One parseable line of a fault test's figures, ``fault-figure fault=<name> key=value
+    ...`` (seconds with two decimals, ``-`` for none), logged, and appended to the file
+    ``$SETPOINT_FAULT_FIGURES`` names, if any (``make test-cluster`` collects them there)."""
+
+    def text(value: object) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        return str(value).replace(" ", "_")
+
+    pairs = (f"{key}={text(value)}" for key, value in figures.items())
+    line = " ".join([f"fault-figure fault={fault}", *pairs])
+    log.warning("%s", line)
+    print(line)
+    target = os.environ.get("SETPOINT_FAULT_FIGURES")
+    if target:
+        with open(target, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+    return line

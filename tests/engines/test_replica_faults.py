@@ -17,7 +17,9 @@ import pytest
 from setpoint.engines import NatsCluster
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "e2e"))
+sys.path.insert(0, str(Path(__file__).parent))
 
+from enginekit import record_figure
 from replicakit import kill_the_leader_and_commit, nats_fleet
 
 pytestmark = [
@@ -44,7 +46,7 @@ def test_kill_9_of_the_leaders_node_hands_over_to_the_replica_on_another_node(
         unique_prefix,
         kill=lambda leader: cluster.nodes[NODE_OF[leader]].kill(),
     )
-    print(f"the leader's node killed: the other replica published {took:.2f}s later")
+    record_figure("kill-9-leading-controllers-node", {"kill_to_publish": took})
 
 
 @pytest.mark.timeout(300)
@@ -73,4 +75,4 @@ def test_the_leaders_node_cut_off_hands_over_and_the_old_leader_follows_after(
     finally:
         for i in paused:
             cluster.nodes[i].resume()
-    print(f"the leader's node cut off: the other replica published {took:.2f}s later")
+    record_figure("cut-off-leading-controllers-node", {"cut_to_publish": took})

@@ -15,7 +15,9 @@ import pytest
 from setpoint.engines import NatsCluster
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "e2e"))
+sys.path.insert(0, str(Path(__file__).parent))
 
+from enginekit import record_figure
 from replicakit import kill_the_leader_and_commit, nats_fleet, split_shards_and_edit_by_hand
 
 pytestmark = pytest.mark.engine
@@ -29,7 +31,7 @@ def test_the_leader_replica_is_killed_and_the_one_on_another_node_takes_over(
     took = kill_the_leader_and_commit(
         fleet, {"ctl-a": urls[0], "ctl-b": urls[1]}, urls[2], unique_prefix
     )
-    print(f"handover and publication on NATS: {took:.2f}s after SIGKILL")
+    record_figure("kill-9-leading-controller", {"kill_to_publish": took})
 
 
 def test_two_replicas_on_two_nodes_split_the_shards_and_the_survivor_of_a_sigkill_takes_them_all(
