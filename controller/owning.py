@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from setpoint.kit import tasks
 from setpoint.proto.errors import ProtocolError
 from setpoint.proto.topics import Topics
 
@@ -130,9 +131,10 @@ class ShardOwner:
                 if self._wanted == self.owned:
                     continue
                 if serving is not None:
-                    serving.cancel()  # stop publishing for the old set at once
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await serving
+                    # Stop publishing for the old set at once. A cancellation of this
+                    # owner meanwhile (a replica stopping gives its shards up, then
+                    # cancels the owner) is raised here, not taken for the old set's.
+                    await tasks.stop(serving)
                     serving = None
                 self.owned = self._wanted
                 self.changes += 1
@@ -141,9 +143,7 @@ class ShardOwner:
                     serving = asyncio.create_task(self._serve(self.owned), name="setpoint-owner")
         finally:
             if serving is not None:
-                serving.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await serving
+                await tasks.stop(serving)
             await asyncio.to_thread(self.metrics.close)
 
     async def _serve(self, shards: frozenset[str]) -> None:

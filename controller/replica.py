@@ -21,6 +21,13 @@ decides the drift of those shards' devices, and the leader's controller summaris
 groups from every device's retained status (``docs/decisions/0009-report-shards.md``).
 A replica that stops cleanly gives its shards up at once and clears its membership record.
 
+**Stopping.** On SIGTERM a replica stops within lease/2 plus the unwinding of its
+cancelled tasks, whatever the broker does: it waits lease/2 at most for the release of its
+shards to be acknowledged, then cancels and waits for every task of its own, the
+controllers that stepped down before included (a controller that steps down ends in the
+background, and the next one starts once it has ended: one at a time holds the state
+directory).
+
 The lease's connection is not on a hot path (a record every third of a lease): a session
 of the project's transport (:mod:`setpoint.transport`) speaking MQTT 3.1.1, which every
 engine carries, to the nodes of ``--broker`` in turn. The transport's exceptions stop here.
@@ -38,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from setpoint import transport
+from setpoint.kit import tasks
 from setpoint.kit.backoff import Backoff, Retry
 from setpoint.proto import envelopes, leader
 from setpoint.proto.errors import ProtocolError
@@ -83,6 +91,7 @@ class Replica:
         self.lease = Lease(settings.replica_id, settings.lease, clock())
         self._client: transport.Session | None = None
         self._leading: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()  # controllers told to step down
         self._wake = asyncio.Event()
         self._failed: asyncio.Future[None] | None = None
 
@@ -97,22 +106,25 @@ class Replica:
         self._failed = asyncio.get_running_loop().create_future()
         ticking = asyncio.create_task(self._tick_forever(), name="setpoint-lease-ticks")
         connecting = asyncio.create_task(self._connect_forever(), name="setpoint-lease-link")
-        tasks = [ticking, connecting]
+        running = [ticking, connecting]
         if self._owner is not None:
             owning = asyncio.create_task(self._owner.run(), name="setpoint-shard-owner")
             owning.add_done_callback(self._leader_ended)  # it ends only by an error
-            tasks.append(owning)
+            running.append(owning)
         try:
             await asyncio.wait({connecting, self._failed}, return_when=asyncio.FIRST_COMPLETED)
             if self._failed.done():
                 self._failed.result()  # the controller's own error, raised here
         finally:
+            # Nothing here waits on the broker for more than lease/2, and every task is
+            # cancelled and waited for, the controllers that stepped down before included
+            # (none is left to asyncio.run, which would wait for it without a word).
             ticking.cancel()
-            await self._stop_leading("shutting down")
+            self._stop_leading("shutting down")
             await self._give_up_shards()
-            for task in tasks:
+            for task in running:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*running, *self._stopping, return_exceptions=True)
 
     async def _connect_forever(self) -> None:
         backoff = Retry(Backoff(0.2, 5.0))
@@ -257,10 +269,19 @@ class Replica:
             if isinstance(a, PublishShard)
         ]  # fmt: skip
         messages.append((self._topics.controller_replica(self._settings.replica_id), b""))
-        with contextlib.suppress(transport.TransportError, TimeoutError):
-            async with asyncio.timeout(self._settings.lease / 2):
+
+        async def publish() -> None:
+            with contextlib.suppress(transport.TransportError):
                 acks = [await client.publish(t, p, qos=1, retain=True) for t, p in messages]
                 await asyncio.gather(*acks)  # the broker has them: the others will see them
+
+        # Not asyncio.timeout: in a task already cancelled (a shutdown) it ends with that
+        # CancelledError, not TimeoutError, and the rest of the shutdown would be skipped.
+        publishing = asyncio.create_task(publish(), name="setpoint-shards-release")
+        await asyncio.wait({publishing}, timeout=self._settings.lease / 2)
+        if not publishing.done():
+            log.warning("replica: the release of the shards not acknowledged in time")
+        await tasks.stop(publishing)
 
     def _carry_out(self, actions: list[Publish | Lead | StepDown]) -> None:
         for action in actions:
@@ -268,13 +289,13 @@ class Replica:
                 self._publish(action.record)
             elif isinstance(action, Lead):
                 log.info("replica %s leads (term %d)", self._settings.replica_id, action.term)
-                self._leading = asyncio.create_task(self._lead(), name="setpoint-leader")
+                self._leading = asyncio.create_task(
+                    self._lead_after(set(self._stopping)), name="setpoint-leader"
+                )
                 self._leading.add_done_callback(self._leader_ended)
             else:
                 log.warning("replica %s steps down: %s", self._settings.replica_id, action.reason)
-                task, self._leading = self._leading, None
-                if task is not None:
-                    task.cancel()
+                self._stop_leading(action.reason)
         self._wake.set()
 
     def _publish(self, record: leader.LeaderRecord) -> None:
@@ -299,11 +320,19 @@ class Replica:
         error = task.exception() or RuntimeError("the controller stopped by itself")
         self._failed.set_exception(error)
 
-    async def _stop_leading(self, reason: str) -> None:
+    async def _lead_after(self, stopping: set[asyncio.Task[None]]) -> None:
+        """Lead once the controllers that stepped down have ended (one controller at a
+        time holds the state directory)."""
+        if stopping:
+            await asyncio.wait(stopping)
+        await self._lead()
+
+    def _stop_leading(self, reason: str) -> None:
+        """Cancel the controller; it ends in the background (``run`` waits for it)."""
         task, self._leading = self._leading, None
         if task is None:
             return
         log.info("replica %s stops leading: %s", self._settings.replica_id, reason)
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)

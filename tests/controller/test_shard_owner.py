@@ -138,3 +138,36 @@ async def test_the_owner_decides_and_the_leader_summarises(
         await watch.wait(watch.is_("gw-01", "drifted"))
         await watch.barrier()
         assert [e["device"] for e in watch.drift_events()[told:]] == ["gw-01"]
+
+
+async def test_an_owner_cancelled_while_it_gives_its_shards_up_stops(
+    broker: Any, unique_prefix: str, signing_key: Path, tmp_path: Path
+) -> None:
+    """A replica stopping gives its shards up (``own(frozenset())``), then cancels the
+    owner; the owner, still waiting for its old set's link to end, stops too (it once took
+    the cancellation for the old set's and waited for the next change forever)."""
+    owner = ShardOwner(
+        BrokerSettings(broker.host, broker.port),
+        Topics(unique_prefix),
+        load_signer(signing_key),
+        DriftSettings(grace=60.0, tick=0.2),
+        tmp_path / "owner",
+        publish_timeout=5.0,
+        backoff=Backoff(base=0.05, cap=0.3),
+    )
+    running = asyncio.create_task(owner.run())
+    try:
+        owner.own(frozenset(SHARDS))
+        await until(lambda: owner.owned == frozenset(SHARDS))
+        (serving,) = [t for t in asyncio.all_tasks() if t.get_name() == "setpoint-owner"]
+        owner.own(frozenset())
+        async with asyncio.timeout(TIMEOUT):
+            while not serving.cancelling():  # then the owner awaits its end: cancel it now
+                await asyncio.sleep(0)
+        assert not serving.done()
+        running.cancel()
+        done, _ = await asyncio.wait({running}, timeout=TIMEOUT)
+        assert running in done, "the owner did not stop when cancelled"
+        assert running.cancelled()
+    finally:
+        running.cancel()

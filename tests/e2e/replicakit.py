@@ -87,6 +87,60 @@ def replica(
     )  # fmt: skip
 
 
+STOP_S = 15  # a replica stops within lease/2 plus its tasks' unwinding: far less
+
+
+class StderrLines:
+    """A process's stderr read as it comes (a thread), to wait for a line while it runs."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        self._stream = process.stderr
+        self._lines: list[str] = []
+        self._added = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            with self._added:
+                self._lines.append(line)
+                self._added.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> None:
+        with self._added:
+            if not self._added.wait_for(lambda: any(text in x for x in self._lines), timeout):
+                raise AssertionError(f"no {text!r} on stderr in {timeout:g}s:\n{self.tail()}")
+
+    def text(self) -> str:
+        self._reader.join(timeout=STOP_S)
+        with self._added:
+            return "".join(self._lines)
+
+    def tail(self, lines: int = 40) -> str:
+        return "".join(self._lines[-lines:])
+
+
+def stop(process: subprocess.Popen[str], stderr: StderrLines | None = None) -> str:
+    """SIGTERM (if it still runs) and its stderr once it exited. A replica that does not
+    stop within STOP_S is killed, and the failure shows the end of its stderr."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        if stderr is None:
+            return process.communicate(timeout=STOP_S)[1]
+        process.wait(timeout=STOP_S)
+        return stderr.text()
+    except subprocess.TimeoutExpired:
+        process.kill()
+        text = process.communicate()[1] if stderr is None else stderr.text()
+        tail = "".join(text.splitlines(keepends=True)[-40:])
+        raise AssertionError(
+            f"{' '.join(map(str, process.args[-4:]))}: still running {STOP_S}s after SIGTERM"
+            f" (killed); the end of its stderr:\n{tail}"
+        ) from None
+
+
 def nats_fleet(tmp_path: Path) -> dict[str, Path]:
     """The example fleet, declared for the NATS engine, and its signing keys."""
     repo = tmp_path / "fleet"
@@ -168,9 +222,7 @@ def kill_the_leader_and_commit(
         seen.close()
         logs = {}
         for name, process in processes.items():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            logs[name] = process.communicate(timeout=15)[1]
+            logs[name] = stop(process)
     assert processes[other].returncode == 0, logs[other]
     assert f"replica {other} leads (term {new_term})" in logs[other], logs[other]
     return took
@@ -408,8 +460,6 @@ def split_shards_and_edit_by_hand(
         seen.close()
         logs = {}
         for name, process in processes.items():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            logs[name] = process.communicate(timeout=15)[1]
+            logs[name] = stop(process)
         for name, process in processes.items():
             assert process.returncode in (0, -signal.SIGKILL), logs[name]

@@ -20,9 +20,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import test_controller_cli
 from replicakit import (
     ShardWatch,
+    StderrLines,
     kill_the_leader_and_commit,
     replica,
     split_shards_and_edit_by_hand,
+    stop,
 )
 from test_controller_cli import setpoint
 
@@ -93,9 +95,7 @@ def test_a_replica_stopped_cleanly_releases_its_shards_and_leaves(
     finally:
         watch.close()
         for process in processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            process.communicate(timeout=15)
+            stop(process)
 
 
 def test_a_replica_that_joins_gets_its_shards_released_one_at_a_time(
@@ -126,6 +126,30 @@ def test_a_replica_that_joins_gets_its_shards_released_one_at_a_time(
     finally:
         watch.close()
         for process in processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            process.communicate(timeout=15)
+            stop(process)
+
+
+def test_a_replica_that_just_stepped_down_stops_on_sigterm(
+    fleet: dict[str, Path], broker: Any, unique_prefix: str
+) -> None:
+    """The broker stalls (SIGSTOP) for longer than the lease: the replica steps down and
+    gives its shards up; SIGTERMed then, with the broker still stalled, it stops: the
+    controller it cancelled on stepping down ends, and the release of its membership is
+    waited for lease/2 only."""
+    watch = ShardWatch(broker.url, unique_prefix, fleet["pub"].read_bytes())
+    process = replica(fleet, broker.url, unique_prefix, "ctl-b")
+    stderr = StderrLines(process)
+    try:
+        watch.wait(lambda: watch.owners() == {"ctl-b": set(SHARDS)}, timeout=60)
+        stderr.wait_for("replica ctl-b leads")
+        with broker.stalled():
+            stderr.wait_for("replica ctl-b steps down: no renewal of the lead confirmed")
+            stderr.wait_for("owning report shards: none")
+            # Stopped while the broker answers nothing: it waits lease/2 for the release
+            # of its membership to be acknowledged, no longer, and stops.
+            stop(process, stderr)  # fails, with the end of its stderr, if it does not stop
+        assert process.returncode == 0, stderr.tail()
+        assert "the release of the shards not acknowledged in time" in stderr.text()
+    finally:
+        watch.close()
+        stop(process, stderr)
