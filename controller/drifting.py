@@ -416,6 +416,12 @@ def subscriptions(topics: Topics, settings: DriftSettings) -> list[Subscription]
     ]
 
 
+def _version_of(applied: Any, target_id: str) -> int | None:
+    """The version a report says the device runs of ``target_id``'s bundle (None: none, or
+    another target's)."""
+    return applied.version if applied is not None and applied.target == target_id else None
+
+
 class DriftEngine:
     """The drift part of one controller's reconcile loop: facts about devices in,
     typed actions decided (:meth:`decide`, :meth:`summaries`), recorded once carried
@@ -1130,23 +1136,13 @@ class DriftEngine:
                     out.extend((found,) if found is not None else ())
                 continue
             report = dev.report
-            wanted: list[tuple[Target, int, Any]] = [
-                (Target("device", name), desired.device_version, report.applied_device)
-            ]
-            if desired.pinned_from is None:
-                wanted.append(
-                    (Target("group", desired.group), desired.group_version, report.applied_group)
-                )
-            lacks: list[resending.Lack] = []
-            newest = 0.0
-            for target, version, got in wanted:
-                mine = got is not None and got.target == target.id
-                if mine and got.version >= version:
-                    continue
-                lacks.append(resending.Lack(target, version, got.version if mine else None))
-                current = self._published.get(target)
-                if current is not None:
-                    newest = max(newest, current.published_at)
+
+            lacks, newest = self._lacks(
+                name,
+                desired,
+                _version_of(report.applied_device, name),
+                _version_of(report.applied_group, desired.group),
+            )
             if not lacks:
                 continue
             fresh = dev.reported_at is not None and dev.reported_at > newest
@@ -1159,13 +1155,23 @@ class DriftEngine:
         """Rule 2's facts from the status a shard owner published (the leader of replicas
         that split the shards takes no reports): the versions it says the device runs, and
         alive when it was last seen after the version it lacks was published."""
-        wanted: list[tuple[Target, int, int | None]] = [
-            (Target("device", name), desired.device_version, found.applied_device_version)
-        ]
+        lacks, newest = self._lacks(
+            name, desired, found.applied_device_version, found.applied_version
+        )
+        if not lacks:
+            return None
+        fresh = found.last_seen is not None and found.last_seen > newest
+        return resending.Behind(name, tuple(lacks), fresh)
+
+    def _lacks(
+        self, name: str, desired: Desired, device_got: int | None, group_got: int | None
+    ) -> tuple[list[resending.Lack], float]:
+        """The bundles a device runs older versions of (``*_got``: the version it runs of
+        its own device bundle and of its group's, None when none or another's), and when
+        the newest of those it lacks was published."""
+        wanted = [(Target("device", name), desired.device_version, device_got)]
         if desired.pinned_from is None:
-            wanted.append(
-                (Target("group", desired.group), desired.group_version, found.applied_version)
-            )
+            wanted.append((Target("group", desired.group), desired.group_version, group_got))
         lacks: list[resending.Lack] = []
         newest = 0.0
         for target, version, got in wanted:
@@ -1175,10 +1181,7 @@ class DriftEngine:
             current = self._published.get(target)
             if current is not None:
                 newest = max(newest, current.published_at)
-        if not lacks:
-            return None
-        fresh = found.last_seen is not None and found.last_seen > newest
-        return resending.Behind(name, tuple(lacks), fresh)
+        return lacks, newest
 
     # --- For tests and tools ----------------------------------------------------------------
 
