@@ -59,6 +59,7 @@ from .applying import ApplyContext, RootFS
 from .backoff import Backoff, RetryGate
 from .config import SETTINGS_FILE, ShimConfig
 from .errors import ApplyError, PermanentApplyError, StateError
+from .healing import Heals
 from .link import Link
 from .observing import Observer
 from .planning import Blocked, Observed, Step, Wait
@@ -187,7 +188,7 @@ class Agent:
         self._candidates: dict[tuple[str, str], Held] = {}
         self._refusals: list[Refusal] = []
         self._refusal_keys: list[tuple[Any, ...]] = []
-        self._healed: dict[str, str] = {}
+        self._heals = Heals()
         self._heal_failed: dict[str, str] = {}
         self._heal_gate: RetryGate | None = None
         self._statuses: tuple[reports.ResourceReport, ...] = ()
@@ -800,7 +801,7 @@ class Agent:
         self.applied_group = dataclasses.replace(target.group, verdict=None)
         self.applied_device = dataclasses.replace(target.device, verdict=None)
         self._desired_cache = None
-        self._healed.clear()
+        self._heals.applied({r.id for r in desired})
         self._heal_failed.clear()
         self._heal_gate = None
         for resource in desired:
@@ -928,7 +929,7 @@ class Agent:
         drift = planning.changes(steps)
         drifted = {rid for s in drift if (rid := getattr(s, "resource_id", None))}
         for rid in drifted:
-            self._healed.pop(rid, None)  # drifted again: no longer "healed"
+            self._heals.drifted(rid)  # drifted again: no longer "healed"
         self._statuses = self._assess(desired, observed, steps)
         self._event("observed", {"drift": len(drift), "paths": looked_at})
         if drift:
@@ -958,7 +959,7 @@ class Agent:
     ) -> tuple[reports.ResourceReport, ...]:
         live = {getattr(s, "resource_id", None) for s in steps}
         failed = {rid: d for rid, d in self._heal_failed.items() if rid in live}
-        return resource_reports(desired, observed, steps, healed=self._healed, failed=failed)
+        return resource_reports(desired, observed, steps, healed=self._heals.details, failed=failed)
 
     def _heal(
         self, desired: list[Resource], steps: list[Step], drift: list[Step], now: float
@@ -1001,7 +1002,7 @@ class Agent:
         for step in drift:
             rid = getattr(step, "resource_id", None)
             if rid is not None:
-                self._healed[rid] = f"healed at {stamp}: was {getattr(step, 'why', '')}"
+                self._heals.healed(rid, f"healed at {stamp}: was {getattr(step, 'why', '')}")
                 self._heal_failed.pop(rid, None)
         for resource in desired:
             fact = result.checked.get(resource.id)
@@ -1026,13 +1027,16 @@ class Agent:
             self._restater.saw_presence(payload)
             return
         try:
-            seq = reports.decode(payload).seq
+            report = reports.decode(payload)
         except ProtocolError as exc:
             log.debug("ignoring an unreadable report on this device's topic: %s", exc)
             return
-        if self._restater.saw_report(seq):
+        if report.device == self.device and (told := self._heals.echoed(report)):
+            log.debug("the broker carried the heal of %s", ", ".join(sorted(told)))
+            self._event("heal-told", {"resources": sorted(told)})
+        if self._restater.saw_report(report.seq):
             log.info("the broker delivered a report of this device from an older connection"
-                     " (seq %d): publishing the current one again", seq)  # fmt: skip
+                     " (seq %d): publishing the current one again", report.seq)  # fmt: skip
 
     def _restate(self) -> None:
         """Publish ``online`` or the report again when the broker was seen holding a stale

@@ -7,7 +7,7 @@ one status per resource, with the digest of what was observed (the same digest
 ==========  =================================================================
 ``ok``      observed equals desired
 ``drifted`` it differs (observe mode leaves it; enforce mode reports this, then heals)
-``healed``  it differed and the shim put it back (kept until the next version)
+``healed``  it differed and the shim put it back (until the next version: healing.py)
 ``failed``  it cannot be applied (path refused, apply or heal failed)
 ``blocked`` the device's own policy refuses it (a command where commands are not
             allowed): not drift, nobody changed anything

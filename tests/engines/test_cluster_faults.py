@@ -364,6 +364,8 @@ def run_fault(
     controller_saw = re.search(
         rf"drift \w+: {DEVICE} \w+ -> drifted \(.*kiosk-config", controller
     ) is not None  # fmt: skip
+    if drift_seen is None and not controller_saw:
+        loop.dump()
     assert drift_seen is not None or controller_saw, (
         "the hand edit was never reported: no report naming kiosk-config drifted or healed,"
         " no drift event"
