@@ -287,6 +287,11 @@ class ShimConfig:
                 f"--connect-timeout {self.connect_timeout:g}: must be positive (seconds to wait"
                 " for a node's CONNACK before trying the next; default 15)"
             )
+        if not 5 <= self.keepalive <= 0xFFFF:
+            raise ConfigError(
+                f"--keepalive {self.keepalive}: must be from 5 to 65535 seconds (default 60;"
+                " a dead broker is noticed after 1.5 keepalives)"
+            )
         if self.mqtt_version not in ("5", "3.1.1"):
             raise ConfigError(f"--mqtt-version {self.mqtt_version!r}: use 5 or 3.1.1")
         if self.skew < 0:

@@ -4,7 +4,7 @@
                   --root DIR [--state-dir DIR] [--config FILE] [--threshold N] [--heartbeat S]
                   [--observe-interval S] [--no-watch] [--skew S] [--username U]
                   [--password-file F] [--prefix P] [--reconnect-min S] [--reconnect-max S]
-                  [--connect-timeout S] [--log-json] [--reset-floors]
+                  [--connect-timeout S] [--keepalive S] [--log-json] [--reset-floors]
     setpoint shim keygen (--state-dir DIR | --device ID)
 
 ``--broker`` may list the nodes of one cluster, comma-separated (also in
@@ -120,6 +120,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=15.0,
         help="seconds to wait for a node's TCP/TLS connection and CONNACK before trying the"
         " next (default 15, above a clustered engine's election stall)",
+    )
+    parser.add_argument(
+        "--keepalive",
+        type=int,
+        default=60,
+        help="MQTT keepalive (seconds, default 60): a broker (or a clustered engine's node)"
+        " that stops answering is noticed after 1.5 keepalives, and the broker publishes"
+        " this device's will as long after it went silent; lower it where a frozen node"
+        " must not hold the device for minutes, at the cost of a ping per keepalive",
     )
     parser.add_argument(
         "--retry-base",
@@ -290,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
             reconnect_min=args.reconnect_min,
             reconnect_max=args.reconnect_max,
             connect_timeout=args.connect_timeout,
+            keepalive=args.keepalive,
             retry_base=args.retry_base,
             reset_floors=args.reset_floors,
         )

@@ -283,13 +283,26 @@ def test_a_srv_name_without_records_is_refused_at_start(run_shim: Any) -> None:
     (("--connect-timeout", "0"), "--connect-timeout 0: must be positive"),
     (("--reconnect-min", "5", "--reconnect-max", "2"),
      "--reconnect-max 2: must not be below --reconnect-min (5)"),
-], ids=["mixed-tls", "empty-entry", "connect-timeout", "reconnect-max"])  # fmt: skip
+    (("--keepalive", "2"), "--keepalive 2: must be from 5 to 65535 seconds"),
+], ids=["mixed-tls", "empty-entry", "connect-timeout", "reconnect-max", "keepalive"])  # fmt: skip
 def test_bad_broker_list_and_timing_flags_are_refused_at_start(
     run_shim: Any, flags: tuple[str, ...], message: str
 ) -> None:
     shim = run_shim(*flags)
     assert shim.wait() == 2
     assert message in shim.text()
+
+
+def test_keepalive_is_the_one_the_broker_gets(fleet: Fleet, run_shim: Any, broker: Any) -> None:
+    """--keepalive reaches the CONNECT: mosquitto logs it (``k7``) for the shim's client."""
+    publish_pair(fleet, 1, [FileResource("motd", "etc/motd", b"hi\n")])
+    shim = run_shim("--keepalive", "7")
+    fleet.wait_presence("dev1", b"online")
+    connected = [
+        line for line in broker.log.read_text().splitlines() if "as setpoint-shim-dev1 (" in line
+    ]
+    assert connected and ", k7" in connected[-1], connected
+    assert shim.stop(signal.SIGTERM) == 0
 
 
 def test_without_dnspython_the_shim_names_the_extra_to_install(tmp_path: Path) -> None:
