@@ -123,6 +123,12 @@ class Metrics:
             self.devices.labels(*key).set(per_state.get(state, 0))
             self._known.add(key)
 
+    def forget_devices(self) -> None:
+        """Drop every per-group, per-state sample: whoever keeps the counts is elsewhere now
+        (a replica that stepped down; its metrics go on serving the shards it owns)."""
+        self.devices.clear()
+        self._known.clear()
+
     def render(self) -> bytes:
         """The exposition text (what the HTTP endpoint serves)."""
         return generate_latest(self.registry)

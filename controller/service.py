@@ -304,9 +304,15 @@ class Controller:
             self._close()
 
     def _close_metrics(self) -> None:
-        """Stop serving the metrics, if this controller serves them (not a replica's)."""
-        if self.drift is not None and self.drift.settings.metrics_listen is not None:
+        """Stop serving the metrics, if this controller serves them; a replica's leader,
+        whose metrics its shard owner serves on, takes its group gauges with it (a scrape of
+        every replica then counts each group once, from the leader)."""
+        if self.drift is None:
+            return
+        if self.drift.settings.metrics_listen is not None:
             self.drift.metrics.close()
+        elif self.drift.settings.summaries:
+            self.drift.metrics.forget_devices()
 
     async def _serve_metrics(self) -> None:
         listen = self.drift.settings.metrics_listen if self.drift is not None else None

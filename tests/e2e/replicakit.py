@@ -73,13 +73,19 @@ LEASE_S = "2"
 
 
 def replica(
-    fleet: dict[str, Path], url: str, prefix: str, name: str, lease: str = LEASE_S
+    fleet: dict[str, Path],
+    url: str,
+    prefix: str,
+    name: str,
+    lease: str = LEASE_S,
+    *extra: str,
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable, "-m", "setpoint", "controller", "--repo", str(fleet["repo"]),
             "--broker", url, "--key", str(fleet["key"]), "--prefix", prefix,
             "--state-dir", str(fleet["state"] / name), "--lease", lease, "--replica-id", name,
+            *extra,
         ],
         env=ENV,
         stderr=subprocess.PIPE,
@@ -88,6 +94,15 @@ def replica(
 
 
 STOP_S = 15  # a replica stops within lease/2 plus its tasks' unwinding: far less
+
+
+def eventually(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    """Until ``predicate()`` is true (polled), or AssertionError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g}s")
+        time.sleep(0.2)
 
 
 class StderrLines:

@@ -7,9 +7,11 @@ edit is told once, and the shards of a replica killed or stopped move to the oth
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import test_controller_cli
 from replicakit import (
+    LEASE_S,
     ShardWatch,
     StderrLines,
+    eventually,
     kill_the_leader_and_commit,
     replica,
     split_shards_and_edit_by_hand,
@@ -129,6 +133,13 @@ def test_a_replica_that_joins_gets_its_shards_released_one_at_a_time(
             stop(process)
 
 
+def group_gauges(url: str) -> list[str]:
+    """The ``setpoint_devices`` samples a replica's metrics serve."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return [line for line in text.splitlines() if line.startswith("setpoint_devices{")]
+
+
 def test_a_replica_that_just_stepped_down_stops_on_sigterm(
     fleet: dict[str, Path], broker: Any, unique_prefix: str
 ) -> None:
@@ -137,14 +148,25 @@ def test_a_replica_that_just_stepped_down_stops_on_sigterm(
     controller it cancelled on stepping down ends, and the release of its membership is
     waited for lease/2 only."""
     watch = ShardWatch(broker.url, unique_prefix, fleet["pub"].read_bytes())
-    process = replica(fleet, broker.url, unique_prefix, "ctl-b")
+    process = replica(
+        fleet, broker.url, unique_prefix, "ctl-b", LEASE_S, "--metrics-listen", "127.0.0.1:0"
+    )
     stderr = StderrLines(process)
     try:
         watch.wait(lambda: watch.owners() == {"ctl-b": set(SHARDS)}, timeout=60)
         stderr.wait_for("replica ctl-b leads")
+        stderr.wait_for("metrics on http://127.0.0.1:")
+        port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", stderr.tail(200))
+        assert port is not None, stderr.tail()
+        scrape = f"http://127.0.0.1:{port[1]}/metrics"
+        # The leader's group gauges (every device unknown: nothing reports here) ...
+        eventually(lambda: group_gauges(scrape), "the leader's group gauges")
         with broker.stalled():
             stderr.wait_for("replica ctl-b steps down: no renewal of the lead confirmed")
             stderr.wait_for("owning report shards: none")
+            # ... go with the lead: a follower's scrape counts no group (its metrics are
+            # still served, for the shards it may own again).
+            eventually(lambda: not group_gauges(scrape), "no group gauges after the step down")
             # Stopped while the broker answers nothing: it waits lease/2 for the release
             # of its membership to be acknowledged, no longer, and stops.
             stop(process, stderr)  # fails, with the end of its stderr, if it does not stop
