@@ -51,6 +51,7 @@ from setpoint import transport
 from setpoint.kit import brokers
 from setpoint.kit.backoff import Backoff, Retry
 from setpoint.kit.brokers import BrokerSettings
+from setpoint.kit.tasks import raise_if_cancelled
 from setpoint.proto.topics import Topics
 
 from . import ingesting
@@ -413,6 +414,7 @@ class Link:
             try:
                 await self._serve()
             except* BrokerUnavailable as group:
+                raise_if_cancelled()  # a cancellation that came with the failure ends the loop
                 log.warning("broker: %s", _first(group))
                 self.failures += 1
                 self.failed.set()
@@ -483,6 +485,11 @@ class Link:
                 if ingest is not None:
                     tg.create_task(ingest.serve(), name="mqtt-ingest")
                 tg.create_task(session.failure(), name="mqtt-session-failure")
+                # The body waits with its tasks, so that their failure reaches it as the
+                # group's own cancellation, which the group takes back: a cancellation of
+                # the link that comes with the failure then still counts (run(); Python
+                # 3.11's group leaves its own counted when its body had ended).
+                await asyncio.get_running_loop().create_future()
         finally:
             self._ingest = None
             if ingest is not None:
