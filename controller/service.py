@@ -170,6 +170,7 @@ class Controller:
         self._refreshes: list[tuple[int, int, Target, Bundle]] = []
         self._pushed = itertools.count()  # ties broken by order, never by target
         self._tick_at: float | None = None  # the drift tick (monotonic)
+        self._woken_for_rollout: float | None = None  # the rollout deadline a pass was woken for
         self._floors: dict[Target, int] = {}
         self._attempted: dict[Target, Bundle] = {}
         self._changes = 0  # counts every change of what was published, floors, attempts
@@ -529,12 +530,8 @@ class Controller:
                 async with asyncio.timeout(self._timeout()):
                     await self._wake.wait()
             except TimeoutError:
-                if not self._tick_due():
+                if not self._tick_due() or self._deadline_fell_due():
                     self._reasons.add("timer")
-                else:
-                    deadline = self._next_deadline()
-                    if deadline is not None and self._clock() >= deadline:
-                        self._reasons.add("timer")
             self._wake.clear()
             reasons, self._reasons = self._reasons, set()
             generation = self._generation
@@ -551,6 +548,23 @@ class Controller:
                 async with self._settled:
                     self._settled_generation = generation
                     self._settled.notify_all()
+
+    def _deadline_fell_due(self) -> bool:
+        """A deadline of the loop is due now: a refresh, a retry, or a rollout's timer
+        (a gate's ``healthy_for``, a batch's pause, a window) this loop has not yet woken a
+        pass for. A rollout's deadline that fell due is no longer one of
+        :meth:`_next_deadline`'s, so it is checked here by itself: when it fell due in the
+        same wake as the drift tick, the pass ran for the tick alone and the rollout waited
+        for the next unrelated wake (30 s in the rollout demo under load)."""
+        now = self._clock()
+        deadline = self._next_deadline()
+        if deadline is not None and now >= deadline:
+            return True
+        rollout = self.rollouts.deadline
+        if rollout is not None and rollout <= now and rollout != self._woken_for_rollout:
+            self._woken_for_rollout = rollout
+            return True
+        return False
 
     def _tick_due(self) -> bool:
         return self._tick_at is not None and time.monotonic() >= self._tick_at
