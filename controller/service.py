@@ -100,6 +100,25 @@ _FETCH_REASONS: Final = frozenset({"start", "poll", "webhook", "manual", "retry"
 Reason = Literal["change", "restore", "refresh", "adopted", "removed"]
 
 
+def timer_due(
+    now: float, deadline: float | None, rollout: float | None, woken_for: float | None
+) -> tuple[bool, float | None]:
+    """Whether a wake of the loop that the drift tick also asked for is a timer's too, and
+    the rollout deadline a pass has now been woken for.
+
+    ``deadline``: the loop's next deadline (a refresh, a retry, a rollout's timer not yet
+    due); ``rollout``: the rollouts' deadline as it is (a gate's ``healthy_for``, a batch's
+    pause, a window), which stops being a deadline of the loop once it fell due. One that
+    fell due in the same wake as the tick still wakes a pass, once: without it the pass
+    ran for the tick alone and the rollout waited for the next unrelated wake (the
+    rollout demo's production gate, 28 s late in CI)."""
+    if deadline is not None and now >= deadline:
+        return True, woken_for
+    if rollout is not None and rollout <= now and rollout != woken_for:
+        return True, rollout
+    return False, woken_for
+
+
 @dataclass(frozen=True, slots=True)
 class ControllerConfig:
     repo: str
@@ -550,21 +569,11 @@ class Controller:
                     self._settled.notify_all()
 
     def _deadline_fell_due(self) -> bool:
-        """A deadline of the loop is due now: a refresh, a retry, or a rollout's timer
-        (a gate's ``healthy_for``, a batch's pause, a window) this loop has not yet woken a
-        pass for. A rollout's deadline that fell due is no longer one of
-        :meth:`_next_deadline`'s, so it is checked here by itself: when it fell due in the
-        same wake as the drift tick, the pass ran for the tick alone and the rollout waited
-        for the next unrelated wake (30 s in the rollout demo under load)."""
-        now = self._clock()
-        deadline = self._next_deadline()
-        if deadline is not None and now >= deadline:
-            return True
-        rollout = self.rollouts.deadline
-        if rollout is not None and rollout <= now and rollout != self._woken_for_rollout:
-            self._woken_for_rollout = rollout
-            return True
-        return False
+        """A deadline of the loop is due now (:func:`timer_due`)."""
+        due, self._woken_for_rollout = timer_due(
+            self._clock(), self._next_deadline(), self.rollouts.deadline, self._woken_for_rollout
+        )
+        return due
 
     def _tick_due(self) -> bool:
         return self._tick_at is not None and time.monotonic() >= self._tick_at
