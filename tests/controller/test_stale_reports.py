@@ -15,28 +15,14 @@ from setpoint.controller.drifting import DriftEngine, DriftSettings
 from setpoint.controller.planning import Current
 from setpoint.controller.rendering import Target
 from setpoint.proto import bundles
-from setpoint.proto.bundles import Bundle, SettingResource
 from setpoint.proto.reports import Applied, Report, ResourceReport, encode
 from setpoint.proto.topics import Topics, shard_of
 
+from .test_drift_shards import RESOURCE, bundle  # the same target bundles
+
 TOPICS = Topics("setpoint-test/stale/v1")
 NOW = 1_000_000.0
-RESOURCE = SettingResource("s", "k", "v")
 DEVICE = "kiosk-01"
-
-
-def bundle(kind: str, target: str) -> Bundle:
-    extra = {"group": "kiosks"} if kind == "device" else {}
-    return Bundle(
-        kind=kind,  # type: ignore[arg-type]
-        target=target,
-        version=1,
-        commit="c1",
-        issued_at=0,
-        expires_at=10**10,
-        resources=(RESOURCE,) if kind == "group" else (),
-        **extra,  # type: ignore[arg-type]
-    )
 
 
 def report(seq: int, state: str = "ok") -> Message:
